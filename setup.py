@@ -1,0 +1,37 @@
+"""Builds lmforge's optional C extension (the tokenizer hot loops).
+
+If no C compiler is available the package still installs and runs on its
+pure-Python paths; `lmforge.tokenize.native.AVAILABLE` tells which is in use.
+"""
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:  # pragma: no cover - depends on the machine
+            print(f"warning: lmforge C extension not built ({e}); using pure Python", file=sys.stderr)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # pragma: no cover
+            print(f"warning: could not build {ext.name} ({e}); using pure Python", file=sys.stderr)
+
+
+extra = ["-O3", "-std=c99"] if os.name != "nt" else []
+setup(
+    ext_modules=[
+        Extension(
+            "lmforge.tokenize._native",
+            sources=["src/lmforge/tokenize/_native.c"],
+            extra_compile_args=extra,
+        )
+    ],
+    cmdclass={"build_ext": OptionalBuildExt},
+)

@@ -1,0 +1,55 @@
+"""Small file helpers shared by every stage: atomic writes and the cache home.
+
+Knows nothing about tokenizers or models; it only moves bytes safely.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def lmforge_home() -> Path:
+    """The cache directory: ``$LMFORGE_HOME`` or ``~/.cache/lmforge``."""
+    return Path(os.environ.get("LMFORGE_HOME") or Path.home() / ".cache" / "lmforge")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+    """Open a temporary file beside ``path``; on success fsync and rename it over
+    ``path``. On any error the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        kwargs = {} if "b" in mode else {"encoding": encoding, "newline": ""}
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = None) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
+        f.write("\n")
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file, with an error naming the file and the bad byte offset."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); "
+            "expected a UTF-8 text file"
+        ) from None

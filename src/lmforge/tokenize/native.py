@@ -1,0 +1,72 @@
+"""The bridge to the optional C extension ``_native`` (tokenizer hot loops).
+
+Knows which operations have a C path and how to hand them Python objects;
+every function here has a pure-Python twin that is the readable reference
+(tests check that both give the same results). Set ``LMFORGE_NO_NATIVE=1`` to
+force the Python paths.
+"""
+from __future__ import annotations
+
+import os
+
+try:
+    if os.environ.get("LMFORGE_NO_NATIVE") == "1":
+        raise ImportError("disabled by LMFORGE_NO_NATIVE=1")
+    from . import _native  # type: ignore[attr-defined]
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+    AVAILABLE = False
+
+# pre-tokenization patterns with a hand-written C matcher
+PATTERN_IDS = {"gpt2": 1, "cl100k": 2}
+
+
+def make_bpe(tok):
+    """A C encoder for a ``ByteBPE`` (or None when not possible)."""
+    if not AVAILABLE:
+        return None
+    keys = []
+    vals = []
+    for (a, b), (prio, r) in tok.pairs.items():
+        keys.append((a << 32) | b)
+        vals.append((prio << 32) | r)
+    whole = {t: i for t, i in tok.bytes_to_id.items()} if tok.whole_word else {}
+    pid = PATTERN_IDS.get(tok.pattern_name or "", 0)
+    enc = _native.BPE(keys, vals, list(tok.byte_ids), whole, pid)
+    if pid:
+        return _Encoder(enc, None)
+    return _Encoder(enc, tok._re)
+
+
+class _Encoder:
+    __slots__ = ("enc", "rx")
+
+    def __init__(self, enc, rx):
+        self.enc = enc
+        self.rx = rx
+
+    def encode(self, text: str) -> list[int]:
+        if self.rx is None:
+            return self.enc.encode(text)
+        return self.enc.encode_chunks(self.rx.findall(text))
+
+
+def count_chunks_into(counts, text: str, pattern_name: str) -> None:
+    _native.count_chunks(text, PATTERN_IDS[pattern_name], counts)
+
+
+def bpe_train(words, freqs, n_merges, min_frequency, show_progress):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_merges, desc="bpe merges", disable=not show_progress, leave=False)
+    last = [0]
+
+    def progress(n):
+        bar.update(n - last[0])
+        last[0] = n
+
+    merges, tokens = _native.bpe_train(list(words), list(freqs), int(n_merges), int(min_frequency), progress)
+    bar.close()
+    return [tuple(m) for m in merges], tokens
