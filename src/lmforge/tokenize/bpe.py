@@ -344,12 +344,25 @@ def count_chunks(data, pattern: str, show_progress: bool = False, use_native: bo
 
 def train_merges_py(words: list[bytes], freqs: list[int], n_merges: int, min_frequency: int,
                     show_progress: bool = False):
-    """Pure-Python incremental BPE merge loop. Returns ``(merges, tokens)``."""
+    """Pure-Python incremental BPE merge loop over byte strings. Returns ``(merges, tokens)``."""
+    tokens = [bytes([b]) for b in range(256)]
+    return train_merges_generic([list(w) for w in words], list(freqs), tokens, n_merges, min_frequency,
+                                bytes.__add__, show_progress)
+
+
+def train_merges_generic(seqs: list[list[int]], freqs: list[int], tokens: list, n_new: int, min_frequency: int,
+                         concat, show_progress: bool = False):
+    """The incremental merge loop shared by BPE and WordPiece training.
+
+    ``seqs`` are the words as token-id sequences, ``tokens`` the starting
+    vocabulary (bytes or str), ``concat(a, b)`` the merged token. Stops after
+    ``n_new`` new tokens or when the best pair occurs fewer than
+    ``min_frequency`` times. Ties: the lexicographically smallest
+    ``(tokens[left], tokens[right])`` wins. Returns ``(merges, tokens)``."""
     from tqdm.auto import tqdm
 
-    tokens: list[bytes] = [bytes([b]) for b in range(256)]
+    tokens = list(tokens)
     tok_id = {t: i for i, t in enumerate(tokens)}
-    seqs = [list(w) for w in words]
     pair_count: dict[tuple[int, int], int] = {}
     where: dict[tuple[int, int], set[int]] = {}
     for wi, (s, f) in enumerate(zip(seqs, freqs)):
@@ -359,17 +372,17 @@ def train_merges_py(words: list[bytes], freqs: list[int], n_merges: int, min_fre
     heap = [(-c, tokens[p[0]], tokens[p[1]], p) for p, c in pair_count.items()]
     heapq.heapify(heap)
     merges: list[tuple[int, int, int]] = []
-    bar = tqdm(total=n_merges, desc="bpe merges", disable=not show_progress, leave=False)
+    bar = tqdm(total=n_new, desc="merges", disable=not show_progress, leave=False)
     new_tokens = 0
-    while new_tokens < n_merges and heap:
+    while new_tokens < n_new and heap:
         negc, _, _, p = heapq.heappop(heap)
         c = pair_count.get(p, 0)
         if c != -negc:
-            continue  # stale entry
+            continue  # stale heap entry
         if c < max(min_frequency, 1):
             break
         a, b = p
-        merged = tokens[a] + tokens[b]
+        merged = concat(tokens[a], tokens[b])
         r = tok_id.get(merged)
         if r is None:
             r = len(tokens)
@@ -379,7 +392,7 @@ def train_merges_py(words: list[bytes], freqs: list[int], n_merges: int, min_fre
             bar.update(1)
         merges.append((a, b, r))
         touched: set[tuple[int, int]] = set()
-        for wi in list(where.pop(p, ())):
+        for wi in where.pop(p, ()):
             s, f = seqs[wi], freqs[wi]
             for q in zip(s, s[1:]):
                 pair_count[q] -= f
