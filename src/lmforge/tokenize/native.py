@@ -70,3 +70,26 @@ def bpe_train(words, freqs, n_merges, min_frequency, show_progress):
     merges, tokens = _native.bpe_train(list(words), list(freqs), int(n_merges), int(min_frequency), progress)
     bar.close()
     return [tuple(m) for m in merges], tokens
+
+
+def make_unigram(tok):
+    """A C Viterbi encoder for a ``Unigram`` (lattice pieces only)."""
+    from .spm_model import USER_DEFINED
+
+    pieces, ids, scores, user = [], [], [], []
+    for b, i in tok.lattice_pieces.items():
+        pieces.append(b)
+        ids.append(i)
+        scores.append(tok.pieces[i][1])
+        user.append(tok.pieces[i][2] == USER_DEFINED)
+    return _native.Unigram(pieces, ids, scores, user, tok.unk_id, tok.unk_score, tok.max_score)
+
+
+def unigram_estep(words, counts, names, scores, max_len):
+    return _native.unigram_estep(list(words), [float(c) for c in counts], list(names), [float(s) for s in scores],
+                                 int(max_len))
+
+
+def unigram_viterbi_batch(words, names, scores, max_len, exclude=None):
+    return _native.unigram_viterbi_batch(list(words), list(names), [float(s) for s in scores], int(max_len),
+                                         exclude)
