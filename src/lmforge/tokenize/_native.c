@@ -899,6 +899,107 @@ done:
     return res;
 }
 
+
+/* ------------------------------------------------------ sentencepiece normalizer */
+
+/* longest rule in the darts-clone double array matching s[0..n) ; returns length or 0 and *value */
+static Py_ssize_t da_longest(const uint32_t *u, Py_ssize_t nu, const unsigned char *s, Py_ssize_t n, uint32_t *value) {
+    size_t node = 0; uint32_t unit = u[0]; Py_ssize_t best = 0;
+    node ^= (unit >> 10) << ((unit & (1u << 9)) >> 6);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        node ^= s[i];
+        if (node >= (size_t)nu) break;
+        unit = u[node];
+        if ((unit & ((1u << 31) | 0xFFu)) != s[i]) break;
+        node ^= (unit >> 10) << ((unit & (1u << 9)) >> 6);
+        if ((unit >> 8) & 1) { *value = u[node] & ((1u << 31) - 1); best = i + 1; }
+    }
+    return best;
+}
+
+static int valid_utf8_char(const unsigned char *s, Py_ssize_t n, int *len) {
+    int l = ONE_CHAR_LEN[s[0] >> 4];
+    *len = l;
+    if (l > n) return 0;
+    if (l == 1) return s[0] < 0x80;
+    for (int k = 1; k < l; k++) if ((s[k] & 0xC0) != 0x80) return 0;
+    uint32_t cp = l == 2 ? ((s[0] & 0x1F) << 6) | (s[1] & 0x3F)
+                : l == 3 ? ((s[0] & 0x0F) << 12) | ((s[1] & 0x3F) << 6) | (s[2] & 0x3F)
+                : ((s[0] & 0x07) << 18) | ((s[1] & 0x3F) << 12) | ((s[2] & 0x3F) << 6) | (s[3] & 0x3F);
+    if ((l == 2 && cp < 0x80) || (l == 3 && cp < 0x800) || (l == 4 && (cp < 0x10000 || cp > 0x10FFFF))) return 0;
+    if (cp >= 0xD800 && cp <= 0xDFFF) return 0;
+    return 1;
+}
+
+/* sp_normalize(data: bytes, charsmap: bytes, flags: int, user: list[bytes]) -> bytes
+   flags: 1 add_dummy_prefix, 2 remove_extra_whitespaces, 4 escape_whitespaces, 8 treat_whitespace_as_suffix */
+static PyObject *py_sp_normalize(PyObject *mod, PyObject *args) {
+    const unsigned char *s, *cm; Py_ssize_t n, ncm; int flags; PyObject *user;
+    if (!PyArg_ParseTuple(args, "y#y#iO!", &s, &n, &cm, &ncm, &flags, &PyList_Type, &user)) return NULL;
+    const uint32_t *units = NULL; Py_ssize_t nu = 0; const char *normalized = NULL; Py_ssize_t nnorm = 0;
+    uint32_t *ubuf = NULL;
+    if (ncm > 4) {
+        uint32_t size; memcpy(&size, cm, 4);
+        if (size >= ncm || size % 4) { PyErr_SetString(PyExc_ValueError, "bad precompiled charsmap"); return NULL; }
+        ubuf = malloc(size ? size : 4); if (!ubuf) return PyErr_NoMemory();
+        memcpy(ubuf, cm + 4, size); units = ubuf; nu = size / 4;
+        normalized = (const char *)cm + 4 + size; nnorm = ncm - 4 - size;
+    }
+    int add_dummy = flags & 1, rm = flags & 2, esc = flags & 4, suffix = flags & 8;
+    Py_ssize_t nuser = PyList_GET_SIZE(user);
+    unsigned char *out = malloc(n * 3 + 8); size_t on = 0;
+    if (!out) { free(ubuf); return PyErr_NoMemory(); }
+    static const unsigned char WS[3] = {0xE2, 0x96, 0x81};
+    const unsigned char *sp; Py_ssize_t splen, consumed;
+#define PREFIX(pos) do { \
+        sp = NULL; \
+        for (Py_ssize_t u_ = 0; u_ < nuser; u_++) { PyObject *ub = PyList_GET_ITEM(user, u_); \
+            Py_ssize_t ul = PyBytes_GET_SIZE(ub); \
+            if (ul > 0 && ul <= n - (pos) && memcmp(PyBytes_AS_STRING(ub), s + (pos), ul) == 0) { \
+                sp = (const unsigned char *)PyBytes_AS_STRING(ub); splen = ul; consumed = ul; break; } } \
+        if (!sp) { uint32_t val_ = 0; Py_ssize_t ml_ = units ? da_longest(units, nu, s + (pos), n - (pos), &val_) : 0; \
+            if (ml_ > 0 && val_ < (uint32_t)nnorm) { sp = (const unsigned char *)normalized + val_; \
+                splen = (Py_ssize_t)strnlen((const char *)sp, nnorm - val_); consumed = ml_; } \
+            else { int l_; if (valid_utf8_char(s + (pos), n - (pos), &l_)) { sp = s + (pos); splen = l_; consumed = l_; } \
+                   else { sp = (const unsigned char *)"\xEF\xBF\xBD"; splen = 3; consumed = 1; } } } \
+    } while (0)
+    Py_ssize_t pos = 0;
+    if (rm) {
+        while (pos < n) { PREFIX(pos); if (!(splen == 1 && sp[0] == ' ')) break; pos += consumed; }
+    }
+    if (pos < n) {
+        if (!suffix && add_dummy) { if (esc) { memcpy(out + on, WS, 3); on += 3; } else out[on++] = ' '; }
+        int prev_space = rm ? 1 : 0;
+        while (pos < n) {
+            PREFIX(pos);
+            if ((size_t)(on + splen * 3 + 8) > (size_t)(n * 3 + 8)) {
+                unsigned char *no = realloc(out, on + splen * 3 + n * 3 + 8); if (!no) { free(out); free(ubuf); return PyErr_NoMemory(); }
+                out = no;
+            }
+            Py_ssize_t k = 0;
+            if (prev_space) while (k < splen && sp[k] == ' ') k++;
+            if (k < splen) {
+                for (; k < splen; k++) {
+                    if (esc && sp[k] == ' ') { memcpy(out + on, WS, 3); on += 3; }
+                    else out[on++] = sp[k];
+                }
+                prev_space = sp[splen - 1] == ' ';
+            }
+            pos += consumed;
+            if (!rm) prev_space = 0;
+        }
+        if (rm) {
+            if (esc) while (on >= 3 && memcmp(out + on - 3, WS, 3) == 0) on -= 3;
+            else while (on >= 1 && out[on - 1] == ' ') on--;
+        }
+        if (suffix && add_dummy) { if (esc) { memcpy(out + on, WS, 3); on += 3; } else out[on++] = ' '; }
+    }
+#undef PREFIX
+    PyObject *r = PyBytes_FromStringAndSize((char *)out, on);
+    free(out); free(ubuf);
+    return r;
+}
+
 /* ------------------------------------------------------ module */
 
 static PyMethodDef module_methods[] = {
@@ -908,6 +1009,7 @@ static PyMethodDef module_methods[] = {
     {"unigram_estep", py_unigram_estep, METH_VARARGS, "unigram_estep(words, counts, names, scores, max_len)"},
     {"unigram_viterbi_batch", py_unigram_viterbi_batch, METH_VARARGS,
      "unigram_viterbi_batch(words, names, scores, max_len, exclude)"},
+    {"sp_normalize", py_sp_normalize, METH_VARARGS, "sp_normalize(data, charsmap, flags, user_defined)"},
     {NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_native", "lmforge tokenizer hot loops", -1,

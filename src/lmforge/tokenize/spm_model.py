@@ -238,6 +238,9 @@ class Normalizer:
     def __init__(self, charsmap: bytes = b"", add_dummy_prefix=True, remove_extra_whitespaces=True,
                  escape_whitespaces=True, treat_whitespace_as_suffix=False, user_defined: list[str] = ()):
         self.map = CharsMap(charsmap) if charsmap else None
+        self.charsmap_blob = bytes(charsmap or b"")
+        self.flags = (add_dummy_prefix * 1) | (remove_extra_whitespaces * 2) | (escape_whitespaces * 4) | (
+            treat_whitespace_as_suffix * 8)
         self.add_dummy_prefix = add_dummy_prefix
         self.remove_extra_whitespaces = remove_extra_whitespaces
         self.escape_whitespaces = escape_whitespaces
@@ -262,6 +265,15 @@ class Normalizer:
         return chunk, ln
 
     def normalize(self, text: str) -> str:
+        from . import native
+
+        if native.AVAILABLE:
+            return native._native.sp_normalize(text.encode("utf-8", errors="surrogatepass"), self.charsmap_blob,
+                                               self.flags, self.user_defined).decode("utf-8")
+        return self.normalize_py(text)
+
+    def normalize_py(self, text: str) -> str:
+        """The pure-Python path (the readable reference for the C one)."""
         data = text.encode("utf-8", errors="surrogatepass")
         n = len(data)
         pos = 0
