@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh clone:
+#   make demo   the main job (until the pipeline lands: the tokenizer stage on the built-in corpus)
+#   make test   the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+
+.PHONY: install demo test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py src/lmforge/tokenize/_native.c
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/lmforge data fetch shakespeare
+	$(VENV)/bin/lmforge tokenizer demo --out runs/tokenizer-demo
+
+test: install
+	$(VENV)/bin/lmforge data fetch shakespeare
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+bench: install
+	$(PY) benchmarks/tokenizers.py
+
+clean:
+	rm -rf build src/lmforge/tokenize/*.so .pytest_cache
