@@ -91,16 +91,23 @@ def bpe_to_hf(tok: ByteBPE) -> dict:
     for i, t in enumerate(tok.tokens):
         if t is not None:
             vocab.setdefault(token_to_text(t), i)
+    # HF numbers added tokens consecutively after the vocabulary: fill unused ids
+    # (cl100k has gaps among its special ids) with reserved placeholders.
+    added = dict(tok.special_tokens)
+    used = set(added.values())
+    for i in range(len(vocab), max(used, default=-1) + 1):
+        if i not in used:
+            added[f"<|reserved_{i}|>"] = i
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": _added_tokens(tok.special_tokens),
+        "added_tokens": _added_tokens(added),
         "normalizer": None,
         "pre_tokenizer": {
             "type": "Sequence",
             "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "Split", "pattern": {"Regex": pretokenize.HF_PATTERNS.get(tok.pattern_name, tok.pattern)}, "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
             ],
         },

@@ -31,9 +31,18 @@ O200K = "|".join(
 # The pattern HF `tokenizers` uses in its ByteLevel pre-tokenizer (original GPT-2 form).
 GPT2_HF = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
+# cl100k without possessive quantifiers (same chunks): the form HF `tokenizers` (Oniguruma) reads
+# correctly; Oniguruma takes `{1,3}+` as "repeat {1,3} one or more times", not possessive.
+CL100K_HF = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
 PATTERNS = {"gpt2": GPT2, "cl100k": CL100K, "o200k": O200K}
+# the form to write into an HF tokenizer.json for each preset
+HF_PATTERNS = {"gpt2": GPT2_HF, "cl100k": CL100K_HF, "o200k": O200K}
 # patterns equivalent to a preset (same chunks on every input)
-_ALIASES = {GPT2: "gpt2", GPT2_HF: "gpt2", CL100K: "cl100k", O200K: "o200k"}
+_ALIASES = {GPT2: "gpt2", GPT2_HF: "gpt2", CL100K: "cl100k", CL100K_HF: "cl100k", O200K: "o200k"}
 
 
 def resolve(pattern: str) -> tuple[str, str | None]:

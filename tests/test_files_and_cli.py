@@ -1,0 +1,89 @@
+import json
+import os
+
+import pytest
+
+from lmforge.cli import build_parser, main
+from lmforge.tokenize import ByteBPE, load
+
+
+def test_non_utf8_input(tmp_path):
+    p = tmp_path / "latin1.txt"
+    p.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not valid UTF-8"):
+        ByteBPE.train([p], 300, show_progress=False)
+
+
+def test_corrupt_and_truncated_files(tmp_path, corpus_files):
+    tok = ByteBPE.train(corpus_files[:1], 300, show_progress=False)
+    tok.save(tmp_path / "t.json")
+    raw = (tmp_path / "t.json").read_bytes()
+    (tmp_path / "trunc.json").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="trunc.json: corrupt or truncated"):
+        load(tmp_path / "trunc.json")
+    (tmp_path / "empty.json").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.json: empty"):
+        load(tmp_path / "empty.json")
+    (tmp_path / "bad.model").write_bytes(b"\x0a\xff\xff\xff")
+    with pytest.raises(ValueError, match="bad.model: corrupt or truncated"):
+        load(tmp_path / "bad.model")
+    (tmp_path / "bad.tiktoken").write_text("not base64!! x\n")
+    with pytest.raises(ValueError, match="bad.tiktoken:1"):
+        load(tmp_path / "bad.tiktoken", pattern="cl100k")
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.json")
+
+
+def test_failed_save_leaves_nothing(tmp_path, corpus_files, monkeypatch):
+    tok = ByteBPE.train(corpus_files[:1], 300, show_progress=False)
+    target = tmp_path / "tok.json"
+    tok.save(target)
+    before = target.read_bytes()
+    import lmforge._io as io
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "fsync", boom)
+    with pytest.raises(OSError):
+        ByteBPE.train(corpus_files[:1], 280, show_progress=False).save(target)
+    assert target.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["tok.json"]
+
+
+def test_every_command_has_help(capsys):
+    for argv in (["--help"], ["tokenizer", "--help"], ["data", "--help"], ["data", "fetch", "--help"]) + tuple(
+            ["tokenizer", c, "--help"] for c in ("train", "encode", "decode", "stats", "import", "export", "demo")):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(argv)
+        assert e.value.code == 0
+        assert "usage:" in capsys.readouterr().out
+
+
+def test_cli_train_encode_decode_stats_export(tmp_path, corpus_files, capsys):
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--input", str(corpus_files[0]), "--vocab-size", "400", "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["tokenizer", "encode", "-t", str(out), "To be or not"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert main(["tokenizer", "decode", "-t", str(out), *ids]) == 0
+    assert capsys.readouterr().out == "To be or not\n"
+    assert main(["tokenizer", "stats", "-t", str(out), "--json", "-f", str(corpus_files[1])]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["bytes_per_token"] > 1 and st["vocab_size"] == 400
+    assert main(["tokenizer", "export", "-t", str(out), "--format", "hf", "-o", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    assert main(["tokenizer", "import", "-t", str(tmp_path / "hf" / "tokenizer.json"), "-o", str(tmp_path / "back")]) == 0
+    assert load(tmp_path / "back").encode("To be or not") == [int(i) for i in ids]
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["tokenizer", "encode", "-t", str(tmp_path / "nope"), "x"]) == 2
+    assert "no such tokenizer" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")]) == 2
+    assert "no such input file" in capsys.readouterr().err
+
+
+def test_fetch_verifies_and_lists(corpus_files):
+    assert len(corpus_files) == 77
+    assert any(p.name == "hamlet_gut.txt" for p in corpus_files)
