@@ -60,7 +60,7 @@ def test_nbest_and_sampling(spm_model):
 
 
 def test_own_training_roundtrip_and_export(corpus_files, tmp_path):
-    tok = Unigram.train(corpus_files[:6], 1500, show_progress=False)
+    tok = Unigram.train(corpus_files[:6], 1500, character_coverage=1.0, show_progress=False)
     assert tok.vocab_size == 1500
     text = corpus_files[7].read_text(encoding="utf-8")[:3000]
     import re
