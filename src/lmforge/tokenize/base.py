@@ -185,6 +185,23 @@ def _process_map(tok: Tokenizer, texts: list[str], n: int, kw: dict) -> list[lis
     return out
 
 
+def hf_added_tokens(specials: dict[str, int]) -> list[dict]:
+    """Special tokens as HF ``tokenizer.json`` ``added_tokens`` entries, by id."""
+    return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
+
+
+def char_counts(words) -> "Counter[str]":
+    """Character frequencies over a ``Counter`` of words."""
+    from collections import Counter
+
+    chars: Counter = Counter()
+    for w, c in words.items():
+        for ch in w:
+            chars[ch] += c
+    return chars
+
+
 def load_json_file(path: str | os.PathLike) -> dict:
     """Read a JSON tokenizer file with errors that name the file."""
     path = os.fspath(path)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .._io import atomic_open, write_json
-from .base import load_json_file
+from .base import hf_added_tokens, load_json_file
 from .bpe import ByteBPE, text_to_token, token_to_text
 from . import pretokenize
 
@@ -80,11 +80,6 @@ def save_tiktoken(tok: ByteBPE, path: str | os.PathLike) -> None:
 
 # ---- HF tokenizer.json -------------------------------------------------------------------
 
-def _added_tokens(specials: dict[str, int]) -> list[dict]:
-    return [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-             "normalized": False, "special": True} for s, i in sorted(specials.items(), key=lambda x: x[1])]
-
-
 def bpe_to_hf(tok: ByteBPE) -> dict:
     merges = tok.derived_merges()
     vocab = {}
@@ -102,7 +97,7 @@ def bpe_to_hf(tok: ByteBPE) -> dict:
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": _added_tokens(added),
+        "added_tokens": hf_added_tokens(added),
         "normalizer": None,
         "pre_tokenizer": {
             "type": "Sequence",

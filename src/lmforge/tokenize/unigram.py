@@ -28,7 +28,7 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 from . import native
-from .base import Tokenizer
+from .base import Tokenizer, char_counts, hf_added_tokens
 from .spm_model import (BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, UNUSED, USER_DEFINED, Normalizer, SPModel,
                         read_model, write_model)
 
@@ -353,9 +353,7 @@ class Unigram(Tokenizer):
             normalizer = None
         return {
             "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True}
-                             for s, i in sorted(self.special_tokens.items(), key=lambda x: x[1])],
+            "added_tokens": hf_added_tokens(self.special_tokens),
             "normalizer": normalizer,
             "pre_tokenizer": {"type": "Metaspace", "replacement": SPACE, "prepend_scheme": "always",
                               "split": False},

@@ -24,6 +24,7 @@ import unicodedata
 from collections import Counter
 
 from . import native
+from .base import char_counts
 from .spm_model import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, Normalizer
 
 
@@ -151,10 +152,7 @@ def train_unigram(cls, data, vocab_size: int, *, seed_size: int = 200_000, max_p
                 words.update(SPACE + w for w in s.split(SPACE) if w)
     if not words:
         raise ValueError("no training text: the input is empty")
-    chars: Counter = Counter()
-    for w, c in words.items():
-        for ch in w:
-            chars[ch] += c
+    chars = char_counts(words)
     total_chars = sum(chars.values())
     kept_chars, acc = [], 0
     for ch, c in sorted(chars.items(), key=lambda x: (-x[1], x[0])):

@@ -18,7 +18,7 @@ import unicodedata
 from collections import Counter
 from typing import Iterable, Sequence
 
-from .base import Tokenizer
+from .base import Tokenizer, char_counts, hf_added_tokens
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -190,9 +190,7 @@ class WordPiece(Tokenizer):
     def to_hf(self) -> dict:
         return {
             "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True}
-                             for s, i in sorted(self.special_tokens.items(), key=lambda x: x[1])],
+            "added_tokens": hf_added_tokens(self.special_tokens),
             "normalizer": {"type": "BertNormalizer", "clean_text": self.norm["clean_text"],
                            "handle_chinese_chars": self.norm["handle_chinese_chars"],
                            "strip_accents": self.norm["strip_accents"], "lowercase": self.norm["lowercase"]},
@@ -244,10 +242,7 @@ class WordPiece(Tokenizer):
                          if len(w) <= max_input_chars_per_word)
         if not words:
             raise ValueError("no training text: the input is empty")
-        chars: Counter = Counter()
-        for w, c in words.items():
-            for ch in w:
-                chars[ch] += c
+        chars = char_counts(words)
         alphabet = [ch for ch, _ in sorted(chars.items(), key=lambda x: (-x[1], x[0]))]
         if limit_alphabet is not None:
             alphabet = alphabet[:limit_alphabet]
