@@ -159,3 +159,11 @@ def test_custom_pattern(corpus_texts):
     t = corpus_texts[1][:5000]
     assert tok.decode(tok.encode(t)) == t
     assert tok.encode(t) == tok.encode_ordinary_py(t)
+
+
+def test_native_extension_built_when_required():
+    import os
+
+    if os.environ.get("LMFORGE_REQUIRE_NATIVE") == "1":
+        assert native.AVAILABLE, "the C extension did not build (see pip's output)"
+    assert native.AVAILABLE or os.environ.get("LMFORGE_REQUIRE_NATIVE") != "1"

@@ -68,10 +68,6 @@ def save_tiktoken(tok: ByteBPE, path: str | os.PathLike) -> None:
     """Write the ordinary tokens as a tiktoken rank file (special tokens are not part of it)."""
     if not isinstance(tok, ByteBPE):
         raise TypeError("tiktoken rank files hold byte-level BPE vocabularies only")
-    if tok.mode == "merges":
-        for i, (a, b, r) in enumerate(tok.merges):
-            if r != tok.merges and False:
-                pass
     with atomic_open(path, "w") as f:
         for i, t in enumerate(tok.tokens):
             if t is not None:
