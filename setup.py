@@ -1,4 +1,4 @@
-"""Builds lmforge's optional C extension (the tokenizer hot loops).
+"""Builds lmforge's optional C extension (tokenizer and dedup hot loops).
 
 If no C compiler is available the package still installs and runs on its
 pure-Python paths; `lmforge.tokenize.native.AVAILABLE` tells which is in use.
@@ -31,7 +31,12 @@ setup(
             "lmforge.tokenize._native",
             sources=["src/lmforge/tokenize/_native.c"],
             extra_compile_args=extra,
-        )
+        ),
+        Extension(
+            "lmforge.data._dedup",
+            sources=["src/lmforge/data/_dedup.c"],
+            extra_compile_args=extra,
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -1,4 +1,9 @@
-"""The data stage: built-in corpora (``fetch``) and, later, the pre-training pipeline."""
-from .sources import CORPORA, corpus_files, fetch
+"""The data stage: built-in corpora, document sources, cleaning, quality filters,
+deduplication, PII scrubbing, decontamination, tokenized shards and the loader.
 
-__all__ = ["CORPORA", "corpus_files", "fetch"]
+``prepare`` runs the whole chain from files to shards; ``ShardLoader`` reads them back.
+"""
+from .corpora import CORPORA, corpus_files, fetch
+from .sources import Document, Problem, iter_documents
+
+__all__ = ["CORPORA", "Document", "Problem", "corpus_files", "fetch", "iter_documents"]

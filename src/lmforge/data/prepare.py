@@ -1,0 +1,472 @@
+"""``prepare``: files in, tokenized shards out, in three resumable steps.
+
+Knows the order of the data stages and how to make them restartable; the
+stages themselves live in ``clean``, ``filters``, ``pii``, ``dedup`` and
+``shards``. Layout of the output directory::
+
+    manifest.json          what the loader reads (written last, atomically)
+    report.json            every count: problems, cleaning, filters, PII, dedup, split
+    train-00000.bin ...    tokens, uint16 or uint32, fixed size except the last
+    train-00000.idx.json   where each document starts in that shard, and its id
+    val-00000.bin ...
+    work/                  step outputs kept for reuse (delete to save disk)
+
+1. **documents** (streaming, all cores): read, clean, filter, scrub PII, check
+   decontamination, fingerprint (exact hash + MinHash). Documents are grouped
+   into chunks of ``chunk_bytes``; each chunk's output is written atomically and
+   named by a content hash of its documents and the config, so a rerun or a
+   resumed run skips every chunk already done.
+2. **dedup** (a few bytes per document in memory): exact clusters, then LSH
+   near-duplicate clusters; pick the validation documents.
+3. **shards** (all cores): tokenize the surviving documents in stream order,
+   each prefixed by the document token, into fixed-size shards. The manifest
+   records after each finished shard where each split stopped (document and
+   token offset), so an interrupted run continues without duplicating or
+   losing documents; it never lists a shard that is not completely written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .._config import apply_overrides, from_dict, load_file
+from .._io import atomic_open, write_json
+from .clean import CleanConfig, clean_text
+from .dedup import DedupConfig, MinHasher, band_keys, exact_clusters, exact_key, lsh_params, near_clusters, words_of
+from .filters import Decontaminator, FilterConfig, apply_filters
+from .pii import scrub
+from .sources import Problem, expand_inputs, iter_documents
+
+STEP1_VERSION = 1  # bump when step 1's output for the same config changes
+MAX_EXAMPLES = 3
+
+
+@dataclass
+class DecontamConfig:
+    eval_files: list[str] = field(default_factory=list)  # files or directories of evaluation texts
+    ngram: int = 13
+    action: str = "drop"  # "drop" the document or only "flag" it in the report
+
+
+@dataclass
+class ShardConfig:
+    shard_tokens: int = 1 << 20  # tokens per shard file (the last one of a split may be shorter)
+    val_fraction: float = 0.05  # share of documents held out (whole documents), at least one
+    val_docs: list[str] = field(default_factory=list)  # explicit validation document ids instead
+    doc_token: str = "auto"  # prefix of every document: auto = <|bos|>, else <|endoftext|>; "" = none
+    seed: int = 0  # which documents go to validation
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    id_field: str = "id"
+    utf8_errors: str = "replace"  # invalid UTF-8: "replace" with U+FFFD (reported) or "skip" the document
+    pii: bool = True
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    workers: int = 0  # 0: every core
+    chunk_bytes: int = 2 << 20  # text per step-1 work unit
+
+
+def make_config(inputs: list[str] | None = None, config_file: str | None = None,
+                overrides: list[str] | None = None) -> PrepareConfig:
+    """The config for ``prepare``: defaults, then a config file, then ``--input``, then ``--set``.
+
+    With no inputs at all the built-in Shakespeare corpus is used with its own
+    recommended settings (``CORPORA[...].prepare_defaults``)."""
+    cfg = from_dict(PrepareConfig, load_file(config_file)) if config_file else PrepareConfig()
+    if inputs:
+        cfg.inputs = [str(p) for p in inputs]
+    if not cfg.inputs:
+        from .corpora import CORPORA, fetch
+
+        corpus = CORPORA["shakespeare"]
+        cfg.inputs = [str(fetch(corpus.name, quiet=True))]
+        apply_overrides(cfg, corpus.prepare_defaults)
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PrepareConfig) -> None:
+    d = cfg.dedup
+    if not 0 < d.threshold < 1:
+        raise ValueError(f"dedup.threshold must be in (0, 1), got {d.threshold}")
+    if d.shingle_size < 1 or d.num_perm < 2:
+        raise ValueError("dedup.shingle_size must be >= 1 and dedup.num_perm >= 2")
+    if (d.bands or d.rows) and d.bands * d.rows > d.num_perm:
+        raise ValueError(f"dedup.bands * dedup.rows = {d.bands * d.rows} exceeds dedup.num_perm = {d.num_perm}")
+    if not 0 <= cfg.shards.val_fraction < 1:
+        raise ValueError(f"shards.val_fraction must be in [0, 1), got {cfg.shards.val_fraction}")
+    if cfg.shards.shard_tokens < 1024:
+        raise ValueError(f"shards.shard_tokens must be >= 1024, got {cfg.shards.shard_tokens}")
+    if cfg.decontam.action not in ("drop", "flag"):
+        raise ValueError(f"decontam.action must be 'drop' or 'flag', got {cfg.decontam.action!r}")
+    if cfg.utf8_errors not in ("replace", "skip"):
+        raise ValueError(f"utf8_errors must be 'replace' or 'skip', got {cfg.utf8_errors!r}")
+
+
+def _hash(*parts) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode() if not isinstance(p, bytes) else p)
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- step 1: documents ---------------------------------------------------------------------
+
+_W: dict = {}  # per-worker state: config, MinHasher, Decontaminator
+
+
+def _init_worker(cfg_dict: dict, grams: np.ndarray | None):
+    cfg = from_dict(PrepareConfig, cfg_dict)
+    _W["cfg"] = cfg
+    _W["mh"] = MinHasher(cfg.dedup.shingle_size, cfg.dedup.num_perm, cfg.dedup.seed)
+    if grams is not None:
+        dc = Decontaminator([], cfg.decontam.ngram)
+        dc.grams = grams
+        _W["dc"] = dc
+    else:
+        _W["dc"] = None
+
+
+def _example(doc_id: str, text: str, value=None) -> dict:
+    ex = {"id": doc_id, "snippet": text[:160]}
+    if value is not None:
+        ex["value"] = round(float(value), 4)
+    return ex
+
+
+def _process_chunk(index: int, docs: list[tuple[str, str, str]], work: str, digest: str) -> dict:
+    """Clean, filter, scrub and fingerprint one chunk; write its files; return its tallies."""
+    cfg: PrepareConfig = _W["cfg"]
+    mh: MinHasher = _W["mh"]
+    dc: Decontaminator | None = _W["dc"]
+    s = {"index": index, "digest": digest, "docs_in": 0, "bytes_in": 0, "docs_out": 0, "bytes_out": 0,
+         "clean": {}, "emptied": {"docs": 0, "bytes": 0, "examples": []}, "filters": {}, "pii": {},
+         "pii_docs": 0, "c4_lines_removed": 0,
+         "decontam": {"docs": 0, "bytes": 0, "ngrams": 0, "examples": []}}
+    kept_meta, exact, sigs = [], [], []
+    base = Path(work) / f"chunk-{index:05d}"
+    with atomic_open(base.with_suffix(".jsonl"), "w") as out:
+        for doc_id, source, raw in docs:
+            nbytes = len(raw.encode("utf-8", "surrogatepass"))
+            s["docs_in"] += 1
+            s["bytes_in"] += nbytes
+            text = clean_text(raw, cfg.clean, s["clean"])
+            if not text.strip():
+                s["emptied"]["docs"] += 1
+                s["emptied"]["bytes"] += nbytes
+                if len(s["emptied"]["examples"]) < MAX_EXAMPLES:
+                    s["emptied"]["examples"].append(_example(doc_id, raw))
+                continue
+            text, rule, value, c4_removed = apply_filters(text, cfg.filters)
+            s["c4_lines_removed"] += c4_removed
+            if text is None:
+                f = s["filters"].setdefault(rule, {"docs": 0, "bytes": 0, "examples": []})
+                f["docs"] += 1
+                f["bytes"] += nbytes
+                if len(f["examples"]) < MAX_EXAMPLES:
+                    f["examples"].append(_example(doc_id, raw, value))
+                continue
+            if cfg.pii:
+                before = sum(s["pii"].values())
+                text = scrub(text, s["pii"])
+                s["pii_docs"] += sum(s["pii"].values()) > before
+            if dc is not None:
+                hits = dc.overlap(text)
+                if hits:
+                    d = s["decontam"]
+                    d["docs"] += 1
+                    d["bytes"] += nbytes
+                    d["ngrams"] += hits
+                    if len(d["examples"]) < MAX_EXAMPLES:
+                        d["examples"].append(_example(doc_id, text, hits))
+                    if cfg.decontam.action == "drop":
+                        continue
+            out_bytes = len(text.encode("utf-8", "surrogatepass"))
+            s["docs_out"] += 1
+            s["bytes_out"] += out_bytes
+            out.write(json.dumps({"id": doc_id, "source": source, "text": text}, ensure_ascii=False) + "\n")
+            kept_meta.append([doc_id, source, out_bytes])
+            if cfg.dedup.exact:
+                exact.append(np.frombuffer(exact_key(text), dtype=np.uint8))
+            if cfg.dedup.near:
+                sigs.append(mh.words(words_of(text)))
+    n = len(kept_meta)
+    with atomic_open(base.with_suffix(".exact.npy"), "wb") as f:
+        np.save(f, np.stack(exact) if exact else np.zeros((n, 16), dtype=np.uint8))
+    with atomic_open(base.with_suffix(".sig.npy"), "wb") as f:
+        np.save(f, np.stack(sigs) if sigs else np.zeros((n, cfg.dedup.num_perm), dtype=np.uint32))
+    write_json(base.with_suffix(".meta.json"), kept_meta)
+    return s
+
+
+def _chunks(docs, chunk_bytes: int):
+    buf, size = [], 0
+    for d in docs:
+        buf.append((d.id, d.source, d.text))
+        size += len(d.text)
+        if size >= chunk_bytes:
+            yield buf
+            buf, size = [], 0
+    if buf:
+        yield buf
+
+
+def _chunk_digest(step_key: str, docs) -> str:
+    h = hashlib.blake2b(step_key.encode(), digest_size=16)
+    for doc_id, source, text in docs:
+        h.update(doc_id.encode("utf-8", "surrogatepass") + b"\x00" + source.encode("utf-8", "surrogatepass")
+                 + b"\x00" + text.encode("utf-8", "surrogatepass") + b"\x01")
+    return h.hexdigest()
+
+
+def _bar(total, desc, unit="B", quiet=False):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=quiet, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = False) -> list[dict]:
+    """Step 1. Returns the per-chunk tallies (from disk for chunks already done)."""
+    work.mkdir(parents=True, exist_ok=True)
+    step_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "shards", "workers")}
+    step_cfg["dedup"] = {k: v for k, v in step_cfg["dedup"].items() if k not in ("threshold", "bands", "rows")}
+    step_key = _hash(STEP1_VERSION, step_cfg)
+    grams = None
+    if cfg.decontam.eval_files:
+        texts = (d.text for d in iter_documents(cfg.decontam.eval_files, []))
+        grams = Decontaminator(texts, cfg.decontam.ngram).grams
+    problems: list[Problem] = []
+    docs = iter_documents(cfg.inputs, problems, text_field=cfg.text_field, id_field=cfg.id_field,
+                          utf8_errors=cfg.utf8_errors)
+    total = sum(p.stat().st_size for p in expand_inputs(cfg.inputs))
+    summaries: list[dict] = []
+    pending: deque = deque()
+    bar = _bar(total, "documents", quiet=quiet)
+
+    def finish(fut, index, chunk_problems, nbytes):
+        s = fut.result() if fut is not None else None
+        s["problems"] = chunk_problems
+        write_json(work / f"chunk-{index:05d}.json", s)  # the chunk's done marker, written last
+        summaries.append(s)
+        bar.update(nbytes)
+
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(asdict(cfg), grams)) as ex:
+        for index, chunk in enumerate(_chunks(docs, cfg.chunk_bytes)):
+            chunk_problems = [p.as_dict() for p in problems]
+            problems.clear()
+            digest = _chunk_digest(step_key, chunk)
+            nbytes = sum(len(t) for _, _, t in chunk)
+            done = work / f"chunk-{index:05d}.json"
+            if done.exists():
+                try:
+                    old = json.loads(done.read_text())
+                except ValueError:
+                    old = {}
+                if old.get("digest") == digest and all(
+                        (work / f"chunk-{index:05d}{suf}").exists() for suf in (".jsonl", ".sig.npy", ".exact.npy",
+                                                                                ".meta.json")):
+                    while pending:  # keep the summaries in stream order
+                        finish(*pending.popleft())
+                    summaries.append(old)
+                    bar.update(nbytes)
+                    continue
+                done.unlink()
+            pending.append((ex.submit(_process_chunk, index, chunk, str(work), digest), index, chunk_problems,
+                            nbytes))
+            del chunk
+            while len(pending) >= 2 * workers:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
+    bar.close()
+    if problems:  # problems after the last document (an empty file at the end, a truncated tail)
+        if summaries:
+            summaries[-1].setdefault("problems", []).extend(p.as_dict() for p in problems)
+            write_json(work / f"chunk-{len(summaries) - 1:05d}.json", summaries[-1])
+        else:
+            summaries.append({"index": -1, "digest": "", "docs_in": 0, "bytes_in": 0, "docs_out": 0,
+                              "bytes_out": 0, "problems": [p.as_dict() for p in problems]})
+    for stale in work.glob("chunk-*.json"):  # chunks from an earlier, longer input
+        try:
+            idx = int(stale.name[6:11])
+        except ValueError:
+            continue
+        if idx >= len([s for s in summaries if s["index"] >= 0]):
+            stale.unlink()
+    if not any(s.get("docs_out") for s in summaries):
+        n_in = sum(s.get("docs_in", 0) for s in summaries)
+        raise ValueError(f"no documents left after cleaning and filtering ({n_in} read from "
+                         f"{', '.join(cfg.inputs)}); see the problems and filter counts above")
+    return summaries
+
+
+# ---- step 2: dedup and split ---------------------------------------------------------------
+
+def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: bool = False) -> dict:
+    chunks = [s for s in summaries if s["index"] >= 0]
+    d = cfg.dedup
+    bands, rows = (d.bands, d.rows) if d.bands and d.rows else lsh_params(d.threshold, d.num_perm)
+    key = _hash("dedup", [s["digest"] for s in chunks], asdict(d), asdict(cfg.shards), bands, rows)
+    out_path = work / "dedup.json"
+    if out_path.exists():
+        try:
+            old = json.loads(out_path.read_text())
+            if old.get("key") == key:
+                return old
+        except ValueError:
+            pass
+    t0 = time.perf_counter()
+    metas, sig_files, offsets = [], [], [0]
+    for s in chunks:
+        base = work / f"chunk-{s['index']:05d}"
+        metas.extend(json.loads(base.with_suffix(".meta.json").read_text()))
+        sig_files.append(np.load(base.with_suffix(".sig.npy"), mmap_mode="r"))
+        offsets.append(offsets[-1] + sig_files[-1].shape[0])
+    n = offsets[-1]
+    offsets_arr = np.array(offsets)
+
+    def sig_rows(idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        which = np.searchsorted(offsets_arr, idx, side="right") - 1
+        out = np.empty((len(idx), d.num_perm), dtype=np.uint32)
+        for c in np.unique(which):
+            m = which == c
+            out[m] = sig_files[c][idx[m] - offsets_arr[c]]
+        return out
+
+    alive = np.ones(n, dtype=bool)
+    removed_exact: list[dict] = []
+    if d.exact and n:
+        ex = np.concatenate([np.load(work / f"chunk-{s['index']:05d}.exact.npy") for s in chunks])
+        for first, dups in exact_clusters(ex).items():
+            alive[dups] = False
+            removed_exact.append({"kept": metas[first][0], "removed": [metas[i][0] for i in dups],
+                                  "bytes": int(sum(metas[i][2] for i in dups))})
+    near: list[dict] = []
+    if d.near and n:
+        keys = np.concatenate([band_keys(np.asarray(sf), bands, rows) for sf in sig_files]) if sig_files else None
+        for rep, members in near_clusters(sig_rows, n, d.threshold, bands, rows, keys=keys, alive=alive):
+            alive[[m for m, _ in members]] = False
+            near.append({"kept": metas[rep][0], "kept_source": metas[rep][1],
+                         "removed": [{"id": metas[m][0], "source": metas[m][1], "jaccard": round(j, 4)}
+                                     for m, j in members],
+                         "bytes": int(sum(metas[m][2] for m, _ in members))})
+    kept = np.flatnonzero(alive)
+    # validation: whole documents, chosen by a seeded hash of their id (stable when others change)
+    sc = cfg.shards
+    if sc.val_docs:
+        wanted = set(sc.val_docs)
+        val = [int(i) for i in kept if metas[i][0] in wanted]
+        missing = wanted - {metas[i][0] for i in val}
+        if missing:
+            raise ValueError(f"shards.val_docs: no kept document has the id(s) {sorted(missing)[:5]}")
+    elif sc.val_fraction > 0 and len(kept) >= 2:
+        n_val = max(1, int(round(sc.val_fraction * len(kept))))
+        score = sorted(kept, key=lambda i: hashlib.blake2b(f"{sc.seed}:{metas[i][0]}".encode(),
+                                                            digest_size=8).digest())
+        val = sorted(int(i) for i in score[:n_val])
+    else:
+        val = []
+    result = {"key": key, "documents": int(n), "kept": int(len(kept)), "bands": bands, "rows": rows,
+              "exact_clusters": removed_exact, "near_clusters": near,
+              "removed": [int(i) for i in np.flatnonzero(~alive)], "val": val,
+              "val_ids": [metas[i][0] for i in val], "seconds": round(time.perf_counter() - t0, 3)}
+    write_json(out_path, result)
+    return result
+
+
+# ---- the whole chain ----------------------------------------------------------------------
+
+def prepare(cfg: PrepareConfig, tokenizer: str | os.PathLike, out: str | os.PathLike, quiet: bool = False) -> dict:
+    """Run the three steps; returns the manifest. Reuses or resumes whatever is already in ``out``."""
+    from .shards import step_shards
+
+    validate(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    workers = cfg.workers or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    summaries = step_documents(cfg, work, workers, quiet)
+    t1 = time.perf_counter()
+    dedup = step_dedup(cfg, work, summaries, quiet)
+    t2 = time.perf_counter()
+    manifest = step_shards(cfg, work, out, tokenizer, summaries, dedup, quiet)
+    t3 = time.perf_counter()
+    report = build_report(cfg, summaries, dedup, manifest, {"documents": t1 - t0, "dedup": t2 - t1,
+                                                            "shards": t3 - t2, "total": t3 - t0})
+    write_json(out / "report.json", report, indent=1)
+    return manifest
+
+
+def build_report(cfg, summaries, dedup, manifest, times) -> dict:
+    def add(dst: dict, src: dict):
+        for k, v in src.items():
+            if isinstance(v, dict):
+                add(dst.setdefault(k, {}), v)
+            elif isinstance(v, list):
+                lst = dst.setdefault(k, [])
+                lst.extend(v[: MAX_EXAMPLES - len(lst)] if k == "examples" else v)
+            elif isinstance(v, (int, float)):
+                dst[k] = dst.get(k, 0) + v
+        return dst
+
+    tot: dict = {}
+    for s in summaries:
+        add(tot, {k: v for k, v in s.items() if k not in ("index", "digest")})
+    removed_bytes = sum(c["bytes"] for c in dedup["exact_clusters"]) + sum(c["bytes"] for c in dedup["near_clusters"])
+    splits = manifest["splits"]
+    bytes_in = tot.get("bytes_in", 0)
+    return {
+        "inputs": cfg.inputs,
+        "documents_in": tot.get("docs_in", 0), "bytes_in": bytes_in,
+        "problems": tot.get("problems", []),
+        "clean": tot.get("clean", {}),
+        "emptied_by_cleaning": tot.get("emptied", {"docs": 0, "bytes": 0}),
+        "filters": dict(sorted(tot.get("filters", {}).items(), key=lambda kv: -kv[1]["docs"])),
+        "c4_lines_removed": tot.get("c4_lines_removed", 0),
+        "pii": {"replacements": tot.get("pii", {}), "documents": tot.get("pii_docs", 0)},
+        "decontamination": {**tot.get("decontam", {}), "action": cfg.decontam.action,
+                            "ngram": cfg.decontam.ngram, "eval_files": cfg.decontam.eval_files},
+        "after_filters": {"documents": tot.get("docs_out", 0), "bytes": tot.get("bytes_out", 0)},
+        "dedup": {"exact": {"documents": sum(len(c["removed"]) for c in dedup["exact_clusters"]),
+                            "bytes": sum(c["bytes"] for c in dedup["exact_clusters"]),
+                            "clusters": dedup["exact_clusters"]},
+                  "near": {"documents": sum(len(c["removed"]) for c in dedup["near_clusters"]),
+                           "bytes": sum(c["bytes"] for c in dedup["near_clusters"]),
+                           "clusters": dedup["near_clusters"],
+                           "shingle_size": cfg.dedup.shingle_size, "num_perm": cfg.dedup.num_perm,
+                           "threshold": cfg.dedup.threshold, "bands": dedup["bands"], "rows": dedup["rows"]},
+                  "removed_bytes": removed_bytes},
+        "output": {name: {k: sp[k] for k in ("documents", "tokens", "bytes")} for name, sp in splits.items()},
+        "val_ids": dedup["val_ids"],
+        "seconds": {k: round(v, 3) for k, v in times.items()},
+        "mb_per_s": round(bytes_in / 1e6 / max(times["total"], 1e-9), 3),
+    }
