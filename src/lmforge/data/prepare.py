@@ -278,33 +278,41 @@ def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = F
         bar.update(nbytes)
 
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(asdict(cfg), grams)) as ex:
-        for index, chunk in enumerate(_chunks(docs, cfg.chunk_bytes)):
-            chunk_problems = [p.as_dict() for p in problems]
-            problems.clear()
-            digest = _chunk_digest(step_key, chunk)
-            nbytes = sum(len(t) for _, _, t in chunk)
-            done = work / f"chunk-{index:05d}.json"
-            if done.exists():
-                try:
-                    old = json.loads(done.read_text())
-                except ValueError:
-                    old = {}
-                if old.get("digest") == digest and all(
-                        (work / f"chunk-{index:05d}{suf}").exists() for suf in (".jsonl", ".sig.npy", ".exact.npy",
-                                                                                ".meta.json")):
-                    while pending:  # keep the summaries in stream order
-                        finish(*pending.popleft())
-                    summaries.append(old)
-                    bar.update(nbytes)
-                    continue
-                done.unlink()
-            pending.append((ex.submit(_process_chunk, index, chunk, str(work), digest), index, chunk_problems,
-                            nbytes))
-            del chunk
-            while len(pending) >= 2 * workers:
+        try:
+            for index, chunk in enumerate(_chunks(docs, cfg.chunk_bytes)):
+                chunk_problems = [p.as_dict() for p in problems]
+                problems.clear()
+                digest = _chunk_digest(step_key, chunk)
+                nbytes = sum(len(t) for _, _, t in chunk)
+                done = work / f"chunk-{index:05d}.json"
+                if done.exists():
+                    try:
+                        old = json.loads(done.read_text())
+                    except ValueError:
+                        old = {}
+                    if old.get("digest") == digest and all(
+                            (work / f"chunk-{index:05d}{suf}").exists()
+                            for suf in (".jsonl", ".sig.npy", ".exact.npy", ".meta.json")):
+                        while pending:  # keep the summaries in stream order
+                            finish(*pending.popleft())
+                        summaries.append(old)
+                        bar.update(nbytes)
+                        continue
+                    done.unlink()
+                pending.append((ex.submit(_process_chunk, index, chunk, str(work), digest), index,
+                                chunk_problems, nbytes))
+                del chunk
+                while pending and (len(pending) >= 2 * workers or pending[0][0].done()):
+                    finish(*pending.popleft())
+            while pending:
                 finish(*pending.popleft())
-        while pending:
-            finish(*pending.popleft())
+        except BaseException:
+            # interrupted: keep every chunk that did finish, in order, so a rerun skips it
+            while pending and pending[0][0].done() and pending[0][0].exception() is None:
+                finish(*pending.popleft())
+            for fut, *_ in pending:
+                fut.cancel()
+            raise
     bar.close()
     if problems:  # problems after the last document (an empty file at the end, a truncated tail)
         if summaries:

@@ -1,0 +1,362 @@
+"""``prepare`` end to end: shards and manifest, reuse, crash and resume, the loader, the CLI."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.cli import main
+from lmforge.data import prepare as P
+from lmforge.data.loader import MixtureLoader, ShardLoader, TokenStream, pack_bos
+from lmforge.data.shards import ShardWriter, load_manifest
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, corpus_files):
+    from lmforge import tokenize
+
+    d = tmp_path_factory.mktemp("tok")
+    tok = tokenize.train("bpe", [str(p) for p in corpus_files[:6]], 700,
+                         special_tokens=["<|endoftext|>", "<|bos|>"], show_progress=False)
+    tok.save(d / "tokenizer.lmforge.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, corpus_texts):
+    """~1.2 MB of JSONL: 5 KB pieces of the plays, planted near/exact duplicates, PII, junk, a bad line."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    pieces = [t[i:i + 5000] for t in corpus_texts[::3] for i in range(0, len(t) - 5000, 40000)]
+    spare = pieces[-2:]
+    docs = [{"id": f"doc{i}", "text": p} for i, p in enumerate(pieces[:-2])]
+    docs.append({"id": "exact-copy", "text": docs[3]["text"].upper()})
+    words = docs[5]["text"].split(" ")
+    docs.append({"id": "near-copy", "text": " ".join(w if rng.random() > 0.003 else "thee" for w in words)})
+    docs.append({"id": "pii", "text": spare[0] + "\nmail me at someone@example.com or 555-867-5309 x.\n"})
+    docs.append({"id": "junk", "text": "buy now " * 3})
+    docs.append({"id": "eval-leak", "text": spare[1][:2500] + docs[9]["text"][200:900] + spare[1][2500:]})
+    half = len(docs) // 2
+    with open(d / "a.jsonl", "w") as f:
+        for doc in docs[:half]:
+            f.write(json.dumps(doc) + "\n")
+        f.write("{broken json\n")
+    import gzip
+
+    with gzip.open(d / "b.jsonl.gz", "wt") as f:
+        for doc in docs[half:]:
+            f.write(json.dumps(doc) + "\n")
+    evald = tmp_path_factory.mktemp("evals")
+    (evald / "eval.txt").write_text(docs[9]["text"][200:900])
+    return d, evald, docs
+
+
+def _cfg(corpus, evald, **over):
+    sets = [f"decontam.eval_files={evald}", "shards.shard_tokens=4096", "chunk_bytes=200000", "workers=2",
+            "shards.val_fraction=0.1"] + [f"{k}={v}" for k, v in over.items()]
+    return P.make_config([str(corpus)], None, sets)
+
+
+def _digests(out: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*-*.*"))}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, small_corpus, tok_dir):
+    corpus, evald, docs = small_corpus
+    out = tmp_path_factory.mktemp("prepared")
+    manifest = P.prepare(_cfg(corpus, evald), tok_dir, out, quiet=True)
+    return out, manifest, docs
+
+
+def test_manifest_and_shards(prepared, tok_dir):
+    out, m, docs = prepared
+    from lmforge.tokenize import load
+
+    tok = load(tok_dir)
+    assert m["complete"] and m["dtype"] == "uint16" and m["tokenizer"]["doc_token"] == "<|bos|>"
+    bos = m["tokenizer"]["doc_token_id"]
+    seen_ids = {}
+    for split, sp in m["splits"].items():
+        shards = sp["shards"]
+        assert all(s["tokens"] == 4096 for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= 4096
+        assert sum(s["tokens"] for s in shards) == sp["tokens"]
+        for s in shards:
+            data = (out / s["file"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == s["sha256"]
+        stream = TokenStream(out, split)
+        toks = stream.read(0, len(stream))
+        assert (toks[stream.doc_starts] == bos).all() and (toks == bos).sum() == sp["documents"]
+        ids = [i for s in shards for i in json.loads((out / s["index"]).read_text())["ids"]]
+        assert len(ids) == sp["documents"]
+        seen_ids[split] = set(ids)
+        # the shards decode back to the documents' cleaned text
+        bounds = list(stream.doc_starts) + [len(toks)]
+        texts = [tok.decode(toks[a + 1:b].tolist()) for a, b in zip(bounds, bounds[1:])]
+        assert sum(len(t.encode()) for t in texts) == sp["bytes"]
+    assert not seen_ids["train"] & seen_ids["val"]
+    assert len(seen_ids["val"]) == round(0.1 * (len(seen_ids["train"]) + len(seen_ids["val"])))
+    report = json.loads((out / "report.json").read_text())
+    assert report["dedup"]["exact"]["clusters"][0]["removed"] == ["exact-copy"]
+    near = report["dedup"]["near"]["clusters"]
+    assert [(c["kept"], [r["id"] for r in c["removed"]]) for c in near] == [("doc5", ["near-copy"])]
+    assert report["filters"]["gopher_min_words"]["docs"] == 1
+    assert report["filters"]["gopher_min_words"]["examples"][0]["id"] == "junk"
+    assert report["pii"]["replacements"] == {"email": 1, "phone": 1}
+    assert report["decontamination"]["docs"] == 2  # doc9 and the leaked copy, both dropped
+    assert "doc9" not in seen_ids["train"] | seen_ids["val"]
+    assert [(p["kind"], p["line"]) for p in report["problems"]] == [("not-json", len(docs) // 2 + 1)]
+    all_ids = seen_ids["train"] | seen_ids["val"]
+    assert len(all_ids) == len(docs) - 5  # exact, near, junk, doc9, leak
+
+
+def test_rerun_reuses_everything(prepared, small_corpus, tok_dir):
+    out, m, _ = prepared
+    corpus, evald, _ = small_corpus
+    before = {p: p.stat().st_mtime_ns for p in (out / "work").glob("chunk-*")}
+    digests = _digests(out)
+    t0 = time.perf_counter()
+    m2 = P.prepare(_cfg(corpus, evald), tok_dir, out, quiet=True)
+    assert m2["key"] == m["key"] and _digests(out) == digests
+    assert {p: p.stat().st_mtime_ns for p in (out / "work").glob("chunk-*")} == before
+    # a changed dedup threshold redoes dedup and shards, not step 1
+    P.prepare(_cfg(corpus, evald, **{"dedup.threshold": 0.5}), tok_dir, out, quiet=True)
+    assert {p: p.stat().st_mtime_ns for p in (out / "work").glob("chunk-*")} == before
+    P.prepare(_cfg(corpus, evald), tok_dir, out, quiet=True)
+    assert _digests(out) == digests
+    assert time.perf_counter() - t0 < 60
+
+
+def test_crash_in_shards_resumes_identically(prepared, small_corpus, tok_dir, tmp_path, monkeypatch):
+    out_ref, _, _ = prepared
+    corpus, evald, _ = small_corpus
+    real_flush = ShardWriter.flush
+    calls = {"n": 0}
+
+    def flaky_flush(self):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt("simulated crash")
+        real_flush(self)
+
+    monkeypatch.setattr(ShardWriter, "flush", flaky_flush)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare(_cfg(corpus, evald), tok_dir, tmp_path, quiet=True)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert not m["complete"] and sum(len(s["shards"]) for s in m["splits"].values()) == 6
+    with pytest.raises(ValueError, match="did not finish"):
+        load_manifest(tmp_path)
+    monkeypatch.setattr(ShardWriter, "flush", real_flush)
+    P.prepare(_cfg(corpus, evald), tok_dir, tmp_path, quiet=True)
+    assert _digests(tmp_path) == _digests(out_ref)
+
+
+def test_crash_in_documents_resumes_identically(small_corpus, tok_dir, tmp_path, monkeypatch):
+    corpus, evald, _ = small_corpus
+    out_ref = tmp_path / "ref"
+    P.prepare(_cfg(corpus, evald, chunk_bytes=50000), tok_dir, out_ref, quiet=True)
+    tmp_path = tmp_path / "crashed"
+    real = P.iter_documents
+
+    def dying(*a, **k):
+        for i, d in enumerate(real(*a, **k)):
+            if i == 80:
+                raise KeyboardInterrupt("simulated crash")
+            yield d
+
+    monkeypatch.setattr(P, "iter_documents", dying)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare(_cfg(corpus, evald, chunk_bytes=50000), tok_dir, tmp_path, quiet=True)
+    done = sorted((tmp_path / "work").glob("chunk-*.json"))
+    done = [p for p in done if not p.name.endswith(".meta.json")]
+    assert len(done) >= 2 and not (tmp_path / "manifest.json").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    monkeypatch.setattr(P, "iter_documents", real)
+    P.prepare(_cfg(corpus, evald, chunk_bytes=50000), tok_dir, tmp_path, quiet=True)
+    assert {p: p.stat().st_mtime_ns for p in done} == stamps  # finished chunks were not redone
+    assert _digests(tmp_path) == _digests(out_ref)
+
+
+def test_killed_process_resumes(small_corpus, tok_dir, tmp_path, prepared):
+    """A real SIGKILL in the middle of a CLI run; the rerun ends with the same shards."""
+    out_ref, _, _ = prepared
+    corpus, evald, _ = small_corpus
+    cmd = [sys.executable, "-m", "lmforge.cli", "data", "prepare", "--input", str(corpus), "--tokenizer",
+           str(tok_dir), "--out", str(tmp_path), "-q"]
+    for s in ["decontam.eval_files=" + str(evald), "shards.shard_tokens=4096", "chunk_bytes=30000", "workers=2",
+              "shards.val_fraction=0.1"]:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "work").glob("chunk-00001.json")):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "manifest.json").exists(), "the run finished before it could be killed"
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _digests(tmp_path) == _digests(out_ref)
+
+
+# ---- loader ---------------------------------------------------------------------------------
+
+def test_loader_deterministic_and_resumable(prepared):
+    out, _, _ = prepared
+    for mode in ("windows", "bos"):
+        a = ShardLoader(out, "train", batch_size=4, seq_len=64, mode=mode, seed=3)
+        batches = [a.next() for _ in range(30)]
+        b = ShardLoader(out, "train", batch_size=4, seq_len=64, mode=mode, seed=3)
+        for _ in range(12):
+            b.next()
+        state = json.loads(json.dumps(b.state_dict()))
+        c = ShardLoader(out, "train", batch_size=4, seq_len=64, mode=mode, seed=3)
+        c.load_state_dict(state)
+        for want in batches[12:]:
+            got = c.next()
+            assert np.array_equal(got.x, want.x) and np.array_equal(got.y, want.y)
+            assert np.array_equal(got.doc_ids, want.doc_ids)
+        assert np.array_equal(batches[0].x[:, 1:], batches[0].y[:, :-1])
+        other = ShardLoader(out, "train", batch_size=4, seq_len=64, mode=mode, seed=4).next()
+        assert not np.array_equal(other.x, batches[0].x)
+    with pytest.raises(ValueError, match="seq_len"):
+        ShardLoader(out, "train", batch_size=4, seq_len=32, mode="bos", seed=3).load_state_dict(state)
+
+
+def test_loader_rank_sharding_no_overlap_no_gaps(prepared):
+    out, _, _ = prepared
+    T, B, W = 32, 3, 4
+    full = ShardLoader(out, "train", batch_size=B, seq_len=T, seed=1)
+    R = full.rows_per_epoch
+    starts = []
+    steps = R // (B * W)
+    for r in range(W):
+        ld = ShardLoader(out, "train", batch_size=B, seq_len=T, seed=1, rank=r, world_size=W)
+        for s in range(steps):
+            rows = ld.batch_rows(s)
+            starts.extend(rows.tolist())
+            if s == 0:
+                assert np.array_equal(ld.next().x, full.rows(rows).x)
+    assert len(starts) == len(set(starts)) == steps * B * W
+    assert set(starts) == set(range(steps * B * W))
+    # within an epoch the windows tile the stream: each token once
+    offset, perm = full._windows_epoch(0)
+    assert sorted(perm.tolist()) == list(range(R))
+
+
+def test_bos_packing(prepared):
+    out, m, _ = prepared
+    bos = m["tokenizer"]["doc_token_id"]
+    ld = ShardLoader(out, "train", batch_size=8, seq_len=128, mode="bos", seed=0)
+    for _ in range(5):
+        b = ld.next()
+        full = np.concatenate([b.x, b.y[:, -1:]], axis=1)
+        for row, seg in zip(full, np.concatenate([b.doc_ids, b.doc_ids[:, -1:]], axis=1)):
+            # a row starts at a document start, or is a full-length piece of a longer document
+            assert row[0] == bos or (seg == 0).all()
+            # a new segment begins exactly where a document starts
+            change = np.flatnonzero(np.diff(seg)) + 1
+            assert (row[change] == bos).all()
+    starts = np.array([0, 10, 30, 100])
+    lengths = np.array([10, 20, 70, 5])
+    rp, ss, sl = pack_bos(starts, lengths, 16, np.random.default_rng(0), buffer=4)
+    assert all(sl[rp[i]:rp[i + 1]].sum() == 16 for i in range(len(rp) - 1))
+
+
+def test_mixture_weights_and_resume(prepared):
+    out, _, _ = prepared
+    mk = lambda: MixtureLoader([ShardLoader(out, "train", 4, 32, seed=1), ShardLoader(out, "val", 4, 32, seed=2)],  # noqa
+                               [0.8, 0.2], seed=5)
+    a = mk()
+    bs = [a.next() for _ in range(50)]
+    share = a.cursors[0] / sum(a.cursors)
+    assert 0.7 < share < 0.9
+    b = mk()
+    for _ in range(20):
+        b.next()
+    c = mk()
+    c.load_state_dict(b.state_dict())
+    assert all(np.array_equal(c.next().x, want.x) for want in bs[20:])
+    with pytest.raises(ValueError, match="weights"):
+        MixtureLoader([ShardLoader(out, "train", 4, 32)], [-1])
+
+
+# ---- CLI and config errors ---------------------------------------------------------------------
+
+def test_cli_prepare_and_stats(small_corpus, tok_dir, tmp_path, capsys):
+    corpus, evald, _ = small_corpus
+    rc = main(["data", "prepare", "--input", str(corpus), "--tokenizer", str(tok_dir), "--out", str(tmp_path),
+               "-q", "--set", "shards.shard_tokens=65536", "--set", "workers=1"])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["data", "stats", str(tmp_path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    for key in ("documents", "bytes", "tokens", "bytes_per_token", "removals", "near_duplicate_clusters", "splits"):
+        assert key in s
+    assert s["removals"]["gopher_min_words"]["documents"] == 1
+    assert s["near_duplicate_clusters"][0]["removed"][0]["id"] == "near-copy"
+    assert 0 < s["near_duplicate_clusters"][0]["removed"][0]["jaccard"] <= 1
+    assert main(["data", "stats", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "near-copy" in text and "bytes/token" in text
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["dedup.treshold=0.5"], "unknown field 'dedup.treshold'"),
+    (["dedup.threshold=high"], "dedup.threshold: expected a number"),
+    (["dedup.threshold=1.5"], "threshold must be in"),
+    (["pii=maybe"], "pii: expected true or false"),
+    (["nokey"], "expected key=value"),
+])
+def test_bad_config_is_rejected(sets, msg, tmp_path, tok_dir, capsys):
+    (tmp_path / "in.txt").write_text("hello")
+    argv = ["data", "prepare", "--input", str(tmp_path / "in.txt"), "--tokenizer", str(tok_dir), "--out",
+            str(tmp_path / "o")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_file_and_help(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text('inputs = ["x"]\n[dedup]\nthreshold = 0.7\n[filters]\nc4 = true\n')
+    (tmp_path / "x").write_text("hello")
+    cfg = P.make_config(None, str(tmp_path / "c.toml"), ["dedup.num_perm=64"])
+    assert cfg.dedup.threshold == 0.7 and cfg.filters.c4 and cfg.dedup.num_perm == 64 and cfg.inputs == ["x"]
+    (tmp_path / "bad.toml").write_text("[dedup]\nthreshold = 'x'\n")
+    with pytest.raises(ValueError, match="dedup.threshold"):
+        P.make_config(None, str(tmp_path / "bad.toml"))
+    for cmd in (["data", "prepare", "--help"], ["data", "stats", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd)
+        assert e.value.code == 0
+    assert "--set" in capsys.readouterr().out
+
+
+def test_nothing_left_is_a_clear_error(tmp_path, tok_dir):
+    (tmp_path / "in.txt").write_text("too short")
+    with pytest.raises(ValueError, match="no documents left"):
+        P.prepare(P.make_config([str(tmp_path / "in.txt")]), tok_dir, tmp_path / "o", quiet=True)
+
+
+def test_builtin_corpus_defaults(tmp_path, tok_dir):
+    """The default run on the built-in corpus finds the pairs of editions."""
+    cfg = P.make_config(None, None, [])
+    assert cfg.dedup.shingle_size == 3 and cfg.dedup.threshold == 0.1
+    P.prepare(cfg, tok_dir, tmp_path, quiet=True)
+    r = json.loads((tmp_path / "report.json").read_text())
+    pairs = r["dedup"]["near"]["clusters"]
+    assert len(pairs) == 34  # 35 folio editions; Merry Wives' modern edition fails dup-line frac first
+    for c in pairs:
+        kept = c["kept"].replace("_gut_f.txt", "").replace("_gut.txt", "")
+        (rem,) = c["removed"]
+        assert rem["jaccard"] > 0.15
+        assert {c["kept"].endswith("_f.txt"), rem["id"].endswith("_f.txt")} == {True, False}, (kept, rem)
+    assert r["output"]["val"]["documents"] == 4
