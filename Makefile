@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh clone:
-#   make demo   the main job (until the pipeline lands: the tokenizer stage on the built-in corpus)
+#   make demo   the main job (until the pipeline lands: the tokenizer and data stages on the built-in corpus)
 #   make test   the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,6 +18,7 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/lmforge data fetch shakespeare
 	$(VENV)/bin/lmforge tokenizer demo --out runs/tokenizer-demo
+	$(VENV)/bin/lmforge data prepare --tokenizer runs/tokenizer-demo/bpe --out runs/data
 
 test: install
 	$(VENV)/bin/lmforge data fetch shakespeare
@@ -28,6 +29,7 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/tokenizers.py
+	$(PY) benchmarks/dedup.py
 
 clean:
 	rm -rf build src/lmforge/tokenize/*.so .pytest_cache

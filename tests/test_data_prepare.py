@@ -360,3 +360,25 @@ def test_builtin_corpus_defaults(tmp_path, tok_dir):
         assert rem["jaccard"] > 0.15
         assert {c["kept"].endswith("_f.txt"), rem["id"].endswith("_f.txt")} == {True, False}, (kept, rem)
     assert r["output"]["val"]["documents"] == 4
+
+
+def test_fifty_megabyte_single_line(tmp_path, tok_dir, corpus_texts):
+    """A 50 MB document without a newline goes through (removed by the word-count rule)
+    next to ordinary documents, in bounded time."""
+    d = tmp_path / "in"
+    d.mkdir()
+    words = corpus_texts[0].split()
+    line = " ".join(words)
+    with open(d / "huge.txt", "w") as f:
+        written = 0
+        while written < 50_000_000:
+            f.write(line + " ")
+            written += len(line) + 1
+    (d / "play.txt").write_text(corpus_texts[1])
+    t0 = time.perf_counter()
+    P.prepare(P.make_config([str(d)], None, ["workers=1"]), tok_dir, tmp_path / "o", quiet=True)
+    r = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert r["filters"]["gopher_max_words"]["docs"] == 1
+    assert r["filters"]["gopher_max_words"]["bytes"] >= 50_000_000
+    assert r["output"]["train"]["documents"] + r["output"]["val"]["documents"] == 1
+    assert time.perf_counter() - t0 < 120

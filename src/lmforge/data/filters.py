@@ -122,12 +122,15 @@ def dup_ngram_char_frac(wh: np.ndarray, lens: np.ndarray, n: int) -> float:
 
 def gopher_quality(text: str, cfg: FilterConfig) -> tuple[str, float] | None:
     """The first Gopher quality rule ``text`` fails, as (rule, value), or None."""
-    words = text.split()
+    if cfg.max_words is not None:  # never materialize more than max_words + 1 words
+        words = text.split(maxsplit=cfg.max_words)
+        if len(words) > cfg.max_words:
+            return "gopher_max_words", len(words)
+    else:
+        words = text.split()
     n = len(words)
     if cfg.min_words is not None and n < cfg.min_words:
         return "gopher_min_words", n
-    if cfg.max_words is not None and n > cfg.max_words:
-        return "gopher_max_words", n
     if n == 0:
         return "gopher_min_words", 0
     mean_len = sum(map(len, words)) / n

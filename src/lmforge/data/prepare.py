@@ -351,14 +351,23 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
         except ValueError:
             pass
     t0 = time.perf_counter()
-    metas, sig_files, offsets = [], [], [0]
+    # a few bytes per document in memory: band keys, exact keys, a validation score;
+    # ids and signatures stay on disk and are read for the documents that need them
+    sig_files, offsets = [], [0]
     for s in chunks:
-        base = work / f"chunk-{s['index']:05d}"
-        metas.extend(json.loads(base.with_suffix(".meta.json").read_text()))
-        sig_files.append(np.load(base.with_suffix(".sig.npy"), mmap_mode="r"))
+        sig_files.append(np.load(work / f"chunk-{s['index']:05d}.sig.npy", mmap_mode="r"))
         offsets.append(offsets[-1] + sig_files[-1].shape[0])
     n = offsets[-1]
     offsets_arr = np.array(offsets)
+    meta_cache: dict[int, list] = {}
+
+    def meta(i: int) -> list:
+        c = int(np.searchsorted(offsets_arr, i, side="right")) - 1
+        if c not in meta_cache:
+            if len(meta_cache) > 64:
+                meta_cache.clear()
+            meta_cache[c] = json.loads((work / f"chunk-{chunks[c]['index']:05d}.meta.json").read_text())
+        return meta_cache[c][i - offsets[c]]
 
     def sig_rows(idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
@@ -375,37 +384,46 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
         ex = np.concatenate([np.load(work / f"chunk-{s['index']:05d}.exact.npy") for s in chunks])
         for first, dups in exact_clusters(ex).items():
             alive[dups] = False
-            removed_exact.append({"kept": metas[first][0], "removed": [metas[i][0] for i in dups],
-                                  "bytes": int(sum(metas[i][2] for i in dups))})
+            removed_exact.append({"kept": meta(first)[0], "removed": [meta(i)[0] for i in dups],
+                                  "bytes": int(sum(meta(i)[2] for i in dups))})
+        del ex
     near: list[dict] = []
     if d.near and n:
-        keys = np.concatenate([band_keys(np.asarray(sf), bands, rows) for sf in sig_files]) if sig_files else None
+        # read each chunk's signatures once (not through the memory map, whose pages would stay resident)
+        keys = np.concatenate([band_keys(np.load(work / f"chunk-{s['index']:05d}.sig.npy"), bands, rows)
+                               for s in chunks])
         for rep, members in near_clusters(sig_rows, n, d.threshold, bands, rows, keys=keys, alive=alive):
             alive[[m for m, _ in members]] = False
-            near.append({"kept": metas[rep][0], "kept_source": metas[rep][1],
-                         "removed": [{"id": metas[m][0], "source": metas[m][1], "jaccard": round(j, 4)}
+            near.append({"kept": meta(rep)[0], "kept_source": meta(rep)[1],
+                         "removed": [{"id": meta(m)[0], "source": meta(m)[1], "jaccard": round(j, 4)}
                                      for m, j in members],
-                         "bytes": int(sum(metas[m][2] for m, _ in members))})
+                         "bytes": int(sum(meta(m)[2] for m, _ in members))})
+        del keys
     kept = np.flatnonzero(alive)
     # validation: whole documents, chosen by a seeded hash of their id (stable when others change)
     sc = cfg.shards
     if sc.val_docs:
         wanted = set(sc.val_docs)
-        val = [int(i) for i in kept if metas[i][0] in wanted]
-        missing = wanted - {metas[i][0] for i in val}
+        val = [int(i) for i in kept if meta(int(i))[0] in wanted]
+        missing = wanted - {meta(i)[0] for i in val}
         if missing:
             raise ValueError(f"shards.val_docs: no kept document has the id(s) {sorted(missing)[:5]}")
     elif sc.val_fraction > 0 and len(kept) >= 2:
         n_val = max(1, int(round(sc.val_fraction * len(kept))))
-        score = sorted(kept, key=lambda i: hashlib.blake2b(f"{sc.seed}:{metas[i][0]}".encode(),
-                                                            digest_size=8).digest())
-        val = sorted(int(i) for i in score[:n_val])
+        score = np.empty(n, dtype=np.uint64)
+        for c, s in enumerate(chunks):
+            ids = json.loads((work / f"chunk-{s['index']:05d}.meta.json").read_text())
+            score[offsets[c]:offsets[c + 1]] = [
+                int.from_bytes(hashlib.blake2b(f"{sc.seed}:{m[0]}".encode(), digest_size=8).digest(), "big")
+                for m in ids]
+        order = kept[np.argsort(score[kept], kind="stable")]
+        val = sorted(int(i) for i in order[:n_val])
     else:
         val = []
     result = {"key": key, "documents": int(n), "kept": int(len(kept)), "bands": bands, "rows": rows,
               "exact_clusters": removed_exact, "near_clusters": near,
               "removed": [int(i) for i in np.flatnonzero(~alive)], "val": val,
-              "val_ids": [metas[i][0] for i in val], "seconds": round(time.perf_counter() - t0, 3)}
+              "val_ids": [meta(i)[0] for i in val], "seconds": round(time.perf_counter() - t0, 3)}
     write_json(out_path, result)
     return result
 
