@@ -316,3 +316,31 @@ def test_exact_clusters():
     keys = np.stack([np.frombuffer(dedup.exact_key(t), dtype=np.uint8) for t in
                      ["Hello  World", "other", "hello world", "HELLO\nWORLD", "x"]])
     assert dedup.exact_clusters(keys) == {0: [2, 3]}
+
+
+def test_dedup_extension_built_when_required():
+    import os
+
+    if os.environ.get("LMFORGE_REQUIRE_NATIVE") == "1":
+        assert dedup.NATIVE, "the lmforge.data._dedup C extension did not build (see pip's output)"
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_as_the_corpus_grows(tmp_path):
+    """Generated corpora of 60 and 180 MB: peak RSS of the whole process tree grows < 25%."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "data_scale", Path(__file__).parents[1] / "benchmarks" / "data_scale.py")
+    ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ds)
+    subprocess.run([sys.executable, "-m", "lmforge.cli", "tokenizer", "train", "--vocab-size", "2048",
+                    "--out", str(tmp_path / "tok"), "-q"], check=True)
+    peaks = []
+    for mb in (60, 180):
+        ds.generate(tmp_path / "in.jsonl", mb)
+        peaks.append(ds.run_prepare(tmp_path / "in.jsonl", tmp_path / "tok", tmp_path / f"o{mb}")["peak_rss_sum_mb"])
+    assert peaks[1] < 1.25 * peaks[0], peaks

@@ -1,0 +1,225 @@
+"""The decoder: one readable PyTorch module built from a ``ModelConfig``.
+
+Knows the math of a decoder-only transformer (embeddings, pre-norm blocks of
+attention and MLP, a final norm and the output head) and every variant the
+config names; knows nothing about tokenizers, files, optimizers or
+parallelism (those wrap it from outside).
+
+Shapes: B batch, T time, C = d_model, H query heads, K key/value heads, D head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (as Llama, Mistral and Qwen do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.d_model
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), with Llama-3 scaling of the long wavelengths if configured."""
+    D = cfg.hd
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    s = cfg.rope_scaling
+    if s:
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long wavelengths: slowed down
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (wavelen >= old / hi) & (wavelen <= old / lo)  # in between: interpolate
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle (the "rotate half" layout of HF Llama)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.H, self.K, self.D = cfg.n_head, cfg.kv_heads, cfg.hd
+        self.qkv = nn.Linear(cfg.d_model, (self.H + 2 * self.K) * self.D, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(self.H * self.D, cfg.d_model, bias=cfg.out_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.D, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.D, cfg.norm_eps)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope=None, mask=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.H * self.D, self.K * self.D, self.K * self.D], dim=-1)
+        q = q.view(B, T, self.H, self.D)
+        k = k.view(B, T, self.K, self.D)
+        v = v.view(B, T, self.K, self.D).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H|K, T, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.K != self.H:  # GQA/MQA: each key/value head serves H/K query heads
+            k = k.repeat_interleave(self.H // self.K, dim=1)
+            v = v.repeat_interleave(self.H // self.K, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        ff = cfg.ff
+        # SwiGLU keeps the gate and up projections in one matrix: [gate; up]
+        self.fc = nn.Linear(cfg.d_model, 2 * ff if cfg.mlp == "swiglu" else ff, bias=cfg.mlp_bias)
+        self.proj = nn.Linear(ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            g, u = h.chunk(2, dim=-1)
+            h = F.silu(g) * u
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "gelu":
+            h = F.gelu(h)
+        else:  # relu2
+            h = F.relu(h).square()
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, mask=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        else:
+            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 L) (or zero)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                if name.endswith("weight"):
+                    p.fill_(1.0)  # norm scales
+                else:
+                    p.zero_()
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                if self.cfg.zero_init_proj:
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                p.normal_(0.0, std)
+        if getattr(self, "inv_freq", None) is not None:
+            self.inv_freq.copy_(rope_frequencies(self.cfg))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _mask(self, B, T, device, attention_mask, doc_ids):
+        """None (plain causal, the fast path) or a boolean (B|1, 1, T, T) mask of allowed keys."""
+        w = self.cfg.sliding_window
+        if attention_mask is None and doc_ids is None and (w is None or w >= T):
+            return None
+        i = torch.arange(T, device=device)
+        allowed = i[None, :] <= i[:, None]
+        if w is not None:
+            allowed = allowed & (i[:, None] - i[None, :] < w)
+        allowed = allowed[None, None]
+        if attention_mask is not None:  # 1 = real token, 0 = padding (keys)
+            allowed = allowed & attention_mask.bool()[:, None, None, :]
+        if doc_ids is not None:  # attend only inside one's own document
+            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+        # a row with nothing to attend to (a padding query) attends to itself, not to NaN
+        return allowed | torch.eye(T, dtype=torch.bool, device=device)[None, None]
+
+    def forward(self, idx, targets=None, attention_mask=None, position_ids=None, doc_ids=None,
+                ignore_index: int = -100):
+        """Logits (B, T, vocab), and the mean cross-entropy if ``targets`` is given.
+
+        ``attention_mask`` (B, T): 1 for tokens, 0 for padding; ``position_ids`` (B, T)
+        default to 0..T-1; ``doc_ids`` (B, T) restricts attention to one's own document.
+        """
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len and self.cfg.pos == "learned":
+            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=idx.device)[None].expand(B, T)
+        x = self.tok_emb(idx)
+        rope = None
+        if self.cfg.pos == "learned":
+            x = x + self.pos_emb(position_ids)
+        else:
+            ang = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, D/2)
+            rope = (ang.cos().to(x.dtype), ang.sin().to(x.dtype))
+        x = self.drop(x)
+        mask = self._mask(B, T, idx.device, attention_mask, doc_ids)
+        for block in self.blocks:
+            x = block(x, rope, mask)
+        x = self.norm_f(x)
+        logits = self.lm_head(x)
+        if self.cfg.logit_softcap:
+            c = self.cfg.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index)
+        return logits, loss

@@ -1,0 +1,182 @@
+"""HF parity, both directions: GPT-2, Llama (with Llama-3 RoPE scaling), Mistral
+(sliding window), Qwen2 (qkv bias), Qwen3 (QK-norm, head_dim apart) with tiny
+random configs; batch > 1 with left padding; logits within 1e-4 in fp32."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge.model import ModelConfig, load, save  # noqa: E402
+from lmforge.model.hf import export_hf, import_hf  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+
+V = 97
+
+
+def hf_tiny(arch):
+    """A tiny random HF model of each family (no downloads)."""
+    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if arch == "gpt2":
+        c = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0,
+                                    embd_pdrop=0, attn_pdrop=0)
+    elif arch == "llama":
+        c = transformers.LlamaConfig(**common, rope_theta=5000.0, attention_bias=True,
+                                     rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    elif arch == "mistral":
+        c = transformers.MistralConfig(**common, sliding_window=5)
+    elif arch == "qwen2":
+        c = transformers.Qwen2Config(**common)
+    else:
+        c = transformers.Qwen3Config(**{**common, "tie_word_embeddings": True}, head_dim=24)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(c, attn_implementation="eager").eval()
+    with torch.no_grad():  # make every parameter count: random norms and biases too
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name or "ln" in name else 0.1 * torch.randn_like(p))
+    return m
+
+
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(0, V, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, :7] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+def compare(ours, theirs, ids, mask, pos):
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, position_ids=pos)
+        b = theirs(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        real = mask.bool()
+        err = (a[real] - b[real]).abs().max().item()
+        # and without padding, the fast causal path
+        a2 = ours(ids[:1])
+        b2 = theirs(input_ids=ids[:1]).logits
+        err2 = (a2 - b2).abs().max().item()
+    return err, err2
+
+
+ARCHS = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_import_from_hf_matches(arch, tmp_path):
+    hf = hf_tiny(arch)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours, _ = import_hf(tmp_path)
+    ours.eval()
+    assert ours.cfg.arch == arch
+    err, err2 = compare(ours, hf, *batch())
+    assert err < 1e-4 and err2 < 1e-4, (err, err2)
+
+
+def lmforge_tiny(arch):
+    base = dict(vocab_size=V, n_layer=2, n_head=4, d_model=64, max_seq_len=64, arch=arch)
+    if arch == "gpt2":
+        cfg = ModelConfig(**base)
+    else:
+        llama = dict(norm="rmsnorm", norm_bias=False, mlp="swiglu", pos="rope", qkv_bias=False, out_bias=False,
+                     mlp_bias=False, tie_embeddings=False, n_kv_head=2, d_ff=96, norm_eps=1e-6)
+        extra = {"llama": dict(rope_scaling={"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                               n_kv_head=1),
+                 "mistral": dict(sliding_window=5),
+                 "qwen2": dict(qkv_bias=True, rope_theta=1e6),
+                 "qwen3": dict(qk_norm=True, head_dim=24, tie_embeddings=True)}[arch]
+        cfg = ModelConfig(**{**base, **llama, **extra})
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_to_hf_matches(arch, tmp_path):
+    ours = lmforge_tiny(arch)
+    export_hf(ours, tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert conf["model_type"] == arch
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    err, err2 = compare(ours, hf, *batch())
+    assert err < 1e-4 and err2 < 1e-4, (err, err2)
+    # and back again: identical tensors
+    back, _ = import_hf(tmp_path)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_sdpa_attention_in_hf_agrees_too(tmp_path):
+    ours = lmforge_tiny("mistral")
+    export_hf(ours, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    err, err2 = compare(ours, hf, *batch())
+    assert err < 1e-4 and err2 < 1e-4
+
+
+def test_lmforge_checkpoint_roundtrip(tmp_path, corpus_files):
+    from lmforge import tokenize
+
+    tok = tokenize.train("bpe", [str(corpus_files[0])], 300, special_tokens=["<|endoftext|>"], show_progress=False)
+    import dataclasses
+
+    m = Transformer(dataclasses.replace(lmforge_tiny("qwen3").cfg, vocab_size=320)).eval()
+    save(m, tmp_path / "ck", tokenizer=tok)
+    m2, tok2 = load(tmp_path / "ck")
+    ids = torch.randint(0, 320, (2, 10))
+    assert torch.equal(m(ids), m2(ids))
+    assert tok2.encode("To be") == tok.encode("To be")
+    assert m2.lm_head.weight is m2.tok_emb.weight  # still tied
+    # a tokenizer with more tokens than the model has embeddings is refused
+    save(lmforge_tiny("qwen3"), tmp_path / "bad", tokenizer=tok)
+    with pytest.raises(ValueError, match="tokenizer has 300 tokens but the model only 97"):
+        load(tmp_path / "bad")
+
+
+def test_export_refuses_what_the_family_cannot_express(tmp_path):
+    m = lmforge_tiny("llama")
+    with pytest.raises(ValueError, match="cannot export as gpt2: ModelConfig.norm"):
+        export_hf(m, tmp_path, arch="gpt2")
+    cfg = ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=32, qk_norm=True)
+    with pytest.raises(ValueError, match="qk_norm"):
+        export_hf(Transformer(cfg), tmp_path, arch="gpt2")
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(n_head=5, d_model=64), "n_head: 5 heads do not divide d_model=64"),
+    (dict(n_head=4, n_kv_head=3, d_model=64), "n_kv_head: 3 key/value heads must divide n_head=4"),
+    (dict(mlp="swish"), "mlp: expected"),
+    (dict(pos="rope", head_dim=7, d_model=28, n_head=4), "RoPE needs an even head dimension"),
+])
+def test_inconsistent_config_is_rejected(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig(**kw)
+
+
+def test_bad_checkpoints(tmp_path):
+    m = lmforge_tiny("llama")
+    save(m, tmp_path / "a")
+    # truncated weights
+    p = tmp_path / "a" / "model.safetensors"
+    data = p.read_bytes()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "b" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read the weights"):
+        load(tmp_path / "b")
+    # weights of another architecture
+    other = lmforge_tiny("gpt2")
+    save(other, tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    with pytest.raises(ValueError, match="unexpected tensor|has shape"):
+        load(tmp_path / "c")
