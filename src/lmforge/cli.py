@@ -189,6 +189,94 @@ def cmd_tok_demo(a) -> int:
     return 0
 
 
+# ---- model, pretrain, eval, export ------------------------------------------------------
+
+def cmd_model_info(a) -> int:
+    from .model import PRESETS, describe, load_config, preset
+
+    cfg = preset(a.name) if a.name in PRESETS else load_config(a.name)
+    d = describe(cfg, a.seq_len)
+    if a.json:
+        print(json.dumps({"config": cfg.to_dict(), **d}))
+        return 0
+    print(f"{a.name}: {cfg.arch}-style, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), "
+          f"d_model {cfg.d_model}, d_ff {cfg.ff}, vocab {cfg.vocab_size}, {cfg.pos} positions, {cfg.norm}, {cfg.mlp}")
+    print(f"parameters        {d['params']:,} ({d['params_non_embedding']:,} without embeddings)")
+    print(f"FLOPs/token       {d['flops_per_token_train']:,} training, {d['flops_per_token_forward']:,} forward "
+          f"(at {d['seq_len']} tokens of context)")
+    print(f"weights           {d['weights_mb_fp32']:,.1f} MB fp32, {d['weights_mb_bf16']:,.1f} MB bf16")
+    print(f"training state    {d['train_state_mb_fp32_adamw']:,.1f} MB (fp32 weights, grads, AdamW moments)")
+    print(f"KV cache          {d['kv_cache_bytes_per_token_bf16']:,} bytes/token in bf16")
+    return 0
+
+
+def cmd_pretrain(a) -> int:
+    from ._config import apply_overrides, from_dict, load_file
+    from .train import TrainConfig, train
+
+    cfg = from_dict(TrainConfig, load_file(a.config)) if a.config else TrainConfig()
+    for k in ("out", "data", "text", "tokenizer", "preset"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+    if a.max_time is not None:
+        cfg.max_time = a.max_time
+    if a.max_steps is not None:
+        cfg.max_steps = a.max_steps
+    if a.resume:
+        cfg.resume = True
+    model_sets = [s for s in a.set if s.startswith("model.")]
+    for s in model_sets:
+        k, v = s[len("model."):].split("=", 1)
+        from .model import ModelConfig
+        from ._config import coerce
+        import typing
+
+        hints = typing.get_type_hints(ModelConfig)
+        if k not in hints:
+            raise ValueError(f"unknown field 'model.{k}' (ModelConfig has: {', '.join(sorted(hints))})")
+        cfg.model[k] = coerce(v, hints[k], f"model.{k}")
+    apply_overrides(cfg, [s for s in a.set if not s.startswith("model.")])
+    final = train(cfg, quiet=a.quiet)
+    print(json.dumps(final))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate.perplexity import evaluate_shards, evaluate_text
+    from .model import load
+
+    model, tok = load(a.checkpoint)
+    if a.text:
+        if tok is None:
+            raise ValueError(f"{a.checkpoint}: no tokenizer in the checkpoint; cannot evaluate a text file")
+        r = evaluate_text(model, tok, a.text, a.seq_len, batch_size=a.batch_size)
+    else:
+        data = a.data
+        if data is None:
+            tc = Path(a.checkpoint) / "train_config.json"
+            if tc.exists():
+                t = json.loads(tc.read_text())["train"]
+                data = t["data"] or str(Path(a.checkpoint) / "data")
+        if data is None:
+            raise ValueError("give --text FILE or --data DIR (no training config next to the checkpoint)")
+        r = evaluate_shards(model, data, a.split, a.seq_len, batch_size=a.batch_size)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+              f"{r['bits_per_byte']:.4f} bits/byte ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .model import export_hf, load
+
+    model, tok = load(a.checkpoint)
+    out = export_hf(model, a.out, arch=a.arch, tokenizer=tok)
+    print(f"wrote {out} ({a.arch or model.cfg.arch}; load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +392,60 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", "-o", default="runs/tokenizer-demo")
     dm.add_argument("--vocab-size", type=int, default=8192)
     dm.set_defaults(fn=cmd_tok_demo)
+
+    mo = sub.add_parser("model", help="model: presets and sizes", description="Inspect model configurations.")
+    msub = mo.add_subparsers(dest="cmd", metavar="CMD")
+    msub.required = True
+    mi = msub.add_parser("info", help="parameters, FLOPs per token and memory of a preset or checkpoint",
+                         description="Parameters, training/forward FLOPs per token, weight and training-state "
+                         "memory and KV-cache size of a preset (see lmforge.model.PRESETS) or a model directory.")
+    mi.add_argument("name", help="a preset name or a model directory")
+    mi.add_argument("--seq-len", type=int, default=None, help="context length for the attention FLOPs")
+    mi.add_argument("--json", action="store_true")
+    mi.set_defaults(fn=cmd_model_info)
+
+    pt = sub.add_parser("pretrain", help="pre-train a model on shards or a text file",
+                        description="Pre-train a decoder from shards (`lmforge data prepare`) or, for quick "
+                        "experiments, a text file (first 90% trains, last 10% validates). Writes checkpoints, "
+                        "metrics.jsonl, loss.png and the final model to --out.",
+                        epilog="examples of --set: batch_size=32 seq_len=512 optimizer=muon lr=3e-4 "
+                        "schedule=wsd warmup_steps=100 eval_every=200 recompute=selective compile=true "
+                        "model.n_layer=8 model.d_model=512")
+    src = pt.add_mutually_exclusive_group()
+    src.add_argument("--data", default=None, help="a directory written by `lmforge data prepare`")
+    src.add_argument("--text", default=None, help="a UTF-8 text file")
+    pt.add_argument("--tokenizer", default=None, help="with --text: char, bpe:N or a tokenizer path")
+    pt.add_argument("--preset", default=None, help="model preset (see `lmforge model info`)")
+    pt.add_argument("--max-time", type=float, default=None, help="seconds to train")
+    pt.add_argument("--max-steps", type=int, default=None)
+    pt.add_argument("--out", "-o", default=None, help="run directory")
+    pt.add_argument("--config", "-c", default=None, help="TOML/JSON file with TrainConfig fields")
+    pt.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    pt.add_argument("--quiet", "-q", action="store_true")
+    pt.set_defaults(fn=cmd_pretrain)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint",
+                        description="Evaluate a model directory on its validation shards, other shards or a text "
+                        "file: loss (nats/token), perplexity and tokenizer-independent bits per byte.")
+    ev.add_argument("--checkpoint", required=True, help="a model directory (lmforge or HF)")
+    ev.add_argument("--text", default=None, help="a UTF-8 text file")
+    ev.add_argument("--data", default=None, help="a shards directory (default: the run's own)")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--seq-len", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(fn=cmd_eval)
+
+    xp = sub.add_parser("export", help="write a checkpoint as an HF transformers directory",
+                        description="Export a model directory to HF format (config.json, model.safetensors, "
+                        "tokenizer.json) that transformers.AutoModelForCausalLM loads.")
+    xp.add_argument("--checkpoint", required=True)
+    xp.add_argument("--format", choices=["hf"], default="hf")
+    xp.add_argument("--arch", default=None, choices=["gpt2", "llama", "mistral", "qwen2", "qwen3"],
+                    help="HF family (default: the config's arch)")
+    xp.add_argument("--out", "-o", required=True)
+    xp.set_defaults(fn=cmd_export)
     return p
 
 

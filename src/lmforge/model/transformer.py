@@ -126,6 +126,7 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.recompute: str | None = None  # set by lmforge.train.recompute.apply_recompute
 
     def forward(self, x, rope=None, mask=None):
         x = x + self.drop(self.attn(self.attn_norm(x), rope, mask))
@@ -212,7 +213,12 @@ class Transformer(nn.Module):
         x = self.drop(x)
         mask = self._mask(B, T, idx.device, attention_mask, doc_ids)
         for block in self.blocks:
-            x = block(x, rope, mask)
+            if block.recompute and self.training and torch.is_grad_enabled():
+                from ..train.recompute import run_block
+
+                x = run_block(block, x, rope, mask)
+            else:
+                x = block(x, rope, mask)
         x = self.norm_f(x)
         logits = self.lm_head(x)
         if self.cfg.logit_softcap:

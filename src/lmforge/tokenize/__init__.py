@@ -81,7 +81,11 @@ def _from_lmforge_dict(d: dict, source: str) -> Tokenizer:
         from .unigram import Unigram
 
         return Unigram.from_dict(d, source)
-    raise ValueError(f"{source}: unknown tokenizer kind {kind!r} (expected bpe, wordpiece or unigram)")
+    if kind == "char":
+        from .char import CharTokenizer
+
+        return CharTokenizer.from_dict(d, source)
+    raise ValueError(f"{source}: unknown tokenizer kind {kind!r} (expected bpe, wordpiece, unigram or char)")
 
 
 def train(kind: str, data, vocab_size: int, **options) -> Tokenizer:
@@ -96,4 +100,9 @@ def train(kind: str, data, vocab_size: int, **options) -> Tokenizer:
         from .unigram import Unigram
 
         return Unigram.train(data, vocab_size, **options)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected bpe, wordpiece or unigram")
+    if kind == "char":
+        from .char import CharTokenizer
+
+        texts = (open(p, encoding="utf-8").read() if isinstance(p, str) and os.path.exists(p) else p for p in data)
+        return CharTokenizer.train(texts, **options)
+    raise ValueError(f"unknown tokenizer kind {kind!r}; expected bpe, wordpiece, unigram or char")

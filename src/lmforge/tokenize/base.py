@@ -125,6 +125,8 @@ class Tokenizer:
         texts = list(texts)
         if n <= 1 or len(texts) <= 1:
             return [self.encode(t, **kw) for t in texts]
+        if hasattr(self, "_get_native"):
+            self._get_native()  # the C encoder is built lazily; it decides threads vs processes
         if self._threads_parallel:
             with ThreadPoolExecutor(n) as ex:
                 return list(ex.map(lambda t: self.encode(t, **kw), texts))

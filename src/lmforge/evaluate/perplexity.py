@@ -1,0 +1,126 @@
+"""Loss, perplexity and bits per byte of a model on a token stream or a text file.
+
+Knows how to slide non-overlapping windows over a sequence so that every token
+but the first is predicted exactly once, and how to turn the summed negative
+log-likelihood into bits per byte: ``sum_nll / ln 2 / utf8_bytes``. Bits per
+byte does not depend on the tokenizer, so models with different vocabularies
+compare fairly. Targets that are the document token (the start of the next
+document, which has no bytes) are not counted. Knows nothing about training.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate_tokens(model, read, n_tokens: int, seq_len: int, n_bytes: int, batch_size: int = 8,
+                    doc_token: int | None = None, max_batches: int = 0, device="cpu", autocast=None) -> dict:
+    """``read(start, length) -> np.ndarray``: the token sequence. Returns loss (nats/token),
+    perplexity, bits_per_byte and the counts. With ``max_batches`` only the first windows are used
+    and bits per byte is scaled by the sequence's tokens per byte."""
+    was_training = model.training
+    model.eval()
+    T = seq_len
+    starts = list(range(0, max(0, n_tokens - 1), T))
+    if max_batches:
+        starts = starts[: max_batches * batch_size]
+    nll, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        rows = []
+        for s in starts[i:i + batch_size]:
+            L = min(T + 1, n_tokens - s)
+            r = np.full(T + 1, -1, dtype=np.int64)
+            r[:L] = read(s, L)
+            rows.append(r)
+        t = torch.from_numpy(np.stack(rows)).to(device)
+        x, y = t[:, :-1].clamp(min=0), t[:, 1:].clone()
+        if doc_token is not None:
+            y[y == doc_token] = -1
+        with autocast() if autocast else _null():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
+                               reduction="sum")
+        nll += loss.item()
+        count += int((y >= 0).sum())
+    if was_training:
+        model.train()
+    mean = nll / max(count, 1)
+    real_tokens = n_tokens - 1  # every token but the first is a target
+    if max_batches and count < real_tokens:
+        bpb = mean * (real_tokens / max(n_bytes, 1)) / math.log(2) if n_bytes else float("nan")
+    else:
+        bpb = nll / math.log(2) / n_bytes if n_bytes else float("nan")
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "bits_per_byte": bpb,
+            "tokens": count, "bytes": n_bytes}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def evaluate_shards(model, path, split: str = "val", seq_len: int | None = None, **kw) -> dict:
+    from ..data.loader import TokenStream
+
+    s = TokenStream(path, split)
+    doc_token = s.manifest["tokenizer"].get("doc_token_id")
+    T = seq_len or model.cfg.max_seq_len
+    out = evaluate_tokens(model, s.read, len(s), T, s.bytes, doc_token=doc_token, **kw)
+    out.update(split=split, documents=s.documents)
+    return out
+
+
+def evaluate_text(model, tokenizer, path: str | os.PathLike, seq_len: int | None = None, **kw) -> dict:
+    from .._io import read_text_file
+
+    text = read_text_file(path)
+    if not text:
+        raise ValueError(f"{path}: empty file")
+    ids = tokenizer.encode(text, disallowed_special=())
+    st = tokenizer.special_tokens
+    doc = st.get("<|bos|>", st.get("<|endoftext|>"))
+    if doc is not None:
+        ids = [doc] + ids
+    arr = np.asarray(ids, dtype=np.int64)
+    T = seq_len or model.cfg.max_seq_len
+    out = evaluate_tokens(model, lambda s, n: arr[s:s + n], len(arr), T, len(text.encode("utf-8")),
+                          doc_token=doc, **kw)
+    out.update(file=str(path))
+    return out
+
+
+@torch.no_grad()
+def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 50,
+             seed: int = 0, stop: int | None = None) -> list[int]:
+    """Plain sampling without a cache (the inference engine has the fast path)."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.tensor([ids], dtype=torch.long, device=dev)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(x[:, -model.cfg.max_seq_len:])[0, -1].float().cpu()
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                v, _ = torch.topk(logits, min(top_k, logits.numel()))
+                logits[logits < v[-1]] = -float("inf")
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
+        if stop is not None and nxt == stop:
+            break
+        out.append(nxt)
+        x = torch.cat([x, torch.tensor([[nxt]], device=dev)], dim=1)
+    if was_training:
+        model.train()
+    return out

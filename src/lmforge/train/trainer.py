@@ -1,0 +1,388 @@
+"""Pre-training: the loop, from shards (or a text file) to a checkpointed model.
+
+Knows the order of a training step (batches, forward, backward with gradient
+accumulation, clipping, optimizer step, schedule), when to evaluate, sample and
+checkpoint, and how to resume exactly; knows nothing about parallelism (that
+wraps the model from outside) or about how the model computes.
+
+One ``TrainConfig`` holds every knob; ``lmforge pretrain --set key=value`` sets them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import write_json
+from ..model import ModelConfig, preset
+from ..model.transformer import Transformer
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .optim import build_optimizers
+from .recompute import apply_recompute
+from .schedule import lr_multiplier
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/pretrain"
+    data: str = ""  # a directory from `lmforge data prepare`
+    text: str = ""  # or a text file: first 90% trains, last 10% validates
+    tokenizer: str = ""  # with --text: char | bpe:N | a tokenizer path (default: the preset's choice)
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 4}
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    loader: str = "windows"  # or "bos" (BOS-aligned packing)
+    optimizer: str = "adamw"  # or "muon"
+    lr: float = 6e-4  # AdamW (with muon: the embeddings', head's, norms' rate)
+    muon_lr: float = 0.02
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 50
+    decay_frac: float = 0.2  # wsd: share of the run spent decaying
+    max_steps: int = 0  # bounds: the first one reached ends the run (at least one is needed)
+    max_tokens: int = 0
+    max_time: float = 0.0  # seconds of training, evaluation included
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 20  # 0: the whole validation split
+    sample_every: int = 0
+    sample_tokens: int = 120
+    sample_prompt: str = "\n"
+    checkpoint_every: int = 0  # steps; 0: at the end (and on Ctrl-C) only
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 autocast where supported (CUDA), fp32 on CPU
+    compile: bool = False
+    recompute: str = "none"  # none | full | every:K | selective
+    seed: int = 1337
+    threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    log_every: int = 10
+    resume: bool = False  # continue the run in `out` from its latest checkpoint
+    peak_flops: float = 0.0  # for MFU; 0: measure a matmul on this device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
+        return None
+    if dtype in ("auto", "bf16"):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return None
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    if dtype == "fp16":
+        return lambda: torch.autocast(device.type, dtype=torch.float16)
+    raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+
+
+PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def measure_peak_flops(device: torch.device, seconds: float = 0.5) -> float:
+    """Dense matmul FLOP/s here: the table for known GPUs (bf16), a measured fp32 matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for k, v in PEAK_FLOPS_BF16.items():
+            if k in name:
+                return v
+    n = 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def text_to_shards(text_file: str, tokenizer_spec: str, out: Path):
+    """--text mode: train (or load) the tokenizer on the first 90% and write two one-document shards."""
+    from .._io import read_text_file
+    from ..data.shards import FORMAT, VERSION
+    from ..tokenize import load, train
+
+    text = read_text_file(text_file)
+    if len(text) < 1000:
+        raise ValueError(f"{text_file}: only {len(text)} characters; need at least 1000 to train on")
+    cut = int(len(text) * 0.9)
+    tr, va = text[:cut], text[cut:]
+    spec = tokenizer_spec or "char"
+    if spec == "char":
+        tok = train("char", [tr], 0)
+    elif spec.startswith("bpe:"):
+        try:
+            n = int(spec[4:])
+        except ValueError:
+            raise ValueError(f"--tokenizer {spec!r}: expected bpe:N with N an integer") from None
+        tok = train("bpe", [tr], n, special_tokens=["<|endoftext|>"], show_progress=False)
+    else:
+        tok = load(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / "tokenizer.lmforge.json")
+    ids = {s: np.asarray(tok.encode(t, disallowed_special=()), dtype=np.int64) for s, t in (("train", tr), ("val", va))}
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    splits = {}
+    for s, arr in ids.items():
+        (out / f"{s}-00000.bin").write_bytes(arr.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
+        write_json(out / f"{s}-00000.idx.json", {"starts": [0], "ids": [Path(text_file).name + f":{s}"]})
+        splits[s] = {"shards": [{"file": f"{s}-00000.bin", "index": f"{s}-00000.idx.json", "tokens": len(arr)}],
+                     "documents": 1, "bytes": len((tr if s == "train" else va).encode("utf-8")), "tokens": len(arr)}
+    write_json(out / "manifest.json", {
+        "format": FORMAT, "version": VERSION, "complete": True, "dtype": dtype, "splits": splits,
+        "tokenizer": {"file": "tokenizer.lmforge.json", "kind": tok.kind, "vocab_size": tok.vocab_size,
+                      "doc_token": None, "doc_token_id": None}}, indent=1)
+    return tok
+
+
+def _load_tokenizer_of(data_dir: Path):
+    from ..tokenize import load
+
+    m = json.loads((data_dir / "manifest.json").read_text())
+    p = data_dir / m["tokenizer"]["file"]
+    return load(p), m
+
+
+class NaNLossError(RuntimeError):
+    pass
+
+
+def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
+    """Run (or resume) a pre-training run; returns the final metrics."""
+    from tqdm.auto import tqdm
+
+    from ..data.loader import ShardLoader
+    from ..evaluate.perplexity import evaluate_shards, generate
+
+    if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
+        raise ValueError("give a bound: max_steps, max_tokens or max_time (e.g. --max-time 60)")
+    if bool(cfg.data) == bool(cfg.text):
+        raise ValueError("give exactly one of data (shards from `lmforge data prepare`) or text (a text file)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    device = pick_device(cfg.device)
+    resume_ck = latest_checkpoint(out)
+    if resume_ck is not None and not cfg.resume:
+        raise ValueError(f"{out} already holds a run (checkpoint {resume_ck.name}); pass --resume to continue it "
+                         "or choose another --out")
+    # data and tokenizer
+    if cfg.text:
+        data_dir = out / "data"
+        if resume_ck and (data_dir / "manifest.json").exists():
+            tok, _ = _load_tokenizer_of(data_dir)
+        else:
+            tok = text_to_shards(cfg.text, cfg.tokenizer, data_dir)
+    else:
+        data_dir = Path(cfg.data)
+        from ..data.shards import load_manifest
+
+        load_manifest(data_dir)
+        tok, _ = _load_tokenizer_of(data_dir)
+    # model
+    mcfg = preset(cfg.preset, **cfg.model) if cfg.preset else ModelConfig(**cfg.model)
+    if tok.vocab_size > mcfg.vocab_size or (cfg.text and "vocab_size" not in cfg.model):
+        mcfg.vocab_size = tok.vocab_size if cfg.text else max(mcfg.vocab_size, tok.vocab_size)
+    if "max_seq_len" not in cfg.model:
+        mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.seq_len) if mcfg.pos == "rope" else cfg.seq_len
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's max_seq_len {mcfg.max_seq_len}")
+    mcfg.validate()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = Transformer(mcfg).to(device)
+    apply_recompute(model, cfg.recompute)
+    opts = build_optimizers(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
+    for opt in opts:
+        for g in opt.param_groups:
+            g.setdefault("base_lr", g["lr"])
+    loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, mode=cfg.loader, seed=cfg.seed)
+    step, tokens, elapsed = 0, 0, 0.0
+    if resume_ck is not None:
+        st = load_checkpoint(resume_ck, model, opts)
+        step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
+        loader.load_state_dict(st["loader"])
+        if not quiet:
+            print(f"resuming from {resume_ck} (step {step})", file=sys.stderr)
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+    write_json(out / "train_config.json", {"train": asdict(cfg), "model": mcfg.to_dict()}, indent=1)
+    fwd = model
+    if cfg.compile:
+        fwd = torch.compile(model)
+    autocast = autocast_for(device, cfg.dtype)
+    peak = cfg.peak_flops or measure_peak_flops(device)
+    flops_tok = mcfg.flops_per_token(cfg.seq_len)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    bos = tok.special_tokens.get("<|bos|>", tok.special_tokens.get("<|endoftext|>"))
+
+    def progress() -> float:
+        p = 0.0
+        if cfg.max_steps:
+            p = max(p, step / cfg.max_steps)
+        if cfg.max_tokens:
+            p = max(p, tokens / cfg.max_tokens)
+        if cfg.max_time:
+            p = max(p, elapsed / cfg.max_time)
+        return p
+
+    def log(rec: dict):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def run_eval():
+        r = evaluate_shards(model, data_dir, "val", cfg.seq_len, batch_size=cfg.batch_size,
+                            max_batches=cfg.eval_batches, device=device, autocast=autocast)
+        return r
+
+    def checkpoint():
+        save_checkpoint(out, model, opts, {"step": step, "tokens": tokens, "elapsed": elapsed,
+                                           "loader": loader.state_dict(), "config": asdict(cfg)},
+                        tokenizer=tok, keep=cfg.keep_checkpoints)
+
+    total = cfg.max_steps or None
+    bar = tqdm(total=total, initial=step, desc="pretrain", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    model.train()
+    last_loss = float("nan")
+    t_window, tok_window = time.perf_counter(), 0
+    try:
+        while progress() < 1.0:
+            t0 = time.perf_counter()
+            mult = lr_multiplier(progress(), step, cfg.schedule, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_frac)
+            for opt in opts:
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * mult
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                b = loader.next()
+                x = torch.from_numpy(b.x).to(device, non_blocking=True)
+                y = torch.from_numpy(b.y).to(device, non_blocking=True)
+                if autocast:
+                    with autocast():
+                        _, loss = fwd(x, y)
+                else:
+                    _, loss = fwd(x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            loss_val = loss_sum / cfg.grad_accum
+            if not math.isfinite(loss_val):
+                raise NaNLossError(f"loss became {loss_val} at step {step + 1}; stopped without writing a "
+                                   "checkpoint (the last good one is kept). Try a lower lr or grad_clip.")
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+            for opt in opts:
+                opt.step()
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step += 1
+            tokens += tokens_per_step
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            tok_window += tokens_per_step
+            last_loss = loss_val
+            rec = {"step": step, "loss": round(loss_val, 6), "lr": opts[0].param_groups[0]["lr"],
+                   "grad_norm": round(gnorm, 4), "tokens": tokens, "elapsed": round(elapsed, 3)}
+            if step % cfg.log_every == 0 or step == 1:
+                now = time.perf_counter()
+                tps = tok_window / max(now - t_window, 1e-9)
+                rec.update(tokens_per_s=round(tps, 1), mfu=round(tps * flops_tok / peak, 4))
+                t_window, tok_window = now, 0
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * rec['mfu']:.0f}%")
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                te = time.perf_counter()
+                ev = run_eval()
+                rec.update(val_loss=round(ev["loss"], 6), val_bpb=round(ev["bits_per_byte"], 6))
+                elapsed += time.perf_counter() - te
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                prompt = tok.encode(cfg.sample_prompt, disallowed_special=())
+                ids = ([bos] if bos is not None else []) + prompt
+                sample = tok.decode(prompt + generate(model, ids, cfg.sample_tokens, seed=step))
+                rec["sample"] = sample
+            log(rec)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, rec)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        bar.close()
+        if step:
+            checkpoint()  # nothing lost: the run resumes from this step
+        raise
+    bar.close()
+    ev = run_eval()
+    checkpoint()
+    from ..model import save as save_model
+
+    save_model(model, out, tokenizer=tok, extra={"trained": {"steps": step, "tokens": tokens}})
+    final = {"step": step, "tokens": tokens, "train_loss": last_loss, "val_loss": ev["loss"],
+             "val_bpb": ev["bits_per_byte"], "elapsed": round(elapsed, 2),
+             "wall": round(time.perf_counter() - t_start, 2), "params": model.num_params(),
+             "peak_flops": peak}
+    write_json(out / "final.json", final, indent=1)
+    try:
+        plot_metrics(metrics_path, out / "loss.png")
+    except Exception as e:  # a plot is a convenience, never a failure
+        print(f"(no plot: {e})", file=sys.stderr)
+    return final
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after ``step`` (from a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in recs]
+    loss = np.array([r["loss"] for r in recs])
+    k = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+    ax.plot(steps, loss, alpha=0.25, color="C0")
+    ax.plot(steps[k - 1:], smooth, color="C0", label="train")
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", color="C1", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,220 @@
+"""Pre-training: resume equality, NaN stop, optimizers, schedules, recompute, eval, export, CLI."""
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.model import ModelConfig, load
+from lmforge.model.transformer import Transformer
+from lmforge.train import TrainConfig, train
+from lmforge.train.optim import Muon, build_optimizers, newton_schulz
+from lmforge.train.recompute import apply_recompute
+from lmforge.train.schedule import lr_multiplier
+
+TINY = {"n_layer": 2, "n_head": 2, "d_model": 32}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory, corpus_texts):
+    p = tmp_path_factory.mktemp("txt") / "plays.txt"
+    p.write_text("".join(corpus_texts[:2])[:120_000])
+    return p
+
+
+def cfg_for(text_file, out, **kw):
+    base = dict(out=str(out), text=str(text_file), tokenizer="char", preset="tiny", model=dict(TINY),
+                batch_size=4, seq_len=32, max_steps=12, eval_every=4, eval_batches=2, warmup_steps=2,
+                log_every=1, peak_flops=1e11, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_and_resumed_run_matches(text_file, tmp_path, optimizer):
+    ref = tmp_path / "ref"
+    train(cfg_for(text_file, ref, optimizer=optimizer, model={**TINY, "dropout": 0.1}), quiet=True)
+    cut = tmp_path / "cut"
+
+    def die(step, rec):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(text_file, cut, optimizer=optimizer, model={**TINY, "dropout": 0.1}), on_step=die, quiet=True)
+    assert (cut / "checkpoints" / "latest.json").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg_for(text_file, cut, optimizer=optimizer, model={**TINY, "dropout": 0.1}), quiet=True)
+    train(cfg_for(text_file, cut, optimizer=optimizer, model={**TINY, "dropout": 0.1}, resume=True), quiet=True)
+    assert losses(cut) == losses(ref)
+    a, _ = load(ref)
+    b, _ = load(cut)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    assert (ref / "loss.png").exists() and (ref / "final.json").exists()
+
+
+def test_resume_from_periodic_checkpoint_after_a_crash(text_file, tmp_path):
+    """A crash between checkpoints: the rerun continues from the last one and ends identical."""
+    ref = tmp_path / "ref"
+    train(cfg_for(text_file, ref), quiet=True)
+    run = tmp_path / "run"
+
+    def crash(step, rec):
+        if step == 10:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train(cfg_for(text_file, run, checkpoint_every=4), on_step=crash, quiet=True)
+    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 8
+    train(cfg_for(text_file, run, checkpoint_every=4, resume=True), quiet=True)
+    assert losses(run) == losses(ref)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_file, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(cfg_for(text_file, run, max_steps=4), quiet=True)
+    from lmforge.train.trainer import NaNLossError
+
+    real = Transformer.forward
+    calls = {"n": 0}
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = real(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                return out[0], out[1] * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", poisoned)
+    with pytest.raises(NaNLossError, match="loss became nan at step 7"):
+        train(cfg_for(text_file, run, max_steps=8, checkpoint_every=1, resume=True), quiet=True)
+    after = {p.name: (p / "model.safetensors").read_bytes() for p in (run / "checkpoints").glob("step-*")}
+    assert "step-0000006" in after and all(math.isfinite(v) for v in _weights(run / "checkpoints/step-0000006"))
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+
+    return [float(t.float().abs().sum()) for t in load_file(str(d / "model.safetensors")).values()]
+
+
+def test_bounds_and_inputs_are_checked(text_file, tmp_path):
+    with pytest.raises(ValueError, match="give a bound"):
+        train(cfg_for(text_file, tmp_path, max_steps=0))
+    with pytest.raises(ValueError, match="exactly one of data"):
+        train(cfg_for(text_file, tmp_path, data=str(tmp_path)))
+    with pytest.raises(ValueError, match="longer than the model's max_seq_len"):
+        train(cfg_for(text_file, tmp_path / "x", seq_len=64, model={**TINY, "max_seq_len": 32}))
+
+
+def test_max_time_bound(text_file, tmp_path):
+    r = train(cfg_for(text_file, tmp_path, max_steps=0, max_time=1.5, eval_every=0), quiet=True)
+    assert 1.5 <= r["elapsed"] < 6 and r["step"] > 1
+
+
+def test_train_on_shards_and_eval_cli(tmp_path, corpus_files, capsys):
+    from lmforge import tokenize
+    from lmforge.data.prepare import make_config, prepare
+
+    tok = tokenize.train("bpe", [str(p) for p in corpus_files[:4]], 400,
+                         special_tokens=["<|endoftext|>", "<|bos|>"], show_progress=False)
+    tok.save(tmp_path / "tok.json")
+    prepare(make_config([str(p) for p in corpus_files[:6]], None, ["workers=1", "shards.val_fraction=0.2"]),
+            tmp_path / "tok.json", tmp_path / "data", quiet=True)
+    cfg = TrainConfig(out=str(tmp_path / "run"), data=str(tmp_path / "data"), preset="tiny", model=dict(TINY),
+                      batch_size=4, seq_len=32, max_steps=6, eval_every=3, eval_batches=2, peak_flops=1e11,
+                      loader="bos")
+    r = train(cfg, quiet=True)
+    assert r["val_bpb"] > 0 and math.isfinite(r["val_loss"])
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--json", "--seq-len", "32"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"loss", "perplexity", "bits_per_byte"} <= set(ev)
+    assert abs(ev["bits_per_byte"] - ev["loss"] * ev["tokens"] / ev["bytes"] / math.log(2)) < 1e-6
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_files[0].read_text()[:5000])
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--text", str(text), "--json"]) == 0
+    ev2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev2["bytes"] == 5000 and ev2["bits_per_byte"] > 0
+    # export to HF and load with transformers
+    transformers = pytest.importorskip("transformers")
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours, _ = load(tmp_path / "run")
+    ids = torch.randint(0, 400, (2, 16))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours.eval()(ids)).abs().max() < 1e-4
+
+
+# ---- optimizers, schedules, recompute ------------------------------------------------------------
+
+def test_newton_schulz_orthogonalizes():
+    torch.manual_seed(0)
+    G = torch.randn(64, 32)
+    X = newton_schulz(G)
+    s = torch.linalg.svdvals(X)
+    assert s.min() > 0.5 and s.max() < 1.3  # the quintic lands singular values near 1, not exactly
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    assert torch.nn.functional.cosine_similarity(X.flatten(), (U @ Vh).flatten(), dim=0) > 0.95
+
+
+def test_optimizer_groups_cover_each_parameter_once():
+    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, mlp="swiglu", norm="rmsnorm",
+                                pos="rope", tie_embeddings=False))
+    for kind in ("adamw", "muon"):
+        opts = build_optimizers(m, kind)
+        ids = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
+        assert len(ids) == len(set(ids)) == len({id(p) for p in m.parameters()})
+    muon, adam = build_optimizers(m, "muon")
+    assert isinstance(muon, Muon) and all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    assert m.tok_emb.weight in adam.param_groups[0]["params"]
+    decay, no_decay = build_optimizers(m, "adamw")[0].param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_schedules():
+    assert lr_multiplier(0.0, 0, "cosine", warmup_steps=10) == pytest.approx(0.1)
+    assert lr_multiplier(0.0, 10, "cosine", warmup_steps=10) == pytest.approx(1.0)
+    assert lr_multiplier(1.0, 100, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_multiplier(0.5, 100, "cosine", min_ratio=0.0) == pytest.approx(0.5)
+    assert lr_multiplier(0.7, 100, "wsd", decay_frac=0.2) == 1.0
+    assert lr_multiplier(0.9, 100, "wsd", decay_frac=0.2, min_ratio=0.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        lr_multiplier(0.5, 1, "linear")
+
+
+@pytest.mark.parametrize("policy", ["full", "every:2", "selective"])
+def test_recompute_gives_identical_gradients(policy):
+    cfg = ModelConfig(vocab_size=64, n_layer=3, n_head=2, d_model=32, mlp="swiglu", norm="rmsnorm", pos="rope")
+    torch.manual_seed(0)
+    a = Transformer(cfg)
+    b = Transformer(cfg)
+    b.load_state_dict(a.state_dict())
+    apply_recompute(b, policy)
+    x = torch.randint(0, 64, (2, 16))
+    for m in (a, b):
+        m.train()
+        _, loss = m(x, x)
+        loss.backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), n
+    with pytest.raises(ValueError, match="recompute policy"):
+        apply_recompute(b, "some")
+
+
+def test_cli_help(capsys):
+    for cmd in (["pretrain", "--help"], ["eval", "--help"], ["export", "--help"], ["model", "info", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd)
+        assert e.value.code == 0
+    assert main(["model", "info", "gpt2-124m", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert d["params"] == 124_439_808  # GPT-2 small with tied embeddings
+    assert main(["pretrain", "--text", "nope.txt", "--max-steps", "1", "--out", "/tmp/x", "--set", "lr=fast"]) == 2
+    assert "lr: expected a number" in capsys.readouterr().err
