@@ -28,7 +28,7 @@ test-all: install
 	$(PY) -m pytest -q -m ''
 
 bench: install
-	$(PY) benchmarks/tokenizers.py
+	$(PY) benchmarks/tokenizer_bench.py
 	$(PY) benchmarks/dedup.py
 
 clean:

@@ -351,3 +351,4 @@ def load_state(model, sd: dict, where: str) -> None:
         from .transformer import rope_frequencies
 
         model.inv_freq = rope_frequencies(model.cfg)
+        model._rope_cache = None

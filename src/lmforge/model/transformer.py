@@ -170,6 +170,20 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
         if getattr(self, "inv_freq", None) is not None:
             self.inv_freq.copy_(rope_frequencies(self.cfg))
+            self._rope_cache = None
+
+    def _rope(self, T: int, dtype, position_ids=None):
+        """(cos, sin) of each position's angles, (B|1, 1, T, D/2); cached for positions 0..T-1."""
+        if position_ids is None:
+            key = (T, dtype, self.inv_freq.device)
+            cache = getattr(self, "_rope_cache", None)
+            if cache is None or cache[0] != key:
+                ang = torch.arange(T, device=self.inv_freq.device, dtype=torch.float32)[:, None] * self.inv_freq
+                cache = (key, (ang.cos().to(dtype)[None, None], ang.sin().to(dtype)[None, None]))
+                self._rope_cache = cache
+            return cache[1]
+        ang = position_ids[:, None, :, None].float() * self.inv_freq
+        return ang.cos().to(dtype), ang.sin().to(dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -201,15 +215,13 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if T > self.cfg.max_seq_len and self.cfg.pos == "learned":
             raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
-        if position_ids is None:
-            position_ids = torch.arange(T, device=idx.device)[None].expand(B, T)
         x = self.tok_emb(idx)
         rope = None
         if self.cfg.pos == "learned":
-            x = x + self.pos_emb(position_ids)
+            # positions 0..T-1 (the common case) are a slice, not a gather
+            x = x + (self.pos_emb.weight[:T] if position_ids is None else self.pos_emb(position_ids))
         else:
-            ang = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, D/2)
-            rope = (ang.cos().to(x.dtype), ang.sin().to(x.dtype))
+            rope = self._rope(T, x.dtype, position_ids)
         x = self.drop(x)
         mask = self._mask(B, T, idx.device, attention_mask, doc_ids)
         for block in self.blocks:

@@ -103,6 +103,16 @@ def fused_splits(model) -> dict:
     return out
 
 
+def _cpu_fused_adamw() -> bool:
+    try:
+        p = torch.nn.Parameter(torch.zeros(1))
+        p.grad = torch.zeros(1)
+        torch.optim.AdamW([p], fused=True).step()
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
 def build_optimizers(model, kind: str = "adamw", lr: float = 6e-4, weight_decay: float = 0.1,
                      betas=(0.9, 0.95), eps: float = 1e-8, muon_lr: float = 0.02, muon_momentum: float = 0.95,
                      embed_lr: float | None = None, fused: bool | None = None) -> list[torch.optim.Optimizer]:
@@ -113,8 +123,9 @@ def build_optimizers(model, kind: str = "adamw", lr: float = 6e-4, weight_decay:
     """
     hidden, embed, vectors = param_groups(model)
     kw = dict(betas=tuple(betas), eps=eps)
-    if fused is None:
-        fused = next(model.parameters()).is_cuda
+    if fused is None:  # one kernel for all parameters: CUDA, and CPU since torch 2.4
+        dev = next(model.parameters()).device.type
+        fused = dev == "cuda" or (dev == "cpu" and _cpu_fused_adamw())
     if fused:
         kw["fused"] = True
     if kind == "adamw":

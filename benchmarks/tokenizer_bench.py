@@ -7,7 +7,7 @@ Rows (medians of --repeats runs, all in this one process, same input):
   * compression on held-out plays: BPE vs HF's trainer, Unigram vs sentencepiece (bytes/token)
   * encode speed of WordPiece vs HF and Unigram vs sentencepiece (MB/s, informative)
 
-Run: python benchmarks/tokenizers.py [--repeats 3] [--quick]
+Run: python benchmarks/tokenizer_bench.py [--repeats 3] [--quick]
 The last line is one JSON object with every row.
 """
 from __future__ import annotations
