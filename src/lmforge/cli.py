@@ -214,7 +214,12 @@ def cmd_pretrain(a) -> int:
     from ._config import apply_overrides, from_dict, load_file
     from .train import TrainConfig, train
 
+    from .train.trainer import RECIPES
+
     cfg = from_dict(TrainConfig, load_file(a.config)) if a.config else TrainConfig()
+    preset_name = a.preset or cfg.preset
+    if preset_name in RECIPES and not a.config:  # the preset's own training settings, before --set
+        apply_overrides(cfg, {k: v for k, v in RECIPES[preset_name].items()})
     for k in ("out", "data", "text", "tokenizer", "preset"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))

@@ -58,6 +58,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 20  # 0: the whole validation split
+    final_eval_batches: int = 0  # the evaluation at the end (0: the whole validation split)
     sample_every: int = 0
     sample_tokens: int = 120
     sample_prompt: str = "\n"
@@ -72,6 +73,19 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False  # continue the run in `out` from its latest checkpoint
     peak_flops: float = 0.0  # for MFU; 0: measure a matmul on this device
+
+
+# Training settings that go with a preset (applied by `lmforge pretrain --preset NAME` before --set).
+RECIPES: dict[str, dict] = {
+    # nanoGPT's shakespeare_char CPU run, faithfully: char tokens, AdamW 1e-3, beta2 0.99, cosine to 1e-4
+    "baby-gpt": {"tokenizer": "char", "batch_size": 12, "seq_len": 64, "optimizer": "adamw", "lr": 1e-3,
+                 "beta2": 0.99, "warmup_steps": 100, "min_lr_ratio": 0.1, "weight_decay": 0.1, "schedule": "cosine",
+                 "grad_clip": 1.0},
+    # lmforge's CPU recipe: 2k-token byte-level BPE, Muon, warmup-stable-decay
+    "shakespeare-cpu": {"tokenizer": "bpe:2048", "batch_size": 8, "seq_len": 256, "optimizer": "muon",
+                        "lr": 3e-3, "muon_lr": 0.02, "schedule": "wsd", "warmup_steps": 5, "decay_frac": 0.3,
+                        "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 1.0},
+}
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,7 +113,7 @@ def autocast_for(device: torch.device, dtype: str):
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
-def measure_peak_flops(device: torch.device, seconds: float = 0.5) -> float:
+def measure_peak_flops(device: torch.device, seconds: float = 0.25) -> float:
     """Dense matmul FLOP/s here: the table for known GPUs (bf16), a measured fp32 matmul on CPU."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -256,10 +270,10 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def run_eval():
-        r = evaluate_shards(model, data_dir, "val", cfg.seq_len, batch_size=cfg.batch_size,
-                            max_batches=cfg.eval_batches, device=device, autocast=autocast)
-        return r
+    def run_eval(max_batches=None):
+        return evaluate_shards(model, data_dir, "val", cfg.seq_len, batch_size=cfg.batch_size,
+                               max_batches=cfg.eval_batches if max_batches is None else max_batches,
+                               device=device, autocast=autocast)
 
     def checkpoint():
         save_checkpoint(out, model, opts, {"step": step, "tokens": tokens, "elapsed": elapsed,
@@ -337,7 +351,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
             checkpoint()  # nothing lost: the run resumes from this step
         raise
     bar.close()
-    ev = run_eval()
+    ev = run_eval(cfg.final_eval_batches)
     checkpoint()
     from ..model import save as save_model
 
