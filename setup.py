@@ -33,6 +33,13 @@ setup(
             extra_compile_args=extra,
         ),
         Extension(
+            "lmforge.model._kernels",
+            sources=["src/lmforge/model/_kernels.c"],
+            # lets gcc vectorize the clamps (NaN still propagates: the result is multiplied by x)
+            extra_compile_args=extra + (["-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros",
+                                         "-fno-trapping-math"] if os.name != "nt" else []),
+        ),
+        Extension(
             "lmforge.data._dedup",
             sources=["src/lmforge/data/_dedup.c"],
             extra_compile_args=extra,

@@ -180,3 +180,21 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "c" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
     with pytest.raises(ValueError, match="unexpected tensor|has shape"):
         load(tmp_path / "c")
+
+
+def test_gelu_tanh_kernel_matches_pytorch():
+    import os
+
+    from lmforge.model import kernels
+
+    if os.environ.get("LMFORGE_REQUIRE_NATIVE") == "1":
+        assert kernels.AVAILABLE, "the lmforge.model._kernels C extension did not build"
+    x = torch.cat([torch.linspace(-30, 30, 20001), torch.randn(3 << 20)]).requires_grad_()
+    g = torch.randn_like(x)
+    ref = torch.nn.functional.gelu(x, approximate="tanh")
+    ours = kernels.gelu_tanh(x)
+    assert (ref - ours).abs().max() < 1e-6
+    gr, = torch.autograd.grad(ref, x, g)
+    go, = torch.autograd.grad(ours, x, g)
+    assert (gr - go).abs().max() < 2e-5
+    assert torch.isnan(kernels.gelu_tanh(torch.tensor([float("nan")]))).all()
