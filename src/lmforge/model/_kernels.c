@@ -19,13 +19,13 @@
 #define K1 0.044715f
 
 static inline float exp_poly(float x) {
-    /* exp(x) for x in [-18, 18]: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial */
+    /* exp(x) for x in [-80, 80]: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial */
     const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     float n = (x * 1.4426950408889634f + round_magic) - round_magic;
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
+    p = p * r + 8.3333519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
@@ -37,8 +37,8 @@ static inline float exp_poly(float x) {
 }
 
 static inline float tanh_fast(float z) {
-    z = z < 9.0f ? z : 9.0f; /* tanh(9) = 1 - 3e-8: saturated; keeps exp in range */
-    z = z > -9.0f ? z : -9.0f;
+    z = z < 40.0f ? z : 40.0f; /* tanh is 1 in float long before; keeps exp(2z) in range */
+    z = z > -40.0f ? z : -40.0f;
     return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * z));
 }
 
