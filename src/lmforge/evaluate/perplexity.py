@@ -100,15 +100,24 @@ def evaluate_text(model, tokenizer, path: str | os.PathLike, seq_len: int | None
 @torch.no_grad()
 def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 50,
              seed: int = 0, stop: int | None = None) -> list[int]:
-    """Plain sampling without a cache (the inference engine has the fast path)."""
+    """Sample with a KV cache: one forward over the prompt, then one token per step
+    (the inference engine adds batching and the full set of sampling controls)."""
+    from ..infer.cache import KVCache
+
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)
+    limit = model.cfg.max_seq_len if model.cfg.pos == "learned" else len(ids) + max_new_tokens
+    ids = list(ids)[-max(1, limit - max_new_tokens):] if len(ids) + max_new_tokens > limit else list(ids)
+    cache = KVCache(model.cfg, 1, min(limit, len(ids) + max_new_tokens), device=dev,
+                    dtype=next(model.parameters()).dtype)
     x = torch.tensor([ids], dtype=torch.long, device=dev)
-    out = []
+    out: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(x[:, -model.cfg.max_seq_len:])[0, -1].float().cpu()
+        if cache.pos + x.shape[1] > cache.max_len:
+            break
+        logits = model(x, cache=cache)[0, -1].float().cpu()
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
@@ -120,7 +129,7 @@ def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: floa
         if stop is not None and nxt == stop:
             break
         out.append(nxt)
-        x = torch.cat([x, torch.tensor([[nxt]], device=dev)], dim=1)
+        x = torch.tensor([[nxt]], device=dev)
     if was_training:
         model.train()
     return out

@@ -76,7 +76,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.D, cfg.norm_eps)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope=None, mask=None):
+    def forward(self, x, rope=None, mask=None, cache=None, layer: int = 0):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.H * self.D, self.K * self.D, self.K * self.D], dim=-1)
         q = q.view(B, T, self.H, self.D)
@@ -88,10 +88,14 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = mask is None
+        if cache is not None:  # append this step's keys/values, attend over all so far
+            k, v = cache.update(layer, k, v)
+            causal = mask is None and k.shape[2] == T  # (decode with no mask: every cached key is visible)
         if self.K != self.H:  # GQA/MQA: each key/value head serves H/K query heads
             k = k.repeat_interleave(self.H // self.K, dim=1)
             v = v.repeat_interleave(self.H // self.K, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
@@ -129,8 +133,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.recompute: str | None = None  # set by lmforge.train.recompute.apply_recompute
 
-    def forward(self, x, rope=None, mask=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask))
+    def forward(self, x, rope=None, mask=None, cache=None, layer: int = 0):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache, layer))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -206,32 +210,65 @@ class Transformer(nn.Module):
         # a row with nothing to attend to (a padding query) attends to itself, not to NaN
         return allowed | torch.eye(T, dtype=torch.bool, device=device)[None, None]
 
+    def _cache_mask(self, T: int, p: int, device, attention_mask=None):
+        """Mask for T new queries at positions p.. over p+T keys: causal, sliding window, and
+        ``attention_mask`` (B, p+T) over keys (0 = padding). None when everything is visible."""
+        L = p + T
+        w = self.cfg.sliding_window
+        if attention_mask is None and T == 1 and (w is None or w >= L):
+            return None
+        if attention_mask is None and p == 0 and (w is None or w >= L):
+            return None  # a plain causal prefill
+        qpos = torch.arange(p, L, device=device)[:, None]
+        kpos = torch.arange(L, device=device)[None, :]
+        allowed = kpos <= qpos
+        if w is not None:
+            allowed = allowed & (qpos - kpos < w)
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, None, :L]
+            allowed = allowed | (kpos == qpos)[None, None]  # padding queries attend to themselves
+        return allowed
+
     def forward(self, idx, targets=None, attention_mask=None, position_ids=None, doc_ids=None,
-                ignore_index: int = -100):
+                ignore_index: int = -100, cache=None):
         """Logits (B, T, vocab), and the mean cross-entropy if ``targets`` is given.
 
         ``attention_mask`` (B, T): 1 for tokens, 0 for padding; ``position_ids`` (B, T)
         default to 0..T-1; ``doc_ids`` (B, T) restricts attention to one's own document.
+        ``cache`` (an ``lmforge.infer.KVCache``): ``idx`` continues the cached sequence
+        (positions ``cache.pos ...``); its keys and values are added to the cache.
         """
         B, T = idx.shape
-        if T > self.cfg.max_seq_len and self.cfg.pos == "learned":
-            raise ValueError(f"sequence of {T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        p = cache.pos if cache is not None else 0
+        if p + T > self.cfg.max_seq_len and self.cfg.pos == "learned":
+            raise ValueError(f"sequence of {p + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(idx)
         rope = None
         if self.cfg.pos == "learned":
-            # positions 0..T-1 (the common case) are a slice, not a gather
-            x = x + (self.pos_emb.weight[:T] if position_ids is None else self.pos_emb(position_ids))
+            # positions p..p+T-1 (the common case) are a slice, not a gather
+            x = x + (self.pos_emb.weight[p:p + T] if position_ids is None else self.pos_emb(position_ids))
+        elif position_ids is None and p:
+            cos, sin = self._rope(p + T, x.dtype)
+            rope = (cos[:, :, p:], sin[:, :, p:])
         else:
             rope = self._rope(T, x.dtype, position_ids)
         x = self.drop(x)
-        mask = self._mask(B, T, idx.device, attention_mask, doc_ids)
-        for block in self.blocks:
-            if block.recompute and self.training and torch.is_grad_enabled():
+        if cache is None:
+            mask = self._mask(B, T, idx.device, attention_mask, doc_ids)
+        else:
+            mask = self._cache_mask(T, p, idx.device, attention_mask)
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, rope, mask, cache, i)
+            elif block.recompute and self.training and torch.is_grad_enabled():
                 from ..train.recompute import run_block
 
                 x = run_block(block, x, rope, mask)
             else:
                 x = block(x, rope, mask)
+        if cache is not None:
+            cache.advance(T)
         x = self.norm_f(x)
         logits = self.lm_head(x)
         if self.cfg.logit_softcap:
