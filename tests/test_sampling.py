@@ -1,0 +1,102 @@
+"""Sampling controls and streaming text."""
+import pytest
+import torch
+
+from lmforge.infer.sampling import Sampler, SamplingParams, TextStream
+
+
+def logits():
+    torch.manual_seed(0)
+    return torch.randn(50)
+
+
+def draw(params, n=200, x=None):
+    s = Sampler(params)
+    x = logits() if x is None else x
+    return [s.sample(x).token for _ in range(n)]
+
+
+def test_greedy_and_degenerate_truncations_are_argmax():
+    x = logits()
+    top = int(x.argmax())
+    assert set(draw(SamplingParams(temperature=0), 5)) == {top}
+    assert set(draw(SamplingParams(top_k=1))) == {top}
+    assert set(draw(SamplingParams(top_p=1e-6))) == {top}
+    assert set(draw(SamplingParams(min_p=1.0))) == {top}
+
+
+def test_truncations_restrict_the_support():
+    x = logits()
+    top5 = set(torch.topk(x, 5).indices.tolist())
+    assert set(draw(SamplingParams(top_k=5), 500)) <= top5
+    probs = torch.softmax(x, -1)
+    order = torch.argsort(probs, descending=True)
+    cum = probs[order].cumsum(0)
+    nucleus = set(order[: int((cum < 0.5).sum()) + 1].tolist())
+    assert set(draw(SamplingParams(top_p=0.5), 500)) <= nucleus
+    keep = set(torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
+    assert set(draw(SamplingParams(min_p=0.3), 500)) <= keep
+
+
+def test_seed_reproducible_and_temperature_spreads():
+    a = draw(SamplingParams(seed=7, temperature=1.0))
+    b = draw(SamplingParams(seed=7, temperature=1.0))
+    c = draw(SamplingParams(seed=8, temperature=1.0))
+    assert a == b and a != c
+    assert len(set(draw(SamplingParams(seed=1, temperature=5.0), 500))) > len(set(draw(SamplingParams(seed=1, temperature=0.3), 500)))
+
+
+def test_penalties_and_bias():
+    x = torch.zeros(10)
+    x[3] = 5.0
+    assert draw(SamplingParams(temperature=0, logit_bias={7: 10.0}), 1, x) == [7]
+    s = Sampler(SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=1.5))
+    toks = [s.sample(x).token for _ in range(3)]
+    assert toks == [3, 3, 0]  # 5, then 5 - 1.5 - 2 = 1.5, then 5 - 3 - 2 = 0: a tie, the first index wins
+
+    s = Sampler(SamplingParams(temperature=0, repetition_penalty=100.0), prompt_ids=[3])
+    assert s.sample(x).token != 3
+    y = torch.tensor([1.0, -1.0])
+    rp = Sampler(SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1]).process(y)
+    assert rp.tolist() == [0.5, -2.0]  # positive logits divided, negative multiplied
+
+
+def test_logprobs():
+    x = logits()
+    s = Sampler(SamplingParams(temperature=0, logprobs=3))
+    r = s.sample(x)
+    lp = torch.log_softmax(x, -1)
+    assert r.logprob == pytest.approx(float(lp.max()))
+    assert [t for t, _ in r.top_logprobs] == torch.topk(lp, 3).indices.tolist()
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(logit_bias={99: 1}), "outside the vocabulary"), (dict(presence_penalty=3), "presence_penalty"),
+])
+def test_bad_params(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        Sampler(SamplingParams(**kw), vocab_size=50)
+
+
+class ByteTok:
+    def decode_bytes(self, ids):
+        return bytes(ids)
+
+
+def test_stream_never_splits_a_character_and_holds_stop_prefixes():
+    text = "héllo 漢字 🙂 END tail"
+    ids = list(text.encode())
+    ts = TextStream(ByteTok(), stop=["END"])
+    pieces = [ts.push(i) for i in ids]
+    out = "".join(pieces) + ts.flush()
+    assert out == "héllo 漢字 🙂 "
+    assert ts.stopped
+    for p in pieces:
+        p.encode("utf-8")  # every piece is valid text on its own
+    assert "E" not in "".join(pieces)  # the stop string never leaked
+    ts = TextStream(ByteTok(), stop=["ENDX"])
+    out = "".join(ts.push(i) for i in b"a END b") + ts.flush()
+    assert out == "a END b"
+    ts = TextStream(ByteTok())
+    assert ts.push(0xE6) == "" and ts.flush() == "\ufffd"
