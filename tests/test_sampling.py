@@ -55,7 +55,7 @@ def test_penalties_and_bias():
     assert toks == [3, 3, 0]  # 5, then 5 - 1.5 - 2 = 1.5, then 5 - 3 - 2 = 0: a tie, the first index wins
 
     s = Sampler(SamplingParams(temperature=0, repetition_penalty=100.0), prompt_ids=[3])
-    assert s.sample(x).token != 3
+    assert s.sample(x + 1.0).token != 3  # 6 / 100 < 1
     y = torch.tensor([1.0, -1.0])
     rp = Sampler(SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1]).process(y)
     assert rp.tolist() == [0.5, -2.0]  # positive logits divided, negative multiplied
