@@ -240,7 +240,11 @@ class Transformer(nn.Module):
         (positions ``cache.pos ...``); its keys and values are added to the cache.
         """
         B, T = idx.shape
-        p = cache.pos if cache is not None else 0
+        if getattr(cache, "paged", False):  # rows of different sequences (lmforge.infer.paged)
+            position_ids = cache.positions
+            p = 0
+        else:
+            p = cache.pos if cache is not None else 0
         if p + T > self.cfg.max_seq_len and self.cfg.pos == "learned":
             raise ValueError(f"sequence of {p + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(idx)
@@ -256,6 +260,8 @@ class Transformer(nn.Module):
         x = self.drop(x)
         if cache is None:
             mask = self._mask(B, T, idx.device, attention_mask, doc_ids)
+        elif getattr(cache, "paged", False):
+            mask = cache.mask
         else:
             mask = self._cache_mask(T, p, idx.device, attention_mask)
         for i, block in enumerate(self.blocks):
