@@ -282,6 +282,88 @@ def cmd_export(a) -> int:
     return 0
 
 
+# ---- inference ------------------------------------------------------------------------
+
+def _sampling(a):
+    from .infer.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                          seed=a.seed)
+
+
+def cmd_generate(a) -> int:
+    from .infer.engine import Engine
+    from .model import load
+
+    model, tok = load(a.checkpoint)
+    if tok is None:
+        raise ValueError(f"{a.checkpoint}: no tokenizer in the model directory")
+    st = tok.special_tokens
+    bos = st.get("<|bos|>", st.get("<|endoftext|>"))
+    prompts = a.prompt or [sys.stdin.read()]
+    p = _sampling(a)
+    p.stop_token_ids = [t for t in (st.get("<|endoftext|>"), st.get("<|end|>")) if t is not None]
+    eng = Engine(model, eos_token_id=None)
+    outs = eng.generate([([bos] if bos is not None else []) + tok.encode(x, disallowed_special=()) for x in prompts],
+                        p)
+    for x, o in zip(prompts, outs):
+        o = [t for t in o if t not in p.stop_token_ids]
+        if a.json:
+            print(json.dumps({"prompt": x, "completion": tok.decode(o), "tokens": len(o)}))
+        else:
+            print(x + tok.decode(o))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from .infer.server import make_server
+    from .model import load
+
+    model, tok = load(a.checkpoint)
+    if tok is None:
+        raise ValueError(f"{a.checkpoint}: no tokenizer in the model directory")
+    name = a.name or Path(a.checkpoint).resolve().name
+    httpd = make_server(model, tok, a.host, a.port, name, num_blocks=a.num_blocks, block_size=a.block_size,
+                        max_batch_tokens=a.max_batch_tokens)
+    print(f"serving {name} on http://{a.host}:{httpd.server_address[1]}  (OpenAI API at /v1, chat page at /)",
+          file=sys.stderr, flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from .infer.server import Server
+    from .model import load
+
+    model, tok = load(a.checkpoint)
+    if tok is None:
+        raise ValueError(f"{a.checkpoint}: no tokenizer in the model directory")
+    app = Server(model, tok)
+    p = _sampling(a)
+    p.stop_token_ids = [t for t in (app.end_id, app.eos_id) if t is not None]
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print("lmforge chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = app.prompt_ids({"messages": messages}, chat=True)
+        print("model> ", end="", flush=True)
+        text, *_ = app.run_choice(ids, p, on_text=lambda piece, e: print(piece, end="", flush=True))
+        print()
+        messages.append({"role": "assistant", "content": text})
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,6 +533,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="HF family (default: the config's arch)")
     xp.add_argument("--out", "-o", required=True)
     xp.set_defaults(fn=cmd_export)
+
+    def sampling_args(sp, max_tokens):
+        sp.add_argument("--max-tokens", type=int, default=max_tokens)
+        sp.add_argument("--temperature", type=float, default=0.8)
+        sp.add_argument("--top-k", type=int, default=0)
+        sp.add_argument("--top-p", type=float, default=0.95)
+        sp.add_argument("--seed", type=int, default=None)
+
+    ge = sub.add_parser("generate", help="one-shot generation from a model directory",
+                        description="Continue each prompt (arguments, or stdin) with the inference engine.")
+    ge.add_argument("--checkpoint", required=True)
+    ge.add_argument("prompt", nargs="*", help="prompts (default: stdin as one prompt)")
+    sampling_args(ge, 100)
+    ge.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    ge.set_defaults(fn=cmd_generate)
+
+    se = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (and a chat page at /)",
+                        description="Serve a model over /v1/models, /v1/completions, /v1/chat/completions and "
+                        "/health (OpenAI wire format, streaming by server-sent events), with continuous batching.")
+    se.add_argument("--checkpoint", required=True)
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--name", default=None, help="model id clients ask for (default: the directory name)")
+    se.add_argument("--num-blocks", type=int, default=1024, help="KV cache blocks")
+    se.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    se.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill budget)")
+    se.set_defaults(fn=cmd_serve)
+
+    ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
+                        description="An interactive chat using the chat format; replies stream as they are made.")
+    ch.add_argument("--checkpoint", required=True)
+    ch.add_argument("--system", default=None, help="a system message")
+    sampling_args(ch, 200)
+    ch.set_defaults(fn=cmd_chat)
     return p
 
 
