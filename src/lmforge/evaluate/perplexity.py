@@ -97,7 +97,7 @@ def evaluate_text(model, tokenizer, path: str | os.PathLike, seq_len: int | None
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 50,
              seed: int = 0, stop: int | None = None) -> list[int]:
     """Sample with a KV cache: one forward over the prompt, then one token per step

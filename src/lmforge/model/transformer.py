@@ -19,6 +19,23 @@ from .config import ModelConfig
 from .kernels import gelu_tanh
 
 
+def _sdpa_has_gqa() -> bool:
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a Python signature
+        try:
+            F.scaled_dot_product_attention(*(torch.zeros(1, 2, 1, 2),) * 1, torch.zeros(1, 1, 1, 2),
+                                           torch.zeros(1, 1, 1, 2), enable_gqa=True)
+            return True
+        except TypeError:
+            return False
+
+
+_SDPA_GQA = _sdpa_has_gqa()
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 (as Llama, Mistral and Qwen do)."""
 
@@ -92,11 +109,15 @@ class Attention(nn.Module):
         if cache is not None:  # append this step's keys/values, attend over all so far
             k, v = cache.update(layer, k, v)
             causal = mask is None and k.shape[2] == T  # (decode with no mask: every cached key is visible)
+        kw = {}
         if self.K != self.H:  # GQA/MQA: each key/value head serves H/K query heads
-            k = k.repeat_interleave(self.H // self.K, dim=1)
-            v = v.repeat_interleave(self.H // self.K, dim=1)
+            if _SDPA_GQA and not self.training:
+                kw["enable_gqa"] = True  # no copies of the (cached) keys and values
+            else:
+                k = k.repeat_interleave(self.H // self.K, dim=1)
+                v = v.repeat_interleave(self.H // self.K, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0, **kw)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
 
 
@@ -179,14 +200,16 @@ class Transformer(nn.Module):
 
     def _rope(self, T: int, dtype, position_ids=None):
         """(cos, sin) of each position's angles, (B|1, 1, T, D/2); cached for positions 0..T-1."""
-        if position_ids is None:
-            key = (T, dtype, self.inv_freq.device)
+        if position_ids is None:  # a table for positions 0..n-1 (n grows by doubling), sliced
             cache = getattr(self, "_rope_cache", None)
-            if cache is None or cache[0] != key:
-                ang = torch.arange(T, device=self.inv_freq.device, dtype=torch.float32)[:, None] * self.inv_freq
-                cache = (key, (ang.cos().to(dtype)[None, None], ang.sin().to(dtype)[None, None]))
+            if cache is None or cache[0][0] < T or cache[0][1:] != (dtype, self.inv_freq.device):
+                n = max(T, 2 * cache[0][0] if cache is not None else T, 256)
+                ang = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)[:, None] * self.inv_freq
+                cache = ((n, dtype, self.inv_freq.device), (ang.cos().to(dtype)[None, None],
+                                                            ang.sin().to(dtype)[None, None]))
                 self._rope_cache = cache
-            return cache[1]
+            cos, sin = cache[1]
+            return cos[:, :, :T], sin[:, :, :T]
         ang = position_ids[:, None, :, None].float() * self.inv_freq
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
