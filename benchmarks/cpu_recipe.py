@@ -18,13 +18,13 @@ Run: python benchmarks/cpu_recipe.py [--out runs/cpu-recipe]
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _report import report, row
 
 N_CHARS = 1_115_394
 
@@ -85,15 +85,12 @@ def main():
         hits = [t for t, b in full["curve"] if b <= base["bpb"]]
         t_reach = hits[0] if hits else float("inf")
     rows = [
-        {"name": "time to the baseline's held-out bits/byte, lmforge / baseline wall clock",
-         "lmforge": round(t_reach, 2), "reference": round(base["wall"], 2), "unit": "s",
-         "ratio": round(t_reach / base["wall"], 4), "goal": round(1 / 15, 4), "meets": t_reach / base["wall"] <= 1 / 15},
-        {"name": "held-out bits/byte in the baseline's wall clock, lmforge / baseline",
-         "lmforge": round(full["bpb"], 4), "reference": round(base["bpb"], 4), "unit": "bits/byte",
-         "ratio": round(full["bpb"] / base["bpb"], 4), "goal": 0.8, "meets": full["bpb"] / base["bpb"] <= 0.8},
-        {"name": "held-out bits/byte at 1/15 of the baseline's wall clock (informative)",
-         "lmforge": round(fast["bpb"], 4), "reference": round(base["bpb"], 4), "unit": "bits/byte",
-         "ratio": round(fast["bpb"] / base["bpb"], 4), "goal": None, "meets": None},
+        row("time to the baseline's held-out bits/byte, lmforge / baseline wall clock", t_reach, base["wall"], "s",
+            round(1 / 15, 4), higher_is_better=False),
+        row("held-out bits/byte in the baseline's wall clock, lmforge / baseline", full["bpb"], base["bpb"],
+            "bits/byte", 0.8, higher_is_better=False),
+        row("held-out bits/byte at 1/15 of the baseline's wall clock (informative)", fast["bpb"], base["bpb"],
+            "bits/byte"),
     ]
     try:
         import matplotlib
@@ -114,14 +111,7 @@ def main():
         fig.savefig(out / "cpu_recipe.png", dpi=110)
     except Exception as e:  # pragma: no cover
         print(f"(no plot: {e})", file=sys.stderr)
-    w = max(len(r["name"]) for r in rows)
-    print(f"\n{'row':<{w}} {'lmforge':>9} {'baseline':>9} {'unit':>10} {'ratio':>7} {'goal':>7} meets")
-    for r in rows:
-        goal = "-" if r["goal"] is None else r["goal"]
-        meets = "-" if r["meets"] is None else ("yes" if r["meets"] else "NO")
-        print(f"{r['name']:<{w}} {r['lmforge']:>9} {r['reference']:>9} {r['unit']:>10} {r['ratio']:>7} {goal:>7} {meets}")
-    print(f"(plot: {out / 'cpu_recipe.png'})")
-    print(json.dumps({"benchmark": "cpu_recipe", "rows": rows}))
+    report("cpu_recipe", rows, f"(plot: {out / 'cpu_recipe.png'})")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import report, row
 
 K, NUM_PERM, THRESHOLD = 5, 128, 0.8
 
@@ -156,29 +157,13 @@ def main():
             mbps.append(m)
             subprocess.run(["rm", "-rf", str(Path(tmp) / "data")])
     rows = []
-
-    def row(name, ours, ref, unit, goal, higher=True):
-        ratio = None if ref in (None, 0) else ours / ref
-        meets = None if goal is None or ratio is None else (ratio >= goal if higher else ratio <= goal)
-        rows.append({"name": name, "lmforge": round(ours, 4), "reference": None if ref is None else round(ref, 4),
-                     "unit": unit, "ratio": None if ratio is None else round(ratio, 4), "goal": goal, "meets": meets})
-
-    row("near-dup MinHash+LSH throughput, 1 process, vs datasketch", nbytes / 1e6 / to, nbytes / 1e6 / tr,
-        "MB/s", 3.0)
-    row("recall on planted duplicates vs datasketch", r_o, r_r, "fraction", 1.0)
-    row("precision on planted duplicates vs datasketch", p_o, p_r, "fraction", 1.0)
-    row("prepare end to end on the built-in corpus (all cores; no reference)", statistics.median(mbps), None,
-        "MB/s", None)
-    w = max(len(r["name"]) for r in rows)
-    print(f"\n{'row':<{w}} {'lmforge':>9} {'reference':>10} {'unit':>9} {'ratio':>7} {'goal':>5} meets")
-    for r in rows:
-        ref = "-" if r["reference"] is None else f"{r['reference']:.3f}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        meets = "-" if r["meets"] is None else ("yes" if r["meets"] else "NO")
-        print(f"{r['name']:<{w}} {r['lmforge']:>9.3f} {ref:>10} {r['unit']:>9} {ratio:>7} "
-              f"{r['goal'] if r['goal'] is not None else '-':>5} {meets}")
-    print(f"(medians of {a.repeats}; pipeline stage seconds of the last run: {secs})")
-    print(json.dumps({"benchmark": "dedup", "rows": rows}))
+    rows.append(row("near-dup MinHash+LSH throughput, 1 process, vs datasketch", nbytes / 1e6 / to,
+                    nbytes / 1e6 / tr, "MB/s", 3.0))
+    rows.append(row("recall on planted duplicates vs datasketch", r_o, r_r, "fraction", 1.0))
+    rows.append(row("precision on planted duplicates vs datasketch", p_o, p_r, "fraction", 1.0))
+    rows.append(row("prepare end to end on the built-in corpus (all cores; no reference)", statistics.median(mbps),
+                    None, "MB/s"))
+    report("dedup", rows, f"(medians of {a.repeats}; pipeline stage seconds of the last run: {secs})")
 
 
 if __name__ == "__main__":

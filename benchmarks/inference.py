@@ -12,12 +12,12 @@ Run: python benchmarks/inference.py [--tokens 64 --repeats 3]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 
 import torch
+from _report import report, row
 
 SIZES = {
     "6M": dict(vocab_size=4096, n_layer=4, n_head=4, n_kv_head=2, d_model=256, d_ff=704),
@@ -99,17 +99,14 @@ def main():
         print(f"{size} ({params / 1e6:.1f}M params): lmforge {tps_o:.0f} tok/s, HF {tps_h:.0f} tok/s; same greedy "
               f"tokens: {same}")
         goal = 3.0 if size == "6M" else 1.5
-        rows.append({"name": f"single-stream decode {size} ({params / 1e6:.1f}M) vs HF generate",
-                     "lmforge": round(tps_o, 1), "reference": round(tps_h, 1), "unit": "tokens/s",
-                     "ratio": round(tps_o / tps_h, 3), "goal": goal, "meets": tps_o / tps_h >= goal})
+        rows.append(row(f"single-stream decode {size} ({params / 1e6:.1f}M) vs HF generate", tps_o, tps_h,
+                        "tokens/s", goal))
         if size == "40M":
             weight_bytes = params * 4  # every weight is read once per token (embedding: one row, ignored)
             bound = bw / weight_bytes
             frac = tps_o / bound
             print(f"bandwidth bound at {size}: {bound:.0f} tok/s; lmforge reaches {100 * frac:.0f}%")
-            rows.append({"name": f"decode {size}: fraction of the memory-bandwidth bound", "lmforge": round(tps_o, 1),
-                         "reference": round(bound, 1), "unit": "tokens/s", "ratio": round(frac, 3), "goal": 0.8,
-                         "meets": frac >= 0.8})
+            rows.append(row(f"decode {size}: fraction of the memory-bandwidth bound", tps_o, bound, "tokens/s", 0.8))
             # 16 concurrent requests: the engine batches them; HF serves one after another
             prompts = [[(7 * i + j) % cfg.vocab_size + 1 for j in range(32)] for i in range(16)]
             eng = Engine(ours, num_blocks=1024, block_size=16, max_batch_tokens=1024)
@@ -123,18 +120,11 @@ def main():
                 time_hf(hf, p, n)
             th16 = time.perf_counter() - t0
             total = sum(len(o) for o in outs)
-            r = (total / te) / (16 * n / th16)
             print(f"16 concurrent requests at {size}: engine {total / te:.0f} tok/s, HF one by one "
                   f"{16 * n / th16:.0f} tok/s")
-            rows.append({"name": f"16 concurrent requests at {size}: engine vs HF generate one by one",
-                         "lmforge": round(total / te, 1), "reference": round(16 * n / th16, 1), "unit": "tokens/s",
-                         "ratio": round(r, 3), "goal": 8.0, "meets": r >= 8.0})
-    w = max(len(r["name"]) for r in rows)
-    print(f"\n{'row':<{w}} {'lmforge':>9} {'reference':>10} {'unit':>9} {'ratio':>7} {'goal':>5} meets")
-    for r in rows:
-        print(f"{r['name']:<{w}} {r['lmforge']:>9} {r['reference']:>10} {r['unit']:>9} {r['ratio']:>7} "
-              f"{r['goal']:>5} {'yes' if r['meets'] else 'NO'}")
-    print(json.dumps({"benchmark": "inference", "rows": rows}))
+            rows.append(row(f"16 concurrent requests at {size}: engine vs HF generate one by one", total / te,
+                            16 * n / th16, "tokens/s", 8.0))
+    report("inference", rows)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ Run: python benchmarks/train_throughput.py [--steps 30 --repeats 3]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+from _report import report, row
 
 
 def matmul_peak(seconds=1.0, n=2048):
@@ -106,24 +106,17 @@ def main():
         results[name] = (to, th, B * T, cfg, sorted(mfu)[len(mfu) // 2])
         print(f"{name}: lmforge {to * 1e3:.1f} ms/step, HF {th * 1e3:.1f} ms/step")
         goal = 1.3 if name.startswith("tiny") else 1.1
-        rows.append({"name": f"train step tokens/s {name} vs HF GPT2LMHeadModel+AdamW", "lmforge": round(B * T / to, 1),
-                     "reference": round(B * T / th, 1), "unit": "tokens/s", "ratio": round(th / to, 4), "goal": goal,
-                     "meets": th / to >= goal})
+        rows.append(row(f"train step tokens/s {name} vs HF GPT2LMHeadModel+AdamW", B * T / to, B * T / th,
+                        "tokens/s", goal))
     to, th, tok, cfg, (mfu, peak) = results["10M 6x384"]
     fpt = cfg.flops_per_token(cfg.max_seq_len)
     print(f"FLOPs/token at 10M: {fpt:,} (6N + 12 L d T, N = "
           f"{cfg.num_params(embeddings=False) + cfg.vocab_size * cfg.d_model:,})")
     print(f"fp32 matmul peak measured beside the median run: {peak / 1e9:.1f} GFLOP/s; lmforge "
           f"{mfu * peak / 1e9:.1f} GFLOP/s, HF {fpt * tok / th / 1e9:.1f} GFLOP/s (median step times)")
-    rows.append({"name": "MFU at 10M (achieved / fp32 matmul peak measured beside it)",
-                 "lmforge": round(mfu * peak / 1e9, 2), "reference": round(peak / 1e9, 2), "unit": "GFLOP/s",
-                 "ratio": round(mfu, 4), "goal": 0.9, "meets": mfu >= 0.9})
-    w = max(len(r["name"]) for r in rows)
-    print(f"\n{'row':<{w}} {'lmforge':>10} {'reference':>10} {'unit':>9} {'ratio':>7} {'goal':>5} meets")
-    for r in rows:
-        print(f"{r['name']:<{w}} {r['lmforge']:>10} {r['reference']:>10} {r['unit']:>9} {r['ratio']:>7.3f} "
-              f"{r['goal']:>5} {'yes' if r['meets'] else 'NO'}")
-    print(json.dumps({"benchmark": "train_throughput", "rows": rows}))
+    rows.append(row("MFU at 10M (achieved / fp32 matmul peak measured beside it)", mfu * peak / 1e9, peak / 1e9,
+                    "GFLOP/s", 0.9, ratio=mfu))
+    report("train_throughput", rows)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,22 @@ def server(tmp_path_factory, corpus_files):
     line = proc.stderr.readline()
     port = int(re.search(r":(\d+)", line).group(1))
     base = f"http://127.0.0.1:{port}"
-    yield base, tok
+    yield base, tok, d
     proc.terminate()
     proc.wait(10)
+
+
+def test_generate_and_chat_cli(server):
+    base, _, d = server
+    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "generate", "--checkpoint", str(d), "--json",
+                        "--max-tokens", "5", "--temperature", "0", "To be", "Or not"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    outs = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [o["prompt"] for o in outs] == ["To be", "Or not"] and all(o["tokens"] <= 5 for o in outs)
+    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "chat", "--checkpoint", str(d), "--max-tokens", "5"],
+                       input="Hello there\n\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("model> ") == 1
 
 
 def client(base):
@@ -43,7 +56,7 @@ def client(base):
 
 
 def test_models_and_health(server):
-    base, _ = server
+    base, _, _ = server
     c = client(base)
     assert [m.id for m in c.models.list().data] == ["tiny-chat"]
     h = json.loads(urllib.request.urlopen(base + "/health").read())
@@ -51,7 +64,7 @@ def test_models_and_health(server):
 
 
 def test_completions_and_chat(server):
-    base, tok = server
+    base, tok, _ = server
     c = client(base)
     r = c.completions.create(model="tiny-chat", prompt="To be, or not", max_tokens=8, temperature=0, seed=1)
     assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 8
@@ -69,7 +82,7 @@ def test_completions_and_chat(server):
 
 
 def test_streaming_matches_non_streaming(server):
-    base, _ = server
+    base, _, _ = server
     c = client(base)
     full = c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Speak"}],
                                      max_tokens=16, temperature=0)
@@ -86,7 +99,7 @@ def test_streaming_matches_non_streaming(server):
 
 
 def test_concurrent_clients_are_batched(server):
-    base, _ = server
+    base, _, _ = server
     c = client(base)
     ref = c.completions.create(model="tiny-chat", prompt="Once", max_tokens=20, temperature=0).choices[0].text
     out = [None] * 8
@@ -124,7 +137,7 @@ def post(base, path, body, raw=None):
     ({"model": "tiny-chat", "messages": [{"role": "wizard", "content": "x"}]}, None, 400, "unknown role"),
 ])
 def test_bad_requests_get_openai_errors(server, body, raw, status, needle):
-    base, _ = server
+    base, _, _ = server
     path = "/v1/chat/completions" if body and "messages" in body else "/v1/completions"
     code, obj = post(base, path, body, raw)
     assert code == status and needle in obj["error"]["message"]
@@ -133,7 +146,7 @@ def test_bad_requests_get_openai_errors(server, body, raw, status, needle):
 
 
 def test_client_disconnect_frees_blocks(server):
-    base, _ = server
+    base, _, _ = server
     import http.client
 
     host, port = base.split("//")[1].split(":")

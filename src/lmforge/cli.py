@@ -291,13 +291,19 @@ def _sampling(a):
                           seed=a.seed)
 
 
-def cmd_generate(a) -> int:
-    from .infer.engine import Engine
+def _model_and_tokenizer(path):
     from .model import load
 
-    model, tok = load(a.checkpoint)
+    model, tok = load(path)
     if tok is None:
-        raise ValueError(f"{a.checkpoint}: no tokenizer in the model directory")
+        raise ValueError(f"{path}: no tokenizer in the model directory")
+    return model, tok
+
+
+def cmd_generate(a) -> int:
+    from .infer.engine import Engine
+
+    model, tok = _model_and_tokenizer(a.checkpoint)
     st = tok.special_tokens
     bos = st.get("<|bos|>", st.get("<|endoftext|>"))
     prompts = a.prompt or [sys.stdin.read()]
@@ -317,11 +323,8 @@ def cmd_generate(a) -> int:
 
 def cmd_serve(a) -> int:
     from .infer.server import make_server
-    from .model import load
 
-    model, tok = load(a.checkpoint)
-    if tok is None:
-        raise ValueError(f"{a.checkpoint}: no tokenizer in the model directory")
+    model, tok = _model_and_tokenizer(a.checkpoint)
     name = a.name or Path(a.checkpoint).resolve().name
     httpd = make_server(model, tok, a.host, a.port, name, num_blocks=a.num_blocks, block_size=a.block_size,
                         max_batch_tokens=a.max_batch_tokens)
@@ -338,11 +341,8 @@ def cmd_serve(a) -> int:
 
 def cmd_chat(a) -> int:
     from .infer.server import Server
-    from .model import load
 
-    model, tok = load(a.checkpoint)
-    if tok is None:
-        raise ValueError(f"{a.checkpoint}: no tokenizer in the model directory")
+    model, tok = _model_and_tokenizer(a.checkpoint)
     app = Server(model, tok)
     p = _sampling(a)
     p.stop_token_ids = [t for t in (app.end_id, app.eos_id) if t is not None]

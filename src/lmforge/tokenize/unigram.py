@@ -24,12 +24,11 @@ import heapq
 import math
 import random
 import struct
-from collections import Counter
 from typing import Iterable, Sequence
 
 from . import native
-from .base import Tokenizer, char_counts, hf_added_tokens
-from .spm_model import (BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, UNUSED, USER_DEFINED, Normalizer, SPModel,
+from .base import Tokenizer, hf_added_tokens
+from .spm_model import (BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, USER_DEFINED, Normalizer, SPModel,
                         read_model, write_model)
 
 _F = struct.Struct("f")
