@@ -48,7 +48,7 @@ def test_chunked_prefill_and_preemption_keep_outputs():
     out = eng.generate(ps, params)
     assert out == ref
     assert eng.stats["preemptions"] > 0
-    assert len(eng.pool.free) == eng.pool.num_blocks  # everything given back
+    assert eng.pool.available() == eng.pool.num_blocks  # everything given back
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch():
@@ -65,10 +65,28 @@ def test_abort_frees_blocks_and_errors():
     eng = Engine(m, num_blocks=32, block_size=4)
     rid = eng.add_request(prompts(1)[0], SamplingParams(max_tokens=50, temperature=0))
     eng.step()
-    assert len(eng.pool.free) < 32
+    assert eng.pool.available() < 32
     eng.abort(rid)
-    assert len(eng.pool.free) == 32 and not eng.has_work()
+    assert eng.pool.available() == 32 and not eng.has_work()
     with pytest.raises(ValueError, match="exceeds the model's context"):
         eng.add_request([1] * 100, SamplingParams(max_tokens=50))
     with pytest.raises(ValueError, match="empty"):
         eng.add_request([], SamplingParams())
+
+
+def test_prefix_caching_reuses_blocks_and_keeps_outputs():
+    m = model("llama-gqa")
+    system = prompts(1, seed=9)[0] * 3  # a shared "system prompt" of several blocks
+    ps = [system + p for p in prompts(6, seed=5)]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    ref = [generate(m, p, 8, temperature=0) for p in ps]
+    eng = Engine(m, num_blocks=64, block_size=4)
+    out = [eng.generate([p], params)[0] for p in ps]  # one after another: later ones hit the cache
+    assert out == ref
+    hit = eng.prefix_hit_rate()
+    full_blocks = (len(system) // 4) * 4
+    assert hit > 0.5 * full_blocks * 5 / sum(len(p) for p in ps)
+    assert eng.pool.available() == 64
+    # eviction: a pool too small to keep everything still gives correct outputs
+    eng = Engine(m, num_blocks=16, block_size=4)
+    assert [eng.generate([p], params)[0] for p in ps] == ref

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .paged import BlockPool, PagedBatch, Sequence
+from .paged import BlockPool, PagedBatch, Sequence, block_hashes
 from .sampling import Sampler, SamplingParams
 
 
@@ -40,6 +40,7 @@ class Request:
     done_tokens: int = 0  # tokens of prompt + output already in the cache
     finished: bool = False
     finish_reason: str | None = None
+    hashes: list = field(default_factory=list)  # chained hashes of this sequence's full blocks
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
 
@@ -72,7 +73,8 @@ class Engine:
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0}
+        self.stats = {"steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0,
+                      "prompt_tokens": 0, "prefix_hit_tokens": 0}
 
     # ---- requests ----
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:
@@ -115,7 +117,7 @@ class Engine:
 
     def _preempt(self, req: Request) -> None:
         self.pool.release(req.seq.blocks)
-        req.seq, req.done_tokens = None, 0
+        req.seq, req.done_tokens, req.hashes = None, 0, []
         self.running.remove(req)
         self.waiting.appendleft(req)
         self.stats["preemptions"] += 1
@@ -148,10 +150,12 @@ class Engine:
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
-            n = min(len(req.tokens), budget)
             req.seq = Sequence()
+            self._attach_prefix(req)
+            n = min(len(req.tokens) - req.done_tokens, budget)
             if not self._reserve(req, n):
-                req.seq = None
+                self.pool.release(req.seq.blocks)
+                req.seq, req.done_tokens = None, 0
                 break
             self.waiting.popleft()
             self.running.append(req)
@@ -159,9 +163,34 @@ class Engine:
             budget -= n
         return plan
 
+    def _attach_prefix(self, req: Request) -> None:
+        """Reuse cached blocks for the longest known prefix (at least one token is left to compute)."""
+        bs = self.pool.block_size
+        toks = req.tokens
+        req.hashes = block_hashes(toks[: len(toks) - 1], bs)
+        blocks = self.pool.lookup(req.hashes)
+        req.hashes = req.hashes[: len(blocks)]
+        req.seq.blocks = blocks
+        req.seq.length = req.done_tokens = len(blocks) * bs
+        self.stats["prompt_tokens"] += len(req.prompt)
+        self.stats["prefix_hit_tokens"] += min(req.done_tokens, len(req.prompt))
+
+    def _register_full_blocks(self, req: Request) -> None:
+        bs = self.pool.block_size
+        full = req.seq.length // bs
+        if full > len(req.hashes):
+            prev = req.hashes[-1] if req.hashes else None
+            new = block_hashes(req.tokens[: full * bs], bs, len(req.hashes), prev)
+            for j, h in enumerate(new, start=len(req.hashes)):
+                self.pool.register(req.seq.blocks[j], h)
+            req.hashes += new
+
+    def prefix_hit_rate(self) -> float:
+        return self.stats["prefix_hit_tokens"] / max(1, self.stats["prompt_tokens"])
+
     def _reserve(self, req: Request, n: int) -> bool:
         need = self.pool.blocks_needed(req.seq.length + n) - len(req.seq.blocks)
-        if need > len(self.pool.free):
+        if need > self.pool.available():
             return False
         req.seq.ensure(self.pool, req.seq.length + n)
         return True
@@ -183,6 +212,7 @@ class Engine:
         outs: list[StepOutput] = []
         for i, (req, n) in enumerate(plan):
             req.done_tokens += n
+            self._register_full_blocks(req)
             if n > 1 or req.done_tokens < len(req.prompt):
                 self.stats["prefill_tokens"] += n
             else:

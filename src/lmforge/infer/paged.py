@@ -12,25 +12,85 @@ import torch
 
 
 class BlockPool:
+    """The blocks, and which of them hold a known prefix (prefix caching).
+
+    A full block's contents are named by a hash chained over all tokens up to its
+    end, so equal hashes mean equal keys and values. A block no sequence uses any
+    more keeps its contents and waits in an LRU list; it is reused by a request
+    whose prompt starts with the same tokens, or evicted (oldest first) when a
+    new block is needed and the free list is empty."""
+
     def __init__(self, cfg, num_blocks: int, block_size: int = 16, device="cpu", dtype=torch.float32):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
+        from collections import OrderedDict
+
         self.cfg, self.block_size, self.num_blocks = cfg, block_size, num_blocks
         shape = (num_blocks, cfg.kv_heads, block_size, cfg.hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.ref = [0] * num_blocks
+        self.hash_of: dict[int, int] = {}  # block -> prefix hash
+        self.cached: dict[int, int] = {}  # prefix hash -> block
+        self.lru: OrderedDict[int, None] = OrderedDict()  # unused blocks that still hold a cached prefix
 
     def blocks_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
+    def available(self) -> int:
+        return len(self.free) + len(self.lru)
+
     def allocate(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise MemoryError(f"{n} KV blocks needed, {len(self.free)} free")
-        return [self.free.pop() for _ in range(n)]
+        if n > self.available():
+            raise MemoryError(f"{n} KV blocks needed, {self.available()} available")
+        out = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.pop()
+            else:  # evict the least recently used cached prefix
+                b, _ = self.lru.popitem(last=False)
+                del self.cached[self.hash_of.pop(b)]
+            self.ref[b] = 1
+            out.append(b)
+        return out
 
     def release(self, blocks: list[int]) -> None:
-        self.free.extend(reversed(blocks))
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if b in self.hash_of:
+                    self.lru[b] = None
+                else:
+                    self.free.append(b)
+
+    def lookup(self, hashes: list[int]) -> list[int]:
+        """Blocks holding the longest cached prefix of ``hashes`` (now referenced by the caller)."""
+        out = []
+        for h in hashes:
+            b = self.cached.get(h)
+            if b is None:
+                break
+            if self.ref[b] == 0:
+                self.lru.pop(b, None)
+            self.ref[b] += 1
+            out.append(b)
+        return out
+
+    def register(self, block: int, h: int) -> None:
+        if h not in self.cached and block not in self.hash_of:
+            self.cached[h] = block
+            self.hash_of[block] = h
+
+
+def block_hashes(tokens: list[int], block_size: int, start: int = 0, prev: int | None = None) -> list[int]:
+    """Chained hashes of the full blocks of ``tokens`` from block ``start`` on."""
+    out = []
+    h = prev if prev is not None else 0
+    for j in range(start, len(tokens) // block_size):
+        h = hash((h, tuple(tokens[j * block_size:(j + 1) * block_size])))
+        out.append(h)
+    return out
 
 
 class Sequence:
@@ -40,7 +100,7 @@ class Sequence:
         self.blocks: list[int] = []
         self.length = 0
 
-    def ensure(self, pool: BlockPool, n_tokens: int) -> None:
+    def ensure(self, pool: "BlockPool", n_tokens: int) -> None:
         need = pool.blocks_needed(n_tokens) - len(self.blocks)
         if need > 0:
             self.blocks += pool.allocate(need)

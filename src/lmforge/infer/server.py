@@ -252,7 +252,8 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         if self.path == "/health":
             return self._json(200, {"status": "ok", "running": len(app.engine.running),
-                                    "waiting": len(app.engine.waiting), "free_blocks": len(app.engine.pool.free)})
+                                    "waiting": len(app.engine.waiting), "free_blocks": app.engine.pool.available(),
+                                    "prefix_hit_rate": round(app.engine.prefix_hit_rate(), 4)})
         if self.path == "/v1/models":
             return self._json(200, {"object": "list", "data": [{"id": app.name, "object": "model",
                                                                  "created": app.created, "owned_by": "lmforge"}]})
