@@ -164,3 +164,37 @@ def test_client_disconnect_frees_blocks(server):
             break
         time.sleep(0.2)
     assert h["running"] == 0 and h["free_blocks"] == 256
+
+
+def test_web_chat_page_streams_a_reply_in_headless_chromium(server):
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if shutil.which("chromedriver") is None or shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, _, _ = server
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    opts.binary_location = shutil.which("chromium")
+    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        drv.get(base + "/")
+        box = drv.find_element(By.ID, "msg")
+        box.send_keys("Hello there")
+        drv.find_element(By.ID, "send").click()
+        reply = WebDriverWait(drv, 60).until(
+            lambda d: d.find_element(By.ID, "reply-1") if d.find_elements(By.CSS_SELECTOR, "#reply-1[data-done]")
+            else False)
+        assert reply.text.strip()
+        assert drv.find_element(By.CSS_SELECTOR, ".user").text == "Hello there"
+        # a second turn carries the conversation
+        box.send_keys("And then?")
+        drv.find_element(By.ID, "send").click()
+        WebDriverWait(drv, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#reply-3[data-done]"))
+        assert len(drv.find_elements(By.CSS_SELECTOR, ".assistant")) == 2
+    finally:
+        drv.quit()

@@ -250,14 +250,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         app = self.app
-        if self.path == "/health":
+        path = self.path.split("?", 1)[0]
+        if path == "/health":
             return self._json(200, {"status": "ok", "running": len(app.engine.running),
                                     "waiting": len(app.engine.waiting), "free_blocks": app.engine.pool.available(),
                                     "prefix_hit_rate": round(app.engine.prefix_hit_rate(), 4)})
-        if self.path == "/v1/models":
+        if path == "/v1/models":
             return self._json(200, {"object": "list", "data": [{"id": app.name, "object": "model",
                                                                  "created": app.created, "owned_by": "lmforge"}]})
-        if self.path in ("/", "/index.html"):
+        if path in ("/", "/index.html"):
             from .webchat import PAGE
 
             data = PAGE.replace("__MODEL__", app.name).encode()

@@ -37,5 +37,8 @@ document.getElementById("f").addEventListener("submit", async (e) => {
   }
   messages.push({role: "assistant", content: reply}); out.dataset.done = "1";
 });
+// /?q=... sends that first message on load (a link that opens a conversation)
+const q = new URLSearchParams(location.search).get("q");
+if (q) { document.getElementById("msg").value = q; document.getElementById("send").click(); }
 </script></body></html>
 """
