@@ -113,12 +113,10 @@ class Server:
         elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 4:
             raise APIError(400, "'stop' must be a string or a list of up to 4 strings", "stop")
         lp = body.get("logprobs")
-        top = body.get("top_logprobs")
         if isinstance(lp, bool):  # chat style: logprobs=true, top_logprobs=k
             logprobs = (_get(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20) if lp else None)
         else:
             logprobs = _get(body, "logprobs", int, None, lambda v: 0 <= v <= 5)
-        del top
         bias = _get(body, "logit_bias", dict, {})
         try:
             bias = {int(k): float(v) for k, v in bias.items()}
@@ -186,7 +184,7 @@ class Server:
             raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                                 f"{len(ids) + p.max_tokens} tokens ({len(ids)} in the prompt, {p.max_tokens} for the "
                                 "completion). Please reduce the length of the prompt or max_tokens.",
-                           "max_tokens", )
+                           "max_tokens")
 
     # ---- generation ----
     def run_choice(self, ids: list[int], p: SamplingParams, on_text=None, cancelled=None):
