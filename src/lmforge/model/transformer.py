@@ -34,6 +34,7 @@ def _sdpa_has_gqa() -> bool:
 
 
 _SDPA_GQA = _sdpa_has_gqa()
+_HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
 
 class RMSNorm(nn.Module):
@@ -45,6 +46,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _HAS_RMS_NORM and x.dtype == torch.float32:  # one fused operator, same numbers
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
