@@ -122,13 +122,18 @@ class PagedBatch:
         self.L = max(s.length + T for s in seqs)
         bs = pool.block_size
         # slot of every position 0..L-1 of every row in the flattened pool (block * bs + offset)
-        rows = []
-        for s in seqs:
-            table = torch.tensor(s.blocks + [s.blocks[-1]] * (pool.blocks_needed(self.L) - len(s.blocks)),
-                                 dtype=torch.long)
-            pos = torch.arange(self.L)
-            rows.append(table[pos // bs] * bs + pos % bs)
-        self.slots = torch.stack(rows).to(device)  # (B, L)
+        nb = pool.blocks_needed(self.L)
+        table = torch.tensor([s.blocks + [s.blocks[-1]] * (nb - len(s.blocks)) for s in seqs], dtype=torch.long)
+        pos = torch.arange(self.L)
+        self.slots = (table[:, pos // bs] * bs + pos % bs).to(device)  # (B, L)
+        flat = self.slots.reshape(-1)
+        self.read_block, self.read_off = flat // bs, flat % bs
+        # where this step's real new tokens go: (row, t) -> slot
+        rows = torch.tensor([i for i, n in enumerate(n_new) for _ in range(n)], dtype=torch.long, device=device)
+        cols = torch.tensor([t for n in n_new for t in range(n)], dtype=torch.long, device=device)
+        ws = self.slots[rows, self.starts[rows] + cols]
+        self.write_rows, self.write_cols = rows, cols
+        self.write_block, self.write_off = ws // bs, ws % bs
         kpos = torch.arange(self.L, device=device)[None, :]
         qpos = (self.starts[:, None] + torch.arange(T, device=device)[None, :])  # (B, T)
         self.positions = qpos
@@ -144,18 +149,13 @@ class PagedBatch:
         """Write the new (B, K, T, D) keys/values of real tokens; return (B, K, L, D) of each row."""
         pool = self.pool
         B, K, T, D = k.shape
-        kp = pool.k[layer].permute(0, 2, 1, 3)  # (N, bs, K, D) view
+        kp = pool.k[layer].permute(0, 2, 1, 3)  # (N, bs, K, D) views of the pool
         vp = pool.v[layer].permute(0, 2, 1, 3)
-        bs = pool.block_size
-        for i, (s, n) in enumerate(zip(self.seqs, self.n_new)):
-            if n == 0:
-                continue
-            slots = self.slots[i, s.length:s.length + n]
-            kp[slots // bs, slots % bs] = k[i, :, :n].transpose(0, 1)
-            vp[slots // bs, slots % bs] = v[i, :, :n].transpose(0, 1)
-        flat = self.slots.reshape(-1)
-        k_all = kp[flat // bs, flat % bs].view(B, self.L, K, D).transpose(1, 2)
-        v_all = vp[flat // bs, flat % bs].view(B, self.L, K, D).transpose(1, 2)
+        r, c = self.write_rows, self.write_cols
+        kp[self.write_block, self.write_off] = k.transpose(1, 2)[r, c]
+        vp[self.write_block, self.write_off] = v.transpose(1, 2)[r, c]
+        k_all = kp[self.read_block, self.read_off].view(B, self.L, K, D).transpose(1, 2)
+        v_all = vp[self.read_block, self.read_off].view(B, self.L, K, D).transpose(1, 2)
         return k_all, v_all
 
     def advance(self, T: int) -> None:
