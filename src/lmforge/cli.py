@@ -364,6 +364,19 @@ def cmd_chat(a) -> int:
     return 0
 
 
+# ---- the pipeline -----------------------------------------------------------------------
+
+def cmd_run(a) -> int:
+    from .pipeline import load_recipe, run_recipe
+
+    recipe, path = load_recipe(a.recipe, a.set)
+    run_dir = Path(a.runs) / (a.name or recipe.name)
+    summary = run_recipe(recipe, run_dir, a.from_stage, quiet=a.quiet)
+    print(f"report: {run_dir / 'report.md'}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -567,6 +580,20 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", default=None, help="a system message")
     sampling_args(ch, 200)
     ch.set_defaults(fn=cmd_chat)
+
+    ru = sub.add_parser("run", help="the whole chain from a recipe: data, tokenizer, training, eval, export, demo",
+                        description="Run a recipe (recipes/NAME.toml or a path; default: recipes/default.toml) into "
+                        "runs/NAME: fetch -> clean/filter/dedup -> tokenizer -> shards -> pretrain -> eval -> export "
+                        "-> demo, with a report. Unchanged stages are skipped on a rerun; an interrupted run "
+                        "continues where it stopped.")
+    ru.add_argument("recipe", nargs="?", default="default")
+    ru.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. train.max_time=120")
+    ru.add_argument("--from", dest="from_stage", default=None, help="rerun from this stage on")
+    ru.add_argument("--name", default=None, help="run name (default: the recipe's)")
+    ru.add_argument("--runs", default="runs", help="parent directory of runs")
+    ru.add_argument("--quiet", "-q", action="store_true")
+    ru.set_defaults(fn=cmd_run)
     return p
 
 
@@ -574,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:  # StageError is a RuntimeError
         return _die(str(e))
     except KeyboardInterrupt:
         return _die("interrupted")

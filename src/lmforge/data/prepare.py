@@ -422,6 +422,25 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
 
 # ---- the whole chain ----------------------------------------------------------------------
 
+def clean_and_dedup(cfg: PrepareConfig, out: str | os.PathLike, quiet: bool = False) -> tuple[list, dict]:
+    """Steps 1 and 2 only (no tokenizer needed): returns (chunk tallies, dedup result)."""
+    validate(cfg)
+    work = Path(out) / "work"
+    summaries = step_documents(cfg, work, cfg.workers or os.cpu_count() or 1, quiet)
+    return summaries, step_dedup(cfg, work, summaries, quiet)
+
+
+def train_texts(out: str | os.PathLike, summaries: list, dedup: dict):
+    """The texts of the kept training documents (not removed, not validation), in input order:
+    what a tokenizer for this data should be trained on."""
+    from .shards import _iter_kept
+
+    skip = set(dedup["removed"]) | set(dedup["val"])
+    for g, _id, _src, text in _iter_kept(Path(out) / "work", summaries, 0):
+        if g not in skip:
+            yield text
+
+
 def prepare(cfg: PrepareConfig, tokenizer: str | os.PathLike, out: str | os.PathLike, quiet: bool = False) -> dict:
     """Run the three steps; returns the manifest. Reuses or resumes whatever is already in ``out``."""
     from .shards import step_shards

@@ -1,0 +1,59 @@
+"""The run's report: ``report.md`` for people, ``summary.json`` (and the last printed line) for machines.
+
+Knows where each stage leaves its numbers; knows nothing about running them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .._io import write_json
+
+
+def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
+    st = manifest["stages"]
+    ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
+    summary = {"run": str(run_dir), "recipe": recipe.name, "seconds": round(seconds, 1),
+               "stage_seconds": {k: v.get("seconds") for k, v in st.items()},
+               "bits_per_byte": ev.get("bits_per_byte"), "val_loss": ev.get("loss"),
+               "perplexity": ev.get("perplexity"),
+               "params": st.get("pretrain", {}).get("summary", {}).get("params"),
+               "train_tokens": st.get("pretrain", {}).get("summary", {}).get("tokens")}
+    lines = [f"# lmforge run `{run_dir.name}` (recipe `{recipe.name}`)", "",
+             f"Held-out bits per byte: **{summary['bits_per_byte']:.4f}**" if summary["bits_per_byte"] else "", "",
+             "## Stages", "", "| stage | status | seconds | key numbers |", "| --- | --- | --- | --- |"]
+    for name in recipe.stages:
+        s = st.get(name, {})
+        nums = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in (s.get("summary") or {}).items())
+        lines.append(f"| {name} | {s.get('status', '-')} | {s.get('seconds', '-')} | {nums} |")
+    data_report = run_dir / "data" / "report.json"
+    if data_report.exists():
+        from ..data.stats import collect, format_text
+
+        lines += ["", "## Data", "", "```", format_text(collect(run_dir / "data")), "```"]
+    png = run_dir / "model" / "loss.png"
+    if png.exists():
+        shutil.copyfile(png, run_dir / "loss.png")
+        lines += ["", "## Loss", "", "![loss curves](loss.png)"]
+    if ev:
+        lines += ["", "## Evaluation (held-out documents)", "",
+                  f"loss {ev['loss']:.4f} nats/token, perplexity {ev['perplexity']:.2f}, "
+                  f"**{ev['bits_per_byte']:.4f} bits/byte** over {ev['bytes']:,} bytes of {ev['documents']} documents", "",
+                  "### Samples", ""]
+        for smp in ev["samples"]:
+            lines += ["```", smp["prompt"] + smp["completion"], "```"]
+    demo = run_dir / "demo.json"
+    if demo.exists():
+        lines += ["", "## Demo (engine)", ""]
+        for d in json.loads(demo.read_text()):
+            lines += ["```", d["prompt"] + d["completion"], "```"]
+    lines += ["", "## Artifacts", "",
+              "- `data/`: shards, manifest, filter and dedup report", "- `tokenizer/`: the tokenizer",
+              "- `model/`: checkpoints, metrics.jsonl, the final model (`lmforge eval --checkpoint`)",
+              "- `hf/`: the model for `transformers.AutoModelForCausalLM.from_pretrained`",
+              "- `run.json`: stages, hashes, times; `run.log`: the log; `recipe.json`: the recipe used"]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_json(run_dir / "summary.json", summary, indent=1)
+    return summary

@@ -1,0 +1,234 @@
+"""The runner: a recipe's stages in order, each the same library call as its CLI stage.
+
+Knows the stage order, the run directory and its manifest, and when a stage can
+be skipped; knows nothing about how any stage works. ``runs/<name>/run.json``
+records for every stage its key (a hash of its settings and of the previous
+stage's outputs), its outputs' hashes, its time, status and key numbers.
+Rerunning skips a stage whose key and outputs are unchanged; ``from_stage``
+forces a stage and everything after it; an interrupted run continues with the
+first unfinished stage (pre-training resumes from its last checkpoint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from .._io import file_sha256, write_json
+from .recipe import STAGES, Recipe, recipe_dict
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, run_dir: str | Path, quiet: bool = False):
+        self.r = recipe
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.quiet = quiet
+        self.log_path = self.dir / "run.log"
+        mp = self.dir / "run.json"
+        self.manifest = json.loads(mp.read_text()) if mp.exists() else {"stages": {}}
+        self.results: dict[str, dict] = {}
+
+    def log(self, msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        with open(self.log_path, "a") as f:
+            f.write(line + "\n")
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    def save_manifest(self) -> None:
+        write_json(self.dir / "run.json", self.manifest, indent=1)
+
+    # ---- the stages: each returns (outputs: {name: path}, summary: dict) ----
+    def stage_fetch(self):
+        from ..data import fetch
+
+        d = fetch(self.r.fetch.corpus, quiet=True)
+        return {"corpus_manifest": d / "MANIFEST.json"}, {"corpus": str(d)}
+
+    def _data_cfg(self):
+        import copy
+
+        from .._config import apply_overrides
+        from ..data.corpora import CORPORA, corpus_dir
+
+        cfg = copy.deepcopy(self.r.data)
+        if not cfg.inputs:
+            cfg.inputs = [str(corpus_dir(self.r.fetch.corpus))]
+            defaults = CORPORA[self.r.fetch.corpus].prepare_defaults
+            # the corpus's own settings, unless the recipe changed that field from its default
+            fresh = type(cfg)()
+            for k, v in defaults.items():
+                sect, fld = k.split(".")
+                if getattr(getattr(cfg, sect), fld) == getattr(getattr(fresh, sect), fld):
+                    apply_overrides(cfg, {k: v})
+        return cfg
+
+    def stage_clean(self):
+        from ..data.prepare import clean_and_dedup
+
+        summaries, dedup = clean_and_dedup(self._data_cfg(), self.dir / "data", quiet=self.quiet)
+        self.results["clean"] = (summaries, dedup)
+        return ({"dedup": self.dir / "data" / "work" / "dedup.json"},
+                {"documents_in": sum(s.get("docs_in", 0) for s in summaries), "kept": dedup["kept"],
+                 "near_duplicate_clusters": len(dedup["near_clusters"]), "val_documents": len(dedup["val"])})
+
+    def stage_tokenizer(self):
+        from .. import tokenize
+        from ..data.prepare import clean_and_dedup, train_texts
+        from ..tokenize.chat import CHAT_SPECIAL_TOKENS
+
+        summaries, dedup = clean_and_dedup(self._data_cfg(), self.dir / "data", quiet=True)  # reused, not redone
+        t = self.r.tokenizer
+        texts = list(train_texts(self.dir / "data", summaries, dedup))
+        specials = ["<|endoftext|>", *CHAT_SPECIAL_TOKENS]
+        t0 = time.perf_counter()
+        if t.kind == "bpe":
+            tok = tokenize.train("bpe", texts, t.vocab_size, pattern=t.pattern, special_tokens=specials,
+                                 show_progress=False)
+        elif t.kind == "char":
+            tok = tokenize.train("char", texts, 0, special_tokens=specials)
+        else:
+            tok = tokenize.train(t.kind, texts, t.vocab_size, show_progress=False)
+        out = self.dir / "tokenizer" / "tokenizer.lmforge.json"
+        out.parent.mkdir(exist_ok=True)
+        tok.save(out)
+        nbytes = sum(len(x.encode()) for x in texts[:5])
+        ntok = sum(len(tok.encode(x, disallowed_special=())) for x in texts[:5])
+        return {"tokenizer": out}, {"kind": t.kind, "vocab_size": tok.vocab_size, "train_s": round(time.perf_counter() - t0, 2),
+                                    "bytes_per_token": round(nbytes / max(ntok, 1), 3)}
+
+    def stage_shards(self):
+        from ..data.prepare import prepare
+        from ..data.stats import collect
+
+        prepare(self._data_cfg(), self.dir / "tokenizer", self.dir / "data", quiet=self.quiet)
+        s = collect(self.dir / "data")
+        return {"manifest": self.dir / "data" / "manifest.json"}, {
+            k: s[k] for k in ("documents", "bytes", "tokens", "bytes_per_token")}
+
+    def stage_pretrain(self):
+        import copy
+
+        from ..train import train
+        from ..train.checkpoint import latest_checkpoint
+
+        cfg = copy.deepcopy(self.r.train)
+        cfg.data, cfg.text, cfg.out = str(self.dir / "data"), "", str(self.dir / "model")
+        cfg.resume = latest_checkpoint(cfg.out) is not None  # an interrupted run continues
+        final = train(cfg, quiet=self.quiet)
+        return {"model": Path(cfg.out) / "model.safetensors"}, {
+            k: final[k] for k in ("step", "tokens", "train_loss", "val_loss", "val_bpb", "params", "elapsed")}
+
+    def stage_eval(self):
+        from ..evaluate.perplexity import evaluate_shards, generate
+        from ..model import load
+
+        model, tok = load(self.dir / "model")
+        ev = evaluate_shards(model, self.dir / "data", "val", self.r.train.seq_len, batch_size=8)
+        bos = tok.special_tokens.get("<|bos|>")
+        samples = []
+        for i, p in enumerate(self.r.eval.prompts):
+            ids = tok.encode(p, disallowed_special=())
+            out = generate(model, ([bos] if bos is not None else []) + ids, self.r.eval.sample_tokens,
+                           temperature=self.r.eval.temperature, seed=self.r.eval.seed + i,
+                           stop=tok.special_tokens.get("<|bos|>"))
+            samples.append({"prompt": p, "completion": tok.decode(out)})
+        res = {"loss": ev["loss"], "perplexity": ev["perplexity"], "bits_per_byte": ev["bits_per_byte"],
+               "tokens": ev["tokens"], "bytes": ev["bytes"], "documents": ev["documents"], "samples": samples}
+        write_json(self.dir / "eval.json", res, indent=1)
+        return {"eval": self.dir / "eval.json"}, {k: res[k] for k in ("loss", "perplexity", "bits_per_byte")}
+
+    def stage_export(self):
+        from ..model import export_hf, load
+
+        if self.r.export.arch == "none":
+            return {}, {"skipped": "export.arch = none"}
+        model, tok = load(self.dir / "model")
+        out = export_hf(model, self.dir / "hf", arch=self.r.export.arch or None, tokenizer=tok)
+        return {"hf_weights": out / "model.safetensors"}, {"hf_dir": str(out), "arch": self.r.export.arch or model.cfg.arch}
+
+    def stage_demo(self):
+        from ..infer.engine import Engine
+        from ..infer.sampling import SamplingParams
+        from ..model import load
+
+        model, tok = load(self.dir / "model")
+        bos = tok.special_tokens.get("<|bos|>")
+        eng = Engine(model)
+        prompts = [([bos] if bos is not None else []) + tok.encode(p, disallowed_special=())
+                   for p in self.r.demo.conversation]
+        outs = eng.generate(prompts, SamplingParams(max_tokens=self.r.demo.max_tokens, temperature=0.8, seed=1,
+                                                    stop_token_ids=[bos] if bos is not None else []))
+        demo = [{"prompt": p, "completion": tok.decode([t for t in o if t != bos])}
+                for p, o in zip(self.r.demo.conversation, outs)]
+        write_json(self.dir / "demo.json", demo, indent=1)
+        return {"demo": self.dir / "demo.json"}, {"replies": len(demo)}
+
+    # ---- the loop ----
+    def run(self, from_stage: str | None = None) -> dict:
+        if from_stage is not None and from_stage not in self.r.stages:
+            raise ValueError(f"--from {from_stage!r}: not a stage of this recipe ({', '.join(self.r.stages)})")
+        write_json(self.dir / "recipe.json", recipe_dict(self.r), indent=1)
+        prev = ""
+        forced = False
+        t_run = time.perf_counter()
+        stages = self.manifest.setdefault("stages", {})
+        for i, name in enumerate(self.r.stages, 1):
+            forced = forced or name == from_stage
+            settings = {"fetch": asdict(self.r.fetch), "clean": asdict(self.r.data),
+                        "tokenizer": asdict(self.r.tokenizer), "shards": asdict(self.r.data),
+                        "pretrain": asdict(self.r.train), "eval": asdict(self.r.eval),
+                        "export": asdict(self.r.export), "demo": asdict(self.r.demo)}[name]
+            key = _hash([name, settings, prev])
+            old = stages.get(name, {})
+            outputs_ok = old.get("outputs") and all(
+                Path(p).exists() and file_sha256(p) == h for p, h in old["outputs"].items())
+            if not forced and old.get("status") == "done" and old.get("key") == key and outputs_ok:
+                self.log(f"[{i}/{len(self.r.stages)}] {name}: unchanged, skipped")
+                prev = _hash([key, old["outputs"]])
+                continue
+            self.log(f"[{i}/{len(self.r.stages)}] {name} ...")
+            stages[name] = {"status": "running", "key": key, "started": time.time()}
+            self.save_manifest()
+            t0 = time.perf_counter()
+            try:
+                outs, summary = getattr(self, f"stage_{name}")()
+            except KeyboardInterrupt:
+                stages[name]["status"] = "interrupted"
+                self.save_manifest()
+                raise
+            except Exception as e:
+                stages[name].update(status="failed", error=f"{type(e).__name__}: {e}")
+                self.save_manifest()
+                with open(self.log_path, "a") as f:
+                    f.write(traceback.format_exc())
+                raise StageError(f"stage {name!r} failed: {type(e).__name__}: {e} (log: {self.log_path})") from e
+            hashes = {str(p): file_sha256(p) for p in outs.values()}
+            stages[name] = {"status": "done", "key": key, "seconds": round(time.perf_counter() - t0, 2),
+                            "outputs": hashes, "summary": summary}
+            self.save_manifest()
+            prev = _hash([key, hashes])
+            self.log(f"[{i}/{len(self.r.stages)}] {name}: done in {stages[name]['seconds']}s {json.dumps(summary)}")
+        from .report import write_report
+
+        summary = write_report(self.dir, self.r, self.manifest, time.perf_counter() - t_run)
+        return summary
+
+
+def run_recipe(recipe: Recipe, run_dir, from_stage=None, quiet=False) -> dict:
+    if set(recipe.stages) - set(STAGES):
+        raise ValueError("unknown stages")
+    return Runner(recipe, run_dir, quiet).run(from_stage)
