@@ -217,8 +217,8 @@ class Runner:
                     f.write(traceback.format_exc())
                 raise StageError(f"stage {name!r} failed: {type(e).__name__}: {e} (log: {self.log_path})") from e
             hashes = {str(p): file_sha256(p) for p in outs.values()}
-            stages[name] = {"status": "done", "key": key, "seconds": round(time.perf_counter() - t0, 2),
-                            "outputs": hashes, "summary": summary}
+            stages[name] = {"status": "done", "key": key, "started": stages[name]["started"],
+                            "seconds": round(time.perf_counter() - t0, 2), "outputs": hashes, "summary": summary}
             self.save_manifest()
             prev = _hash([key, hashes])
             self.log(f"[{i}/{len(self.r.stages)}] {name}: done in {stages[name]['seconds']}s {json.dumps(summary)}")

@@ -219,8 +219,10 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         tok, _ = _load_tokenizer_of(data_dir)
     # model
     mcfg = preset(cfg.preset, **cfg.model) if cfg.preset else ModelConfig(**cfg.model)
-    if tok.vocab_size > mcfg.vocab_size or (cfg.text and "vocab_size" not in cfg.model):
-        mcfg.vocab_size = tok.vocab_size if cfg.text else max(mcfg.vocab_size, tok.vocab_size)
+    if "vocab_size" not in cfg.model:  # the tokenizer decides, unless the model's vocab is set explicitly
+        mcfg.vocab_size = tok.vocab_size
+    elif tok.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"model.vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
     if "max_seq_len" not in cfg.model:
         mcfg.max_seq_len = max(mcfg.max_seq_len, cfg.seq_len) if mcfg.pos == "rope" else cfg.seq_len
     if cfg.seq_len > mcfg.max_seq_len:

@@ -1,0 +1,135 @@
+"""The end-to-end pipeline: a tiny recipe in seconds, a killed run that resumes to the same
+artifacts, and recipe validation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.pipeline import StageError, load_recipe, run_recipe
+
+
+def tiny_sets(corpus_dir, steps=6):
+    return [f"data.inputs={json.dumps([str(corpus_dir)])}", "data.workers=1", "data.shards.val_fraction=0.25",
+            "tokenizer.vocab_size=300", f"train.max_steps={steps}", "train.max_time=0", "train.eval_every=0",
+            "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=1", "train.peak_flops=1e11",
+            'train.model={"mlp": "swiglu", "d_ff": 64, "arch": "qwen3", "d_model": 32, "n_head": 2, "n_layer": 1}',
+            "eval.sample_tokens=5", "demo.max_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, corpus_files):
+    d = tmp_path_factory.mktemp("plays")
+    for p in corpus_files[:4]:
+        (d / p.name).write_text(p.read_text()[:30000])
+    return d
+
+
+def digests(run):
+    from lmforge._io import file_sha256
+
+    files = ["tokenizer/tokenizer.lmforge.json", "model/model.safetensors", "eval.json", "hf/model.safetensors",
+             "demo.json"]
+    shards = sorted(p.relative_to(run).as_posix() for p in (run / "data").glob("*-*.bin"))
+    return {f: file_sha256(run / f) for f in files + shards}  # (the data manifest holds times and paths)
+
+
+def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
+    r, _ = load_recipe("default", tiny_sets(small_corpus))
+    summary = run_recipe(r, tmp_path / "run", quiet=True)
+    assert summary["bits_per_byte"] > 0 and summary["params"] > 0
+    run = tmp_path / "run"
+    for f in ("report.md", "summary.json", "run.json", "recipe.json", "run.log", "loss.png", "hf/config.json"):
+        assert (run / f).exists(), f
+    m = json.loads((run / "run.json").read_text())
+    assert [m["stages"][s]["status"] for s in r.stages] == ["done"] * 8
+    report = (run / "report.md").read_text()
+    assert "bits/byte" in report and "near-duplicate" not in report.split("## Data")[0]
+    before = digests(run)
+    # a rerun skips everything; --from eval redoes eval, export and demo only
+    rc = main(["run", "--runs", str(tmp_path), "--name", "run", "-q"] + sum((["--set", s] for s in tiny_sets(small_corpus)), []))
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bits_per_byte"] == summary["bits_per_byte"]
+    log = (run / "run.log").read_text()
+    assert log.count("unchanged, skipped") == 8
+    m1 = json.loads((run / "run.json").read_text())
+    assert m1["stages"]["pretrain"]["started"] == m["stages"]["pretrain"]["started"]
+    run_recipe(r, run, from_stage="eval", quiet=True)
+    m2 = json.loads((run / "run.json").read_text())
+    assert m2["stages"]["pretrain"]["started"] == m["stages"]["pretrain"]["started"]
+    assert m2["stages"]["eval"]["started"] > m["stages"]["eval"]["started"]
+    assert digests(run) == before
+    # a changed training setting reruns pretrain and what follows, not the data stages
+    r2, _ = load_recipe("default", tiny_sets(small_corpus, steps=7))
+    run_recipe(r2, run, quiet=True)
+    m3 = json.loads((run / "run.json").read_text())
+    assert m3["stages"]["shards"]["started"] == m["stages"]["shards"]["started"]
+    assert m3["stages"]["pretrain"]["started"] > m["stages"]["pretrain"]["started"]
+
+
+def test_killed_run_resumes_to_the_same_artifacts(small_corpus, tmp_path):
+    sets = tiny_sets(small_corpus, steps=40)
+    r, _ = load_recipe("default", sets)
+    run_recipe(r, tmp_path / "ref", quiet=True)
+    cmd = [sys.executable, "-m", "lmforge.cli", "run", "--runs", str(tmp_path), "--name", "cut", "-q"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / "cut" / "model" / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ck.exists() and json.loads(ck.read_text())["step"] >= 5:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    m = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert m["stages"]["pretrain"]["status"] == "running"  # killed in the middle of training
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert digests(tmp_path / "cut") == digests(tmp_path / "ref")
+    log = (tmp_path / "cut" / "run.log").read_text()
+    assert "clean: unchanged, skipped" in log
+
+
+@pytest.mark.parametrize("sets,msg", [
+    (["stages=[\"fetch\", \"bake\"]"], "unknown stage(s) ['bake']"),
+    (["train.lr=fast"], "train.lr: expected a number"),
+    (["train.nope=1"], "unknown field 'train.nope'"),
+    (["tokenizer.kind=sentencepiece"], "tokenizer.kind"),
+    (["train.max_time=0", "train.max_steps=0"], "train: give a bound"),
+    (["stages=[\"eval\", \"fetch\"]"], "must keep the order"),
+])
+def test_bad_recipes_are_rejected_before_any_work(sets, msg, tmp_path, capsys):
+    argv = ["run", "--runs", str(tmp_path), "--name", "x"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_field_in_a_recipe_file(tmp_path, capsys):
+    (tmp_path / "r.toml").write_text('name = "r"\n[train]\nmax_time = 5\nlearning_rate = 0.1\n')
+    assert main(["run", str(tmp_path / "r.toml"), "--runs", str(tmp_path)]) == 2
+    assert "unknown field 'train.learning_rate'" in capsys.readouterr().err
+
+
+def test_a_failing_stage_names_itself_and_keeps_earlier_artifacts(small_corpus, tmp_path, monkeypatch):
+    from lmforge.pipeline.runner import Runner
+
+    def boom(self):
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setattr(Runner, "stage_pretrain", boom)
+    r, _ = load_recipe("default", tiny_sets(small_corpus))
+    with pytest.raises(StageError, match="stage 'pretrain' failed: RuntimeError: out of cheese .*run.log"):
+        run_recipe(r, tmp_path / "run", quiet=True)
+    m = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert m["stages"]["shards"]["status"] == "done" and m["stages"]["pretrain"]["status"] == "failed"
+    assert (tmp_path / "run" / "data" / "manifest.json").exists()
