@@ -1,11 +1,11 @@
 # Two commands do all the set-up on a fresh clone:
-#   make demo   the main job (until the pipeline lands: the tokenizer and data stages on the built-in corpus)
+#   make demo   the main job: the whole pipeline (recipes/default.toml) on the built-in corpus, into runs/default
 #   make test   the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo tokenizer-demo test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py src/lmforge/tokenize/_native.c src/lmforge/data/_dedup.c src/lmforge/model/_kernels.c
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,11 @@ $(VENV)/.installed: pyproject.toml setup.py src/lmforge/tokenize/_native.c src/l
 install: $(VENV)/.installed
 
 demo: install
+	$(VENV)/bin/lmforge run
+
+tokenizer-demo: install
 	$(VENV)/bin/lmforge data fetch shakespeare
 	$(VENV)/bin/lmforge tokenizer demo --out runs/tokenizer-demo
-	$(VENV)/bin/lmforge data prepare --tokenizer runs/tokenizer-demo/bpe --out runs/data
 
 test: install
 	$(VENV)/bin/lmforge data fetch shakespeare

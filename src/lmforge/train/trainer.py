@@ -281,8 +281,13 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                                            "loader": loader.state_dict(), "config": asdict(cfg)},
                         tokenizer=tok, keep=cfg.keep_checkpoints)
 
-    total = cfg.max_steps or None
-    bar = tqdm(total=total, initial=step, desc="pretrain", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    # the bar counts steps, or seconds when the run is bounded by time only (so it has an ETA either way)
+    by_time = not cfg.max_steps and bool(cfg.max_time)
+    total = cfg.max_steps or (cfg.max_time if by_time else None)
+    bar = tqdm(total=total, initial=round(elapsed) if by_time else step, desc="pretrain", disable=quiet,
+               file=sys.stderr, dynamic_ncols=True, unit="s" if by_time else "step",
+               bar_format=None if not by_time else "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s "
+               "[{elapsed}<{remaining}{postfix}]")
     model.train()
     last_loss = float("nan")
     t_window, tok_window = time.perf_counter(), 0
@@ -341,7 +346,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                 sample = tok.decode(prompt + generate(model, ids, cfg.sample_tokens, seed=step))
                 rec["sample"] = sample
             log(rec)
-            bar.update(1)
+            bar.update(min(dt, max(0.0, bar.total - bar.n)) if by_time else 1)
             if on_step is not None:
                 on_step(step, rec)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
