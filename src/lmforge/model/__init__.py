@@ -38,11 +38,11 @@ def save(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous() for k, v in sorted(model.state_dict().items())}  # a canonical file
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
     tmp = d / ".model.safetensors.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt", "lmforge": FORMAT})
+    save_file(sd, str(tmp), metadata={"format": "pt"})  # one key: safetensors writes metadata in hash order
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, d / "model.safetensors")
