@@ -281,13 +281,11 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                                            "loader": loader.state_dict(), "config": asdict(cfg)},
                         tokenizer=tok, keep=cfg.keep_checkpoints)
 
-    # the bar counts steps, or seconds when the run is bounded by time only (so it has an ETA either way)
-    by_time = not cfg.max_steps and bool(cfg.max_time)
-    total = cfg.max_steps or (cfg.max_time if by_time else None)
-    bar = tqdm(total=total, initial=round(elapsed) if by_time else step, desc="pretrain", disable=quiet,
-               file=sys.stderr, dynamic_ncols=True, unit="s" if by_time else "step",
-               bar_format=None if not by_time else "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s "
-               "[{elapsed}<{remaining}{postfix}]")
+    # the bar counts steps when steps bound the run, else percent of the bound that ends it first (with an ETA)
+    by_steps = bool(cfg.max_steps) and not (cfg.max_tokens or cfg.max_time)
+    bar = tqdm(total=cfg.max_steps if by_steps else 100, initial=step if by_steps else 0, desc="pretrain",
+               disable=quiet, file=sys.stderr, dynamic_ncols=True,
+               bar_format=None if by_steps else "{desc}: {n:.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
     model.train()
     last_loss = float("nan")
     t_window, tok_window = time.perf_counter(), 0
@@ -346,7 +344,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                 sample = tok.decode(prompt + generate(model, ids, cfg.sample_tokens, seed=step))
                 rec["sample"] = sample
             log(rec)
-            bar.update(min(dt, max(0.0, bar.total - bar.n)) if by_time else 1)
+            bar.update(1 if by_steps else max(0.0, min(100.0, 100 * progress()) - bar.n))
             if on_step is not None:
                 on_step(step, rec)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
