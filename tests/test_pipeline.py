@@ -102,7 +102,7 @@ def test_killed_run_resumes_to_the_same_artifacts(small_corpus, tmp_path):
     (["train.lr=fast"], "train.lr: expected a number"),
     (["train.nope=1"], "unknown field 'train.nope'"),
     (["tokenizer.kind=sentencepiece"], "tokenizer.kind"),
-    (["train.max_time=0", "train.max_steps=0"], "train: give a bound"),
+    (["train.max_time=0", "train.max_steps=0", "train.max_tokens=0"], "train: give a bound"),
     (["stages=[\"eval\", \"fetch\"]"], "must keep the order"),
 ])
 def test_bad_recipes_are_rejected_before_any_work(sets, msg, tmp_path, capsys):
