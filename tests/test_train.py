@@ -116,7 +116,7 @@ def test_bounds_and_inputs_are_checked(text_file, tmp_path):
 
 def test_max_time_bound(text_file, tmp_path):
     r = train(cfg_for(text_file, tmp_path, max_steps=0, max_time=1.5, eval_every=0), quiet=True)
-    assert 1.5 <= r["elapsed"] < 6 and r["step"] > 1
+    assert 1.5 <= r["elapsed"] < 15 and r["step"] > 1  # stops at the first step past 1.5 s (slack: shared CI)
 
 
 def test_train_on_shards_and_eval_cli(tmp_path, corpus_files, capsys):
