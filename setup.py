@@ -40,6 +40,14 @@ setup(
                                          "-fno-trapping-math"] if os.name != "nt" else []),
         ),
         Extension(
+            "lmforge.infer._decode",
+            sources=["src/lmforge/infer/_decode.c"],
+            depends=["src/lmforge/infer/_decode_kern.h"],
+            # contraction lets the AVX2 clone use FMA; -pthread for the worker threads
+            extra_compile_args=extra + (["-ffp-contract=fast", "-pthread", "-Wno-psabi"] if os.name != "nt" else []),
+            extra_link_args=["-pthread"] if os.name != "nt" else [],
+        ),
+        Extension(
             "lmforge.data._dedup",
             sources=["src/lmforge/data/_dedup.c"],
             extra_compile_args=extra,

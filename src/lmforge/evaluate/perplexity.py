@@ -103,6 +103,7 @@ def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: floa
     """Sample with a KV cache: one forward over the prompt, then one token per step
     (the inference engine adds batching and the full set of sampling controls)."""
     from ..infer.cache import KVCache
+    from ..infer.fastpath import FastDecoder
 
     was_training = model.training
     model.eval()
@@ -114,10 +115,18 @@ def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: floa
                     dtype=next(model.parameters()).dtype)
     x = torch.tensor([ids], dtype=torch.long, device=dev)
     out: list[int] = []
+    fast = None
+    if FastDecoder.supported(model):  # decode steps in one C call each (prefill stays in PyTorch)
+        fast = FastDecoder(model)
+        fast.bind(cache.k, cache.v)
     for _ in range(max_new_tokens):
         if cache.pos + x.shape[1] > cache.max_len:
             break
-        logits = model(x, cache=cache)[0, -1].float().cpu()
+        if fast is not None and cache.pos > 0:
+            logits = fast.step([out[-1]], [cache.pos], [[0]])[0]
+            cache.advance(1)
+        else:
+            logits = model(x, cache=cache)[0, -1].float().cpu()
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .paged import BlockPool, PagedBatch, Sequence, block_hashes
+from .fastpath import FastDecoder
 from .sampling import Sampler, SamplingParams
 
 
@@ -67,6 +68,10 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.cfg = model.cfg
         self.pool = BlockPool(self.cfg, num_blocks, block_size, self.device, self.dtype)
+        self.fast = None  # decode rows in one C call per step (CPU float32), prefill chunks in PyTorch
+        if FastDecoder.supported(self.model):
+            self.fast = FastDecoder(self.model)
+            self.fast.bind(self.pool.k, self.pool.v)
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.eos = eos_token_id
         self.waiting: deque[Request] = deque()
@@ -200,14 +205,7 @@ class Engine:
         plan = self._schedule()
         if not plan:
             return []
-        T = max(n for _, n in plan)
-        rows = []
-        for req, n in plan:
-            toks = req.tokens[req.done_tokens:req.done_tokens + n]
-            rows.append(toks + [0] * (T - n))
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        batch = PagedBatch(self.pool, [r.seq for r, _ in plan], [n for _, n in plan], T, self.device)
-        logits = self.model(idx, cache=batch)  # writes the new keys/values and advances each sequence
+        logits = self._forward(plan)
         self.stats["steps"] += 1
         outs: list[StepOutput] = []
         for i, (req, n) in enumerate(plan):
@@ -219,7 +217,7 @@ class Engine:
                 self.stats["decode_tokens"] += n
             if req.done_tokens < len(req.tokens):
                 continue  # a prefill chunk that has not reached the end of the prompt
-            s = req.sampler.sample(logits[i, n - 1])
+            s = req.sampler.sample(logits[i][n - 1])
             req.output.append(s.token)
             if req.first_token_time is None:
                 req.first_token_time = time.perf_counter()
@@ -232,6 +230,35 @@ class Engine:
                 self._finish(req, reason)
             outs.append(StepOutput(req.id, s.token, reason is not None, reason, s.logprob, s.top_logprobs))
         return outs
+
+    def _forward(self, plan: list[tuple[Request, int]]) -> list[torch.Tensor]:
+        """Each planned row's logits (n, vocab) for its n new tokens; writes their keys/values."""
+        out: list[torch.Tensor | None] = [None] * len(plan)
+        multi = list(range(len(plan)))
+        if self.fast is not None:  # single new tokens (decode) go through the C step
+            single = [i for i, (_, n) in enumerate(plan) if n == 1]
+            multi = [i for i, (_, n) in enumerate(plan) if n > 1]
+            if single:
+                seqs = [plan[i][0].seq for i in single]
+                toks = [plan[i][0].tokens[plan[i][0].done_tokens] for i in single]
+                lg = self.fast.step(toks, [s.length for s in seqs], [s.blocks for s in seqs])
+                for j, (i, s) in enumerate(zip(single, seqs)):
+                    s.length += 1
+                    out[i] = lg[j:j + 1]
+        if multi:
+            T = max(plan[i][1] for i in multi)
+            rows = []
+            for i in multi:
+                req, n = plan[i]
+                toks = req.tokens[req.done_tokens:req.done_tokens + n]
+                rows.append(toks + [0] * (T - n))
+            idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+            batch = PagedBatch(self.pool, [plan[i][0].seq for i in multi], [plan[i][1] for i in multi], T,
+                               self.device)
+            lg = self.model(idx, cache=batch)  # writes the new keys/values and advances each sequence
+            for j, i in enumerate(multi):
+                out[i] = lg[j, :plan[i][1]]
+        return out
 
     def run(self) -> None:
         while self.has_work():

@@ -1,0 +1,103 @@
+/* The hot loops of lmforge.infer._decode, compiled twice: once for the baseline
+ * x86-64 (or any other) target and once with AVX2+FMA, picked at run time.
+ * Included by _decode.c with SUF(name) and ATTR defined.
+ *
+ * v8 is GCC's 8 x float vector: one ymm register with AVX2, two xmm without. */
+
+/* y[b, o] = sum_i x[b, i] W[o, i] (+ bias[o]) for rows o in [r0, r1) and b in [0, B).
+ * Every (o, b) sums into one vector accumulator in the same order, whatever B and the
+ * row split are: a row's result does not depend on the batch it is in. */
+ATTR static void SUF(matmul_rows)(const float *restrict W, const float *restrict bias, const float *restrict X,
+                                  float *restrict Y, int B, int I, int O, int r0, int r1) {
+    const int I8 = I & ~7;
+    int o = r0;
+    for (; o + 4 <= r1; o += 4) {
+        const float *w0 = W + (size_t)o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+        int b = 0;
+        for (; b + 2 <= B; b += 2) {
+            const float *x0 = X + (size_t)b * I, *x1 = x0 + I;
+            v8 a00 = {0}, a10 = {0}, a20 = {0}, a30 = {0}, a01 = {0}, a11 = {0}, a21 = {0}, a31 = {0};
+            for (int i = 0; i < I8; i += 8) {
+                v8 u0 = LOAD(w0 + i), u1 = LOAD(w1 + i), u2 = LOAD(w2 + i), u3 = LOAD(w3 + i);
+                v8 p = LOAD(x0 + i), q = LOAD(x1 + i);
+                a00 += u0 * p; a10 += u1 * p; a20 += u2 * p; a30 += u3 * p;
+                a01 += u0 * q; a11 += u1 * q; a21 += u2 * q; a31 += u3 * q;
+            }
+            float *y0 = Y + (size_t)b * O + o, *y1 = y0 + O;
+            y0[0] = hsum(a00); y0[1] = hsum(a10); y0[2] = hsum(a20); y0[3] = hsum(a30);
+            y1[0] = hsum(a01); y1[1] = hsum(a11); y1[2] = hsum(a21); y1[3] = hsum(a31);
+            for (int i = I8; i < I; i++) {
+                y0[0] += w0[i] * x0[i]; y0[1] += w1[i] * x0[i]; y0[2] += w2[i] * x0[i]; y0[3] += w3[i] * x0[i];
+                y1[0] += w0[i] * x1[i]; y1[1] += w1[i] * x1[i]; y1[2] += w2[i] * x1[i]; y1[3] += w3[i] * x1[i];
+            }
+        }
+        for (; b < B; b++) {
+            const float *x0 = X + (size_t)b * I;
+            v8 a00 = {0}, a10 = {0}, a20 = {0}, a30 = {0};
+            for (int i = 0; i < I8; i += 8) {
+                v8 p = LOAD(x0 + i);
+                a00 += LOAD(w0 + i) * p; a10 += LOAD(w1 + i) * p; a20 += LOAD(w2 + i) * p; a30 += LOAD(w3 + i) * p;
+            }
+            float *y0 = Y + (size_t)b * O + o;
+            y0[0] = hsum(a00); y0[1] = hsum(a10); y0[2] = hsum(a20); y0[3] = hsum(a30);
+            for (int i = I8; i < I; i++) {
+                y0[0] += w0[i] * x0[i]; y0[1] += w1[i] * x0[i]; y0[2] += w2[i] * x0[i]; y0[3] += w3[i] * x0[i];
+            }
+        }
+    }
+    for (; o < r1; o++) { /* the last O % 4 rows */
+        const float *w0 = W + (size_t)o * I;
+        for (int b = 0; b < B; b++) {
+            const float *x0 = X + (size_t)b * I;
+            v8 a = {0};
+            for (int i = 0; i < I8; i += 8) a += LOAD(w0 + i) * LOAD(x0 + i);
+            float s = hsum(a);
+            for (int i = I8; i < I; i++) s += w0[i] * x0[i];
+            Y[(size_t)b * O + o] = s;
+        }
+    }
+    if (bias)
+        for (int b = 0; b < B; b++)
+            for (int o2 = r0; o2 < r1; o2++) Y[(size_t)b * O + o2] += bias[o2];
+}
+
+/* One query head over keys lo..hi (inclusive) of one sequence: softmax(q k^T * scale) v.
+ * key(t) and value(t) live at kbase/vbase + table[t / bs] * bstride + (t % bs) * D. */
+ATTR static void SUF(attend)(const float *restrict q, const float *kbase, const float *vbase, const int32_t *table,
+                             long bstride, int bs, int D, int lo, int hi, float scale, float *restrict scores,
+                             float *restrict out) {
+    const int D8 = D & ~7;
+    float mx = -INFINITY;
+    for (int t = lo; t <= hi; t++) {
+        const float *k = kbase + (size_t)table[t / bs] * bstride + (size_t)(t % bs) * D;
+        v8 a = {0};
+        for (int i = 0; i < D8; i += 8) a += LOAD(q + i) * LOAD(k + i);
+        float s = hsum(a);
+        for (int i = D8; i < D; i++) s += q[i] * k[i];
+        s *= scale;
+        scores[t - lo] = s;
+        mx = s > mx ? s : mx;
+    }
+    int n = hi - lo + 1, n8 = n & ~7;
+    v8 vs = {0};
+    v8 vmx = {mx, mx, mx, mx, mx, mx, mx, mx};
+    for (int j = 0; j < n8; j += 8) {
+        v8 e = vexp(LOAD(scores + j) - vmx);
+        STORE(scores + j, e);
+        vs += e;
+    }
+    float sum = hsum(vs);
+    for (int j = n8; j < n; j++) {
+        scores[j] = expf(scores[j] - mx);
+        sum += scores[j];
+    }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < D; i++) out[i] = 0.0f;
+    for (int t = lo; t <= hi; t++) {
+        const float *v = vbase + (size_t)table[t / bs] * bstride + (size_t)(t % bs) * D;
+        float p = scores[t - lo] * inv;
+        v8 pv = {p, p, p, p, p, p, p, p};
+        for (int i = 0; i < D8; i += 8) STORE(out + i, LOAD(out + i) + pv * LOAD(v + i));
+        for (int i = D8; i < D; i++) out[i] += p * v[i];
+    }
+}
