@@ -154,10 +154,13 @@ static inline __attribute__((always_inline)) float hsum(v8 a) {
     return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
-static inline __attribute__((always_inline)) v8 vexp(v8 x) { /* exp for x <= 0 (softmax), relative error < 2e-7 */
+static inline __attribute__((always_inline)) v8 vexp(v8 x) { /* exp on [-87, 88], relative error < 2e-7 */
     const v8 lo = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
+    const v8 hi = {88.f, 88.f, 88.f, 88.f, 88.f, 88.f, 88.f, 88.f};
     v8i below = x < lo; /* -1 where x < lo: a select without the C++-only vector ?: */
     x = (v8)((below & (v8i)lo) | (~below & (v8i)x));
+    v8i above = x > hi;
+    x = (v8)((above & (v8i)hi) | (~above & (v8i)x));
     const float magic = 12582912.0f; /* 1.5 * 2^23 */
     v8 n = (x * 1.4426950408889634f + magic) - magic;
     v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -188,6 +191,7 @@ static int has_avx2(void) {
 }
 #else
 #define matmul_rows_avx2 matmul_rows_plain
+#define swiglu_avx2 swiglu_plain
 #define attend_avx2 attend_plain
 static int has_avx2(void) { return 0; }
 #endif
@@ -214,7 +218,7 @@ typedef struct {
     int bs;
     /* scratch, for up to cap rows */
     int cap, score_cap;
-    float *x, *h, *qkv, *att, *ff, *scores; /* scores: one row per thread */
+    float *x, *h, *qkv, *att, *ff, *act, *scores; /* act: SwiGLU output; scores: one row per thread */
 } Model;
 
 static void norm_rows(const Model *m, const float *x, float *out, const float *w, const float *b, int B, int C) {
@@ -305,6 +309,42 @@ static void att_task(void *p, int t, int n) {
 static float gelu_tanh1(float v) { return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v))); }
 static float gelu1(float v) { return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f)); }
 
+/* the MLP's activation, rows split over the threads; the result is packed F wide in place */
+typedef struct {
+    const Model *m;
+    int B;
+} ActJob;
+
+static void act_task(void *p, int t, int n) {
+    ActJob *j = (ActJob *)p;
+    const Model *m = j->m;
+    int F = m->F, FC = m->mlp == MLP_SWIGLU ? 2 * F : F;
+    /* SwiGLU packs row b from offset b*FC down to b*F: rows must go in order, so it splits columns */
+    if (m->mlp == MLP_SWIGLU) {
+        int per = ((F + n - 1) / n + 7) & ~7;
+        int c0 = t * per, c1 = c0 + per < F ? c0 + per : F;
+        if (c0 >= c1) return;
+        for (int b = 0; b < j->B; b++) {
+            float *f = m->ff + (size_t)b * FC;
+            float *tmp = m->act + (size_t)b * F;
+            if (use_avx2) swiglu_avx2(f + c0, f + F + c0, tmp + c0, c1 - c0);
+            else swiglu_plain(f + c0, f + F + c0, tmp + c0, c1 - c0);
+        }
+        return;
+    }
+    size_t total = (size_t)j->B * F, per = (total + n - 1) / n, i0 = t * per, i1 = i0 + per < total ? i0 + per : total;
+    float *f = m->ff;
+    for (size_t i = i0; i < i1; i++) {
+        float v = f[i];
+        if (m->mlp == MLP_GELU_TANH) f[i] = gelu_tanh1(v);
+        else if (m->mlp == MLP_GELU) f[i] = gelu1(v);
+        else {
+            float r = v > 0.f ? v : 0.f;
+            f[i] = r * r;
+        }
+    }
+}
+
 static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, const int32_t *tables, int max_blocks,
                  float *logits) {
     const int C = m->C, H = m->H, K = m->K, D = m->D, F = m->F;
@@ -340,25 +380,10 @@ static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, con
         for (size_t i = 0; i < (size_t)B * C; i++) m->x[i] += m->h[i];
         norm_rows(m, m->x, m->h, ly->mlp_norm_w, ly->mlp_norm_b, B, C);
         matmul(ly->fc_w, ly->fc_b, m->h, m->ff, B, C, FC);
-        for (int b = 0; b < B; b++) {
-            float *f = m->ff + (size_t)b * FC, *o = m->ff + (size_t)b * F; /* o: in place, packed to F wide */
-            if (m->mlp == MLP_SWIGLU) {
-                for (int i = 0; i < F; i++) {
-                    float g = f[i];
-                    o[i] = g / (1.0f + expf(-g)) * f[F + i];
-                }
-            } else if (m->mlp == MLP_GELU_TANH) {
-                for (int i = 0; i < F; i++) o[i] = gelu_tanh1(f[i]);
-            } else if (m->mlp == MLP_GELU) {
-                for (int i = 0; i < F; i++) o[i] = gelu1(f[i]);
-            } else {
-                for (int i = 0; i < F; i++) {
-                    float r = f[i] > 0.f ? f[i] : 0.f;
-                    o[i] = r * r;
-                }
-            }
-        }
-        matmul(ly->mlp_proj_w, ly->mlp_proj_b, m->ff, m->h, B, F, C);
+        ActJob acj = {m, B};
+        if ((size_t)B * F >= 4096 && pool.n > 1) parallel(act_task, &acj);
+        else act_task(&acj, 0, 1);
+        matmul(ly->mlp_proj_w, ly->mlp_proj_b, m->mlp == MLP_SWIGLU ? m->act : m->ff, m->h, B, F, C);
         for (size_t i = 0; i < (size_t)B * C; i++) m->x[i] += m->h[i];
     }
     norm_rows(m, m->x, m->h, m->norm_w, m->norm_b, B, C);
@@ -378,6 +403,7 @@ static void model_free(Model *m) {
     free(m->qkv);
     free(m->att);
     free(m->ff);
+    free(m->act);
     free(m->scores);
     free(m);
 }
@@ -388,14 +414,15 @@ static int grow(Model *m, int B, int L) {
     int H = m->H, K = m->K, D = m->D, FC = m->mlp == MLP_SWIGLU ? 2 * m->F : m->F;
     if (B > m->cap) {
         int c = B > 2 * m->cap ? B : 2 * m->cap;
-        free(m->x), free(m->h), free(m->qkv), free(m->att), free(m->ff);
+        free(m->x), free(m->h), free(m->qkv), free(m->att), free(m->ff), free(m->act);
         m->x = malloc(sizeof(float) * c * m->C);
         m->h = malloc(sizeof(float) * c * m->C);
         m->qkv = malloc(sizeof(float) * c * (H + 2 * K) * D);
         m->att = malloc(sizeof(float) * c * H * D);
         m->ff = malloc(sizeof(float) * c * FC);
+        m->act = malloc(sizeof(float) * c * m->F);
         m->cap = c;
-        if (!m->x || !m->h || !m->qkv || !m->att || !m->ff) return -1;
+        if (!m->x || !m->h || !m->qkv || !m->att || !m->ff || !m->act) return -1;
     }
     if (L > m->score_cap) {
         int c = L > 2 * m->score_cap ? L : 2 * m->score_cap;

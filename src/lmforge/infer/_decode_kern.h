@@ -14,10 +14,19 @@ ATTR static void SUF(matmul_rows)(const float *restrict W, const float *restrict
     for (; o + 4 <= r1; o += 4) {
         const float *w0 = W + (size_t)o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
         int b = 0;
+        /* several tokens: compute-bound per block of rows, so fetch the next block from memory
+         * while the first pair of tokens works on this one */
+        const float *nx = o + 8 <= r1 ? w3 + I : NULL;
         for (; b + 2 <= B; b += 2) {
             const float *x0 = X + (size_t)b * I, *x1 = x0 + I;
             v8 a00 = {0}, a10 = {0}, a20 = {0}, a30 = {0}, a01 = {0}, a11 = {0}, a21 = {0}, a31 = {0};
             for (int i = 0; i < I8; i += 8) {
+                if (b == 0 && nx && (i & 15) == 0) {
+                    __builtin_prefetch(nx + i);
+                    __builtin_prefetch(nx + I + i);
+                    __builtin_prefetch(nx + 2 * I + i);
+                    __builtin_prefetch(nx + 3 * I + i);
+                }
                 v8 u0 = LOAD(w0 + i), u1 = LOAD(w1 + i), u2 = LOAD(w2 + i), u3 = LOAD(w3 + i);
                 v8 p = LOAD(x0 + i), q = LOAD(x1 + i);
                 a00 += u0 * p; a10 += u1 * p; a20 += u2 * p; a30 += u3 * p;
@@ -100,4 +109,15 @@ ATTR static void SUF(attend)(const float *restrict q, const float *kbase, const 
         for (int i = 0; i < D8; i += 8) STORE(out + i, LOAD(out + i) + pv * LOAD(v + i));
         for (int i = D8; i < D; i++) out[i] += p * v[i];
     }
+}
+
+/* SwiGLU on one row: o[i] = silu(g[i]) * u[i] (o may alias g) */
+ATTR static void SUF(swiglu)(const float *g, const float *u, float *o, int n) {
+    int n8 = n & ~7;
+    const v8 one = {1, 1, 1, 1, 1, 1, 1, 1};
+    for (int i = 0; i < n8; i += 8) {
+        v8 x = LOAD(g + i);
+        STORE(o + i, x / (one + vexp(-x)) * LOAD(u + i));
+    }
+    for (int i = n8; i < n; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
