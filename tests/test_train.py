@@ -178,6 +178,37 @@ def test_optimizer_groups_cover_each_parameter_once():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_matches_torch(fused):
+    from lmforge.train.optim import AdamW, _cpu_fused_adamw
+
+    if fused and not _cpu_fused_adamw():
+        pytest.skip("no fused AdamW on this CPU build")
+    torch.manual_seed(0)
+    ps = [torch.randn(5, 3), torch.randn(7)]
+    ours = [torch.nn.Parameter(p.clone()) for p in ps]
+    ref = [torch.nn.Parameter(p.clone()) for p in ps]
+    groups = lambda q: [{"params": [q[0]], "weight_decay": 0.1}, {"params": [q[1]], "weight_decay": 0.0}]
+    a = AdamW(groups(ours), lr=3e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    b = torch.optim.AdamW(groups(ref), lr=3e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    for step in range(6):
+        g = [torch.randn_like(p) for p in ps]
+        for q, r, gi in zip(ours, ref, g):
+            q.grad, r.grad = gi.clone(), gi.clone()
+        for opt in (a, b):
+            opt.param_groups[0]["lr"] = 3e-2 * (1 - step / 10)  # a schedule changes lr between steps
+            opt.step()
+        for q, r in zip(ours, ref):
+            if fused:
+                assert torch.equal(q, r)  # the same kernel
+            else:
+                assert torch.allclose(q, r, atol=1e-6, rtol=1e-6)
+    # the state is torch's: a checkpoint of one loads into the other
+    b2 = torch.optim.AdamW(groups(ref), lr=3e-2, fused=fused)
+    b2.load_state_dict(a.state_dict())
+    assert torch.equal(b2.state[ref[0]]["exp_avg"], a.state[ours[0]]["exp_avg"])
+
+
 def test_schedules():
     assert lr_multiplier(0.0, 0, "cosine", warmup_steps=10) == pytest.approx(0.1)
     assert lr_multiplier(0.0, 10, "cosine", warmup_steps=10) == pytest.approx(1.0)

@@ -103,13 +103,102 @@ def fused_splits(model) -> dict:
     return out
 
 
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019), as ``torch.optim.AdamW``:
+
+        m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) g^2,   p = p (1 - lr wd)
+        p = p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    ``fused=True`` runs PyTorch's fused kernel (one call per group: CUDA, and CPU
+    since torch 2.4), otherwise the same update in ``torch._foreach_*`` operators.
+    The state (``step``, ``exp_avg``, ``exp_avg_sq``) is torch's, so checkpoints of
+    either load into the other. Unlike torch's, its ``step`` does not import
+    ``torch._dynamo`` (~1.3 s at the start of every run on a laptop)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 fused: bool = False):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"AdamW: invalid hyperparameters lr={lr} betas={betas} eps={eps} "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused,
+                                      amsgrad=False, maximize=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, m, v, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if group["fused"] else "cpu")
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                m.append(st["exp_avg"])
+                v.append(st["exp_avg_sq"])
+                steps.append(st["step"])
+            if not params:
+                continue
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            torch._foreach_add_(steps, 1)
+            if group["fused"]:
+                torch._fused_adamw_(params, grads, m, v, [], steps, amsgrad=False, lr=lr, beta1=b1, beta2=b2,
+                                    weight_decay=wd, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+                continue
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(m, grads, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, 1 - b2)
+            for t in sorted({float(s) for s in steps}):  # groups share a step count, except after surgery
+                idx = [i for i, s in enumerate(steps) if float(s) == t]
+                bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+                denom = torch._foreach_sqrt([v[i] for i in idx])
+                torch._foreach_div_(denom, bc2 ** 0.5)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_([params[i] for i in idx], [m[i] for i in idx], denom, -lr / bc1)
+        return loss
+
+
+def skip_dynamo_import() -> bool:
+    """Spare an eager run the ~1.3 s import of ``torch._dynamo``.
+
+    ``torch.optim.Optimizer``'s ``add_param_group``, ``zero_grad``, ``state_dict`` and
+    ``load_state_dict`` are wrapped so that torch.compile never traces them; the
+    wrapper imports ``torch._dynamo`` on its first call, even when nothing is
+    compiled. When dynamo is not loaded yet, this records each wrapped method as
+    its own "disabled" version, which is what the wrapper caches after that import.
+    Call it only for runs that do not use torch.compile (the trainer does so);
+    returns whether it applied (False on a torch without these wrappers)."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return False
+    done = False
+    for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):
+        fn = getattr(getattr(torch.optim.Optimizer, name, None), "__wrapped__", None)
+        if fn is not None and getattr(fn, "__dynamo_disable", None) is None:
+            fn.__dynamo_disable = fn
+            done = True
+    return done
+
+
 def _cpu_fused_adamw() -> bool:
     try:
         p = torch.nn.Parameter(torch.zeros(1))
         p.grad = torch.zeros(1)
-        torch.optim.AdamW([p], fused=True).step()
+        AdamW([p], fused=True).step()
         return True
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
         return False
 
 
@@ -131,12 +220,12 @@ def build_optimizers(model, kind: str = "adamw", lr: float = 6e-4, weight_decay:
     if kind == "adamw":
         groups = [{"params": [p for _, p in hidden + embed], "weight_decay": weight_decay, "name": "decay"},
                   {"params": [p for _, p in vectors], "weight_decay": 0.0, "name": "no_decay"}]
-        return [torch.optim.AdamW(groups, lr=lr, **kw)]
+        return [AdamW(groups, lr=lr, **kw)]
     if kind == "muon":
         splits = {p: s for p, s in fused_splits(model).items()}
         muon = Muon([p for _, p in hidden], lr=muon_lr, momentum=muon_momentum, splits=splits)
         elr = embed_lr or lr
         groups = [{"params": [p for _, p in embed], "weight_decay": 0.0, "name": "embed"},
                   {"params": [p for _, p in vectors], "weight_decay": 0.0, "name": "vectors"}]
-        return [muon, torch.optim.AdamW(groups, lr=elr, **kw)]
+        return [muon, AdamW(groups, lr=elr, **kw)]
     raise ValueError(f"unknown optimizer {kind!r}; expected 'adamw' or 'muon'")

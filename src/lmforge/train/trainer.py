@@ -24,7 +24,7 @@ from .._io import write_json
 from ..model import ModelConfig, preset
 from ..model.transformer import Transformer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .optim import build_optimizers
+from .optim import build_optimizers, skip_dynamo_import
 from .recompute import apply_recompute
 from .schedule import lr_multiplier
 
@@ -232,6 +232,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     random.seed(cfg.seed)
     model = Transformer(mcfg).to(device)
     apply_recompute(model, cfg.recompute)
+    if not cfg.compile:
+        skip_dynamo_import()
     opts = build_optimizers(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr)
     for opt in opts:
