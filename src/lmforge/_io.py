@@ -11,6 +11,19 @@ import tempfile
 from pathlib import Path
 
 
+def native_extension(name: str):
+    """The compiled extension module ``name`` (e.g. ``"lmforge.infer._decode"``), or None when
+    it was not built or ``LMFORGE_NO_NATIVE=1`` asks for the pure-Python/PyTorch paths."""
+    import importlib
+
+    if os.environ.get("LMFORGE_NO_NATIVE") == "1":
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # pragma: no cover - depends on the build
+        return None
+
+
 def lmforge_home() -> Path:
     """The cache directory: ``$LMFORGE_HOME`` or ``~/.cache/lmforge``."""
     return Path(os.environ.get("LMFORGE_HOME") or Path.home() / ".cache" / "lmforge")

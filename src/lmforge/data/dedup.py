@@ -31,14 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:
-    from . import _dedup  # type: ignore[attr-defined]
-    import os as _os
+from .._io import native_extension
 
-    if _os.environ.get("LMFORGE_NO_NATIVE") == "1":
-        raise ImportError
-except ImportError:  # pragma: no cover - depends on the build
-    _dedup = None
+_dedup = native_extension("lmforge.data._dedup")
 
 NATIVE = _dedup is not None
 _WORD = re.compile(r"\w+")

@@ -18,17 +18,13 @@ matrix-matrix products are compute-bound and already fast.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 
-try:
-    if os.environ.get("LMFORGE_NO_NATIVE") == "1":
-        raise ImportError
-    from . import _decode  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _decode = None
+from .._io import native_extension
+
+_decode = native_extension("lmforge.infer._decode")
 
 AVAILABLE = _decode is not None
 _NORM = {"layernorm": 0, "rmsnorm": 1}

@@ -7,18 +7,14 @@ bf16, no compiler, ``LMFORGE_NO_NATIVE=1``).
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-try:
-    if os.environ.get("LMFORGE_NO_NATIVE") == "1":
-        raise ImportError
-    from . import _kernels  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _kernels = None
+from .._io import native_extension
+
+_kernels = native_extension("lmforge.model._kernels")
 
 AVAILABLE = _kernels is not None
 _POOL: ThreadPoolExecutor | None = None

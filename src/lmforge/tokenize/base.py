@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 
@@ -195,8 +196,6 @@ def hf_added_tokens(specials: dict[str, int]) -> list[dict]:
 
 def char_counts(words) -> "Counter[str]":
     """Character frequencies over a ``Counter`` of words."""
-    from collections import Counter
-
     chars: Counter = Counter()
     for w, c in words.items():
         for ch in w:

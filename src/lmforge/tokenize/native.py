@@ -7,17 +7,11 @@ force the Python paths.
 """
 from __future__ import annotations
 
-import os
 
-try:
-    if os.environ.get("LMFORGE_NO_NATIVE") == "1":
-        raise ImportError("disabled by LMFORGE_NO_NATIVE=1")
-    from . import _native  # type: ignore[attr-defined]
+from .._io import native_extension
 
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - depends on the build
-    _native = None
-    AVAILABLE = False
+_native = native_extension("lmforge.tokenize._native")
+AVAILABLE = _native is not None
 
 # pre-tokenization patterns with a hand-written C matcher
 PATTERN_IDS = {"gpt2": 1, "cl100k": 2}
