@@ -70,6 +70,21 @@ ATTR static void SUF(matmul_rows)(const float *restrict W, const float *restrict
             for (int o2 = r0; o2 < r1; o2++) Y[(size_t)b * O + o2] += bias[o2];
 }
 
+/* B = 1: rows one after another (memory read strictly in order, which the prefetchers
+ * follow best when rows are short), each summed exactly as matmul_rows sums it. */
+ATTR static void SUF(matvec_rows)(const float *restrict W, const float *restrict bias, const float *restrict x,
+                                  float *restrict y, int I, int r0, int r1) {
+    const int I8 = I & ~7;
+    for (int o = r0; o < r1; o++) {
+        const float *w0 = W + (size_t)o * I;
+        v8 a = {0};
+        for (int i = 0; i < I8; i += 8) a += LOAD(w0 + i) * LOAD(x + i);
+        float s = hsum(a);
+        for (int i = I8; i < I; i++) s += w0[i] * x[i];
+        y[o] = bias ? s + bias[o] : s;
+    }
+}
+
 /* One query head over keys lo..hi (inclusive) of one sequence: softmax(q k^T * scale) v.
  * key(t) and value(t) live at kbase/vbase + table[t / bs] * bstride + (t % bs) * D. */
 ATTR static void SUF(attend)(const float *restrict q, const float *kbase, const float *vbase, const int32_t *table,
