@@ -1,13 +1,19 @@
 /* lmforge.model._kernels: CPU kernels PyTorch runs slowly here.
  *
  * GELU with the tanh approximation (GPT-2's "gelu_new"):
- *   y = 0.5 x (1 + tanh(z)),  z = sqrt(2/pi) (x + 0.044715 x^3)
- *   dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2),  t = tanh(z)
+ *   y = 0.5 x (1 + tanh(z)) = x s,   s = sigmoid(2 z),   z = sqrt(2/pi) (x + 0.044715 x^3)
+ *   dy/dx = s + x s (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+ *         = s + y (1 - s) 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2),   x = y / s
  * PyTorch's CPU kernel for it evaluates tanh element by element (3-4x slower than
- * its exact-erf GELU on AVX2 machines); here tanh(z) = 1 - 2 / (1 + exp(2z)) with a
+ * its exact-erf GELU on AVX2 machines); here s = 1 / (1 + exp(-2z)) with a
  * polynomial exp that the compiler vectorizes (an AVX2+FMA clone is picked at run
- * time). Error < 1e-6 relative to libm. Knows nothing about tensors: it takes
- * raw float32 buffers and releases the GIL; `model/kernels.py` is the bridge.
+ * time). Error < 1e-6 relative to libm. The forward also writes s, and the
+ * backward works from (y, s): y is kept anyway by the next layer (the MLP's
+ * output projection saves its input), so the backward needs no exp and no more
+ * memory than one that recomputes from x. Where z is clamped at -40, s is set
+ * to 0 (y = 0, dy/dx = 0, as in float the exact values round there).
+ * Knows nothing about tensors: it takes raw float32 buffers and releases the
+ * GIL; `model/kernels.py` is the bridge.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -42,30 +48,37 @@ static inline float tanh_fast(float z) {
     return 1.0f - 2.0f / (1.0f + exp_poly(2.0f * z));
 }
 
-#define GELU_FWD_BODY                                             \
-    for (Py_ssize_t i = 0; i < n; i++) {                          \
-        float v = x[i];                                           \
-        float t = tanh_fast(K0 * (v + K1 * v * v * v));           \
-        y[i] = 0.5f * v * (1.0f + t);                             \
+#define GELU_FWD_BODY                                                      \
+    for (Py_ssize_t i = 0; i < n; i++) {                                   \
+        float v = x[i];                                                    \
+        float z = K0 * (v + K1 * v * v * v);                               \
+        z = z < 40.0f ? z : 40.0f; /* keeps exp(-2z) in range */           \
+        z = z > -40.0f ? z : -40.0f;                                       \
+        float sg = 1.0f / (1.0f + exp_poly(-2.0f * z));                    \
+        sg = z > -40.0f ? sg : 0.0f;                                       \
+        s[i] = sg;                                                         \
+        y[i] = v * sg;                                                     \
     }
-#define GELU_BWD_BODY                                                             \
-    for (Py_ssize_t i = 0; i < n; i++) {                                          \
-        float v = x[i];                                                           \
-        float t = tanh_fast(K0 * (v + K1 * v * v * v));                           \
-        float d = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * K0 * (1.0f + 3.0f * K1 * v * v); \
-        out[i] = g[i] * d;                                                        \
+#define GELU_BWD_BODY                                                                      \
+    for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+        float sg = s[i], yv = y[i];                                                        \
+        float v = yv / (sg > 0.0f ? sg : 1.0f);                                            \
+        float d = sg + yv * (1.0f - sg) * (2.0f * K0) * (1.0f + 3.0f * K1 * v * v);        \
+        out[i] = g[i] * d;                                                                 \
     }
 
-static void fwd_plain(const float *restrict x, float *restrict y, Py_ssize_t n) { GELU_FWD_BODY }
-static void bwd_plain(const float *restrict x, const float *restrict g, float *restrict out, Py_ssize_t n) {
+static void fwd_plain(const float *restrict x, float *restrict y, float *restrict s, Py_ssize_t n) { GELU_FWD_BODY }
+static void bwd_plain(const float *restrict y, const float *restrict s, const float *restrict g, float *restrict out,
+                      Py_ssize_t n) {
     GELU_BWD_BODY
 }
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2,fma"))) static void fwd_avx2(const float *restrict x, float *restrict y, Py_ssize_t n) {
+__attribute__((target("avx2,fma"))) static void fwd_avx2(const float *restrict x, float *restrict y, float *restrict s,
+                                                           Py_ssize_t n) {
     GELU_FWD_BODY
 }
-__attribute__((target("avx2,fma"))) static void bwd_avx2(const float *restrict x, const float *restrict g,
-                                                           float *restrict out, Py_ssize_t n) {
+__attribute__((target("avx2,fma"))) static void bwd_avx2(const float *restrict y, const float *restrict s,
+                                                           const float *restrict g, float *restrict out, Py_ssize_t n) {
     GELU_BWD_BODY
 }
 static int has_avx2(void) {
@@ -80,35 +93,39 @@ static int has_avx2(void) { return 0; }
 
 static int use_avx2 = -1;
 
-/* gelu_tanh_fwd(x_ptr, y_ptr, n) */
+/* gelu_tanh_fwd(x_ptr, y_ptr, s_ptr, n) */
 static PyObject *py_fwd(PyObject *mod, PyObject *args) {
-    unsigned long long xp, yp;
+    unsigned long long xp, yp, sp;
     Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KKn", &xp, &yp, &n)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKn", &xp, &yp, &sp, &n)) return NULL;
     if (use_avx2 < 0) use_avx2 = has_avx2();
     Py_BEGIN_ALLOW_THREADS
-    if (use_avx2) fwd_avx2((const float *)(uintptr_t)xp, (float *)(uintptr_t)yp, n);
-    else fwd_plain((const float *)(uintptr_t)xp, (float *)(uintptr_t)yp, n);
+    if (use_avx2) fwd_avx2((const float *)(uintptr_t)xp, (float *)(uintptr_t)yp, (float *)(uintptr_t)sp, n);
+    else fwd_plain((const float *)(uintptr_t)xp, (float *)(uintptr_t)yp, (float *)(uintptr_t)sp, n);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* gelu_tanh_bwd(x_ptr, grad_ptr, out_ptr, n) */
+/* gelu_tanh_bwd(y_ptr, s_ptr, grad_ptr, out_ptr, n) */
 static PyObject *py_bwd(PyObject *mod, PyObject *args) {
-    unsigned long long xp, gp, op;
+    unsigned long long yp, sp, gp, op;
     Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KKKn", &xp, &gp, &op, &n)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKn", &yp, &sp, &gp, &op, &n)) return NULL;
     if (use_avx2 < 0) use_avx2 = has_avx2();
     Py_BEGIN_ALLOW_THREADS
-    if (use_avx2) bwd_avx2((const float *)(uintptr_t)xp, (const float *)(uintptr_t)gp, (float *)(uintptr_t)op, n);
-    else bwd_plain((const float *)(uintptr_t)xp, (const float *)(uintptr_t)gp, (float *)(uintptr_t)op, n);
+    if (use_avx2)
+        bwd_avx2((const float *)(uintptr_t)yp, (const float *)(uintptr_t)sp, (const float *)(uintptr_t)gp,
+                 (float *)(uintptr_t)op, n);
+    else
+        bwd_plain((const float *)(uintptr_t)yp, (const float *)(uintptr_t)sp, (const float *)(uintptr_t)gp,
+                  (float *)(uintptr_t)op, n);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"gelu_tanh_fwd", py_fwd, METH_VARARGS, "gelu_tanh_fwd(x_ptr, y_ptr, n): float32 buffers"},
-    {"gelu_tanh_bwd", py_bwd, METH_VARARGS, "gelu_tanh_bwd(x_ptr, grad_ptr, out_ptr, n): float32 buffers"},
+    {"gelu_tanh_fwd", py_fwd, METH_VARARGS, "gelu_tanh_fwd(x_ptr, y_ptr, s_ptr, n): y = gelu_tanh(x), s = sigmoid(2z); float32 buffers"},
+    {"gelu_tanh_bwd", py_bwd, METH_VARARGS, "gelu_tanh_bwd(y_ptr, s_ptr, grad_ptr, out_ptr, n): float32 buffers"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};

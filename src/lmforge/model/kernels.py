@@ -36,19 +36,23 @@ def _parallel(fn, n: int, *ptrs):
 
 
 class _GeluTanh(torch.autograd.Function):
+    """Saves the output y and s = sigmoid(2z) (the backward needs no exp); y is the
+    tensor the next Linear saves anyway, so this keeps as much memory as saving x."""
+
     @staticmethod
     def forward(ctx, x):
         y = torch.empty_like(x)
-        _parallel(_kernels.gelu_tanh_fwd, x.numel(), x.data_ptr(), y.data_ptr())
-        ctx.save_for_backward(x)
+        s = torch.empty_like(x)
+        _parallel(_kernels.gelu_tanh_fwd, x.numel(), x.data_ptr(), y.data_ptr(), s.data_ptr())
+        ctx.save_for_backward(y, s)
         return y
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
+        y, s = ctx.saved_tensors
         g = g.contiguous()
-        out = torch.empty_like(x)
-        _parallel(_kernels.gelu_tanh_bwd, x.numel(), x.data_ptr(), g.data_ptr(), out.data_ptr())
+        out = torch.empty_like(y)
+        _parallel(_kernels.gelu_tanh_bwd, y.numel(), y.data_ptr(), s.data_ptr(), g.data_ptr(), out.data_ptr())
         return out
 
 
