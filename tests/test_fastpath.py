@@ -152,3 +152,15 @@ def test_works_in_a_forked_child_after_the_parent_started_its_threads():
     got = q.get(timeout=60)
     p.join(timeout=60)
     assert p.exitcode == 0 and got == pytest.approx(want, rel=1e-6)
+
+
+def test_thread_count_does_not_change_the_numbers():
+    m = model_for("llama-gqa", d_model=96, n_head=4, vocab_size=211)  # O not a multiple of the 4-row tile
+    out = []
+    for threads in (1, 2, 3):
+        pool = BlockPool(m.cfg, num_blocks=8, block_size=8)
+        fd = FastDecoder(m, threads=threads)
+        fd.bind(pool.k, pool.v)
+        rows = [fd.step([t % 211, (5 * t) % 211], [t, t], [[0, 1], [2, 3]]) for t in range(12)]
+        out.append(torch.stack(rows))
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
