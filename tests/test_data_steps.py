@@ -2,6 +2,7 @@
 decontamination, MinHash/LSH (against exact Jaccard and planted duplicates)."""
 import gzip
 import json
+import os
 import random
 import re
 
@@ -234,6 +235,7 @@ def test_pii_on_corpus_finds_nothing(corpus_texts):
 
 def test_native_and_numpy_minhash_agree(corpus_texts):
     if not dedup.NATIVE:
+        assert os.environ.get("LMFORGE_REQUIRE_NATIVE") != "1", "the lmforge.data._dedup extension did not build"
         pytest.skip("C extension not built")
     for k in (1, 3, 5):
         a = dedup.MinHasher(k, 64, native=True)
