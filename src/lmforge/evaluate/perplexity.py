@@ -138,7 +138,10 @@ def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: floa
         if stop is not None and nxt == stop:
             break
         out.append(nxt)
-        x = torch.tensor([[nxt]], device=dev)
+        if fast is None:
+            x = torch.tensor([[nxt]], device=dev)
+        else:
+            x = x[:, :1]  # the C step takes the token itself; x only sets how many positions the next step adds
     if was_training:
         model.train()
     return out
