@@ -207,3 +207,54 @@ def test_gelu_tanh_kernel_matches_pytorch():
     go, = torch.autograd.grad(ours.sum(), big)
     ok = torch.isfinite(gr)  # PyTorch's own gradient overflows at 1e30 (x^3)
     assert ok.sum() >= 4 and torch.allclose(go[ok], gr[ok], atol=1e-6)
+
+
+@pytest.mark.parametrize("N,V", [(2048, 2048), (512, 65), (7, 50304), (33, 1)])
+def test_fused_cross_entropy_matches_pytorch(N, V):
+    import os
+
+    from lmforge.model import kernels
+
+    if os.environ.get("LMFORGE_REQUIRE_NATIVE") == "1":
+        assert kernels.AVAILABLE, "the lmforge.model._kernels C extension did not build"
+    torch.manual_seed(N)
+    x = (torch.randn(N, V) * 4).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    t[::5] = -100
+    g = torch.tensor(1.7)
+    for reduction in ("mean", "sum"):
+        ref = torch.nn.functional.cross_entropy(x, t, reduction=reduction)
+        ours = kernels.cross_entropy(x, t, reduction=reduction)
+        assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-5), reduction
+        gr, = torch.autograd.grad(ref, x, g)
+        go, = torch.autograd.grad(ours, x, g)
+        assert (gr - go).abs().max() <= 4e-6 * gr.abs().max(), reduction
+        assert (go[::5] == 0).all()  # ignored rows
+    # another ignore_index, and every row ignored (PyTorch gives NaN for the mean)
+    t2 = torch.where(t < 0, torch.full_like(t, 3 % V), t)
+    assert torch.allclose(kernels.cross_entropy(x, t2, ignore_index=3 % V),
+                          torch.nn.functional.cross_entropy(x, t2, ignore_index=3 % V), rtol=1e-6, atol=1e-5,
+                          equal_nan=True)
+    assert torch.isnan(kernels.cross_entropy(x, torch.full_like(t, -100)))
+
+
+def test_fused_cross_entropy_edges():
+    from lmforge.model import kernels
+
+    x = torch.randn(64, 300)
+    t = torch.randint(0, 300, (64,))
+    y = x.clone()
+    y[5, 7] = float("-inf")  # a masked logit is fine
+    t[5] = 8
+    assert torch.allclose(kernels.cross_entropy(y, t), torch.nn.functional.cross_entropy(y, t), rtol=1e-6)
+    for bad in (float("nan"), float("inf")):  # a NaN or +inf logit makes the loss NaN (the trainer stops on it)
+        y = x.clone()
+        y[9, 1] = bad
+        assert torch.isnan(kernels.cross_entropy(y, t))
+    t[40] = 300
+    with pytest.raises(IndexError, match="target 300 at row 40 is outside"):
+        kernels.cross_entropy(x, t)
+    # what the kernel does not take goes to PyTorch: same answers
+    xd = x.double()
+    assert torch.allclose(kernels.cross_entropy(xd, t.clamp(max=299)).float(),
+                          torch.nn.functional.cross_entropy(x, t.clamp(max=299)), rtol=1e-5)

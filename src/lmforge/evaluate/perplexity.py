@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from ..model.kernels import cross_entropy
 
 
 @torch.no_grad()
@@ -43,8 +44,8 @@ def evaluate_tokens(model, read, n_tokens: int, seq_len: int, n_bytes: int, batc
             y[y == doc_token] = -1
         with autocast() if autocast else _null():
             logits = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
-                               reduction="sum")
+        loss = cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
+                             reduction="sum")
         nll += loss.item()
         count += int((y >= 0).sum())
     if was_training:

@@ -72,6 +72,9 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False  # continue the run in `out` from its latest checkpoint
     peak_flops: float = 0.0  # for MFU; 0: measure a matmul on this device
+    init: str = "default"  # or "bigram": start from the training split's bigram model (lmforge.train.ngram_init)
+    init_scale: float = 1.0  # bigram init: rms of the embeddings
+    init_tokens: int = 20_000_000  # bigram init: count pairs in at most this many training tokens
 
 
 # Training settings that go with a preset (applied by `lmforge pretrain --preset NAME` before --set).
@@ -80,8 +83,8 @@ RECIPES: dict[str, dict] = {
     "baby-gpt": {"tokenizer": "char", "batch_size": 12, "seq_len": 64, "optimizer": "adamw", "lr": 1e-3,
                  "beta2": 0.99, "warmup_steps": 100, "min_lr_ratio": 0.1, "weight_decay": 0.1, "schedule": "cosine",
                  "grad_clip": 1.0},
-    # lmforge's CPU recipe: 2k-token byte-level BPE, Muon, warmup-stable-decay
-    "shakespeare-cpu": {"tokenizer": "bpe:2048", "batch_size": 8, "seq_len": 256, "optimizer": "muon",
+    # lmforge's CPU recipe: 2k-token byte-level BPE, bigram initialization, Muon, warmup-stable-decay
+    "shakespeare-cpu": {"tokenizer": "bpe:2048", "init": "bigram", "batch_size": 8, "seq_len": 256, "optimizer": "muon",
                         "lr": 3e-3, "muon_lr": 0.02, "schedule": "wsd", "warmup_steps": 5, "decay_frac": 0.3,
                         "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 1.0},
 }
@@ -241,6 +244,14 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
             g.setdefault("base_lr", g["lr"])
     loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, mode=cfg.loader, seed=cfg.seed)
     step, tokens, elapsed = 0, 0, 0.0
+    if cfg.init not in ("default", "bigram"):
+        raise ValueError(f"init must be default or bigram, got {cfg.init!r}")
+    if cfg.init == "bigram" and resume_ck is None:
+        from ..data.loader import TokenStream
+        from .ngram_init import bigram_init
+
+        s = TokenStream(data_dir, "train")
+        bigram_init(model, s.read(0, min(len(s), cfg.init_tokens)), scale=cfg.init_scale, seed=cfg.seed)
     if resume_ck is not None:
         st = load_checkpoint(resume_ck, model, opts)
         step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
