@@ -66,6 +66,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 _CE_MIN_SPLIT = 1 << 18  # logits per extra thread
+_CE_MIN_SIZE = 1 << 16  # below, PyTorch's call costs less than this bridge's Python
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -131,6 +132,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """``F.cross_entropy(logits (N, V), targets (N,))`` with the fused C kernel where it applies."""
     if AVAILABLE and reduction in ("mean", "sum") and logits.dim() == 2 and logits.device.type == "cpu" \
             and logits.dtype == torch.float32 and targets.dtype == torch.int64 and logits.is_contiguous() \
-            and logits.shape[1] > 0 and not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+            and logits.shape[1] > 0 and logits.numel() >= _CE_MIN_SIZE and not torch.jit.is_scripting() \
+            and not torch.compiler.is_compiling():
         return _CrossEntropy.apply(logits, targets.contiguous(), int(ignore_index), reduction)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
