@@ -23,16 +23,21 @@ _POOL: ThreadPoolExecutor | None = None
 _MIN_SPLIT = 1 << 20  # elements per extra thread (below, threads cost more than they save)
 
 
-def _parallel(fn, n: int, *ptrs):
+def _pool(k: int) -> ThreadPoolExecutor:
+    """The kernels' worker threads (the C calls release the GIL), grown to ``k`` when needed."""
     global _POOL
+    if _POOL is None or _POOL._max_workers < k:
+        _POOL = ThreadPoolExecutor(k)
+    return _POOL
+
+
+def _parallel(fn, n: int, *ptrs):
     k = max(1, min(torch.get_num_threads(), n // _MIN_SPLIT))
     if k == 1:
         fn(*ptrs, n)
         return
-    if _POOL is None or _POOL._max_workers < k:
-        _POOL = ThreadPoolExecutor(k)
     step = -(-n // k)
-    futs = [_POOL.submit(fn, *(p + 4 * i * step for p in ptrs), min(step, n - i * step)) for i in range(k)]
+    futs = [_pool(k).submit(fn, *(p + 4 * i * step for p in ptrs), min(step, n - i * step)) for i in range(k)]
     for f in futs:
         f.result()
 
@@ -101,14 +106,12 @@ class _CrossEntropy(torch.autograd.Function):
 
 def _rows_parallel(fn, N: int, V: int, x, t, *rest, backward: bool = False) -> int:
     """Split rows over the torch threads (the kernels release the GIL); returns the first bad row + 1 or 0."""
-    global _POOL
     k = max(1, min(torch.get_num_threads(), N * V // _CE_MIN_SPLIT, N))
     if k == 1:
         return _call_rows(fn, 0, N, V, x, t, rest, backward) or 0
-    if _POOL is None or _POOL._max_workers < k:
-        _POOL = ThreadPoolExecutor(k)
     step = -(-N // k)
-    futs = [_POOL.submit(_call_rows, fn, i * step, min(step, N - i * step), V, x, t, rest, backward)
+    pool = _pool(k)
+    futs = [pool.submit(_call_rows, fn, i * step, min(step, N - i * step), V, x, t, rest, backward)
             for i in range(k) if i * step < N]
     for i, f in enumerate(futs):
         bad = f.result()
