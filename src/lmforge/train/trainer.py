@@ -217,6 +217,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
 
     if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
         raise ValueError("give a bound: max_steps, max_tokens or max_time (e.g. --max-time 60)")
+    if cfg.init not in ("default", "bigram"):  # before any tokenizer training
+        raise ValueError(f"init must be default or bigram, got {cfg.init!r}")
     if bool(cfg.data) == bool(cfg.text):
         raise ValueError("give exactly one of data (shards from `lmforge data prepare`) or text (a text file)")
     out = Path(cfg.out)
@@ -268,8 +270,6 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
             g.setdefault("base_lr", g["lr"])
     loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, mode=cfg.loader, seed=cfg.seed)
     step, tokens, elapsed = 0, 0, 0.0
-    if cfg.init not in ("default", "bigram"):
-        raise ValueError(f"init must be default or bigram, got {cfg.init!r}")
     if cfg.init == "bigram" and resume_ck is None:
         from ..data.loader import TokenStream
         from .ngram_init import bigram_init
