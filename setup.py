@@ -35,9 +35,20 @@ setup(
         Extension(
             "lmforge.model._kernels",
             sources=["src/lmforge/model/_kernels.c"],
+            depends=["src/lmforge/model/_parallel.h"],
             # lets gcc vectorize the clamps (NaN still propagates: the result is multiplied by x)
             extra_compile_args=extra + (["-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros",
-                                         "-fno-trapping-math"] if os.name != "nt" else []),
+                                         "-fno-trapping-math", "-pthread"] if os.name != "nt" else []),
+            extra_link_args=["-pthread"] if os.name != "nt" else [],
+            libraries=["dl"] if sys.platform.startswith("linux") else [],
+        ),
+        Extension(
+            "lmforge.model._attention",
+            sources=["src/lmforge/model/_attention.c"],
+            depends=["src/lmforge/model/_parallel.h"],
+            extra_compile_args=extra + (["-pthread"] if os.name != "nt" else []),
+            extra_link_args=["-pthread"] if os.name != "nt" else [],
+            libraries=["dl"] if sys.platform.startswith("linux") else [],
         ),
         Extension(
             "lmforge.infer._decode",

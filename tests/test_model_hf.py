@@ -258,3 +258,93 @@ def test_fused_cross_entropy_edges():
     xd = x.double()
     assert torch.allclose(kernels.cross_entropy(xd, t.clamp(max=299)).float(),
                           torch.nn.functional.cross_entropy(x, t.clamp(max=299)), rtol=1e-5)
+    t[200] = -5  # with the rows split over threads, the first bad row is the one reported
+    with pytest.raises(IndexError, match="target 300 at row 40 is outside"):
+        kernels.cross_entropy(x, t)
+
+
+def _attention_case(B, H, T, D, layout, seed=0):
+    torch.manual_seed(seed)
+    if layout == "qkv":  # views of one projection's output, as the model passes them
+        leaf = torch.randn(B, T, 3 * H * D, requires_grad=True)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in leaf.split(H * D, dim=-1))
+        leaves = [leaf]
+    else:
+        leaves = [torch.randn(B, H, T, D, requires_grad=True) for _ in range(3)]
+        q, k, v = leaves
+    return q, k, v, leaves
+
+
+@pytest.mark.parametrize("B,H,T,D,layout", [(2, 3, 1, 16, "bhtd"), (2, 3, 7, 16, "bhtd"), (1, 2, 17, 32, "bhtd"),
+                                            (3, 2, 50, 48, "bhtd"), (2, 2, 130, 64, "qkv"), (1, 1, 300, 128, "bhtd"),
+                                            (4, 6, 100, 64, "qkv")])
+def test_causal_attention_kernel_matches_sdpa(B, H, T, D, layout):
+    import os
+
+    from lmforge.model import kernels
+
+    if os.environ.get("LMFORGE_REQUIRE_NATIVE") == "1":
+        assert kernels.ATTENTION, "the lmforge.model._attention C extension did not build"
+    q, k, v, leaves = _attention_case(B, H, T, D, layout)
+    y = kernels.causal_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert y.shape == ref.shape and (y - ref).abs().max() < 2e-6
+    g = torch.randn_like(ref)
+    gy = torch.autograd.grad(y, leaves, g)
+    for a, b in zip(gy, torch.autograd.grad(ref, leaves, g)):
+        assert (a - b).abs().max() < 1e-5
+    # one thread or several: each (batch, head) pair is one thread's, so the numbers are the same bits
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = kernels.causal_attention(q, k, v)
+        g1 = torch.autograd.grad(y1, leaves, g)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y)
+    assert all(torch.equal(a, b) for a, b in zip(g1, gy))
+
+
+def test_causal_attention_kernel_edges():
+    from lmforge.model import kernels
+
+    q, k, v, _ = _attention_case(2, 2, 40, 32, "bhtd")
+    bad = v.detach().clone()
+    bad[1, 0, 3, 5] = float("nan")  # a NaN reaches every later query of that head (the trainer stops on it)
+    y = kernels.causal_attention(q.detach(), k.detach(), bad)
+    # (earlier queries of the same 6-row tile may get it too: 0 * NaN in the tile's product)
+    assert torch.isnan(y[1, 0, 3:, 5]).all() and not torch.isnan(y[0]).any() and not torch.isnan(y[1, 1]).any()
+    bad = q.detach().clone()
+    bad[0, 1, 9, 0] = float("nan")
+    y = kernels.causal_attention(bad, k.detach(), v.detach())
+    assert torch.isnan(y[0, 1, 9]).all() and torch.isfinite(y[0, 1, :9]).all()
+    # what the kernel does not take goes to SDPA: same answers
+    for args in ((q.double(), k.double(), v.double()), (q[..., :24], k[..., :24], v[..., :24])):
+        ref = torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True)
+        assert torch.allclose(kernels.causal_attention(*args), ref)
+
+
+def test_kernels_without_openmp_use_pthreads():
+    """Where no OpenMP runtime is loaded the kernels start their own threads: same numbers."""
+    import subprocess
+    import sys
+
+    from lmforge.model import kernels
+
+    if not kernels.ATTENTION:
+        pytest.skip("no attention kernel on this machine")
+    code = ("import torch; from lmforge.model import kernels as K; torch.manual_seed(0); "
+            "q, k, v = torch.randn(3, 4, 6, 100, 64).unbind(0); torch.set_num_threads(2); "
+            "print(K._attention.threads()); torch.save(K.causal_attention(q, k, v), __import__('sys').argv[1])")
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "y.pt")
+        r = subprocess.run([sys.executable, "-c", code, out], env={**os.environ, "LMFORGE_NO_OPENMP": "1"},
+                           capture_output=True, text=True, check=True)
+        assert r.stdout.strip() == "pthreads"
+        torch.manual_seed(0)
+        q, k, v = torch.randn(3, 4, 6, 100, 64).unbind(0)
+        assert torch.equal(torch.load(out), kernels.causal_attention(q, k, v))
+    assert kernels._attention.threads() == "openmp"

@@ -21,9 +21,12 @@
  * and a write): at a 2k vocabulary that was a quarter of a small model's step.
  * Rows whose target is ignore_index give 0 and get a zero gradient.
  *
+ * Rows (elements for GELU) are split over PyTorch's OpenMP threads (`_parallel.h`).
  * Knows nothing about tensors: it takes raw buffers and releases the GIL;
  * `model/kernels.py` is the bridge.
  */
+#define _GNU_SOURCE
+#include "_parallel.h"
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
@@ -164,10 +167,6 @@ static int has_avx2(void) { return 0; }
         g[t] -= scale;                                                                         \
     }
 
-typedef Py_ssize_t (*ce_fwd_fn)(const float *, const int64_t *, Py_ssize_t, Py_ssize_t, int64_t, float *, float *);
-typedef void (*ce_bwd_fn)(const float *, const int64_t *, const float *, Py_ssize_t, Py_ssize_t, int64_t, float,
-                          float *);
-
 static Py_ssize_t ce_fwd_plain(const float *restrict logits, const int64_t *restrict tg, Py_ssize_t n, Py_ssize_t V,
                                int64_t ignore, float *restrict lse, float *restrict loss) { CE_FWD_BODY }
 static void ce_bwd_plain(const float *restrict logits, const int64_t *restrict tg, const float *restrict lse,
@@ -189,73 +188,115 @@ __attribute__((target("avx2,fma"))) static void ce_bwd_avx2(const float *restric
 
 static int use_avx2 = -1;
 
-/* ce_fwd(logits_ptr, targets_ptr, n, V, ignore_index, lse_ptr, loss_ptr) -> 0, or 1 + the first row whose
- * target is outside [0, V) (and not ignore_index) */
+typedef struct {
+    const float *x, *a, *b; /* GELU: x | y, s, g;  CE: logits, lse */
+    float *y, *s;           /* GELU: y, s | out;    CE: lse, loss | grad */
+    const int64_t *tg;
+    Py_ssize_t n, V, bad[64];
+    int64_t ignore;
+    float scale;
+} job;
+
+static void gelu_fwd_job(void *p, int t, int nt) {
+    job *j = (job *)p;
+    long lo, hi;
+    par_share(j->n, t, nt, &lo, &hi);
+    if (lo < hi) (use_avx2 ? fwd_avx2 : fwd_plain)(j->x + lo, j->y + lo, j->s + lo, hi - lo);
+}
+
+static void gelu_bwd_job(void *p, int t, int nt) {
+    job *j = (job *)p;
+    long lo, hi;
+    par_share(j->n, t, nt, &lo, &hi);
+    if (lo < hi) (use_avx2 ? bwd_avx2 : bwd_plain)(j->x + lo, j->a + lo, j->b + lo, j->y + lo, hi - lo);
+}
+
+static void ce_fwd_job(void *p, int t, int nt) {
+    job *j = (job *)p;
+    long lo, hi;
+    par_share(j->n, t, nt, &lo, &hi);
+    if (lo >= hi) return;
+    Py_ssize_t bad = (use_avx2 ? ce_fwd_avx2 : ce_fwd_plain)(j->x + lo * j->V, j->tg + lo, hi - lo, j->V, j->ignore,
+                                                            j->y + lo, j->s + lo);
+    j->bad[t] = bad ? lo + bad : 0;
+}
+
+static void ce_bwd_job(void *p, int t, int nt) {
+    job *j = (job *)p;
+    long lo, hi;
+    par_share(j->n, t, nt, &lo, &hi);
+    if (lo < hi)
+        (use_avx2 ? ce_bwd_avx2 : ce_bwd_plain)(j->x + lo * j->V, j->tg + lo, j->a + lo, hi - lo, j->V, j->ignore,
+                                                j->scale, j->y + lo * j->V);
+}
+
+static void run(par_fn fn, job *j, int nthreads) {
+    if (use_avx2 < 0) use_avx2 = has_avx2();
+    par_init();
+    nthreads = nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads;
+    Py_BEGIN_ALLOW_THREADS
+    par_run(fn, j, nthreads);
+    Py_END_ALLOW_THREADS
+}
+
+/* ce_fwd(logits_ptr, targets_ptr, n, V, ignore_index, lse_ptr, loss_ptr, nthreads) -> 0, or 1 + the first row
+ * whose target is outside [0, V) (and not ignore_index) */
 static PyObject *py_ce_fwd(PyObject *mod, PyObject *args) {
     unsigned long long xp, tp, lp, op;
-    Py_ssize_t n, V, bad;
     long long ignore;
-    if (!PyArg_ParseTuple(args, "KKnnLKK", &xp, &tp, &n, &V, &ignore, &lp, &op)) return NULL;
-    if (use_avx2 < 0) use_avx2 = has_avx2();
-    ce_fwd_fn f = use_avx2 ? ce_fwd_avx2 : ce_fwd_plain;
-    Py_BEGIN_ALLOW_THREADS
-    bad = f((const float *)(uintptr_t)xp, (const int64_t *)(uintptr_t)tp, n, V, (int64_t)ignore,
-            (float *)(uintptr_t)lp, (float *)(uintptr_t)op);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromSsize_t(bad);
+    int nthreads;
+    job j = {0};
+    if (!PyArg_ParseTuple(args, "KKnnLKKi", &xp, &tp, &j.n, &j.V, &ignore, &lp, &op, &nthreads)) return NULL;
+    j.x = (const float *)(uintptr_t)xp, j.tg = (const int64_t *)(uintptr_t)tp, j.ignore = (int64_t)ignore;
+    j.y = (float *)(uintptr_t)lp, j.s = (float *)(uintptr_t)op;
+    run(ce_fwd_job, &j, nthreads);
+    for (int t = 0; t < 64; t++)
+        if (j.bad[t]) return PyLong_FromSsize_t(j.bad[t]); /* shares are in row order: the first is the lowest */
+    return PyLong_FromLong(0);
 }
 
-/* ce_bwd(logits_ptr, targets_ptr, lse_ptr, n, V, ignore_index, scale, grad_ptr) */
+/* ce_bwd(logits_ptr, targets_ptr, lse_ptr, n, V, ignore_index, scale, grad_ptr, nthreads) */
 static PyObject *py_ce_bwd(PyObject *mod, PyObject *args) {
     unsigned long long xp, tp, lp, gp;
-    Py_ssize_t n, V;
     long long ignore;
-    float scale;
-    if (!PyArg_ParseTuple(args, "KKKnnLfK", &xp, &tp, &lp, &n, &V, &ignore, &scale, &gp)) return NULL;
-    if (use_avx2 < 0) use_avx2 = has_avx2();
-    ce_bwd_fn f = use_avx2 ? ce_bwd_avx2 : ce_bwd_plain;
-    Py_BEGIN_ALLOW_THREADS
-    f((const float *)(uintptr_t)xp, (const int64_t *)(uintptr_t)tp, (const float *)(uintptr_t)lp, n, V,
-      (int64_t)ignore, scale, (float *)(uintptr_t)gp);
-    Py_END_ALLOW_THREADS
+    int nthreads;
+    job j = {0};
+    if (!PyArg_ParseTuple(args, "KKKnnLfKi", &xp, &tp, &lp, &j.n, &j.V, &ignore, &j.scale, &gp, &nthreads))
+        return NULL;
+    j.x = (const float *)(uintptr_t)xp, j.tg = (const int64_t *)(uintptr_t)tp, j.a = (const float *)(uintptr_t)lp;
+    j.ignore = (int64_t)ignore, j.y = (float *)(uintptr_t)gp;
+    run(ce_bwd_job, &j, nthreads);
     Py_RETURN_NONE;
 }
 
-/* gelu_tanh_fwd(x_ptr, y_ptr, s_ptr, n) */
+/* gelu_tanh_fwd(x_ptr, y_ptr, s_ptr, n, nthreads) */
 static PyObject *py_fwd(PyObject *mod, PyObject *args) {
     unsigned long long xp, yp, sp;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KKKn", &xp, &yp, &sp, &n)) return NULL;
-    if (use_avx2 < 0) use_avx2 = has_avx2();
-    Py_BEGIN_ALLOW_THREADS
-    if (use_avx2) fwd_avx2((const float *)(uintptr_t)xp, (float *)(uintptr_t)yp, (float *)(uintptr_t)sp, n);
-    else fwd_plain((const float *)(uintptr_t)xp, (float *)(uintptr_t)yp, (float *)(uintptr_t)sp, n);
-    Py_END_ALLOW_THREADS
+    int nthreads;
+    job j = {0};
+    if (!PyArg_ParseTuple(args, "KKKni", &xp, &yp, &sp, &j.n, &nthreads)) return NULL;
+    j.x = (const float *)(uintptr_t)xp, j.y = (float *)(uintptr_t)yp, j.s = (float *)(uintptr_t)sp;
+    run(gelu_fwd_job, &j, nthreads);
     Py_RETURN_NONE;
 }
 
-/* gelu_tanh_bwd(y_ptr, s_ptr, grad_ptr, out_ptr, n) */
+/* gelu_tanh_bwd(y_ptr, s_ptr, grad_ptr, out_ptr, n, nthreads) */
 static PyObject *py_bwd(PyObject *mod, PyObject *args) {
     unsigned long long yp, sp, gp, op;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KKKKn", &yp, &sp, &gp, &op, &n)) return NULL;
-    if (use_avx2 < 0) use_avx2 = has_avx2();
-    Py_BEGIN_ALLOW_THREADS
-    if (use_avx2)
-        bwd_avx2((const float *)(uintptr_t)yp, (const float *)(uintptr_t)sp, (const float *)(uintptr_t)gp,
-                 (float *)(uintptr_t)op, n);
-    else
-        bwd_plain((const float *)(uintptr_t)yp, (const float *)(uintptr_t)sp, (const float *)(uintptr_t)gp,
-                  (float *)(uintptr_t)op, n);
-    Py_END_ALLOW_THREADS
+    int nthreads;
+    job j = {0};
+    if (!PyArg_ParseTuple(args, "KKKKni", &yp, &sp, &gp, &op, &j.n, &nthreads)) return NULL;
+    j.x = (const float *)(uintptr_t)yp, j.a = (const float *)(uintptr_t)sp, j.b = (const float *)(uintptr_t)gp;
+    j.y = (float *)(uintptr_t)op;
+    run(gelu_bwd_job, &j, nthreads);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"gelu_tanh_fwd", py_fwd, METH_VARARGS, "gelu_tanh_fwd(x_ptr, y_ptr, s_ptr, n): y = gelu_tanh(x), s = sigmoid(2z); float32 buffers"},
-    {"gelu_tanh_bwd", py_bwd, METH_VARARGS, "gelu_tanh_bwd(y_ptr, s_ptr, grad_ptr, out_ptr, n): float32 buffers"},
-    {"ce_fwd", py_ce_fwd, METH_VARARGS, "ce_fwd(logits, targets, n, V, ignore, lse, loss) -> 0 or 1 + bad row"},
-    {"ce_bwd", py_ce_bwd, METH_VARARGS, "ce_bwd(logits, targets, lse, n, V, ignore, scale, grad)"},
+    {"gelu_tanh_fwd", py_fwd, METH_VARARGS, "gelu_tanh_fwd(x_ptr, y_ptr, s_ptr, n, nthreads): y = gelu_tanh(x), s = sigmoid(2z); float32 buffers"},
+    {"gelu_tanh_bwd", py_bwd, METH_VARARGS, "gelu_tanh_bwd(y_ptr, s_ptr, grad_ptr, out_ptr, n, nthreads): float32 buffers"},
+    {"ce_fwd", py_ce_fwd, METH_VARARGS, "ce_fwd(logits, targets, n, V, ignore, lse, loss, nthreads) -> 0 or 1 + bad row"},
+    {"ce_bwd", py_ce_bwd, METH_VARARGS, "ce_bwd(logits, targets, lse, n, V, ignore, scale, grad, nthreads)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};

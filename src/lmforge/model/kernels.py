@@ -9,8 +9,6 @@ tensors and fall back to PyTorch otherwise (CUDA, bf16, no compiler,
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 import torch.nn.functional as F
 
@@ -19,27 +17,13 @@ from .._io import native_extension
 _kernels = native_extension("lmforge.model._kernels")
 
 AVAILABLE = _kernels is not None
-_POOL: ThreadPoolExecutor | None = None
-_MIN_SPLIT = 1 << 20  # elements per extra thread (below, threads cost more than they save)
+_MIN_SPLIT = 1 << 15  # elements per extra thread (below, waking one costs more than it saves)
 
 
-def _pool(k: int) -> ThreadPoolExecutor:
-    """The kernels' worker threads (the C calls release the GIL), grown to ``k`` when needed."""
-    global _POOL
-    if _POOL is None or _POOL._max_workers < k:
-        _POOL = ThreadPoolExecutor(k)
-    return _POOL
-
-
-def _parallel(fn, n: int, *ptrs):
-    k = max(1, min(torch.get_num_threads(), n // _MIN_SPLIT))
-    if k == 1:
-        fn(*ptrs, n)
-        return
-    step = -(-n // k)
-    futs = [_pool(k).submit(fn, *(p + 4 * i * step for p in ptrs), min(step, n - i * step)) for i in range(k)]
-    for f in futs:
-        f.result()
+def _threads(work: int, per_thread: int) -> int:
+    """How many of the torch threads a kernel of ``work`` units uses (the C side runs them on
+    PyTorch's own OpenMP team: see ``_parallel.h``)."""
+    return max(1, min(torch.get_num_threads(), work // per_thread))
 
 
 class _GeluTanh(torch.autograd.Function):
@@ -50,7 +34,8 @@ class _GeluTanh(torch.autograd.Function):
     def forward(ctx, x):
         y = torch.empty_like(x)
         s = torch.empty_like(x)
-        _parallel(_kernels.gelu_tanh_fwd, x.numel(), x.data_ptr(), y.data_ptr(), s.data_ptr())
+        n = x.numel()
+        _kernels.gelu_tanh_fwd(x.data_ptr(), y.data_ptr(), s.data_ptr(), n, _threads(n, _MIN_SPLIT))
         ctx.save_for_backward(y, s)
         return y
 
@@ -59,7 +44,8 @@ class _GeluTanh(torch.autograd.Function):
         y, s = ctx.saved_tensors
         g = g.contiguous()
         out = torch.empty_like(y)
-        _parallel(_kernels.gelu_tanh_bwd, y.numel(), y.data_ptr(), s.data_ptr(), g.data_ptr(), out.data_ptr())
+        n = y.numel()
+        _kernels.gelu_tanh_bwd(y.data_ptr(), s.data_ptr(), g.data_ptr(), out.data_ptr(), n, _threads(n, _MIN_SPLIT))
         return out
 
 
@@ -70,7 +56,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-_CE_MIN_SPLIT = 1 << 18  # logits per extra thread
+_CE_MIN_SPLIT = 1 << 15  # logits per extra thread
 _CE_MIN_SIZE = 1 << 16  # below, PyTorch's call costs less than this bridge's Python
 
 
@@ -82,8 +68,8 @@ class _CrossEntropy(torch.autograd.Function):
         N, V = logits.shape
         lse = torch.empty(N)
         rows = torch.empty(N)
-        bad = _rows_parallel(_kernels.ce_fwd, N, V, logits.data_ptr(), targets.data_ptr(), ignore_index,
-                             lse.data_ptr(), rows.data_ptr())
+        bad = _kernels.ce_fwd(logits.data_ptr(), targets.data_ptr(), N, V, ignore_index, lse.data_ptr(),
+                              rows.data_ptr(), _threads(N * V, _CE_MIN_SPLIT))
         if bad:
             t = int(targets[bad - 1])
             raise IndexError(f"cross_entropy: target {t} at row {bad - 1} is outside [0, {V})")
@@ -99,35 +85,9 @@ class _CrossEntropy(torch.autograd.Function):
         N, V = logits.shape
         grad = torch.empty_like(logits)
         scale = float(g) / ctx.count if ctx.count else float("nan")
-        _rows_parallel(_kernels.ce_bwd, N, V, logits.data_ptr(), targets.data_ptr(), lse.data_ptr(),
-                       ctx.ignore_index, scale, grad.data_ptr(), backward=True)
+        _kernels.ce_bwd(logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), N, V, ctx.ignore_index, scale,
+                        grad.data_ptr(), _threads(N * V, _CE_MIN_SPLIT))
         return grad, None, None, None
-
-
-def _rows_parallel(fn, N: int, V: int, x, t, *rest, backward: bool = False) -> int:
-    """Split rows over the torch threads (the kernels release the GIL); returns the first bad row + 1 or 0."""
-    k = max(1, min(torch.get_num_threads(), N * V // _CE_MIN_SPLIT, N))
-    if k == 1:
-        return _call_rows(fn, 0, N, V, x, t, rest, backward) or 0
-    step = -(-N // k)
-    pool = _pool(k)
-    futs = [pool.submit(_call_rows, fn, i * step, min(step, N - i * step), V, x, t, rest, backward)
-            for i in range(k) if i * step < N]
-    for i, f in enumerate(futs):
-        bad = f.result()
-        if bad:
-            return i * step + bad
-    return 0
-
-
-def _call_rows(fn, r0, n, V, x, t, rest, backward):
-    x, t = x + 4 * r0 * V, t + 8 * r0
-    if backward:  # (lse, ignore, scale, grad)
-        lse, ignore, scale, grad = rest
-        fn(x, t, lse + 4 * r0, n, V, ignore, scale, grad + 4 * r0 * V)
-        return 0
-    ignore, lse, rows = rest  # forward: (ignore, lse, rows)
-    return fn(x, t, n, V, ignore, lse + 4 * r0, rows + 4 * r0)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -139,3 +99,54 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
             and not torch.compiler.is_compiling():
         return _CrossEntropy.apply(logits, targets.contiguous(), int(ignore_index), reduction)
     return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+_attention = native_extension("lmforge.model._attention")
+ATTENTION = _attention is not None and _attention.available()
+_ATTN_MIN_SPLIT = 1 << 18  # multiply-adds per extra thread
+
+
+def _attn_threads(BH: int, work: int) -> int:
+    return min(BH, _threads(work, _ATTN_MIN_SPLIT))
+
+
+class _CausalAttention(torch.autograd.Function):
+    """Saves q, k, v (views of the qkv projection's output: no copies), the output and one
+    log-sum-exp per query; the backward recomputes the scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        B, H, T, D = q.shape
+        o = torch.empty(B, T, H, D)
+        lse = torch.empty(B * H, T)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+        _attention.fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, B, H, T, D, scale, o.data_ptr(),
+                       lse.data_ptr(), _attn_threads(B * H, B * H * T * T * D))
+        y = o.transpose(1, 2)
+        ctx.save_for_backward(q, k, v, y, lse)
+        ctx.scale, ctx.strides = scale, strides
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, y, lse = ctx.saved_tensors
+        B, H, T, D = q.shape
+        if g.stride(-1) != 1:
+            g = g.contiguous()
+        dq, dk, dv = (torch.empty(B, T, H, D) for _ in range(3))
+        _attention.bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), ctx.strides, B, H, T, D, ctx.scale, y.data_ptr(),
+                       lse.data_ptr(), g.data_ptr(), g.stride()[:3], dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                       _attn_threads(B * H, 2 * B * H * T * T * D))
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` for (B, H, T, D) tensors, with the
+    C kernel (``_attention.c``) on CPU float32 when D is a multiple of 16. The result is a
+    (B, H, T, D) view of a (B, T, H, D) buffer: ``y.transpose(1, 2).reshape(B, T, H * D)`` is free."""
+    if ATTENTION and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 \
+            and q.dim() == 4 and q.shape == k.shape == v.shape and q.shape[-1] % 16 == 0 and q.shape[2] > 0 \
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and not torch.jit.is_scripting() \
+            and not torch.compiler.is_compiling():
+        return _CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
