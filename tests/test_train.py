@@ -37,8 +37,12 @@ def losses(out):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_interrupted_and_resumed_run_matches(text_file, tmp_path, optimizer):
+    # the muon run also keeps a weight average from step 4 on: the cut at 7 saves it mid-way
+    kw = dict(optimizer=optimizer, model={**TINY, "dropout": 0.1})
+    if optimizer == "muon":
+        kw.update(ema=0.8, ema_start=0.3)
     ref = tmp_path / "ref"
-    train(cfg_for(text_file, ref, optimizer=optimizer, model={**TINY, "dropout": 0.1}), quiet=True)
+    train(cfg_for(text_file, ref, **kw), quiet=True)
     cut = tmp_path / "cut"
 
     def die(step, rec):
@@ -46,17 +50,47 @@ def test_interrupted_and_resumed_run_matches(text_file, tmp_path, optimizer):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(text_file, cut, optimizer=optimizer, model={**TINY, "dropout": 0.1}), on_step=die, quiet=True)
+        train(cfg_for(text_file, cut, **kw), on_step=die, quiet=True)
     assert (cut / "checkpoints" / "latest.json").exists()
     with pytest.raises(ValueError, match="--resume"):
-        train(cfg_for(text_file, cut, optimizer=optimizer, model={**TINY, "dropout": 0.1}), quiet=True)
-    train(cfg_for(text_file, cut, optimizer=optimizer, model={**TINY, "dropout": 0.1}, resume=True), quiet=True)
+        train(cfg_for(text_file, cut, **kw), quiet=True)
+    train(cfg_for(text_file, cut, resume=True, **kw), quiet=True)
     assert losses(cut) == losses(ref)
     a, _ = load(ref)
     b, _ = load(cut)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert (ref / "loss.png").exists() and (ref / "final.json").exists()
+    assert json.loads((ref / "final.json").read_text())["ema"] == (optimizer == "muon")
+
+
+def test_weight_ema_ends_on_the_average(text_file, tmp_path):
+    """The run ends on decay-weighted averages of the weights after each step from ema_start on."""
+    from lmforge.train.optim import WeightEMA
+
+    snaps = []
+    run = tmp_path / "run"
+
+    real_step = WeightEMA.step
+
+    def spy(self, closure=None):
+        snaps.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+        return real_step(self, closure)
+
+    WeightEMA.step = spy
+    try:
+        train(cfg_for(text_file, run, ema=0.5, ema_start=0.5, eval_every=0), quiet=True)
+    finally:
+        WeightEMA.step = real_step
+    assert len(snaps) == 7  # after steps 6..12
+    avg = [t.clone() for t in snaps[0]]
+    for s in snaps[1:]:
+        avg = [0.5 * a + 0.5 * w for a, w in zip(avg, s)]
+    model, _ = load(run)
+    for a, p in zip(avg, model.parameters()):
+        assert torch.allclose(a, p, atol=1e-6)
+    with pytest.raises(ValueError, match="ema must be in"):
+        train(cfg_for(text_file, tmp_path / "bad", ema=1.0), quiet=True)
 
 
 def test_resume_from_periodic_checkpoint_after_a_crash(text_file, tmp_path):

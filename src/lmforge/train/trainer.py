@@ -24,7 +24,7 @@ from .._io import write_json
 from ..model import ModelConfig, preset
 from ..model.transformer import Transformer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .optim import build_optimizers, skip_dynamo_import
+from .optim import WeightEMA, build_optimizers, skip_dynamo_import
 from .recompute import apply_recompute
 from .schedule import lr_multiplier
 
@@ -75,6 +75,8 @@ class TrainConfig:
     init: str = "default"  # or "bigram": start from the training split's bigram model (lmforge.train.ngram_init)
     init_scale: float = 1.0  # bigram init: rms of the embeddings
     init_tokens: int = 20_000_000  # bigram init: count pairs in at most this many training tokens
+    ema: float = 0.0  # > 0: keep an exponential moving average of the weights (this decay per step) and end on it
+    ema_start: float = 0.7  # ema: share of the run after which the average is kept
 
 
 # Training settings that go with a preset (applied by `lmforge pretrain --preset NAME` before --set).
@@ -83,10 +85,11 @@ RECIPES: dict[str, dict] = {
     "baby-gpt": {"tokenizer": "char", "batch_size": 12, "seq_len": 64, "optimizer": "adamw", "lr": 1e-3,
                  "beta2": 0.99, "warmup_steps": 100, "min_lr_ratio": 0.1, "weight_decay": 0.1, "schedule": "cosine",
                  "grad_clip": 1.0},
-    # lmforge's CPU recipe: 2k-token byte-level BPE, bigram initialization, Muon, warmup-stable-decay
+    # lmforge's CPU recipe: 2k-token byte-level BPE, bigram initialization, Muon, warmup-stable-decay,
+    # ending on the average of the weights over the decay
     "shakespeare-cpu": {"tokenizer": "bpe:2048", "init": "bigram", "batch_size": 8, "seq_len": 256, "optimizer": "muon",
                         "lr": 1e-2, "muon_lr": 0.02, "schedule": "wsd", "warmup_steps": 5, "decay_frac": 0.3,
-                        "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 1.0},
+                        "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 1.0, "ema": 0.99, "ema_start": 0.7},
 }
 
 
@@ -219,6 +222,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         raise ValueError("give a bound: max_steps, max_tokens or max_time (e.g. --max-time 60)")
     if cfg.init not in ("default", "bigram"):  # before any tokenizer training
         raise ValueError(f"init must be default or bigram, got {cfg.init!r}")
+    if not (0.0 <= cfg.ema < 1.0 and 0.0 <= cfg.ema_start <= 1.0):
+        raise ValueError(f"ema must be in [0, 1) and ema_start in [0, 1], got {cfg.ema} and {cfg.ema_start}")
     if bool(cfg.data) == bool(cfg.text):
         raise ValueError("give exactly one of data (shards from `lmforge data prepare`) or text (a text file)")
     out = Path(cfg.out)
@@ -268,6 +273,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     for opt in opts:
         for g in opt.param_groups:
             g.setdefault("base_lr", g["lr"])
+    ema = WeightEMA(model.parameters(), cfg.ema) if cfg.ema else None
+    saved = opts + [ema] if ema is not None else opts  # what a checkpoint holds besides the model
     loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, mode=cfg.loader, seed=cfg.seed)
     step, tokens, elapsed = 0, 0, 0.0
     if cfg.init == "bigram" and resume_ck is None:
@@ -277,7 +284,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         s = TokenStream(data_dir, "train")
         bigram_init(model, s.read(0, min(len(s), cfg.init_tokens)), scale=cfg.init_scale, seed=cfg.seed)
     if resume_ck is not None:
-        st = load_checkpoint(resume_ck, model, opts)
+        st = load_checkpoint(resume_ck, model, saved)
         step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
         loader.load_state_dict(st["loader"])
         if not quiet:
@@ -314,7 +321,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                                device=device, autocast=autocast)
 
     def checkpoint():
-        save_checkpoint(out, model, opts, {"step": step, "tokens": tokens, "elapsed": elapsed,
+        save_checkpoint(out, model, saved, {"step": step, "tokens": tokens, "elapsed": elapsed,
                                            "loader": loader.state_dict(), "config": asdict(cfg)},
                         tokenizer=tok, keep=cfg.keep_checkpoints)
 
@@ -358,6 +365,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                 torch.cuda.synchronize()
             step += 1
             tokens += tokens_per_step
+            if ema is not None and progress() >= cfg.ema_start:
+                ema.step()
             dt = time.perf_counter() - t0
             elapsed += dt
             tok_window += tokens_per_step
@@ -392,6 +401,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
             checkpoint()  # nothing lost: the run resumes from this step
         raise
     bar.close()
+    if ema is not None and ema.started():
+        ema.copy_to_model()  # the run ends on the averaged weights: evaluated, checkpointed and saved
     ev = run_eval(cfg.final_eval_batches)
     checkpoint()
     from ..model import save as save_model
@@ -400,7 +411,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     final = {"step": step, "tokens": tokens, "train_loss": last_loss, "val_loss": ev["loss"],
              "val_bpb": ev["bits_per_byte"], "elapsed": round(elapsed, 2),
              "wall": round(time.perf_counter() - t_start, 2), "params": model.num_params(),
-             "peak_flops": peak}
+             "peak_flops": peak, "ema": bool(ema is not None and ema.started())}
     write_json(out / "final.json", final, indent=1)
     try:
         plot_metrics(metrics_path, out / "loss.png")
