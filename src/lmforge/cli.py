@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule=wsd warmup_steps=100 eval_every=200 recompute=selective compile=true "
                         "model.n_layer=8 model.d_model=512 init=bigram (start from the training text's bigram model; "
                         "needs rope, rmsnorm, untied embeddings, zero_init_proj: see docs/training.md) ema=0.99 ema_start=0.7 "
-                        "(end on a moving average of the weights over the last 30%% of the run)")
+                        "(end on a moving average of the weights over the last 30% of the run)")
     src = pt.add_mutually_exclusive_group()
     src.add_argument("--data", default=None, help="a directory written by `lmforge data prepare`")
     src.add_argument("--text", default=None, help="a UTF-8 text file")
