@@ -25,6 +25,11 @@ class OptionalBuildExt(build_ext):
 
 
 extra = ["-O3", "-std=c99"] if os.name != "nt" else []
+# the model kernels run on PyTorch's OpenMP threads, found at run time (dlopen), else on pthreads
+threaded = dict(depends=["src/lmforge/model/_parallel.h"],
+                extra_link_args=["-pthread"] if os.name != "nt" else [],
+                libraries=["dl"] if sys.platform.startswith("linux") else [])
+pthread = ["-pthread"] if os.name != "nt" else []
 setup(
     ext_modules=[
         Extension(
@@ -35,21 +40,13 @@ setup(
         Extension(
             "lmforge.model._kernels",
             sources=["src/lmforge/model/_kernels.c"],
-            depends=["src/lmforge/model/_parallel.h"],
             # lets gcc vectorize the clamps (NaN still propagates: the result is multiplied by x)
-            extra_compile_args=extra + (["-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros",
-                                         "-fno-trapping-math", "-pthread"] if os.name != "nt" else []),
-            extra_link_args=["-pthread"] if os.name != "nt" else [],
-            libraries=["dl"] if sys.platform.startswith("linux") else [],
+            extra_compile_args=extra + pthread + (["-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros",
+                                                   "-fno-trapping-math"] if os.name != "nt" else []),
+            **threaded,
         ),
-        Extension(
-            "lmforge.model._attention",
-            sources=["src/lmforge/model/_attention.c"],
-            depends=["src/lmforge/model/_parallel.h"],
-            extra_compile_args=extra + (["-pthread"] if os.name != "nt" else []),
-            extra_link_args=["-pthread"] if os.name != "nt" else [],
-            libraries=["dl"] if sys.platform.startswith("linux") else [],
-        ),
+        Extension("lmforge.model._attention", sources=["src/lmforge/model/_attention.c"],
+                  extra_compile_args=extra + pthread, **threaded),
         Extension(
             "lmforge.infer._decode",
             sources=["src/lmforge/infer/_decode.c"],
