@@ -14,9 +14,14 @@
  */
 #ifndef LMFORGE_PARALLEL_H
 #define LMFORGE_PARALLEL_H
+#include <pthread.h>
+#if defined(__linux__) || defined(__FreeBSD__)
 #include <dlfcn.h>
 #include <link.h>
-#include <pthread.h>
+#define PAR_FIND_OPENMP 1
+#else /* macOS and others: no dl_iterate_phdr here; pthreads */
+#define PAR_FIND_OPENMP 0
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,6 +33,7 @@ static gomp_parallel_t par_gomp;
 static omp_int_t par_tid, par_nt;
 static int par_state = -1; /* -1 not looked up yet, 0 none, 1 found */
 
+#if PAR_FIND_OPENMP
 static int par_find(struct dl_phdr_info *info, size_t size, void *out) {
     const char *n = info->dlpi_name;
     (void)size;
@@ -38,9 +44,15 @@ static int par_find(struct dl_phdr_info *info, size_t size, void *out) {
     return 0;
 }
 
+#endif
+
 /* call with the GIL held (the lookup runs once) */
 static int par_init(void) {
     if (par_state >= 0) return par_state;
+#if !PAR_FIND_OPENMP
+    par_state = 0;
+    return 0;
+#else
     char path[4096] = {0};
     par_state = 0;
     const char *off = getenv("LMFORGE_NO_OPENMP");
@@ -54,6 +66,7 @@ static int par_init(void) {
     par_nt = (omp_int_t)dlsym(h, "omp_get_num_threads");
     par_state = par_gomp && par_tid && par_nt;
     return par_state;
+#endif
 }
 
 typedef struct {
