@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 
 .PHONY: install demo tokenizer-demo test test-all bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py src/lmforge/tokenize/_native.c src/lmforge/data/_dedup.c src/lmforge/model/_kernels.c src/lmforge/model/_attention.c src/lmforge/infer/_decode.c
+$(VENV)/.installed: pyproject.toml setup.py src/lmforge/tokenize/_native.c src/lmforge/data/_dedup.c src/lmforge/model/_kernels.c src/lmforge/model/_attention.c src/lmforge/model/_parallel.h src/lmforge/infer/_decode.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
