@@ -95,8 +95,8 @@ def load_checkpoint(ck: str | os.PathLike, model, optimizers) -> dict:
     state = json.loads((ck / "trainer.json").read_text())
     tensors = load_file(str(ck / "optim.safetensors"))
     if len(state["optimizers"]) != len(optimizers):
-        raise ValueError(f"{ck}: saved with {len(state['optimizers'])} optimizer(s), this run has "
-                         f"{len(optimizers)} (a different --set optimizer?)")
+        raise ValueError(f"{ck}: saved with {len(state['optimizers'])} optimizer state(s), this run has "
+                         f"{len(optimizers)} (a different --set optimizer, or ema switched on or off?)")
     for k, (opt, meta) in enumerate(zip(optimizers, state["optimizers"])):
         st: dict = {}
         for name, v in tensors.items():
