@@ -41,8 +41,7 @@ class Runner:
         mp = self.dir / "run.json"
         self.manifest = json.loads(mp.read_text()) if mp.exists() else {"stages": {}}
         self.results: dict[str, dict] = {}
-        self._previous: dict = {}  # the running stage's record from the last attempt, and its new key
-        self._key = ""
+        self._key = ""  # the running stage's key
 
     def log(self, msg: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
@@ -130,11 +129,16 @@ class Runner:
 
         cfg = copy.deepcopy(self.r.train)
         cfg.data, cfg.text, cfg.out = str(self.dir / "data"), "", str(self.dir / "model")
-        if latest_checkpoint(cfg.out) is not None and self._previous.get("key") != self._key:
-            # a run with other settings (or other data): it is replaced, not continued
+        # the run in model/ continues only if it was started for this stage key (same settings, same data);
+        # any other run there is replaced, not continued
+        stamp = Path(cfg.out) / "pipeline_key.txt"
+        mine = stamp.exists() and stamp.read_text().strip() == self._key
+        if latest_checkpoint(cfg.out) is not None and not mine:
             self.log(f"pretrain: settings or data changed since {cfg.out} was trained; starting a new run there")
             shutil.rmtree(cfg.out)
         cfg.resume = latest_checkpoint(cfg.out) is not None  # an interrupted run with these settings continues
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        stamp.write_text(self._key + "\n")
         final = train(cfg, quiet=self.quiet)
         return {"model": Path(cfg.out) / "model.safetensors"}, {
             k: final[k] for k in ("step", "tokens", "train_loss", "val_loss", "val_bpb", "params", "elapsed")}
@@ -208,7 +212,7 @@ class Runner:
                 prev = _hash([key, old["outputs"]])
                 continue
             self.log(f"[{i}/{len(self.r.stages)}] {name} ...")
-            self._previous, self._key = old, key  # what this stage's last attempt was (pretrain resumes only its own)
+            self._key = key  # pretrain resumes only a run started under the same key
             stages[name] = {"status": "running", "key": key, "started": time.time()}
             self.save_manifest()
             t0 = time.perf_counter()
