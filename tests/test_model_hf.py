@@ -327,8 +327,10 @@ def test_causal_attention_kernel_edges():
 
 def test_kernels_without_openmp_use_pthreads():
     """Where no OpenMP runtime is loaded the kernels start their own threads: same numbers."""
+    import os
     import subprocess
     import sys
+    import tempfile
 
     from lmforge.model import kernels
 
@@ -337,9 +339,6 @@ def test_kernels_without_openmp_use_pthreads():
     code = ("import torch; from lmforge.model import kernels as K; torch.manual_seed(0); "
             "q, k, v = torch.randn(3, 4, 6, 100, 64).unbind(0); torch.set_num_threads(2); "
             "print(K._attention.threads()); torch.save(K.causal_attention(q, k, v), __import__('sys').argv[1])")
-    import os
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "y.pt")
         r = subprocess.run([sys.executable, "-c", code, out], env={**os.environ, "LMFORGE_NO_OPENMP": "1"},

@@ -1,11 +1,13 @@
-"""The bridge to ``_kernels`` (C): GELU-tanh and a fused cross-entropy on CPU float32.
+"""The bridge to the C kernels ``_kernels`` and ``_attention``, for CPU float32.
 
 ``gelu_tanh(x)`` equals ``F.gelu(x, approximate="tanh")`` (to ~1e-6) and is
 differentiable; ``cross_entropy(logits, targets)`` equals ``F.cross_entropy``
 (mean or sum, ``ignore_index``) to ~1e-6 with one read of the logits forward and
-one read + one write backward. Both use the C kernels for contiguous CPU float32
-tensors and fall back to PyTorch otherwise (CUDA, bf16, no compiler,
-``LMFORGE_NO_NATIVE=1``).
+one read + one write backward; ``causal_attention(q, k, v)`` equals causal
+``F.scaled_dot_product_attention`` (to ~1e-6, gradients ~1e-5) at 2-3x its speed
+on this CPU. They use the C kernels for CPU float32 tensors and fall back to
+PyTorch otherwise (CUDA, bf16, no compiler, ``LMFORGE_NO_NATIVE=1``). The C side
+splits the work over PyTorch's own OpenMP threads (``_parallel.h``).
 """
 from __future__ import annotations
 
