@@ -1,0 +1,370 @@
+"""The docs cannot drift from the code: every command they show must parse.
+
+Knows how to find ``lmforge ...`` commands in README.md and docs/*.md (fenced
+shell blocks, one command per line with ``\\`` continuations, ``$`` prompts,
+pipes, ``&&``, redirections and ``#`` comments; inline code spans, where a
+table's ``a\\|b`` lists alternatives), and parses each with the real parser
+from ``lmforge.cli.build_parser`` without running it. It also checks that each
+``make TARGET`` is a Makefile target and that each repository path the docs
+name (``benchmarks/*.py``, ``recipes/*.toml``, ``tests/...``, source files,
+relative links) exists. It does not run the commands or check that their
+numbers are right: that is the benchmarks' job.
+
+Fenced commands must parse completely (required arguments included); an inline
+span may be a fragment (``lmforge pretrain --data``), so only its subcommands
+and option names are checked. ``...`` or a ``<placeholder>`` ends what is checked.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SHELL_LANGS = {"", "bash", "sh", "shell", "console", "zsh"}
+OPS = {"|", "||", "&&", ";", "&"}
+REDIRECTS = {">", ">>", "<", "2>", "2>>", "&>", ">&", "2>&1"}
+
+
+@dataclass
+class Snippet:
+    file: str  # relative to the repository
+    line: int
+    text: str  # the command as written (continuations joined)
+    inline: bool  # from an inline code span: a fragment is fine
+
+
+# ---- extraction ---------------------------------------------------------------------------------
+
+def _shell_lines(lines: list[str], start: int):
+    """(line number, logical line) of a shell block, joining ``\\`` continuations."""
+    buf, first = "", None
+    for k, raw in enumerate(lines):
+        if first is None:
+            first = start + k
+        if raw.rstrip().endswith("\\"):
+            buf += raw.rstrip()[:-1] + " "
+            continue
+        yield first, buf + raw
+        buf, first = "", None
+    if buf:
+        yield first, buf
+
+
+def _split_commands(line: str) -> list[list[str]]:
+    """The simple commands of one shell line, without comments, prompts or redirections."""
+    s = line.strip()
+    if s.startswith("$ "):
+        s = s[2:]
+    lex = shlex.shlex(s, posix=True, punctuation_chars="|&;<>")
+    lex.whitespace_split = True
+    lex.commenters = "#"
+    try:
+        tokens = list(lex)
+    except ValueError:  # unbalanced quotes: let the caller see the raw words
+        tokens = s.split()
+    cmds, cur, skip_next = [], [], False
+    for t in tokens:
+        if skip_next:
+            skip_next = False
+            continue
+        if t in OPS:
+            cmds.append(cur)
+            cur = []
+        elif t in REDIRECTS or re.fullmatch(r"\d?[<>]{1,2}&?\d?", t):
+            skip_next = not t.endswith(("&1", "&2"))
+        else:
+            cur.append(t)
+    cmds.append(cur)
+    return [c for c in cmds if c]
+
+
+def fenced_blocks(text: str):
+    """(language, first line number, lines) of each fenced code block."""
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^\s*(```+|~~~+)\s*([\w+-]*)", lines[i])
+        if not m:
+            i += 1
+            continue
+        fence, lang = m.group(1), m.group(2).lower()
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            j += 1
+        yield lang, i + 2, lines[i + 1:j]
+        i = j + 1
+
+
+def inline_spans(text: str):
+    """(line number, content) of each inline code span outside fenced blocks."""
+    in_fence = False
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.match(r"^\s*(```|~~~)", line):
+            in_fence = not in_fence
+            continue
+        if in_fence:
+            continue
+        for m in re.finditer(r"(`+)(.+?)\1", line):
+            yield n, m.group(2).strip()
+
+
+def lmforge_snippets(path: Path, text: str | None = None) -> list[Snippet]:
+    text = path.read_text(encoding="utf-8") if text is None else text
+    rel = path.relative_to(ROOT).as_posix() if path.is_absolute() and ROOT in path.parents else str(path)
+    out = []
+    for lang, start, lines in fenced_blocks(text):
+        if lang not in SHELL_LANGS:
+            continue
+        for n, line in _shell_lines(lines, start):
+            for cmd in _split_commands(line):
+                if cmd[0] == "lmforge":
+                    out.append(Snippet(rel, n, shlex.join(cmd), inline=False))
+    for n, span in inline_spans(text):
+        if re.match(r"lmforge(\s|$)", span):
+            out.append(Snippet(rel, n, span, inline=True))
+    return out
+
+
+def _expand(words: list[str]) -> list[list[str]]:
+    """A table's ``train\\|encode`` (or ``train|encode``) is one command per alternative."""
+    choices = [w.replace("\\|", "|").split("|") if "|" in w and not w.startswith("-") else [w] for w in words]
+    return [list(c) for c in itertools.product(*choices)]
+
+
+def _words(snippet: Snippet) -> list[list[str]]:
+    if snippet.inline:
+        try:
+            words = shlex.split(snippet.text.replace("\\|", "\x00"), comments=True)
+        except ValueError:
+            words = snippet.text.split()
+        words = [w.replace("\x00", "\\|") for w in words]
+    else:
+        words = shlex.split(snippet.text)
+    kept = []
+    for w in words[1:]:
+        if w == "..." or re.fullmatch(r"<[^>]*>", w):
+            break  # a placeholder for the rest
+        if re.fullmatch(r"\[[A-Z_ .|-]+\]", w):
+            continue  # an optional positional in usage notation: [RECIPE]
+        kept.append(w)
+    return _expand(kept) if snippet.inline else [kept]
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+
+def _walk(parser: argparse.ArgumentParser):
+    """The parser and every subparser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in dict.fromkeys(action.choices.values()):
+                yield from _walk(sp)
+
+
+def _strict(parser: argparse.ArgumentParser, lenient: bool) -> argparse.ArgumentParser:
+    """No abbreviated options (docs spell flags in full); with ``lenient``, nothing required."""
+    for p in _walk(parser):
+        p.allow_abbrev = False
+        if lenient:
+            for action in p._actions:
+                action.required = False
+    return parser
+
+
+def parse_error(args: list[str], lenient: bool) -> str | None:
+    """None if ``lmforge ARGS`` parses, else argparse's message."""
+    parser = _strict(build_parser(), lenient)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            parser.parse_args(args)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help, --version
+            return None
+        msg = [l for l in err.getvalue().splitlines() if l.strip()]
+        return msg[-1] if msg else f"exit {e.code}"
+    return None
+
+
+def check_snippet(s: Snippet) -> list[str]:
+    problems = []
+    for args in _words(s):
+        msg = parse_error(args, s.inline)
+        if msg and s.inline and args and args[-1].startswith("-") and "expected" in msg:
+            msg = parse_error(args + ["VALUE"], True)  # a fragment naming an option without its value
+        if msg:
+            problems.append(f"{s.file}:{s.line}: `{s.text}`: {msg}")
+    return problems
+
+
+# ---- the tests ----------------------------------------------------------------------------------
+
+SNIPPETS = [s for p in DOCS for s in lmforge_snippets(p)]
+
+
+def test_docs_have_commands():
+    # the extractor finds both kinds (a test that finds nothing cannot fail)
+    assert sum(not s.inline for s in SNIPPETS) >= 30, [s.text for s in SNIPPETS]
+    assert sum(s.inline for s in SNIPPETS) >= 20, [s.text for s in SNIPPETS]
+    files = {s.file for s in SNIPPETS}
+    assert "README.md" in files and "docs/training.md" in files
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"{s.file}:{s.line}" for s in SNIPPETS])
+def test_documented_command_parses(snippet):
+    problems = check_snippet(snippet)
+    assert not problems, "\n".join(problems)
+
+
+def test_checker_catches_a_broken_line(tmp_path):
+    doc = tmp_path / "broken.md"
+    doc.write_text(
+        "Text `lmforge pretrain --max-tim 5` here.\n\n"
+        "```bash\n"
+        "$ lmforge eval --checkpoint runs/pt --json | jq .loss   # fine\n"
+        "lmforge pretrain --text my.txt \\\n"
+        "    --checkpoint-evry 5 > log.txt\n"
+        "lmforge serve --port 80\n"
+        "lmforge tokenizer frobnicate -t x\n"
+        "```\n", encoding="utf-8")
+    snips = lmforge_snippets(doc)
+    assert [(s.line, s.inline) for s in snips] == [(4, False), (5, False), (7, False), (8, False), (1, True)]
+    assert snips[0].text == "lmforge eval --checkpoint runs/pt --json"
+    problems = {s.line: check_snippet(s) for s in snips}
+    assert problems[4] == []
+    assert "unrecognized arguments: --checkpoint-evry 5" in problems[5][0] and ":5:" in problems[5][0]
+    assert "the following arguments are required: --checkpoint" in problems[7][0]
+    assert "invalid choice: 'frobnicate'" in problems[8][0]
+    assert "--max-tim" in problems[1][0]
+    # a table's alternatives are each checked; a fragment need not give required arguments
+    ok = Snippet("x.md", 1, "lmforge serve\\|chat\\|generate", inline=True)
+    bad = Snippet("x.md", 1, "lmforge data prepare\\|stat", inline=True)
+    assert check_snippet(ok) == []
+    assert len(check_snippet(bad)) == 1 and "stat" in check_snippet(bad)[0]
+
+
+# ---- make targets and paths ---------------------------------------------------------------------
+
+def _make_targets() -> set[str]:
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    return {m.group(1) for m in re.finditer(r"^([\w.-]+)\s*:(?!=)", text, re.M)}
+
+
+def _make_mentions(path: Path):
+    """``make TARGET`` in inline code or at the start of a fenced shell command."""
+    text = path.read_text(encoding="utf-8")
+    for n, span in inline_spans(text):
+        m = re.match(r"make\s+([a-z][\w-]*)", span)
+        if m:
+            yield n, m.group(1)
+    for lang, start, lines in fenced_blocks(text):
+        if lang in SHELL_LANGS:
+            for n, line in _shell_lines(lines, start):
+                for cmd in _split_commands(line):
+                    if cmd[0] == "make" and len(cmd) > 1:
+                        yield n, cmd[1]
+
+
+def test_make_targets_exist():
+    targets = _make_targets()
+    assert {"demo", "test"} <= targets
+    seen, missing = 0, []
+    for p in DOCS:
+        for n, t in _make_mentions(p):
+            seen += 1
+            if t not in targets:
+                missing.append(f"{p.relative_to(ROOT)}:{n}: `make {t}`: no such Makefile target "
+                               f"(targets: {', '.join(sorted(targets))})")
+    assert seen >= 4
+    assert not missing, "\n".join(missing)
+
+
+PATH_RE = re.compile(
+    r"(?<![\w./~-])((?:benchmarks|recipes|tests|docs|tools|src/lmforge|lmforge|"
+    r"data|model|train|infer|tokenize|pipeline|evaluate)/[\w./-]*\w\.(?:py|toml|c|h|md|png))\b")
+
+
+def _path_mentions(path: Path):
+    text = path.read_text(encoding="utf-8")
+    for n, line in enumerate(text.splitlines(), 1):
+        for m in PATH_RE.finditer(line):
+            yield n, m.group(1)
+        for m in re.finditer(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", line):  # relative markdown links
+            if not re.match(r"\w+://", m.group(1)):
+                yield n, "./" + m.group(1)
+
+
+def _resolve(doc: Path, p: str) -> list[Path]:
+    if p.startswith("./"):
+        return [doc.parent / p[2:]]
+    if p.startswith("lmforge/"):
+        return [ROOT / "src" / p]
+    head = p.split("/")[0]
+    cands = [ROOT / p]
+    if head in {"data", "model", "train", "infer", "tokenize", "pipeline", "evaluate"}:
+        cands.append(ROOT / "src/lmforge" / p)
+    if head == "img":
+        cands.append(ROOT / "docs" / p)
+    return cands
+
+
+def test_mentioned_paths_exist():
+    seen, missing = 0, []
+    for doc in DOCS:
+        for n, p in _path_mentions(doc):
+            seen += 1
+            if not any(c.exists() for c in _resolve(doc, p)):
+                missing.append(f"{doc.relative_to(ROOT)}:{n}: {p}: no such file")
+    assert seen >= 20
+    assert not missing, "\n".join(missing)
+
+
+def test_python_commands_name_existing_scripts():
+    missing, seen = [], 0
+    for doc in DOCS:
+        for lang, start, lines in fenced_blocks(doc.read_text(encoding="utf-8")):
+            if lang not in SHELL_LANGS:
+                continue
+            for n, line in _shell_lines(lines, start):
+                for cmd in _split_commands(line):
+                    if cmd[0] in {"python", "python3"} and len(cmd) > 1 and cmd[1].endswith(".py"):
+                        seen += 1
+                        if not (ROOT / cmd[1]).exists():
+                            missing.append(f"{doc.relative_to(ROOT)}:{n}: {cmd[1]}: no such script")
+    assert seen >= 1
+    assert not missing, "\n".join(missing)
+
+
+def _all_cli_options() -> set[str]:
+    return {o for p in _walk(build_parser()) for a in p._actions for o in a.option_strings}
+
+
+def test_inline_flags_exist():
+    # a bare `--flag` in the prose must be an option of some lmforge subcommand, or of the
+    # benchmark script it is documented for
+    options = _all_cli_options()
+    bench = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "benchmarks").glob("*.py"))
+    seen, missing = 0, []
+    for doc in DOCS:
+        for n, span in inline_spans(doc.read_text(encoding="utf-8")):
+            m = re.match(r"(--?[a-zA-Z][\w-]*)", span)
+            if not m:
+                continue
+            seen += 1
+            flag = m.group(1)
+            if flag not in options and f'"{flag}"' not in bench and f"'{flag}'" not in bench:
+                missing.append(f"{doc.relative_to(ROOT)}:{n}: `{span}`: {flag} is not an option of any "
+                               "lmforge subcommand or benchmark script")
+    assert seen >= 5
+    assert not missing, "\n".join(missing)
