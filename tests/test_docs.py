@@ -368,3 +368,23 @@ def test_inline_flags_exist():
                                "lmforge subcommand or benchmark script")
     assert seen >= 5
     assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--checkpoint-every", "50", "--device", "cpu"], {"checkpoint_every": 50, "device": "cpu"}),
+    ([], {"checkpoint_every": 0, "device": "auto"}),  # TrainConfig's defaults when the flags are absent
+    (["--set", "checkpoint_every=7", "--device", "auto"], {"checkpoint_every": 7, "device": "auto"}),
+])
+def test_pretrain_flags_reach_the_train_config(monkeypatch, tmp_path, argv, want):
+    # the flags docs/training.md and docs/pipeline.md name set the TrainConfig fields they say
+    import lmforge.train as T
+    from lmforge import cli
+
+    seen = {}
+    monkeypatch.setattr(T, "train", lambda cfg, quiet=False: seen.setdefault("cfg", cfg) and {})
+    text = tmp_path / "t.txt"
+    text.write_text("x", encoding="utf-8")
+    assert cli.main(["pretrain", "--text", str(text), "--max-steps", "1", "--out", str(tmp_path / "r"), *argv]) == 0
+    assert {k: getattr(seen["cfg"], k) for k in want} == want
+    with pytest.raises(SystemExit):  # argparse rejects a non-integer period
+        build_parser().parse_args(["pretrain", "--checkpoint-every", "often"])

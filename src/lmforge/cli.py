@@ -220,7 +220,7 @@ def cmd_pretrain(a) -> int:
     preset_name = a.preset or cfg.preset
     if preset_name in RECIPES and not a.config:  # the preset's own training settings, before --set
         apply_overrides(cfg, {k: v for k, v in RECIPES[preset_name].items()})
-    for k in ("out", "data", "text", "tokenizer", "preset"):
+    for k in ("out", "data", "text", "tokenizer", "preset", "checkpoint_every", "device"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
     if a.max_time is not None:
@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", "-c", default=None, help="TOML/JSON file with TrainConfig fields")
     pt.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    pt.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                    help="write a checkpoint every N steps (default 0: at the end and on Ctrl-C only)")
+    pt.add_argument("--device", default=None, help="auto (the default: CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     pt.add_argument("--quiet", "-q", action="store_true")
     pt.set_defaults(fn=cmd_pretrain)
 
