@@ -6,6 +6,10 @@ log-likelihood into bits per byte: ``sum_nll / ln 2 / utf8_bytes``. Bits per
 byte does not depend on the tokenizer, so models with different vocabularies
 compare fairly. Targets that are the document token (the start of the next
 document, which has no bytes) are not counted. Knows nothing about training.
+
+``generate`` is a minimal sampling loop (temperature, top-k, a KV cache) for the
+samples the trainer and the pipeline's eval stage print; the inference engine
+(``lmforge.infer``) is the full one.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Inference: KV cache (``cache``), and later paged cache, batching, sampling and serving."""
+"""Inference: KV cache (``cache``), paged cache with prefix caching (``paged``), continuous batching
+(``engine``), sampling (``sampling``), the C decode step (``fastpath``) and the OpenAI-compatible
+server (``server``, ``webchat``). Speculative decoding is not here yet.
+"""
 from .cache import KVCache
 
 __all__ = ["KVCache"]

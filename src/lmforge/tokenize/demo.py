@@ -1,5 +1,5 @@
-"""The tokenizer stage end to end on the built-in corpus (the README's main job
-until the pipeline lands): train BPE, WordPiece and Unigram, compare each with
+"""The tokenizer stage end to end on the built-in corpus (``lmforge tokenizer demo``,
+``make tokenizer-demo``): train BPE, WordPiece and Unigram, compare each with
 its reference on held-out plays, check exactness against tiktoken, render a chat.
 """
 from __future__ import annotations

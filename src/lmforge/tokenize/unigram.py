@@ -16,7 +16,8 @@ characters and the most frequent substrings of the words; then repeat: two
 EM rounds (E: expected piece counts by forward-backward over each word's
 lattice; M: new log-probabilities with a digamma/Bayesian update), then drop
 the pieces whose removal loses the least likelihood (keep 75% each round)
-until the target size is reached.
+until 1.1 x the target size, then keep the best pieces by score
+(``unigram_train.py``).
 """
 from __future__ import annotations
 

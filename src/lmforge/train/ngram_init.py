@@ -11,7 +11,7 @@ which is exactly a rank-d factorization of a V x V table. This module fills ``e`
 (the token embeddings) and ``W_head`` so that table is the training split's
 smoothed bigram log-probabilities:
 
-1. count the pairs (a, b) of consecutive training tokens (at most ``max_tokens``);
+1. count the pairs (a, b) of consecutive training tokens (the trainer passes at most ``init_tokens``);
 2. smooth each row with Witten-Bell interpolation (no knob to tune): the weight of
    the row's own counts is n_i / (n_i + u_i), with u_i the number of distinct
    successors, and the rest goes to the (add-1/2) unigram distribution;

@@ -2,8 +2,10 @@
 
 Knows the order of a training step (batches, forward, backward with gradient
 accumulation, clipping, optimizer step, schedule), when to evaluate, sample and
-checkpoint, and how to resume exactly; knows nothing about parallelism (that
-wraps the model from outside) or about how the model computes.
+checkpoint, and how to resume exactly; knows nothing about how the model
+computes. It runs in one process on one device: there is no data or model
+parallelism yet (the loader already takes ``rank`` / ``world_size``; DDP/FSDP are
+to wrap the model from outside, not to live here).
 
 One ``TrainConfig`` holds every knob; ``lmforge pretrain --set key=value`` sets them.
 """
