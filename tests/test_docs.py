@@ -200,6 +200,12 @@ def check_snippet(s: Snippet) -> list[str]:
     problems = []
     for args in _words(s):
         msg = parse_error(args, s.inline)
+        for _ in range(len(args)):  # a placeholder (N, SECONDS) where a number goes stands for one
+            m = re.search(r"invalid (?:int|float) value: '([A-Z][A-Z0-9_]*)'", msg or "")
+            if not m:
+                break
+            args = [("1" if w == m.group(1) else w) for w in args]
+            msg = parse_error(args, s.inline)
         if msg and s.inline and args and args[-1].startswith("-") and "expected" in msg:
             msg = parse_error(args + ["VALUE"], True)  # a fragment naming an option without its value
         if msg:
@@ -236,15 +242,18 @@ def test_checker_catches_a_broken_line(tmp_path):
         "    --checkpoint-evry 5 > log.txt\n"
         "lmforge serve --port 80\n"
         "lmforge tokenizer frobnicate -t x\n"
+        "lmforge pretrain --text FILE --max-time SECONDS --max-steps many\n"
         "```\n", encoding="utf-8")
     snips = lmforge_snippets(doc)
-    assert [(s.line, s.inline) for s in snips] == [(4, False), (5, False), (7, False), (8, False), (1, True)]
+    assert [(s.line, s.inline) for s in snips] == [(4, False), (5, False), (7, False), (8, False), (9, False),
+                                                   (1, True)]
     assert snips[0].text == "lmforge eval --checkpoint runs/pt --json"
     problems = {s.line: check_snippet(s) for s in snips}
     assert problems[4] == []
     assert "unrecognized arguments: --checkpoint-evry 5" in problems[5][0] and ":5:" in problems[5][0]
     assert "the following arguments are required: --checkpoint" in problems[7][0]
     assert "invalid choice: 'frobnicate'" in problems[8][0]
+    assert len(problems[9]) == 1 and "invalid int value: 'many'" in problems[9][0]  # SECONDS is a placeholder
     assert "--max-tim" in problems[1][0]
     # a table's alternatives are each checked; a fragment need not give required arguments
     ok = Snippet("x.md", 1, "lmforge serve\\|chat\\|generate", inline=True)

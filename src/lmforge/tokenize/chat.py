@@ -1,8 +1,8 @@
 """The chat format: conversations to token ids with a loss mask, and back.
 
-Knows the role tokens and the layout; knows nothing about models. SFT trains
-on exactly ``render``'s output and the server prompts with
-``render(..., add_generation_prompt=True)``.
+Knows the role tokens and the layout; knows nothing about models. The server
+and ``lmforge chat`` prompt with ``render(..., add_generation_prompt=True)``; SFT
+(planned, not built yet) is to train on exactly ``render``'s output and mask.
 
 Layout (every marker is one special token)::
 
