@@ -7,8 +7,11 @@ table's ``a\\|b`` lists alternatives), and parses each with the real parser
 from ``lmforge.cli.build_parser`` without running it. It also checks that each
 ``make TARGET`` is a Makefile target and that each repository path the docs
 name (``benchmarks/*.py``, ``recipes/*.toml``, ``tests/...``, source files,
-relative links) exists. It does not run the commands or check that their
-numbers are right: that is the benchmarks' job.
+relative links) exists, that each bare ``--flag`` in the prose is an option of
+some subcommand or benchmark script, and that each ``--set key=value`` names a
+real config field (fenced ``lmforge run`` commands pass the recipe's whole
+check). It does not run the commands or check that their numbers are right:
+that is the benchmarks' job.
 
 Fenced commands must parse completely (required arguments included); an inline
 span may be a fragment (``lmforge pretrain --data``), so only its subcommands
@@ -405,3 +408,121 @@ def test_pretrain_flags_reach_the_train_config(monkeypatch, tmp_path, argv, want
     assert {k: getattr(seen["cfg"], k) for k in want} == want
     with pytest.raises(SystemExit):  # argparse rejects a non-integer period
         build_parser().parse_args(["pretrain", "--checkpoint-every", "often"])
+
+
+# ---- --set keys -------------------------------------------------------------------------------
+
+def _set_roots():
+    """Which config a subcommand's --set keys name (model.* of pretrain: ModelConfig)."""
+    from lmforge.data.prepare import PrepareConfig
+    from lmforge.model import ModelConfig
+    from lmforge.pipeline.recipe import Recipe
+    from lmforge.train import TrainConfig
+
+    return {("pretrain",): TrainConfig, ("data", "prepare"): PrepareConfig, ("run",): Recipe}, ModelConfig
+
+
+def _field_problem(cls, dotted: str, model_cls) -> str | None:
+    """None if ``dotted`` names a field of dataclass ``cls`` (TrainConfig's ``model.*``: ModelConfig)."""
+    import dataclasses
+    import typing
+
+    target = cls
+    parts = dotted.split(".")
+    for i, p in enumerate(parts):
+        if target is dict and i == 1 and parts[0] == "model":
+            target = model_cls
+        if not (isinstance(target, type) and dataclasses.is_dataclass(target)):
+            return f"{'.'.join(parts[:i])} is not a table"
+        hints = typing.get_type_hints(target)
+        if p not in hints:
+            return f"{cls.__name__} has no field {dotted!r}"
+        target = hints[p]
+    return None
+
+
+def test_set_key_check_can_fail():
+    roots, model_cls = _set_roots()
+    train, prepare, recipe = roots[("pretrain",)], roots[("data", "prepare")], roots[("run",)]
+    assert _field_problem(train, "checkpoint_every", model_cls) is None
+    assert _field_problem(train, "model.n_layer", model_cls) is None
+    assert _field_problem(prepare, "filters.c4", model_cls) is None
+    assert _field_problem(recipe, "train.max_tokens", model_cls) is None
+    assert "no field 'checkpoint_evry'" in _field_problem(train, "checkpoint_evry", model_cls)
+    assert _field_problem(train, "model.n_layr", model_cls)
+    assert _field_problem(prepare, "filters.c5", model_cls)
+    assert _field_problem(recipe, "train.max_tokns", model_cls)
+
+
+def _set_items(words: list[str]) -> list[tuple[str, str]]:
+    items = []
+    for i, w in enumerate(words):
+        if w in ("--set", "-s") and i + 1 < len(words) and "=" in words[i + 1]:
+            k, v = words[i + 1].split("=", 1)
+            items.append((k, v))
+    return items
+
+
+def _is_placeholder(s: str) -> bool:
+    return s in ("", "key", "KEY", "VALUE", "value", "...") or bool(re.fullmatch(r"[A-Z][A-Z0-9_]*", s))
+
+
+def test_documented_set_keys_exist(monkeypatch):
+    # `--set key=value` in a documented command names a real field of the config that command
+    # takes; a fenced `lmforge run` also passes the recipe's whole check (load_recipe), and a
+    # fenced pretrain/prepare command's values coerce to the fields' types
+    from lmforge._config import apply_overrides
+
+    roots, model_cls = _set_roots()
+    monkeypatch.chdir(ROOT)
+    seen, problems = 0, []
+    for s in SNIPPETS:
+        for words in _words(s):
+            path = tuple(w for w in words[:2] if not w.startswith("-"))
+            cls = roots.get(path[:1]) or roots.get(path[:2])
+            items = [(k, v) for k, v in _set_items(words) if not _is_placeholder(k)]
+            if cls is None or not items:
+                continue
+            for k, v in items:
+                seen += 1
+                msg = _field_problem(cls, k, model_cls)
+                if msg:
+                    problems.append(f"{s.file}:{s.line}: `{s.text}`: --set {k}: {msg}")
+            if s.inline or any(_is_placeholder(v) for _, v in items):
+                continue
+            try:
+                if path[:1] == ("run",):
+                    from lmforge.pipeline import load_recipe
+
+                    recipe = next((w for w in words[1:] if not w.startswith("-") and
+                                   words[words.index(w) - 1] not in ("--set", "-s", "--from", "--name", "--runs")),
+                                  None)
+                    load_recipe(recipe, [f"{k}={v}" for k, v in items])
+                else:
+                    apply_overrides(cls(), [f"{k}={v}" for k, v in items if not k.startswith("model.")])
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                problems.append(f"{s.file}:{s.line}: `{s.text}`: {e}")
+    assert seen >= 5
+    assert not problems, "\n".join(problems)
+
+
+def test_prose_set_keys_exist():
+    # a bare `--set key=value` in the prose names a field of TrainConfig (model.*: ModelConfig),
+    # PrepareConfig or a recipe
+    roots, model_cls = _set_roots()
+    seen, problems = 0, []
+    for doc in DOCS:
+        for n, span in inline_spans(doc.read_text(encoding="utf-8")):
+            if not re.match(r"--set\s", span):
+                continue
+            words = span.split()
+            for w in words[1:]:  # `--set ema=0.99 ema_start=0.7` is shorthand for two
+                k = w.split("=", 1)[0]
+                if "=" not in w or _is_placeholder(k):
+                    continue
+                seen += 1
+                if all(_field_problem(c, k, model_cls) for c in roots.values()):
+                    problems.append(f"{doc.relative_to(ROOT)}:{n}: `{span}`: {k} is not a field of "
+                                    "TrainConfig, ModelConfig (model.*), PrepareConfig or a recipe")
+    assert seen >= 5
+    assert not problems, "\n".join(problems)
