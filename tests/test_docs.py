@@ -526,3 +526,27 @@ def test_prose_set_keys_exist():
                                     "TrainConfig, ModelConfig (model.*), PrepareConfig or a recipe")
     assert seen >= 5
     assert not problems, "\n".join(problems)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    h = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", h).replace(" ", "-")
+
+
+def test_link_anchors_exist():
+    seen, missing = 0, []
+    for doc in DOCS:
+        for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            for m in re.finditer(r"\]\(([^)\s#]*)#([^)\s]+)\)", line):
+                target = (doc.parent / m.group(1)) if m.group(1) else doc
+                if re.match(r"\w+://", m.group(1)) or not target.exists():
+                    continue  # other sites; a missing file is test_mentioned_paths_exist's
+                seen += 1
+                text = target.read_text(encoding="utf-8")
+                slugs = {_slug(h) for h in re.findall(r"^#+\s+(.+)$", text, re.M)}
+                if m.group(2) not in slugs:
+                    missing.append(f"{doc.relative_to(ROOT)}:{n}: #{m.group(2)}: no such heading in "
+                                   f"{target.relative_to(ROOT)}")
+    assert seen >= 3
+    assert not missing, "\n".join(missing)
