@@ -89,7 +89,7 @@ def _from_lmforge_dict(d: dict, source: str) -> Tokenizer:
 
 
 def train(kind: str, data, vocab_size: int, **options) -> Tokenizer:
-    """Train a tokenizer of ``kind`` (``bpe``, ``wordpiece``, ``unigram``) on texts or files."""
+    """Train a tokenizer of ``kind`` (``bpe``, ``wordpiece``, ``unigram``, or ``char``) on texts or files."""
     if kind == "bpe":
         return ByteBPE.train(data, vocab_size, **options)
     if kind == "wordpiece":
