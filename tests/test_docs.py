@@ -550,3 +550,35 @@ def test_link_anchors_exist():
                                    f"{target.relative_to(ROOT)}")
     assert seen >= 3
     assert not missing, "\n".join(missing)
+
+
+def _resolves(dotted: str) -> bool:
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for p in parts[i:]:
+                obj = getattr(obj, p)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_documented_python_names_exist():
+    # `lmforge.model.load`, `lmforge.train.optim.AdamW`, ... in the prose name real objects
+    seen, missing = 0, []
+    for doc in DOCS:
+        for n, span in inline_spans(doc.read_text(encoding="utf-8")):
+            for m in re.finditer(r"\blmforge(?:\.[A-Za-z_]\w*)+", span):
+                seen += 1
+                if not _resolves(m.group(0)):
+                    missing.append(f"{doc.relative_to(ROOT)}:{n}: {m.group(0)}: no such module or attribute")
+    assert seen >= 3
+    assert not _resolves("lmforge.model.no_such_thing")
+    assert not missing, "\n".join(missing)
