@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGS = {"", "bash", "sh", "shell", "console", "zsh"}
 OPS = {"|", "||", "&&", ";", "&"}
+PLACEHOLDER = "__PLACEHOLDER__"
 REDIRECTS = {">", ">>", "<", "2>", "2>>", "&>", ">&", "2>&1"}
 
 
@@ -69,6 +70,10 @@ def _split_commands(line: str) -> list[list[str]]:
     s = line.strip()
     if s.startswith("$ "):
         s = s[2:]
+    # redirections (`> log`, `2>&1`, `2>/dev/null`, `&> out`) go before splitting, file name and all
+    # (not a `<placeholder>`)
+    s = re.sub(r"(?<!\S)(?:\d*>>?|&>|<(?![A-Za-z][\w.-]*>))(?:&\d+|\s*[^\s|&;<>]+)", " ", s)
+    s = re.sub(r"<([A-Za-z][\w.-]*)>", "\x01\\1\x02", s)  # keep `<placeholder>` one word
     lex = shlex.shlex(s, posix=True, punctuation_chars="|&;<>")
     lex.whitespace_split = True
     lex.commenters = "#"
@@ -89,7 +94,7 @@ def _split_commands(line: str) -> list[list[str]]:
         else:
             cur.append(t)
     cmds.append(cur)
-    return [c for c in cmds if c]
+    return [[w.replace("\x01", "<").replace("\x02", ">") for w in c] for c in cmds if c]
 
 
 def fenced_blocks(text: str):
@@ -155,8 +160,10 @@ def _words(snippet: Snippet) -> list[list[str]]:
     words = [w.replace("\x00", "\\|") for w in words]
     kept = []
     for w in words[1:]:
-        if w == "..." or re.fullmatch(r"<[^>]*>", w):
-            break  # a placeholder for the rest
+        if w == "...":
+            break  # the rest is left out
+        if re.fullmatch(r"<[A-Za-z][\w.-]*>", w):
+            w = PLACEHOLDER  # `<dir>`: some value
         if re.fullmatch(r"\[[A-Z_ .|-]+\]", w):
             continue  # an optional positional in usage notation: [RECIPE]
         kept.append(w)
@@ -203,12 +210,15 @@ def check_snippet(s: Snippet) -> list[str]:
     problems = []
     for args in _words(s):
         msg = parse_error(args, s.inline)
-        for _ in range(len(args)):  # a placeholder (N, SECONDS) where a number goes stands for one
-            m = re.search(r"invalid (?:int|float) value: '([A-Z][A-Z0-9_]*)'", msg or "")
+        for _ in range(len(args)):  # a placeholder (N, SECONDS, <n>) where a number goes stands for one
+            m = re.search(r"invalid (?:int|float) value: '((?:[A-Z]|__)[A-Z0-9_]*)'", msg or "")
             if not m:
                 break
             args = [("1" if w == m.group(1) else w) for w in args]
             msg = parse_error(args, s.inline)
+        if msg and f"'{PLACEHOLDER}'" in msg:  # `<stage>` where a choice goes: check what precedes it
+            args = args[:args.index(PLACEHOLDER)]
+            msg = parse_error(args, True)
         if msg and s.inline and args and args[-1].startswith("-") and "expected" in msg:
             msg = parse_error(args + ["VALUE"], True)  # a fragment naming an option without its value
         if msg:
@@ -246,13 +256,15 @@ def test_checker_catches_a_broken_line(tmp_path):
         "lmforge serve --port 80\n"
         "lmforge tokenizer frobnicate -t x\n"
         "lmforge pretrain --text FILE --max-time SECONDS --max-steps many\n"
+        "lmforge data stats runs/data --json 2>&1 > out.json 2> err.txt | head -1\n"
         "```\n", encoding="utf-8")
     snips = lmforge_snippets(doc)
     assert [(s.line, s.inline) for s in snips] == [(4, False), (5, False), (7, False), (8, False), (9, False),
-                                                   (1, True)]
+                                                   (10, False), (1, True)]
+    assert snips[5].text == "lmforge data stats runs/data --json"
     assert snips[0].text == "lmforge eval --checkpoint runs/pt --json"
     problems = {s.line: check_snippet(s) for s in snips}
-    assert problems[4] == []
+    assert problems[4] == [] and problems[10] == []
     assert "unrecognized arguments: --checkpoint-evry 5" in problems[5][0] and ":5:" in problems[5][0]
     assert "the following arguments are required: --checkpoint" in problems[7][0]
     assert "invalid choice: 'frobnicate'" in problems[8][0]
@@ -262,6 +274,9 @@ def test_checker_catches_a_broken_line(tmp_path):
     ok = Snippet("x.md", 1, "lmforge serve\\|chat\\|generate", inline=True)
     bad = Snippet("x.md", 1, "lmforge data prepare\\|stat", inline=True)
     assert check_snippet(ok) == []
+    for text in ("lmforge model info <preset> --seq-len <n> --json", "lmforge <stage> --help"):
+        assert check_snippet(Snippet("x.md", 1, text, inline=False)) == [], text
+    assert check_snippet(Snippet("x.md", 1, "lmforge model info <preset> --seq-len <n> --jsn", inline=False))
     assert len(check_snippet(bad)) == 1 and "stat" in check_snippet(bad)[0]
 
 
