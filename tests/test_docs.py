@@ -15,7 +15,8 @@ that is the benchmarks' job.
 
 Fenced commands must parse completely (required arguments included); an inline
 span may be a fragment (``lmforge pretrain --data``), so only its subcommands
-and option names are checked. ``...`` or a ``<placeholder>`` ends what is checked.
+and option names are checked. ``...`` ends what is checked; ``<dir>``, ``FILE`` or
+``N`` stand for a value of the right type (``lmforge <stage>`` checks only ``lmforge``).
 """
 from __future__ import annotations
 
