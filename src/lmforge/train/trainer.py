@@ -2,8 +2,10 @@
 
 Knows the order of a training step (batches, forward, backward with gradient
 accumulation, clipping, optimizer step, schedule), when to evaluate, sample and
-checkpoint, and how to resume exactly; knows nothing about parallelism (that
-wraps the model from outside) or about how the model computes.
+checkpoint, and how to resume exactly (a resumed run records what it restored:
+a ``resumed`` line in metrics.jsonl, ``resumed_from_step`` and ``steps_this_run``
+in final.json); knows nothing about parallelism (that wraps the model from
+outside) or about how the model computes.
 
 One ``TrainConfig`` holds every knob; ``lmforge pretrain --set key=value`` sets them.
 """
