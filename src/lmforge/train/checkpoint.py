@@ -95,7 +95,7 @@ def _summarize(name: str, tensors: dict, scalars: dict) -> dict:
 def state_summary(optimizers) -> list[dict]:
     """What each optimizer holds now: ``name``, ``params_with_state`` (0: no state, a fresh
     optimizer), ``step`` (its step counter, where it keeps one, e.g. AdamW; None for Muon's
-    momentum or a weight average) and ``sha256`` (of every state tensor, in checkpoint order)."""
+    momentum or a weight average) and ``sha256`` (of every state tensor, by name)."""
     out = []
     for opt in optimizers:
         tensors, scalars = {}, {}
