@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh clone:
 #   make demo   the main job: the whole pipeline (recipes/default.toml) on the built-in corpus, into runs/default
-#   make test   the test suite (what CI runs)
+#   make test   the test suite (what CI runs: C extensions required, LMFORGE_REQUIRE_NATIVE=1)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -24,7 +24,7 @@ tokenizer-demo: install
 
 test: install
 	$(VENV)/bin/lmforge data fetch shakespeare
-	$(PY) -m pytest -q
+	LMFORGE_REQUIRE_NATIVE=1 $(PY) -m pytest -q
 
 test-all: install
 	$(PY) -m pytest -q -m ''

@@ -1,4 +1,4 @@
-"""Pre-training: resume equality, NaN stop, optimizers, schedules, recompute, eval, export, CLI."""
+"""Pre-training (resume: tests/test_resume.py): NaN stop, optimizers, schedules, recompute, eval, export, CLI."""
 import json
 import math
 
@@ -31,39 +31,6 @@ def cfg_for(text_file, out, **kw):
     return TrainConfig(**base)
 
 
-def losses(out):
-    return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_interrupted_and_resumed_run_matches(text_file, tmp_path, optimizer):
-    # the muon run also keeps a weight average from step 4 on: the cut at 7 saves it mid-way
-    kw = dict(optimizer=optimizer, model={**TINY, "dropout": 0.1})
-    if optimizer == "muon":
-        kw.update(ema=0.8, ema_start=0.3)
-    ref = tmp_path / "ref"
-    train(cfg_for(text_file, ref, **kw), quiet=True)
-    cut = tmp_path / "cut"
-
-    def die(step, rec):
-        if step == 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg_for(text_file, cut, **kw), on_step=die, quiet=True)
-    assert (cut / "checkpoints" / "latest.json").exists()
-    with pytest.raises(ValueError, match="--resume"):
-        train(cfg_for(text_file, cut, **kw), quiet=True)
-    train(cfg_for(text_file, cut, resume=True, **kw), quiet=True)
-    assert losses(cut) == losses(ref)
-    a, _ = load(ref)
-    b, _ = load(cut)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
-    assert (ref / "loss.png").exists() and (ref / "final.json").exists()
-    assert json.loads((ref / "final.json").read_text())["ema"] == (optimizer == "muon")
-
-
 def test_weight_ema_ends_on_the_average(text_file, tmp_path):
     """The run ends on decay-weighted averages of the weights after each step from ema_start on."""
     from lmforge.train.optim import WeightEMA
@@ -91,23 +58,6 @@ def test_weight_ema_ends_on_the_average(text_file, tmp_path):
         assert torch.allclose(a, p, atol=1e-6)
     with pytest.raises(ValueError, match="ema must be in"):
         train(cfg_for(text_file, tmp_path / "bad", ema=1.0), quiet=True)
-
-
-def test_resume_from_periodic_checkpoint_after_a_crash(text_file, tmp_path):
-    """A crash between checkpoints: the rerun continues from the last one and ends identical."""
-    ref = tmp_path / "ref"
-    train(cfg_for(text_file, ref), quiet=True)
-    run = tmp_path / "run"
-
-    def crash(step, rec):
-        if step == 10:
-            raise RuntimeError("power cut")
-
-    with pytest.raises(RuntimeError):
-        train(cfg_for(text_file, run, checkpoint_every=4), on_step=crash, quiet=True)
-    assert json.loads((run / "checkpoints" / "latest.json").read_text())["step"] == 8
-    train(cfg_for(text_file, run, checkpoint_every=4, resume=True), quiet=True)
-    assert losses(run) == losses(ref)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_file, tmp_path, monkeypatch):

@@ -136,12 +136,19 @@ class Runner:
         if latest_checkpoint(cfg.out) is not None and not mine:
             self.log(f"pretrain: settings or data changed since {cfg.out} was trained; starting a new run there")
             shutil.rmtree(cfg.out)
-        cfg.resume = latest_checkpoint(cfg.out) is not None  # an interrupted run with these settings continues
+        ck = latest_checkpoint(cfg.out)
+        cfg.resume = ck is not None  # an interrupted run with these settings continues
+        if ck is not None:
+            self.log(f"pretrain: resuming the interrupted run in {cfg.out} from its checkpoint {ck.name}")
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         stamp.write_text(self._key + "\n")
         final = train(cfg, quiet=self.quiet)
-        return {"model": Path(cfg.out) / "model.safetensors"}, {
-            k: final[k] for k in ("step", "tokens", "train_loss", "val_loss", "val_bpb", "params", "elapsed")}
+        keys = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "params", "elapsed")
+        if final["resumed_from_step"] is not None:  # run.json shows that (and from where) this run continued
+            self.log(f"pretrain: resumed from step {final['resumed_from_step']}, "
+                     f"ran {final['steps_this_run']} more steps")
+            keys += ("resumed_from_step", "steps_this_run")
+        return {"model": Path(cfg.out) / "model.safetensors"}, {k: final[k] for k in keys}
 
     def stage_eval(self):
         from ..evaluate.perplexity import evaluate_shards, generate

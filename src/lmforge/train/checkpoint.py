@@ -8,9 +8,15 @@ elapsed time, loader state, optimizer hyper-parameters, Python and torch RNG
 state). It is written under a temporary name and renamed, then
 ``checkpoints/latest.json`` is replaced; a crash mid-write leaves the previous
 checkpoint as ``latest``. No pickle anywhere.
+
+``state_summary`` describes the optimizer state a run holds (per optimizer: how
+many parameters have state, its step counter, a digest of its tensors), so a
+resumed run can show, and a test can check, that what it restored is what the
+checkpoint saved: ``file_state_summary`` computes the same from a checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -70,6 +76,49 @@ def save_checkpoint(run_dir: str | os.PathLike, model, optimizers, state: dict, 
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _summarize(name: str, tensors: dict, scalars: dict) -> dict:
+    """``tensors``/``scalars``: ``"{param index}.{key}" -> value`` of one optimizer's state."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    params = {k.split(".", 1)[0] for k in (*tensors, *scalars)}
+    steps = {int(v.item()) if torch.is_tensor(v) else int(v) for k, v in (*tensors.items(), *scalars.items())
+             if k.split(".", 1)[1] == "step"}
+    return {"name": name, "params_with_state": len(params), "step": max(steps) if steps else None,
+            "sha256": h.hexdigest()[:16]}
+
+
+def state_summary(optimizers) -> list[dict]:
+    """What each optimizer holds now: ``name``, ``params_with_state`` (0: no state, a fresh
+    optimizer), ``step`` (its step counter, where it keeps one, e.g. AdamW; None for Muon's
+    momentum or a weight average) and ``sha256`` (of every state tensor, by name)."""
+    out = []
+    for opt in optimizers:
+        tensors, scalars = {}, {}
+        for idx, st in opt.state_dict()["state"].items():
+            for key, v in st.items():
+                (tensors if torch.is_tensor(v) else scalars)[f"{idx}.{key}"] = v
+        out.append(_summarize(type(opt).__name__, tensors, scalars))
+    return out
+
+
+def file_state_summary(ck: str | os.PathLike) -> list[dict]:
+    """``state_summary`` of the optimizers saved in checkpoint ``ck``, read from its files (names
+    are the optimizers' positions: the files do not record classes)."""
+    from safetensors.torch import load_file
+
+    ck = Path(ck)
+    tensors = load_file(str(ck / "optim.safetensors"))
+    metas = json.loads((ck / "trainer.json").read_text())["optimizers"]
+    out = []
+    for k, meta in enumerate(metas):
+        mine = {n.split(".", 1)[1]: v for n, v in tensors.items() if n.startswith(f"opt{k}.")}
+        out.append(_summarize(f"opt{k}", mine, meta["scalars"]))
+    return out
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -2,10 +2,12 @@
 
 Knows the order of a training step (batches, forward, backward with gradient
 accumulation, clipping, optimizer step, schedule), when to evaluate, sample and
-checkpoint, and how to resume exactly; knows nothing about how the model
-computes. It runs in one process on one device: there is no data or model
-parallelism yet (the loader already takes ``rank`` / ``world_size``; DDP/FSDP are
-to wrap the model from outside, not to live here).
+checkpoint, and how to resume exactly (a resumed run records what it restored:
+a ``resumed`` line in metrics.jsonl, ``resumed_from_step`` and ``steps_this_run``
+in final.json); knows nothing about how the model computes. It runs in one
+process on one device: there is no data or model parallelism yet (the loader
+already takes ``rank`` / ``world_size``; DDP/FSDP are to wrap the model from
+outside, not to live here).
 
 One ``TrainConfig`` holds every knob; ``lmforge pretrain --set key=value`` sets them.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -25,7 +28,7 @@ import torch
 from .._io import write_json
 from ..model import ModelConfig, preset
 from ..model.transformer import Transformer
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_summary
 from .optim import WeightEMA, build_optimizers, skip_dynamo_import
 from .recompute import apply_recompute
 from .schedule import lr_multiplier
@@ -286,14 +289,24 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
 
         s = TokenStream(data_dir, "train")
         bigram_init(model, s.read(0, min(len(s), cfg.init_tokens)), scale=cfg.init_scale, seed=cfg.seed)
+    resumed = None  # what this run restored, measured on the live objects (metrics.jsonl, final.json)
     if resume_ck is not None:
         st = load_checkpoint(resume_ck, model, saved)
         step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
         loader.load_state_dict(st["loader"])
+        resumed = {"event": "resumed", "step": step, "checkpoint": resume_ck.relative_to(out).as_posix(),
+                   "tokens": tokens, "loader_step": loader.step, "optimizer_state": state_summary(saved),
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if not quiet:
-            print(f"resuming from {resume_ck} (step {step})", file=sys.stderr)
+            n = sum(o["params_with_state"] for o in resumed["optimizer_state"])
+            print(f"resuming from {resume_ck}: step {step}, loader at batch {loader.step}, optimizer state of "
+                  f"{n} parameters restored", file=sys.stderr)
+    start_step = step
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, step)
+    if resumed is not None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(resumed) + "\n")
     write_json(out / "train_config.json", {"train": asdict(cfg), "model": mcfg.to_dict()}, indent=1)
     fwd = model
     if cfg.compile:
@@ -414,7 +427,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     final = {"step": step, "tokens": tokens, "train_loss": last_loss, "val_loss": ev["loss"],
              "val_bpb": ev["bits_per_byte"], "elapsed": round(elapsed, 2),
              "wall": round(time.perf_counter() - t_start, 2), "params": model.num_params(),
-             "peak_flops": peak, "ema": bool(ema is not None and ema.started())}
+             "peak_flops": peak, "ema": bool(ema is not None and ema.started()),
+             "resumed_from_step": None if resumed is None else resumed["step"], "steps_this_run": step - start_step}
     write_json(out / "final.json", final, indent=1)
     try:
         plot_metrics(metrics_path, out / "loss.png")
@@ -424,11 +438,24 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after ``step`` (from a run that died after its last checkpoint)."""
+    """Cut the metric lines after ``step`` (from a run that died after its last checkpoint).
+
+    Cut in place: the lines up to ``step`` keep their bytes (the file is never rewritten);
+    a last line cut short by a crash mid-write goes too."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                done = line.endswith(b"\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                done = False
+            if not done:
+                break
+            keep += len(line)
+    if keep < path.stat().st_size:
+        os.truncate(path, keep)
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:
@@ -437,7 +464,7 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    recs = [r for r in map(json.loads, filter(str.strip, metrics_path.read_text().splitlines())) if "loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in recs]
     loss = np.array([r["loss"] for r in recs])
