@@ -51,25 +51,32 @@ def test_batched_greedy_equals_alone_and_contiguous(arch):
     assert busy == alone == ref
 
 
+PS = prompts(8, seed=11)
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """arch -> (lmforge model, the same weights loaded by ``transformers`` from an HF export)."""
+def hf_reference(tmp_path_factory):
+    """arch -> (lmforge model, HF greedy continuations of PS: the same weights exported, loaded by
+    ``transformers`` and run through its ``generate``)."""
     from lmforge.model.hf import export_hf
 
-    out = {}
-    for arch in ARCHS:
-        m = model(arch)
-        d = export_hf(m, tmp_path_factory.mktemp(arch))
-        out[arch] = (m, load_hf(d))
-    return out
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            m = model(arch)
+            hf = load_hf(export_hf(m, tmp_path_factory.mktemp(arch)))
+            cache[arch] = m, [hf_greedy(hf, p, 16) for p in PS]
+        return cache[arch]
+
+    return get
 
 
 @pytest.mark.parametrize("path", ["c", "pytorch"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_greedy_equals_hf_generate_alone_and_in_a_busy_batch(arch, path, exported, monkeypatch):
-    m, hf = exported[arch]
-    ps = prompts(8, seed=11)
-    ref = [hf_greedy(hf, p, 16) for p in ps]
+def test_greedy_equals_hf_generate_alone_and_in_a_busy_batch(arch, path, hf_reference, monkeypatch):
+    m, ref = hf_reference(arch)
+    ps = PS
     assert_informative(ref)
     if path == "pytorch":
         monkeypatch.setattr(fastpath, "AVAILABLE", False)  # Engine and generate() both ask FastDecoder.supported
@@ -92,11 +99,8 @@ def test_greedy_equals_hf_generate_alone_and_in_a_busy_batch(arch, path, exporte
     ids = [eng.add_request(p, q) for p, q in zip(ps, params)]
     for i, p in enumerate(noise):
         eng.add_request(p, SamplingParams(max_tokens=10 + 3 * i, temperature=1.0, top_p=0.9, seed=i))
-    rows = 0
-    while eng.has_work():
-        rows = max(rows, len(eng.running))
-        eng.step()
-    assert rows >= 6  # it really was a busy batch
+    eng.run()
+    assert eng.stats["max_sequences_in_step"] >= 6  # it really was a busy batch
     assert [eng.requests[i].output for i in ids] == [r[:n] for r, n in zip(ref, lengths)]
 
 
