@@ -55,19 +55,26 @@ def reference(server, tmp_path_factory):
     stops = [st["<|end|>"], st["<|endoftext|>"]]
     bos = st.get("<|bos|>", st["<|endoftext|>"])
 
-    def ids(prompt, max_tokens):
+    def prompt_ids(prompt):
         if isinstance(prompt, str):
-            x = [bos] + tok.encode(prompt, disallowed_special=())
-        else:
-            x, _ = render(tok, prompt, add_generation_prompt=True)
-        return hf_greedy(hf, x, max_tokens, eos=stops)
+            return [bos] + tok.encode(prompt, disallowed_special=())
+        return render(tok, prompt, add_generation_prompt=True)[0]
+
+    def ids(prompt, max_tokens):
+        return hf_greedy(hf, prompt_ids(prompt), max_tokens, eos=stops)
+
+    def logprobs(prompt, out):  # HF's log-probability of each token of ``out`` after the prompt
+        x = prompt_ids(prompt)
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([x + out])).logits[0, len(x) - 1:-1].float(), -1)
+        return lp.gather(1, torch.tensor(out)[:, None])[:, 0].tolist()
 
     def ref(prompt, max_tokens):
         out = ids(prompt, max_tokens)
         stopped = bool(out) and out[-1] in stops
         return tok.decode(out[:-1] if stopped else out), len(out), "stop" if stopped else "length"
 
-    ref.ids = ids
+    ref.ids, ref.logprobs = ids, logprobs
     return ref
 def client(base):
     return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
@@ -78,7 +85,8 @@ def test_models_and_health(server):
     c = client(base)
     assert [m.id for m in c.models.list().data] == ["tiny-chat"]
     h = json.loads(urllib.request.urlopen(base + "/health").read())
-    assert h["status"] == "ok"
+    assert h["status"] == "ok" and h["running"] == h["waiting"] == 0 and h["free_blocks"] == 256
+    assert {"steps", "multi_sequence_steps", "max_sequences_in_step"} <= set(h["stats"])
 
 
 def test_completions_and_chat(server, reference):
@@ -160,7 +168,9 @@ def test_completion_logprobs_text_offset(server, reference):
     ch = r["choices"][0]
     lp = ch["logprobs"]
     ids = [t for t in reference.ids("Good morrow", 10) if t not in tok.special_tokens.values()]
-    assert tok.decode(ids) == ch["text"] and len(lp["tokens"]) == len(ids)
+    assert tok.decode(ids) == ch["text"] and lp["tokens"] == [tok.decode([t]) for t in ids]
+    assert lp["token_logprobs"] == pytest.approx(reference.logprobs("Good morrow", ids), abs=1e-4)
+    assert [list(d.values()) for d in lp["top_logprobs"]] == [[v] for v in lp["token_logprobs"]]  # greedy: top 1
     # each token's offset is where it starts in the returned text: the characters that the tokens
     # before it complete (an unfinished multi-byte character is not text yet)
     want = []
