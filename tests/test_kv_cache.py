@@ -17,8 +17,10 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cached_decoding_matches_full_forward(name):
     torch.manual_seed(0)
+    from conftest import perturbed
+
     cfg = ModelConfig(vocab_size=101, n_layer=3, n_head=4, d_model=64, max_seq_len=64, **CONFIGS[name])
-    m = Transformer(cfg).eval()
+    m = perturbed(Transformer(cfg), 0.1)  # every weight matters: a cache that drops a key shows in the logits
     ids = torch.randint(0, 101, (2, 20))
     with torch.no_grad():
         full = m(ids)
@@ -43,15 +45,24 @@ def test_cache_overflow_is_an_error():
 def test_generate_with_cache_equals_greedy_without():
     from lmforge.evaluate.perplexity import generate
 
+    from conftest import assert_informative, perturbed
+
     torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=61, n_layer=2, n_head=2, d_model=32, max_seq_len=40)
-    m = Transformer(cfg).eval()
-    prompt = [3, 14, 15, 9, 2]
-    got = generate(m, prompt, 20, temperature=0)
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(20):
-            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
-    assert got == seq[len(prompt):]
-    # learned positions: never runs past max_seq_len
-    assert len(generate(m, list(range(35)), 20, temperature=0)) <= 20
+    cfg = ModelConfig(vocab_size=61, n_layer=2, n_head=2, d_model=32, max_seq_len=40, tie_embeddings=False)
+    m = perturbed(Transformer(cfg), 0.5)  # off its init: greedy output that depends on the prompt
+
+    def greedy(seq, n):  # no cache: the whole sequence through the model for every token
+        seq = list(seq)
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+        return seq[-n:]
+
+    prompts = [[3, 14, 15, 9, 2], [2, 7, 1, 8], [60, 0, 33]]
+    got = [generate(m, p, 20, temperature=0) for p in prompts]
+    assert_informative(got)
+    assert got == [greedy(p, 20) for p in prompts]
+    # learned positions: a 35-token prompt and 20 new tokens do not fit in 40 positions, so the
+    # prompt is cut to its last 20 tokens and all 20 new ones are generated from those
+    long = list(range(35))
+    assert generate(m, long, 20, temperature=0) == greedy(long[-20:], 20)

@@ -79,7 +79,9 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.stats = {"steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0,
-                      "prompt_tokens": 0, "prefix_hit_tokens": 0}
+                      "prompt_tokens": 0, "prefix_hit_tokens": 0,
+                      # continuous batching at work: steps whose forward ran more than one sequence
+                      "multi_sequence_steps": 0, "max_sequences_in_step": 0}
 
     # ---- requests ----
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:
@@ -207,6 +209,8 @@ class Engine:
             return []
         logits = self._forward(plan)
         self.stats["steps"] += 1
+        self.stats["multi_sequence_steps"] += len(plan) > 1
+        self.stats["max_sequences_in_step"] = max(self.stats["max_sequences_in_step"], len(plan))
         outs: list[StepOutput] = []
         for i, (req, n) in enumerate(plan):
             req.done_tokens += n

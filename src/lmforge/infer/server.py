@@ -10,6 +10,7 @@ its blocks. Bad requests get HTTP 4xx with an OpenAI-style error object.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import queue
 import threading
@@ -192,6 +193,7 @@ class Server:
         rid, q = self.loop.submit(ids, p)
         ts = TextStream(self.tok, p.stop)
         text, n_tokens, lps, reason = [], 0, [], None
+        chars, utf8 = 0, codecs.getincrementaldecoder("utf-8")(errors="replace")  # characters of the text so far
         try:
             while True:
                 try:
@@ -206,10 +208,14 @@ class Server:
                 n_tokens += 1
                 entry = None
                 if p.logprobs is not None and o.token not in p.stop_token_ids:
+                    # text_offset: where the token starts in the completion text, in characters
+                    # (a token that ends a multi-byte character starts in that character)
                     entry = {"token": self.tok.decode([o.token]), "logprob": o.logprob,
                              "top_logprobs": [{"token": self.tok.decode([t]), "logprob": v}
-                                              for t, v in (o.top_logprobs or [])]}
+                                              for t, v in (o.top_logprobs or [])], "text_offset": chars}
                     lps.append(entry)
+                if o.token not in p.stop_token_ids:
+                    chars += len(utf8.decode(self.tok.decode_bytes([o.token])))
                 piece = "" if o.token in p.stop_token_ids else ts.push(o.token)
                 if o.finished or ts.stopped:
                     piece += "" if ts.stopped else ts.flush()
@@ -252,7 +258,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/health":
             return self._json(200, {"status": "ok", "running": len(app.engine.running),
                                     "waiting": len(app.engine.waiting), "free_blocks": app.engine.pool.available(),
-                                    "prefix_hit_rate": round(app.engine.prefix_hit_rate(), 4)})
+                                    "prefix_hit_rate": round(app.engine.prefix_hit_rate(), 4),
+                                    "stats": dict(app.engine.stats)})
         if path == "/v1/models":
             return self._json(200, {"object": "list", "data": [{"id": app.name, "object": "model",
                                                                  "created": app.created, "owned_by": "lmforge"}]})
@@ -305,7 +312,7 @@ class Handler(BaseHTTPRequestHandler):
                 completion += k
                 if chat:
                     c = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                         "logprobs": {"content": lps} if p.logprobs is not None else None}
+                         "logprobs": {"content": _chat_logprobs(lps)} if p.logprobs is not None else None}
                 else:
                     c = {"index": i, "text": text, "finish_reason": reason,
                          "logprobs": _completion_logprobs(lps) if p.logprobs is not None else None}
@@ -343,7 +350,8 @@ class Handler(BaseHTTPRequestHandler):
             def on_text(piece, entry, i=i):
                 if chat:
                     event([{"index": i, "delta": {"content": piece},
-                            "logprobs": {"content": [entry]} if entry else None, "finish_reason": None}])
+                            "logprobs": {"content": _chat_logprobs([entry])} if entry else None,
+                            "finish_reason": None}])
                 else:
                     event([{"index": i, "text": piece, "finish_reason": None,
                             "logprobs": _completion_logprobs([entry]) if entry else None}])
@@ -367,7 +375,11 @@ class Handler(BaseHTTPRequestHandler):
 def _completion_logprobs(entries: list[dict]) -> dict:
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": []}
+            "text_offset": [e["text_offset"] for e in entries]}
+
+
+def _chat_logprobs(entries: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "text_offset"} for e in entries]
 
 
 def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_name: str = "lmforge",
