@@ -29,8 +29,9 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m ''
 
-# every benchmark at its default (documented) settings; each ends with its JSON line, and one that
-# fails (an error, or greedy tokens that differ from HF's) fails the target (an unmet goal is reported, not a failure). Alone on 2 cores: ~25 min.
+# every benchmark at its default (documented) settings, each ending with its JSON line; one that
+# fails (an error, or greedy tokens that differ from HF's) fails the target; an unmet goal is
+# reported in the rows, not a failure. Alone on 2 cores: ~25 min.
 bench: install
 	$(VENV)/bin/lmforge data fetch shakespeare
 	$(PY) benchmarks/tokenizer_bench.py
