@@ -69,7 +69,7 @@ def fastest_torch_adamw(model, reps=10) -> tuple[dict, dict]:
             print(f"torch.optim.AdamW({name}): unavailable here ({e})")
             variants.pop(name)
             times.pop(name)
-    for i in range(3):  # alternate the order, medians
+    for i in range(5):  # alternate the order, medians
         names = list(opts) if i % 2 == 0 else list(opts)[::-1]
         for name in names:
             t0 = time.perf_counter()
