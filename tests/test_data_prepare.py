@@ -101,8 +101,14 @@ def test_manifest_and_shards(prepared, tok_dir):
         bounds = list(stream.doc_starts) + [len(toks)]
         texts = [tok.decode(toks[a + 1:b].tolist()) for a, b in zip(bounds, bounds[1:])]
         assert sum(len(t.encode()) for t in texts) == sp["bytes"]
-    assert not seen_ids["train"] & seen_ids["val"]
-    assert len(seen_ids["val"]) == round(0.1 * (len(seen_ids["train"]) + len(seen_ids["val"])))
+    assert set(m["splits"]) == {"train", "val", "test"}
+    assert not seen_ids["train"] & seen_ids["val"] and not seen_ids["train"] & seen_ids["test"]
+    assert not seen_ids["val"] & seen_ids["test"]
+    # about the requested share of the *bytes*: within half a document of it (val 10%, test the 5% default)
+    kept = sum(sp["bytes"] for sp in m["splits"].values())
+    for split, frac in (("val", 0.1), ("test", 0.05)):
+        assert abs(m["splits"][split]["bytes"] - frac * kept) <= 2600, (split, m["splits"][split]["bytes"], kept)
+        assert m["splits"][split]["documents"] >= 4
     report = json.loads((out / "report.json").read_text())
     assert report["dedup"]["exact"]["clusters"][0]["removed"] == ["exact-copy"]
     near = report["dedup"]["near"]["clusters"]
@@ -111,9 +117,10 @@ def test_manifest_and_shards(prepared, tok_dir):
     assert report["filters"]["gopher_min_words"]["examples"][0]["id"] == "junk"
     assert report["pii"]["replacements"] == {"email": 1, "phone": 1}
     assert report["decontamination"]["docs"] == 2  # doc9 and the leaked copy, both dropped
-    assert "doc9" not in seen_ids["train"] | seen_ids["val"]
+    assert "doc9" not in seen_ids["train"] | seen_ids["val"] | seen_ids["test"]
     assert [(p["kind"], p["line"]) for p in report["problems"]] == [("not-json", len(docs) // 2 + 1)]
-    all_ids = seen_ids["train"] | seen_ids["val"]
+    assert sorted(report["test_ids"]) == sorted(seen_ids["test"]) and report["heldout"]["test"]["documents"] > 0
+    all_ids = seen_ids["train"] | seen_ids["val"] | seen_ids["test"]
     assert len(all_ids) == len(docs) - 5  # exact, near, junk, doc9, leak
 
 
