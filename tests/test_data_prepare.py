@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -354,7 +355,9 @@ def test_nothing_left_is_a_clear_error(tmp_path, tok_dir):
 
 
 def test_builtin_corpus_defaults(tmp_path, tok_dir):
-    """The default run on the built-in corpus finds the pairs of editions."""
+    """The default run on the built-in corpus finds the pairs of editions, holds out the listed
+    plays in their modern edition (the Folio edition leaves training), and checks the splits
+    for shared 13-word passages."""
     cfg = P.make_config(None, None, [])
     assert cfg.dedup.shingle_size == 3 and cfg.dedup.threshold == 0.1
     P.prepare(cfg, tok_dir, tmp_path, quiet=True)
@@ -366,7 +369,32 @@ def test_builtin_corpus_defaults(tmp_path, tok_dir):
         (rem,) = c["removed"]
         assert rem["jaccard"] > 0.15
         assert {c["kept"].endswith("_f.txt"), rem["id"].endswith("_f.txt")} == {True, False}, (kept, rem)
-    assert r["output"]["val"]["documents"] == 4
+    from lmforge.data.corpora import CORPORA
+
+    d = CORPORA["shakespeare"].prepare_defaults
+    assert sorted(r["val_ids"]) == sorted(d["shards.val_docs"]) and len(r["val_ids"]) == 3
+    assert sorted(r["test_ids"]) == sorted(d["shards.test_docs"]) and len(r["test_ids"]) == 4
+    assert r["output"]["val"]["documents"] == 3 and r["output"]["test"]["documents"] == 4
+    # every held-out play is the kept member of its editions' cluster (twelfth_night_gut.txt sorts after
+    # its Folio edition twelfe-night_gut_f.txt, which would otherwise have been kept) ...
+    by_kept = {c["kept"]: [x["id"] for x in c["removed"]] for c in pairs}
+    for doc in r["val_ids"] + r["test_ids"]:
+        assert len(by_kept[doc]) == 1 and by_kept[doc][0].endswith("_gut_f.txt"), doc
+    assert by_kept["twelfth_night_gut.txt"] == ["twelfe-night_gut_f.txt"]
+    # ... so neither edition is in the training shards
+    m = load_manifest(tmp_path)
+    train_ids = {i for s in m["splits"]["train"]["shards"] for i in json.loads((tmp_path / s["index"]).read_text())["ids"]}
+    assert not train_ids & {x for doc in r["val_ids"] + r["test_ids"] for x in [doc, *by_kept[doc]]}
+    # test ~10% and validation ~6% of the kept bytes; both big enough to measure (no warning)
+    assert 0.09 < r["heldout"]["test"]["byte_share"] < 0.11 and 0.05 < r["heldout"]["val"]["byte_share"] < 0.08
+    assert "warning" not in r["heldout"]["test"] and "warning" not in r["heldout"]["val"]
+    # the decontamination between the splits finds one shared 13-gram, a stage direction
+    ov = r["heldout_overlap"]
+    assert ov["ngram"] == 13 and not ov["sampled"] and "val-vs-train" not in ov and "test-vs-val" not in ov
+    assert ov["test-vs-train"]["ngrams"] == 1
+    (pair,) = ov["test-vs-train"]["pairs"]
+    assert (pair["heldout"], pair["other"]) == ("twelfth_night_gut.txt", "measure_for_measure_gut.txt")
+    assert pair["examples"] == ["act i scene i an apartment in the duke s palace enter duke"]
 
 
 def test_fifty_megabyte_single_line(tmp_path, tok_dir, corpus_texts):
@@ -387,5 +415,137 @@ def test_fifty_megabyte_single_line(tmp_path, tok_dir, corpus_texts):
     r = json.loads((tmp_path / "o" / "report.json").read_text())
     assert r["filters"]["gopher_max_words"]["docs"] == 1
     assert r["filters"]["gopher_max_words"]["bytes"] >= 50_000_000
-    assert r["output"]["train"]["documents"] + r["output"]["val"]["documents"] == 1
+    assert r["output"]["train"]["documents"] == 1  # one document: nothing held out ...
+    assert r["output"]["val"]["documents"] == r["output"]["test"]["documents"] == 0
+    assert "warning" in r["heldout"]["val"] and "warning" in r["heldout"]["test"]  # ... and the report says so
     assert time.perf_counter() - t0 < 120
+
+
+# ---- the held-out splits on a user's own files -----------------------------------------------
+
+def _tree(root: Path, texts: list[str]) -> list[str]:
+    """Files under ``root`` with repeated base names (``__init__.py`` in every package); returns their ids."""
+    ids = []
+    for i, t in enumerate(texts):
+        rel = Path(f"pkg{i % 4}") / (f"sub{i}" if i >= 4 else "") / "__init__.py"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(t)
+        ids.append(rel.as_posix())
+    return ids
+
+
+def _split_ids(out: Path, m: dict) -> dict:
+    return {name: [i for s in sp["shards"] for i in json.loads((out / s["index"]).read_text())["ids"]]
+            for name, sp in m["splits"].items()}
+
+
+def test_ids_are_relative_paths_and_splits_hold_a_share_of_the_bytes(tmp_path, tok_dir, corpus_texts):
+    """Ids name files by their path under the input (several are __init__.py); the held-out splits
+    hold about the requested share of the bytes, not of the documents."""
+    rng = random.Random(1)
+    texts = []
+    big = [t for t in corpus_texts if len(t) > 90_000]
+    for i in range(30):  # 24 small documents (~3 KB) and 6 large ones (~60 KB)
+        t = big[i]
+        size = 60_000 if i % 5 == 0 else 3_000
+        start = rng.randrange(0, len(t) - size)
+        texts.append(t[start:start + size])
+    ids = _tree(tmp_path / "in", texts)
+    assert len(set(Path(i).name for i in ids)) == 1 and len(set(ids)) == 30
+    cfg = P.make_config([str(tmp_path / "in")], None, ["workers=1", "shards.val_fraction=0.1",
+                                                        "shards.test_fraction=0.2", "shards.seed=3"])
+    m = P.prepare(cfg, tok_dir, tmp_path / "out", quiet=True)
+    got = _split_ids(tmp_path / "out", m)
+    assert sorted(got["train"] + got["val"] + got["test"]) == sorted(ids)  # every file, by its relative path
+    kept = sum(sp["bytes"] for sp in m["splits"].values())
+    for split, frac in (("val", 0.1), ("test", 0.2)):
+        share = m["splits"][split]["bytes"] / kept
+        assert abs(share - frac) < 0.04, (split, share)
+    # a share of the documents would have been 3 and 6 of them; the bytes decide here
+    docs = {s: m["splits"][s]["documents"] for s in ("val", "test")}
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert r["heldout"]["val"]["documents"] == docs["val"] and r["heldout"]["test"]["chosen_by"].startswith("seeded")
+
+
+def test_small_heldout_split_warns(tmp_path, tok_dir, corpus_texts, capsys):
+    """A corpus too small to hold out a measurable split (a few KB of files) still prepares, and says so:
+    on stderr, in report.json and in `lmforge data stats`."""
+    _tree(tmp_path / "in", [t[5000:9000] for t in corpus_texts[:12]])
+    assert main(["data", "prepare", "-i", str(tmp_path / "in"), "-t", str(tok_dir), "-o", str(tmp_path / "out"),
+                 "-q", "--set", "workers=1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "validation split holds 1 document(s)" in err and "test split holds 1" in err
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "too small" in r["heldout"]["val"]["warning"] and "too small" in r["heldout"]["test"]["warning"]
+    assert main(["data", "stats", str(tmp_path / "out")]) == 0
+    assert "WARNING: the test split holds 1 document(s)" in capsys.readouterr().out
+    # a big enough split gets no warning
+    out2 = tmp_path / "out2"
+    assert main(["data", "prepare", "-i", str(tmp_path / "in"), "-t", str(tok_dir), "-o", str(out2), "-q",
+                 "--set", "workers=1", "--set", "shards.warn_tokens=100", "--set", "shards.warn_documents=1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_explicit_heldout_lists_and_their_errors(tmp_path, tok_dir, corpus_texts):
+    texts = [t[10000:16000] for t in corpus_texts[:10]]
+    ids = _tree(tmp_path / "in", texts)
+    # a near copy of the first file, later in the stream: listing it holds it out and removes the original
+    (tmp_path / "in" / "zcopy.txt").write_text(texts[0].replace(" the ", " thee ", 3))
+    sets = ["workers=1", f"shards.val_docs={json.dumps(ids[1:3])}", f"shards.test_docs={json.dumps(['zcopy.txt'])}"]
+    m = P.prepare(P.make_config([str(tmp_path / "in")], None, sets), tok_dir, tmp_path / "out", quiet=True)
+    got = _split_ids(tmp_path / "out", m)
+    assert sorted(got["val"]) == sorted(ids[1:3]) and got["test"] == ["zcopy.txt"]
+    assert ids[0] not in got["train"]  # the other edition of a held-out document leaves training
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(c["kept"], [x["id"] for x in c["removed"]]) for c in r["dedup"]["near"]["clusters"]] == \
+        [("zcopy.txt", [ids[0]])]
+    assert r["heldout"]["test"]["chosen_by"] == "list"
+    # the same document in both lists, duplicates across the lists, unknown ids: errors that name them
+    with pytest.raises(ValueError, match="disjoint.*zcopy"):
+        P.make_config([str(tmp_path / "in")], None, ["shards.val_docs=[\"zcopy.txt\"]",
+                                                     "shards.test_docs=[\"zcopy.txt\"]"])
+    bad = ["workers=1", f"shards.val_docs={json.dumps([ids[0]])}", "shards.test_docs=[\"zcopy.txt\"]"]
+    with pytest.raises(ValueError, match="near duplicates of each other"):
+        P.prepare(P.make_config([str(tmp_path / "in")], None, bad), tok_dir, tmp_path / "o2", quiet=True)
+    bad = ["workers=1", "shards.test_docs=[\"nope.txt\"]"]
+    with pytest.raises(ValueError, match="shards.test_docs.*'nope.txt': no document has this id"):
+        P.prepare(P.make_config([str(tmp_path / "in")], None, bad), tok_dir, tmp_path / "o3", quiet=True)
+
+
+def test_heldout_overlap_is_found_and_can_be_dropped(tmp_path, tok_dir, corpus_files):
+    """A training document that quotes 40 words of a test document is named, with the passage."""
+    modern = [p for p in corpus_files if p.name.endswith("_gut.txt")]  # one edition per play
+    texts = [p.read_text()[20000:26000] for p in modern[:8]]
+    words = texts[5].split()
+    quote = " ".join(words[300:340])
+    texts[2] = texts[2][:3000] + "\n" + quote + "\n" + texts[2][3000:]
+    ids = _tree(tmp_path / "in", texts)
+    sets = ["workers=1", f"shards.test_docs={json.dumps([ids[5]])}", f"shards.val_docs={json.dumps([ids[6]])}"]
+    m = P.prepare(P.make_config([str(tmp_path / "in")], None, sets), tok_dir, tmp_path / "out", quiet=True)
+    ov = json.loads((tmp_path / "out" / "report.json").read_text())["heldout_overlap"]
+    (pair,) = ov["test-vs-train"]["pairs"]
+    assert (pair["heldout"], pair["other"], pair["passages"]) == (ids[5], ids[2], 1)
+    n_words = len(re.findall(r"\w+", quote))
+    assert pair["ngrams"] == n_words - 13 + 1  # every 13-gram of the quote, nothing else
+    assert " ".join(re.findall(r"\w+", quote.lower()))[:200] == pair["examples"][0]  # the passage (cut at 200)
+    assert "val-vs-train" not in ov and ids[2] in _split_ids(tmp_path / "out", m)["train"]  # flagged, kept
+    m = P.prepare(P.make_config([str(tmp_path / "in")], None, sets + ["decontam.heldout=drop"]), tok_dir,
+                  tmp_path / "out2", quiet=True)
+    assert ids[2] not in _split_ids(tmp_path / "out2", m)["train"]
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["heldout_overlap"]["dropped"] == [ids[2]]
+
+
+def test_directory_without_test_split_still_loads(prepared, tmp_path):
+    """Shards written before the test split existed (train and val only) load; asking for test says why not."""
+    import shutil
+
+    out, m, _ = prepared
+    old = tmp_path / "old"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("work", "test-*"))
+    mo = json.loads((old / "manifest.json").read_text())
+    del mo["splits"]["test"]
+    (old / "manifest.json").write_text(json.dumps(mo))
+    assert len(TokenStream(old, "val")) == m["splits"]["val"]["tokens"]
+    ShardLoader(old, "train", 2, 16).next()
+    with pytest.raises(ValueError, match="no test split.*prepared before"):
+        TokenStream(old, "test")
