@@ -122,6 +122,8 @@ def validate(cfg: PrepareConfig) -> None:
     d = cfg.dedup
     if not 0 < d.threshold < 1:
         raise ValueError(f"dedup.threshold must be in (0, 1), got {d.threshold}")
+    if not 0 < d.fn_weight < 1:
+        raise ValueError(f"dedup.fn_weight must be in (0, 1), got {d.fn_weight}")
     if d.shingle_size < 1 or d.num_perm < 2:
         raise ValueError("dedup.shingle_size must be >= 1 and dedup.num_perm >= 2")
     if (d.bands or d.rows) and d.bands * d.rows > d.num_perm:
@@ -274,7 +276,8 @@ def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = F
     """Step 1. Returns the per-chunk tallies (from disk for chunks already done)."""
     work.mkdir(parents=True, exist_ok=True)
     step_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "shards", "workers")}
-    step_cfg["dedup"] = {k: v for k, v in step_cfg["dedup"].items() if k not in ("threshold", "bands", "rows")}
+    step_cfg["dedup"] = {k: v for k, v in step_cfg["dedup"].items()
+                         if k not in ("threshold", "bands", "rows", "fn_weight")}
     step_cfg["decontam"] = {k: v for k, v in step_cfg["decontam"].items() if not k.startswith("heldout")}
     step_key = _hash(STEP1_VERSION, step_cfg)
     grams = None
@@ -359,7 +362,8 @@ def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = F
 def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: bool = False) -> dict:
     chunks = [s for s in summaries if s["index"] >= 0]
     d = cfg.dedup
-    bands, rows = (d.bands, d.rows) if d.bands and d.rows else lsh_params(d.threshold, d.num_perm)
+    bands, rows = (d.bands, d.rows) if d.bands and d.rows else \
+        lsh_params(d.threshold, d.num_perm, fp_weight=1 - d.fn_weight, fn_weight=d.fn_weight)
     key = _hash("dedup", 2, [s["digest"] for s in chunks], asdict(d), asdict(cfg.shards), bands, rows,
                 cfg.decontam.ngram, cfg.decontam.heldout, cfg.decontam.heldout_max_grams)
     out_path = work / "dedup.json"
@@ -719,7 +723,8 @@ def build_report(cfg, summaries, dedup, manifest, times) -> dict:
                            "bytes": sum(c["bytes"] for c in dedup["near_clusters"]),
                            "clusters": dedup["near_clusters"],
                            "shingle_size": cfg.dedup.shingle_size, "num_perm": cfg.dedup.num_perm,
-                           "threshold": cfg.dedup.threshold, "bands": dedup["bands"], "rows": dedup["rows"]},
+                           "threshold": cfg.dedup.threshold, "bands": dedup["bands"], "rows": dedup["rows"],
+                           "fn_weight": cfg.dedup.fn_weight},
                   "removed_bytes": removed_bytes},
         "output": {name: {k: sp[k] for k in ("documents", "tokens", "bytes")} for name, sp in splits.items()},
         "val_ids": dedup["val_ids"], "test_ids": dedup.get("test_ids", []),
