@@ -533,6 +533,13 @@ def test_heldout_overlap_is_found_and_can_be_dropped(tmp_path, tok_dir, corpus_f
                   tmp_path / "out2", quiet=True)
     assert ids[2] not in _split_ids(tmp_path / "out2", m)["train"]
     assert json.loads((tmp_path / "out2" / "report.json").read_text())["heldout_overlap"]["dropped"] == [ids[2]]
+    # past heldout_max_grams a fixed sample of the n-grams (~40% here) is compared: the passage is still found
+    P.prepare(P.make_config([str(tmp_path / "in")], None, sets + ["decontam.heldout_max_grams=600"]), tok_dir,
+              tmp_path / "out3", quiet=True)
+    ov = json.loads((tmp_path / "out3" / "report.json").read_text())["heldout_overlap"]
+    assert ov["sampled"] and ov["heldout_ngrams"] < 0.6 * 2 * 900
+    (pair,) = ov["test-vs-train"]["pairs"]
+    assert pair["other"] == ids[2] and 0 < pair["ngrams"] < n_words - 13 + 1
 
 
 def test_directory_without_test_split_still_loads(prepared, tmp_path):

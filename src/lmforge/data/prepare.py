@@ -64,7 +64,7 @@ class DecontamConfig:
     # training documents sharing an n-gram with a validation or test document (step 2):
     # "flag" (name them and the passages in the report), "drop" them from training, or "off"
     heldout: str = "flag"
-    heldout_max_grams: int = 4_000_000  # beyond this, a fixed hash-sample of the held-out n-grams is checked
+    heldout_max_grams: int = 2_000_000  # beyond this (12 bytes each), a fixed hash-sample of the held-out n-grams
 
 
 @dataclass
@@ -526,62 +526,64 @@ def heldout_overlap(cfg: PrepareConfig, work: Path, summaries: list[dict], alive
     test document, and those a validation document shares with a test one. Returns, per pair of
     splits, the documents involved, the n-gram counts and the shared passages (runs of overlapping
     n-grams, as words); with ``decontam.heldout = "drop"`` also ``"drop"``, the training documents
-    to remove. Memory: the held-out n-grams (8 bytes each), at most ``heldout_max_grams`` of them; beyond
-    that a fixed hash-sample of n-grams (the same on both sides) is compared."""
+    to remove. Memory: the held-out n-grams (12 bytes each), about ``heldout_max_grams`` of them at
+    most; beyond that a fixed hash-sample of n-grams (the same on both sides) is compared, which
+    still finds a shared passage of L n-grams with probability 1 - (1 - rate)^L."""
     from .filters import _NGRAM_RE, _ngram_hashes
     from .shards import _iter_kept
 
     n = cfg.decontam.ngram
     dc = cfg.decontam
-    grams: dict[str, list] = {"val": [], "test": []}
-    owners: dict[str, list] = {"val": [], "test": []}
+    # the n-grams of the held-out documents, in one pass; beyond heldout_max_grams (estimated from
+    # their bytes, at most one word per 4 bytes) a fixed hash-sample of them, the same on both sides
+    est = sum(int(meta(g)[2]) for g in (*val, *test)) // 4
+    keep_below = None if est <= dc.heldout_max_grams else np.uint64(int((1 << 64) * dc.heldout_max_grams / est) - 1)
 
     def doc_grams(text: str):
         words = _NGRAM_RE.findall(text.lower())
         if len(words) < n:
-            return words, np.empty(0, dtype=np.uint64)
-        return words, _ngram_hashes(hash_words(words), n)
+            return words, np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+        h = _ngram_hashes(hash_words(words), n)
+        if keep_below is None:
+            return words, h, np.arange(len(h))
+        with np.errstate(over="ignore"):
+            pos = np.flatnonzero((h * np.uint64(0x9E3779B97F4A7C15)) < keep_below)
+        return words, h[pos], pos
 
+    grams: dict[str, list] = {"val": [], "test": []}
+    owners: dict[str, list] = {"val": [], "test": []}
+    names: list[int] = []  # owner number -> document index
     for g, doc_id, _src, text in _iter_kept(work, summaries, 0):
         split = "val" if g in val else "test" if g in test else None
         if split:
-            _, h = doc_grams(text)
+            _, h, _ = doc_grams(text)
             grams[split].append(h)
-            owners[split].append(np.full(len(h), g, dtype=np.int64))
+            owners[split].append(np.full(len(h), len(names), dtype=np.int32))
+            names.append(g)
     total = sum(len(h) for v in grams.values() for h in v)
-    keep_below = None  # sampling: keep n-grams whose mixed hash falls below this
-    if total > dc.heldout_max_grams:
-        keep_below = np.uint64(int((1 << 64) * dc.heldout_max_grams / total) - 1)
-
-    def sample(h):
-        if keep_below is None:
-            return np.ones(len(h), dtype=bool)
-        with np.errstate(over="ignore"):
-            return (h * np.uint64(0x9E3779B97F4A7C15)) < keep_below
-
     tables = {}
     for split in ("val", "test"):
         if grams[split]:
             h, o = np.concatenate(grams[split]), np.concatenate(owners[split])
-            m = sample(h)
-            order = np.argsort(h[m], kind="stable")
-            tables[split] = (h[m][order], o[m][order])
-    del grams, owners
+            grams[split] = owners[split] = None
+            order = np.argsort(h, kind="stable")
+            tables[split] = (h[order], o[order])
+            del h, o, order
     found: dict[str, dict] = {}
     drop: set[int] = set()
     for g, doc_id, _src, text in _iter_kept(work, summaries, 0):
         if not alive[g] or g in test:
             continue
         against = ("test",) if g in val else ("val", "test")
-        words, h = doc_grams(text)
+        words, h, at = doc_grams(text)
         if not len(h):
             continue
-        m = sample(h)
         for split in against:
             if split not in tables:
                 continue
             th, to = tables[split]
-            pos = np.flatnonzero(m)[np.isin(h[m], th)]
+            hit = np.isin(h, th)
+            pos = at[hit]  # word positions where a shared n-gram starts
             if not len(pos):
                 continue
             pair = f"{split}-vs-{'val' if g in val else 'train'}"
@@ -589,10 +591,11 @@ def heldout_overlap(cfg: PrepareConfig, work: Path, summaries: list[dict], alive
             rec["documents"] += 1
             rec["ngrams"] += len(pos)
             # which held-out documents, and the passages: runs of consecutive shared n-grams
-            where = np.searchsorted(th, h[pos])
+            where = np.searchsorted(th, h[hit])
             by_owner: dict[int, int] = {}
             for w in where:
-                by_owner[int(to[w])] = by_owner.get(int(to[w]), 0) + 1
+                o = names[int(to[w])]
+                by_owner[o] = by_owner.get(o, 0) + 1
             runs, start = [], int(pos[0])
             for a, b in zip(pos[:-1], pos[1:]):
                 if b != a + 1:
@@ -610,7 +613,7 @@ def heldout_overlap(cfg: PrepareConfig, work: Path, summaries: list[dict], alive
         rec["pairs"].sort(key=lambda p: -p["ngrams"])
         del rec["pairs"][50:]
     out = {"ngram": n, "action": dc.heldout, "sampled": keep_below is not None,
-           "heldout_ngrams": int(total), **found}
+           "heldout_ngrams": int(total), **found}  # heldout_ngrams: those compared (after any sampling)
     if drop:
         out["drop"] = sorted(drop)
         out["dropped"] = [meta(i)[0] for i in sorted(drop)]
