@@ -556,3 +556,66 @@ def test_directory_without_test_split_still_loads(prepared, tmp_path):
     ShardLoader(old, "train", 2, 16).next()
     with pytest.raises(ValueError, match="no test split.*prepared before"):
         TokenStream(old, "test")
+
+
+def _generated_with_duplicates(path: Path, mb: float, seed: int = 0) -> int:
+    """JSONL of ~5 KB documents of random corpus words; every 5th document is followed by an exact
+    copy (case changed) and every 7th by a near copy (3% of words replaced)."""
+    from lmforge.data import corpus_files
+
+    words = sorted(set(re.findall(r"[A-Za-z']+", corpus_files()[0].read_text())))
+    rng = np.random.default_rng(seed)
+    written = n = 0
+    with open(path, "w") as f:
+        while written < mb * 1e6:
+            ws = [words[i] for i in rng.integers(0, len(words), size=900)]
+            text = "\n".join(" ".join(ws[i:i + 12]) + "." for i in range(0, 900, 12))
+            docs = [text]
+            if n % 5 == 0:
+                docs.append(text.upper())
+            if n % 7 == 0:
+                docs.append(" ".join(w if rng.random() > 0.03 else "thee" for w in text.split(" ")))
+            for t in docs:
+                line = json.dumps({"id": f"gen-{n}", "text": t}) + "\n"
+                f.write(line)
+                written += len(line)
+                n += 1
+    return n
+
+
+def test_memory_stays_flat_with_duplicates(tmp_path, tok_dir):
+    """The CI-sized twin of the slow 60/180 MB test, on a corpus with exact and near duplicates: going
+    from 3 to 9 MB of input, the peak resident memory of `lmforge data prepare` (all its processes)
+    grows by far less than the 6 MB of added text (holding the text, or anything per byte of it, would
+    add at least that). The fixed-size buffers are scaled down with the corpus (step-1 chunks, the
+    tokenizer's batches, the held-out n-gram sample) so that both sizes are well past them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_scale", Path(__file__).parents[1] / "benchmarks" / "data_scale.py")
+    ds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ds)
+    peaks, reports = [], []
+    for mb in (3, 9):
+        inp = tmp_path / f"in{mb}.jsonl"
+        _generated_with_duplicates(inp, mb)
+        out = tmp_path / f"o{mb}"
+        args = ["data", "prepare", "-i", str(inp), "-t", str(tok_dir), "-o", str(out), "-q", "--set", "workers=2",
+                "--set", "chunk_bytes=250000", "--set", "decontam.heldout_max_grams=20000"]
+        code = ("import sys, lmforge.data.shards as s; s.ENCODE_BATCH_CHARS = 250_000; s.ENCODE_BATCH_DOCS = 64; "
+                f"from lmforge.cli import main; sys.exit(main({args!r}))")
+        cmd = [sys.executable, "-c", code]
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, ds.tree_rss(proc.pid)[0])
+            time.sleep(0.1)
+        assert proc.returncode == 0
+        peaks.append(peak)
+        reports.append(json.loads((out / "report.json").read_text()))
+    # the duplicates were found at both sizes (so the dedup step really ran on them)
+    for r in reports:
+        assert r["dedup"]["exact"]["documents"] > 0.1 * r["documents_in"]
+        assert r["dedup"]["near"]["documents"] > 0.08 * r["documents_in"]
+    added = reports[1]["bytes_in"] - reports[0]["bytes_in"]
+    print(f"peak RSS {peaks[0] / 1e6:.1f} -> {peaks[1] / 1e6:.1f} MB for {added / 1e6:.1f} MB more input")
+    assert peaks[1] - peaks[0] < 0.4 * added, (peaks, added)

@@ -32,6 +32,8 @@ import numpy as np
 
 from .._io import atomic_open, write_json
 
+ENCODE_BATCH_CHARS = 4 << 20  # documents are tokenized in batches of about this much text ...
+ENCODE_BATCH_DOCS = 1024  # ... or this many documents (memory: a constant, whatever the corpus size)
 FORMAT = "lmforge.shards"
 VERSION = 1
 SPLITS = ("train", "val", "test")  # directories written before the test split have only train and val
@@ -217,7 +219,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
         nbytes = len(text.encode("utf-8", "surrogatepass"))
         batch.append((g, doc_id, split, text, nbytes, skip))
         batch_chars += len(text)
-        if batch_chars >= 4 << 20 or len(batch) >= 1024:
+        if batch_chars >= ENCODE_BATCH_CHARS or len(batch) >= ENCODE_BATCH_DOCS:
             run_batch()
             batch, batch_chars = [], 0
     if batch:
