@@ -58,7 +58,9 @@ def test_bad_input_is_counted_and_reported(tmp_path):
     lines = sorted((p.line, p.kind) for p in problems if p.file.endswith("lines.jsonl"))
     assert lines == [(2, "not-json"), (3, "missing-field"), (4, "wrong-type")]
     texts = [d.text for d in docs]
-    assert "line \ufffd two\n" in texts[0] or any("\ufffd" in t for t in texts)
+    # the invalid byte became one U+FFFD in its own document, and nowhere else
+    assert {d.id: d.text for d in docs}["bad.txt"] == "line one\nline \ufffd two\n"
+    assert [d.id for d in docs if "\ufffd" in d.text] == ["bad.txt"]
     assert "ok" in texts and "ok2" in texts
     n_trunc = sum(1 for d in docs if d.source.endswith("trunc.jsonl.gz"))
     assert 100 < n_trunc < 2000  # the documents before the damage are kept
@@ -66,6 +68,19 @@ def test_bad_input_is_counted_and_reported(tmp_path):
     problems = []
     docs = list(iter_documents([tmp_path / "bad.txt"], problems, utf8_errors="skip"))
     assert docs == [] and problems[0].action == "skipped"
+
+
+def test_ids_are_paths_relative_to_the_input(tmp_path):
+    """Files with the same base name in different folders get different ids: the path under the
+    directory given; a file given directly is named by itself; JSONL rows without an id by path:line."""
+    for rel in ("pkg/__init__.py", "pkg/sub/__init__.py", "__init__.py"):
+        (tmp_path / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / rel).write_text(f"text of {rel}\n")
+    (tmp_path / "src" / "data").mkdir()
+    (tmp_path / "src" / "data" / "rows.jsonl").write_text('{"text": "a"}\n{"text": "b", "id": "mine"}\n')
+    ids = [d.id for d in iter_documents([tmp_path / "src"])]
+    assert ids == ["__init__.py", "data/rows.jsonl:1", "mine", "pkg/__init__.py", "pkg/sub/__init__.py"]
+    assert [d.id for d in iter_documents([tmp_path / "src" / "pkg" / "sub" / "__init__.py"])] == ["__init__.py"]
 
 
 def test_missing_input_is_an_error(tmp_path):
