@@ -619,3 +619,19 @@ def test_memory_stays_flat_with_duplicates(tmp_path, tok_dir):
     added = reports[1]["bytes_in"] - reports[0]["bytes_in"]
     print(f"peak RSS {peaks[0] / 1e6:.1f} -> {peaks[1] / 1e6:.1f} MB for {added / 1e6:.1f} MB more input")
     assert peaks[1] - peaks[0] < 0.4 * added, (peaks, added)
+
+
+def test_text_mode_holds_out_validation_and_test(tmp_path, corpus_texts):
+    """`lmforge pretrain --text FILE`: the first 90% trains, the next 5% validates, the last 5% tests,
+    as three one-document splits the loader reads back exactly."""
+    from lmforge.train.trainer import text_to_shards
+
+    text = corpus_texts[5][:40000]
+    (tmp_path / "play.txt").write_text(text)
+    tok = text_to_shards(str(tmp_path / "play.txt"), "char", tmp_path / "d")
+    m = load_manifest(tmp_path / "d")
+    assert list(m["splits"]) == ["train", "val", "test"]
+    parts = [text[:36000], text[36000:38000], text[38000:]]
+    for split, part in zip(("train", "val", "test"), parts):
+        s = TokenStream(tmp_path / "d", split)
+        assert tok.decode(s.read(0, len(s)).tolist()) == part and s.bytes == len(part.encode())
