@@ -582,16 +582,17 @@ def heldout_overlap(cfg: PrepareConfig, work: Path, summaries: list[dict], alive
             if split not in tables:
                 continue
             th, to = tables[split]
-            hit = np.isin(h, th)
+            where = np.minimum(np.searchsorted(th, h), len(th) - 1)  # th is sorted: binary search
+            hit = th[where] == h
             pos = at[hit]  # word positions where a shared n-gram starts
             if not len(pos):
                 continue
+            where = where[hit]
             pair = f"{split}-vs-{'val' if g in val else 'train'}"
             rec = found.setdefault(pair, {"documents": 0, "ngrams": 0, "pairs": []})
             rec["documents"] += 1
             rec["ngrams"] += len(pos)
             # which held-out documents, and the passages: runs of consecutive shared n-grams
-            where = np.searchsorted(th, h[hit])
             by_owner: dict[int, int] = {}
             for w in where:
                 o = names[int(to[w])]
@@ -678,7 +679,7 @@ def heldout_summary(cfg: PrepareConfig, dedup: dict, splits: dict) -> dict:
         rec = {"chosen_by": "list" if listed else f"seeded hash (seed {sc.seed}), "
                             f"{getattr(sc, f'{name}_fraction'):.0%} of the bytes",
                "ids": dedup.get(f"{name}_ids", []), "documents": sp["documents"], "bytes": sp["bytes"],
-               "tokens": sp["tokens"], "byte_share": round(sp["bytes"] / kept, 4) if kept else 0.0}
+               "tokens": sp["tokens"], "byte_share": round(sp["bytes"] / kept, 6) if kept else 0.0}
         if sp["tokens"] < sc.warn_tokens or sp["documents"] < sc.warn_documents:
             what = "validation" if name == "val" else "test"
             rec["warning"] = (f"the {what} split holds {sp['documents']} document(s), {sp['tokens']:,} tokens "
