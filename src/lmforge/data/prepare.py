@@ -428,7 +428,7 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
                              "of each other: the two held-out splits would share a document")
         rep = held[0] if held else members[0]
         for m in held[1:]:
-            why_gone[m] = f"removed as {what[:-1]} of {meta(rep)[0]!r}"
+            why_gone[m] = f"removed as a {what[:-1]} of {meta(rep)[0]!r}"
         return rep
 
     alive = np.ones(n, dtype=bool)
