@@ -268,7 +268,8 @@ def cmd_eval(a) -> int:
     if a.json:
         print(json.dumps(r))
     else:
-        print(f"loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+        where = {"val": "validation split: ", "test": "test split: ", "train": "training split: "}.get(r.get("split"), "")
+        print(f"{where}loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
               f"{r['bits_per_byte']:.4f} bits/byte ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
     return 0
 
