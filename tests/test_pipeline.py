@@ -44,6 +44,23 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     assert [m["stages"][s]["status"] for s in r.stages] == ["done"] * 8
     report = (run / "report.md").read_text()
     assert "bits/byte" in report and "near-duplicate" not in report.split("## Data")[0]
+    # the reported number is on test; validation (what settings are chosen on) is given next to it
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["split"] == "test" and summary["split"] == "test" and summary["bits_per_byte"] == ev["bits_per_byte"]
+    assert ev["val"]["bits_per_byte"] != ev["bits_per_byte"] and summary["val_bits_per_byte"] == ev["val"]["bits_per_byte"]
+    assert report.splitlines()[2] == (f"Test bits per byte: **{ev['bits_per_byte']:.4f}** "
+                                      f"(validation: {ev['val']['bits_per_byte']:.4f})")
+    assert "Test split (held-out documents never used to choose settings" in report
+    assert "Validation split" in report and "test:" in report.split("## Data")[1]
+    assert set(m["stages"]["eval"]["summary"]) == {"test_bpb", "test_loss", "val_bpb"}
+    final = json.loads((run / "model" / "final.json").read_text())
+    assert final["test_bpb"] == pytest.approx(ev["bits_per_byte"], rel=1e-4)  # both over the whole test split
+    d = json.loads((run / "data" / "report.json").read_text())
+    assert d["output"]["test"]["documents"] == ev["documents"] == 1 and d["output"]["val"]["documents"] == 1
+    # `lmforge eval --split test` gives the same number
+    assert main(["eval", "--checkpoint", str(run / "model"), "--split", "test", "--seq-len", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bits_per_byte"] == \
+        pytest.approx(ev["bits_per_byte"], rel=1e-6)
     before = digests(run)
     # a rerun skips everything; --from eval redoes eval, export and demo only
     rc = main(["run", "--runs", str(tmp_path), "--name", "run", "-q"] + sum((["--set", s] for s in tiny_sets(small_corpus)), []))

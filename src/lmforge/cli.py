@@ -268,7 +268,8 @@ def cmd_eval(a) -> int:
     if a.json:
         print(json.dumps(r))
     else:
-        print(f"loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+        where = {"val": "validation split: ", "test": "test split: ", "train": "training split: "}.get(r.get("split"), "")
+        print(f"{where}loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
               f"{r['bits_per_byte']:.4f} bits/byte ({r['tokens']:,} tokens, {r['bytes']:,} bytes)")
     return 0
 
@@ -403,10 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream documents from files (text, .jsonl[.gz|.zst], .parquet; a directory's files are one "
         "document each) through cleaning, Gopher quality/repetition filters, PII scrubbing, decontamination, "
         "exact and MinHash near-duplicate removal, then tokenize them into fixed-size shards with a manifest "
-        "and a train/val split by document. With no --input/--config: the built-in Shakespeare corpus with "
+        "and three splits of whole documents: train, val (validation, for choosing settings) and test (for "
+        "reporting), by a seeded hash up to a share of the bytes or by lists of document ids. With no --input/--config: the built-in Shakespeare corpus with "
         "its recommended settings. Rerunning reuses finished work; an interrupted run resumes.",
         epilog="examples of --set: dedup.threshold=0.7 dedup.shingle_size=5 filters.c4=true "
-        "filters.min_words=100 shards.val_fraction=0.02 shards.shard_tokens=16777216 "
+        "filters.min_words=100 shards.val_fraction=0.02 shards.test_fraction=0.02 "
+        "'shards.test_docs=[\"a.txt\",\"b.txt\"]' shards.shard_tokens=16777216 "
         "decontam.eval_files=evals/ text_field=content pii=false workers=8")
     pr.add_argument("--input", "-i", nargs="+", default=None, help="files or directories")
     pr.add_argument("--config", "-c", default=None, help="a TOML or JSON file with the same fields as --set")
@@ -531,12 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint",
-                        description="Evaluate a model directory on its validation shards, other shards or a text "
+                        description="Evaluate a model directory on its validation (or --split test) shards, other shards or a text "
                         "file: loss (nats/token), perplexity and tokenizer-independent bits per byte.")
     ev.add_argument("--checkpoint", required=True, help="a model directory (lmforge or HF)")
     ev.add_argument("--text", default=None, help="a UTF-8 text file")
     ev.add_argument("--data", default=None, help="a shards directory (default: the run's own)")
-    ev.add_argument("--split", default="val")
+    ev.add_argument("--split", default="val", choices=["train", "val", "test"],
+                    help="val (validation, default: for choosing settings) or test (for reporting; a directory "
+                    "prepared before the test split existed has none)")
     ev.add_argument("--seq-len", type=int, default=None)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", action="store_true", help="print one JSON object")

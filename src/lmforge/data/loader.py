@@ -58,10 +58,15 @@ class TokenStream:
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         if split not in self.manifest["splits"]:
-            raise ValueError(f"{self.path}: no split {split!r} (has {', '.join(self.manifest['splits'])})")
+            has = ", ".join(self.manifest["splits"])
+            if split == "test":
+                raise ValueError(f"{self.path}: no test split (it has {has}): it was prepared before lmforge held "
+                                 "out a test split; rerun `lmforge data prepare` into a new directory to get one")
+            raise ValueError(f"{self.path}: no split {split!r} (has {has})")
         sp = self.manifest["splits"][split]
         if not sp["shards"]:
-            raise ValueError(f"{self.path}: split {split!r} has no tokens")
+            raise ValueError(f"{self.path}: split {split!r} has no tokens (no document was held out for it; "
+                             "see shards.val_fraction / shards.test_fraction or the *_docs lists)")
         dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.shards, offsets, starts = [], [0], []
         for sh in sp["shards"]:

@@ -8,7 +8,8 @@ stages themselves live in ``clean``, ``filters``, ``pii``, ``dedup`` and
     report.json            every count: problems, cleaning, filters, PII, dedup, split
     train-00000.bin ...    tokens, uint16 or uint32, fixed size except the last
     train-00000.idx.json   where each document starts in that shard, and its id
-    val-00000.bin ...
+    val-00000.bin ...      validation: whole documents held out for choosing settings
+    test-00000.bin ...     test: whole documents held out for the reported number
     work/                  step outputs kept for reuse (delete to save disk)
 
 1. **documents** (streaming, all cores): read, clean, filter, scrub PII, check
@@ -16,8 +17,12 @@ stages themselves live in ``clean``, ``filters``, ``pii``, ``dedup`` and
    into chunks of ``chunk_bytes``; each chunk's output is written atomically and
    named by a content hash of its documents and the config, so a rerun or a
    resumed run skips every chunk already done.
-2. **dedup** (a few bytes per document in memory): exact clusters, then LSH
-   near-duplicate clusters; pick the validation documents.
+2. **dedup and split** (a few bytes per document in memory): exact clusters,
+   then LSH near-duplicate clusters (a cluster keeps its listed held-out member,
+   so the other editions of a held-out text leave training); hold out the
+   validation and test documents (listed ids, or a seeded hash of the ids up to
+   about ``val_fraction`` / ``test_fraction`` of the bytes); then list every
+   ``decontam.ngram``-word passage a training document shares with a held-out one.
 3. **shards** (all cores): tokenize the surviving documents in stream order,
    each prefixed by the document token, into fixed-size shards. The manifest
    records after each finished shard where each split stopped (document and
@@ -41,7 +46,8 @@ import numpy as np
 from .._config import apply_overrides, from_dict, load_file
 from .._io import atomic_open, write_json
 from .clean import CleanConfig, clean_text
-from .dedup import DedupConfig, MinHasher, band_keys, exact_clusters, exact_key, lsh_params, near_clusters, words_of
+from .dedup import (DedupConfig, MinHasher, band_keys, exact_clusters, exact_key, hash_words, lsh_params,
+                    near_clusters, words_of)
 from .filters import Decontaminator, FilterConfig, apply_filters
 from .pii import scrub
 from .sources import Problem, expand_inputs, iter_documents
@@ -55,15 +61,25 @@ class DecontamConfig:
     eval_files: list[str] = field(default_factory=list)  # files or directories of evaluation texts
     ngram: int = 13
     action: str = "drop"  # "drop" the document or only "flag" it in the report
+    # training documents sharing an n-gram with a validation or test document (step 2):
+    # "flag" (name them and the passages in the report), "drop" them from training, or "off"
+    heldout: str = "flag"
+    heldout_max_grams: int = 2_000_000  # beyond this (12 bytes each), a fixed hash-sample of the held-out n-grams
 
 
 @dataclass
 class ShardConfig:
     shard_tokens: int = 1 << 20  # tokens per shard file (the last one of a split may be shorter)
-    val_fraction: float = 0.05  # share of documents held out (whole documents), at least one
-    val_docs: list[str] = field(default_factory=list)  # explicit validation document ids instead
+    # Two held-out splits of whole documents: validation (choosing settings: early stopping,
+    # sweeps) and test (the reported number; never read while choosing anything).
+    val_fraction: float = 0.05  # share of the kept *bytes* held out for validation (at least one document)
+    test_fraction: float = 0.05  # share of the kept bytes held out for test (at least one document)
+    val_docs: list[str] = field(default_factory=list)  # explicit validation document ids instead of the fraction
+    test_docs: list[str] = field(default_factory=list)  # explicit test document ids instead of the fraction
     doc_token: str = "auto"  # prefix of every document: auto = <|bos|>, else <|endoftext|>; "" = none
-    seed: int = 0  # which documents go to validation
+    seed: int = 0  # which documents the seeded hash holds out
+    warn_tokens: int = 50_000  # a held-out split with fewer tokens, or fewer documents than
+    warn_documents: int = 3  # this, is reported as too small to measure anything
 
 
 @dataclass
@@ -106,12 +122,24 @@ def validate(cfg: PrepareConfig) -> None:
     d = cfg.dedup
     if not 0 < d.threshold < 1:
         raise ValueError(f"dedup.threshold must be in (0, 1), got {d.threshold}")
+    if not 0 < d.fn_weight < 1:
+        raise ValueError(f"dedup.fn_weight must be in (0, 1), got {d.fn_weight}")
     if d.shingle_size < 1 or d.num_perm < 2:
         raise ValueError("dedup.shingle_size must be >= 1 and dedup.num_perm >= 2")
     if (d.bands or d.rows) and d.bands * d.rows > d.num_perm:
         raise ValueError(f"dedup.bands * dedup.rows = {d.bands * d.rows} exceeds dedup.num_perm = {d.num_perm}")
-    if not 0 <= cfg.shards.val_fraction < 1:
-        raise ValueError(f"shards.val_fraction must be in [0, 1), got {cfg.shards.val_fraction}")
+    sc = cfg.shards
+    for name in ("val_fraction", "test_fraction"):
+        if not 0 <= getattr(sc, name) < 1:
+            raise ValueError(f"shards.{name} must be in [0, 1), got {getattr(sc, name)}")
+    if sc.val_fraction + sc.test_fraction >= 1:
+        raise ValueError(f"shards.val_fraction + shards.test_fraction must be < 1, got "
+                         f"{sc.val_fraction} + {sc.test_fraction}")
+    both = sorted(set(sc.val_docs) & set(sc.test_docs))
+    if both:
+        raise ValueError(f"shards.val_docs and shards.test_docs must be disjoint; both name {both[:5]}")
+    if cfg.decontam.heldout not in ("flag", "drop", "off"):
+        raise ValueError(f"decontam.heldout must be 'flag', 'drop' or 'off', got {cfg.decontam.heldout!r}")
     if cfg.shards.shard_tokens < 1024:
         raise ValueError(f"shards.shard_tokens must be >= 1024, got {cfg.shards.shard_tokens}")
     if cfg.decontam.action not in ("drop", "flag"):
@@ -248,7 +276,9 @@ def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = F
     """Step 1. Returns the per-chunk tallies (from disk for chunks already done)."""
     work.mkdir(parents=True, exist_ok=True)
     step_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "shards", "workers")}
-    step_cfg["dedup"] = {k: v for k, v in step_cfg["dedup"].items() if k not in ("threshold", "bands", "rows")}
+    step_cfg["dedup"] = {k: v for k, v in step_cfg["dedup"].items()
+                         if k not in ("threshold", "bands", "rows", "fn_weight")}
+    step_cfg["decontam"] = {k: v for k, v in step_cfg["decontam"].items() if not k.startswith("heldout")}
     step_key = _hash(STEP1_VERSION, step_cfg)
     grams = None
     if cfg.decontam.eval_files:
@@ -332,8 +362,10 @@ def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = F
 def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: bool = False) -> dict:
     chunks = [s for s in summaries if s["index"] >= 0]
     d = cfg.dedup
-    bands, rows = (d.bands, d.rows) if d.bands and d.rows else lsh_params(d.threshold, d.num_perm)
-    key = _hash("dedup", [s["digest"] for s in chunks], asdict(d), asdict(cfg.shards), bands, rows)
+    bands, rows = (d.bands, d.rows) if d.bands and d.rows else \
+        lsh_params(d.threshold, d.num_perm, fp_weight=1 - d.fn_weight, fn_weight=d.fn_weight)
+    key = _hash("dedup", 2, [s["digest"] for s in chunks], asdict(d), asdict(cfg.shards), bands, rows,
+                cfg.decontam.ngram, cfg.decontam.heldout, cfg.decontam.heldout_max_grams)
     out_path = work / "dedup.json"
     if out_path.exists():
         try:
@@ -370,14 +402,46 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
             out[m] = sig_files[c][idx[m] - offsets_arr[c]]
         return out
 
+    sc = cfg.shards
+    # one pass over the ids: bytes per document (for byte fractions) and where the
+    # explicitly listed held-out documents are
+    sizes = np.empty(n, dtype=np.int64)
+    listed = {**{i: "val" for i in sc.val_docs}, **{i: "test" for i in sc.test_docs}}
+    held_of: dict[int, str] = {}  # document index -> "val" / "test", for the listed ids
+    for c, s in enumerate(chunks):
+        ms = json.loads((work / f"chunk-{s['index']:05d}.meta.json").read_text())
+        sizes[offsets[c]:offsets[c + 1]] = [m[2] for m in ms]
+        if listed:
+            for j, m in enumerate(ms):
+                if m[0] in listed:
+                    held_of[offsets[c] + j] = listed[m[0]]
+    why_gone: dict[int, str] = {}  # listed documents removed as duplicates, and why
+
+    def pick_kept(members: list[int], what: str) -> int:
+        """The member a cluster keeps: a listed held-out document if there is one (so the held-out
+        edition stays and its other editions leave training), else the first in the stream."""
+        held = [m for m in members if m in held_of]
+        if len({held_of[m] for m in held}) > 1:
+            v = next(m for m in held if held_of[m] == "val")
+            t = next(m for m in held if held_of[m] == "test")
+            raise ValueError(f"shards.val_docs {meta(v)[0]!r} and shards.test_docs {meta(t)[0]!r} are {what} "
+                             "of each other: the two held-out splits would share a document")
+        rep = held[0] if held else members[0]
+        for m in held[1:]:
+            why_gone[m] = f"removed as a {what[:-1]} of {meta(rep)[0]!r}"
+        return rep
+
     alive = np.ones(n, dtype=bool)
     removed_exact: list[dict] = []
     if d.exact and n:
         ex = np.concatenate([np.load(work / f"chunk-{s['index']:05d}.exact.npy") for s in chunks])
         for first, dups in exact_clusters(ex).items():
-            alive[dups] = False
-            removed_exact.append({"kept": meta(first)[0], "removed": [meta(i)[0] for i in dups],
-                                  "bytes": int(sum(meta(i)[2] for i in dups))})
+            members = [first, *dups]
+            rep = pick_kept(members, "exact duplicates")
+            gone = [m for m in members if m != rep]
+            alive[gone] = False
+            removed_exact.append({"kept": meta(rep)[0], "removed": [meta(i)[0] for i in gone],
+                                  "bytes": int(sum(meta(i)[2] for i in gone))})
         del ex
     near: list[dict] = []
     if d.near and n:
@@ -385,6 +449,11 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
         keys = np.concatenate([band_keys(np.load(work / f"chunk-{s['index']:05d}.sig.npy"), bands, rows)
                                for s in chunks])
         for rep, members in near_clusters(sig_rows, n, d.threshold, bands, rows, keys=keys, alive=alive):
+            new_rep = pick_kept([rep, *[m for m, _ in members]], "near duplicates")
+            if new_rep != rep:  # Jaccard against the document that stays
+                others = np.array([x for x in [rep, *[m for m, _ in members]] if x != new_rep])
+                est = (sig_rows(others) == sig_rows(np.array([new_rep]))).mean(axis=1)
+                members, rep = [(int(m), float(j)) for m, j in zip(others, est)], new_rep
             alive[[m for m, _ in members]] = False
             near.append({"kept": meta(rep)[0], "kept_source": meta(rep)[1],
                          "removed": [{"id": meta(m)[0], "source": meta(m)[1], "jaccard": round(j, 4)}
@@ -392,16 +461,24 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
                          "bytes": int(sum(meta(m)[2] for m, _ in members))})
         del keys
     kept = np.flatnonzero(alive)
-    # validation: whole documents, chosen by a seeded hash of their id (stable when others change)
-    sc = cfg.shards
-    if sc.val_docs:
-        wanted = set(sc.val_docs)
-        val = [int(i) for i in kept if meta(int(i))[0] in wanted]
-        missing = wanted - {meta(i)[0] for i in val}
+    # held-out splits: whole documents, listed by id or chosen by a seeded hash of their id
+    # (stable when other documents come and go) until they hold about their share of the bytes
+    kept_bytes = int(sizes[kept].sum())
+    splits: dict[str, list[int]] = {}
+    for name, ids in (("val", sc.val_docs), ("test", sc.test_docs)):
+        if not ids:
+            continue
+        mine = sorted(i for i, sp in held_of.items() if sp == name and alive[i])
+        missing = set(ids) - {meta(i)[0] for i in mine}
         if missing:
-            raise ValueError(f"shards.val_docs: no kept document has the id(s) {sorted(missing)[:5]}")
-    elif sc.val_fraction > 0 and len(kept) >= 2:
-        n_val = max(1, int(round(sc.val_fraction * len(kept))))
+            gone = {meta(i)[0]: why_gone.get(i, "removed as a duplicate or by the cleaning/filter step")
+                    for i, sp in held_of.items() if sp == name and not alive[i]}
+            detail = "; ".join(f"{m!r}: {gone.get(m, 'no document has this id')}" for m in sorted(missing)[:5])
+            raise ValueError(f"shards.{name}_docs: not among the kept documents: {detail}")
+        splits[name] = mine
+    hashed = [name for name, ids in (("val", sc.val_docs), ("test", sc.test_docs)) if not ids
+              and getattr(sc, f"{name}_fraction") > 0]
+    if hashed:
         score = np.empty(n, dtype=np.uint64)
         for c, s in enumerate(chunks):
             ids = json.loads((work / f"chunk-{s['index']:05d}.meta.json").read_text())
@@ -409,15 +486,139 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
                 int.from_bytes(hashlib.blake2b(f"{sc.seed}:{m[0]}".encode(), digest_size=8).digest(), "big")
                 for m in ids]
         order = kept[np.argsort(score[kept], kind="stable")]
-        val = sorted(int(i) for i in order[:n_val])
-    else:
-        val = []
-    result = {"key": key, "documents": int(n), "kept": int(len(kept)), "bands": bands, "rows": rows,
+        taken = {i for v in splits.values() for i in v}
+        for name in hashed:  # validation first: a training run needs it most
+            target = getattr(sc, f"{name}_fraction") * kept_bytes
+            chosen, got = [], 0
+            room = len(kept) - len(taken) - 1  # leave at least one training document
+            for i in order:
+                if got >= target or len(chosen) >= room:
+                    break
+                i = int(i)
+                # take a document when it brings the split closer to its share of the bytes
+                if i not in taken and sizes[i] < 2 * (target - got):
+                    chosen.append(i)
+                    got += int(sizes[i])
+            if not chosen and room > 0:  # the floor: one document, the smallest (first by hash among equals)
+                chosen = [min((int(i) for i in order if int(i) not in taken), key=lambda i: sizes[i])]
+            splits[name] = sorted(chosen)
+            taken.update(chosen)
+    val, test = splits.get("val", []), splits.get("test", [])
+    overlap = heldout_overlap(cfg, work, summaries, alive, set(val), set(test), meta) \
+        if cfg.decontam.heldout != "off" and (val or test) else {}
+    dropped = overlap.pop("drop", [])
+    if dropped:
+        alive[dropped] = False
+    result = {"key": key, "documents": int(n), "kept": int(alive.sum()), "bands": bands, "rows": rows,
               "exact_clusters": removed_exact, "near_clusters": near,
-              "removed": [int(i) for i in np.flatnonzero(~alive)], "val": val,
-              "val_ids": [meta(i)[0] for i in val], "seconds": round(time.perf_counter() - t0, 3)}
+              "removed": [int(i) for i in np.flatnonzero(~alive)], "val": val, "test": test,
+              "val_ids": [meta(i)[0] for i in val], "test_ids": [meta(i)[0] for i in test],
+              "heldout_bytes": {"kept": kept_bytes, "val": int(sizes[val].sum()), "test": int(sizes[test].sum())},
+              "heldout_overlap": overlap, "seconds": round(time.perf_counter() - t0, 3)}
     write_json(out_path, result)
     return result
+
+
+def heldout_overlap(cfg: PrepareConfig, work: Path, summaries: list[dict], alive: np.ndarray,
+                    val: set[int], test: set[int], meta) -> dict:
+    """Long shared passages between the splits: every ``decontam.ngram``-word n-gram (lowercased
+    ``\\w+`` words, as in ``Decontaminator``) that a training document shares with a validation or
+    test document, and those a validation document shares with a test one. Returns, per pair of
+    splits, the documents involved, the n-gram counts and the shared passages (runs of overlapping
+    n-grams, as words); with ``decontam.heldout = "drop"`` also ``"drop"``, the training documents
+    to remove. Memory: the held-out n-grams (12 bytes each), about ``heldout_max_grams`` of them at
+    most; beyond that a fixed hash-sample of n-grams (the same on both sides) is compared, which
+    still finds a shared passage of L n-grams with probability 1 - (1 - rate)^L."""
+    from .filters import _NGRAM_RE, _ngram_hashes
+    from .shards import _iter_kept
+
+    n = cfg.decontam.ngram
+    dc = cfg.decontam
+    # the n-grams of the held-out documents, in one pass; beyond heldout_max_grams (estimated from
+    # their bytes, at most one word per 4 bytes) a fixed hash-sample of them, the same on both sides
+    est = sum(int(meta(g)[2]) for g in (*val, *test)) // 4
+    keep_below = None if est <= dc.heldout_max_grams else np.uint64(int((1 << 64) * dc.heldout_max_grams / est) - 1)
+
+    def doc_grams(text: str):
+        words = _NGRAM_RE.findall(text.lower())
+        if len(words) < n:
+            return words, np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+        h = _ngram_hashes(hash_words(words), n)
+        if keep_below is None:
+            return words, h, np.arange(len(h))
+        with np.errstate(over="ignore"):
+            pos = np.flatnonzero((h * np.uint64(0x9E3779B97F4A7C15)) < keep_below)
+        return words, h[pos], pos
+
+    grams: dict[str, list] = {"val": [], "test": []}
+    owners: dict[str, list] = {"val": [], "test": []}
+    names: list[int] = []  # owner number -> document index
+    for g, doc_id, _src, text in _iter_kept(work, summaries, 0):
+        split = "val" if g in val else "test" if g in test else None
+        if split:
+            _, h, _ = doc_grams(text)
+            grams[split].append(h)
+            owners[split].append(np.full(len(h), len(names), dtype=np.int32))
+            names.append(g)
+    total = sum(len(h) for v in grams.values() for h in v)
+    tables = {}
+    for split in ("val", "test"):
+        if grams[split]:
+            h, o = np.concatenate(grams[split]), np.concatenate(owners[split])
+            grams[split] = owners[split] = None
+            order = np.argsort(h, kind="stable")
+            tables[split] = (h[order], o[order])
+            del h, o, order
+    found: dict[str, dict] = {}
+    drop: set[int] = set()
+    for g, doc_id, _src, text in _iter_kept(work, summaries, 0):
+        if not alive[g] or g in test:
+            continue
+        against = ("test",) if g in val else ("val", "test")
+        words, h, at = doc_grams(text)
+        if not len(h):
+            continue
+        for split in against:
+            if split not in tables:
+                continue
+            th, to = tables[split]
+            where = np.minimum(np.searchsorted(th, h), len(th) - 1)  # th is sorted: binary search
+            hit = th[where] == h
+            pos = at[hit]  # word positions where a shared n-gram starts
+            if not len(pos):
+                continue
+            where = where[hit]
+            pair = f"{split}-vs-{'val' if g in val else 'train'}"
+            rec = found.setdefault(pair, {"documents": 0, "ngrams": 0, "pairs": []})
+            rec["documents"] += 1
+            rec["ngrams"] += len(pos)
+            # which held-out documents, and the passages: runs of consecutive shared n-grams
+            by_owner: dict[int, int] = {}
+            for w in where:
+                o = names[int(to[w])]
+                by_owner[o] = by_owner.get(o, 0) + 1
+            runs, start = [], int(pos[0])
+            for a, b in zip(pos[:-1], pos[1:]):
+                if b != a + 1:
+                    runs.append((start, int(a) + n))
+                    start = int(b)
+            runs.append((start, int(pos[-1]) + n))
+            runs.sort(key=lambda r: r[0] - r[1])
+            for o, cnt in sorted(by_owner.items(), key=lambda kv: -kv[1]):
+                rec["pairs"].append({"heldout": meta(o)[0], "other": doc_id, "ngrams": cnt,
+                                     "passages": len(runs),
+                                     "examples": [" ".join(words[s:e])[:200] for s, e in runs[:MAX_EXAMPLES]]})
+            if dc.heldout == "drop" and g not in val:
+                drop.add(g)
+    for rec in found.values():
+        rec["pairs"].sort(key=lambda p: -p["ngrams"])
+        del rec["pairs"][50:]
+    out = {"ngram": n, "action": dc.heldout, "sampled": keep_below is not None,
+           "heldout_ngrams": int(total), **found}  # heldout_ngrams: those compared (after any sampling)
+    if drop:
+        out["drop"] = sorted(drop)
+        out["dropped"] = [meta(i)[0] for i in sorted(drop)]
+    return out
 
 
 # ---- the whole chain ----------------------------------------------------------------------
@@ -431,11 +632,11 @@ def clean_and_dedup(cfg: PrepareConfig, out: str | os.PathLike, quiet: bool = Fa
 
 
 def train_texts(out: str | os.PathLike, summaries: list, dedup: dict):
-    """The texts of the kept training documents (not removed, not validation), in input order:
-    what a tokenizer for this data should be trained on."""
+    """The texts of the kept training documents (not removed, not validation or test), in input
+    order: what a tokenizer for this data should be trained on."""
     from .shards import _iter_kept
 
-    skip = set(dedup["removed"]) | set(dedup["val"])
+    skip = set(dedup["removed"]) | set(dedup["val"]) | set(dedup.get("test", []))
     for g, _id, _src, text in _iter_kept(Path(out) / "work", summaries, 0):
         if g not in skip:
             yield text
@@ -460,7 +661,33 @@ def prepare(cfg: PrepareConfig, tokenizer: str | os.PathLike, out: str | os.Path
     report = build_report(cfg, summaries, dedup, manifest, {"documents": t1 - t0, "dedup": t2 - t1,
                                                             "shards": t3 - t2, "total": t3 - t0})
     write_json(out / "report.json", report, indent=1)
+    for rec in report["heldout"].values():
+        if "warning" in rec:
+            print(f"lmforge: warning: {out}: {rec['warning']}", file=sys.stderr)
     return manifest
+
+
+def heldout_summary(cfg: PrepareConfig, dedup: dict, splits: dict) -> dict:
+    """Per held-out split: how it was chosen, its documents and share of the kept bytes, and a
+    warning when it is too small to measure anything."""
+    sc = cfg.shards
+    kept = dedup.get("heldout_bytes", {}).get("kept") or sum(sp["bytes"] for sp in splits.values())
+    out = {}
+    for name in ("val", "test"):
+        sp = splits.get(name, {"documents": 0, "bytes": 0, "tokens": 0})
+        listed = getattr(sc, f"{name}_docs")
+        rec = {"chosen_by": "list" if listed else f"seeded hash (seed {sc.seed}), "
+                            f"{getattr(sc, f'{name}_fraction'):.0%} of the bytes",
+               "ids": dedup.get(f"{name}_ids", []), "documents": sp["documents"], "bytes": sp["bytes"],
+               "tokens": sp["tokens"], "byte_share": round(sp["bytes"] / kept, 6) if kept else 0.0}
+        if sp["tokens"] < sc.warn_tokens or sp["documents"] < sc.warn_documents:
+            what = "validation" if name == "val" else "test"
+            rec["warning"] = (f"the {what} split holds {sp['documents']} document(s), {sp['tokens']:,} tokens "
+                              f"(under {sc.warn_documents} documents or {sc.warn_tokens:,} tokens): too small "
+                              f"for its loss to measure much; give more data, raise shards.{name}_fraction or "
+                              f"list documents in shards.{name}_docs")
+        out[name] = rec
+    return out
 
 
 def build_report(cfg, summaries, dedup, manifest, times) -> dict:
@@ -500,10 +727,13 @@ def build_report(cfg, summaries, dedup, manifest, times) -> dict:
                            "bytes": sum(c["bytes"] for c in dedup["near_clusters"]),
                            "clusters": dedup["near_clusters"],
                            "shingle_size": cfg.dedup.shingle_size, "num_perm": cfg.dedup.num_perm,
-                           "threshold": cfg.dedup.threshold, "bands": dedup["bands"], "rows": dedup["rows"]},
+                           "threshold": cfg.dedup.threshold, "bands": dedup["bands"], "rows": dedup["rows"],
+                           "fn_weight": cfg.dedup.fn_weight},
                   "removed_bytes": removed_bytes},
         "output": {name: {k: sp[k] for k in ("documents", "tokens", "bytes")} for name, sp in splits.items()},
-        "val_ids": dedup["val_ids"],
+        "val_ids": dedup["val_ids"], "test_ids": dedup.get("test_ids", []),
+        "heldout": heldout_summary(cfg, dedup, splits),
+        "heldout_overlap": dedup.get("heldout_overlap", {}),
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "mb_per_s": round(bytes_in / 1e6 / max(times["total"], 1e-9), 3),
     }

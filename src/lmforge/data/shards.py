@@ -6,6 +6,9 @@ cleaning (step 1) or batching (``loader``).
 
 Format (``manifest.json``, ``"format": "lmforge.shards"``):
 
+* splits ``train``, ``val`` (validation: for choosing settings) and ``test`` (for
+  reporting), each a set of whole documents; a directory written before the test
+  split existed has only ``train`` and ``val`` and still loads.
 * ``{split}-{k:05d}.bin``: raw little-endian ``uint16`` (vocab <= 65,536) or
   ``uint32`` tokens, exactly ``shard_tokens`` of them except in the last shard of
   a split. Every document starts with the document token (``<|bos|>`` by default).
@@ -29,9 +32,11 @@ import numpy as np
 
 from .._io import atomic_open, write_json
 
+ENCODE_BATCH_CHARS = 4 << 20  # documents are tokenized in batches of about this much text ...
+ENCODE_BATCH_DOCS = 1024  # ... or this many documents (memory: a constant, whatever the corpus size)
 FORMAT = "lmforge.shards"
 VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # directories written before the test split have only train and val
 
 
 def tokenizer_file(path: str | os.PathLike) -> Path:
@@ -147,7 +152,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
     doc_token = resolve_doc_token(tok, cfg.shards.doc_token)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     sc = cfg.shards
-    key = _hash("shards", VERSION, dedup["key"], tok_sha, sc.shard_tokens, sc.doc_token)
+    key = _hash("shards", VERSION, SPLITS, dedup["key"], tok_sha, sc.shard_tokens, sc.doc_token)
     mpath = out / "manifest.json"
     manifest = None
     if mpath.exists():
@@ -158,7 +163,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
     if manifest and manifest.get("key") == key and manifest.get("complete"):
         return manifest
     if not manifest or manifest.get("key") != key:  # start over: remove shards of another run
-        for p in list(out.glob("train-*")) + list(out.glob("val-*")):
+        for p in [p for sp in SPLITS for p in out.glob(f"{sp}-*")]:
             p.unlink()
         manifest = {
             "format": FORMAT, "version": VERSION, "key": key, "complete": False, "dtype": dtype,
@@ -174,7 +179,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
         shutil.copyfile(tok_file, out / "tokenizer" / tok_file.name)
     else:  # resume: drop shard files the manifest does not claim (a crash between write and manifest)
         claimed = {sh[k] for sp in manifest["splits"].values() for sh in sp["shards"] for k in ("file", "index")}
-        for p in list(out.glob("train-*")) + list(out.glob("val-*")):
+        for p in [p for sp in SPLITS for p in out.glob(f"{sp}-*")]:
             if p.name not in claimed:
                 p.unlink()
     splits = manifest["splits"]
@@ -186,6 +191,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
     resume = {s: (splits[s]["doc"], splits[s]["offset"]) for s in SPLITS}
     removed = set(dedup["removed"])
     val = set(dedup["val"])
+    test = set(dedup.get("test", []))
     start = min(r[0] for r in resume.values())
     total_bytes = sum(s.get("bytes_out", 0) for s in summaries)
     bar = _bar(total_bytes, "shards", quiet=quiet)
@@ -205,7 +211,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
     for g, doc_id, source, text in _iter_kept(work, summaries, start):
         if g in removed:
             continue
-        split = "val" if g in val else "train"
+        split = "val" if g in val else "test" if g in test else "train"
         rdoc, roff = resume[split]
         if g < rdoc:
             continue
@@ -213,7 +219,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
         nbytes = len(text.encode("utf-8", "surrogatepass"))
         batch.append((g, doc_id, split, text, nbytes, skip))
         batch_chars += len(text)
-        if batch_chars >= 4 << 20 or len(batch) >= 1024:
+        if batch_chars >= ENCODE_BATCH_CHARS or len(batch) >= ENCODE_BATCH_DOCS:
             run_batch()
             batch, batch_chars = [], 0
     if batch:

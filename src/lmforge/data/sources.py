@@ -12,6 +12,10 @@ Formats (chosen by file name):
 * ``*.parquet``: rows of the ``text_field`` column, read batch by batch (pyarrow).
 * anything else: a plain UTF-8 text file is one document.
 
+A document's id: the JSONL/Parquet ``id_field`` when present, else the file's
+path relative to the input directory it was found under (``pkg/__init__.py``,
+not ``__init__.py``), with ``:line`` / ``:row`` for JSONL and Parquet rows.
+
 A directory is walked in sorted order. Bad input never stops the stream where
 skipping is safe: each skipped or repaired item is recorded as a ``Problem``
 (file, line, what) in the ``problems`` list the caller passes in. A file that
@@ -53,20 +57,29 @@ class Problem:
                 "detail": self.detail}
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named by ``inputs`` (directories walked recursively, sorted; hidden files skipped)."""
-    files: list[Path] = []
+def input_files(inputs: Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """``(file, name)`` for every file named by ``inputs`` (directories walked recursively,
+    sorted; hidden files skipped). ``name`` is the path relative to the directory given
+    (``pkg/__init__.py``), or the file name for a file given directly: the id of a
+    plain-text document, unique where base names repeat."""
+    files: list[tuple[Path, str]] = []
     for p in inputs:
         p = Path(p)
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()
-                                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                                and f.name != "MANIFEST.json"))
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                           and f.name != "MANIFEST.json")
+            files.extend((f, f.relative_to(p).as_posix()) for f in found)
         elif p.is_file():
-            files.append(p)
+            files.append((p, p.name))
         else:
             raise FileNotFoundError(f"{p}: no such input file or directory")
     return files
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named by ``inputs`` (directories walked recursively, sorted; hidden files skipped)."""
+    return [f for f, _ in input_files(inputs)]
 
 
 def file_format(path: Path) -> str:
@@ -111,20 +124,20 @@ def _open_binary(path: Path):
     return open(path, "rb")
 
 
-def read_text(path: Path, problems: list, utf8_errors: str = "replace") -> Iterator[Document]:
+def read_text(path: Path, problems: list, utf8_errors: str = "replace", name: str | None = None) -> Iterator[Document]:
     data = path.read_bytes()
     if not data.strip():
         problems.append(Problem(str(path), None, "empty", "skipped", f"{len(data)} bytes"))
         return
     text = _decode(data, str(path), 1, problems, utf8_errors)
     if text is not None:
-        yield Document(id=path.name, text=text, source=str(path))
+        yield Document(id=name or path.name, text=text, source=str(path))
 
 
 def read_jsonl(path: Path, problems: list, text_field: str = "text", id_field: str = "id",
-               utf8_errors: str = "replace") -> Iterator[Document]:
+               utf8_errors: str = "replace", name: str | None = None) -> Iterator[Document]:
     lineno = 0
-    stem = path.name
+    stem = name or path.name
     try:
         with _open_binary(path) as raw:
             for raw_line in raw:
@@ -165,7 +178,7 @@ def read_jsonl(path: Path, problems: list, text_field: str = "text", id_field: s
 
 
 def read_parquet(path: Path, problems: list, text_field: str = "text", id_field: str = "id",
-                 batch_size: int = 1024) -> Iterator[Document]:
+                 batch_size: int = 1024, name: str | None = None) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -190,7 +203,7 @@ def read_parquet(path: Path, problems: list, text_field: str = "text", id_field:
                 if not isinstance(text, str) or not text.strip():
                     problems.append(Problem(str(path), row, "empty", "skipped", "null or empty text"))
                     continue
-                yield Document(id=str(doc_id) if doc_id is not None else f"{path.name}:{row}", text=text,
+                yield Document(id=str(doc_id) if doc_id is not None else f"{name or path.name}:{row}", text=text,
                                source=str(path))
     except Exception as e:
         problems.append(Problem(str(path), row + 1, "unreadable", "skipped",
@@ -204,11 +217,11 @@ def iter_documents(inputs: Iterable[str | os.PathLike], problems: list | None = 
     if utf8_errors not in ("replace", "skip"):
         raise ValueError(f"utf8_errors must be 'replace' or 'skip', got {utf8_errors!r}")
     problems = [] if problems is None else problems
-    for path in expand_inputs(inputs):
+    for path, name in input_files(inputs):
         fmt = file_format(path)
         if fmt == "jsonl":
-            yield from read_jsonl(path, problems, text_field, id_field, utf8_errors)
+            yield from read_jsonl(path, problems, text_field, id_field, utf8_errors, name=name)
         elif fmt == "parquet":
-            yield from read_parquet(path, problems, text_field, id_field)
+            yield from read_parquet(path, problems, text_field, id_field, name=name)
         else:
-            yield from read_text(path, problems, utf8_errors)
+            yield from read_text(path, problems, utf8_errors, name=name)

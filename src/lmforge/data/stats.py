@@ -43,6 +43,7 @@ def collect(path: str | Path) -> dict:
         "near_duplicate_clusters": report.get("dedup", {}).get("near", {}).get("clusters", []),
         "exact_duplicate_clusters": report.get("dedup", {}).get("exact", {}).get("clusters", []),
         "pii": report.get("pii", {}), "decontamination": report.get("decontamination", {}),
+        "heldout": report.get("heldout", {}), "heldout_overlap": report.get("heldout_overlap", {}),
         "problems": report.get("problems", []), "clean": report.get("clean", {}),
         "seconds": report.get("seconds", {}), "mb_per_s": report.get("mb_per_s"),
     }
@@ -60,6 +61,33 @@ def format_text(s: dict) -> str:
     for name, sp in s["splits"].items():
         lines.append(f"{name:<8}{sp['documents']:>11,}{sp['bytes']:>14,}{sp['tokens']:>13,}"
                      f"{sp['bytes_per_token'] or 0:>13.3f}{sp['shards']:>8}")
+    names = {"val": "validation", "test": "test"}
+    if s.get("heldout"):
+        lines.append("")
+    for name, h in s.get("heldout", {}).items():
+        ids = h["ids"]
+        shown = ", ".join(ids[:6]) + (f", ... ({len(ids) - 6} more)" if len(ids) > 6 else "")
+        lines.append(f"{names[name]}: {h['byte_share']:.1%} of the kept bytes, by {h['chosen_by']}: {shown or '-'}")
+        if "warning" in h:
+            lines.append(f"  WARNING: {h['warning']}")
+    ov = s.get("heldout_overlap", {})
+    if ov:
+        lines += ["", f"shared {ov['ngram']}-grams between splits ({ov['action']}"
+                      f"{', sampled' if ov.get('sampled') else ''}):"]
+        for pair in ("test-vs-train", "val-vs-train", "test-vs-val"):
+            rec = ov.get(pair)
+            if not rec:
+                lines.append(f"  {pair}: none")
+                continue
+            lines.append(f"  {pair}: {rec['ngrams']:,} n-grams in {rec['documents']} document(s)")
+            for p in rec["pairs"][:3]:
+                ex = p["examples"][0] if p["examples"] else ""
+                lines.append(f"    {p['heldout']} ~ {p['other']}: {p['ngrams']} n-grams, {p['passages']} passage(s), "
+                             f"e.g. {ex[:70]!r}")
+            if len(rec["pairs"]) > 3:
+                lines.append(f"    ... {len(rec['pairs']) - 3} more pairs in report.json")
+        if ov.get("dropped"):
+            lines.append(f"  dropped from training: {len(ov['dropped'])} document(s)")
     if s["removals"]:
         inp = s["input"]
         lines += ["", f"input: {inp['documents']:,} documents, {_mb(inp['bytes'])}", "",

@@ -11,17 +11,33 @@ from pathlib import Path
 from .._io import write_json
 
 
+_SPLIT_NAMES = {"test": "Test split (held-out documents never used to choose settings; the reported number)",
+                "val": "Validation split (held-out documents used to choose settings and during training)"}
+
+
+def _headline(summary: dict) -> str:
+    if not summary["bits_per_byte"]:
+        return ""
+    line = f"Test bits per byte: **{summary['bits_per_byte']:.4f}**" if summary["split"] == "test" else \
+        f"Validation bits per byte: **{summary['bits_per_byte']:.4f}** (this run has no test split)"
+    if summary.get("val_bits_per_byte") and summary["split"] == "test":
+        line += f" (validation: {summary['val_bits_per_byte']:.4f})"
+    return line
+
+
 def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
     st = manifest["stages"]
     ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
     summary = {"run": str(run_dir), "recipe": recipe.name, "seconds": round(seconds, 1),
                "stage_seconds": {k: v.get("seconds") for k, v in st.items()},
-               "bits_per_byte": ev.get("bits_per_byte"), "val_loss": ev.get("loss"),
+               "split": ev.get("split", "val") if ev else None,  # which split bits_per_byte is on
+               "bits_per_byte": ev.get("bits_per_byte"), "loss": ev.get("loss"),
                "perplexity": ev.get("perplexity"),
+               "val_bits_per_byte": (ev.get("val") or {}).get("bits_per_byte"),
                "params": st.get("pretrain", {}).get("summary", {}).get("params"),
                "train_tokens": st.get("pretrain", {}).get("summary", {}).get("tokens")}
     lines = [f"# lmforge run `{run_dir.name}` (recipe `{recipe.name}`)", "",
-             f"Held-out bits per byte: **{summary['bits_per_byte']:.4f}**" if summary["bits_per_byte"] else "", "",
+             _headline(summary), "",
              "## Stages", "", "| stage | status | seconds | key numbers |", "| --- | --- | --- | --- |"]
     for name in recipe.stages:
         s = st.get(name, {})
@@ -38,10 +54,15 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
         shutil.copyfile(png, run_dir / "loss.png")
         lines += ["", "## Loss", "", "![loss curves](loss.png)"]
     if ev:
-        lines += ["", "## Evaluation (held-out documents)", "",
-                  f"loss {ev['loss']:.4f} nats/token, perplexity {ev['perplexity']:.2f}, "
-                  f"**{ev['bits_per_byte']:.4f} bits/byte** over {ev['bytes']:,} bytes of {ev['documents']} documents", "",
-                  "### Samples", ""]
+        split = ev.get("split", "val")
+        lines += ["", "## Evaluation", "",
+                  f"{_SPLIT_NAMES[split]}: loss {ev['loss']:.4f} nats/token, perplexity {ev['perplexity']:.2f}, "
+                  f"**{ev['bits_per_byte']:.4f} bits/byte** over {ev['bytes']:,} bytes of {ev['documents']} documents"]
+        if ev.get("val"):
+            v = ev["val"]
+            lines += ["", f"{_SPLIT_NAMES['val']}: loss {v['loss']:.4f} nats/token, perplexity {v['perplexity']:.2f}, "
+                          f"{v['bits_per_byte']:.4f} bits/byte over {v['bytes']:,} bytes of {v['documents']} documents"]
+        lines += ["", "### Samples", ""]
         for smp in ev["samples"]:
             lines += ["```", smp["prompt"] + smp["completion"], "```"]
     demo = run_dir / "demo.json"

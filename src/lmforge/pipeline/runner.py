@@ -85,7 +85,8 @@ class Runner:
         self.results["clean"] = (summaries, dedup)
         return ({"dedup": self.dir / "data" / "work" / "dedup.json"},
                 {"documents_in": sum(s.get("docs_in", 0) for s in summaries), "kept": dedup["kept"],
-                 "near_duplicate_clusters": len(dedup["near_clusters"]), "val_documents": len(dedup["val"])})
+                 "near_duplicate_clusters": len(dedup["near_clusters"]), "val_documents": len(dedup["val"]),
+                 "test_documents": len(dedup.get("test", []))})
 
     def stage_tokenizer(self):
         from .. import tokenize
@@ -143,7 +144,7 @@ class Runner:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         stamp.write_text(self._key + "\n")
         final = train(cfg, quiet=self.quiet)
-        keys = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "params", "elapsed")
+        keys = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "test_bpb", "params", "elapsed")
         if final["resumed_from_step"] is not None:  # run.json shows that (and from where) this run continued
             self.log(f"pretrain: resumed from step {final['resumed_from_step']}, "
                      f"ran {final['steps_this_run']} more steps")
@@ -155,7 +156,9 @@ class Runner:
         from ..model import load
 
         model, tok = load(self.dir / "model")
-        ev = evaluate_shards(model, self.dir / "data", "val", self.r.train.seq_len, batch_size=8)
+        # test is the reported number; validation is the one settings were chosen on
+        ev = {sp: evaluate_shards(model, self.dir / "data", sp, self.r.train.seq_len, batch_size=8)
+              for sp in ("test", "val")}
         bos = tok.special_tokens.get("<|bos|>")
         samples = []
         for i, p in enumerate(self.r.eval.prompts):
@@ -164,10 +167,12 @@ class Runner:
                            temperature=self.r.eval.temperature, seed=self.r.eval.seed + i,
                            stop=tok.special_tokens.get("<|bos|>"))
             samples.append({"prompt": p, "completion": tok.decode(out)})
-        res = {"loss": ev["loss"], "perplexity": ev["perplexity"], "bits_per_byte": ev["bits_per_byte"],
-               "tokens": ev["tokens"], "bytes": ev["bytes"], "documents": ev["documents"], "samples": samples}
+        keys = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents")
+        res = {"split": "test", **{k: ev["test"][k] for k in keys},
+               "val": {k: ev["val"][k] for k in keys}, "samples": samples}
         write_json(self.dir / "eval.json", res, indent=1)
-        return {"eval": self.dir / "eval.json"}, {k: res[k] for k in ("loss", "perplexity", "bits_per_byte")}
+        return {"eval": self.dir / "eval.json"}, {"test_bpb": res["bits_per_byte"], "test_loss": res["loss"],
+                                                  "val_bpb": res["val"]["bits_per_byte"]}
 
     def stage_export(self):
         from ..model import export_hf, load

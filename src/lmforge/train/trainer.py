@@ -38,7 +38,7 @@ from .schedule import lr_multiplier
 class TrainConfig:
     out: str = "runs/pretrain"
     data: str = ""  # a directory from `lmforge data prepare`
-    text: str = ""  # or a text file: first 90% trains, last 10% validates
+    text: str = ""  # or a text file: first 90% trains, the next 5% validates, the last 5% tests
     tokenizer: str = ""  # with --text: char | bpe:N | a tokenizer path (default: the preset's choice)
     preset: str = "tiny"
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 4}
@@ -167,7 +167,8 @@ def keep_freed_memory() -> bool:
 
 
 def text_to_shards(text_file: str, tokenizer_spec: str, out: Path):
-    """--text mode: train (or load) the tokenizer on the first 90% and write two one-document shards."""
+    """--text mode: train (or load) the tokenizer on the first 90% and write three one-document
+    shards: train (the first 90%), val (the next 5%, for choosing settings), test (the last 5%)."""
     from .._io import read_text_file
     from ..data.shards import FORMAT, VERSION
     from ..tokenize import load, train
@@ -175,8 +176,9 @@ def text_to_shards(text_file: str, tokenizer_spec: str, out: Path):
     text = read_text_file(text_file)
     if len(text) < 1000:
         raise ValueError(f"{text_file}: only {len(text)} characters; need at least 1000 to train on")
-    cut = int(len(text) * 0.9)
-    tr, va = text[:cut], text[cut:]
+    cut, cut2 = int(len(text) * 0.9), int(len(text) * 0.95)
+    parts = {"train": text[:cut], "val": text[cut:cut2], "test": text[cut2:]}
+    tr = parts["train"]
     spec = tokenizer_spec or "char"
     if spec == "char":
         tok = train("char", [tr], 0)
@@ -190,14 +192,14 @@ def text_to_shards(text_file: str, tokenizer_spec: str, out: Path):
         tok = load(spec)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer.lmforge.json")
-    ids = {s: np.asarray(tok.encode(t, disallowed_special=()), dtype=np.int64) for s, t in (("train", tr), ("val", va))}
+    ids = {s: np.asarray(tok.encode(t, disallowed_special=()), dtype=np.int64) for s, t in parts.items()}
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     splits = {}
     for s, arr in ids.items():
         (out / f"{s}-00000.bin").write_bytes(arr.astype(np.dtype(dtype).newbyteorder("<")).tobytes())
         write_json(out / f"{s}-00000.idx.json", {"starts": [0], "ids": [Path(text_file).name + f":{s}"]})
         splits[s] = {"shards": [{"file": f"{s}-00000.bin", "index": f"{s}-00000.idx.json", "tokens": len(arr)}],
-                     "documents": 1, "bytes": len((tr if s == "train" else va).encode("utf-8")), "tokens": len(arr)}
+                     "documents": 1, "bytes": len(parts[s].encode("utf-8")), "tokens": len(arr)}
     write_json(out / "manifest.json", {
         "format": FORMAT, "version": VERSION, "complete": True, "dtype": dtype, "splits": splits,
         "tokenizer": {"file": "tokenizer.lmforge.json", "kind": tok.kind, "vocab_size": tok.vocab_size,
@@ -331,8 +333,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def run_eval(max_batches=None):
-        return evaluate_shards(model, data_dir, "val", cfg.seq_len, batch_size=cfg.batch_size,
+    def run_eval(max_batches=None, split="val"):  # validation during training; test only once, at the end
+        return evaluate_shards(model, data_dir, split, cfg.seq_len, batch_size=cfg.batch_size,
                                max_batches=cfg.eval_batches if max_batches is None else max_batches,
                                device=device, autocast=autocast)
 
@@ -420,12 +422,17 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     if ema is not None and ema.started():
         ema.copy_to_model()  # the run ends on the averaged weights: evaluated, checkpointed and saved
     ev = run_eval(cfg.final_eval_batches)
+    # the reported number: the test split, read once the run is over (none in directories made before it existed)
+    has_test = bool(json.loads((data_dir / "manifest.json").read_text())["splits"].get("test", {}).get("shards"))
+    ev_test = run_eval(cfg.final_eval_batches, "test") if has_test else None
     checkpoint()
     from ..model import save as save_model
 
     save_model(model, out, tokenizer=tok, extra={"trained": {"steps": step, "tokens": tokens}})
     final = {"step": step, "tokens": tokens, "train_loss": last_loss, "val_loss": ev["loss"],
-             "val_bpb": ev["bits_per_byte"], "elapsed": round(elapsed, 2),
+             "val_bpb": ev["bits_per_byte"],
+             "test_loss": ev_test["loss"] if ev_test else None, "test_bpb": ev_test["bits_per_byte"] if ev_test else None,
+             "elapsed": round(elapsed, 2),
              "wall": round(time.perf_counter() - t_start, 2), "params": model.num_params(),
              "peak_flops": peak, "ema": bool(ema is not None and ema.started()),
              "resumed_from_step": None if resumed is None else resumed["step"], "steps_this_run": step - start_step}
