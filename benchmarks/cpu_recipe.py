@@ -15,8 +15,9 @@ Text: the first 1,115,394 characters (the size of tiny-shakespeare) of the built
   baseline trains on the first 90% (train + validation), as nanoGPT does: more
   data for the baseline only.
 
-(`lmforge pretrain --text FILE` holds out the last 10% of FILE as its validation
-split, so lmforge gets the first 90% as FILE: 81% train, 9% validation.)
+(Each run is `lmforge pretrain --text FILE --set text_val_frac=0.1 --set text_test_frac=0`:
+the last 10% of FILE validates and the run keeps no test share, so lmforge gets the
+first 90% as FILE (81% train, 9% validation) and the baseline the whole text.)
 
 * baseline: preset ``baby-gpt`` with nanoGPT's shakespeare_char CPU settings
   (character tokens, 4 layers, 4 heads, 128 wide, block 64, batch 12, no biases,
@@ -66,12 +67,13 @@ SWEEP_VARIANTS = ["", "init=default", "muon_lr=0.03", "muon_lr=0.015", "lr=0.02"
 
 def make_texts(out: Path, with_test: bool = True) -> dict:
     """full.txt (the baseline's file: it holds out the last 10% itself), train_val.txt
-    (the first 90%: lmforge's file, whose last 10% is its validation) and test.txt (the last 10%)."""
+    (the first 90%: lmforge's file, whose last 10% is its validation) and test.txt (the last 10%).
+    Every run holds out the last 10% of its file for validation and nothing for test (HOLDOUT)."""
     from lmforge.data import corpus_files
 
     files = sorted(str(p) for p in corpus_files() if p.name.endswith("_gut.txt"))
     text = "".join(Path(f).read_text(encoding="utf-8") for f in files)[:N_CHARS]
-    cut = int(len(text) * 0.9)  # the trainer's own cut (lmforge.train.trainer.text_to_shards)
+    cut = int(len(text) * 0.9)  # the baseline's convention: the last 10% held out
     paths = {"full": out / "full.txt", "train_val": out / "train_val.txt", "test": out / "test.txt"}
     paths["full"].write_text(text, encoding="utf-8")
     paths["train_val"].write_text(text[:cut], encoding="utf-8")
@@ -83,9 +85,14 @@ def make_texts(out: Path, with_test: bool = True) -> dict:
     return paths
 
 
+# `pretrain --text` holds out the last 10% of its file as validation and keeps no test share of its own:
+# for the baseline (full.txt) that is nanoGPT's convention, for lmforge (train_val.txt) the validation slice
+HOLDOUT = ["--set", "text_val_frac=0.1", "--set", "text_test_frac=0"]
+
+
 def pretrain(args: list[str], out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "lmforge.cli", "pretrain", "--out", str(out), "-q", *args]
+    cmd = [sys.executable, "-m", "lmforge.cli", "pretrain", "--out", str(out), "-q", *args, *HOLDOUT]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0

@@ -39,6 +39,8 @@ class TrainConfig:
     out: str = "runs/pretrain"
     data: str = ""  # a directory from `lmforge data prepare`
     text: str = ""  # or a text file: first 90% trains, the next 5% validates, the last 5% tests
+    text_val_frac: float = 0.05  # --text mode: the share of the text (before the test share) that validates
+    text_test_frac: float = 0.05  # --text mode: the share at the end that tests (0: no test split)
     tokenizer: str = ""  # with --text: char | bpe:N | a tokenizer path (default: the preset's choice)
     preset: str = "tiny"
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 4}
@@ -166,9 +168,10 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def text_to_shards(text_file: str, tokenizer_spec: str, out: Path):
-    """--text mode: train (or load) the tokenizer on the first 90% and write three one-document
-    shards: train (the first 90%), val (the next 5%, for choosing settings), test (the last 5%)."""
+def text_to_shards(text_file: str, tokenizer_spec: str, out: Path, val_frac: float = 0.05, test_frac: float = 0.05):
+    """--text mode: train (or load) the tokenizer on the training share and write one-document shards:
+    train (the first 1 - val_frac - test_frac of the text), val (the next val_frac, for choosing
+    settings) and test (the last test_frac; no test split when it is 0)."""
     from .._io import read_text_file
     from ..data.shards import FORMAT, VERSION
     from ..tokenize import load, train
@@ -176,8 +179,10 @@ def text_to_shards(text_file: str, tokenizer_spec: str, out: Path):
     text = read_text_file(text_file)
     if len(text) < 1000:
         raise ValueError(f"{text_file}: only {len(text)} characters; need at least 1000 to train on")
-    cut, cut2 = int(len(text) * 0.9), int(len(text) * 0.95)
+    cut, cut2 = int(len(text) * (1 - val_frac - test_frac)), int(len(text) * (1 - test_frac))
     parts = {"train": text[:cut], "val": text[cut:cut2], "test": text[cut2:]}
+    if not test_frac:
+        del parts["test"]
     tr = parts["train"]
     spec = tokenizer_spec or "char"
     if spec == "char":
@@ -230,6 +235,9 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         raise ValueError("give a bound: max_steps, max_tokens or max_time (e.g. --max-time 60)")
     if cfg.init not in ("default", "bigram"):  # before any tokenizer training
         raise ValueError(f"init must be default or bigram, got {cfg.init!r}")
+    if not (0 < cfg.text_val_frac and 0 <= cfg.text_test_frac and cfg.text_val_frac + cfg.text_test_frac < 0.5):
+        raise ValueError(f"text_val_frac must be > 0 and text_test_frac >= 0, together under 0.5; got "
+                         f"{cfg.text_val_frac} and {cfg.text_test_frac}")
     if not (0.0 <= cfg.ema < 1.0 and 0.0 <= cfg.ema_start <= 1.0):
         raise ValueError(f"ema must be in [0, 1) and ema_start in [0, 1], got {cfg.ema} and {cfg.ema_start}")
     if bool(cfg.data) == bool(cfg.text):
@@ -252,7 +260,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         if resume_ck and (data_dir / "manifest.json").exists():
             tok, _ = _load_tokenizer_of(data_dir)
         else:
-            tok = text_to_shards(cfg.text, cfg.tokenizer, data_dir)
+            tok = text_to_shards(cfg.text, cfg.tokenizer, data_dir, cfg.text_val_frac, cfg.text_test_frac)
     else:
         data_dir = Path(cfg.data)
         from ..data.shards import load_manifest
