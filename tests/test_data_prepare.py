@@ -635,3 +635,13 @@ def test_text_mode_holds_out_validation_and_test(tmp_path, corpus_texts):
     for split, part in zip(("train", "val", "test"), parts):
         s = TokenStream(tmp_path / "d", split)
         assert tok.decode(s.read(0, len(s)).tolist()) == part and s.bytes == len(part.encode())
+    # the shares are settings: 10% validation and no test (benchmarks/cpu_recipe.py holds its test text apart)
+    tok = text_to_shards(str(tmp_path / "play.txt"), "char", tmp_path / "d2", val_frac=0.1, test_frac=0)
+    m = load_manifest(tmp_path / "d2")
+    assert list(m["splits"]) == ["train", "val"]
+    assert tok.decode(TokenStream(tmp_path / "d2", "val").read(0, 4000).tolist()) == text[36000:]
+    from lmforge.train.trainer import TrainConfig, train
+
+    with pytest.raises(ValueError, match="text_val_frac"):
+        train(TrainConfig(text=str(tmp_path / "play.txt"), out=str(tmp_path / "o"), text_val_frac=0.3,
+                          text_test_frac=0.3, max_steps=1), quiet=True)
