@@ -185,8 +185,8 @@ def text_to_shards(text_file: str, tokenizer_spec: str, out: Path, val_frac: flo
         del parts["test"]
     tr = parts["train"]
     spec = tokenizer_spec or "char"
-    if spec == "char":
-        tok = train("char", [tr], 0)
+    if spec == "char":  # the alphabet of the whole file, as nanoGPT's shakespeare_char builds it: a
+        tok = train("char", [text], 0)  # character first seen in validation must still encode
     elif spec.startswith("bpe:"):
         try:
             n = int(spec[4:])
