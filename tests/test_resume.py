@@ -26,23 +26,8 @@ from lmforge.train import trainer as trainer_mod
 from lmforge.train.checkpoint import file_state_summary
 
 from test_pipeline import digests, small_corpus, tiny_sets  # noqa: F401  (small_corpus: a fixture)
+from test_train import TINY, cfg_for, text_file  # noqa: F401  (text_file: a fixture)
 
-TINY = {"n_layer": 2, "n_head": 2, "d_model": 32}
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory, corpus_texts):
-    p = tmp_path_factory.mktemp("txt") / "plays.txt"
-    p.write_text("".join(corpus_texts[:2])[:120_000])
-    return p
-
-
-def cfg_for(text_file, out, **kw):
-    base = dict(out=str(out), text=str(text_file), tokenizer="char", preset="tiny", model=dict(TINY),
-                batch_size=4, seq_len=32, max_steps=12, eval_every=4, eval_batches=2, warmup_steps=2,
-                log_every=1, peak_flops=1e11, threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def records(path):
