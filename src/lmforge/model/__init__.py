@@ -2,8 +2,9 @@
 
 An lmforge model directory holds ``config.json`` (``{"format": "lmforge.model",
 "model": {...ModelConfig...}}``), ``model.safetensors`` and the tokenizer
-(``tokenizer.lmforge.json``): the model, its tokenizer and its config travel
-together. ``load(dir)`` also opens HF directories (GPT-2, Llama, Mistral, Qwen2, Qwen3).
+(``tokenizer.lmforge.json``) with its special tokens' parts and chat template
+(``config.json``'s ``"tokens"``, a ``lmforge.tokenize.special.TokenSpec``): the
+model, its tokenizer, its special tokens and its config travel together. ``load(dir)`` also opens HF directories (GPT-2, Llama, Mistral, Qwen2, Qwen3).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from .config import PRESETS, ModelConfig, describe, preset
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "describe", "Transformer", "load", "save", "export_hf"]
+__all__ = ["ModelConfig", "PRESETS", "preset", "describe", "Transformer", "load", "save", "export_hf",
+           "load_tokens"]
 
 FORMAT = "lmforge.model"
 
@@ -30,8 +32,9 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-def save(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) atomically into ``directory``."""
+def save(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None, tokens=None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ tokenizer and its ``TokenSpec``, inferred from the
+    tokenizer unless ``tokens`` is given) atomically into ``directory``."""
     from safetensors.torch import save_file
 
     from .._io import write_json
@@ -46,9 +49,15 @@ def save(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, d / "model.safetensors")
+    meta = {"format": FORMAT, "model": model.cfg.to_dict()}
     if tokenizer is not None:
+        from ..tokenize.special import TokenSpec
+
         tokenizer.save(d / "tokenizer.lmforge.json")
-    write_json(d / "config.json", {"format": FORMAT, "model": model.cfg.to_dict(), **(extra or {})}, indent=1)
+        tokens = tokens or TokenSpec.for_tokenizer(tokenizer)
+        tokens.check(tokenizer, model.cfg.vocab_size)
+        meta["tokens"] = tokens.to_dict()
+    write_json(d / "config.json", {**meta, **(extra or {})}, indent=1)
     return d
 
 
@@ -96,3 +105,11 @@ def load(directory: str | os.PathLike, device: str = "cpu", tokenizer: bool = Tr
             raise ValueError(f"{d}: the tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size} embeddings")
     return model.to(device), tok
+
+
+def load_tokens(directory: str | os.PathLike, tokenizer):
+    """The ``TokenSpec`` of a model directory (lmforge: saved in ``config.json``, else inferred from the
+    tokenizer; HF: from ``tokenizer_config.json`` and ``generation_config.json``)."""
+    from ..tokenize.special import TokenSpec
+
+    return TokenSpec.load(directory, tokenizer)

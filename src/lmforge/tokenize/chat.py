@@ -24,6 +24,24 @@ END = "<|end|>"
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {r: f"<|{r}|>" for r in ROLES}
 CHAT_SPECIAL_TOKENS = (BOS, *ROLE_TOKENS.values(), END)
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
+
+# The same layout as a Jinja chat template (what an HF export carries; ``transformers``'
+# ``apply_chat_template`` renders it to the ids ``render`` gives, for message text free of control tokens).
+CHAT_TEMPLATE = (
+    "{{- '<|bos|>' -}}"
+    "{%- for m in messages -%}"
+    "{%- set role = 'system' if m['role'] == 'developer' else m['role'] -%}"
+    "{%- if role not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown role ' ~ m['role'] ~ '; expected system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{%- if role == 'system' and not loop.first -%}"
+    "{{- raise_exception('a system message may only come first') -}}"
+    "{%- endif -%}"
+    "{{- '<|' ~ role ~ '|>' ~ m['content'] ~ '<|end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
 
 
 def _ids(tok: Tokenizer) -> dict[str, int]:
@@ -42,7 +60,7 @@ def render(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {k}: expected a dict with 'role' and 'content', got {m!r}")
-        role, content = m["role"], m["content"]
+        role, content = ROLE_ALIASES.get(m["role"], m["role"]), m["content"]
         if role not in ROLE_TOKENS:
             raise ValueError(f"message {k}: unknown role {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
@@ -87,3 +105,69 @@ def parse(tok: Tokenizer, ids: Sequence[int]) -> list[dict]:
     if role is not None:
         out.append({"role": role, "content": tok.decode(body)})
     return out
+
+
+def normalize_messages(messages: Sequence[dict]) -> list[dict]:
+    """OpenAI-style messages to ``{"role", "content": str}``: content given as a list of parts keeps its
+    text parts (anything else is refused); a missing or null content is an error naming the message."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"message {k}: expected a dict with 'role' and 'content', got {m!r}")
+        c = m.get("content")
+        if isinstance(c, list):
+            parts = []
+            for j, p in enumerate(c):
+                if not (isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str)):
+                    raise ValueError(f"message {k}: content part {j} is not a text part "
+                                     f"({{'type': 'text', 'text': ...}}); only text is supported")
+                parts.append(p["text"])
+            c = "".join(parts)
+        if not isinstance(c, str):
+            raise ValueError(f"message {k}: content must be a string or a list of text parts, got "
+                             f"{type(c).__name__}")
+        out.append({"role": m["role"], "content": c})
+    return out
+
+
+def render_template(template: str, messages: Sequence[dict], add_generation_prompt: bool = False,
+                    **variables) -> str:
+    """Render a Jinja chat template the way ``transformers`` does (a sandboxed environment with
+    ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``strftime_now`` and a ``tojson`` that keeps
+    non-ASCII). A template's ``raise_exception`` becomes ``ValueError``."""
+    env = _jinja_env()
+    try:
+        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                **variables)
+    except _TemplateRaise as e:
+        raise ValueError(str(e)) from None
+
+
+class _TemplateRaise(Exception):
+    pass
+
+
+_ENV = None
+
+
+def _jinja_env():
+    global _ENV
+    if _ENV is None:
+        import json
+        from datetime import datetime
+
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise _TemplateRaise(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _ENV = env
+    return _ENV
