@@ -137,8 +137,11 @@ def test_lmforge_checkpoint_roundtrip(tmp_path, corpus_files):
     assert torch.equal(m(ids), m2(ids))
     assert tok2.encode("To be") == tok.encode("To be")
     assert m2.lm_head.weight is m2.tok_emb.weight  # still tied
-    # a tokenizer with more tokens than the model has embeddings is refused
-    save(lmforge_tiny("qwen3"), tmp_path / "bad", tokenizer=tok)
+    # a tokenizer with more tokens than the model has embeddings is refused, when saving and when loading
+    with pytest.raises(ValueError, match="tokenizer has 300 tokens but the model only 97"):
+        save(lmforge_tiny("qwen3"), tmp_path / "bad", tokenizer=tok)
+    save(lmforge_tiny("qwen3"), tmp_path / "bad")
+    tok.save(tmp_path / "bad" / "tokenizer.lmforge.json")  # put there by hand
     with pytest.raises(ValueError, match="tokenizer has 300 tokens but the model only 97"):
         load(tmp_path / "bad")
 

@@ -40,6 +40,9 @@ def save(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None
     from .._io import write_json
 
     d = Path(directory)
+    if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{d}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.cfg.vocab_size} embeddings")
     d.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in sorted(model.state_dict().items())}  # a canonical file
     if model.cfg.tie_embeddings:
