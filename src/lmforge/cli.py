@@ -371,6 +371,11 @@ def cmd_run(a) -> int:
     from .pipeline import load_recipe, run_recipe
 
     recipe, path = load_recipe(a.recipe, a.set)
+    if a.print_config:
+        from .pipeline.recipe import recipe_dict
+
+        print(json.dumps({"recipe": str(path), **recipe_dict(recipe)}, indent=1))
+        return 0
     run_dir = Path(a.runs) / (a.name or recipe.name)
     summary = run_recipe(recipe, run_dir, a.from_stage, quiet=a.quiet)
     print(f"report: {run_dir / 'report.md'}", file=sys.stderr)
@@ -592,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(fn=cmd_chat)
 
     ru = sub.add_parser("run", help="the whole chain from a recipe: data, tokenizer, training, eval, export, demo",
-                        description="Run a recipe (recipes/NAME.toml or a path; default: recipes/default.toml) into "
+                        description="Run a recipe (a path, or a name: ./recipes/NAME.toml, else the recipes shipped with "
+                        "lmforge: default, gpt2-124m; default: default) into "
                         "runs/NAME: fetch -> clean/filter/dedup -> tokenizer -> shards -> pretrain -> eval -> export "
                         "-> demo, with a report. Unchanged stages are skipped on a rerun; an interrupted run "
                         "continues where it stopped.")
@@ -603,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--name", default=None, help="run name (default: the recipe's)")
     ru.add_argument("--runs", default="runs", help="parent directory of runs")
     ru.add_argument("--quiet", "-q", action="store_true")
+    ru.add_argument("--print-config", action="store_true",
+                    help="print the recipe with every setting resolved (file, overrides, defaults) and exit")
     ru.set_defaults(fn=cmd_run)
     return p
 

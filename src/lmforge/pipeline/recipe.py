@@ -61,18 +61,37 @@ class Recipe:
     demo: DemoStage = field(default_factory=DemoStage)
 
 
+PACKAGE_RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # shipped with the package
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: ``./recipes`` (a user's own), then the package's."""
+    return list(dict.fromkeys(p for p in (Path.cwd() / "recipes", PACKAGE_RECIPES) if p.is_dir()))
+
+
+def available_recipes() -> list[str]:
+    return sorted({p.stem for d in recipe_dirs() for p in d.glob("*.toml")})
+
+
 def find_recipe(name_or_path: str | None) -> Path:
+    """A recipe file: a path, or a name in ``./recipes`` or the package's recipes (``default``, ...)."""
     if not name_or_path:
         name_or_path = "default"
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
-    here = Path(__file__).resolve()
-    for root in (Path.cwd(), *here.parents):
-        for cand in (root / "recipes" / f"{name_or_path}.toml", root / "recipes" / name_or_path):
-            if cand.is_file():
-                return cand
-    raise FileNotFoundError(f"no recipe {name_or_path!r} (a file, or recipes/{name_or_path}.toml)")
+    name = p.name[:-5] if p.name.endswith(".toml") else p.name
+    if p.parent in (Path("."), Path("recipes")):
+        for d in recipe_dirs():
+            if (d / f"{name}.toml").is_file():
+                return d / f"{name}.toml"
+    import difflib
+
+    known = available_recipes()
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, and not a recipe name "
+                            f"(known: {', '.join(known) or 'none'}){hint}")
 
 
 def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> tuple[Recipe, Path]:

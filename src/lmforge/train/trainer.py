@@ -447,6 +447,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     write_json(out / "final.json", final, indent=1)
     try:
         plot_metrics(metrics_path, out / "loss.png")
+    except ImportError:
+        print("(no loss.png: matplotlib is not installed; pip install 'lmforge[plot]')", file=sys.stderr)
     except Exception as e:  # a plot is a convenience, never a failure
         print(f"(no plot: {e})", file=sys.stderr)
     return final
