@@ -6,12 +6,17 @@ recipes) goes through these helpers.
 """
 from __future__ import annotations
 
+
 import dataclasses
 import json
 import types
 import typing
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+
+class UsageError(ValueError):
+    """A mistake in how a command was called (``--set`` syntax, an unknown setting): exit status 2."""
 
 
 def _type_name(tp) -> str:
@@ -97,6 +102,13 @@ def _hints(cls) -> dict:
     return get_type_hints(cls)
 
 
+def _did_you_mean(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def from_dict(cls, d: dict, where: str = ""):
     """Build dataclass ``cls`` from ``d``; unknown keys are errors naming the field."""
     hints = _hints(cls)
@@ -105,7 +117,7 @@ def from_dict(cls, d: dict, where: str = ""):
     for k, v in d.items():
         key = f"{where}.{k}" if where else k
         if k not in names:
-            raise ValueError(f"unknown field {key!r} (known: {', '.join(sorted(names))})")
+            raise UsageError(f"unknown field {key!r} (known: {', '.join(sorted(names))}){_did_you_mean(k, names)}")
         kwargs[k] = coerce(v, hints[k], key)
     return cls(**kwargs)
 
@@ -116,11 +128,12 @@ def set_path(obj, dotted: str, value: Any) -> None:
     target = obj
     for i, p in enumerate(parts):
         if not dataclasses.is_dataclass(target):
-            raise ValueError(f"unknown field {dotted!r}: {'.'.join(parts[:i])} is not a table")
+            raise UsageError(f"unknown field {dotted!r}: {'.'.join(parts[:i])} is not a table")
         names = {f.name for f in dataclasses.fields(target)}
         if p not in names:
             where = ".".join(parts[:i]) or "the config"
-            raise ValueError(f"unknown field {dotted!r} ({where} has: {', '.join(sorted(names))})")
+            raise UsageError(f"unknown field {dotted!r} ({where} has: {', '.join(sorted(names))})"
+                             f"{_did_you_mean(p, names)}")
         if i == len(parts) - 1:
             tp = _hints(type(target))[p]
             setattr(target, p, coerce(value, tp, dotted))
@@ -137,7 +150,8 @@ def apply_overrides(obj, overrides: list[str] | dict | None):
         items = []
         for o in overrides:
             if "=" not in o:
-                raise ValueError(f"--set {o!r}: expected key=value")
+                raise UsageError(f"--set {o!r}: expected KEY=VALUE in one argument, e.g. --set "
+                                 f"{o or 'train.max_time'}=VALUE")
             k, v = o.split("=", 1)
             items.append((k.strip(), v.strip()))
     for k, v in items:

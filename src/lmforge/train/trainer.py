@@ -107,7 +107,20 @@ def pick_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device {name!r}: {why} (torch {torch.__version__}); use --device cpu or auto, or install a "
+                         "CUDA build of torch (README: Installing torch)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available on this machine; use --device cpu or auto")
+    return dev
 
 
 def autocast_for(device: torch.device, dtype: str):
