@@ -219,3 +219,35 @@ def test_cuda_on_a_cpu_torch_is_a_clear_error():
         pick_device("cuda")
     with pytest.raises(ValueError, match="expected auto, cpu, cuda"):
         pick_device("gpu")
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch):
+    import io
+
+    from lmforge._progress import bar
+
+    monkeypatch.setenv("LMFORGE_PROGRESS_EVERY", "1000")
+    out = io.StringIO()  # not a terminal
+    with bar(total=5000, desc="work", file=out) as b:
+        for _ in range(5000):
+            b.update(1)
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert 1 <= len(lines) <= 3, lines  # the first state and the last, not thousands of redraws
+    assert "5000/5000" in lines[-1] and lines[-1].startswith("work")
+
+
+def test_pretrain_log_has_no_carriage_returns(tmp_path):
+    import subprocess
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 400)
+    r = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--text", str(text), "--preset", "baby-gpt",
+                        "--max-steps", "12", "--out", str(tmp_path / "m"), "--set", "eval_every=4",
+                        "--set", "batch_size=4", "--set", "seq_len=32"],
+                       capture_output=True, text=True, env={**__import__("os").environ, "LMFORGE_PROGRESS_EVERY": "5"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\r" not in r.stderr
+    assert len(r.stderr.splitlines()) < 40, r.stderr

@@ -239,7 +239,7 @@ class NaNLossError(RuntimeError):
 
 def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     """Run (or resume) a pre-training run; returns the final metrics."""
-    from tqdm.auto import tqdm
+    from .._progress import bar as tqdm
 
     from ..data.loader import ShardLoader
     from ..evaluate.perplexity import evaluate_shards, generate
