@@ -281,37 +281,46 @@ def cmd_pretrain(a) -> int:
 
 
 def _pretrain_config(a):
-    from ._config import apply_overrides, from_dict, load_file
+    """The run's TrainConfig: the --config file (a TrainConfig table, a recipe with a [train] table, or a
+    run's own train_config.json), then flags and --set, then the preset's recipe for every field none
+    of them named (``trainer.apply_preset_recipe``; the pipeline applies a preset the same way)."""
+    from ._config import apply_overrides, coerce, from_dict, load_file
+    from .model import ModelConfig
     from .train import TrainConfig
+    from .train.trainer import apply_preset_recipe
 
-    from .train.trainer import RECIPES
-
-    cfg = from_dict(TrainConfig, load_file(a.config)) if a.config else TrainConfig()
-    preset_name = a.preset or cfg.preset
-    if preset_name in RECIPES and not a.config:  # the preset's own training settings, before --set
-        apply_overrides(cfg, {k: v for k, v in RECIPES[preset_name].items()})
-    for k in ("out", "data", "text", "tokenizer", "preset", "checkpoint_every", "device"):
+    given: set[str] = set()
+    cfg = TrainConfig()
+    if a.config:
+        d = load_file(a.config)
+        if isinstance(d.get("train"), dict):  # a recipe, or a run's train_config.json ({"train", "model"})
+            d = {**d["train"], **({"model": d["model"]} if isinstance(d.get("model"), dict) else {})}
+        cfg = from_dict(TrainConfig, d, "train" if a.config else "")
+        given |= set(d)
+    for k in ("out", "data", "text", "tokenizer", "preset", "checkpoint_every", "device", "max_time", "max_steps"):
         if getattr(a, k) is not None:
             setattr(cfg, k, getattr(a, k))
-    if a.max_time is not None:
-        cfg.max_time = a.max_time
-    if a.max_steps is not None:
-        cfg.max_steps = a.max_steps
+            given.add(k)
     if a.resume:
         cfg.resume = True
-    model_sets = [s for s in a.set if s.startswith("model.")]
-    for s in model_sets:
-        k, v = s[len("model."):].split("=", 1)
-        from .model import ModelConfig
-        from ._config import coerce
-        import typing
+    import typing
 
-        hints = typing.get_type_hints(ModelConfig)
-        if k not in hints:
-            raise ValueError(f"unknown field 'model.{k}' (ModelConfig has: {', '.join(sorted(hints))})")
-        cfg.model[k] = coerce(v, hints[k], f"model.{k}")
-    apply_overrides(cfg, [s for s in a.set if not s.startswith("model.")])
-    return cfg
+    hints = typing.get_type_hints(ModelConfig)
+    for s in a.set:
+        k, v = s.split("=", 1)
+        k = k.strip()
+        if k.startswith("model."):  # merged into the model table
+            f = k[len("model."):]
+            if f not in hints:
+                from ._config import _did_you_mean
+
+                raise ValueError(f"unknown field 'model.{f}' (ModelConfig has: {', '.join(sorted(hints))})"
+                                 f"{_did_you_mean(f, hints)}")
+            cfg.model[f] = coerce(v.strip(), hints[f], k)
+        else:
+            apply_overrides(cfg, [s])
+            given.add(k.split(".")[0])
+    return apply_preset_recipe(cfg, given)
 
 
 def cmd_eval(a) -> int:
@@ -441,9 +450,9 @@ def cmd_run(a) -> int:
     with _settings():
         recipe, path = load_recipe(a.recipe, a.set)
     if a.print_config:
-        from .pipeline.recipe import recipe_dict
+        from .pipeline.runner import resolved_recipe
 
-        print(json.dumps({"recipe": str(path), **recipe_dict(recipe)}, indent=1))
+        print(json.dumps({"recipe": str(path), **resolved_recipe(recipe)}, indent=1))
         return 0
     run_dir = Path(a.runs) / (a.name or recipe.name)
     summary = run_recipe(recipe, run_dir, a.from_stage, quiet=a.quiet)
