@@ -116,6 +116,21 @@ def exportable_as(cfg: ModelConfig) -> list[str]:
     return out
 
 
+def export_status(cfg: ModelConfig) -> dict:
+    """What ``lmforge export`` does with ``cfg`` by default: ``{"arch", "hf_class", "exports" (bool),
+    "why" (the reason it does not, or None), "expressible_as" (every family that could)}``."""
+    why = None
+    if cfg.arch == "none":
+        why = "arch is 'none' (not exported)"
+    else:
+        try:
+            check_exportable(cfg, cfg.arch)
+        except ValueError as e:
+            why = str(e)
+    return {"arch": cfg.arch, "hf_class": HF_CLASSES.get(cfg.arch), "exports": why is None, "why": why,
+            "expressible_as": exportable_as(cfg)}
+
+
 def _attn_bias(cfg: ModelConfig, arch: str) -> tuple[bool, bool]:
     """Whether the HF checkpoint holds (q/k/v biases, an o_proj bias)."""
     if arch == "gpt2":
