@@ -555,3 +555,29 @@ def test_model_info_names_the_hf_family(tmp_path, capsys):
     assert main(["model", "info", "no-such-preset"]) == 2
     err = capsys.readouterr().err
     assert "neither a preset nor a model directory" in err and "shakespeare-cpu" in err
+
+
+@pytest.mark.parametrize("name", ["baby-gpt", "shakespeare-cpu"])
+def test_a_trained_cpu_preset_exports_with_its_tokenizer(name, tmp_path, corpus_files):
+    """The user's path: `lmforge pretrain --preset NAME` (its own recipe and tokenizer), then
+    `lmforge export`; transformers tokenizes like lmforge and computes the same logits."""
+    from lmforge.cli import main
+
+    text = tmp_path / "plays.txt"
+    text.write_text(corpus_files[0].read_text(encoding="utf-8")[:40000], encoding="utf-8")
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    assert main(["pretrain", "--text", str(text), "--preset", name, "--max-steps", "2", "--set", "eval_every=0",
+                 "--set", "final_eval_batches=1", "--set", "peak_flops=1e11", "--out", str(run), "-q"]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(hf_dir)]) == 0
+    ours, tok = load(run)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    sample = "KING.\nMy lords, to be, or not to be:\n  that is the question."
+    ids = hf_tok(sample)["input_ids"]
+    assert ids == tok.encode(sample) and hf_tok.decode(ids) == sample
+    x = torch.tensor([ids[:ours.cfg.max_seq_len]])
+    with torch.no_grad():
+        assert (ours.eval()(x) - hf(input_ids=x).logits).abs().max() < 1e-4
+        back, tok2 = load(hf_dir)
+        same_model(back.cfg, ours.cfg)
+        assert torch.equal(back.eval()(x), ours(x)) and tok2.encode(sample) == ids

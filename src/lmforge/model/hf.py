@@ -469,15 +469,14 @@ def export_hf(model, out: str | os.PathLike, arch: str | None = None, tokenizer=
         from ..tokenize.formats import save_hf
 
         save_hf(tokenizer, out / "tokenizer.json")
-        specials = tokenizer.special_tokens
         tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
               "clean_up_tokenization_spaces": False}
         if bos is not None:
             tc["bos_token"] = tokenizer.id_to_token(bos)
         if eos is not None:
             tc["eos_token"] = tokenizer.id_to_token(eos)
-        if specials:
-            write_json(out / "tokenizer_config.json", tc, indent=1)
+        # always: without it transformers picks the family's own tokenizer class, which re-splits the text
+        write_json(out / "tokenizer_config.json", tc, indent=1)
     return out
 
 
