@@ -581,3 +581,26 @@ def test_a_trained_cpu_preset_exports_with_its_tokenizer(name, tmp_path, corpus_
         back, tok2 = load(hf_dir)
         same_model(back.cfg, ours.cfg)
         assert torch.equal(back.eval()(x), ours(x)) and tok2.encode(sample) == ids
+
+
+def test_char_tokenizer_as_hf_wordlevel(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenize.char import CharTokenizer
+    from lmforge.tokenize.formats import load_hf, save_hf
+
+    tok = CharTokenizer.train(["To be, or not to be?\n  That is\tthe question: é"], special_tokens=["<|endoftext|>"],
+                              unk="?")
+    save_hf(tok, tmp_path / "tokenizer.json")
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = "that is\n\n  not the question ... zz é"  # '.', 'z' are outside the alphabet: the unk, '?'
+    ids = tok.encode(text)
+    assert theirs.encode(text).ids == ids and ids.count(tok.token_to_id("?")) == 5
+    assert theirs.decode(ids) == tok.decode(ids)
+    assert theirs.token_to_id("<|endoftext|>") == tok.special_tokens["<|endoftext|>"]
+    back = load_hf(tmp_path / "tokenizer.json")
+    assert (back.chars, back.special_tokens, back.unk) == (tok.chars, tok.special_tokens, tok.unk)
+    d = json.loads((tmp_path / "tokenizer.json").read_text())
+    d["model"]["vocab"]["ab"] = len(d["model"]["vocab"])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="read only as lmforge's character tokenizer"):
+        load_hf(tmp_path / "tokenizer.json")
