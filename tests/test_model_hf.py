@@ -154,6 +154,9 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     cfg = ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=32, qk_norm=True)
     with pytest.raises(ValueError, match="qk_norm"):
         export_hf(Transformer(cfg), tmp_path, arch="gpt2")
+    with pytest.raises(ValueError, match="cannot export as qwen3: ModelConfig.qk_norm must be True"):
+        export_hf(m, tmp_path / "out", arch="qwen3")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("kw,msg", [

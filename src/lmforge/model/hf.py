@@ -450,6 +450,7 @@ def export_hf(model, out: str | os.PathLike, arch: str | None = None, tokenizer=
 
     cfg: ModelConfig = model.cfg
     arch = arch or cfg.arch
+    check_exportable(cfg, arch)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bos = eos = None
