@@ -449,7 +449,7 @@ ODD = {  # choices the families express only through the identities (ReLU², zer
                                mlp_bias=False), "qwen2"),
     "qwen3-out-bias-only": (dict(norm="rmsnorm", mlp="relu2", pos="rope", qk_norm=True, qkv_bias=False,
                                  out_bias=True, mlp_bias=False, head_dim=24), "qwen3"),
-    "gpt2-relu2-some-biases": (dict(mlp="relu2", qkv_bias=False, norm_bias=False), "gpt2"),
+    "gpt2-relu2-some-biases": (dict(mlp="relu2", qkv_bias=False, norm_bias=False, tie_embeddings=False), "gpt2"),
     "mistral-relu2": (dict(norm="rmsnorm", mlp="relu2", pos="rope", qkv_bias=False, out_bias=False,
                            mlp_bias=False, sliding_window=5, n_kv_head=1), "mistral"),
 }

@@ -174,14 +174,16 @@ def hf_config(cfg: ModelConfig, arch: str, bos: int | None = None, eos: int | No
     return d
 
 
-def _all_zero(tensors: Mapping, names: list[str]) -> bool:
-    return all(n in tensors and not tensors[n].any() for n in names)
-
-
-def _gpt2_name(tensors: Mapping, name: str) -> str:
-    """``name``, or without the ``transformer.`` prefix (the original GPT-2 files have none)."""
-    alt = name.removeprefix("transformer.")
-    return alt if name not in tensors and alt in tensors else name
+def _zero_everywhere(tensors: Mapping | None, names: list[str]) -> bool:
+    """Whether every named bias is in ``tensors`` and all zero (GPT-2's also found without the
+    ``transformer.`` prefix, as in the original files); False without tensors."""
+    if tensors is None:
+        return False
+    for n in names:
+        n = n if n in tensors else n.removeprefix("transformer.")
+        if n not in tensors or tensors[n].any():
+            return False
+    return True
 
 
 def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
@@ -193,19 +195,21 @@ def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
     "relu"`` is refused and every bias the family has is kept.
     """
     arch = d.get("model_type")
-    L = d.get("n_layer") if arch == "gpt2" else d.get("num_hidden_layers")
-    zero = (lambda names: False) if tensors is None else (lambda names: _all_zero(tensors, names))
+
+    def zero(names):
+        return _zero_everywhere(tensors, names)
+
     if arch == "gpt2":
         act = d.get("activation_function", "gelu_new")
         mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2"}.get(act)
         if mlp is None:
             raise ValueError(f"GPT-2 config: activation_function {act!r} is not supported "
                              "(expected gelu_new, gelu_pytorch_tanh, gelu or relu2)")
+        L = d["n_layer"]
         h = [f"transformer.h.{i}." for i in range(L)]
-        names = {kind: [_gpt2_name(tensors, n) for n in ns] if tensors is not None else ns for kind, ns in {
-            "norm": [p + ln + ".bias" for p in h for ln in ("ln_1", "ln_2")] + ["transformer.ln_f.bias"],
-            "qkv": [p + "attn.c_attn.bias" for p in h], "out": [p + "attn.c_proj.bias" for p in h],
-            "mlp": [p + f"mlp.{m}.bias" for p in h for m in ("c_fc", "c_proj")]}.items()}
+        names = {"norm": [p + ln + ".bias" for p in h for ln in ("ln_1", "ln_2")] + ["transformer.ln_f.bias"],
+                 "qkv": [p + "attn.c_attn.bias" for p in h], "out": [p + "attn.c_proj.bias" for p in h],
+                 "mlp": [p + f"mlp.{m}.bias" for p in h for m in ("c_fc", "c_proj")]}
         return ModelConfig(vocab_size=d["vocab_size"], n_layer=L, n_head=d["n_head"],
                            d_model=d["n_embd"], d_ff=d.get("n_inner") or 4 * d["n_embd"],
                            max_seq_len=d.get("n_positions", 1024), norm_eps=d.get("layer_norm_epsilon", 1e-5),
@@ -214,6 +218,7 @@ def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
                            tie_embeddings=d.get("tie_word_embeddings", True), arch="gpt2")
     if arch not in LLAMA_FAMILY:
         raise ValueError(f"HF model_type {arch!r} is not one lmforge imports ({', '.join(HF_CLASSES)})")
+    L = d["num_hidden_layers"]
     h = [f"model.layers.{i}." for i in range(L)]
     act = d.get("hidden_act", "silu")
     mlp_bias = arch == "llama" and bool(d.get("mlp_bias", False))
