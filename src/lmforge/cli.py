@@ -251,13 +251,44 @@ def cmd_tok_demo(a) -> int:
 
 # ---- model, pretrain, eval, export ------------------------------------------------------
 
+def _export_line(st: dict) -> str:
+    if st["exports"]:
+        others = [f for f in st["expressible_as"] if f != st["arch"]]
+        return f"{st['arch']} ({st['hf_class']}" + (f"; also expressible as {', '.join(others)}" if others else "") + ")"
+    also = f"; expressible as {', '.join(st['expressible_as'])} (--arch)" if st["expressible_as"] else ""
+    return f"not by default: {st['why']}{also}"
+
+
 def cmd_model_info(a) -> int:
     from .model import PRESETS, describe, load_config, preset
+    from .model.hf import export_status
 
-    cfg = preset(a.name) if a.name in PRESETS else load_config(a.name)
+    if a.name is None:  # every preset, one line each
+        rows = []
+        for name in PRESETS:
+            cfg = preset(name)
+            rows.append({"name": name, "params": cfg.num_params(), "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+                         "hf_export": export_status(cfg)})
+        if a.json:
+            print(json.dumps(rows))
+            return 0
+        print(f"{'preset':<16} {'params':>13}  {'layers x width':<15} HF family")
+        for r in rows:
+            st = r["hf_export"]
+            fam = st["arch"] if st["exports"] else "- (" + (", ".join(st["expressible_as"]) or "none") + " with --arch)"
+            print(f"{r['name']:<16} {r['params']:>13,}  {r['n_layer']:>3} x {r['d_model']:<9} {fam}")
+        print("(vocabularies as the presets name them; `lmforge pretrain` sizes it to the tokenizer)")
+        return 0
+    if a.name in PRESETS:
+        cfg = preset(a.name)
+    elif Path(a.name).is_dir():
+        cfg = load_config(a.name)
+    else:
+        raise ValueError(f"{a.name!r} is neither a preset nor a model directory; presets: {', '.join(PRESETS)}")
     d = describe(cfg, a.seq_len)
+    st = export_status(cfg)
     if a.json:
-        print(json.dumps({"config": cfg.to_dict(), **d}))
+        print(json.dumps({"config": cfg.to_dict(), **d, "hf_export": st}))
         return 0
     print(f"{a.name}: {cfg.arch}-style, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), "
           f"d_model {cfg.d_model}, d_ff {cfg.ff}, vocab {cfg.vocab_size}, {cfg.pos} positions, {cfg.norm}, {cfg.mlp}")
@@ -267,6 +298,7 @@ def cmd_model_info(a) -> int:
     print(f"weights           {d['weights_mb_fp32']:,.1f} MB fp32, {d['weights_mb_bf16']:,.1f} MB bf16")
     print(f"training state    {d['train_state_mb_fp32_adamw']:,.1f} MB (fp32 weights, grads, AdamW moments)")
     print(f"KV cache          {d['kv_cache_bytes_per_token_bf16']:,} bytes/token in bf16")
+    print(f"HF export         {_export_line(st)}")
     return 0
 
 
@@ -582,10 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("model", help="model: presets and sizes", description="Inspect model configurations.")
     msub = mo.add_subparsers(dest="cmd", metavar="CMD")
     msub.required = True
-    mi = msub.add_parser("info", help="parameters, FLOPs per token and memory of a preset or checkpoint",
+    mi = msub.add_parser("info", help="parameters, FLOPs per token, memory and HF family of a preset or checkpoint "
+                         "(no name: every preset)",
                          description="Parameters, training/forward FLOPs per token, weight and training-state "
-                         "memory and KV-cache size of a preset (see lmforge.model.PRESETS) or a model directory.")
-    mi.add_argument("name", help="a preset name or a model directory")
+                         "memory, KV-cache size and the HF family `lmforge export` writes, of a preset (see "
+                         "lmforge.model.PRESETS) or a model directory. With no name: a table of every preset.")
+    mi.add_argument("name", nargs="?", default=None, help="a preset name or a model directory (none: list the presets)")
     mi.add_argument("--seq-len", type=int, default=None, help="context length for the attention FLOPs")
     mi.add_argument("--json", action="store_true")
     mi.set_defaults(fn=cmd_model_info)

@@ -307,6 +307,22 @@ class NaNLossError(RuntimeError):
     pass
 
 
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The run's ModelConfig before the tokenizer sets its vocabulary; a ValueError if it
+    names an HF family (``arch``, not "none") that cannot express it, so such a run fails
+    before any work rather than at export."""
+    from ..model.hf import check_exportable
+
+    mcfg = preset(cfg.preset, **cfg.model) if cfg.preset else ModelConfig(**cfg.model)
+    if mcfg.arch != "none":
+        try:
+            check_exportable(mcfg, mcfg.arch)
+        except ValueError as e:
+            raise ValueError(f"model.arch = {mcfg.arch!r} but {e} (set model.arch=none to train a model "
+                             "that is not exported)") from None
+    return mcfg
+
+
 def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     """Run (or resume) a pre-training run; returns the final metrics."""
     from .._progress import bar as tqdm
@@ -317,6 +333,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     check_config(cfg)  # before any tokenizer training or data reading
     if bool(cfg.data) == bool(cfg.text):
         raise ValueError("give exactly one of data (shards from `lmforge data prepare`) or text (a text file)")
+    mcfg = model_config(cfg)  # before any data or tokenizer work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -343,7 +360,6 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         load_manifest(data_dir)
         tok, _ = _load_tokenizer_of(data_dir)
     # model
-    mcfg = preset(cfg.preset, **cfg.model) if cfg.preset else ModelConfig(**cfg.model)
     if "vocab_size" not in cfg.model:  # the tokenizer decides, unless the model's vocab is set explicitly
         mcfg.vocab_size = tok.vocab_size
     elif tok.vocab_size > mcfg.vocab_size:
