@@ -155,3 +155,140 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs():
     # eviction: a pool too small to keep everything still gives correct outputs
     eng = Engine(m, num_blocks=16, block_size=4)
     assert [eng.generate([p], params)[0] for p in ps] == ref
+
+
+# ---- one bad request cannot stop the others ----
+
+def test_add_request_rejects_what_it_cannot_run_and_names_it():
+    m = model("llama-gqa")  # rope: the context limit holds for every kind of position
+    eng = Engine(m, num_blocks=32, block_size=4)
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    cases = [
+        ([999999], greedy, r"prompt token id 999999 at position 0 is outside the vocabulary \(0\.\.96\)"),
+        ([1, 2, -1], greedy, r"prompt token id -1 at position 2"),
+        ([1, 2.5], greedy, r"prompt token at position 1 is not an integer token id: 2\.5 \(float\)"),
+        ([1, True], greedy, r"position 1 is not an integer"),
+        ("hello", greedy, "got text"),
+        ([], greedy, "empty"),
+        ([1, 2], SamplingParams(max_tokens=-1), "max_tokens"),
+        ([1] * 100, SamplingParams(max_tokens=29), r"maximum context length is 128 tokens, but 129 were requested "
+                                                   r"\(100 in the prompt, 29 for the completion\)"),
+        ([1, 2], SamplingParams(max_tokens=4, stop=["\n"]), "stop strings .* need a tokenizer"),
+        ([1, 2], SamplingParams(max_tokens=4, stop_token_ids=[97]), r"stop_token_ids: token id 97 is outside"),
+        ([1, 2], dict(max_tokens=3), "must be a SamplingParams"),
+    ]
+    for prompt, params, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            eng.add_request(prompt, params)
+    assert not eng.has_work() and not eng.requests
+    eng.add_request([1] * 100, SamplingParams(max_tokens=28))  # exactly the context (and the pool): accepted
+    with pytest.raises(ValueError, match=r"needs 9 KV blocks \(33 tokens\); the pool has 8 of 4 tokens"):
+        Engine(m, num_blocks=8, block_size=4).add_request([1] * 30, SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive integer, got 0"):
+        Engine(m, max_batch_tokens=0)
+
+
+class Faulty(torch.nn.Module):
+    """A model that fails on rows holding the token ``bad``: raises before or after the real forward
+    (after: the sequences were already advanced), or returns NaN logits for those rows."""
+
+    def __init__(self, inner, bad, mode):
+        super().__init__()
+        self.inner, self.cfg, self.bad, self.mode = inner, inner.cfg, bad, mode
+
+    def forward(self, idx, cache=None):
+        hit = (idx == self.bad).any(1)
+        if self.mode == "raise-before" and hit.any():
+            raise RuntimeError(f"boom: token {self.bad}")
+        out = self.inner(idx, cache=cache)
+        if self.mode == "raise-after" and hit.any():
+            raise RuntimeError(f"boom: token {self.bad}")
+        if self.mode == "nan":
+            out = out.masked_fill(hit[:, None, None], float("nan"))
+        return out
+
+
+def faulty_fast_step(step, bad, mode):
+    """The C decode step, failing the same way on rows whose token is ``bad``."""
+    def run(tokens, positions, tables):
+        if mode != "nan" and bad in tokens:
+            raise RuntimeError(f"boom: token {bad}")
+        out = step(tokens, positions, tables)
+        for j, t in enumerate(tokens):
+            if t == bad:
+                out[j] = float("nan")
+        return out
+    return run
+
+
+@pytest.mark.parametrize("mode", ["raise-before", "raise-after", "nan"])
+def test_a_failing_request_ends_alone_and_the_others_are_unchanged(mode):
+    m = model("llama-gqa")
+    good = prompts(6, seed=21)
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    ref = Engine(m, num_blocks=64, block_size=4).generate(good, greedy)
+    assert_informative(ref)
+    used = {t for p in good for t in p} | {t for r in ref for t in r}
+    bad = next(t for t in range(1, 97) if t not in used)
+    eng = Engine(m, num_blocks=64, block_size=4, max_batch_tokens=16)
+    eng.model = Faulty(m, bad, mode)  # the PyTorch forward (prefill chunks) fails on rows holding `bad`
+    if eng.fast is not None:
+        eng.fast.step = faulty_fast_step(eng.fast.step, bad, mode)  # and so does the C decode step
+    # a long prompt with `bad` in its second and last chunks, beside other rows; a one-token prompt
+    # (a decode-shaped row: the C step when built), added while the good ones are decoding
+    good_ids = [eng.add_request(p, greedy) for p in good[:3]]
+    bad_ids = [eng.add_request(good[3][:3] * 6 + [bad] + good[3] + [bad], greedy)]
+    outs = eng.step() + eng.step()
+    bad_ids.append(eng.add_request([bad], greedy))
+    good_ids += [eng.add_request(p, greedy) for p in good[3:]]
+    while eng.has_work():
+        outs += eng.step()
+    got = {i: [o for o in outs if o.request_id == i] for i in good_ids + bad_ids}
+    assert [[o.token for o in got[i]] for i in good_ids] == ref
+    for i in bad_ids:
+        (o,) = got[i]  # one output: the error (the bad prompt never produced a token)
+        assert o.finished and o.finish_reason == "error" and o.token is None
+        assert ("boom" in o.error) if mode != "nan" else ("NaN" in o.error)
+    assert all(o.error is None for i in good_ids for o in got[i])
+    assert eng.pool.available() == eng.pool.num_blocks and not eng.requests
+    assert eng.stats["requests_errored"] == 2 and eng.stats["requests_finished"] == 6
+
+
+def test_finished_requests_are_forgotten_and_counted():
+    m = model("gpt2")
+    eng = Engine(m, num_blocks=64, block_size=4, max_batch_tokens=32)
+    ps = prompts(100, seed=7)
+    finals, aborted = {}, set()
+    for k, p in enumerate(ps):
+        rid = eng.add_request(p, SamplingParams(max_tokens=1 + k % 4, temperature=0.8, seed=k))
+        if k % 10 == 9:
+            eng.abort(rid)  # still waiting
+            aborted.add(rid)
+        if k % 3 == 0:
+            for o in eng.step():
+                if o.finished:
+                    assert o.request_id not in finals and o.request_id not in eng.requests
+                    finals[o.request_id] = o
+    while eng.has_work():
+        for o in eng.step():
+            if o.finished:
+                assert o.request_id not in finals and o.request_id not in eng.requests
+                finals[o.request_id] = o
+    assert len(eng.requests) == 0 and eng.pool.available() == eng.pool.num_blocks
+    assert set(finals) | aborted == set(range(100)) and not set(finals) & aborted
+    assert eng.stats["requests_finished"] == 90 and eng.stats["requests_aborted"] == 10
+    assert eng.num_waiting() == eng.num_running() == 0 and eng.kv_usage() == 0.0
+    eng.abort(5)  # forgotten: nothing to do
+
+
+def test_liveness_helpers_follow_the_pool_and_queues():
+    m = model("gpt2")
+    eng = Engine(m, num_blocks=16, block_size=4, max_running=1)
+    a = eng.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=8, temperature=0))
+    eng.add_request([6, 7], SamplingParams(max_tokens=8, temperature=0))
+    assert (eng.num_waiting(), eng.num_running(), eng.kv_usage()) == (2, 0, 0.0)
+    eng.step()
+    assert (eng.num_waiting(), eng.num_running()) == (1, 1)
+    assert eng.kv_usage() == pytest.approx(2 / 16)  # 6 positions of 4 per block
+    eng.abort(a)
+    assert eng.kv_usage() == 0.0 and eng.stats["requests_aborted"] == 1
