@@ -292,3 +292,67 @@ def test_liveness_helpers_follow_the_pool_and_queues():
     assert eng.kv_usage() == pytest.approx(2 / 16)  # 6 positions of 4 per block
     eng.abort(a)
     assert eng.kv_usage() == 0.0 and eng.stats["requests_aborted"] == 1
+
+
+# ---- prompt log-probabilities (scoring) ----
+
+def reference_prompt_logprobs(m, prompt, k):
+    with torch.no_grad():
+        lp = torch.log_softmax(m(torch.tensor([prompt]))[0].float(), -1)  # one plain full forward
+    rows = lp[:-1]
+    chosen = rows.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    top = torch.topk(rows, k, dim=-1)
+    return chosen, top
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa"])
+def test_prompt_logprobs_equal_a_full_forward_chunked_and_after_a_cache_hit(arch):
+    m = model(arch)
+    prompt = sum(prompts(4, seed=31), [])[:45]  # longer than max_batch_tokens: prefilled in chunks
+    assert len(prompt) == 45
+    chosen, top = reference_prompt_logprobs(m, prompt, 3)
+    eng = Engine(m, num_blocks=64, block_size=4, max_batch_tokens=16)
+    eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0))  # its blocks are now cached
+    hits = eng.stats["prefix_hit_tokens"]
+    # scoring (max_tokens 0) beside a decoding request; then with generation
+    other = eng.add_request(prompts(1, seed=32)[0], SamplingParams(max_tokens=6, temperature=0))
+    score = eng.add_request(prompt, SamplingParams(max_tokens=0, prompt_logprobs=3))
+    gen = eng.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0))
+    outs = []
+    while eng.has_work():
+        outs += eng.step()
+    assert eng.stats["prefix_hit_tokens"] == hits  # the scored prompts did not skip cached blocks
+    (s,) = [o for o in outs if o.request_id == score]
+    assert s.finished and s.finish_reason == "length" and s.token is None
+    g = [o for o in outs if o.request_id == gen]
+    assert g[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in g[1:])
+    assert [o.token for o in g] == generate(m, prompt, 4, temperature=0)
+    assert all(o.prompt_logprobs is None for o in outs if o.request_id == other)
+    for plp, k in ((s.prompt_logprobs, 3), (g[0].prompt_logprobs, 0)):
+        assert len(plp) == len(prompt) and plp[0] == (None, [])
+        got = torch.tensor([lp for lp, _ in plp[1:]])
+        torch.testing.assert_close(got, chosen, atol=1e-5, rtol=0)
+        if k:
+            assert [[t for t, _ in alts] for _, alts in plp[1:]] == top.indices.tolist()
+            torch.testing.assert_close(torch.tensor([[v for _, v in alts] for _, alts in plp[1:]]), top.values,
+                                       atol=1e-5, rtol=0)
+        else:
+            assert all(alts == [] for _, alts in plp)
+    assert eng.pool.available() == eng.pool.num_blocks
+
+
+def test_prompt_logprobs_survive_preemption():
+    m = model("llama-gqa")
+    ps = prompts(6, seed=3)
+    eng = Engine(m, num_blocks=14, block_size=4, max_batch_tokens=8)  # tight: forces chunks and preemption
+    ids = [eng.add_request(p, SamplingParams(max_tokens=20, temperature=0, prompt_logprobs=1)) for p in ps]
+    first = {}
+    while eng.has_work():
+        for o in eng.step():
+            if o.prompt_logprobs is not None:
+                assert o.request_id not in first
+                first[o.request_id] = o.prompt_logprobs
+    assert eng.stats["preemptions"] > 0
+    for i, p in zip(ids, ps):
+        chosen, _ = reference_prompt_logprobs(m, p, 1)
+        torch.testing.assert_close(torch.tensor([lp for lp, _ in first[i][1:]]), chosen, atol=1e-5, rtol=0)
