@@ -356,3 +356,90 @@ def test_prompt_logprobs_survive_preemption():
     for i, p in zip(ids, ps):
         chosen, _ = reference_prompt_logprobs(m, p, 1)
         torch.testing.assert_close(torch.tensor([lp for lp, _ in first[i][1:]]), chosen, atol=1e-5, rtol=0)
+
+
+# ---- text and stop strings in the engine ----
+
+PIECES = [b"<s>", b"Hel", b"lo", b" wo", b"rld", b" \xe2\x82", b"\xac", b"5", b" an", b"d \xf0\x9f", b"\x99",
+          b"\x82", b" ok", b"."]  # "Hello world €5 and 🙂 ok.": € split over two tokens, 🙂 over three
+
+
+class PieceTok:
+    def decode_bytes(self, ids):
+        return b"".join(PIECES[i] for i in ids)
+
+
+class Script(torch.nn.Module):
+    """A model whose greedy continuation of token i is i + 1 (the last token repeats): prompt [0]
+    reads PIECES out in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=len(PIECES), n_layer=1, n_head=1, d_model=8, max_seq_len=64)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.next = torch.tensor([min(i + 1, len(PIECES) - 1) for i in range(len(PIECES))])
+
+    def forward(self, idx, cache=None):
+        cache.advance(idx.shape[1])
+        return torch.nn.functional.one_hot(self.next[idx], len(PIECES)).float() * 10
+
+
+def script_run(max_tokens=13, eos=None, **kw):
+    eng = Engine(Script(), num_blocks=16, block_size=4, eos_token_id=eos, tokenizer=PieceTok())
+    rid = eng.add_request([0], SamplingParams(max_tokens=max_tokens, temperature=0, **kw))
+    req = eng.requests[rid]
+    outs = []
+    while eng.has_work():
+        outs += eng.step()
+    assert eng.pool.available() == 16 and not eng.requests
+    assert "".join(o.text for o in outs) == req.text
+    assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+    return req, outs
+
+
+def test_text_streams_whole_characters():
+    req, outs = script_run()
+    full = "Hello world €5 and 🙂 ok."
+    assert req.text == full and req.output == list(range(1, 14)) and outs[-1].finish_reason == "length"
+    texts = [o.text for o in outs]
+    assert texts[4:6] == [" ", "€"] and texts[8:11] == ["d ", "", "🙂"]  # never half a character
+    assert all("\ufffd" not in t for t in texts)
+
+
+def test_stop_strings_cut_the_text_and_free_the_request():
+    # spanning two tokens ("lo" + " w"): each "l" is held back until it is known not to start "lo w"
+    req, outs = script_run(stop=["lo w"])
+    assert [o.text for o in outs] == ["He", "l", ""] and req.output == [1, 2, 3]
+    assert (outs[-1].finish_reason, outs[-1].stop_reason, req.text) == ("stop", "lo w", "Hel")
+    req, outs = script_run(stop=["lo w"], include_stop_str_in_output=True)
+    assert [o.text for o in outs] == ["He", "l", "lo w"] and req.text == "Hello w"
+    # the output starts with the stop string: nothing is shown
+    req, outs = script_run(stop=["xyz", "He"])
+    assert [o.text for o in outs] == [""] and outs[0].stop_reason == "He"
+    # inside a multi-byte character's token run
+    req, outs = script_run(stop=["€5"])
+    assert req.text == "Hello world " and req.output == [1, 2, 3, 4, 5, 6, 7]
+    # min_tokens: a stop string ending within the first tokens does not count
+    req, outs = script_run(max_tokens=4, stop=["Hel"], min_tokens=2)
+    assert req.text == "Hello world" and outs[-1].finish_reason == "length"
+    # the final text is always the decoded output cut at the first stop string
+    full = PieceTok().decode_bytes(range(1, 14)).decode()
+    for i in range(len(full)):
+        for n in (1, 2, 4):
+            stop = full[i:i + n]
+            req, outs = script_run(stop=[stop])
+            text = PieceTok().decode_bytes(req.output).decode("utf-8", errors="replace")
+            assert stop in text and req.text == text[:text.find(stop)], stop
+            assert outs[-1].stop_reason == stop
+
+
+def test_stop_tokens_eos_min_tokens_and_ignore_eos():
+    req, outs = script_run(stop_token_ids=[4])  # " rld" is not shown
+    assert (req.text, req.output, outs[-1].stop_reason) == ("Hello wo", [1, 2, 3, 4], 4)
+    req, outs = script_run(eos=4)
+    assert (req.text, outs[-1].finish_reason, outs[-1].stop_reason) == ("Hello wo", "stop", None)
+    req, outs = script_run(max_tokens=6, eos=4, ignore_eos=True)
+    assert req.output == [1, 2, 3, 4, 5, 6] and outs[-1].finish_reason == "length"
+    # min_tokens masks the eos (the argmax) at the 4th token: the next best, token 0, comes instead
+    req, outs = script_run(max_tokens=10, eos=4, min_tokens=5)
+    assert req.output == [1, 2, 3, 0, 1, 2, 3, 4] and outs[-1].finish_reason == "stop"
