@@ -443,3 +443,11 @@ def test_stop_tokens_eos_min_tokens_and_ignore_eos():
     # min_tokens masks the eos (the argmax) at the 4th token: the next best, token 0, comes instead
     req, outs = script_run(max_tokens=10, eos=4, min_tokens=5)
     assert req.output == [1, 2, 3, 0, 1, 2, 3, 4] and outs[-1].finish_reason == "stop"
+
+
+def test_package_exports_the_engine_interface():
+    import lmforge.infer as infer
+    from lmforge.infer.engine import StepOutput
+
+    assert (infer.Engine, infer.SamplingParams, infer.StepOutput) == (Engine, SamplingParams, StepOutput)
+    assert set(infer.__all__) == {"Engine", "KVCache", "SamplingParams", "StepOutput"}
