@@ -163,9 +163,8 @@ def check_config(cfg: "TrainConfig") -> None:
         hint = difflib.get_close_matches(bad[0], sorted(names), n=1)
         raise ValueError(f"model: unknown field(s) {bad} (ModelConfig has: {', '.join(sorted(names))})"
                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
-    try:  # the preset plus the overrides must make a valid model (the vocabulary comes from the tokenizer later)
-        base = dict(PRESETS[cfg.preset]) if cfg.preset else {}
-        ModelConfig(**{**base, **cfg.model})
+    try:  # the preset plus the overrides make a valid (and, if it names a family, exportable) model
+        model_config(cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model: {e}") from None
 
