@@ -30,13 +30,17 @@ Requests beyond ``max_queued`` sequences in flight get 429; a request past its
 deadline is aborted (504, or an error event); a client that hangs up, streaming
 or not, has its requests aborted. CORS is off unless origins are given.
 
+Stop strings, ``min_tokens``, ``include_stop_str_in_output``, ``max_tokens``
+0 and prompt log-probabilities (``echo`` with ``logprobs``, what
+lm-evaluation-harness sends) are the engine's (built with the tokenizer); this
+layer turns its ``StepOutput``s into OpenAI's fields (``text_offset`` in
+characters of the returned text, the first prompt token's logprob null).
+``ignore_eos`` drops the model's stop tokens (``TokenSpec.stop``) but keeps the
+request's ``stop_token_ids``, as vLLM does.
+
 What it does not do: tools/function calling, ``response_format``, ``suffix``,
-``best_of`` > 1 and audio/image input are refused with a 400 naming the field
-(never silently ignored); other unknown fields are ignored, as OpenAI does.
-Until the engine knows stop strings, they are matched here on the streamed text
-(``TextStream``), so ``min_tokens`` delays stop tokens but not stop strings.
-Prompt log-probabilities (``echo`` with ``logprobs``) come from one extra
-forward of the prompt on the engine thread.
+``best_of`` > 1 and audio output are refused with a 400 naming the field (never
+silently ignored); other unknown fields are ignored, as OpenAI does.
 """
 from __future__ import annotations
 
@@ -57,11 +61,10 @@ from typing import Any, Callable
 import torch
 
 from .engine import Engine
-from .sampling import SamplingParams, TextStream
+from .sampling import SamplingParams
 
 log = logging.getLogger("lmforge.serve")
 
-_SP_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 UNSUPPORTED = {  # OpenAI fields this server does not implement: refused, not ignored
     "tools": "tool calling is not supported",
     "functions": "function calling is not supported",
@@ -395,7 +398,7 @@ class Service:
         self.vocab = model.cfg.vocab_size
         self.spec.check(tokenizer, self.vocab)
         self.engine = engine or Engine(model, num_blocks=num_blocks, block_size=block_size,
-                                       max_batch_tokens=max_batch_tokens, eos_token_id=None)
+                                       max_batch_tokens=max_batch_tokens, eos_token_id=None, tokenizer=self.safe)
         pool = self.engine.pool
         self.max_model_len = min(model.cfg.max_seq_len, pool.num_blocks * pool.block_size)
         self.metrics = metrics
@@ -479,11 +482,8 @@ class Service:
             repetition_penalty=float(_get(body, "repetition_penalty", num, 1.0, lambda v: 0 < v <= 10, "(0, 10]")),
             logit_bias=bias, stop=stop, stop_token_ids=stop_ids,
             seed=None if seed is None else seed % (1 << 64), logprobs=logprobs)
-        if min_tokens:
-            if "min_tokens" not in _SP_FIELDS:
-                raise APIError(400, "'min_tokens' is not supported by this engine", "min_tokens")
-            kw["min_tokens"] = min_tokens
-        p = SamplingParams(**kw)
+        include_stop = bool(_get(body, "include_stop_str_in_output", bool, False))
+        p = SamplingParams(**kw, min_tokens=min_tokens, include_stop_str_in_output=include_stop)
         try:
             p.validate(self.vocab)
         except ValueError as e:
@@ -491,7 +491,6 @@ class Service:
         n = _get(body, "n", int, 1, lambda v: 1 <= v <= 16, "1..16")
         stream = bool(_get(body, "stream", bool, False))
         so = _get(body, "stream_options", dict, {}) or {}
-        include_stop = bool(_get(body, "include_stop_str_in_output", bool, False))
         return Settings(p, max_tokens, n, stream, bool(so.get("include_usage", False)), echo, logprobs,
                         include_stop, chat)
 
@@ -549,92 +548,56 @@ class Service:
                            "max_tokens")
         return want
 
-    # -- prompt log-probabilities (echo + logprobs) --
-    def prompt_logprobs(self, ids: list[int], k: int) -> list[tuple[float | None, list[tuple[int, float]]]]:
-        """Each prompt token's log-probability given the tokens before it (the first: None), and the
-        ``k`` most likely tokens at its position. Runs the model: call it on the engine thread."""
-        with torch.no_grad():
-            dev = next(self.model.parameters()).device
-            logits = self.model(torch.tensor([ids], device=dev))[0, :-1].float()
-            out: list = [(None, [])]
-            for a in range(0, logits.size(0), 256):  # log_softmax a few rows at a time
-                lp = torch.log_softmax(logits[a:a + 256], -1)
-                chosen = lp.gather(1, torch.tensor(ids[a + 1:a + 1 + lp.size(0)], device=dev)[:, None])[:, 0]
-                tv, ti = torch.topk(lp, k) if k else (None, None)
-                for r in range(lp.size(0)):
-                    tops = [(int(i), float(v)) for i, v in zip(ti[r], tv[r])] if k else []
-                    out.append((float(chosen[r]), tops))
-            return out
-
-    async def run_on_engine(self, fn: Callable):
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def done(result, exc):
-            def set_():
-                if fut.done():
-                    return
-                if exc is not None:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(result)
-            loop.call_soon_threadsafe(set_)
-        self.loop.call(fn, done)
-        return await fut
-
 
 # ---- one choice's text -------------------------------------------------------------------------
 
 class Choice:
-    """Turns one sequence's step outputs into text pieces and log-probability entries."""
+    """One sequence's step outputs as text pieces and log-probability entries (the text is the
+    engine's: safe to show, cut at stop strings)."""
 
     def __init__(self, index: int, svc: Service, s: Settings, p: SamplingParams, prompt: Prompt, offset: int = 0):
         self.index, self.svc, self.s, self.p, self.prompt = index, svc, s, p, prompt
-        self.ts = TextStream(svc.safe, p.stop)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.chars = offset  # where the next token starts in the returned text, in characters
-        self.full = ""  # every generated character (stop strings included)
-        self.shown = ""
         self.tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.stop_ids = set(p.stop_token_ids)
+        self.echo: list[dict] | None = None  # the prompt's entries (echo with logprobs), from the first output
+        self.started = False  # streaming: the echo / role chunk was sent
         self.job: Job | None = None
 
-    def entry(self, token: int, logprob, tops) -> dict:
-        t = self.svc.safe.decode([token])
-        e = {"token": t, "id": token, "logprob": logprob,
-             "top_logprobs": [(self.svc.safe.decode([i]), v, i) for i, v in (tops or [])], "text_offset": self.chars}
-        return e
+    def entry(self, token: int, logprob, tops, offset: int) -> dict:
+        dec = self.svc.safe.decode
+        return {"token": dec([token]), "logprob": logprob, "text_offset": offset,
+                "top_logprobs": [(dec([i]), v) for i, v in (tops or [])]}
+
+    def prompt_entries(self, lps) -> list[dict]:
+        """Entries of the prompt tokens (``lps``: the engine's prompt_logprobs); offsets in ``prompt.text``."""
+        pr, out, chars = self.prompt, [], 0
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for k, (t, (lp, tops)) in enumerate(zip(pr.ids, lps)):
+            out.append(self.entry(t, lp, tops, chars))
+            if k >= pr.skip:
+                chars += len(dec.decode(self.svc.safe.decode_bytes([t])))
+        return out
 
     def feed(self, o) -> tuple[str, list[dict]]:
         """The text newly safe to show and the log-probability entries of this output."""
         entries = []
-        tok = o.token
-        piece = ""
-        if tok is not None:
+        if o.prompt_logprobs is not None and self.s.echo and self.s.logprobs is not None:
+            self.echo = self.prompt_entries(o.prompt_logprobs)
+        t = o.token
+        if t is not None:
             self.tokens += 1
-            special = tok in self.stop_ids
-            if self.s.logprobs is not None and not special:
-                entries.append(self.entry(tok, o.logprob, o.top_logprobs))
-            if not special:
-                text = self.utf8.decode(self.svc.safe.decode_bytes([tok]))
-                self.chars += len(text)
-                self.full += text
-                piece = self.ts.push(tok)
-            if o.finished and special:
-                self.stop_reason = tok
-        if self.ts.stopped:  # at a stop string: which one (the text after what was shown starts with it)
-            self.finish_reason = "stop"
-            rest = self.full[len(self.shown) + len(piece):]
-            self.stop_reason = next((x for x in self.p.stop if rest.startswith(x)), None)
-            if self.s.include_stop and self.stop_reason:
-                piece += self.stop_reason
-        elif o.finished:
-            piece += self.ts.flush()
-            self.finish_reason = {"stop": "stop", "length": "length"}.get(o.finish_reason, o.finish_reason)
-        self.shown += piece
-        return piece, entries
+            if not (o.finished and o.finish_reason == "stop" and t in self.stop_ids):  # a stop token is no text
+                if self.s.logprobs is not None:
+                    entries.append(self.entry(t, o.logprob, o.top_logprobs, self.chars))
+                self.chars += len(self.utf8.decode(self.svc.safe.decode_bytes([t])))
+        if o.finished:
+            self.finish_reason = o.finish_reason
+            self.stop_reason = o.stop_reason
+        return o.text or "", entries
 
     @property
     def finished(self) -> bool:
@@ -643,7 +606,7 @@ class Choice:
 
 def _completion_logprobs(entries: list[dict]) -> dict:
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [None if e["logprob"] is None else {t: v for t, v, _ in e["top_logprobs"]}
+            "top_logprobs": [None if e["logprob"] is None else {t: v for t, v in e["top_logprobs"]}
                              for e in entries],
             "text_offset": [e["text_offset"] for e in entries]}
 
@@ -652,7 +615,7 @@ def _chat_logprobs(entries: list[dict]) -> dict:
     def b(t):
         return list(t.encode("utf-8"))
     return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": b(e["token"]),
-                         "top_logprobs": [{"token": t, "logprob": v, "bytes": b(t)} for t, v, _ in e["top_logprobs"]]}
+                         "top_logprobs": [{"token": t, "logprob": v, "bytes": b(t)} for t, v in e["top_logprobs"]]}
                         for e in entries]}
 
 
@@ -671,50 +634,34 @@ class Generation:
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[Choice] = []
-        self.echo_entries: dict[int, list[dict]] = {}  # prompt index -> its tokens' logprob entries
         self.start = time.perf_counter()
 
-    async def prepare(self) -> None:
-        """Per-prompt limits; prompt log-probabilities when echo asks for them; then submit every
-        choice at once (so they are decoded together)."""
+    def submit(self) -> None:
+        """Every choice of every prompt to the engine at once (so they are decoded together):
+        choice ``i * n + j`` is prompt ``i``'s ``j``-th, with seed ``seed + j``."""
         svc, s = self.svc, self.s
         limits = [svc.max_tokens_for(pr, s) for pr in self.prompts]
-        mint = getattr(s.params, "min_tokens", 0)
-        if mint and mint > min(limits):
-            raise APIError(400, f"'min_tokens' ({mint}) exceeds the tokens the context leaves ({min(limits)})",
-                           "min_tokens")
-        if s.echo and s.logprobs is not None:
-            for pi, pr in enumerate(self.prompts):
-                lps = await svc.run_on_engine(lambda pr=pr: svc.prompt_logprobs(pr.ids, s.logprobs))
-                self.echo_entries[pi] = self._prompt_entries(pr, lps)
-        jobs = []
+        if s.params.min_tokens > min(limits):
+            raise APIError(400, f"'min_tokens' ({s.params.min_tokens}) exceeds the tokens the context leaves "
+                                f"({min(limits)})", "min_tokens")
         deliver = async_sink(self.queue)
-        for pi, (pr, mt) in enumerate(zip(self.prompts, limits)):
-            offset = len(pr.text) if s.echo else 0
+        scoring = s.logprobs if s.echo and s.logprobs is not None else None
+        for i, (pr, mt) in enumerate(zip(self.prompts, limits)):
             for j in range(s.n):
-                p = dataclasses.replace(s.params, max_tokens=max(mt, 1),
-                                        seed=None if s.params.seed is None else (s.params.seed + j) % (1 << 64))
-                c = Choice(pi * s.n + j, svc, s, p, pr, offset)
-                self.choices.append(c)
-                if mt == 0:  # nothing to generate (echo / prompt log-probabilities only)
+                seed = None if s.params.seed is None else (s.params.seed + j) % (1 << 64)
+                p = dataclasses.replace(s.params, max_tokens=mt, seed=seed, prompt_logprobs=scoring,
+                                        min_tokens=min(s.params.min_tokens, mt))
+                c = Choice(i * s.n + j, svc, s, p, pr, len(pr.text) if s.echo else 0)
+                if mt == 0 and scoring is None:  # nothing for the engine to do
                     c.finish_reason = "length"
-                    continue
-                c.job = Job(pr.ids, p, deliver, c)
-                jobs.append(c.job)
-        if svc.metrics is not None:
-            svc.metrics.prompt_tokens.inc(sum(len(pr.ids) for pr in self.prompts))
+                else:
+                    c.job = Job(pr.ids, p, deliver, c)
+                self.choices.append(c)
+        jobs = [c.job for c in self.choices if c.job is not None]
         if jobs:
             svc.loop.submit(jobs)
-
-    def _prompt_entries(self, pr: Prompt, lps) -> list[dict]:
-        safe, out, chars = self.svc.safe, [], 0
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for k, (t, (lp, tops)) in enumerate(zip(pr.ids, lps)):
-            out.append({"token": safe.decode([t]), "id": t, "logprob": lp, "text_offset": chars,
-                        "top_logprobs": [(safe.decode([i]), v, i) for i, v in tops]})
-            if k >= pr.skip:
-                chars += len(dec.decode(safe.decode_bytes([t])))
-        return out
+        if svc.metrics is not None:
+            svc.metrics.prompt_tokens.inc(sum(len(pr.ids) for pr in self.prompts))
 
     def abort(self) -> None:
         self.svc.loop.abort([c.job for c in self.choices if c.job is not None and not c.job.done])
@@ -739,11 +686,10 @@ class Generation:
                     continue
                 if err is not None:
                     raise err
+                if out.finish_reason == "error":
+                    raise APIError(500, f"the engine failed on this request: {out.error}")
                 piece, entries = c.feed(out)
-                if c.finished:
-                    left -= 1
-                    if not out.finished:  # a stop string ended it here: the engine may stop
-                        self.svc.loop.abort([job])
+                left -= c.finished
                 yield c, piece, entries
         finally:
             timer.cancel()
@@ -766,11 +712,10 @@ class Generation:
             return None  # the client went away
         choices = []
         for c in self.choices:
-            text = "".join(texts[c.index])
-            entries = lps[c.index]
+            text, entries = "".join(texts[c.index]), lps[c.index]
             if self.s.echo:
                 text = c.prompt.text + text
-                entries = self.echo_entries.get(c.index // self.s.n, []) + entries
+                entries = (c.echo or []) + entries
             lp = self._logprobs(entries) if self.s.logprobs is not None else None
             if self.chat:
                 choices.append({"index": c.index, "message": {"role": "assistant", "content": text},
@@ -786,36 +731,40 @@ class Generation:
         """Server-sent events: the chunks, the usage chunk if asked for, an error event on failure, [DONE]."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
 
-        def chunk(choices, usage=None):
+        def chunk(choices):
             ev = {"id": self.id, "object": obj, "created": self.created, "model": self.svc.name, "choices": choices}
             if self.s.include_usage:
-                ev["usage"] = usage
+                ev["usage"] = None
             return "data: " + json.dumps(ev) + "\n\n"
 
-        def piece_event(c, text, entries, finish=None):
+        def event(c, text, entries, finish=None):
             lp = self._logprobs(entries) if entries else None
+            tail = {"stop_reason": c.stop_reason} if finish else {}
             if self.chat:
-                return chunk([{"index": c.index, "delta": {"content": text} if text or finish is None else {},
-                               "logprobs": lp, "finish_reason": finish,
-                               **({"stop_reason": c.stop_reason} if finish else {})}])
-            return chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish,
-                           **({"stop_reason": c.stop_reason} if finish else {})}])
+                delta = {"content": text} if text or finish is None else {}
+                return chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": finish, **tail}])
+            return chunk([{"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish, **tail}])
+
+        def start(c):  # the first chunk of a choice: the role (chat) or the echoed prompt
+            c.started = True
+            if self.chat:
+                return chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}])
+            return event(c, c.prompt.text, c.echo or []) if self.s.echo else ""
 
         try:
-            for c in self.choices:
-                if self.chat:
-                    yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-                elif self.s.echo:
-                    entries = self.echo_entries.get(c.index // self.s.n, [])
-                    yield piece_event(c, c.prompt.text, entries)
+            for c in self.choices:  # echo with logprobs waits for the engine's prompt log-probabilities
+                if not (self.s.echo and self.s.logprobs is not None and not c.finished):
+                    yield start(c)
                 if c.finished:  # max_tokens 0
-                    yield piece_event(c, "", [], c.finish_reason)
+                    yield event(c, "", [], c.finish_reason)
             async for c, piece, entries in self.events():
+                if not c.started:
+                    yield start(c)
                 if piece or entries:
-                    yield piece_event(c, piece, entries)
+                    yield event(c, piece, entries)
                 if c.finished:
-                    yield piece_event(c, "", [], c.finish_reason)
+                    yield event(c, "", [], c.finish_reason)
             if any(not c.finished for c in self.choices):
                 return  # the client went away
             if self.s.include_usage:
@@ -957,7 +906,8 @@ class EventStream:
             async for ev in body:
                 if watcher.done():
                     break
-                await send({"type": "http.response.body", "body": ev.encode(), "more_body": True})
+                if ev:
+                    await send({"type": "http.response.body", "body": ev.encode(), "more_body": True})
             if not watcher.done():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
@@ -1077,7 +1027,7 @@ def build_app(model, tokenizer, tokens=None, model_name: str = "lmforge", *, api
         prompts = await run_in_threadpool(svc.prompts, body, chat)
         gen = Generation(svc, s, prompts)
         try:
-            await gen.prepare()
+            gen.submit()
         except BaseException:
             gen.abort()
             raise
@@ -1378,9 +1328,9 @@ class Server:
         self.spec = tokens if tokens is not None else TokenSpec.for_tokenizer(tokenizer)
         st = tokenizer.special_tokens
         self.end_id, self.eos_id = st.get("<|end|>"), st.get("<|endoftext|>")
-        self.engine = Engine(model, eos_token_id=None, **engine_kw)
-        self.loop = EngineLoop(self.engine)
         self.safe = SafeTokenizer(tokenizer)
+        self.engine = Engine(model, eos_token_id=None, tokenizer=self.safe, **engine_kw)
+        self.loop = EngineLoop(self.engine)
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
         if chat:
@@ -1388,32 +1338,29 @@ class Server:
         return self.spec.encode_prompt(self.tok, body["prompt"])
 
     def run_choice(self, ids: list[int], p: SamplingParams, on_text=None):
-        """Generate one choice; ``on_text(piece, None)`` as text becomes safe to show. Returns
-        (text, tokens generated, [], finish reason)."""
+        """Generate one choice (the model's stop tokens and the template's stop strings added);
+        ``on_text(piece, None)`` as text becomes safe to show. Returns (text, tokens, [], finish reason)."""
         import queue
 
         q: queue.Queue = queue.Queue()
         p = dataclasses.replace(p, stop_token_ids=list(dict.fromkeys(list(p.stop_token_ids) + list(self.spec.stop))),
                                 stop=list(p.stop) + [s for s in self.spec.chat_stop if s not in p.stop])
         job = Job(list(ids), p, lambda j, o, e: q.put((o, e)))
-        ts, text, n, reason = TextStream(self.safe, p.stop), [], 0, None
+        text, n = [], 0
         self.loop.submit([job])
         try:
             while True:
                 o, e = q.get()
                 if e is not None:
                     raise RuntimeError(e.message)
-                n += 1
-                piece = "" if o.token in p.stop_token_ids else ts.push(o.token)
-                if o.finished and not ts.stopped:
-                    piece += ts.flush()
-                if piece:
-                    text.append(piece)
+                if o.finish_reason == "error":
+                    raise RuntimeError(o.error)
+                n += o.token is not None
+                if o.text:
+                    text.append(o.text)
                     if on_text is not None:
-                        on_text(piece, None)
-                if ts.stopped or o.finished:
-                    reason = "stop" if ts.stopped else o.finish_reason
-                    break
+                        on_text(o.text, None)
+                if o.finished:
+                    return "".join(text), n, [], o.finish_reason
         finally:
             self.loop.abort([job])
-        return "".join(text), n, [], reason
