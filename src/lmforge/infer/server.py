@@ -104,6 +104,7 @@ class Job:
     deliver: Callable
     tag: Any = None  # the caller's (the choice index)
     rid: int | None = None
+    submitted: bool = False  # counted in EngineLoop.in_flight
     done: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     last: float | None = None
@@ -137,12 +138,14 @@ class EngineLoop:
                 raise APIError(429, f"the server is busy: {self.in_flight} sequences in flight "
                                     f"(at most {self.max_queued}); retry later")
             self.in_flight += len(jobs)
+            for j in jobs:
+                j.submitted = True
             self.inbox.extend(("add", j) for j in jobs)
             self.cv.notify()
 
     def abort(self, jobs: list[Job]) -> None:
         with self.cv:
-            self.inbox.extend(("abort", j) for j in jobs if not j.done)
+            self.inbox.extend(("abort", j) for j in jobs if j.submitted and not j.done)
             self.cv.notify()
 
     def call(self, fn: Callable, done: Callable) -> None:
@@ -253,15 +256,17 @@ class EngineLoop:
                 self._send(job, o, None)
 
     def _fail_running(self, message: str) -> None:
-        """After an exception nobody could attribute: end every admitted request (frees its blocks)."""
-        for rid, job in list(self.jobs.items()):
-            req = self.engine.requests.get(rid)
-            if req is not None and not req.finished and req in self.engine.running:
-                try:
-                    self.engine.abort(rid)
-                except Exception:
-                    log.exception("abort failed")
-                self._end(job, None, APIError(500, message))
+        """After an exception the engine could not pin on one request (its rows are isolated; this is
+        a scheduler bug): end the running requests (freeing their blocks), or, if none was running,
+        the waiting ones (the step was admitting them), so the same failure cannot repeat forever."""
+        running = {r.id for r in self.engine.running}
+        victims = [rid for rid in self.jobs if rid in running] or list(self.jobs)
+        for rid in victims:
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                log.exception("abort failed")
+            self._end(self.jobs[rid], None, APIError(500, message))
 
     def _shutdown(self, inbox: list[tuple]) -> None:
         for item in inbox:
@@ -278,8 +283,9 @@ class EngineLoop:
         if job.rid is not None:
             self.jobs.pop(job.rid, None)
             self.engine.requests.pop(job.rid, None)  # finished requests leave the engine
-        with self.cv:
-            self.in_flight -= 1
+        if job.submitted:
+            with self.cv:
+                self.in_flight -= 1
         if out is not None or err is not None:
             self._send(job, out, err)
 
@@ -1151,6 +1157,7 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, *, drain_s: float = 30
     """Run ``app`` under uvicorn until SIGINT/SIGTERM; running requests are drained (up to ``drain_s``)
     before the engine stops. ``on_bound(port)`` is called once the socket is listening. A port in
     use raises ``OSError`` before anything is served."""
+    import signal
     import socket
 
     import uvicorn
@@ -1168,7 +1175,16 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, *, drain_s: float = 30
     server = uvicorn.Server(_config(app, host, sock.getsockname()[1], drain_s=int(drain_s), **uvicorn_kw))
     if on_bound is not None:
         on_bound(sock.getsockname()[1])
-    server.run(sockets=[sock])
+    # uvicorn drains, then re-raises the signal it caught: let that end run() rather than the process
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, **uvicorn_kw):
