@@ -122,6 +122,7 @@ class EngineLoop:
         self.in_flight = 0  # sequences submitted and not finished
         self.stopping = False
         self.errors = 0  # steps that raised
+        self._batch: dict | None = None  # asyncio loop -> [(queue, item)], delivered once per step
         self.thread = threading.Thread(target=self._run, daemon=True, name="lmforge-engine")
         self.thread.start()
 
@@ -134,6 +135,9 @@ class EngineLoop:
         with self.cv:
             if not self.alive():
                 raise APIError(503, "the engine is not running")
+            if len(jobs) > self.max_queued:
+                raise APIError(400, f"the request asks for {len(jobs)} sequences (prompts x n); this server "
+                                    f"takes at most {self.max_queued} at once")
             if self.in_flight + len(jobs) > self.max_queued:
                 raise APIError(429, f"the server is busy: {self.in_flight} sequences in flight "
                                     f"(at most {self.max_queued}); retry later")
@@ -184,6 +188,7 @@ class EngineLoop:
                     self.cv.wait()
                 inbox, self.inbox = self.inbox, []
                 stopping = self.stopping
+            self._batch = defaultdict(list)
             try:
                 if stopping:
                     self._shutdown(inbox)
@@ -194,6 +199,17 @@ class EngineLoop:
             except Exception:  # a bug here must not end the loop: fail what is running, go on
                 log.exception("engine loop error")
                 self._fail_running("internal error in the engine loop")
+            finally:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Hand this round's outputs to each asyncio loop in one wake-up."""
+        batch, self._batch = self._batch, None
+        for loop, items in (batch or {}).items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed
+                pass
 
     def _apply(self, inbox: list[tuple]) -> None:
         for item in inbox:
@@ -290,6 +306,10 @@ class EngineLoop:
             self._send(job, out, err)
 
     def _send(self, job: Job, out, err) -> None:
+        loop = getattr(job.deliver, "loop", None)
+        if loop is not None and self._batch is not None:
+            self._batch[loop].append((job.deliver.queue, (job, out, err)))
+            return
         try:
             job.deliver(job, out, err)
         except Exception:  # e.g. the client's event loop is gone
@@ -302,7 +322,13 @@ def async_sink(queue: asyncio.Queue) -> Callable:
 
     def deliver(job, out, err):
         loop.call_soon_threadsafe(queue.put_nowait, (job, out, err))
+    deliver.loop, deliver.queue = loop, queue  # lets EngineLoop batch a step's outputs per loop
     return deliver
+
+
+def _put_all(items) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 # ---- metrics -------------------------------------------------------------------------------
