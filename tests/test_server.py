@@ -642,12 +642,29 @@ def test_host_header_must_name_this_server(server, locked):
     s.close()
 
 
-def test_allowed_host_star_accepts_any(model_dir):
+def test_any_host_and_idle_clients(model_dir):
+    """``allowed_hosts=["*"]`` accepts any Host; a body slower than the idle timeout gets 408 and an
+    idle keep-alive connection is closed."""
     from lmforge.infer.server import stop_thread
 
-    _, srv, base = start(model_dir, allowed_hosts=["*"])
+    _, srv, base = start(model_dir, allowed_hosts=["*"], idle_timeout_s=1)
+    port = int(base.rsplit(":", 1)[1])
     try:
         assert httpx.get(base + "/health", headers={"Host": "anything.example"}).status_code == 200
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"model\"")  # ... and the rest never comes
+        t0 = time.time()
+        assert s.recv(100).split(b" ")[1] == b"408" and time.time() - t0 < 5
+        s.close()
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(100).split(b" ")[1] == b"200"
+        t0 = time.time()
+        while s.recv(4096):  # the rest of the response, then the server hangs up on the idle connection
+            pass
+        assert time.time() - t0 < 5
+        s.close()
     finally:
         stop_thread(srv)
 

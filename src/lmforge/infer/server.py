@@ -51,14 +51,12 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from collections import defaultdict
 from typing import Any, Callable
 
-import torch
 
 from .engine import Engine
 from .sampling import SamplingParams
@@ -111,8 +109,8 @@ class Job:
 
 
 class EngineLoop:
-    """Steps ``engine`` on its own thread while it has work; ``submit``/``abort``/``call`` are
-    safe from any thread and return at once."""
+    """Steps ``engine`` on its own thread while it has work; ``submit`` and ``abort`` are safe
+    from any thread and return at once."""
 
     def __init__(self, engine: Engine, max_queued: int = 1024, metrics: "Metrics | None" = None):
         self.engine, self.max_queued, self.metrics = engine, max_queued, metrics
@@ -152,14 +150,6 @@ class EngineLoop:
             self.inbox.extend(("abort", j) for j in jobs if j.submitted and not j.done)
             self.cv.notify()
 
-    def call(self, fn: Callable, done: Callable) -> None:
-        """Run ``fn()`` on the engine thread between steps; ``done(result, exception)`` after."""
-        with self.cv:
-            if not self.alive():
-                raise APIError(503, "the engine is not running")
-            self.inbox.append(("call", fn, done))
-            self.cv.notify()
-
     def close(self, timeout: float = 10.0) -> None:
         with self.cv:
             self.stopping = True
@@ -167,18 +157,13 @@ class EngineLoop:
         self.thread.join(timeout)
 
     def waiting(self) -> int:
-        e = self.engine
-        return e.num_waiting() if hasattr(e, "num_waiting") else len(e.waiting)
+        return self.engine.num_waiting()
 
     def running(self) -> int:
-        e = self.engine
-        return e.num_running() if hasattr(e, "num_running") else len(e.running)
+        return self.engine.num_running()
 
     def kv_usage(self) -> float:
-        e = self.engine
-        if hasattr(e, "kv_usage"):
-            return float(e.kv_usage())
-        return 1.0 - e.pool.available() / e.pool.num_blocks
+        return float(self.engine.kv_usage())
 
     # -- the engine thread --
     def _run(self) -> None:
@@ -224,22 +209,12 @@ class EngineLoop:
                     self._end(job, None, APIError(500, f"could not admit the request: {e}"))
                 else:
                     self.jobs[job.rid] = job
-            elif item[0] == "abort":
+            else:  # "abort"
                 job = item[1]
                 if not job.done:
                     if job.rid is not None:
                         self.engine.abort(job.rid)
                     self._end(job, None, None)
-            else:
-                _, fn, done = item
-                try:
-                    result, exc = fn(), None
-                except Exception as e:
-                    result, exc = None, e
-                try:
-                    done(result, exc)
-                except Exception:
-                    log.exception("engine call callback failed")
 
     def _step(self) -> None:
         try:
@@ -255,9 +230,8 @@ class EngineLoop:
             job = self.jobs.get(o.request_id)
             if job is None or job.done:
                 continue
-            err = getattr(o, "error", None)
-            if err:
-                self._end(job, None, APIError(500, f"the engine failed on this request: {err}"))
+            if o.error:
+                self._end(job, None, APIError(500, f"the engine failed on this request: {o.error}"))
                 continue
             if m is not None and o.token is not None:
                 m.generation_tokens.inc()
@@ -298,7 +272,6 @@ class EngineLoop:
         job.done = True
         if job.rid is not None:
             self.jobs.pop(job.rid, None)
-            self.engine.requests.pop(job.rid, None)  # finished requests leave the engine
         if job.submitted:
             with self.cv:
                 self.in_flight -= 1
@@ -399,7 +372,6 @@ class Settings:
     include_usage: bool
     echo: bool
     logprobs: int | None  # top alternatives per token (0: just the chosen token's); None: no logprobs
-    include_stop: bool
     chat: bool
 
 
@@ -457,10 +429,8 @@ class Service:
         best_of = _get(body, "best_of", int, 1, lambda v: v >= 1, "an integer >= 1")
         if best_of > 1:
             raise APIError(400, "'best_of' > 1 is not supported by this server", "best_of")
-        for k in ("modalities",):
-            v = body.get(k)
-            if v is not None and v != ["text"]:
-                raise APIError(400, f"'{k}': only ['text'] is supported", k)
+        if body.get("modalities") not in (None, ["text"]):
+            raise APIError(400, "'modalities': only ['text'] is supported", "modalities")
         low = 1 if chat else 0
         max_tokens = _get(body, "max_completion_tokens", int, None, lambda v: v >= low, f"an integer >= {low}")
         if max_tokens is None:
@@ -514,8 +484,8 @@ class Service:
             repetition_penalty=float(_get(body, "repetition_penalty", num, 1.0, lambda v: 0 < v <= 10, "(0, 10]")),
             logit_bias=bias, stop=stop, stop_token_ids=stop_ids,
             seed=None if seed is None else seed % (1 << 64), logprobs=logprobs)
-        include_stop = bool(_get(body, "include_stop_str_in_output", bool, False))
-        p = SamplingParams(**kw, min_tokens=min_tokens, include_stop_str_in_output=include_stop)
+        p = SamplingParams(**kw, min_tokens=min_tokens,
+                           include_stop_str_in_output=bool(_get(body, "include_stop_str_in_output", bool, False)))
         try:
             p.validate(self.vocab)
         except ValueError as e:
@@ -523,8 +493,7 @@ class Service:
         n = _get(body, "n", int, 1, lambda v: 1 <= v <= 16, "1..16")
         stream = bool(_get(body, "stream", bool, False))
         so = _get(body, "stream_options", dict, {}) or {}
-        return Settings(p, max_tokens, n, stream, bool(so.get("include_usage", False)), echo, logprobs,
-                        include_stop, chat)
+        return Settings(p, max_tokens, n, stream, bool(so.get("include_usage", False)), echo, logprobs, chat)
 
     def check_ids(self, ids, param: str) -> list[int]:
         """``ids`` if it is a non-empty list of ids the model has; 400 naming the first bad one."""
@@ -1363,7 +1332,8 @@ def openapi_schema(model_name: str = "lmforge") -> dict:
 class Server:
     """The engine loop without HTTP, for ``lmforge chat``: ``prompt_ids`` and a blocking ``run_choice``."""
 
-    def __init__(self, model, tokenizer, model_name: str = "lmforge", tokens=None, **engine_kw):
+    def __init__(self, model, tokenizer, model_name: str = "lmforge", tokens=None, num_blocks: int = 1024,
+                 block_size: int = 16, max_batch_tokens: int = 512):
         from ..tokenize.special import TokenSpec
 
         self.tok, self.name = tokenizer, model_name
@@ -1371,7 +1341,8 @@ class Server:
         st = tokenizer.special_tokens
         self.end_id, self.eos_id = st.get("<|end|>"), st.get("<|endoftext|>")
         self.safe = SafeTokenizer(tokenizer)
-        self.engine = Engine(model, eos_token_id=None, tokenizer=self.safe, **engine_kw)
+        self.engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
+                             eos_token_id=None, tokenizer=self.safe)
         self.loop = EngineLoop(self.engine)
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
