@@ -442,12 +442,14 @@ class Service:
             stop = [stop]
         elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 16:
             raise APIError(400, "'stop' must be a string or a list of at most 16 strings", "stop")
+        if any(len(s) > 1024 for s in stop):
+            raise APIError(400, "'stop': a stop string may have at most 1024 characters", "stop")
         stop = [s for s in stop if s]
         if chat:
             stop += [s for s in self.spec.chat_stop if s not in stop]
             lp = _get(body, "logprobs", bool, False)
             top = _get(body, "top_logprobs", int, None, lambda v: 0 <= v <= 20, "0..20")
-            if top is not None and not lp:
+            if top and not lp:
                 raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
             logprobs = (top or 0) if lp else None
             echo = False
@@ -455,6 +457,8 @@ class Service:
             logprobs = _get(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "0..20")
             echo = bool(_get(body, "echo", bool, False))
         bias = _get(body, "logit_bias", dict, {})
+        if len(bias) > 1024:
+            raise APIError(400, "'logit_bias' may name at most 1024 tokens", "logit_bias")
         try:
             bias = {int(k): float(v) for k, v in bias.items()}
         except (TypeError, ValueError, OverflowError):
