@@ -538,6 +538,18 @@ def test_a_step_that_raises_outside_any_request_keeps_the_loop(server, monkeypat
     still_up(base)
 
 
+def test_a_bug_in_a_handler_is_a_500_and_the_server_goes_on(server, monkeypatch):
+    base, _, _, app = server
+
+    def bug(body):
+        raise KeyError("oops")
+    monkeypatch.setattr(app.state.service, "check_model", bug)
+    code, r = post(base, "/v1/completions", {"model": NAME, "prompt": "x"})
+    assert code == 500 and r["error"]["type"] == "internal_server_error" and "KeyError" in r["error"]["message"]
+    monkeypatch.undo()
+    still_up(base)
+
+
 def test_health_fails_when_the_loop_is_dead(model_dir):
     from lmforge.infer.server import stop_thread
 

@@ -863,6 +863,10 @@ class FrontMiddleware:
                 await _error(err)(scope, receive, send_)
             else:
                 await self.app(scope, receive, send_)
+        except Exception as e:  # a bug in a handler: this request gets a 500, the server goes on
+            log.exception("unhandled error in %s %s", scope.get("method"), path)
+            if not status[0]:
+                await _error(APIError(500, f"internal error: {type(e).__name__}"))(scope, receive, send_)
         finally:
             ep = path if path in ENDPOINTS else "other"
             self.metrics.requests.labels(ep, str(status[0] or 500)).inc()
@@ -1099,10 +1103,6 @@ def build_app(model, tokenizer, tokens=None, model_name: str = "lmforge", *, api
         return _error(APIError(e.status_code, str(e.detail) if e.status_code != 404 else
                                f"no route {request.url.path}"))
 
-    async def on_error(request, e: Exception):
-        log.exception("unhandled error")
-        return _error(APIError(500, f"internal error: {type(e).__name__}"))
-
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -1122,7 +1122,7 @@ def build_app(model, tokenizer, tokens=None, model_name: str = "lmforge", *, api
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/tokenize", tokenize_ep, methods=["POST"]), Route("/detokenize", detokenize_ep, methods=["POST"])]
     app = Starlette(routes=routes, middleware=mw, lifespan=lifespan,
-                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_error})
+                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error})
     app.state.service = svc
     app.state.engine = svc.engine
     app.state.loop = svc.loop
