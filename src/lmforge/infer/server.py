@@ -835,12 +835,10 @@ class FrontMiddleware:
         if not raw:
             return APIError(400, "the Host header is required")
         try:
-            name, port = _host_name(raw.decode("latin-1"))
+            name, _ = _host_name(raw.decode("latin-1"))
         except ValueError:
             return APIError(400, "the Host header is malformed")
-        server = scope.get("server")
-        if port is not None and server and server[1] and port != server[1]:
-            return APIError(421, f"the Host header names port {port}; this server listens on {server[1]}")
+        # the name is what a rebinding attack controls; the port may differ behind a port mapping
         if name in self.names or _is_ip(name):
             return None
         return APIError(421, f"the Host header {name!r} does not name this server; start it with "
@@ -963,11 +961,21 @@ def build_app(model, tokenizer, tokens=None, model_name: str = "lmforge", *, api
               cors_origins=(), allowed_hosts=None, max_body_bytes: int = 1 << 20, max_queued: int = 1024,
               request_timeout_s: float = 600.0, idle_timeout_s: float = 30.0, num_blocks: int = 1024,
               block_size: int = 16, max_batch_tokens: int = 512):
-    """The Starlette app serving ``model``. ``app.state.service`` is the ``Service`` (its ``engine``
-    and ``loop``, the ``EngineLoop``); ``app.state.idle_timeout_s`` is read by ``serve``.
+    """The Starlette app serving ``model`` (run it with ``serve`` or ``start_in_thread``).
 
+    Endpoints: GET ``/`` (the web chat page), ``/health``, ``/metrics``, ``/version``,
+    ``/openapi.json``, ``/v1/models``; POST ``/v1/completions``, ``/v1/chat/completions``,
+    ``/tokenize``, ``/detokenize``. ``tokens``: the model's ``TokenSpec`` (default: inferred from
+    the tokenizer). ``api_key``: wanted as ``Authorization: Bearer`` everywhere but ``/``, ``/health``
+    and ``/openapi.json``. ``cors_origins``: origins allowed cross-origin (none by default).
     ``allowed_hosts``: Host names accepted besides IP literals and localhost (``["*"]``: any).
-    ``max_queued``: the most sequences (choices) in flight at once, running or waiting; 429 beyond.
+    ``max_body_bytes``: the largest request body (413). ``max_queued``: the most sequences
+    (prompts x n) in flight at once, running or waiting (429 beyond). ``request_timeout_s``: a
+    generation's deadline (504). ``idle_timeout_s``: how long a client may stall a body or keep an
+    idle connection. The rest configure the ``Engine``.
+
+    ``app.state.service`` is the ``Service``; ``app.state.engine`` the engine, ``app.state.loop``
+    its ``EngineLoop``, ``app.state.metrics`` the ``Metrics``.
     """
     from contextlib import asynccontextmanager
 
