@@ -595,9 +595,9 @@ class Choice:
         t = o.token
         if t is not None:
             self.tokens += 1
-            if not (o.finished and o.finish_reason == "stop" and t in self.stop_ids):  # a stop token is no text
-                if self.s.logprobs is not None:
-                    entries.append(self.entry(t, o.logprob, o.top_logprobs, self.chars))
+            stop_token = o.finished and o.finish_reason == "stop" and t in self.stop_ids  # not text
+            if self.s.logprobs is not None and not stop_token:
+                entries.append(self.entry(t, o.logprob, o.top_logprobs, self.chars))
                 self.chars += len(self.utf8.decode(self.svc.safe.decode_bytes([t])))
         if o.finished:
             self.finish_reason = o.finish_reason
