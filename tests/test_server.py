@@ -832,3 +832,12 @@ def test_cli_serve_drains_on_sigterm_and_refuses_a_taken_port(model_dir, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("kw", [{"max_queued": 0}, {"max_body_bytes": -1}, {"request_timeout_s": 0},
+                                {"idle_timeout_s": float("nan")}, {"max_queued": True}])
+def test_build_app_refuses_bad_limits(kw):
+    from lmforge.infer.server import build_app
+
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        build_app(None, None, **kw)

@@ -993,6 +993,12 @@ def build_app(model, tokenizer, tokens=None, model_name: str = "lmforge", *, api
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
+    for name, v in (("max_body_bytes", max_body_bytes), ("max_queued", max_queued)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    for name, v in (("request_timeout_s", request_timeout_s), ("idle_timeout_s", idle_timeout_s)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
     holder: dict = {}
     metrics = Metrics(lambda: holder.get("svc") and holder["svc"].loop)
     svc = Service(model, tokenizer, tokens, model_name, num_blocks=num_blocks, block_size=block_size,
