@@ -141,17 +141,44 @@ def test_stream_joins_to_generate(lm):
         assert not any(s in x for x in pieces)
 
 
+def _cycle_lm(tok, text: str):
+    """An ``LM`` whose greedy output is ``text``'s bytes over and over, one byte token at a time: the blocks
+    add nothing (output projections zero), so the last hidden state is the current token's embedding, and
+    the head scores each byte's successor by that embedding. ``text``'s bytes must be distinct."""
+    from lmforge.model import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    byte_id = {tok.decode_bytes([i]): i for i in range(tok.vocab_size)}
+    seq = [byte_id[bytes([b])] for b in text.encode("utf-8")]
+    assert len(set(seq)) == len(seq)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=64, max_seq_len=256,
+                                norm="rmsnorm", mlp="swiglu", pos="rope", arch="llama", tie_embeddings=False))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                p.zero_()
+        m.lm_head.weight.zero_()
+        e = torch.nn.functional.normalize(m.tok_emb.weight, dim=-1)
+        for a, b in zip(seq, seq[1:] + seq[:1]):
+            m.lm_head.weight[b] = 20 * e[a]
+    return lmforge.infer.LM(m.eval(), tok), seq
+
+
 def test_stream_never_splits_utf8(lm):
-    """A prompt nudged towards multi-byte characters (logit bias on byte tokens): each piece is whole text."""
-    tok = lm.tokenizer
-    lead = [i for i in range(tok.vocab_size) if (b := tok.decode_bytes([i])) and len(b) == 1 and b[0] >= 0xC0]
-    cont = [i for i in range(tok.vocab_size) if (b := tok.decode_bytes([i])) and len(b) == 1 and 0x80 <= b[0] < 0xC0]
-    bias = {i: 6.0 for i in lead[:4] + cont[:8]}
-    pieces = list(lm.stream("é", temperature=0, max_tokens=40, logit_bias=bias))
-    g = lm.generate("é", temperature=0, max_tokens=40, logit_bias=bias)
-    assert "".join(pieces) == g.text == tok.decode(_strip_stop(lm, g.token_ids))
-    for x in pieces:  # a split character would make an unpaired piece; each one is valid text on its own
-        assert x.encode("utf-8").decode("utf-8") == x
+    """Output bytes that make 2- and 3-byte characters one byte token at a time: every streamed piece is whole
+    characters, and a stop string that starts inside a multi-byte run still cuts exactly."""
+    cyc, seq = _cycle_lm(lm.tokenizer, "é→ab")
+    prompt = [lm.tokens.bos, seq[-1]]  # after "b" comes "é"
+    g = cyc.generate(prompt, temperature=0, max_tokens=len("é→ab".encode()) * 10)
+    assert g.text == "é→ab" * 10 and g.token_ids == seq * 10
+    pieces = list(cyc.stream(prompt, temperature=0, max_tokens=len(g.token_ids)))
+    assert "".join(pieces) == g.text and "\ufffd" not in "".join(pieces)
+    assert len(pieces) == len(g.text)  # one piece per character: its bytes are held until it is whole
+    for stop, cut in (("→a", "é"), ("bé", "é→a"), ("→abé→", "é"), ("é→abx", "é→ab" * 10)):
+        o = cyc.generate(prompt, temperature=0, max_tokens=len(g.token_ids), stop=stop)
+        assert o.text == cut and o.stop_reason == (stop if cut != g.text else None)
+        assert "".join(cyc.stream(prompt, temperature=0, max_tokens=len(g.token_ids), stop=stop)) == o.text
 
 
 def test_interleaved_stream_and_generate(lm):

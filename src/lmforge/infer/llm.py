@@ -3,10 +3,11 @@
 Knows how to turn text (or a conversation) into a request for the ``Engine`` and
 the engine's tokens back into text: the model's ``TokenSpec`` (BOS, stop ids, chat
 template and chat stop strings), default and checked ``max_tokens`` (what the
-context leaves, capped by ``max_tokens`` given to ``load``), stop strings, text
-that is safe to show while streaming (a UTF-8 character is never split, the start
-of a stop string is held back), and trimming a conversation to the context
-(``fit_messages``). Knows nothing about HTTP (``infer/server.py`` serves many
+context leaves, capped by ``max_tokens`` given to ``load``) and trimming a
+conversation to the context (``fit_messages``). Stop strings and the text that is
+safe to show while streaming (a UTF-8 character never split, the start of a stop
+string held back) are the engine's (``Engine(tokenizer=...)``); a request the
+engine ends with an error raises RuntimeError here. Knows nothing about HTTP (``infer/server.py`` serves many
 clients at once; an ``LM`` is for one thread: its calls step the engine
 themselves). A list of prompts runs as one continuous batch; each request samples
 from its own generator, so its output is the one it would get alone.
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .engine import Engine
-from .sampling import SamplingParams, TextStream
+from .sampling import SamplingParams
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
@@ -34,12 +35,13 @@ SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 @dataclass
 class Completion:
     """One finished generation."""
-    text: str  # the generated text: no stop token, cut where a stop string starts
-    token_ids: list[int]  # the generated ids (a stop token that ended it included)
+    text: str  # the generated text: no stop token, cut where a stop string starts (unless include_stop_str_in_output)
+    token_ids: list[int]  # the generated ids (a stop token, or the token completing a stop string, included)
     finish_reason: str  # "stop" (a stop token or string), "length" (max_tokens) or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] | None = None  # per token: {"token_id", "token", "logprob", "top_logprobs": [(id, lp)]}
+    prompt_logprobs: list | None = None  # with prompt_logprobs: per prompt token (logprob, [(id, lp), ...])
 
     @property
     def message(self) -> dict:
@@ -51,49 +53,39 @@ class Completion:
 
 
 class _Run:
-    """One request in flight: its tokens so far and the text that is safe to show."""
+    """One request in flight: its tokens so far and the text the engine found safe to show."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, tokenizer):
         self.prompt, self.params, self.tok = prompt, params, tokenizer
-        self.stream = TextStream(tokenizer, params.stop)
         self.ids: list[int] = []
         self.pieces: list[str] = []  # all text so far
         self.unread: list[str] = []  # text not yet taken by a streaming reader
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs = None
         self.done = False
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.error: str | None = None
 
-    def feed(self, o) -> bool:
-        """Take one ``StepOutput``; True when the text reached a stop string (the caller aborts the request)."""
-        self.ids.append(o.token)
-        stop_id = o.token in self.params.stop_token_ids
-        if self.logprobs is not None:
-            self.logprobs.append({"token_id": o.token, "token": self.tok.decode([o.token]), "logprob": o.logprob,
-                                  "top_logprobs": list(o.top_logprobs or [])})
-        piece = "" if stop_id else self.stream.push(o.token)
-        hit = self.stream.stopped
-        if o.finished and not hit:
-            piece += self.stream.flush()
-        if piece:
-            self.pieces.append(piece)
-            self.unread.append(piece)
-        if hit:
-            self.done, self.finish_reason = True, "stop"
-            self.stop_reason = _first_stop(self.tok.decode(self.ids), self.params.stop)
-        elif o.finished:
-            self.done, self.finish_reason = True, o.finish_reason
-            self.stop_reason = o.token if o.finish_reason == "stop" and stop_id else None
-        return hit
+    def feed(self, o) -> None:
+        """Take one of the engine's ``StepOutput``."""
+        if o.token is not None:
+            self.ids.append(o.token)
+            if self.logprobs is not None:
+                self.logprobs.append({"token_id": o.token, "token": self.tok.decode([o.token]),
+                                      "logprob": o.logprob, "top_logprobs": list(o.top_logprobs or [])})
+        if o.prompt_logprobs is not None:
+            self.prompt_logprobs = o.prompt_logprobs
+        if o.text:
+            self.pieces.append(o.text)
+            self.unread.append(o.text)
+        if o.finished:
+            self.done, self.finish_reason, self.stop_reason, self.error = True, o.finish_reason, o.stop_reason, \
+                o.error
 
     def completion(self) -> Completion:
         return Completion("".join(self.pieces), list(self.ids), self.finish_reason, self.stop_reason,
-                          list(self.prompt), self.logprobs)
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> str | None:
-    found = [(text.find(s), -len(s), s) for s in stops if s and s in text]
-    return min(found)[2] if found else None
+                          list(self.prompt), self.logprobs, self.prompt_logprobs)
 
 
 class LM:
@@ -120,7 +112,7 @@ class LM:
         if num_blocks is None:
             num_blocks = max(128, 2 * -(-self.max_context // block_size))
         self.engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
-                             max_running=max_running, eos_token_id=None)
+                             max_running=max_running, eos_token_id=None, tokenizer=tokenizer)
         self._runs: dict[int, _Run] = {}
 
     @classmethod
@@ -174,8 +166,7 @@ class LM:
         if chat:
             stop += [s for s in self.tokens.chat_stop if s not in stop]
         ids = list(kw.pop("stop_token_ids", None) or [])
-        if not kw.get("ignore_eos"):
-            ids += [t for t in self.tokens.stop if t not in ids]
+        ids += [t for t in self.tokens.stop if t not in ids]  # ignore_eos=True: none of them ends the output
         left = self.max_context - prompt_len
         if left < 1:
             raise ValueError(f"the prompt is {prompt_len} tokens: it leaves no room in the model's context of "
@@ -202,13 +193,14 @@ class LM:
             raise RuntimeError("the engine has no work left but requests are unfinished")
         for o in outs:
             run = self._runs.get(o.request_id)
-            if run is None or run.done:
-                continue
-            if run.feed(o):
-                self.engine.abort(o.request_id)
+            if run is not None and not run.done:
+                run.feed(o)
 
     def _take(self, rid: int) -> Completion:
-        return self._runs.pop(rid).completion()
+        run = self._runs.pop(rid)
+        if run.finish_reason == "error":
+            raise RuntimeError(f"the engine could not run this request: {run.error}")
+        return run.completion()
 
     def _abort(self, rid: int) -> None:
         run = self._runs.pop(rid, None)
@@ -222,6 +214,8 @@ class LM:
                 while run.unread:
                     yield run.unread.pop(0)
                 if run.done:
+                    if run.finish_reason == "error":
+                        raise RuntimeError(f"the engine could not run this request: {run.error}")
                     return
                 self._step()
         finally:
@@ -252,7 +246,11 @@ class LM:
             for r in rids:
                 self._abort(r)
             raise
-        outs = [self._take(r) for r in rids]
+        runs = [self._runs.pop(r) for r in rids]
+        bad = [k for k, r in enumerate(runs) if r.finish_reason == "error"]
+        if bad:
+            raise RuntimeError(f"prompt {bad[0]}: the engine could not run this request: {runs[bad[0]].error}")
+        outs = [r.completion() for r in runs]
         return outs[0] if single else outs
 
     def stream(self, prompt, **sampling) -> Iterator[str]:
