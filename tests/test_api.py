@@ -228,7 +228,20 @@ def test_max_tokens_default_and_errors(lm):
         lm.generate([{"text": "x"}])
     with pytest.raises(TypeError, match="stop"):
         lm.generate("x", stop=[1])
+    small = lmforge.infer.LM(lm.model, lm.tokenizer, lm.tokens, num_blocks=4)  # 64 tokens of KV cache
+    with pytest.raises(ValueError, match="num_blocks"):
+        small.generate("x", max_tokens=100)
     assert not lm._runs and not lm.engine.has_work()
+
+
+def test_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, lmforge; assert callable(lmforge.load); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_chat_lmforge_template_matches_hf(lm, hf):

@@ -368,6 +368,9 @@ def cmd_chat(a) -> int:
         except ValueError as e:
             print(f"error: {e}; say something shorter", file=sys.stderr)
             continue
+        except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses the conversation
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
         if dropped:
             print(f"(dropped {dropped} earlier turn{'s' if dropped != 1 else ''} to fit the "
                   f"{lm.max_context}-token context)", file=sys.stderr)

@@ -7,9 +7,9 @@ context leaves, capped by ``max_tokens`` given to ``load``) and trimming a
 conversation to the context (``fit_messages``). Stop strings and the text that is
 safe to show while streaming (a UTF-8 character never split, the start of a stop
 string held back) are the engine's (``Engine(tokenizer=...)``); a request the
-engine ends with an error raises RuntimeError here. Knows nothing about HTTP (``infer/server.py`` serves many
-clients at once; an ``LM`` is for one thread: its calls step the engine
-themselves). A list of prompts runs as one continuous batch; each request samples
+engine ends with an error raises RuntimeError here. Knows nothing about HTTP
+(``infer/server.py`` serves many clients at once; an ``LM`` is for one thread:
+its calls step the engine themselves). A list of prompts runs as one continuous batch; each request samples
 from its own generator, so its output is the one it would get alone.
 
     import lmforge
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from .engine import Engine
 from .sampling import SamplingParams
@@ -91,9 +91,9 @@ class _Run:
 class LM:
     """A model, its tokenizer and its ``TokenSpec`` behind an engine: ``generate``, ``stream``, ``chat``.
 
-    Engine options: ``num_blocks`` (KV blocks; default: room for two full contexts, at least 128),
-    ``block_size``, ``max_batch_tokens``, ``max_running``; ``max_tokens`` caps the default length of a
-    completion (a request may ask for more, up to what the context leaves).
+    Engine options: ``num_blocks`` (KV blocks; default: room for two full contexts, between 2048 and 8192
+    tokens), ``block_size``, ``max_batch_tokens``, ``max_running``; ``max_tokens`` caps the default length
+    of a completion (a request may ask for more, up to what the context leaves).
     """
 
     def __init__(self, model, tokenizer, tokens=None, *, num_blocks: int | None = None, block_size: int = 16,
@@ -109,8 +109,8 @@ class LM:
         self.tokens.check(tokenizer, model.cfg.vocab_size)
         self.max_context = model.cfg.max_seq_len
         self.default_max_tokens = max_tokens
-        if num_blocks is None:
-            num_blocks = max(128, 2 * -(-self.max_context // block_size))
+        if num_blocks is None:  # a long-context model would otherwise take gigabytes of cache it rarely uses
+            num_blocks = -(-min(max(2 * self.max_context, 2048), 8192) // block_size)
         self.engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
                              max_running=max_running, eos_token_id=None, tokenizer=tokenizer)
         self._runs: dict[int, _Run] = {}
@@ -151,7 +151,7 @@ class LM:
             return list(prompt)
         raise TypeError(f"a prompt must be a string or a non-empty list of token ids, got {prompt!r:.80}")
 
-    def params(self, prompt_len: int, sampling: dict, chat: bool = False, where: str = "generate") -> SamplingParams:
+    def sampling_params(self, prompt_len: int, sampling: dict, chat: bool = False, where: str = "generate") -> SamplingParams:
         """``SamplingParams`` from keyword arguments: stop strings and the model's stop ids added,
         ``max_tokens`` defaulted to what the context leaves (capped) and checked against it."""
         unknown = [k for k in sampling if k not in SAMPLING_FIELDS]
@@ -183,6 +183,10 @@ class LM:
 
     # ---- the engine ----
     def _submit(self, ids: list[int], params: SamplingParams) -> int:
+        pool = self.engine.pool
+        if pool.blocks_needed(len(ids) + params.max_tokens) > pool.num_blocks:
+            raise ValueError(f"the request needs {len(ids) + params.max_tokens} tokens of KV cache; the engine has "
+                             f"{pool.num_blocks * pool.block_size} (load the model with a larger num_blocks=)")
         rid = self.engine.add_request(ids, params)
         self._runs[rid] = _Run(ids, params, self.tokenizer)
         return rid
@@ -235,7 +239,7 @@ class LM:
         requests = []
         for x in batch:
             ids = self._prompt_ids(x)
-            requests.append((ids, self.params(len(ids), sampling)))
+            requests.append((ids, self.sampling_params(len(ids), sampling)))
         rids = []
         try:
             for ids, p in requests:
@@ -256,7 +260,7 @@ class LM:
     def stream(self, prompt, **sampling) -> Iterator[str]:
         """Text pieces of one completion as they become safe to show (joined: ``generate``'s text)."""
         ids = self._prompt_ids(prompt)
-        return self._stream(self._submit(ids, self.params(len(ids), sampling, where="stream")))
+        return self._stream(self._submit(ids, self.sampling_params(len(ids), sampling, where="stream")))
 
     # ---- chat ----
     def chat(self, messages, stream: bool = False, **sampling):
@@ -266,7 +270,7 @@ class LM:
         if stream:
             return self.chat_stream(messages, **sampling)
         ids = self.encode_chat(messages)
-        rid = self._submit(ids, self.params(len(ids), sampling, chat=True, where="chat"))
+        rid = self._submit(ids, self.sampling_params(len(ids), sampling, chat=True, where="chat"))
         try:
             while not self._runs[rid].done:
                 self._step()
@@ -278,7 +282,7 @@ class LM:
     def chat_stream(self, messages, **sampling) -> Iterator[str]:
         """``chat``'s reply as text pieces while it is generated."""
         ids = self.encode_chat(messages)
-        return self._stream(self._submit(ids, self.params(len(ids), sampling, chat=True, where="chat_stream")))
+        return self._stream(self._submit(ids, self.sampling_params(len(ids), sampling, chat=True, where="chat_stream")))
 
     def fit_messages(self, messages, reserve: int = 1) -> tuple[list[dict], int]:
         """(messages, how many were dropped): the oldest turns dropped until the prompt leaves ``reserve`` tokens
