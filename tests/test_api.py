@@ -14,6 +14,7 @@ import torch
 from conftest import assert_informative, hf_greedy, load_hf, perturbed
 
 import lmforge
+from lmforge.infer import LM
 
 PROMPTS = ["To be, or not to be", "Hail, my lord! What news", "O Romeo, Romeo", "Now is the winter"]
 
@@ -162,7 +163,7 @@ def _cycle_lm(tok, text: str):
         e = torch.nn.functional.normalize(m.tok_emb.weight, dim=-1)
         for a, b in zip(seq, seq[1:] + seq[:1]):
             m.lm_head.weight[b] = 20 * e[a]
-    return lmforge.infer.LM(m.eval(), tok), seq
+    return LM(m.eval(), tok), seq
 
 
 def test_stream_never_splits_utf8(lm):
@@ -228,7 +229,7 @@ def test_max_tokens_default_and_errors(lm):
         lm.generate([{"text": "x"}])
     with pytest.raises(TypeError, match="stop"):
         lm.generate("x", stop=[1])
-    small = lmforge.infer.LM(lm.model, lm.tokenizer, lm.tokens, num_blocks=4)  # 64 tokens of KV cache
+    small = LM(lm.model, lm.tokenizer, lm.tokens, num_blocks=4)  # 64 tokens of KV cache
     with pytest.raises(ValueError, match="num_blocks"):
         small.generate("x", max_tokens=100)
     assert not lm._runs and not lm.engine.has_work()
@@ -282,7 +283,7 @@ def test_chat_plain_template(plain_dir, tmp_path):
     # a chat stop string that this model does produce: the reply ends where it starts
     k = _plain_spans(ref, 3)[1]
     s = ref[k:k + 3]
-    m2 = lmforge.infer.LM(m.model, m.tokenizer, dataclasses.replace(m.tokens, chat_stop=[s]))
+    m2 = LM(m.model, m.tokenizer, dataclasses.replace(m.tokens, chat_stop=[s]))
     r = m2.chat("Hail, my lord!", temperature=0, max_tokens=40)
     assert r.text == ref[:ref.find(s)] and r.stop_reason == s
     assert m2.generate(ids, temperature=0, max_tokens=40).text == ref  # chat stop strings are the chat's alone
@@ -332,13 +333,13 @@ def test_terminal_chat_keeps_the_conversation_in_the_context(chat_dir, monkeypat
     lines = [f"Tell me of the king, and of his sons, and of the battle at the gates of city number {k}"
              for k in range(8)]
     seen = []
-    real = lmforge.infer.LM.chat_stream
+    real = LM.chat_stream
 
     def spy(self, messages, **kw):  # what each turn asks of the model
         seen.append((len(self.encode_chat(messages)), kw["max_tokens"], messages))
         return real(self, messages, **kw)
 
-    monkeypatch.setattr(lmforge.infer.LM, "chat_stream", spy)
+    monkeypatch.setattr(LM, "chat_stream", spy)
     rc, out, err = _run_chat(monkeypatch, capsys, ["--checkpoint", str(chat_dir), "--max-tokens", "60",
                                                    "--temperature", "0", "--system", "Be brief."], lines)
     assert rc == 0
@@ -354,7 +355,7 @@ def test_terminal_chat_keeps_the_conversation_in_the_context(chat_dir, monkeypat
 
 
 def test_terminal_chat_reports_errors_and_goes_on(chat_dir, monkeypatch, capsys):
-    real = lmforge.infer.LM.chat_stream
+    real = LM.chat_stream
     calls = []
 
     def flaky(self, messages, **kw):
@@ -363,7 +364,7 @@ def test_terminal_chat_reports_errors_and_goes_on(chat_dir, monkeypatch, capsys)
             raise RuntimeError("the engine fell over")
         return real(self, messages, **kw)
 
-    monkeypatch.setattr(lmforge.infer.LM, "chat_stream", flaky)
+    monkeypatch.setattr(LM, "chat_stream", flaky)
     lines = ["Hail!", "word " * 300, "Again?", "And now?"]
     rc, out, err = _run_chat(monkeypatch, capsys, ["--checkpoint", str(chat_dir), "--max-tokens", "20",
                                                    "--temperature", "0"], lines)

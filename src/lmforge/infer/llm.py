@@ -151,7 +151,8 @@ class LM:
             return list(prompt)
         raise TypeError(f"a prompt must be a string or a non-empty list of token ids, got {prompt!r:.80}")
 
-    def sampling_params(self, prompt_len: int, sampling: dict, chat: bool = False, where: str = "generate") -> SamplingParams:
+    def sampling_params(self, prompt_len: int, sampling: dict, chat: bool = False,
+                        where: str = "generate") -> SamplingParams:
         """``SamplingParams`` from keyword arguments: stop strings and the model's stop ids added,
         ``max_tokens`` defaulted to what the context leaves (capped) and checked against it."""
         unknown = [k for k in sampling if k not in SAMPLING_FIELDS]

@@ -97,7 +97,7 @@ class Server:
         self.eos_id = st.get("<|endoftext|>")
         self.bos_id = st.get("<|bos|>", self.eos_id)
         self.engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
-                             eos_token_id=None)
+                             eos_token_id=None, tokenizer=tokenizer)  # the engine needs it for stop strings
         self.loop = EngineLoop(self.engine)
         self.created = int(time.time())
 
