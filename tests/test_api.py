@@ -195,6 +195,11 @@ def test_interleaved_stream_and_generate(lm):
     next(it)
     it.close()  # a stream given up on is aborted: its blocks come back
     assert not lm._runs and not lm.engine.has_work()
+    unread = lm.stream(PROMPTS[0], temperature=0, max_tokens=30)  # starts when first read
+    assert not lm._runs and not lm.engine.has_work()
+    assert "".join(unread) == ref
+    with pytest.raises(ValueError, match="context"):  # but its arguments are checked at once
+        lm.stream(PROMPTS[0], max_tokens=10_000)
 
 
 def test_logprobs_match_hf(lm, hf):

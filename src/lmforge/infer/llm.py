@@ -183,11 +183,14 @@ class LM:
         return p
 
     # ---- the engine ----
-    def _submit(self, ids: list[int], params: SamplingParams) -> int:
+    def _check(self, ids: list[int], params: SamplingParams) -> None:
         pool = self.engine.pool
         if pool.blocks_needed(len(ids) + params.max_tokens) > pool.num_blocks:
             raise ValueError(f"the request needs {len(ids) + params.max_tokens} tokens of KV cache; the engine has "
                              f"{pool.num_blocks * pool.block_size} (load the model with a larger num_blocks=)")
+
+    def _submit(self, ids: list[int], params: SamplingParams) -> int:
+        self._check(ids, params)
         rid = self.engine.add_request(ids, params)
         self._runs[rid] = _Run(ids, params, self.tokenizer)
         return rid
@@ -212,7 +215,14 @@ class LM:
         if run is not None and not run.done:
             self.engine.abort(rid)
 
-    def _stream(self, rid: int) -> Iterator[str]:
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        """Checked now; submitted when the first piece is asked for (a stream never read costs nothing), and
+        aborted when the iterator is closed or dropped before the end."""
+        self._check(ids, params)
+        return self._pieces(ids, params)
+
+    def _pieces(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        rid = self._submit(ids, params)
         run = self._runs[rid]
         try:
             while True:
@@ -261,7 +271,7 @@ class LM:
     def stream(self, prompt, **sampling) -> Iterator[str]:
         """Text pieces of one completion as they become safe to show (joined: ``generate``'s text)."""
         ids = self._prompt_ids(prompt)
-        return self._stream(self._submit(ids, self.sampling_params(len(ids), sampling, where="stream")))
+        return self._stream(ids, self.sampling_params(len(ids), sampling, where="stream"))
 
     # ---- chat ----
     def chat(self, messages, stream: bool = False, **sampling):
@@ -283,7 +293,7 @@ class LM:
     def chat_stream(self, messages, **sampling) -> Iterator[str]:
         """``chat``'s reply as text pieces while it is generated."""
         ids = self.encode_chat(messages)
-        return self._stream(self._submit(ids, self.sampling_params(len(ids), sampling, chat=True, where="chat_stream")))
+        return self._stream(ids, self.sampling_params(len(ids), sampling, chat=True, where="chat_stream"))
 
     def fit_messages(self, messages, reserve: int = 1) -> tuple[list[dict], int]:
         """(messages, how many were dropped): the oldest turns dropped until the prompt leaves ``reserve`` tokens
