@@ -316,7 +316,7 @@ class LM:
                 raise ValueError(f"{what} {n} tokens; with {reserve} kept for the reply the model's context of "
                                  f"{self.max_context} tokens leaves {budget}")
             k = 1
-            while k < len(body) - 1 and body[k]["role"] not in ("user",):
+            while k < len(body) - 1 and body[k]["role"] != "user":
                 k += 1  # drop up to the next user turn
             body, dropped = body[k:], dropped + k
 
