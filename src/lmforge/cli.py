@@ -463,27 +463,56 @@ def cmd_serve(a) -> int:
 
 
 def cmd_chat(a) -> int:
-    from .infer.server import Server
+    """A terminal chat on the Python API. The conversation is kept within the model's context by dropping
+    the oldest turns (a system message stays), said on stderr; each reply may use what the context leaves,
+    up to --max-tokens. An error in one turn is printed and the chat goes on."""
+    from .infer.llm import LM
 
-    model, tok = _model_and_tokenizer(a.checkpoint)
-    app = Server(model, tok)
-    p = _sampling(a)
-    p.stop_token_ids = [t for t in (app.end_id, app.eos_id) if t is not None]
+    lm = LM.load(a.checkpoint)
+    if a.max_tokens < 1:
+        raise ValueError(f"--max-tokens: must be at least 1, got {a.max_tokens}")
+    sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    reserve = max(1, min(a.max_tokens, lm.max_context // 2))  # room kept for a reply when trimming
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    print("lmforge chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"lmforge chat: {lm}; empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
         except EOFError:
             break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
-        ids = app.prompt_ids({"messages": messages}, chat=True)
+        try:
+            fitted, dropped = lm.fit_messages(messages + [{"role": "user", "content": line}], reserve)
+        except ValueError as e:
+            print(f"error: {e}; say something shorter", file=sys.stderr)
+            continue
+        except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses the conversation
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"(dropped {dropped} earlier turn{'s' if dropped != 1 else ''} to fit the "
+                  f"{lm.max_context}-token context)", file=sys.stderr)
+        messages = fitted
+        max_tokens = min(a.max_tokens, lm.max_context - len(lm.encode_chat(messages)))
         print("model> ", end="", flush=True)
-        text, *_ = app.run_choice(ids, p, on_text=lambda piece, e: print(piece, end="", flush=True))
+        pieces = []
+        try:
+            for piece in lm.chat_stream(messages, max_tokens=max_tokens, **sampling):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
+            print(" [interrupted]", end="")
+        except Exception as e:  # noqa: BLE001 - the chat goes on; the turn is forgotten
+            print()
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            messages.pop()
+            continue
         print()
-        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "assistant", "content": "".join(pieces)})
     return 0
 
 
@@ -726,7 +755,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(fn=cmd_serve)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
-                        description="An interactive chat using the chat format; replies stream as they are made.")
+                        description="An interactive chat in the model's chat template; replies stream as they are "
+                        "made and stop at the model's stop tokens (and, with the plain template, at the next "
+                        "turn). When the conversation outgrows the model's context the oldest turns are dropped "
+                        "(a system message is kept), and stderr says so; a reply may use what the context "
+                        "leaves, up to --max-tokens. An empty line or Ctrl-D quits; Ctrl-C ends a reply.")
     ch.add_argument("--checkpoint", required=True)
     ch.add_argument("--system", default=None, help="a system message")
     sampling_args(ch, 200)
