@@ -96,12 +96,12 @@ def test_greedy_equals_hf_generate_alone_and_in_a_busy_batch(arch, path, hf_refe
     params = [SamplingParams(max_tokens=n, temperature=0) for n in lengths]
     noise = prompts(4, seed=12)
     eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=24)
-    ids = [eng.add_request(p, q) for p, q in zip(ps, params)]
+    reqs = [eng.requests[eng.add_request(p, q)] for p, q in zip(ps, params)]
     for i, p in enumerate(noise):
         eng.add_request(p, SamplingParams(max_tokens=10 + 3 * i, temperature=1.0, top_p=0.9, seed=i))
     eng.run()
     assert eng.stats["max_sequences_in_step"] >= 6  # it really was a busy batch
-    assert [eng.requests[i].output for i in ids] == [r[:n] for r, n in zip(ref, lengths)]
+    assert [r.output for r in reqs] == [r[:n] for r, n in zip(ref, lengths)]
 
 
 def test_chunked_prefill_and_preemption_keep_outputs():

@@ -323,20 +323,30 @@ def cmd_generate(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from .infer.server import make_server
+    import logging
+    import os
+
+    from .infer.server import build_app, serve
+    from .model import load_tokens
 
     model, tok = _model_and_tokenizer(a.checkpoint)
     name = a.name or Path(a.checkpoint).resolve().name
-    httpd = make_server(model, tok, a.host, a.port, name, num_blocks=a.num_blocks, block_size=a.block_size,
-                        max_batch_tokens=a.max_batch_tokens)
-    print(f"serving {name} on http://{a.host}:{httpd.server_address[1]}  (OpenAI API at /v1, chat page at /)",
-          file=sys.stderr, flush=True)
+    key = a.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = build_app(model, tok, load_tokens(a.checkpoint, tok), name, api_key=key, cors_origins=a.cors_origin or (),
+                    allowed_hosts=a.allowed_host or None, max_body_bytes=a.max_body, max_queued=a.max_queue,
+                    request_timeout_s=a.timeout, num_blocks=a.num_blocks, block_size=a.block_size,
+                    max_batch_tokens=a.max_batch_tokens)
+
+    def bound(port):
+        print(f"serving {name} on http://{a.host}:{port}  (OpenAI API at /v1, chat page at /"
+              f"{', API key required' if key else ''})", file=sys.stderr, flush=True)
     try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.server_close()
+        serve(app, a.host, a.port, on_bound=bound)
+    except OSError as e:
+        print(f"lmforge serve: cannot listen on {a.host}:{a.port}: {e.strerror or e}", file=sys.stderr)
+        app.state.service.loop.close()
+        return 1
     return 0
 
 
@@ -573,8 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.set_defaults(fn=cmd_generate)
 
     se = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (and a chat page at /)",
-                        description="Serve a model over /v1/models, /v1/completions, /v1/chat/completions and "
-                        "/health (OpenAI wire format, streaming by server-sent events), with continuous batching.")
+                        description="Serve a model over /v1/models, /v1/completions, /v1/chat/completions, /tokenize, "
+                        "/detokenize, /health, /metrics and /version (OpenAI wire format, streaming by server-sent "
+                        "events; uvicorn + Starlette), with continuous batching.")
     se.add_argument("--checkpoint", required=True)
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
@@ -582,6 +593,16 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--num-blocks", type=int, default=1024, help="KV cache blocks")
     se.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     se.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill budget)")
+    se.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY; / and /health stay open)")
+    se.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                    help="allow cross-origin requests from ORIGIN (repeatable; '*' for any; default: none)")
+    se.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                    help="accept this Host header name besides IP addresses and localhost (repeatable; '*': any)")
+    se.add_argument("--max-queue", type=int, default=1024,
+                    help="most sequences in flight (running or waiting) before requests get 429")
+    se.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
+    se.add_argument("--timeout", type=float, default=600.0, help="seconds a generation request may take")
     se.set_defaults(fn=cmd_serve)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
