@@ -16,7 +16,7 @@ from tiny_serve import get, live, post, tiny_model, wait_idle
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.checks import not_a_server_error  # noqa: E402
 
-EXAMPLES = 25  # per operation and mode
+EXAMPLES = 20  # per operation and mode
 BLOCKS = 128
 NORMAL = {"model": "fuzz", "prompt": "To be, or not", "max_tokens": 8, "temperature": 0}
 

@@ -35,14 +35,14 @@ def tiny_model(corpus_file, ctx: int = CTX):
 @contextlib.contextmanager
 def live(model, tok, **kw):
     """``build_app(model, tok, **kw)`` served on 127.0.0.1:<free port>; yields (base URL, app)."""
-    from lmforge.infer.server import build_app, start_in_thread
+    from lmforge.infer.server import build_app, start_in_thread, stop_thread
 
     app = build_app(model, tok, **kw)
     server, port = start_in_thread(app, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}", app
     finally:
-        server.should_exit = True  # uvicorn's way to stop; the thread ends on its own
+        stop_thread(server)
 
 
 def get(base: str, path: str, headers: dict | None = None):
