@@ -18,11 +18,13 @@ today's engine.
 
 Method: both servers start at once and both are warmed up (one client, then `--clients`
 at once, 8 tokens each). Then `--rounds` rounds, each loading one server and then the
-other, alternating which goes first; each figure is the median over rounds. Both
+other, alternating which goes first; each figure is the median over rounds, and the
+throughput ratios are the median of each round's new/old ratio (the two loads of a round run
+back to back, so the machine's drift between rounds cancels). Both
 servers stay up throughout (the idle one only polls), so the two sides see the same
 machine. Goal: new/old requests/s >= 1.0; the other rows are informative.
 
-Run: python benchmarks/serve_load.py [--requests 64 --clients 16 --max-tokens 64 --rounds 3] [--quick]
+Run: python benchmarks/serve_load.py [--requests 64 --clients 16 --max-tokens 64 --rounds 5] [--quick]
 """
 from __future__ import annotations
 
@@ -169,7 +171,7 @@ def main():
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--num-blocks", type=int, default=1024)
     ap.add_argument("--quick", action="store_true", help="a smoke run: --requests 16 --clients 8 --max-tokens 16 "
                                                          "--rounds 2")
@@ -218,8 +220,12 @@ def main():
     print(f"\n{a.clients} clients, {a.requests} requests x up to {a.max_tokens} tokens (greedy), "
           f"medians of {a.rounds} rounds: new {n['rps']:.2f} req/s {n['tps']:.0f} tok/s, "
           f"old {o['rps']:.2f} req/s {o['tps']:.0f} tok/s")
-    rows = [row(f"requests/s, {a.clients} streaming clients (new / old server)", n["rps"], o["rps"], "req/s", goal=1.0),
-            row("completion tokens/s (new / old)", n["tps"], o["tps"], "tok/s"),
+    # the ratios of the two loads of one round (run back to back), median over rounds: the machine's
+    # drift between rounds cancels; the lmforge / reference columns are the medians of each side
+    paired = {f: statistics.median(x[f] / y[f] for x, y in zip(runs["new"], runs["old"])) for f in ("rps", "tps")}
+    rows = [row(f"requests/s, {a.clients} streaming clients (new / old server)", n["rps"], o["rps"], "req/s", goal=1.0,
+                ratio=paired["rps"]),
+            row("completion tokens/s (new / old)", n["tps"], o["tps"], "tok/s", ratio=paired["tps"]),
             row("time to first token p50 (new / old)", n["ttft50"], o["ttft50"], "s", higher_is_better=False),
             row("time to first token p99 (new / old)", n["ttft99"], o["ttft99"], "s", higher_is_better=False),
             row("time between tokens p50 (new / old)", n["gap50"], o["gap50"], "s", higher_is_better=False),

@@ -184,3 +184,23 @@ def test_api_key_prompted_on_401_and_kept_for_the_tab(browser, model):
         browser.refresh()  # the key survives a reload of the tab
         _wait(browser, lambda d: d.find_element(By.ID, "model").text == "keyed", 20)
         browser.execute_script("sessionStorage.clear()")
+
+
+def test_an_error_inside_the_stream_is_shown(browser, model):
+    """A reply cut off by the server's request timeout: the server sends an error event mid-stream
+    (HTTP 200 already sent); the bubble keeps the text so far and shows the server's message."""
+    from selenium.webdriver.common.by import By
+
+    with live(*model, model_name="slow", request_timeout_s=1.0, num_blocks=64) as (base, app):
+        step = app.state.engine.step
+
+        def slow_step():  # ~20 tokens a second: a 256-token reply cannot finish in 1 s
+            time.sleep(0.05)
+            return step()
+
+        app.state.engine.step = slow_step
+        _open(browser, base + "/", "slow")
+        text, err = _say(browser, "Hello", "reply-1")
+        assert err, text
+        assert "error in the stream" in text and "did not finish within 1 s" in text, text
+        assert browser.find_element(By.ID, "send").is_enabled()
