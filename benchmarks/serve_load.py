@@ -88,30 +88,23 @@ def old_server_module(tmp: Path) -> Path:
     return tmp / "run_old.py"
 
 
-def start(cmd: list[str], env_path: str | None = None) -> tuple[subprocess.Popen, str]:
+def start(cmd: list[str], log: Path, env_path: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server process (its stderr to ``log``); returns it and its base URL."""
     import os
 
     env = dict(os.environ)
     if env_path:
         env["PYTHONPATH"] = env_path + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stderr=open(log, "w"), env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            raise RuntimeError(f"{cmd[:3]} exited before it was serving")
-        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", log.read_text())
         if m:
-            threading_drain(proc)
             return proc, f"http://127.0.0.1:{m.group(1)}"
-    raise RuntimeError(f"{cmd[:3]} did not start")
-
-
-def threading_drain(proc) -> None:
-    """Keep reading the server's stderr so a chatty log can never block it."""
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"{cmd[:3]} did not start:\n{log.read_text()[-3000:]}")
 
 
 def pct(xs, p):
@@ -186,10 +179,12 @@ def main():
         make_model(d)
         run_old = old_server_module(tmp)
         try:
+            logs = {"new": tmp / "new.log", "old": tmp / "old.log"}
             p, new = start([sys.executable, "-m", "lmforge.cli", "serve", "--checkpoint", str(d), "--port", "0",
-                            *engine])
+                            *engine], logs["new"])
             procs.append(p)
-            p, old = start([sys.executable, str(run_old), str(d), "lm", str(a.num_blocks), "16", "512"], str(tmp))
+            p, old = start([sys.executable, str(run_old), str(d), "lm", str(a.num_blocks), "16", "512"], logs["old"],
+                           str(tmp))
             procs.append(p)
             sides = {"new": new, "old": old}
             for base in sides.values():  # warm-up: one client, then all of them at once
@@ -201,7 +196,12 @@ def main():
             runs = {"new": [], "old": []}
             for r in range(a.rounds):
                 for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
-                    runs[k].append(load(sides[k], "lm", a.requests, a.clients, a.max_tokens))
+                    try:
+                        runs[k].append(load(sides[k], "lm", a.requests, a.clients, a.max_tokens))
+                    except Exception:
+                        print(f"the {k} server failed under load; the end of its log:\n"
+                              f"{logs[k].read_text()[-4000:]}", file=sys.stderr)
+                        raise
                     x = runs[k][-1]
                     print(f"round {r + 1} {k}: {x['rps']:.2f} req/s, {x['tps']:.0f} tok/s, "
                           f"ttft p50 {x['ttft50']:.3f}s p99 {x['ttft99']:.3f}s", flush=True)

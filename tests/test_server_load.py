@@ -31,7 +31,7 @@ PROMPTS = ["Once", "Now is the winter", "What", "Friends, Romans, countrymen, le
 def served(corpus_files):
     m, tok = tiny_model(corpus_files[0])
     with live(m, tok, model_name="load", num_blocks=BLOCKS, max_queued=4 * CLIENTS) as (base, app):
-        yield base
+        yield base, app
 
 
 def _body(i):
@@ -76,7 +76,7 @@ async def _client(http, base, i, plan):
 
 
 def test_64_streaming_clients_a_third_disconnecting(served):
-    base = served
+    base, app = served
     refs = {}
     for p in range(len(PROMPTS)):
         code, r = post(base, "/v1/completions", {**_body(p), "stream": False})
@@ -107,5 +107,8 @@ def test_64_streaming_clients_a_third_disconnecting(served):
     h = wait_idle(base, BLOCKS, within=20)
     assert h["running"] == 0 and h["waiting"] == 0, h
     assert h["free_blocks"] == BLOCKS, f"KV blocks leaked: {BLOCKS - h['free_blocks']} of {BLOCKS} still held"
+    assert h["in_flight"] == 0, h  # the engine loop holds no request either
+    assert not app.state.engine.requests and not app.state.engine.running and not app.state.engine.waiting
+    assert app.state.engine.pool.available() == app.state.engine.pool.num_blocks == BLOCKS
     code, r = post(base, "/v1/completions", {**_body(3), "stream": False})
     assert code == 200 and (r["choices"][0]["text"], r["choices"][0]["finish_reason"]) == refs[3]

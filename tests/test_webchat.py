@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import in_ci
-from tiny_serve import CTX, get, live, tiny_model
+from tiny_serve import CTX, get, live, post, tiny_model
 
 EVIL = "</script><img src=x onerror=alert(1)>"
 
@@ -92,6 +92,13 @@ def test_long_conversation_keeps_within_the_context(browser, server):
 
     _open(browser, server + "/", EVIL)
     assert browser.find_element(By.ID, "ctx").text == f"({CTX}-token context)"
+    # record what the page asks the server for
+    browser.execute_script("""window.__sent = []; const f = window.fetch;
+        window.fetch = (u, o) => { if (String(u).endsWith('/v1/chat/completions')) window.__sent.push(JSON.parse(o.body));
+                                   return f(u, o); };""")
+    system = "You are a player in a company of actors; answer in verse."
+    browser.find_element(By.TAG_NAME, "summary").click()
+    browser.find_element(By.ID, "system").send_keys(system)
     # each message is about a third of the context: by the third turn old turns must go
     line = "Now is the winter of our discontent made glorious summer by this sun of York; "
     turns = [f"Turn {k}: " + line * 3 for k in range(5)]
@@ -107,6 +114,18 @@ def test_long_conversation_keeps_within_the_context(browser, server):
     assert len(browser.find_elements(By.CSS_SELECTOR, ".user")) == len(turns)
     assert len(browser.find_elements(By.CSS_SELECTOR, ".assistant")) == len(turns)
     assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+    sent = browser.execute_script("return window.__sent")
+    assert len(sent) == len(turns)
+    for k, body in enumerate(sent):  # the system message kept, the newest turn last, a reply that fits
+        assert body["model"] == EVIL and body["stream"] is True
+        assert body["messages"][0] == {"role": "system", "content": system}
+        assert body["messages"][-1] == {"role": "user", "content": turns[k].strip()}  # the page trims
+        code, t = post(server, "/tokenize", {"messages": body["messages"], "add_generation_prompt": True})
+        assert code == 200
+        assert 1 <= body["max_tokens"] <= 256 and body["max_tokens"] == min(256, CTX - t["count"]), (k, t["count"])
+        assert CTX - t["count"] >= min(64, CTX // 4), f"turn {k}: only {CTX - t['count']} tokens left for the reply"
+    # old turns really went: the last request carries fewer messages than the conversation had
+    assert len(sent[-1]["messages"]) < 1 + 2 * len(turns) - 1
 
 
 def test_hostile_text_is_shown_literally_and_runs_nothing(browser, server):
