@@ -341,6 +341,9 @@ def cmd_serve(a) -> int:
     def bound(port):
         print(f"serving {name} on http://{a.host}:{port}  (OpenAI API at /v1, chat page at /"
               f"{', API key required' if key else ''})", file=sys.stderr, flush=True)
+        if a.host not in ("127.0.0.1", "localhost", "::1") and not a.allowed_host:
+            print("note: clients must use an IP address or localhost in the URL; add --allowed-host NAME for a "
+                  "host name", file=sys.stderr, flush=True)
     try:
         serve(app, a.host, a.port, on_bound=bound)
     except OSError as e:

@@ -51,14 +51,12 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from collections import defaultdict
 from typing import Any, Callable
 
-import torch
 
 from .engine import Engine
 from .sampling import SamplingParams
@@ -104,14 +102,15 @@ class Job:
     deliver: Callable
     tag: Any = None  # the caller's (the choice index)
     rid: int | None = None
+    submitted: bool = False  # counted in EngineLoop.in_flight
     done: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     last: float | None = None
 
 
 class EngineLoop:
-    """Steps ``engine`` on its own thread while it has work; ``submit``/``abort``/``call`` are
-    safe from any thread and return at once."""
+    """Steps ``engine`` on its own thread while it has work; ``submit`` and ``abort`` are safe
+    from any thread and return at once."""
 
     def __init__(self, engine: Engine, max_queued: int = 1024, metrics: "Metrics | None" = None):
         self.engine, self.max_queued, self.metrics = engine, max_queued, metrics
@@ -121,6 +120,7 @@ class EngineLoop:
         self.in_flight = 0  # sequences submitted and not finished
         self.stopping = False
         self.errors = 0  # steps that raised
+        self._batch: dict | None = None  # asyncio loop -> [(queue, item)], delivered once per step
         self.thread = threading.Thread(target=self._run, daemon=True, name="lmforge-engine")
         self.thread.start()
 
@@ -133,24 +133,21 @@ class EngineLoop:
         with self.cv:
             if not self.alive():
                 raise APIError(503, "the engine is not running")
+            if len(jobs) > self.max_queued:
+                raise APIError(400, f"the request asks for {len(jobs)} sequences (prompts x n); this server "
+                                    f"takes at most {self.max_queued} at once")
             if self.in_flight + len(jobs) > self.max_queued:
                 raise APIError(429, f"the server is busy: {self.in_flight} sequences in flight "
                                     f"(at most {self.max_queued}); retry later")
             self.in_flight += len(jobs)
+            for j in jobs:
+                j.submitted = True
             self.inbox.extend(("add", j) for j in jobs)
             self.cv.notify()
 
     def abort(self, jobs: list[Job]) -> None:
         with self.cv:
-            self.inbox.extend(("abort", j) for j in jobs if not j.done)
-            self.cv.notify()
-
-    def call(self, fn: Callable, done: Callable) -> None:
-        """Run ``fn()`` on the engine thread between steps; ``done(result, exception)`` after."""
-        with self.cv:
-            if not self.alive():
-                raise APIError(503, "the engine is not running")
-            self.inbox.append(("call", fn, done))
+            self.inbox.extend(("abort", j) for j in jobs if j.submitted and not j.done)
             self.cv.notify()
 
     def close(self, timeout: float = 10.0) -> None:
@@ -160,18 +157,13 @@ class EngineLoop:
         self.thread.join(timeout)
 
     def waiting(self) -> int:
-        e = self.engine
-        return e.num_waiting() if hasattr(e, "num_waiting") else len(e.waiting)
+        return self.engine.num_waiting()
 
     def running(self) -> int:
-        e = self.engine
-        return e.num_running() if hasattr(e, "num_running") else len(e.running)
+        return self.engine.num_running()
 
     def kv_usage(self) -> float:
-        e = self.engine
-        if hasattr(e, "kv_usage"):
-            return float(e.kv_usage())
-        return 1.0 - e.pool.available() / e.pool.num_blocks
+        return float(self.engine.kv_usage())
 
     # -- the engine thread --
     def _run(self) -> None:
@@ -181,6 +173,7 @@ class EngineLoop:
                     self.cv.wait()
                 inbox, self.inbox = self.inbox, []
                 stopping = self.stopping
+            self._batch = defaultdict(list)
             try:
                 if stopping:
                     self._shutdown(inbox)
@@ -191,6 +184,17 @@ class EngineLoop:
             except Exception:  # a bug here must not end the loop: fail what is running, go on
                 log.exception("engine loop error")
                 self._fail_running("internal error in the engine loop")
+            finally:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Hand this round's outputs to each asyncio loop in one wake-up."""
+        batch, self._batch = self._batch, None
+        for loop, items in (batch or {}).items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed
+                pass
 
     def _apply(self, inbox: list[tuple]) -> None:
         for item in inbox:
@@ -205,22 +209,12 @@ class EngineLoop:
                     self._end(job, None, APIError(500, f"could not admit the request: {e}"))
                 else:
                     self.jobs[job.rid] = job
-            elif item[0] == "abort":
+            else:  # "abort"
                 job = item[1]
                 if not job.done:
                     if job.rid is not None:
                         self.engine.abort(job.rid)
                     self._end(job, None, None)
-            else:
-                _, fn, done = item
-                try:
-                    result, exc = fn(), None
-                except Exception as e:
-                    result, exc = None, e
-                try:
-                    done(result, exc)
-                except Exception:
-                    log.exception("engine call callback failed")
 
     def _step(self) -> None:
         try:
@@ -236,9 +230,8 @@ class EngineLoop:
             job = self.jobs.get(o.request_id)
             if job is None or job.done:
                 continue
-            err = getattr(o, "error", None)
-            if err:
-                self._end(job, None, APIError(500, f"the engine failed on this request: {err}"))
+            if o.error:
+                self._end(job, None, APIError(500, f"the engine failed on this request: {o.error}"))
                 continue
             if m is not None and o.token is not None:
                 m.generation_tokens.inc()
@@ -253,15 +246,17 @@ class EngineLoop:
                 self._send(job, o, None)
 
     def _fail_running(self, message: str) -> None:
-        """After an exception nobody could attribute: end every admitted request (frees its blocks)."""
-        for rid, job in list(self.jobs.items()):
-            req = self.engine.requests.get(rid)
-            if req is not None and not req.finished and req in self.engine.running:
-                try:
-                    self.engine.abort(rid)
-                except Exception:
-                    log.exception("abort failed")
-                self._end(job, None, APIError(500, message))
+        """After an exception the engine could not pin on one request (its rows are isolated; this is
+        a scheduler bug): end the running requests (freeing their blocks), or, if none was running,
+        the waiting ones (the step was admitting them), so the same failure cannot repeat forever."""
+        running = {r.id for r in self.engine.running}
+        victims = [rid for rid in self.jobs if rid in running] or list(self.jobs)
+        for rid in victims:
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                log.exception("abort failed")
+            self._end(self.jobs[rid], None, APIError(500, message))
 
     def _shutdown(self, inbox: list[tuple]) -> None:
         for item in inbox:
@@ -277,13 +272,17 @@ class EngineLoop:
         job.done = True
         if job.rid is not None:
             self.jobs.pop(job.rid, None)
-            self.engine.requests.pop(job.rid, None)  # finished requests leave the engine
-        with self.cv:
-            self.in_flight -= 1
+        if job.submitted:
+            with self.cv:
+                self.in_flight -= 1
         if out is not None or err is not None:
             self._send(job, out, err)
 
     def _send(self, job: Job, out, err) -> None:
+        loop = getattr(job.deliver, "loop", None)
+        if loop is not None and self._batch is not None:
+            self._batch[loop].append((job.deliver.queue, (job, out, err)))
+            return
         try:
             job.deliver(job, out, err)
         except Exception:  # e.g. the client's event loop is gone
@@ -296,7 +295,13 @@ def async_sink(queue: asyncio.Queue) -> Callable:
 
     def deliver(job, out, err):
         loop.call_soon_threadsafe(queue.put_nowait, (job, out, err))
+    deliver.loop, deliver.queue = loop, queue  # lets EngineLoop batch a step's outputs per loop
     return deliver
+
+
+def _put_all(items) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 # ---- metrics -------------------------------------------------------------------------------
@@ -367,7 +372,6 @@ class Settings:
     include_usage: bool
     echo: bool
     logprobs: int | None  # top alternatives per token (0: just the chosen token's); None: no logprobs
-    include_stop: bool
     chat: bool
 
 
@@ -425,10 +429,8 @@ class Service:
         best_of = _get(body, "best_of", int, 1, lambda v: v >= 1, "an integer >= 1")
         if best_of > 1:
             raise APIError(400, "'best_of' > 1 is not supported by this server", "best_of")
-        for k in ("modalities",):
-            v = body.get(k)
-            if v is not None and v != ["text"]:
-                raise APIError(400, f"'{k}': only ['text'] is supported", k)
+        if body.get("modalities") not in (None, ["text"]):
+            raise APIError(400, "'modalities': only ['text'] is supported", "modalities")
         low = 1 if chat else 0
         max_tokens = _get(body, "max_completion_tokens", int, None, lambda v: v >= low, f"an integer >= {low}")
         if max_tokens is None:
@@ -440,12 +442,14 @@ class Service:
             stop = [stop]
         elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 16:
             raise APIError(400, "'stop' must be a string or a list of at most 16 strings", "stop")
+        if any(len(s) > 1024 for s in stop):
+            raise APIError(400, "'stop': a stop string may have at most 1024 characters", "stop")
         stop = [s for s in stop if s]
         if chat:
             stop += [s for s in self.spec.chat_stop if s not in stop]
             lp = _get(body, "logprobs", bool, False)
             top = _get(body, "top_logprobs", int, None, lambda v: 0 <= v <= 20, "0..20")
-            if top is not None and not lp:
+            if top and not lp:
                 raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
             logprobs = (top or 0) if lp else None
             echo = False
@@ -453,6 +457,8 @@ class Service:
             logprobs = _get(body, "logprobs", int, None, lambda v: 0 <= v <= 20, "0..20")
             echo = bool(_get(body, "echo", bool, False))
         bias = _get(body, "logit_bias", dict, {})
+        if len(bias) > 1024:
+            raise APIError(400, "'logit_bias' may name at most 1024 tokens", "logit_bias")
         try:
             bias = {int(k): float(v) for k, v in bias.items()}
         except (TypeError, ValueError, OverflowError):
@@ -482,8 +488,8 @@ class Service:
             repetition_penalty=float(_get(body, "repetition_penalty", num, 1.0, lambda v: 0 < v <= 10, "(0, 10]")),
             logit_bias=bias, stop=stop, stop_token_ids=stop_ids,
             seed=None if seed is None else seed % (1 << 64), logprobs=logprobs)
-        include_stop = bool(_get(body, "include_stop_str_in_output", bool, False))
-        p = SamplingParams(**kw, min_tokens=min_tokens, include_stop_str_in_output=include_stop)
+        p = SamplingParams(**kw, min_tokens=min_tokens,
+                           include_stop_str_in_output=bool(_get(body, "include_stop_str_in_output", bool, False)))
         try:
             p.validate(self.vocab)
         except ValueError as e:
@@ -491,8 +497,7 @@ class Service:
         n = _get(body, "n", int, 1, lambda v: 1 <= v <= 16, "1..16")
         stream = bool(_get(body, "stream", bool, False))
         so = _get(body, "stream_options", dict, {}) or {}
-        return Settings(p, max_tokens, n, stream, bool(so.get("include_usage", False)), echo, logprobs,
-                        include_stop, chat)
+        return Settings(p, max_tokens, n, stream, bool(so.get("include_usage", False)), echo, logprobs, chat)
 
     def check_ids(self, ids, param: str) -> list[int]:
         """``ids`` if it is a non-empty list of ids the model has; 400 naming the first bad one."""
@@ -830,12 +835,10 @@ class FrontMiddleware:
         if not raw:
             return APIError(400, "the Host header is required")
         try:
-            name, port = _host_name(raw.decode("latin-1"))
+            name, _ = _host_name(raw.decode("latin-1"))
         except ValueError:
             return APIError(400, "the Host header is malformed")
-        server = scope.get("server")
-        if port is not None and server and server[1] and port != server[1]:
-            return APIError(421, f"the Host header names port {port}; this server listens on {server[1]}")
+        # the name is what a rebinding attack controls; the port may differ behind a port mapping
         if name in self.names or _is_ip(name):
             return None
         return APIError(421, f"the Host header {name!r} does not name this server; start it with "
@@ -858,6 +861,10 @@ class FrontMiddleware:
                 await _error(err)(scope, receive, send_)
             else:
                 await self.app(scope, receive, send_)
+        except Exception as e:  # a bug in a handler: this request gets a 500, the server goes on
+            log.exception("unhandled error in %s %s", scope.get("method"), path)
+            if not status[0]:
+                await _error(APIError(500, f"internal error: {type(e).__name__}"))(scope, receive, send_)
         finally:
             ep = path if path in ENDPOINTS else "other"
             self.metrics.requests.labels(ep, str(status[0] or 500)).inc()
@@ -954,11 +961,21 @@ def build_app(model, tokenizer, tokens=None, model_name: str = "lmforge", *, api
               cors_origins=(), allowed_hosts=None, max_body_bytes: int = 1 << 20, max_queued: int = 1024,
               request_timeout_s: float = 600.0, idle_timeout_s: float = 30.0, num_blocks: int = 1024,
               block_size: int = 16, max_batch_tokens: int = 512):
-    """The Starlette app serving ``model``. ``app.state.service`` is the ``Service`` (its ``engine``
-    and ``loop``, the ``EngineLoop``); ``app.state.idle_timeout_s`` is read by ``serve``.
+    """The Starlette app serving ``model`` (run it with ``serve`` or ``start_in_thread``).
 
+    Endpoints: GET ``/`` (the web chat page), ``/health``, ``/metrics``, ``/version``,
+    ``/openapi.json``, ``/v1/models``; POST ``/v1/completions``, ``/v1/chat/completions``,
+    ``/tokenize``, ``/detokenize``. ``tokens``: the model's ``TokenSpec`` (default: inferred from
+    the tokenizer). ``api_key``: wanted as ``Authorization: Bearer`` everywhere but ``/``, ``/health``
+    and ``/openapi.json``. ``cors_origins``: origins allowed cross-origin (none by default).
     ``allowed_hosts``: Host names accepted besides IP literals and localhost (``["*"]``: any).
-    ``max_queued``: the most sequences (choices) in flight at once, running or waiting; 429 beyond.
+    ``max_body_bytes``: the largest request body (413). ``max_queued``: the most sequences
+    (prompts x n) in flight at once, running or waiting (429 beyond). ``request_timeout_s``: a
+    generation's deadline (504). ``idle_timeout_s``: how long a client may stall a body or keep an
+    idle connection. The rest configure the ``Engine``.
+
+    ``app.state.service`` is the ``Service``; ``app.state.engine`` the engine, ``app.state.loop``
+    its ``EngineLoop``, ``app.state.metrics`` the ``Metrics``.
     """
     from contextlib import asynccontextmanager
 
@@ -1094,10 +1111,6 @@ def build_app(model, tokenizer, tokens=None, model_name: str = "lmforge", *, api
         return _error(APIError(e.status_code, str(e.detail) if e.status_code != 404 else
                                f"no route {request.url.path}"))
 
-    async def on_error(request, e: Exception):
-        log.exception("unhandled error")
-        return _error(APIError(500, f"internal error: {type(e).__name__}"))
-
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -1117,7 +1130,7 @@ def build_app(model, tokenizer, tokens=None, model_name: str = "lmforge", *, api
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/tokenize", tokenize_ep, methods=["POST"]), Route("/detokenize", detokenize_ep, methods=["POST"])]
     app = Starlette(routes=routes, middleware=mw, lifespan=lifespan,
-                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_error})
+                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error})
     app.state.service = svc
     app.state.engine = svc.engine
     app.state.loop = svc.loop
@@ -1151,6 +1164,7 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, *, drain_s: float = 30
     """Run ``app`` under uvicorn until SIGINT/SIGTERM; running requests are drained (up to ``drain_s``)
     before the engine stops. ``on_bound(port)`` is called once the socket is listening. A port in
     use raises ``OSError`` before anything is served."""
+    import signal
     import socket
 
     import uvicorn
@@ -1168,7 +1182,16 @@ def serve(app, host: str = "127.0.0.1", port: int = 8000, *, drain_s: float = 30
     server = uvicorn.Server(_config(app, host, sock.getsockname()[1], drain_s=int(drain_s), **uvicorn_kw))
     if on_bound is not None:
         on_bound(sock.getsockname()[1])
-    server.run(sockets=[sock])
+    # uvicorn drains, then re-raises the signal it caught: let that end run() rather than the process
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old)
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, **uvicorn_kw):
@@ -1321,7 +1344,8 @@ def openapi_schema(model_name: str = "lmforge") -> dict:
 class Server:
     """The engine loop without HTTP, for ``lmforge chat``: ``prompt_ids`` and a blocking ``run_choice``."""
 
-    def __init__(self, model, tokenizer, model_name: str = "lmforge", tokens=None, **engine_kw):
+    def __init__(self, model, tokenizer, model_name: str = "lmforge", tokens=None, num_blocks: int = 1024,
+                 block_size: int = 16, max_batch_tokens: int = 512):
         from ..tokenize.special import TokenSpec
 
         self.tok, self.name = tokenizer, model_name
@@ -1329,7 +1353,8 @@ class Server:
         st = tokenizer.special_tokens
         self.end_id, self.eos_id = st.get("<|end|>"), st.get("<|endoftext|>")
         self.safe = SafeTokenizer(tokenizer)
-        self.engine = Engine(model, eos_token_id=None, tokenizer=self.safe, **engine_kw)
+        self.engine = Engine(model, num_blocks=num_blocks, block_size=block_size, max_batch_tokens=max_batch_tokens,
+                             eos_token_id=None, tokenizer=self.safe)
         self.loop = EngineLoop(self.engine)
 
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
