@@ -82,3 +82,38 @@ def test_truncated_or_corrupt_compressed_text_keeps_what_decoded(tmp_path, corpu
     assert all(p.kind == "truncated" for p in by.values())
     assert "decoded before the damage" in by["cut.txt.gz"].detail
     assert by["cut.txt.gz"].line == kept["cut.txt.gz"].count("\n") + 1
+
+
+# ---- 4. data prepare checks its tokenizer before reading the corpus --------------------------------
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda d: d / "no-such-tokenizer", "no such tokenizer file or directory"),
+    (lambda d: (d / "empty-dir").mkdir() or d / "empty-dir", "no tokenizer.lmforge.json, tokenizer.json"),
+    (lambda d: (d / "t.json").write_text("{not json") and d / "t.json", "corrupt or truncated tokenizer file"),
+    (lambda d: (d / "t2.json").write_text('{"a": 1}') and d / "t2.json", "not a tokenizer file lmforge knows"),
+    (lambda d: (d / "x.model").write_bytes(b"\xff\xff\xff") and d / "x.model", "sentencepiece"),
+])
+def test_bad_tokenizer_fails_before_the_corpus_is_read(make, msg, tmp_path, capsys, monkeypatch):
+    from lmforge.data import prepare as P
+
+    (tmp_path / "in.txt").write_text("some text\n" * 100)
+    tok = make(tmp_path)
+    read = []
+    monkeypatch.setattr(P, "iter_documents", lambda *a, **k: read.append(1) or iter(()))
+    out = tmp_path / "out"
+    assert _prepare(tmp_path / "in.txt", tok, out) != 0
+    err = capsys.readouterr().err
+    assert msg in err and str(tok) in err, err
+    assert not read  # the corpus was never opened
+    assert not out.exists()  # and nothing was written
+
+
+def test_tokenizer_without_a_document_token_fails_first(tmp_path, capsys, corpus_texts):
+    from lmforge import tokenize
+
+    tok = tokenize.train("bpe", [corpus_texts[0][:20_000]], 300, show_progress=False)
+    tok.save(tmp_path / "tokenizer.lmforge.json")
+    (tmp_path / "in.txt").write_text("some text\n" * 100)
+    assert _prepare(tmp_path / "in.txt", tmp_path, tmp_path / "out") != 0
+    assert "shards.doc_token" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
