@@ -117,3 +117,142 @@ def test_tokenizer_without_a_document_token_fails_first(tmp_path, capsys, corpus
     assert _prepare(tmp_path / "in.txt", tmp_path, tmp_path / "out") != 0
     assert "shards.doc_token" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- 5. shards remember their tokenizer; 6. mistyped --data directories ---------------------------
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tok_dir, corpus_texts):
+    d = tmp_path_factory.mktemp("shards")
+    for k, text in enumerate(corpus_texts[1:5]):
+        (d / "in").mkdir(exist_ok=True)
+        (d / "in" / f"p{k}.txt").write_text(text[:20_000])
+    assert _prepare(d / "in", tok_dir, d / "data") == 0
+    return d / "data"
+
+
+def _model_dir(path: Path, tok, vocab: int | None = None) -> Path:
+    from lmforge.model import ModelConfig, save
+    from lmforge.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=vocab or tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=64)
+    save(Transformer(cfg), path, tokenizer=tok if vocab is None or vocab >= tok.vocab_size else None)
+    return path
+
+
+def test_manifest_records_the_canonical_tokenizer_hash(shards, tok_dir):
+    from lmforge.data.shards import load_manifest, tokenizer_fingerprint
+    from lmforge.tokenize import load
+
+    m = load_manifest(shards)
+    tok = load(tok_dir)
+    assert m["tokenizer"]["canonical_sha256"] == tokenizer_fingerprint(tok)
+    assert m["tokenizer"]["vocab_size"] == tok.vocab_size
+    # the same tokenizer read from another format or saved again has the same hash; another has not
+    tok.save(shards.parent / "again.json")
+    assert tokenizer_fingerprint(load(shards.parent / "again.json")) == m["tokenizer"]["canonical_sha256"]
+    assert tokenizer_fingerprint(load(shards / m["tokenizer"]["file"])) == m["tokenizer"]["canonical_sha256"]
+
+
+@pytest.fixture(scope="module")
+def other_tok(tmp_path_factory, corpus_texts):
+    from lmforge import tokenize
+
+    d = tmp_path_factory.mktemp("other")
+    tok = tokenize.train("bpe", [corpus_texts[3][:100_000]], 400, special_tokens=["<|endoftext|>", "<|bos|>"],
+                         show_progress=False)
+    tok.save(d / "tokenizer.lmforge.json")
+    return d, tok
+
+
+def test_eval_refuses_shards_of_another_tokenizer(shards, tok_dir, other_tok, tmp_path, capsys):
+    from lmforge.tokenize import load
+
+    good = _model_dir(tmp_path / "good", load(tok_dir))
+    assert main(["eval", "--checkpoint", str(good), "--data", str(shards), "--seq-len", "32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] > 0
+    bad = _model_dir(tmp_path / "bad", other_tok[1])
+    assert main(["eval", "--checkpoint", str(bad), "--data", str(shards), "--seq-len", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "made by another tokenizer" in err and f"the tokenizer of {bad}" in err
+    assert str(tok_dir) in err  # names the tokenizer that made the shards
+
+
+def test_eval_on_ids_beyond_the_model_vocabulary_is_a_clear_error(shards, tok_dir, tmp_path, capsys):
+    from lmforge.evaluate.perplexity import evaluate_shards
+    from lmforge.model import load as load_model
+    from lmforge.tokenize import load
+
+    small = _model_dir(tmp_path / "small", load(tok_dir), vocab=200)
+    assert main(["eval", "--checkpoint", str(small), "--data", str(shards), "--seq-len", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "200 embeddings" in err and "IndexError" not in err
+    # a manifest that says nothing (or lies) about the vocabulary: the ids themselves are checked
+    m = json.loads((shards / "manifest.json").read_text())
+    lying = tmp_path / "lying"
+    lying.mkdir()
+    for f in shards.iterdir():
+        if f.is_file():
+            (lying / f.name).write_bytes(f.read_bytes())
+    m["tokenizer"]["vocab_size"] = 100
+    (lying / "manifest.json").write_text(json.dumps(m))
+    model, _ = load_model(small)
+    with pytest.raises(ValueError, match=r"has id \d+, but the model's vocabulary has 200 ids"):
+        evaluate_shards(model, lying, "val", 32)
+
+
+def test_old_manifest_without_the_hash_warns_and_continues(shards, tok_dir, tmp_path, capsys):
+    import shutil
+
+    from lmforge.tokenize import load
+
+    old = tmp_path / "old"
+    shutil.copytree(shards, old, ignore=shutil.ignore_patterns("work"))
+    m = json.loads((old / "manifest.json").read_text())
+    del m["tokenizer"]["canonical_sha256"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    good = _model_dir(tmp_path / "good", load(tok_dir))
+    assert main(["eval", "--checkpoint", str(good), "--data", str(old), "--seq-len", "32", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["tokens"] > 0
+    assert "warning" in out.err and "canonical sha256" in out.err
+
+
+def _pretrain(data, out, *extra) -> int:
+    return main(["pretrain", "--data", str(data), "--out", str(out), "--max-steps", "1", "-q",
+                 "--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.d_model=16",
+                 "--set", "seq_len=32", "--set", "batch_size=2", "--set", "eval_every=0", *extra])
+
+
+def test_pretrain_refuses_shards_of_another_tokenizer(shards, tok_dir, other_tok, tmp_path, capsys):
+    import shutil
+
+    assert _pretrain(shards, tmp_path / "run", "--tokenizer", str(other_tok[0])) == 1
+    err = capsys.readouterr().err
+    assert "made by another tokenizer" in err and f"--tokenizer {other_tok[0]}" in err
+    # the copy in the data directory replaced by another tokenizer
+    swapped = tmp_path / "swapped"
+    shutil.copytree(shards, swapped, ignore=shutil.ignore_patterns("work"))
+    m = json.loads((swapped / "manifest.json").read_text())
+    shutil.copyfile(other_tok[0] / "tokenizer.lmforge.json", swapped / m["tokenizer"]["file"])
+    assert _pretrain(swapped, tmp_path / "run2") == 1
+    err = capsys.readouterr().err
+    assert "made by another tokenizer" in err and f"the tokenizer in {swapped / m['tokenizer']['file']}" in err
+
+
+def test_mistyped_data_directory(shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(shards.parent)
+    typo = Path(shards.name[:-1] + "x")  # e.g. "datx" next to "data"
+    for argv in (["data", "stats", str(typo)], ["pretrain", "--data", str(typo), "--out", str(tmp_path / "r"),
+                                                 "--max-steps", "1"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"no such directory {typo}" in err and f"did you mean {shards.name}?" in err, err
+        assert "data prepare" not in err
+    (shards.parent / "empty").mkdir()
+    assert main(["data", "stats", "empty"]) == 1
+    err = capsys.readouterr().err
+    assert "no manifest.json" in err and "lmforge data prepare --out empty" in err
+    assert main(["data", "stats", "nothing/like/it"]) == 1
+    assert "no such directory nothing/like/it (nothing/like does not exist either)" in capsys.readouterr().err

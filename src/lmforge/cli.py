@@ -332,7 +332,8 @@ def cmd_eval(a) -> int:
                 data = t["data"] or str(Path(a.checkpoint) / "data")
         if data is None:
             raise ValueError("give --text FILE or --data DIR (no training config next to the checkpoint)")
-        r = evaluate_shards(model, data, a.split, a.seq_len, batch_size=a.batch_size)
+        r = evaluate_shards(model, data, a.split, a.seq_len, batch_size=a.batch_size, tokenizer=tok,
+                            tokenizer_name=f"the tokenizer of {a.checkpoint}")
     if a.json:
         print(json.dumps(r))
     else:
