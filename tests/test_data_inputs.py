@@ -152,6 +152,12 @@ def test_manifest_records_the_canonical_tokenizer_hash(shards, tok_dir):
     tok.save(shards.parent / "again.json")
     assert tokenizer_fingerprint(load(shards.parent / "again.json")) == m["tokenizer"]["canonical_sha256"]
     assert tokenizer_fingerprint(load(shards / m["tokenizer"]["file"])) == m["tokenizer"]["canonical_sha256"]
+    from lmforge.tokenize.formats import save_hf
+
+    save_hf(tok, shards.parent / "hf-tokenizer.json")  # HF spells the cl100k regex another way
+    hf = load(shards.parent / "hf-tokenizer.json")
+    assert hf.encode("To be, or not to be") == tok.encode("To be, or not to be")
+    assert tokenizer_fingerprint(hf) == m["tokenizer"]["canonical_sha256"]
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +262,16 @@ def test_mistyped_data_directory(shards, tmp_path, capsys, monkeypatch):
     assert "no manifest.json" in err and "lmforge data prepare --out empty" in err
     assert main(["data", "stats", "nothing/like/it"]) == 1
     assert "no such directory nothing/like/it (nothing/like does not exist either)" in capsys.readouterr().err
+
+
+def test_fingerprint_same_for_a_unigram_and_its_sentencepiece_file(tmp_path, corpus_texts):
+    from lmforge import tokenize
+    from lmforge.data.shards import tokenizer_fingerprint
+
+    tok = tokenize.train("unigram", [corpus_texts[0][:60_000]], 300, show_progress=False)
+    tok.save_sentencepiece(tmp_path / "u.model")
+    back = tokenize.load(tmp_path / "u.model")
+    assert back.encode("To be, or not to be") == tok.encode("To be, or not to be")
+    assert tokenizer_fingerprint(back) == tokenizer_fingerprint(tok)
+    other = tokenize.train("unigram", [corpus_texts[1][:60_000]], 300, show_progress=False)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)

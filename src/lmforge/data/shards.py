@@ -243,8 +243,17 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
 def tokenizer_fingerprint(tok) -> str:
     """sha256 of the tokenizer's canonical lmforge JSON (sorted keys, no whitespace): the same for
     one tokenizer whichever file it was read from (lmforge JSON, HF tokenizer.json, .model) and
-    for the copy a model directory saves, unlike the sha256 of the file."""
-    blob = json.dumps(tok.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    for the copy a model directory saves, unlike the sha256 of the file. Canonical: a named
+    pre-tokenization preset as lmforge spells it (HF files spell cl100k's regex another,
+    equivalent way), and without the sentencepiece metadata kept for a ``.model`` round trip
+    (the trainer spec and such: they do not change a single id)."""
+    from ..tokenize.pretokenize import PATTERNS
+
+    d = dict(tok.to_dict())
+    d.pop("sentencepiece", None)
+    if d.get("pattern_name") in PATTERNS:
+        d["pattern"] = PATTERNS[d["pattern_name"]]
+    blob = json.dumps(d, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return _sha256_bytes(blob.encode("utf-8", "surrogatepass"))
 
 
