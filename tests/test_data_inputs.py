@@ -247,15 +247,20 @@ def test_pretrain_refuses_shards_of_another_tokenizer(shards, tok_dir, other_tok
     assert "made by another tokenizer" in err and f"the tokenizer in {swapped / m['tokenizer']['file']}" in err
 
 
-def test_mistyped_data_directory(shards, tmp_path, capsys, monkeypatch):
+def test_mistyped_data_directory(shards, tok_dir, tmp_path, capsys, monkeypatch):
+    from lmforge.tokenize import load
+
+    model = _model_dir(tmp_path / "m", load(tok_dir))
     monkeypatch.chdir(shards.parent)
     typo = Path(shards.name[:-1] + "x")  # e.g. "datx" next to "data"
     for argv in (["data", "stats", str(typo)], ["pretrain", "--data", str(typo), "--out", str(tmp_path / "r"),
-                                                 "--max-steps", "1"]):
+                                                 "--max-steps", "1"],
+                 ["eval", "--checkpoint", str(model), "--data", str(typo)]):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert f"no such directory {typo}" in err and f"did you mean {shards.name}?" in err, err
         assert "data prepare" not in err
+    assert not (tmp_path / "r").exists()  # pretrain checked --data before making its run directory
     (shards.parent / "empty").mkdir()
     assert main(["data", "stats", "empty"]) == 1
     err = capsys.readouterr().err

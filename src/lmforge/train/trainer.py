@@ -271,6 +271,10 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         raise ValueError(f"ema must be in [0, 1) and ema_start in [0, 1], got {cfg.ema} and {cfg.ema_start}")
     if bool(cfg.data) == bool(cfg.text):
         raise ValueError("give exactly one of data (shards from `lmforge data prepare`) or text (a text file)")
+    if cfg.data:  # a mistyped or unprepared --data fails before the run directory is made
+        from ..data.shards import load_manifest
+
+        load_manifest(cfg.data)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
