@@ -280,3 +280,16 @@ def test_fingerprint_same_for_a_unigram_and_its_sentencepiece_file(tmp_path, cor
     assert tokenizer_fingerprint(back) == tokenizer_fingerprint(tok)
     other = tokenize.train("unigram", [corpus_texts[1][:60_000]], 300, show_progress=False)
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+
+
+def test_prepare_counts_a_truncated_compressed_text_and_goes_on(tmp_path, tok_dir, corpus_texts):
+    d = tmp_path / "in"
+    d.mkdir()
+    text = "".join(corpus_texts[1:4])[:600_000]
+    (d / "whole.txt").write_text(corpus_texts[5][:40_000])
+    gz = gzip.compress(text.encode())
+    (d / "cut.txt.gz").write_bytes(gz[: len(gz) // 2])
+    assert _prepare(d, tok_dir, tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(p["file"].split("/")[-1], p["kind"]) for p in report["problems"]] == [("cut.txt.gz", "truncated")]
+    assert report["documents_in"] == 2  # the part before the damage is a document too
