@@ -103,6 +103,7 @@ def test_written_model_keeps_every_field(unusual_model, tmp_path):
     assert tr[45] == [b"<unknown>"] and tr[46] == [b"<start>"] and tr[31] == [b"<sep>", b"[MASK]"]
     assert 5 in top  # the denormalizer spec was in the original, and so in the copy
     _same_for_sentencepiece(unusual_model, tmp_path / "copy.model")
+    assert tok.sentencepiece_specials() == {"unk": 3, "bos": 5, "eos": 0, "pad": 7}
     # lmforge's own encoding of the same model agrees with sentencepiece's
     sp = spm.SentencePieceProcessor(model_file=str(unusual_model))
     assert [tok.encode(t, disallowed_special=()) for t in SAMPLE] == sp.encode(SAMPLE)

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 from . import native
 from .base import Tokenizer, hf_added_tokens
 from .spm_model import (BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, USER_DEFINED, Normalizer, SPModel,
-                        read_model, write_model)
+                        parse_message, read_model, write_model)
 
 _F = struct.Struct("f")
 
@@ -345,6 +345,23 @@ class Unigram(Tokenizer):
                    normalizer_name=m.normalizer_name, add_dummy_prefix=m.add_dummy_prefix,
                    remove_extra_whitespaces=m.remove_extra_whitespaces, escape_whitespaces=m.escape_whitespaces,
                    treat_whitespace_as_suffix=m.treat_whitespace_as_suffix, sentencepiece=m)
+
+    def sentencepiece_specials(self) -> dict[str, int]:
+        """The ids sentencepiece gives ``unk``, ``bos``, ``eos`` and ``pad`` in this model (from the
+        trainer spec read with it, whatever the pieces are called; ``<s>``/``</s>``/``<pad>`` by name
+        for a model lmforge made); a role with no piece (id -1) is left out."""
+        from .spm_model import write_model
+
+        m = SPModel(pieces=self.pieces, unk_id=self.unk_id, byte_fallback=self.byte_fallback,
+                    trainer_spec=self.sp_raw.trainer_spec)
+        trainer = next(v for fno, _, v in parse_message(write_model(m)) if fno == 2)  # as the writer writes it
+        out = {}
+        for fno, wt, v in parse_message(trainer):
+            if fno in (40, 41, 42, 43):
+                i = v - (1 << 64) if v >= 1 << 63 else v
+                if i >= 0:
+                    out[("unk", "bos", "eos", "pad")[fno - 40]] = i
+        return out
 
     def save_sentencepiece(self, path) -> None:
         """Write a sentencepiece ``.model`` that the ``sentencepiece`` package loads: for a model read
