@@ -122,6 +122,27 @@ def _inputs(a) -> list[str]:
     return [str(p) for p in corpus_files(a.corpus)]
 
 
+class _tokenize_warnings_to_stderr:
+    """While training: warnings of logger ``lmforge.tokenize`` (a vocabulary smaller than asked)
+    printed once to stderr as ``lmforge: warning: ...``."""
+
+    def __enter__(self):
+        import logging
+
+        self.log = logging.getLogger("lmforge.tokenize")
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setLevel(logging.WARNING)
+        self.handler.setFormatter(logging.Formatter("lmforge: warning: %(message)s"))
+        self.log.addHandler(self.handler)
+        self.propagate, self.log.propagate = self.log.propagate, False
+        return self
+
+    def __exit__(self, *exc):
+        self.log.removeHandler(self.handler)
+        self.log.propagate = self.propagate
+        return False
+
+
 def cmd_tok_train(a) -> int:
     from . import tokenize as T
     from .tokenize.chat import CHAT_SPECIAL_TOKENS
@@ -143,12 +164,14 @@ def cmd_tok_train(a) -> int:
     import time
 
     t0 = time.perf_counter()
-    tok = T.train(a.kind, files, a.vocab_size, **opts)
+    with _tokenize_warnings_to_stderr():
+        tok = T.train(a.kind, files, a.vocab_size, **opts)
     dt = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer.lmforge.json")
-    print(f"trained {a.kind} tokenizer, vocab {tok.vocab_size}, on {len(files)} files in {dt:.1f}s -> "
+    asked = f" (asked {a.vocab_size})" if a.kind != "char" and tok.vocab_size < a.vocab_size else ""
+    print(f"trained {a.kind} tokenizer, vocab {tok.vocab_size}{asked}, on {len(files)} files in {dt:.1f}s -> "
           f"{out / 'tokenizer.lmforge.json'}")
     return 0
 
@@ -373,7 +396,8 @@ def cmd_eval(a) -> int:
                 data = t["data"] or str(Path(a.checkpoint) / "data")
         if data is None:
             raise ValueError("give --text FILE or --data DIR (no training config next to the checkpoint)")
-        r = evaluate_shards(model, data, a.split, a.seq_len, batch_size=a.batch_size)
+        r = evaluate_shards(model, data, a.split, a.seq_len, batch_size=a.batch_size, tokenizer=tok,
+                            tokenizer_name=f"the tokenizer of {a.checkpoint}")
     if a.json:
         print(json.dumps(r))
     else:

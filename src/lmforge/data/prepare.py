@@ -642,11 +642,28 @@ def train_texts(out: str | os.PathLike, summaries: list, dedup: dict):
             yield text
 
 
+def check_tokenizer(cfg: PrepareConfig, tokenizer: str | os.PathLike):
+    """Open the tokenizer step 3 will use and resolve its document token, so that a missing or
+    invalid tokenizer fails before the corpus is read (steps 1-2 can take hours). Returns it."""
+    from ..tokenize import load
+    from .shards import resolve_doc_token, tokenizer_file
+
+    path = tokenizer_file(tokenizer)
+    try:
+        tok = load(path)
+    except (ValueError, KeyError, TypeError) as e:
+        msg = str(e)
+        raise ValueError(msg if str(path) in msg else f"{path}: not a usable tokenizer ({msg})") from None
+    resolve_doc_token(tok, cfg.shards.doc_token)
+    return tok
+
+
 def prepare(cfg: PrepareConfig, tokenizer: str | os.PathLike, out: str | os.PathLike, quiet: bool = False) -> dict:
     """Run the three steps; returns the manifest. Reuses or resumes whatever is already in ``out``."""
     from .shards import step_shards
 
     validate(cfg)
+    check_tokenizer(cfg, tokenizer)  # before anything is read or written: a bad path fails at once
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"

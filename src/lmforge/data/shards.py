@@ -16,8 +16,11 @@ Format (``manifest.json``, ``"format": "lmforge.shards"``):
 * ``{split}-{k:05d}.idx.json``: ``{"starts": [...], "ids": [...]}``, the offset in
   the shard where each document starting there begins, and its id.
 * the manifest lists each shard with its token count and sha256, the tokenizer
-  (file, sha256, vocab size, document token), per-split documents / bytes /
-  tokens, and while incomplete, where each split stopped.
+  (file, sha256 of the file, ``canonical_sha256`` of its canonical lmforge JSON,
+  vocab size, document token), per-split documents / bytes / tokens, and while
+  incomplete, where each split stopped. ``check_shards_tokenizer`` refuses
+  shards made by another tokenizer (manifests older than ``canonical_sha256``:
+  a warning).
 """
 from __future__ import annotations
 
@@ -169,7 +172,8 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
             "format": FORMAT, "version": VERSION, "key": key, "complete": False, "dtype": dtype,
             "shard_tokens": sc.shard_tokens,
             "tokenizer": {"file": f"tokenizer/{tok_file.name}", "source": str(tok_file), "sha256": tok_sha,
-                          "kind": tok.kind, "vocab_size": tok.vocab_size,
+                          "canonical_sha256": tokenizer_fingerprint(tok), "kind": tok.kind,
+                          "vocab_size": tok.vocab_size,
                           "doc_token": None if doc_token is None else tok.id_to_token(doc_token),
                           "doc_token_id": doc_token},
             "splits": {s: {"shards": [], "doc": 0, "offset": 0, "documents": 0, "bytes": 0, "tokens": 0}
@@ -236,8 +240,78 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
     return manifest
 
 
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of the tokenizer's canonical lmforge JSON (sorted keys, no whitespace): the same for
+    one tokenizer whichever file it was read from (lmforge JSON, HF tokenizer.json, .model) and
+    for the copy a model directory saves, unlike the sha256 of the file. Canonical: a named
+    pre-tokenization preset as lmforge spells it (HF files spell cl100k's regex another,
+    equivalent way), and without the sentencepiece metadata kept for a ``.model`` round trip
+    (the trainer spec and such: they do not change a single id)."""
+    from ..tokenize.pretokenize import PATTERNS
+
+    d = dict(tok.to_dict())
+    d.pop("sentencepiece", None)
+    if d.get("pattern_name") in PATTERNS:
+        d["pattern"] = PATTERNS[d["pattern_name"]]
+    blob = json.dumps(d, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _sha256_bytes(blob.encode("utf-8", "surrogatepass"))
+
+
+def check_shards_tokenizer(manifest: dict, where, tok=None, tok_name: str = "the model's tokenizer",
+                           vocab_size: int | None = None) -> None:
+    """Refuse shards made by another tokenizer than ``tok`` (named ``tok_name`` in the message) or
+    holding token ids a model of ``vocab_size`` embeddings cannot embed. A manifest written before
+    the canonical hash was recorded: a warning on stderr, and the check is skipped."""
+    import sys
+
+    rec = manifest.get("tokenizer") or {}
+    made = (f"{rec.get('source') or rec.get('file') or 'an unnamed tokenizer'} ({rec.get('kind', '?')}, "
+            f"vocab {rec.get('vocab_size', '?')}")
+    if vocab_size is not None and isinstance(rec.get("vocab_size"), int) and rec["vocab_size"] > vocab_size:
+        raise ValueError(f"{where}: the shards were made by {made}), whose ids go up to {rec['vocab_size'] - 1}, "
+                         f"but the model has only {vocab_size} embeddings; evaluate a model trained on this "
+                         "tokenizer, or prepare the data again with the model's tokenizer")
+    if tok is None:
+        return
+    want = rec.get("canonical_sha256")
+    if want is None:
+        print(f"lmforge: warning: {where}: the manifest does not record its tokenizer's canonical sha256 "
+              f"(written by an older lmforge); cannot check that {tok_name} made these shards", file=sys.stderr)
+        return
+    got = tokenizer_fingerprint(tok)
+    if got != want:
+        raise ValueError(f"{where}: these shards were made by another tokenizer than {tok_name}: shards: {made}, "
+                         f"sha256 {want[:16]}); {tok_name}: {tok.kind}, vocab {tok.vocab_size}, sha256 {got[:16]}. "
+                         "Prepare the data again with this tokenizer (`lmforge data prepare --tokenizer ...`) "
+                         "or use the model trained on these shards")
+
+
+def missing_data_dir(path: str | os.PathLike) -> str:
+    """The message for a ``--data`` directory that does not exist: "no such directory X", and the
+    closest existing siblings (those holding a manifest first), e.g. "did you mean runs/data?"."""
+    import difflib
+
+    p = Path(path)
+    parent = p.parent
+    msg = f"no such directory {p}"
+    if not parent.is_dir():
+        return f"{msg} ({parent} does not exist either)"
+    try:
+        siblings = [q for q in parent.iterdir() if q.is_dir() and not q.name.startswith(".")]
+    except OSError:
+        return msg
+    names = difflib.get_close_matches(p.name, [q.name for q in siblings], n=3, cutoff=0.6)
+    names.sort(key=lambda n: not (parent / n / "manifest.json").exists())  # stable: closeness among equals
+    if names:
+        shown = " or ".join(str(parent / n) for n in names)
+        msg += f" (did you mean {shown}?)"
+    return msg
+
+
 def load_manifest(path: str | os.PathLike) -> dict:
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(missing_data_dir(p))
     mp = p / "manifest.json" if p.is_dir() else p
     if not mp.exists():
         raise FileNotFoundError(f"{p}: no manifest.json; run `lmforge data prepare --out {p}` first")

@@ -10,7 +10,10 @@ Formats (chosen by file name):
   JSON object per line, the text in ``text_field`` (default ``"text"``); an
   ``id`` field, when present, becomes the document id.
 * ``*.parquet``: rows of the ``text_field`` column, read batch by batch (pyarrow).
-* anything else: a plain UTF-8 text file is one document.
+* anything else: a plain UTF-8 text file is one document; ``*.gz`` / ``*.zst`` /
+  ``*.zstd`` text (``a.txt.gz``) is decompressed first, and its id is the name
+  without the compression suffix (``a.txt``), so the compressed and plain copies
+  of a text give the same document and the same shards.
 
 A document's id: the JSONL/Parquet ``id_field`` when present, else the file's
 path relative to the input directory it was found under (``pkg/__init__.py``,
@@ -20,7 +23,9 @@ A directory is walked in sorted order. Bad input never stops the stream where
 skipping is safe: each skipped or repaired item is recorded as a ``Problem``
 (file, line, what) in the ``problems`` list the caller passes in. A file that
 cannot be read at all (a corrupt Parquet footer) is skipped whole and recorded;
-a truncated ``.gz``/``.zst`` keeps the documents before the damage.
+a truncated or corrupt ``.gz``/``.zst`` keeps what decoded before the damage (the
+JSONL lines before it; for compressed text, the text before it, cut back to the
+last whole line) and records a ``truncated`` problem.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -119,19 +125,96 @@ def _open_binary(path: Path):
             import zstandard
         except ImportError:
             raise ImportError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
-        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdRaw(open(path, "rb"), zstandard), buffer_size=1 << 20)
     return open(path, "rb")
 
 
+class _ZstdRaw(io.RawIOBase):
+    """Decompressed bytes of a file of zstd frames. Unlike ``stream_reader``, a stream that ends
+    inside a frame is an ``EOFError`` (after the bytes decoded before it), not a quiet end."""
+
+    def __init__(self, f, zstandard):
+        self.f, self.z = f, zstandard
+        self.d = zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""
+        self.started = False  # a frame has begun and not ended
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.pending:
+            data = self.f.read(1 << 16)
+            if not data:
+                if self.started:
+                    raise EOFError("zstd stream ends inside a frame (truncated)")
+                return 0
+            while data:
+                self.started = True
+                self.pending += self.d.decompress(data)
+                data = b""
+                if self.d.eof:
+                    data = self.d.unused_data
+                    self.d = self.z.ZstdDecompressor().decompressobj()
+                    self.started = False
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _strip_compression(name: str) -> str:
+    low = name.lower()
+    for c in COMPRESSED:
+        if low.endswith(c) and len(name) > len(c):
+            return name[: -len(c)]
+    return name
+
+
+def _read_compressed(path: Path, problems: list) -> bytes:
+    """The decompressed bytes of ``path``; on damage, those decoded before it (cut back to the
+    last whole line), with a ``truncated`` problem recorded."""
+    chunks: list[bytes] = []
+    try:
+        with _open_binary(path) as raw:
+            while True:
+                b = raw.read1(1 << 16)  # small steps: a failing read loses only its own bytes
+                if not b:
+                    break
+                chunks.append(b)
+        return b"".join(chunks)
+    except Exception as e:  # EOFError, gzip.BadGzipFile (an OSError), zlib.error, zstandard.ZstdError
+        if not isinstance(e, (EOFError, OSError, zlib.error)) and type(e).__name__ != "ZstdError":
+            raise
+        data = b"".join(chunks)
+        cut = data.rfind(b"\n") + 1
+        kept = data[:cut]
+        lines = kept.count(b"\n")
+        problems.append(Problem(str(path), lines + 1, "truncated", "skipped",
+                                f"compressed stream ends early or is corrupt ({type(e).__name__}: {e}); "
+                                f"kept the {len(kept):,} bytes ({lines} lines) decoded before the damage"))
+        return kept
+
+
 def read_text(path: Path, problems: list, utf8_errors: str = "replace", name: str | None = None) -> Iterator[Document]:
-    data = path.read_bytes()
+    name = name or path.name
+    if path.name.lower().endswith(COMPRESSED):
+        data = _read_compressed(path, problems)
+        name = _strip_compression(name)
+        if not data.strip() and problems and problems[-1].file == str(path) and problems[-1].kind == "truncated":
+            return  # nothing survived; the problem is recorded already
+    else:
+        data = path.read_bytes()
     if not data.strip():
         problems.append(Problem(str(path), None, "empty", "skipped", f"{len(data)} bytes"))
         return
     text = _decode(data, str(path), 1, problems, utf8_errors)
     if text is not None:
-        yield Document(id=name or path.name, text=text, source=str(path))
+        yield Document(id=name, text=text, source=str(path))
 
 
 def read_jsonl(path: Path, problems: list, text_field: str = "text", id_field: str = "id",
@@ -167,7 +250,7 @@ def read_jsonl(path: Path, problems: list, text_field: str = "text", id_field: s
                 doc_id = obj.get(id_field)
                 yield Document(id=str(doc_id) if doc_id is not None else f"{stem}:{lineno}", text=text,
                                source=str(path))
-    except (EOFError, gzip.BadGzipFile, OSError) as e:
+    except (EOFError, OSError, zlib.error) as e:
         problems.append(Problem(str(path), lineno + 1, "truncated", "skipped",
                                 f"stream ends early ({type(e).__name__}: {e}); kept the {lineno} lines before"))
     except Exception as e:  # zstandard.ZstdError and friends

@@ -72,13 +72,32 @@ class _null:
         return False
 
 
-def evaluate_shards(model, path, split: str = "val", seq_len: int | None = None, **kw) -> dict:
+def _vocab_guarded(read, vocab_size: int, where: str):
+    """``read`` that raises a clear error on a token id the model has no embedding for."""
+    def guarded(start: int, length: int):
+        arr = read(start, length)
+        if len(arr) and int(arr.max()) >= vocab_size:
+            bad = int(np.argmax(arr >= vocab_size))
+            raise ValueError(f"{where}: token {start + bad} has id {int(arr[bad])}, but the model's vocabulary "
+                             f"has {vocab_size} ids (0..{vocab_size - 1}): these shards were made by a larger "
+                             "tokenizer than the model's")
+        return arr
+    return guarded
+
+
+def evaluate_shards(model, path, split: str = "val", seq_len: int | None = None, tokenizer=None,
+                    tokenizer_name: str = "the model's tokenizer", **kw) -> dict:
+    """``tokenizer``: the model's, checked against the one that made the shards (see
+    ``check_shards_tokenizer``); token ids beyond the model's vocabulary are an error either way."""
     from ..data.loader import TokenStream
+    from ..data.shards import check_shards_tokenizer
 
     s = TokenStream(path, split)
+    check_shards_tokenizer(s.manifest, path, tokenizer, tokenizer_name, model.cfg.vocab_size)
     doc_token = s.manifest["tokenizer"].get("doc_token_id")
     T = seq_len or model.cfg.max_seq_len
-    out = evaluate_tokens(model, s.read, len(s), T, s.bytes, doc_token=doc_token, **kw)
+    read = _vocab_guarded(s.read, model.cfg.vocab_size, f"{path} ({split} split)")
+    out = evaluate_tokens(model, read, len(s), T, s.bytes, doc_token=doc_token, **kw)
     out.update(split=split, documents=s.documents)
     return out
 

@@ -2,11 +2,14 @@
 
 Knows how special tokens are found in text (allowed / disallowed, as tiktoken
 does it), how batches are spread over cores and how files are written; the
-subclasses know their own algorithm (BPE, WordPiece, Unigram).
+subclasses know their own algorithm (BPE, WordPiece, Unigram). A training run
+that ends with fewer tokens than asked says so through ``logging`` (logger
+``lmforge.tokenize``, ``warn_small_vocab``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +21,13 @@ from .._io import write_json
 
 FORMAT = "lmforge.tokenizer"
 FORMAT_VERSION = 1
+log = logging.getLogger("lmforge.tokenize")
+
+
+def warn_small_vocab(kind: str, asked: int, got: int, why: str) -> None:
+    """Log (warning, logger ``lmforge.tokenize``) that training gave ``got`` tokens, not ``asked``."""
+    if got < asked:
+        log.warning("%s tokenizer: vocab_size %d asked, %d trained: %s", kind, asked, got, why)
 
 
 class Tokenizer:

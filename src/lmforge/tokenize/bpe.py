@@ -33,7 +33,7 @@ from itertools import chain
 from typing import Iterable, Sequence
 
 from . import native, pretokenize
-from .base import Tokenizer
+from .base import Tokenizer, warn_small_vocab
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -296,7 +296,12 @@ class ByteBPE(Tokenizer):
         else:
             merges, tokens = train_merges_py(words, freqs, n_merges, min_frequency, show_progress)
         specials = {s: len(tokens) + k for k, s in enumerate(special_tokens)}
-        return cls(tokens, merges=merges, pattern=pattern, special_tokens=specials, whole_word=True)
+        tok = cls(tokens, merges=merges, pattern=pattern, special_tokens=specials, whole_word=True)
+        warn_small_vocab("bpe", vocab_size, tok.vocab_size, (
+            f"only {len(tokens) - 256:,} of the {n_merges:,} merges were found: no pair of adjacent tokens is left "
+            f"that occurs at least min_frequency={min_frequency} times in the {len(counts):,} distinct "
+            "pre-tokenized chunks of the training text; train on more text or lower min_frequency"))
+        return tok
 
 
 def iter_texts(data) -> Iterable[str]:

@@ -5,6 +5,16 @@ to write one back), the double-array trie of the precompiled character map
 (darts-clone layout) and the normalizer's whitespace rules. Knows nothing
 about segmentation: see ``unigram.py``.
 
+Round trip: ``read_model`` keeps every field it does not interpret as raw
+protobuf (the whole ``TrainerSpec``: special-token ids and pieces whatever their
+names, user-defined and control symbols, training settings; the normalizer's
+other fields, e.g. ``normalization_rule_tsv``; the ``denormalizer_spec``;
+``self_test_data`` and unknown fields), and ``write_model`` writes them back,
+changing only the fields that follow from the pieces and the tokenizer's
+settings (vocab_size, unk/bos/eos/pad ids when the piece they named has moved,
+byte_fallback, ...). A model read and written unchanged is byte-identical. The
+denormalizer is kept, not applied: ``decode`` does not run its rules.
+
 The normalizer, as sentencepiece runs it: take the longest prefix of the rest
 of the input found in the character map (e.g. NFKC rules), else one UTF-8
 character as is (invalid bytes become U+FFFD); drop leading spaces, collapse
@@ -90,7 +100,7 @@ def _field(fno: int, wt: int, payload) -> bytes:
         return key + _enc_varint(int(payload))
     if wt == 2:
         return key + _enc_varint(len(payload)) + payload
-    if wt == 5:
+    if wt in (1, 5):
         return key + payload
     raise ValueError(wt)
 
@@ -107,7 +117,38 @@ class SPModel:
     add_dummy_prefix: bool = True
     remove_extra_whitespaces: bool = True
     escape_whitespaces: bool = True
-    trainer_fields: list = field(default_factory=list)
+    trainer_fields: list = field(default_factory=list)  # decoded (field, wire type, value) of TrainerSpec
+    # raw protobuf kept for the round trip (None: not read from a .model; the writer makes its own)
+    trainer_spec: bytes | None = None  # the TrainerSpec message as read
+    normalizer_spec: bytes | None = None  # the NormalizerSpec message as read
+    other: bytes = b""  # top-level fields besides pieces / trainer / normalizer (denormalizer_spec = 5,
+    #                     self_test_data = 4, unknown ones), as read, in order
+
+    def raw(self) -> dict:
+        """The kept raw messages, base64 (for a JSON file); ``{}`` when there are none."""
+        import base64
+
+        out = {}
+        for k in ("trainer_spec", "normalizer_spec", "other"):
+            v = getattr(self, k)
+            if v:
+                out[k] = base64.b64encode(v).decode("ascii")
+        return out
+
+    def set_raw(self, d: dict | None, source: str = "<dict>") -> None:
+        import base64
+        import binascii
+
+        for k, v in (d or {}).items():
+            if k not in ("trainer_spec", "normalizer_spec", "other"):
+                raise ValueError(f"{source}: sentencepiece.{k}: unknown field (expected trainer_spec, "
+                                 "normalizer_spec or other)")
+            try:
+                blob = base64.b64decode(v, validate=True)
+                parse_message(blob)
+            except (binascii.Error, TypeError, ValueError) as e:
+                raise ValueError(f"{source}: sentencepiece.{k}: not base64 of a protobuf message ({e})") from None
+            setattr(self, k, blob)
 
 
 def read_model(path) -> SPModel:
@@ -132,6 +173,7 @@ def read_model(path) -> SPModel:
                         typ = v2
                 m.pieces.append((piece, score, typ))
             elif fno == 2 and wt == 2:
+                m.trainer_spec = bytes(v)
                 for f2, w2, v2 in parse_message(v):
                     m.trainer_fields.append((f2, w2, v2))
                     if f2 == 3:
@@ -143,6 +185,7 @@ def read_model(path) -> SPModel:
                     elif f2 == 40:
                         m.unk_id = v2
             elif fno == 3 and wt == 2:
+                m.normalizer_spec = bytes(v)
                 for f2, w2, v2 in parse_message(v):
                     if f2 == 1:
                         m.normalizer_name = v2.decode("utf-8")
@@ -154,6 +197,8 @@ def read_model(path) -> SPModel:
                         m.remove_extra_whitespaces = bool(v2)
                     elif f2 == 5:
                         m.escape_whitespaces = bool(v2)
+            else:
+                m.other += _field(fno, wt, v)
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise ValueError(f"{path}: corrupt or truncated sentencepiece model ({e})") from None
     if not m.pieces:
@@ -161,27 +206,87 @@ def read_model(path) -> SPModel:
     return m
 
 
+def _as_int32(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _merged(raw: bytes | None, values: dict[int, tuple[int, object]], defaults: dict[int, object]) -> bytes:
+    """A message: the fields of ``raw`` in their order, those in ``values`` (field -> (wire type,
+    value)) replaced by the new value; a field of ``values`` that ``raw`` lacks is added (in field
+    order) unless it equals its default (absent means default in proto2)."""
+    out = bytearray()
+    done = set()
+    fields = parse_message(raw) if raw else []
+    pending = sorted(f for f in values if f not in {fno for fno, _, _ in fields}
+                     and values[f][1] != defaults.get(f, object()))
+    for fno, wt, v in fields:
+        while pending and pending[0] < fno:  # keep field-number order, as protobuf writes
+            f = pending.pop(0)
+            out += _field(f, *values[f])
+        if fno in values:
+            if fno in done:
+                continue  # a scalar written twice: the last wins in protobuf; write it once
+            done.add(fno)
+            out += _field(fno, *values[fno])
+        else:
+            out += _field(fno, wt, v)
+    for f in pending:
+        out += _field(f, *values[f])
+    return bytes(out)
+
+
+def _special(m: SPModel, tr: list, id_field: int, piece_field: int, default_id: int, default_piece: str,
+             names: tuple[str, ...]) -> int:
+    """The id of the unk/bos/eos/pad piece: the trainer spec's, while its piece is still there;
+    else a CONTROL piece of the same name (its ``*_piece`` or one of ``names``); else -1."""
+    old = {f: v for f, _, v in tr}
+    want = bytes(old[piece_field]).decode("utf-8") if piece_field in old else default_piece
+    i = _as_int32(old.get(id_field, default_id))
+    if 0 <= i < len(m.pieces) and m.pieces[i][0] == want:
+        return i
+    types = (UNKNOWN,) if id_field == 40 else (CONTROL,)
+    for name in (want, *names):
+        for j, (p, _, t) in enumerate(m.pieces):
+            if p == name and t in types:
+                return j
+    return -1
+
+
 def write_model(m: SPModel) -> bytes:
-    """Serialize a ``ModelProto`` (what ``sentencepiece`` loads)."""
+    """Serialize a ``ModelProto`` (what ``sentencepiece`` loads): the pieces, and the trainer and
+    normalizer specs as read (``m.trainer_spec`` / ``m.normalizer_spec``, when present) with the
+    fields that follow from the pieces and settings brought up to date; the other top-level
+    fields (denormalizer, self-test data) as read."""
     out = bytearray()
     for piece, score, typ in m.pieces:
         body = _field(1, 2, piece.encode("utf-8")) + _field(2, 5, struct.pack("<f", score))
         if typ != NORMAL:
             body += _field(3, 0, typ)
         out += _field(1, 2, body)
-    tr = _field(3, 0, m.model_type) + _field(4, 0, len(m.pieces))
-    tr += _field(24, 0, int(m.treat_whitespace_as_suffix)) + _field(35, 0, int(m.byte_fallback))
-    tr += _field(40, 0, m.unk_id)
-    byname = {p: i for i, (p, _, t) in enumerate(m.pieces) if t == CONTROL}
-    for fno, name in ((41, "<s>"), (42, "</s>"), (43, "<pad>")):
-        tr += _field(fno, 0, byname.get(name, -1))
-    out += _field(2, 2, tr)
-    ns = _field(1, 2, m.normalizer_name.encode("utf-8"))
-    if m.precompiled_charsmap:
-        ns += _field(2, 2, m.precompiled_charsmap)
-    ns += _field(3, 0, int(m.add_dummy_prefix)) + _field(4, 0, int(m.remove_extra_whitespaces))
-    ns += _field(5, 0, int(m.escape_whitespaces))
-    out += _field(3, 2, ns)
+    tr = parse_message(m.trainer_spec) if m.trainer_spec else []
+    values: dict[int, tuple[int, object]] = {3: (0, m.model_type), 4: (0, len(m.pieces)),
+                                             24: (0, int(m.treat_whitespace_as_suffix)),
+                                             35: (0, int(m.byte_fallback)), 40: (0, m.unk_id)}
+    if m.unk_id != _as_int32({f: v for f, _, v in tr}.get(40, 0)) or not tr:
+        values[45] = (2, m.pieces[m.unk_id][0].encode("utf-8"))
+    for id_field, piece_field, default_id, default_piece, names in (
+            (41, 46, 1, "<s>", ("<|bos|>",)), (42, 47, 2, "</s>", ("<|eos|>", "<|endoftext|>")),
+            (43, 48, -1, "<pad>", ("<|pad|>",))):
+        i = _special(m, tr, id_field, piece_field, default_id, default_piece, names)
+        values[id_field] = (0, i)
+        if i >= 0:
+            values[piece_field] = (2, m.pieces[i][0].encode("utf-8"))
+    defaults = {3: 1, 4: 8000, 24: 0, 35: 0, 40: 0, 41: 1, 42: 2, 43: -1, 45: b"<unk>", 46: b"<s>", 47: b"</s>",
+                48: b"<pad>"}
+    if not tr:  # a model lmforge made: write every field, as before
+        defaults = {}
+    out += _field(2, 2, _merged(m.trainer_spec, values, defaults))
+    nvalues = {1: (2, m.normalizer_name.encode("utf-8")), 2: (2, bytes(m.precompiled_charsmap)),
+               3: (0, int(m.add_dummy_prefix)), 4: (0, int(m.remove_extra_whitespaces)),
+               5: (0, int(m.escape_whitespaces))}
+    ndefaults = {2: b"", 3: 1, 4: 1, 5: 1} if m.normalizer_spec else {2: b""}
+    out += _field(3, 2, _merged(m.normalizer_spec, nvalues, ndefaults))
+    out += m.other
     return bytes(out)
 
 

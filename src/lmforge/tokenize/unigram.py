@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 from . import native
 from .base import Tokenizer, hf_added_tokens
 from .spm_model import (BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, USER_DEFINED, Normalizer, SPModel,
-                        read_model, write_model)
+                        parse_message, read_model, write_model)
 
 _F = struct.Struct("f")
 
@@ -47,8 +47,15 @@ class Unigram(Tokenizer):
                  unk_id: int | None = None, charsmap: bytes = b"", normalizer_name: str = "identity",
                  add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = True,
                  escape_whitespaces: bool = True, treat_whitespace_as_suffix: bool = False,
-                 special_tokens: dict[str, int] | None = None):
+                 special_tokens: dict[str, int] | None = None, sentencepiece: SPModel | None = None):
         self.pieces = [(p, f32(s), int(t)) for p, s, t in pieces]
+        # the .model fields lmforge does not interpret (trainer spec, denormalizer, ...), kept for the
+        # round trip: ``save_sentencepiece`` writes them back (``spm_model`` module docstring)
+        self.sp_raw = SPModel(pieces=[])
+        if sentencepiece is not None:
+            self.sp_raw.trainer_spec = sentencepiece.trainer_spec
+            self.sp_raw.normalizer_spec = sentencepiece.normalizer_spec
+            self.sp_raw.other = sentencepiece.other
         if unk_id is None:
             unk_id = next((i for i, (_, _, t) in enumerate(self.pieces) if t == UNKNOWN), None)
         if unk_id is None or not 0 <= unk_id < len(self.pieces):
@@ -302,12 +309,20 @@ class Unigram(Tokenizer):
 
         return {"pieces": [list(p) for p in self.pieces], "byte_fallback": self.byte_fallback,
                 "unk_id": self.unk_id, "normalizer": self.normalizer_name,
-                "precompiled_charsmap": base64.b64encode(self.charsmap).decode("ascii"), **self.norm_opts}
+                "precompiled_charsmap": base64.b64encode(self.charsmap).decode("ascii"), **self.norm_opts,
+                **({"sentencepiece": self.sp_raw.raw()} if self.sp_raw.raw() else {})}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "Unigram":
         import base64
 
+        raw = None
+        if d.get("sentencepiece"):
+            if not isinstance(d["sentencepiece"], dict):
+                raise ValueError(f"{source}: sentencepiece: expected an object of base64 protobuf messages, got "
+                                 f"{type(d['sentencepiece']).__name__}")
+            raw = SPModel(pieces=[])
+            raw.set_raw(d["sentencepiece"], source)
         try:
             return cls([tuple(p) for p in d["pieces"]], byte_fallback=d.get("byte_fallback", False),
                        unk_id=d.get("unk_id"), charsmap=base64.b64decode(d.get("precompiled_charsmap", "")),
@@ -316,7 +331,7 @@ class Unigram(Tokenizer):
                        remove_extra_whitespaces=d.get("remove_extra_whitespaces", True),
                        escape_whitespaces=d.get("escape_whitespaces", True),
                        treat_whitespace_as_suffix=d.get("treat_whitespace_as_suffix", False),
-                       special_tokens=d.get("special_tokens"))
+                       special_tokens=d.get("special_tokens"), sentencepiece=raw)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: bad Unigram tokenizer ({e})") from None
 
@@ -329,10 +344,28 @@ class Unigram(Tokenizer):
         return cls(m.pieces, byte_fallback=m.byte_fallback, unk_id=m.unk_id, charsmap=m.precompiled_charsmap,
                    normalizer_name=m.normalizer_name, add_dummy_prefix=m.add_dummy_prefix,
                    remove_extra_whitespaces=m.remove_extra_whitespaces, escape_whitespaces=m.escape_whitespaces,
-                   treat_whitespace_as_suffix=m.treat_whitespace_as_suffix)
+                   treat_whitespace_as_suffix=m.treat_whitespace_as_suffix, sentencepiece=m)
+
+    def sentencepiece_specials(self) -> dict[str, int]:
+        """The ids sentencepiece gives ``unk``, ``bos``, ``eos`` and ``pad`` in this model (from the
+        trainer spec read with it, whatever the pieces are called; ``<s>``/``</s>``/``<pad>`` by name
+        for a model lmforge made); a role with no piece (id -1) is left out."""
+        from .spm_model import write_model
+
+        m = SPModel(pieces=self.pieces, unk_id=self.unk_id, byte_fallback=self.byte_fallback,
+                    trainer_spec=self.sp_raw.trainer_spec)
+        trainer = next(v for fno, _, v in parse_message(write_model(m)) if fno == 2)  # as the writer writes it
+        out = {}
+        for fno, wt, v in parse_message(trainer):
+            if fno in (40, 41, 42, 43):
+                i = v - (1 << 64) if v >= 1 << 63 else v
+                if i >= 0:
+                    out[("unk", "bos", "eos", "pad")[fno - 40]] = i
+        return out
 
     def save_sentencepiece(self, path) -> None:
-        """Write a sentencepiece ``.model`` that the ``sentencepiece`` package loads."""
+        """Write a sentencepiece ``.model`` that the ``sentencepiece`` package loads: for a model read
+        from a ``.model`` (directly or through lmforge JSON), every field it had."""
         from .._io import atomic_open
 
         m = SPModel(pieces=self.pieces, byte_fallback=self.byte_fallback, unk_id=self.unk_id,
@@ -340,7 +373,9 @@ class Unigram(Tokenizer):
                     add_dummy_prefix=self.norm_opts["add_dummy_prefix"],
                     remove_extra_whitespaces=self.norm_opts["remove_extra_whitespaces"],
                     escape_whitespaces=self.norm_opts["escape_whitespaces"],
-                    treat_whitespace_as_suffix=self.norm_opts["treat_whitespace_as_suffix"])
+                    treat_whitespace_as_suffix=self.norm_opts["treat_whitespace_as_suffix"],
+                    trainer_spec=self.sp_raw.trainer_spec, normalizer_spec=self.sp_raw.normalizer_spec,
+                    other=self.sp_raw.other)
         with atomic_open(path, "wb") as f:
             f.write(write_model(m))
 

@@ -24,7 +24,7 @@ import unicodedata
 from collections import Counter
 
 from . import native
-from .base import char_counts
+from .base import char_counts, warn_small_vocab
 from .spm_model import BYTE, CONTROL, NORMAL, SPACE, UNKNOWN, Normalizer
 
 
@@ -223,7 +223,12 @@ def train_unigram(cls, data, vocab_size: int, *, seed_size: int = 200_000, max_p
     if byte_fallback:
         out += [(f"<0x{b:02X}>", 0.0, BYTE) for b in range(256)]
     out += [(p, scores[p], NORMAL) for p in ordered]
-    return cls(out, byte_fallback=byte_fallback, normalizer_name="identity")
+    tok = cls(out, byte_fallback=byte_fallback, normalizer_name="identity")
+    warn_small_vocab("unigram", vocab_size, tok.vocab_size, (
+        f"the training text yields only {len(ordered):,} pieces of the {final:,} wanted: its characters and the "
+        f"substrings (up to max_piece_length={max_piece_length}) seen at least twice that EM keeps; "
+        "train on more text"))
+    return tok
 
 
 def _prune(scores, wlist, wcount, max_len, shrinking_factor, desired, use_native):

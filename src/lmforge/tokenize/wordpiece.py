@@ -18,7 +18,7 @@ import unicodedata
 from collections import Counter
 from typing import Iterable, Sequence
 
-from .base import Tokenizer, char_counts, hf_added_tokens
+from .base import Tokenizer, char_counts, hf_added_tokens, warn_small_vocab
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -271,5 +271,10 @@ class WordPiece(Tokenizer):
         n_new = vocab_size - len(special_tokens) - len(base)
         _, tokens = train_merges_generic(seqs, freqs, tokens, n_new, min_frequency, concat, show_progress)
         vocab = special_tokens + tokens
-        return cls(vocab, prefix=prefix, max_input_chars_per_word=max_input_chars_per_word, **norm,
-                   special_tokens={s: i for i, s in enumerate(special_tokens)})
+        tok = cls(vocab, prefix=prefix, max_input_chars_per_word=max_input_chars_per_word, **norm,
+                  special_tokens={s: i for i, s in enumerate(special_tokens)})
+        warn_small_vocab("wordpiece", vocab_size, tok.vocab_size, (
+            f"only {len(tokens) - len(base):,} of the {n_new:,} merged tokens were found: no pair of adjacent "
+            f"tokens is left that occurs at least min_frequency={min_frequency} times in the {len(seqs):,} "
+            "distinct words of the training text; train on more text or lower min_frequency"))
+        return tok

@@ -150,9 +150,10 @@ def check_config(cfg: "TrainConfig") -> None:
     for k in ("batch_size", "seq_len", "grad_accum"):
         if getattr(cfg, k) < 1:
             raise ValueError(f"{k}: must be a positive integer, got {getattr(cfg, k)}")
-    if cfg.data and cfg.tokenizer and not cfg.text:
-        raise ValueError(f"tokenizer {cfg.tokenizer!r} is only used with text=FILE (--text): shards from "
-                         f"`lmforge data prepare` carry their tokenizer ({cfg.data}/manifest.json); drop --tokenizer")
+    if cfg.data and not cfg.text and (cfg.tokenizer == "char" or cfg.tokenizer.startswith("bpe:")):
+        raise ValueError(f"tokenizer {cfg.tokenizer!r} (a tokenizer to train) is only used with text=FILE (--text): "
+                         f"shards from `lmforge data prepare` carry their tokenizer ({cfg.data}/manifest.json); "
+                         "drop --tokenizer, or give the tokenizer file the shards were made with (it is checked)")
     if cfg.preset and cfg.preset not in PRESETS:
         raise ValueError(f"preset: unknown preset {cfg.preset!r}; known: {', '.join(sorted(PRESETS))}")
     names = {f.name for f in dc.fields(ModelConfig)}
@@ -255,7 +256,7 @@ def text_to_shards(text_file: str, tokenizer_spec: str, out: Path, val_frac: flo
     train (the first 1 - val_frac - test_frac of the text), val (the next val_frac, for choosing
     settings) and test (the last test_frac; no test split when it is 0)."""
     from .._io import read_text_file
-    from ..data.shards import FORMAT, VERSION
+    from ..data.shards import FORMAT, VERSION, tokenizer_fingerprint
     from ..tokenize import load, train
 
     text = read_text_file(text_file)
@@ -289,7 +290,8 @@ def text_to_shards(text_file: str, tokenizer_spec: str, out: Path, val_frac: flo
                      "documents": 1, "bytes": len(parts[s].encode("utf-8")), "tokens": len(arr)}
     write_json(out / "manifest.json", {
         "format": FORMAT, "version": VERSION, "complete": True, "dtype": dtype, "splits": splits,
-        "tokenizer": {"file": "tokenizer.lmforge.json", "kind": tok.kind, "vocab_size": tok.vocab_size,
+        "tokenizer": {"file": "tokenizer.lmforge.json", "canonical_sha256": tokenizer_fingerprint(tok),
+                      "kind": tok.kind, "vocab_size": tok.vocab_size,
                       "doc_token": None, "doc_token_id": None}}, indent=1)
     return tok
 
@@ -300,6 +302,21 @@ def _load_tokenizer_of(data_dir: Path):
     m = json.loads((data_dir / "manifest.json").read_text())
     p = data_dir / m["tokenizer"]["file"]
     return load(p), m
+
+
+def _data_tokenizer(data_dir: Path, given: str | None):
+    """The tokenizer for shards in ``data_dir``: ``given`` (a tokenizer path) or the copy in the data
+    directory, refused when it is not the one that made the shards (a ``char`` / ``bpe:N`` spec is
+    for ``--text`` and ignored here)."""
+    from ..data.shards import check_shards_tokenizer
+    from ..tokenize import load
+
+    tok, m = _load_tokenizer_of(data_dir)
+    name = f"the tokenizer in {data_dir / m['tokenizer']['file']}"
+    if given and given != "char" and not given.startswith("bpe:"):  # char / bpe:N (a preset's) are for --text
+        tok, name = load(given), f"--tokenizer {given}"
+    check_shards_tokenizer(m, data_dir, tok, name)
+    return tok
 
 
 class NaNLossError(RuntimeError):
@@ -333,6 +350,10 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     if bool(cfg.data) == bool(cfg.text):
         raise ValueError("give exactly one of data (shards from `lmforge data prepare`) or text (a text file)")
     mcfg = model_config(cfg)  # before any data or tokenizer work
+    if cfg.data:  # a mistyped or unprepared --data fails before the run directory is made
+        from ..data.shards import load_manifest
+
+        load_manifest(cfg.data)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -357,7 +378,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         from ..data.shards import load_manifest
 
         load_manifest(data_dir)
-        tok, _ = _load_tokenizer_of(data_dir)
+        tok = _data_tokenizer(data_dir, cfg.tokenizer)
     # model
     if "vocab_size" not in cfg.model:  # the tokenizer decides, unless the model's vocab is set explicitly
         mcfg.vocab_size = tok.vocab_size
