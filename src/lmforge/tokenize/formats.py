@@ -186,14 +186,19 @@ def _load_hf_bpe(d: dict, path) -> ByteBPE:
     return tok
 
 
-def save_hf(tok, path: str | os.PathLike) -> None:
-    """Write an HF ``tokenizer.json`` for any lmforge tokenizer."""
+def save_hf(tok, path: str | os.PathLike, post_processor: dict | None = None) -> None:
+    """Write an HF ``tokenizer.json`` for any lmforge tokenizer. ``post_processor``: what HF's
+    ``tokenizer(text)`` adds around the ids (an HF export passes ``TokenSpec.hf_files``'s, which prepends
+    BOS); lmforge's own ``encode`` never adds tokens (``TokenSpec.encode_prompt`` does), and ``load_hf``
+    does not apply a file's post-processor (``TokenSpec.from_hf`` reads it instead)."""
     if isinstance(tok, ByteBPE):
         d = bpe_to_hf(tok)
     elif hasattr(tok, "to_hf"):
         d = tok.to_hf()
     else:
         raise TypeError(f"no HF export for {type(tok).__name__}")
+    if post_processor is not None:
+        d["post_processor"] = post_processor
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
