@@ -244,8 +244,11 @@ class TokenSpec:
         return ([self.bos] if self.add_bos and self.bos is not None else []) + ids
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, tok=None) -> str:
-        """The conversation as the template's text (what ``apply_chat_template(tokenize=False)`` gives)."""
-        from .chat import render_template
+        """The conversation as the template's text (what ``apply_chat_template(tokenize=False)`` gives);
+        messages are normalized first (text parts joined), as ``encode_chat`` does."""
+        from .chat import normalize_messages, render_template
+
+        messages = normalize_messages(messages)
 
         specials = {}
         if tok is not None:
