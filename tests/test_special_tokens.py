@@ -261,13 +261,10 @@ def test_imported_spec_is_the_families(hf_chat):
 
 
 def test_imported_prompt_ids_equal_hf_tokenizer(hf_chat):
-    import unicodedata
-
     family, d, _, tok, spec = hf_chat
     hf = transformers.AutoTokenizer.from_pretrained(d)
+    assert tok.normalizer == ("nfc" if family == "qwen2" else None)  # Qwen2's NFC, applied as HF does
     for text in MIXED:
-        if family == "qwen2":  # transformers' Qwen2Tokenizer NFC-normalizes; lmforge's BPE does not (yet)
-            text = unicodedata.normalize("NFC", text)
         assert hf(text, split_special_tokens=True)["input_ids"] == spec.encode_prompt(tok, text), text
 
 
@@ -336,3 +333,23 @@ def test_hf_template_forms_and_bad_files(hf_chat, tmp_path):
     (e / "tokenizer_config.json").write_text(json.dumps(tc))
     with pytest.raises(ValueError, match=r"tokenizer_config.json: eos_token '<\|nope\|>' is not a token"):
         load_tokens(e, tok)
+
+
+def test_nfc_normalizer_survives_lmforge_and_hf_files(hf_chat, tmp_path):
+    from tokenizers import Tokenizer
+
+    from lmforge.tokenize.formats import save_hf
+
+    family, _, _, tok, _ = hf_chat
+    if family != "qwen2":
+        pytest.skip("only Qwen2 normalizes")
+    text = "".join(MIXED)
+    tok.save(tmp_path / "t.json")
+    back = tokenize.load(tmp_path / "t.json")
+    assert back.normalizer == "nfc" and back.encode(text, disallowed_special=()) == tok.encode(text, disallowed_special=())
+    save_hf(tok, tmp_path / "tokenizer.json")
+    ref = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for t in MIXED:
+        assert ref.encode(t, add_special_tokens=False).ids == tok.encode(t, allowed_special="all"), t
+    # composed and decomposed spellings are one text to it, as to HF
+    assert tok.encode("cafe\u0301") == tok.encode("café")
