@@ -353,3 +353,26 @@ def test_nfc_normalizer_survives_lmforge_and_hf_files(hf_chat, tmp_path):
         assert ref.encode(t, add_special_tokens=False).ids == tok.encode(t, allowed_special="all"), t
     # composed and decomposed spellings are one text to it, as to HF
     assert tok.encode("cafe\u0301") == tok.encode("café")
+
+
+def test_lmforge_generate_stops_at_the_saved_stop_ids(bpe, tmp_path, capsys):
+    """``lmforge generate`` prompts with the saved BOS and stops at the saved stop ids (here the document
+    token, which it did not stop at before the spec)."""
+    from lmforge.cli import main
+
+    model = tiny_llama(bpe.vocab_size, seed=5)
+    spec = TokenSpec.for_tokenizer(bpe)
+    prompt = "OPHELIA.\nMy lord,"
+    stop_after(model, spec.encode_prompt(bpe, prompt), bpe.special_tokens["<|bos|>"], 4)
+    save(model, tmp_path / "m", tokenizer=bpe)
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--temperature", "0", "--max-tokens", "30",
+                 "--json", prompt]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"] == 3
+    # a spec saved without the document token among the stop ids: generate runs on to max-tokens
+    c = json.loads((tmp_path / "m" / "config.json").read_text())
+    c["tokens"]["stop"] = [bpe.special_tokens["<|end|>"]]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(c))
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--temperature", "0", "--max-tokens", "30",
+                 "--json", prompt]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] > 3
