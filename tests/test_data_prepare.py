@@ -320,7 +320,7 @@ def test_cli_prepare_and_stats(small_corpus, tok_dir, tmp_path, capsys):
     (["dedup.threshold=high"], "dedup.threshold: expected a number"),
     (["dedup.threshold=1.5"], "threshold must be in"),
     (["pii=maybe"], "pii: expected true or false"),
-    (["nokey"], "expected key=value"),
+    (["nokey"], "expected KEY=VALUE"),
 ])
 def test_bad_config_is_rejected(sets, msg, tmp_path, tok_dir, capsys):
     (tmp_path / "in.txt").write_text("hello")

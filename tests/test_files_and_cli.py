@@ -78,9 +78,10 @@ def test_cli_train_encode_decode_stats_export(tmp_path, corpus_files, capsys):
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert main(["tokenizer", "encode", "-t", str(tmp_path / "nope"), "x"]) == 2
+    # a missing file is a runtime error (1); a bad argument or setting a usage error (2)
+    assert main(["tokenizer", "encode", "-t", str(tmp_path / "nope"), "x"]) == 1
     assert "no such tokenizer" in capsys.readouterr().err
-    assert main(["tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")]) == 2
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o")]) == 1
     assert "no such input file" in capsys.readouterr().err
 
 
@@ -151,3 +152,102 @@ def test_fetch_refuses_a_download_whose_sha256_does_not_match(tmp_path, monkeypa
     (home / "downloads" / c.filename).write_bytes(bad)
     corpora.fetch("tiny", force=True, quiet=True)
     assert len(calls) == 3 and (home / "downloads" / c.filename).read_bytes() == good
+
+
+def test_exit_statuses_and_hints(tmp_path, capsys, monkeypatch):
+    """0 done, 1 runtime error, 2 usage error (with a hint where one helps), 130 Ctrl-C; a bug keeps its
+    traceback; a closed pipe ends quietly."""
+    import argparse
+
+    from lmforge import cli
+
+    with pytest.raises(SystemExit) as e:  # argparse: a mistyped option gets the real one
+        main(["run", "--max_time", "3"])
+    assert e.value.code == 2 and "did you mean --max-time?" in capsys.readouterr().err
+    assert main(["run", "--set", "train.max_time", "3"]) == 2
+    assert "expected KEY=VALUE as one argument" in capsys.readouterr().err
+    assert main(["run", "--set", "train.max_tme=3", "--print-config"]) == 2
+    assert "did you mean 'max_time'?" in capsys.readouterr().err
+    assert main(["run", "defualt", "--print-config"]) == 2 - 1  # no such file: a runtime error
+    assert "did you mean 'default'?" in capsys.readouterr().err
+    assert main(["run", "--print-config"]) == 0
+    assert '"name": "default"' in capsys.readouterr().out
+
+    def raising(exc):
+        def fn(a):
+            raise exc
+        return fn
+
+    def parsed(exc):
+        ns = argparse.Namespace(fn=raising(exc))
+        monkeypatch.setattr(cli, "build_parser", lambda: type("P", (), {"parse_args": lambda self, argv: ns})())
+
+    parsed(KeyboardInterrupt())
+    assert main([]) == 130 and "interrupted" in capsys.readouterr().err
+    parsed(TypeError("a bug"))
+    with pytest.raises(TypeError):  # a bug is not dressed up as a usage error
+        main([])
+    parsed(ValueError("bad data in x.txt"))
+    assert main([]) == 1 and "bad data in x.txt" in capsys.readouterr().err
+    monkeypatch.setenv("LMFORGE_DEBUG", "1")
+    with pytest.raises(ValueError):  # LMFORGE_DEBUG=1: every error with its traceback
+        main([])
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    import subprocess
+    import sys
+
+    from lmforge.tokenize import train
+
+    train("bpe", ["to be or not to be " * 200], 300, show_progress=False).save(tmp_path / "t.json")
+    text = tmp_path / "big.txt"
+    text.write_text("to be or not to be\n" * 200000)
+    r = subprocess.run(f"{sys.executable} -m lmforge tokenizer encode -t {tmp_path / 't.json'} --pieces "
+                       f"--file {text} | head -c 10", shell=True, capture_output=True, text=True)
+    assert r.stderr == "", r.stderr  # no traceback, no "Exception ignored"
+
+
+def test_cuda_on_a_cpu_torch_is_a_clear_error():
+    import torch
+
+    from lmforge.train.trainer import pick_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="device 'cuda': .*use --device cpu"):
+        pick_device("cuda")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda"):
+        pick_device("gpu")
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch):
+    import io
+
+    from lmforge._progress import bar
+
+    monkeypatch.setenv("LMFORGE_PROGRESS_EVERY", "1000")
+    out = io.StringIO()  # not a terminal
+    with bar(total=5000, desc="work", file=out) as b:
+        for _ in range(5000):
+            b.update(1)
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert 1 <= len(lines) <= 3, lines  # the first state and the last, not thousands of redraws
+    assert "5000/5000" in lines[-1] and lines[-1].startswith("work")
+
+
+def test_pretrain_log_has_no_carriage_returns(tmp_path):
+    import subprocess
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 400)
+    r = subprocess.run([sys.executable, "-m", "lmforge", "pretrain", "--text", str(text), "--preset", "baby-gpt",
+                        "--max-steps", "12", "--out", str(tmp_path / "m"), "--set", "eval_every=4",
+                        "--set", "batch_size=4", "--set", "seq_len=32"],
+                       capture_output=True, text=True, env={**__import__("os").environ, "LMFORGE_PROGRESS_EVERY": "5"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\r" not in r.stderr
+    assert len(r.stderr.splitlines()) < 40, r.stderr

@@ -6,6 +6,7 @@ recipes) goes through these helpers.
 """
 from __future__ import annotations
 
+
 import dataclasses
 import json
 import types
@@ -14,12 +15,18 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 
+class UsageError(ValueError):
+    """A mistake in how a command was called (``--set`` syntax, an unknown setting): exit status 2."""
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def coerce(value: Any, tp, where: str) -> Any:
-    """Convert ``value`` (from JSON/TOML or a command-line string) to type ``tp``."""
+def coerce(value: Any, tp, where: str, text: bool = True) -> Any:
+    """Convert ``value`` to type ``tp``. ``text=True``: a command-line string, parsed (``"10"`` -> 10);
+    ``text=False``: a value from a JSON/TOML file, already typed, so a string where a number or a
+    boolean belongs is an error (``max_steps = "10"``)."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -31,7 +38,7 @@ def coerce(value: Any, tp, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return coerce(value, a, where)
+                return coerce(value, a, where, text)
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
         raise ValueError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
@@ -46,7 +53,7 @@ def coerce(value: Any, tp, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        if text and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise ValueError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
@@ -54,7 +61,7 @@ def coerce(value: Any, tp, where: str) -> Any:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
-        if isinstance(value, str):
+        if text and isinstance(value, str):
             try:
                 return int(value.replace("_", ""))
             except ValueError:
@@ -67,7 +74,7 @@ def coerce(value: Any, tp, where: str) -> Any:
             raise ValueError(f"{where}: expected a number, got {value!r}")
         if isinstance(value, (int, float)):
             return float(value)
-        if isinstance(value, str):
+        if text and isinstance(value, str):
             try:
                 return float(value)
             except ValueError:
@@ -78,14 +85,14 @@ def coerce(value: Any, tp, where: str) -> Any:
             return value
         raise ValueError(f"{where}: expected a string, got {value!r}")
     if origin in (list, tuple):
-        if isinstance(value, str):
+        if text and isinstance(value, str):
             value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: expected a list, got {value!r}")
         (item,) = get_args(tp)[:1] or (Any,)
-        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item, f"{where}[{i}]", text) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
-        if isinstance(value, str):
+        if text and isinstance(value, str):
             value = json.loads(value)
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a table, got {value!r}")
@@ -97,6 +104,13 @@ def _hints(cls) -> dict:
     return get_type_hints(cls)
 
 
+def _did_you_mean(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def from_dict(cls, d: dict, where: str = ""):
     """Build dataclass ``cls`` from ``d``; unknown keys are errors naming the field."""
     hints = _hints(cls)
@@ -105,8 +119,8 @@ def from_dict(cls, d: dict, where: str = ""):
     for k, v in d.items():
         key = f"{where}.{k}" if where else k
         if k not in names:
-            raise ValueError(f"unknown field {key!r} (known: {', '.join(sorted(names))})")
-        kwargs[k] = coerce(v, hints[k], key)
+            raise UsageError(f"unknown field {key!r} (known: {', '.join(sorted(names))}){_did_you_mean(k, names)}")
+        kwargs[k] = coerce(v, hints[k], key, text=False)
     return cls(**kwargs)
 
 
@@ -115,12 +129,19 @@ def set_path(obj, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     target = obj
     for i, p in enumerate(parts):
+        if isinstance(target, dict) and i == len(parts) - 1:  # a free-form table (train.model): merge the key
+            try:
+                target[p] = json.loads(value) if isinstance(value, str) else value
+            except ValueError:
+                target[p] = value  # a bare string
+            return
         if not dataclasses.is_dataclass(target):
-            raise ValueError(f"unknown field {dotted!r}: {'.'.join(parts[:i])} is not a table")
+            raise UsageError(f"unknown field {dotted!r}: {'.'.join(parts[:i])} is not a table")
         names = {f.name for f in dataclasses.fields(target)}
         if p not in names:
             where = ".".join(parts[:i]) or "the config"
-            raise ValueError(f"unknown field {dotted!r} ({where} has: {', '.join(sorted(names))})")
+            raise UsageError(f"unknown field {dotted!r} ({where} has: {', '.join(sorted(names))})"
+                             f"{_did_you_mean(p, names)}")
         if i == len(parts) - 1:
             tp = _hints(type(target))[p]
             setattr(target, p, coerce(value, tp, dotted))
@@ -137,7 +158,8 @@ def apply_overrides(obj, overrides: list[str] | dict | None):
         items = []
         for o in overrides:
             if "=" not in o:
-                raise ValueError(f"--set {o!r}: expected key=value")
+                raise UsageError(f"--set {o!r}: expected KEY=VALUE in one argument, e.g. --set "
+                                 f"{o or 'train.max_time'}=VALUE")
             k, v = o.split("=", 1)
             items.append((k.strip(), v.strip()))
     for k, v in items:

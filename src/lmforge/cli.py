@@ -6,14 +6,73 @@ function (the same one the pipeline and your own code call).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
+# exit statuses: 0 done, 1 a runtime error (bad file, bad data, a failed stage), 2 a usage error (bad
+# arguments or settings), 130 interrupted (Ctrl-C). A bug (TypeError, ...) shows its traceback;
+# LMFORGE_DEBUG=1 shows one for every error.
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
-def _die(msg: str) -> int:
+
+def _die(msg: str, code: int = EXIT_ERROR) -> int:
     print(f"lmforge: error: {msg}", file=sys.stderr)
-    return 2
+    return code
+
+
+def _debug() -> bool:
+    return os.environ.get("LMFORGE_DEBUG", "") not in ("", "0")
+
+
+class _settings:
+    """``with _settings():`` around building a config from arguments: a bad setting (a ValueError, not a
+    missing file) is a usage error, exit status 2."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        from ._config import UsageError
+
+        if kind is not None and issubclass(kind, ValueError) and not isinstance(e, UsageError):
+            raise UsageError(str(e)) from e
+        return False
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with hints: a mistyped option gets the closest real one (``--max_time`` -> ``--max-time``),
+    and ``--set key value`` is told to write ``--set key=value``."""
+
+    def _all_options(self) -> set[str]:
+        opts = {o for a in self._actions for o in a.option_strings if o.startswith("--")}
+        for a in self._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    opts |= sub._all_options() if isinstance(sub, Parser) else set()
+        return opts
+
+    def error(self, message: str):
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            hints = []
+            for arg in m.group(1).split():
+                if arg.startswith("--"):
+                    opt = arg.split("=", 1)[0]
+                    close = difflib.get_close_matches(opt.replace("_", "-"), sorted(self._all_options()), n=1,
+                                                      cutoff=0.7)
+                    if close:
+                        hints.append(f"{opt}: did you mean {close[0]}?")
+            argv = sys.argv[1:]
+            for i, a in enumerate(argv[:-1]):
+                if a in ("--set", "-s") and "=" not in argv[i + 1]:
+                    hints.append(f"--set takes KEY=VALUE as one argument: --set {argv[i + 1]}=VALUE")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
 
 
 # ---- data ------------------------------------------------------------------------------
@@ -30,7 +89,8 @@ def cmd_data_prepare(a) -> int:
     from .data.prepare import make_config, prepare
     from .data.stats import collect, format_text
 
-    cfg = make_config(a.input, a.config, a.set)
+    with _settings():
+        cfg = make_config(a.input, a.config, a.set)
     prepare(cfg, a.tokenizer, a.out, quiet=a.quiet)
     if not a.quiet:
         print(format_text(collect(a.out)))
@@ -206,39 +266,56 @@ def cmd_model_info(a) -> int:
 
 
 def cmd_pretrain(a) -> int:
-    from ._config import apply_overrides, from_dict, load_file
-    from .train import TrainConfig, train
+    from .train import train
 
-    from .train.trainer import RECIPES
-
-    cfg = from_dict(TrainConfig, load_file(a.config)) if a.config else TrainConfig()
-    preset_name = a.preset or cfg.preset
-    if preset_name in RECIPES and not a.config:  # the preset's own training settings, before --set
-        apply_overrides(cfg, {k: v for k, v in RECIPES[preset_name].items()})
-    for k in ("out", "data", "text", "tokenizer", "preset", "checkpoint_every", "device"):
-        if getattr(a, k) is not None:
-            setattr(cfg, k, getattr(a, k))
-    if a.max_time is not None:
-        cfg.max_time = a.max_time
-    if a.max_steps is not None:
-        cfg.max_steps = a.max_steps
-    if a.resume:
-        cfg.resume = True
-    model_sets = [s for s in a.set if s.startswith("model.")]
-    for s in model_sets:
-        k, v = s[len("model."):].split("=", 1)
-        from .model import ModelConfig
-        from ._config import coerce
-        import typing
-
-        hints = typing.get_type_hints(ModelConfig)
-        if k not in hints:
-            raise ValueError(f"unknown field 'model.{k}' (ModelConfig has: {', '.join(sorted(hints))})")
-        cfg.model[k] = coerce(v, hints[k], f"model.{k}")
-    apply_overrides(cfg, [s for s in a.set if not s.startswith("model.")])
+    with _settings():
+        cfg = _pretrain_config(a)
     final = train(cfg, quiet=a.quiet)
     print(json.dumps(final))
     return 0
+
+
+def _pretrain_config(a):
+    """The run's TrainConfig: the --config file (a TrainConfig table, a recipe with a [train] table, or a
+    run's own train_config.json), then flags and --set, then the preset's recipe for every field none
+    of them named (``trainer.apply_preset_recipe``; the pipeline applies a preset the same way)."""
+    from ._config import apply_overrides, coerce, from_dict, load_file
+    from .model import ModelConfig
+    from .train import TrainConfig
+    from .train.trainer import apply_preset_recipe
+
+    given: set[str] = set()
+    cfg = TrainConfig()
+    if a.config:
+        d = load_file(a.config)
+        if isinstance(d.get("train"), dict):  # a recipe, or a run's train_config.json ({"train", "model"})
+            d = {**d["train"], **({"model": d["model"]} if isinstance(d.get("model"), dict) else {})}
+        cfg = from_dict(TrainConfig, d, "train" if a.config else "")
+        given |= set(d)
+    for k in ("out", "data", "text", "tokenizer", "preset", "checkpoint_every", "device", "max_time", "max_steps"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+            given.add(k)
+    if a.resume:
+        cfg.resume = True
+    import typing
+
+    hints = typing.get_type_hints(ModelConfig)
+    for s in a.set:
+        k, v = s.split("=", 1)
+        k = k.strip()
+        if k.startswith("model."):  # merged into the model table
+            f = k[len("model."):]
+            if f not in hints:
+                from ._config import _did_you_mean
+
+                raise ValueError(f"unknown field 'model.{f}' (ModelConfig has: {', '.join(sorted(hints))})"
+                                 f"{_did_you_mean(f, hints)}")
+            cfg.model[f] = coerce(v.strip(), hints[f], k)
+        else:
+            apply_overrides(cfg, [s])
+            given.add(k.split(".")[0])
+    return apply_preset_recipe(cfg, given)
 
 
 def cmd_eval(a) -> int:
@@ -368,7 +445,13 @@ def cmd_chat(a) -> int:
 def cmd_run(a) -> int:
     from .pipeline import load_recipe, run_recipe
 
-    recipe, path = load_recipe(a.recipe, a.set)
+    with _settings():
+        recipe, path = load_recipe(a.recipe, a.set)
+    if a.print_config:
+        from .pipeline.runner import resolved_recipe
+
+        print(json.dumps({"recipe": str(path), **resolved_recipe(recipe)}, indent=1))
+        return 0
     run_dir = Path(a.runs) / (a.name or recipe.name)
     summary = run_recipe(recipe, run_dir, a.from_stage, quiet=a.quiet)
     print(f"report: {run_dir / 'report.md'}", file=sys.stderr)
@@ -379,7 +462,7 @@ def cmd_run(a) -> int:
 # ---- parser ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmforge", description="lmforge: large language models from scratch. "
+    p = Parser(prog="lmforge", description="lmforge: large language models from scratch. "
                                 "Each stage is a subcommand group; `lmforge <stage> --help` explains it.")
     from . import __version__
 
@@ -591,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.set_defaults(fn=cmd_chat)
 
     ru = sub.add_parser("run", help="the whole chain from a recipe: data, tokenizer, training, eval, export, demo",
-                        description="Run a recipe (recipes/NAME.toml or a path; default: recipes/default.toml) into "
+                        description="Run a recipe (a path, or a name: ./recipes/NAME.toml, else the recipes shipped with "
+                        "lmforge: default, gpt2-124m; default: default) into "
                         "runs/NAME: fetch -> clean/filter/dedup -> tokenizer -> shards -> pretrain -> eval -> export "
                         "-> demo, with a report. Unchanged stages are skipped on a rerun; an interrupted run "
                         "continues where it stopped.")
@@ -602,18 +686,41 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--name", default=None, help="run name (default: the recipe's)")
     ru.add_argument("--runs", default="runs", help="parent directory of runs")
     ru.add_argument("--quiet", "-q", action="store_true")
+    ru.add_argument("--print-config", action="store_true",
+                    help="print the recipe with every setting resolved (file, overrides, defaults) and exit")
     ru.set_defaults(fn=cmd_run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ._config import UsageError
+
+    args = build_parser().parse_args(argv)  # a usage error exits with status 2 here
+    for o in getattr(args, "set", None) or []:
+        if "=" not in o:
+            return _die(f"--set {o!r}: expected KEY=VALUE as one argument (e.g. --set {o}=VALUE); a value "
+                        "given as the next argument is read as a positional argument", EXIT_USAGE)
     try:
         return args.fn(args) or 0
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:  # StageError is a RuntimeError
-        return _die(str(e))
     except KeyboardInterrupt:
-        return _die("interrupted")
+        return _die("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:  # the reader went away (`lmforge ... | head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_ERROR
+    except UsageError as e:
+        if _debug():
+            raise
+        return _die(str(e), EXIT_USAGE)
+    except (ValueError, OSError, RuntimeError) as e:  # StageError is a RuntimeError; FileNotFoundError an OSError
+        if _debug():
+            raise
+        msg = str(e) or type(e).__name__
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+            msg = f"{e.filename}: {e.strerror or msg}"
+        return _die(msg)
 
 
 if __name__ == "__main__":

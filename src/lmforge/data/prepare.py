@@ -266,7 +266,7 @@ def _chunk_digest(step_key: str, docs) -> str:
 
 
 def _bar(total, desc, unit="B", quiet=False):
-    from tqdm.auto import tqdm
+    from .._progress import bar as tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=quiet, file=sys.stderr,
                 dynamic_ncols=True, leave=False)

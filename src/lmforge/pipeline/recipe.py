@@ -61,18 +61,37 @@ class Recipe:
     demo: DemoStage = field(default_factory=DemoStage)
 
 
+PACKAGE_RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # shipped with the package
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: ``./recipes`` (a user's own), then the package's."""
+    return list(dict.fromkeys(p for p in (Path.cwd() / "recipes", PACKAGE_RECIPES) if p.is_dir()))
+
+
+def available_recipes() -> list[str]:
+    return sorted({p.stem for d in recipe_dirs() for p in d.glob("*.toml")})
+
+
 def find_recipe(name_or_path: str | None) -> Path:
+    """A recipe file: a path, or a name in ``./recipes`` or the package's recipes (``default``, ...)."""
     if not name_or_path:
         name_or_path = "default"
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
-    here = Path(__file__).resolve()
-    for root in (Path.cwd(), *here.parents):
-        for cand in (root / "recipes" / f"{name_or_path}.toml", root / "recipes" / name_or_path):
-            if cand.is_file():
-                return cand
-    raise FileNotFoundError(f"no recipe {name_or_path!r} (a file, or recipes/{name_or_path}.toml)")
+    name = p.name[:-5] if p.name.endswith(".toml") else p.name
+    if p.parent in (Path("."), Path("recipes")):
+        for d in recipe_dirs():
+            if (d / f"{name}.toml").is_file():
+                return d / f"{name}.toml"
+    import difflib
+
+    known = available_recipes()
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise FileNotFoundError(f"no recipe {name_or_path!r}: not a file, and not a recipe name "
+                            f"(known: {', '.join(known) or 'none'}){hint}")
 
 
 def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
@@ -80,8 +99,25 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     d = load_file(path)
     recipe = from_dict(Recipe, d)
     apply_overrides(recipe, overrides)
+    # the preset's training recipe for every [train] field neither the file nor --set named (as pretrain)
+    from ..train.trainer import apply_preset_recipe
+
+    given = set(d.get("train", {}) if isinstance(d.get("train"), dict) else {})
+    given |= {o.split("=", 1)[0].strip().split(".")[1] for o in overrides or [] if o.strip().startswith("train.")
+              and "." in o.split("=", 1)[0].strip()}
+    recipe.train.text = ""  # the pipeline trains on its shards
+    apply_preset_recipe(recipe.train, given)
     validate(recipe)
     return recipe, path
+
+
+def _pipeline_specials() -> tuple[str, ...]:
+    from ..tokenize.special import default_special_tokens
+
+    return tuple(default_special_tokens("bpe"))
+
+
+PIPELINE_SPECIAL_TOKENS = _pipeline_specials()  # what the tokenizer stage reserves
 
 
 def validate(r: Recipe) -> None:
@@ -93,10 +129,21 @@ def validate(r: Recipe) -> None:
         raise ValueError(f"stages: must keep the order {', '.join(STAGES)} (got {', '.join(r.stages)})")
     if r.tokenizer.kind not in ("bpe", "unigram", "wordpiece", "char"):
         raise ValueError(f"tokenizer.kind: expected bpe, unigram, wordpiece or char, got {r.tokenizer.kind!r}")
-    if r.tokenizer.vocab_size < 260 and r.tokenizer.kind == "bpe":
-        raise ValueError(f"tokenizer.vocab_size: a byte-level BPE needs at least 260, got {r.tokenizer.vocab_size}")
+    least = 256 + len(PIPELINE_SPECIAL_TOKENS)  # the tokenizer stage's own rule (bpe.train)
+    if r.tokenizer.vocab_size < least and r.tokenizer.kind == "bpe":
+        raise ValueError(f"tokenizer.vocab_size: a byte-level BPE needs at least {least} (256 byte tokens + "
+                         f"{len(PIPELINE_SPECIAL_TOKENS)} special tokens), got {r.tokenizer.vocab_size}")
     validate_data(r.data)
+    from ..train.trainer import check_config
+
     t = r.train
+    if t.data or t.text or t.tokenizer:
+        raise ValueError("train.data, train.text and train.tokenizer are set by the pipeline (its shards and "
+                         "tokenizer stages); remove them from the recipe")
+    try:
+        check_config(t)
+    except ValueError as e:
+        raise ValueError(f"train: {e}") from None
     if not (t.max_steps or t.max_tokens or t.max_time):
         raise ValueError("train: give a bound (max_steps, max_tokens or max_time)")
     from ..model.config import PRESETS

@@ -31,6 +31,35 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def resolve_data(r: Recipe):
+    """The data settings in effect: the recipe's, and for the built-in corpus (no inputs given) the
+    corpus's own settings for every field the recipe left at its default."""
+    import copy
+
+    from .._config import apply_overrides
+    from ..data.corpora import CORPORA, corpus_dir
+
+    cfg = copy.deepcopy(r.data)
+    if not cfg.inputs:
+        cfg.inputs = [str(corpus_dir(r.fetch.corpus))]
+        defaults = CORPORA[r.fetch.corpus].prepare_defaults
+        fresh = type(cfg)()
+        for k, v in defaults.items():
+            sect, fld = k.split(".")
+            if getattr(getattr(cfg, sect), fld) == getattr(getattr(fresh, sect), fld):
+                apply_overrides(cfg, {k: v})
+    return cfg
+
+
+def resolved_recipe(r: Recipe) -> dict:
+    """What runs: the recipe with the corpus's settings applied (``recipe.json``, ``run --print-config``)."""
+    from .. import __version__
+
+    d = recipe_dict(r)
+    d["data"] = asdict(resolve_data(r))
+    return {"lmforge_version": __version__, **d}
+
+
 class Runner:
     def __init__(self, recipe: Recipe, run_dir: str | Path, quiet: bool = False):
         self.r = recipe
@@ -61,22 +90,7 @@ class Runner:
         return {"corpus_manifest": d / "MANIFEST.json"}, {"corpus": str(d)}
 
     def _data_cfg(self):
-        import copy
-
-        from .._config import apply_overrides
-        from ..data.corpora import CORPORA, corpus_dir
-
-        cfg = copy.deepcopy(self.r.data)
-        if not cfg.inputs:
-            cfg.inputs = [str(corpus_dir(self.r.fetch.corpus))]
-            defaults = CORPORA[self.r.fetch.corpus].prepare_defaults
-            # the corpus's own settings, unless the recipe changed that field from its default
-            fresh = type(cfg)()
-            for k, v in defaults.items():
-                sect, fld = k.split(".")
-                if getattr(getattr(cfg, sect), fld) == getattr(getattr(fresh, sect), fld):
-                    apply_overrides(cfg, {k: v})
-        return cfg
+        return resolve_data(self.r)
 
     def stage_clean(self):
         from ..data.prepare import clean_and_dedup
@@ -96,7 +110,7 @@ class Runner:
         summaries, dedup = clean_and_dedup(self._data_cfg(), self.dir / "data", quiet=True)  # reused, not redone
         t = self.r.tokenizer
         texts = list(train_texts(self.dir / "data", summaries, dedup))
-        specials = default_special_tokens(t.kind)  # the family's own and the chat tokens
+        specials = default_special_tokens(t.kind)  # the family's own and the chat tokens (bpe: PIPELINE_SPECIAL_TOKENS)
         t0 = time.perf_counter()
         if t.kind == "bpe":
             tok = tokenize.train("bpe", texts, t.vocab_size, pattern=t.pattern, special_tokens=specials,
@@ -202,18 +216,21 @@ class Runner:
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in self.r.stages:
             raise ValueError(f"--from {from_stage!r}: not a stage of this recipe ({', '.join(self.r.stages)})")
-        write_json(self.dir / "recipe.json", recipe_dict(self.r), indent=1)
+        from .. import __version__
+
+        write_json(self.dir / "recipe.json", resolved_recipe(self.r), indent=1)
+        data = asdict(self._data_cfg())
         prev = ""
         forced = False
         t_run = time.perf_counter()
         stages = self.manifest.setdefault("stages", {})
         for i, name in enumerate(self.r.stages, 1):
             forced = forced or name == from_stage
-            settings = {"fetch": asdict(self.r.fetch), "clean": asdict(self.r.data),
-                        "tokenizer": asdict(self.r.tokenizer), "shards": asdict(self.r.data),
+            settings = {"fetch": asdict(self.r.fetch), "clean": data,
+                        "tokenizer": asdict(self.r.tokenizer), "shards": data,
                         "pretrain": asdict(self.r.train), "eval": asdict(self.r.eval),
                         "export": asdict(self.r.export), "demo": asdict(self.r.demo)}[name]
-            key = _hash([name, settings, prev])
+            key = _hash([name, settings, prev, __version__])  # a new lmforge reruns what it would do differently
             old = stages.get(name, {})
             outputs_ok = old.get("outputs") and all(
                 Path(p).exists() and file_sha256(p) == h for p, h in old["outputs"].items())

@@ -336,7 +336,7 @@ def _looks_like_path(s: str) -> bool:
 
 def count_chunks(data, pattern: str, show_progress: bool = False, use_native: bool | None = None) -> Counter:
     """Count pre-tokenized chunks (as UTF-8 bytes) over all texts."""
-    from tqdm.auto import tqdm
+    from .._progress import bar as tqdm
 
     counts: Counter = Counter()
     _, name = pretokenize.resolve(pattern)
@@ -373,7 +373,7 @@ def train_merges_generic(seqs: list[list[int]], freqs: list[int], tokens: list, 
     ``n_new`` new tokens or when the best pair occurs fewer than
     ``min_frequency`` times. Ties: the lexicographically smallest
     ``(tokens[left], tokens[right])`` wins. Returns ``(merges, tokens)``."""
-    from tqdm.auto import tqdm
+    from .._progress import bar as tqdm
 
     tokens = list(tokens)
     tok_id = {t: i for i, t in enumerate(tokens)}

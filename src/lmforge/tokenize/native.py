@@ -52,7 +52,7 @@ def count_chunks_into(counts, text: str, pattern_name: str) -> None:
 
 
 def bpe_train(words, freqs, n_merges, min_frequency, show_progress):
-    from tqdm.auto import tqdm
+    from .._progress import bar as tqdm
 
     bar = tqdm(total=n_merges, desc="bpe merges", disable=not show_progress, leave=False)
     last = [0]

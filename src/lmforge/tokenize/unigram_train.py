@@ -134,7 +134,7 @@ def train_unigram(cls, data, vocab_size: int, *, seed_size: int = 200_000, max_p
                   shrinking_factor: float = 0.75, num_sub_iterations: int = 2, character_coverage: float = 0.9995,
                   byte_fallback: bool = False, special_tokens=("<unk>", "<s>", "</s>"), show_progress: bool = True,
                   use_native: bool | None = None):
-    from tqdm.auto import tqdm
+    from .._progress import bar as tqdm
 
     from .bpe import iter_texts
 

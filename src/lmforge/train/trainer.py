@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .._io import write_json
-from ..model import ModelConfig, preset
+from ..model import PRESETS, ModelConfig, preset
 from ..model.transformer import Transformer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_summary
 from .optim import WeightEMA, build_optimizers, skip_dynamo_import
@@ -86,7 +86,8 @@ class TrainConfig:
     ema_start: float = 0.7  # ema: share of the run after which the average is kept
 
 
-# Training settings that go with a preset (applied by `lmforge pretrain --preset NAME` before --set).
+# Training settings that go with a preset: `lmforge pretrain --preset NAME` and a pipeline recipe's
+# `preset = NAME` both apply them to every field the command line / recipe does not set (apply_preset_recipe).
 RECIPES: dict[str, dict] = {
     # nanoGPT's shakespeare_char CPU run, faithfully: char tokens, AdamW 1e-3, beta2 0.99, cosine to 1e-4
     "baby-gpt": {"tokenizer": "char", "batch_size": 12, "seq_len": 64, "optimizer": "adamw", "lr": 1e-3,
@@ -100,6 +101,63 @@ RECIPES: dict[str, dict] = {
 }
 
 
+CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"), "loader": ("windows", "bos"),
+           "dtype": ("auto", "fp32", "bf16", "fp16"), "init": ("default", "bigram")}
+
+
+def apply_preset_recipe(cfg: "TrainConfig", given=()) -> "TrainConfig":
+    """Give every field not in ``given`` (the fields a file, flag or --set named) the value of the preset's
+    training recipe (``RECIPES``). The one meaning of a preset, for ``pretrain`` and the pipeline alike.
+    The recipe's tokenizer only applies to --text runs (shards carry their own tokenizer)."""
+    given = set(given)
+    for k, v in RECIPES.get(cfg.preset, {}).items():
+        if k in given or (k == "tokenizer" and not cfg.text):
+            continue
+        setattr(cfg, k, v)
+    return cfg
+
+
+def check_config(cfg: "TrainConfig") -> None:
+    """Every setting checked before any work (the pipeline's recipe validation calls this too):
+    bounds, choice strings, shares, the model's fields (and that the preset plus ``model`` builds)."""
+    import dataclasses as dc
+
+    if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
+        raise ValueError("give a bound: max_steps, max_tokens or max_time (e.g. --max-time 60)")
+    for k, ok in CHOICES.items():
+        if getattr(cfg, k) not in ok:
+            raise ValueError(f"{k}: expected one of {', '.join(ok)}, got {getattr(cfg, k)!r}")
+    if not (cfg.recompute in ("none", "full", "selective") or
+            (cfg.recompute.startswith("every:") and cfg.recompute[6:].isdigit() and int(cfg.recompute[6:]) > 0)):
+        raise ValueError(f"recompute: expected none, full, selective or every:K (K > 0), got {cfg.recompute!r}")
+    if not (0 < cfg.text_val_frac and 0 <= cfg.text_test_frac and cfg.text_val_frac + cfg.text_test_frac < 0.5):
+        raise ValueError(f"text_val_frac must be > 0 and text_test_frac >= 0, together under 0.5; got "
+                         f"{cfg.text_val_frac} and {cfg.text_test_frac}")
+    if not (0.0 <= cfg.ema < 1.0 and 0.0 <= cfg.ema_start <= 1.0):
+        raise ValueError(f"ema must be in [0, 1) and ema_start in [0, 1], got {cfg.ema} and {cfg.ema_start}")
+    for k in ("batch_size", "seq_len", "grad_accum"):
+        if getattr(cfg, k) < 1:
+            raise ValueError(f"{k}: must be a positive integer, got {getattr(cfg, k)}")
+    if cfg.data and cfg.tokenizer:
+        raise ValueError(f"tokenizer {cfg.tokenizer!r} is only used with text=FILE (--text): shards from "
+                         f"`lmforge data prepare` carry their tokenizer ({cfg.data}/manifest.json); drop --tokenizer")
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {cfg.preset!r}; known: {', '.join(sorted(PRESETS))}")
+    names = {f.name for f in dc.fields(ModelConfig)}
+    bad = sorted(set(cfg.model) - names)
+    if bad:
+        import difflib
+
+        hint = difflib.get_close_matches(bad[0], sorted(names), n=1)
+        raise ValueError(f"model: unknown field(s) {bad} (ModelConfig has: {', '.join(sorted(names))})"
+                         + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    try:  # the preset plus the overrides must make a valid model (the vocabulary comes from the tokenizer later)
+        base = dict(PRESETS[cfg.preset]) if cfg.preset else {}
+        ModelConfig(**{**base, **cfg.model})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model: {e}") from None
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -107,7 +165,20 @@ def pick_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device {name!r}: {why} (torch {torch.__version__}); use --device cpu or auto, or install a "
+                         "CUDA build of torch (README: Installing torch)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available on this machine; use --device cpu or auto")
+    return dev
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -229,20 +300,12 @@ class NaNLossError(RuntimeError):
 
 def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     """Run (or resume) a pre-training run; returns the final metrics."""
-    from tqdm.auto import tqdm
+    from .._progress import bar as tqdm
 
     from ..data.loader import ShardLoader
     from ..evaluate.perplexity import evaluate_shards, generate
 
-    if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
-        raise ValueError("give a bound: max_steps, max_tokens or max_time (e.g. --max-time 60)")
-    if cfg.init not in ("default", "bigram"):  # before any tokenizer training
-        raise ValueError(f"init must be default or bigram, got {cfg.init!r}")
-    if not (0 < cfg.text_val_frac and 0 <= cfg.text_test_frac and cfg.text_val_frac + cfg.text_test_frac < 0.5):
-        raise ValueError(f"text_val_frac must be > 0 and text_test_frac >= 0, together under 0.5; got "
-                         f"{cfg.text_val_frac} and {cfg.text_test_frac}")
-    if not (0.0 <= cfg.ema < 1.0 and 0.0 <= cfg.ema_start <= 1.0):
-        raise ValueError(f"ema must be in [0, 1) and ema_start in [0, 1], got {cfg.ema} and {cfg.ema_start}")
+    check_config(cfg)  # before any tokenizer training or data reading
     if bool(cfg.data) == bool(cfg.text):
         raise ValueError("give exactly one of data (shards from `lmforge data prepare`) or text (a text file)")
     out = Path(cfg.out)
@@ -455,6 +518,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     write_json(out / "final.json", final, indent=1)
     try:
         plot_metrics(metrics_path, out / "loss.png")
+    except ImportError:
+        print("(no loss.png: matplotlib is not installed; pip install 'lmforge[plot]')", file=sys.stderr)
     except Exception as e:  # a plot is a convenience, never a failure
         print(f"(no plot: {e})", file=sys.stderr)
     return final
