@@ -96,12 +96,12 @@ def test_greedy_equals_hf_generate_alone_and_in_a_busy_batch(arch, path, hf_refe
     params = [SamplingParams(max_tokens=n, temperature=0) for n in lengths]
     noise = prompts(4, seed=12)
     eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=24)
-    ids = [eng.add_request(p, q) for p, q in zip(ps, params)]
+    reqs = [eng.requests[eng.add_request(p, q)] for p, q in zip(ps, params)]
     for i, p in enumerate(noise):
         eng.add_request(p, SamplingParams(max_tokens=10 + 3 * i, temperature=1.0, top_p=0.9, seed=i))
     eng.run()
     assert eng.stats["max_sequences_in_step"] >= 6  # it really was a busy batch
-    assert [eng.requests[i].output for i in ids] == [r[:n] for r, n in zip(ref, lengths)]
+    assert [r.output for r in reqs] == [r[:n] for r, n in zip(ref, lengths)]
 
 
 def test_chunked_prefill_and_preemption_keep_outputs():
@@ -155,3 +155,300 @@ def test_prefix_caching_reuses_blocks_and_keeps_outputs():
     # eviction: a pool too small to keep everything still gives correct outputs
     eng = Engine(m, num_blocks=16, block_size=4)
     assert [eng.generate([p], params)[0] for p in ps] == ref
+
+
+# ---- one bad request cannot stop the others ----
+
+def test_add_request_rejects_what_it_cannot_run_and_names_it():
+    m = model("llama-gqa")  # rope: the context limit holds for every kind of position
+    eng = Engine(m, num_blocks=32, block_size=4)
+    greedy = SamplingParams(max_tokens=4, temperature=0)
+    cases = [
+        ([999999], greedy, r"prompt token id 999999 at position 0 is outside the vocabulary \(0\.\.96\)"),
+        ([1, 2, -1], greedy, r"prompt token id -1 at position 2"),
+        ([1, 2.5], greedy, r"prompt token at position 1 is not an integer token id: 2\.5 \(float\)"),
+        ([1, True], greedy, r"position 1 is not an integer"),
+        ("hello", greedy, "got text"),
+        ([], greedy, "empty"),
+        ([1, 2], SamplingParams(max_tokens=-1), "max_tokens"),
+        ([1] * 100, SamplingParams(max_tokens=29), r"maximum context length is 128 tokens, but 129 were requested "
+                                                   r"\(100 in the prompt, 29 for the completion\)"),
+        ([1, 2], SamplingParams(max_tokens=4, stop=["\n"]), "stop strings .* need a tokenizer"),
+        ([1, 2], SamplingParams(max_tokens=4, stop_token_ids=[97]), r"stop_token_ids: token id 97 is outside"),
+        ([1, 2], dict(max_tokens=3), "must be a SamplingParams"),
+    ]
+    for prompt, params, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            eng.add_request(prompt, params)
+    assert not eng.has_work() and not eng.requests
+    eng.add_request([1] * 100, SamplingParams(max_tokens=28))  # exactly the context (and the pool): accepted
+    with pytest.raises(ValueError, match=r"needs 9 KV blocks \(33 tokens\); the pool has 8 of 4 tokens"):
+        Engine(m, num_blocks=8, block_size=4).add_request([1] * 30, SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive integer, got 0"):
+        Engine(m, max_batch_tokens=0)
+
+
+class Faulty(torch.nn.Module):
+    """A model that fails on rows holding the token ``bad``: raises before or after the real forward
+    (after: the sequences were already advanced), or returns NaN logits for those rows."""
+
+    def __init__(self, inner, bad, mode):
+        super().__init__()
+        self.inner, self.cfg, self.bad, self.mode = inner, inner.cfg, bad, mode
+
+    def forward(self, idx, cache=None):
+        hit = (idx == self.bad).any(1)
+        if self.mode == "raise-before" and hit.any():
+            raise RuntimeError(f"boom: token {self.bad}")
+        out = self.inner(idx, cache=cache)
+        if self.mode == "raise-after" and hit.any():
+            raise RuntimeError(f"boom: token {self.bad}")
+        if self.mode == "nan":
+            out = out.masked_fill(hit[:, None, None], float("nan"))
+        return out
+
+
+def faulty_fast_step(step, bad, mode):
+    """The C decode step, failing the same way on rows whose token is ``bad``."""
+    def run(tokens, positions, tables):
+        if mode != "nan" and bad in tokens:
+            raise RuntimeError(f"boom: token {bad}")
+        out = step(tokens, positions, tables)
+        for j, t in enumerate(tokens):
+            if t == bad:
+                out[j] = float("nan")
+        return out
+    return run
+
+
+@pytest.mark.parametrize("mode", ["raise-before", "raise-after", "nan"])
+def test_a_failing_request_ends_alone_and_the_others_are_unchanged(mode):
+    m = model("llama-gqa")
+    good = prompts(6, seed=21)
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    ref = Engine(m, num_blocks=64, block_size=4).generate(good, greedy)
+    assert_informative(ref)
+    used = {t for p in good for t in p} | {t for r in ref for t in r}
+    bad = next(t for t in range(1, 97) if t not in used)
+    eng = Engine(m, num_blocks=64, block_size=4, max_batch_tokens=16)
+    eng.model = Faulty(m, bad, mode)  # the PyTorch forward (prefill chunks) fails on rows holding `bad`
+    if eng.fast is not None:
+        eng.fast.step = faulty_fast_step(eng.fast.step, bad, mode)  # and so does the C decode step
+    # a long prompt with `bad` in its second and last chunks, beside other rows; a one-token prompt
+    # (a decode-shaped row: the C step when built), added while the good ones are decoding
+    good_ids = [eng.add_request(p, greedy) for p in good[:3]]
+    bad_ids = [eng.add_request(good[3][:3] * 6 + [bad] + good[3] + [bad], greedy)]
+    outs = eng.step() + eng.step()
+    bad_ids.append(eng.add_request([bad], greedy))
+    good_ids += [eng.add_request(p, greedy) for p in good[3:]]
+    while eng.has_work():
+        outs += eng.step()
+    got = {i: [o for o in outs if o.request_id == i] for i in good_ids + bad_ids}
+    assert [[o.token for o in got[i]] for i in good_ids] == ref
+    for i in bad_ids:
+        (o,) = got[i]  # one output: the error (the bad prompt never produced a token)
+        assert o.finished and o.finish_reason == "error" and o.token is None
+        assert ("boom" in o.error) if mode != "nan" else ("NaN" in o.error)
+    assert all(o.error is None for i in good_ids for o in got[i])
+    assert eng.pool.available() == eng.pool.num_blocks and not eng.requests
+    assert eng.stats["requests_errored"] == 2 and eng.stats["requests_finished"] == 6
+
+
+def test_finished_requests_are_forgotten_and_counted():
+    m = model("gpt2")
+    eng = Engine(m, num_blocks=64, block_size=4, max_batch_tokens=32)
+    ps = prompts(100, seed=7)
+    finals, aborted = {}, set()
+    for k, p in enumerate(ps):
+        rid = eng.add_request(p, SamplingParams(max_tokens=1 + k % 4, temperature=0.8, seed=k))
+        if k % 10 == 9:
+            eng.abort(rid)  # still waiting
+            aborted.add(rid)
+        if k % 3 == 0:
+            for o in eng.step():
+                if o.finished:
+                    assert o.request_id not in finals and o.request_id not in eng.requests
+                    finals[o.request_id] = o
+    while eng.has_work():
+        for o in eng.step():
+            if o.finished:
+                assert o.request_id not in finals and o.request_id not in eng.requests
+                finals[o.request_id] = o
+    assert len(eng.requests) == 0 and eng.pool.available() == eng.pool.num_blocks
+    assert set(finals) | aborted == set(range(100)) and not set(finals) & aborted
+    assert eng.stats["requests_finished"] == 90 and eng.stats["requests_aborted"] == 10
+    assert eng.num_waiting() == eng.num_running() == 0 and eng.kv_usage() == 0.0
+    eng.abort(5)  # forgotten: nothing to do
+
+
+def test_liveness_helpers_follow_the_pool_and_queues():
+    m = model("gpt2")
+    eng = Engine(m, num_blocks=16, block_size=4, max_running=1)
+    a = eng.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=8, temperature=0))
+    eng.add_request([6, 7], SamplingParams(max_tokens=8, temperature=0))
+    assert (eng.num_waiting(), eng.num_running(), eng.kv_usage()) == (2, 0, 0.0)
+    eng.step()
+    assert (eng.num_waiting(), eng.num_running()) == (1, 1)
+    assert eng.kv_usage() == pytest.approx(2 / 16)  # 6 positions of 4 per block
+    eng.abort(a)
+    assert eng.kv_usage() == 0.0 and eng.stats["requests_aborted"] == 1
+
+
+# ---- prompt log-probabilities (scoring) ----
+
+def reference_prompt_logprobs(m, prompt, k):
+    with torch.no_grad():
+        lp = torch.log_softmax(m(torch.tensor([prompt]))[0].float(), -1)  # one plain full forward
+    rows = lp[:-1]
+    chosen = rows.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    top = torch.topk(rows, k, dim=-1)
+    return chosen, top
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa"])
+def test_prompt_logprobs_equal_a_full_forward_chunked_and_after_a_cache_hit(arch):
+    m = model(arch)
+    prompt = sum(prompts(4, seed=31), [])[:45]  # longer than max_batch_tokens: prefilled in chunks
+    assert len(prompt) == 45
+    chosen, top = reference_prompt_logprobs(m, prompt, 3)
+    eng = Engine(m, num_blocks=64, block_size=4, max_batch_tokens=16)
+    eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0))  # its blocks are now cached
+    hits = eng.stats["prefix_hit_tokens"]
+    # scoring (max_tokens 0) beside a decoding request; then with generation
+    other = eng.add_request(prompts(1, seed=32)[0], SamplingParams(max_tokens=6, temperature=0))
+    score = eng.add_request(prompt, SamplingParams(max_tokens=0, prompt_logprobs=3))
+    gen = eng.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0))
+    outs = []
+    while eng.has_work():
+        outs += eng.step()
+    assert eng.stats["prefix_hit_tokens"] == hits  # the scored prompts did not skip cached blocks
+    (s,) = [o for o in outs if o.request_id == score]
+    assert s.finished and s.finish_reason == "length" and s.token is None
+    g = [o for o in outs if o.request_id == gen]
+    assert g[0].prompt_logprobs is not None and all(o.prompt_logprobs is None for o in g[1:])
+    assert [o.token for o in g] == generate(m, prompt, 4, temperature=0)
+    assert all(o.prompt_logprobs is None for o in outs if o.request_id == other)
+    for plp, k in ((s.prompt_logprobs, 3), (g[0].prompt_logprobs, 0)):
+        assert len(plp) == len(prompt) and plp[0] == (None, [])
+        got = torch.tensor([lp for lp, _ in plp[1:]])
+        torch.testing.assert_close(got, chosen, atol=1e-5, rtol=0)
+        if k:
+            assert [[t for t, _ in alts] for _, alts in plp[1:]] == top.indices.tolist()
+            torch.testing.assert_close(torch.tensor([[v for _, v in alts] for _, alts in plp[1:]]), top.values,
+                                       atol=1e-5, rtol=0)
+        else:
+            assert all(alts == [] for _, alts in plp)
+    assert eng.pool.available() == eng.pool.num_blocks
+
+
+def test_prompt_logprobs_survive_preemption():
+    m = model("llama-gqa")
+    ps = prompts(6, seed=3)
+    eng = Engine(m, num_blocks=14, block_size=4, max_batch_tokens=8)  # tight: forces chunks and preemption
+    ids = [eng.add_request(p, SamplingParams(max_tokens=20, temperature=0, prompt_logprobs=1)) for p in ps]
+    first = {}
+    while eng.has_work():
+        for o in eng.step():
+            if o.prompt_logprobs is not None:
+                assert o.request_id not in first
+                first[o.request_id] = o.prompt_logprobs
+    assert eng.stats["preemptions"] > 0
+    for i, p in zip(ids, ps):
+        chosen, _ = reference_prompt_logprobs(m, p, 1)
+        torch.testing.assert_close(torch.tensor([lp for lp, _ in first[i][1:]]), chosen, atol=1e-5, rtol=0)
+
+
+# ---- text and stop strings in the engine ----
+
+PIECES = [b"<s>", b"Hel", b"lo", b" wo", b"rld", b" \xe2\x82", b"\xac", b"5", b" an", b"d \xf0\x9f", b"\x99",
+          b"\x82", b" ok", b"."]  # "Hello world €5 and 🙂 ok.": € split over two tokens, 🙂 over three
+
+
+class PieceTok:
+    def decode_bytes(self, ids):
+        return b"".join(PIECES[i] for i in ids)
+
+
+class Script(torch.nn.Module):
+    """A model whose greedy continuation of token i is i + 1 (the last token repeats): prompt [0]
+    reads PIECES out in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=len(PIECES), n_layer=1, n_head=1, d_model=8, max_seq_len=64)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.next = torch.tensor([min(i + 1, len(PIECES) - 1) for i in range(len(PIECES))])
+
+    def forward(self, idx, cache=None):
+        cache.advance(idx.shape[1])
+        return torch.nn.functional.one_hot(self.next[idx], len(PIECES)).float() * 10
+
+
+def script_run(max_tokens=13, eos=None, **kw):
+    eng = Engine(Script(), num_blocks=16, block_size=4, eos_token_id=eos, tokenizer=PieceTok())
+    rid = eng.add_request([0], SamplingParams(max_tokens=max_tokens, temperature=0, **kw))
+    req = eng.requests[rid]
+    outs = []
+    while eng.has_work():
+        outs += eng.step()
+    assert eng.pool.available() == 16 and not eng.requests
+    assert "".join(o.text for o in outs) == req.text
+    assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+    return req, outs
+
+
+def test_text_streams_whole_characters():
+    req, outs = script_run()
+    full = "Hello world €5 and 🙂 ok."
+    assert req.text == full and req.output == list(range(1, 14)) and outs[-1].finish_reason == "length"
+    texts = [o.text for o in outs]
+    assert texts[4:6] == [" ", "€"] and texts[8:11] == ["d ", "", "🙂"]  # never half a character
+    assert all("\ufffd" not in t for t in texts)
+
+
+def test_stop_strings_cut_the_text_and_free_the_request():
+    # spanning two tokens ("lo" + " w"): each "l" is held back until it is known not to start "lo w"
+    req, outs = script_run(stop=["lo w"])
+    assert [o.text for o in outs] == ["He", "l", ""] and req.output == [1, 2, 3]
+    assert (outs[-1].finish_reason, outs[-1].stop_reason, req.text) == ("stop", "lo w", "Hel")
+    req, outs = script_run(stop=["lo w"], include_stop_str_in_output=True)
+    assert [o.text for o in outs] == ["He", "l", "lo w"] and req.text == "Hello w"
+    # the output starts with the stop string: nothing is shown
+    req, outs = script_run(stop=["xyz", "He"])
+    assert [o.text for o in outs] == [""] and outs[0].stop_reason == "He"
+    # inside a multi-byte character's token run
+    req, outs = script_run(stop=["€5"])
+    assert req.text == "Hello world " and req.output == [1, 2, 3, 4, 5, 6, 7]
+    # min_tokens: a stop string ending within the first tokens does not count
+    req, outs = script_run(max_tokens=4, stop=["Hel"], min_tokens=2)
+    assert req.text == "Hello world" and outs[-1].finish_reason == "length"
+    # the final text is always the decoded output cut at the first stop string
+    full = PieceTok().decode_bytes(range(1, 14)).decode()
+    for i in range(len(full)):
+        for n in (1, 2, 4):
+            stop = full[i:i + n]
+            req, outs = script_run(stop=[stop])
+            text = PieceTok().decode_bytes(req.output).decode("utf-8", errors="replace")
+            assert stop in text and req.text == text[:text.find(stop)], stop
+            assert outs[-1].stop_reason == stop
+
+
+def test_stop_tokens_eos_min_tokens_and_ignore_eos():
+    req, outs = script_run(stop_token_ids=[4])  # " rld" is not shown
+    assert (req.text, req.output, outs[-1].stop_reason) == ("Hello wo", [1, 2, 3, 4], 4)
+    req, outs = script_run(eos=4)
+    assert (req.text, outs[-1].finish_reason, outs[-1].stop_reason) == ("Hello wo", "stop", None)
+    req, outs = script_run(max_tokens=6, eos=4, ignore_eos=True)
+    assert req.output == [1, 2, 3, 4, 5, 6] and outs[-1].finish_reason == "length"
+    # min_tokens masks the eos (the argmax) at the 4th token: the next best, token 0, comes instead
+    req, outs = script_run(max_tokens=10, eos=4, min_tokens=5)
+    assert req.output == [1, 2, 3, 0, 1, 2, 3, 4] and outs[-1].finish_reason == "stop"
+
+
+def test_package_exports_the_engine_interface():
+    import lmforge.infer as infer
+    from lmforge.infer.engine import StepOutput
+
+    assert (infer.Engine, infer.SamplingParams, infer.StepOutput) == (Engine, SamplingParams, StepOutput)
+    assert {"Engine", "KVCache", "SamplingParams", "StepOutput"} <= set(infer.__all__)
+    assert all(getattr(infer, n) is not None for n in infer.__all__)  # every name listed resolves

@@ -1,6 +1,10 @@
 """HF parity, both directions: GPT-2, Llama (with Llama-3 RoPE scaling), Mistral
 (sliding window), Qwen2 (qkv bias), Qwen3 (QK-norm, head_dim apart) with tiny
-random configs; batch > 1 with left padding; logits within 1e-4 in fp32."""
+random configs; batch > 1 with left padding; logits within 1e-4 in fp32. Every
+built-in preset exports to its family (the CPU-sized ones with parity checked
+against transformers and a round trip back to the same config), ReLU² travels as
+relu(gate) * up with gate = up, missing biases as zeros; a model its arch cannot
+express is refused before training (recipe validation, ``lmforge pretrain``)."""
 import json
 
 import pytest
@@ -41,9 +45,9 @@ def hf_tiny(arch):
     return m
 
 
-def batch():
+def batch(vocab=V):
     torch.manual_seed(1)
-    ids = torch.randint(0, V, (3, 12))
+    ids = torch.randint(0, vocab, (3, 12))
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, :4] = 0  # left padding
     mask[2, :7] = 0
@@ -153,6 +157,9 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     cfg = ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=32, qk_norm=True)
     with pytest.raises(ValueError, match="qk_norm"):
         export_hf(Transformer(cfg), tmp_path, arch="gpt2")
+    with pytest.raises(ValueError, match="cannot export as qwen3: ModelConfig.qk_norm must be True"):
+        export_hf(m, tmp_path / "out", arch="qwen3")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -354,3 +361,252 @@ def test_kernels_without_openmp_use_pthreads():
         assert torch.equal(torch.load(out), kernels.causal_attention(q, k, v))
     if sys.platform.startswith("linux") and os.environ.get("LMFORGE_NO_OPENMP") != "1":  # wheels load libgomp
         assert kernels._attention.threads() == "openmp"
+
+
+# ---- every preset exports; ReLU², zero biases; what cannot export fails early ----------
+
+from lmforge.model.config import PRESETS, preset  # noqa: E402
+from lmforge.model.hf import check_exportable, export_status  # noqa: E402
+
+CPU_SIZED = [n for n in PRESETS if preset(n).num_params() < 20_000_000]  # not gpt2-124m/350m, llama-1b
+
+
+def perturbed(cfg):
+    """A model of ``cfg`` with every parameter random and non-degenerate: norm (and QK-norm)
+    weights away from 1, biases away from 0, zero-initialized projections filled."""
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def same_model(a: ModelConfig, b: ModelConfig) -> None:
+    """The fields that shape the function (derived sizes, not how they were spelled; not init-only fields)."""
+    skip = {"n_kv_head", "head_dim", "d_ff", "init_std", "zero_init_proj", "dropout"}
+    if a.norm == "rmsnorm":
+        skip.add("norm_bias")  # RMSNorm has none either way
+    da, db = ({k: v for k, v in c.to_dict().items() if k not in skip} for c in (a, b))
+    assert da == db
+    assert (a.kv_heads, a.hd, a.ff) == (b.kv_heads, b.hd, b.ff)
+
+
+def export_and_compare(ours, tmp_path, arch=None):
+    """Export, load with transformers, compare logits; import back: same config, tensors, logits."""
+    cfg = ours.cfg
+    export_hf(ours, tmp_path, arch=arch)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ids, mask, pos = batch(cfg.vocab_size)
+    if cfg.pos == "learned":  # left padding moves no position past max_seq_len here
+        assert ids.shape[1] <= cfg.max_seq_len
+    err, err2 = compare(ours, hf, ids, mask, pos)
+    assert err < 1e-4 and err2 < 1e-4, (err, err2)
+    back, _ = import_hf(tmp_path)
+    same_model(back.cfg, cfg)
+    assert back.cfg.arch == (arch or cfg.arch)
+    own, theirs = ours.state_dict(), back.state_dict()
+    assert set(own) == set(theirs)
+    for k, v in own.items():
+        assert torch.equal(v, theirs[k]), k
+    with torch.no_grad():
+        assert torch.equal(ours(ids), back.eval()(ids))
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_names_a_family_that_expresses_it(name):
+    cfg = preset(name)
+    assert cfg.arch != "none", f"preset {name} is not exported"
+    check_exportable(cfg, cfg.arch)
+    st = export_status(cfg)
+    assert st["exports"] and st["why"] is None and cfg.arch in st["expressible_as"]
+
+
+@pytest.mark.parametrize("name", CPU_SIZED)
+def test_cpu_presets_export_with_parity(name, tmp_path):
+    cfg = preset(name)
+    conf = export_and_compare(perturbed(cfg), tmp_path)
+    assert conf["model_type"] == cfg.arch
+    if name == "shakespeare-cpu":  # ReLU² as a gated ReLU with gate = up
+        assert conf["hidden_act"] == "relu" and conf["model_type"] == "qwen3"
+        from safetensors.torch import load_file
+
+        t = load_file(tmp_path / "model.safetensors")
+        assert torch.equal(t["model.layers.2.mlp.gate_proj.weight"], t["model.layers.2.mlp.up_proj.weight"])
+    if name == "baby-gpt":  # exact GELU, every bias written as zeros
+        assert conf["activation_function"] == "gelu"
+        from safetensors.torch import load_file
+
+        t = load_file(tmp_path / "model.safetensors")
+        assert not t["transformer.h.0.attn.c_attn.bias"].any() and not t["transformer.ln_f.bias"].any()
+
+
+ODD = {  # choices the families express only through the identities (ReLU², zero biases)
+    "llama-relu2-biases": (dict(norm="rmsnorm", mlp="relu2", pos="rope", qkv_bias=True, out_bias=False,
+                                mlp_bias=True, n_kv_head=2, tie_embeddings=False), "llama"),
+    "qwen2-no-qkv-bias": (dict(norm="rmsnorm", mlp="swiglu", d_ff=96, pos="rope", qkv_bias=False, out_bias=False,
+                               mlp_bias=False), "qwen2"),
+    "qwen3-out-bias-only": (dict(norm="rmsnorm", mlp="relu2", pos="rope", qk_norm=True, qkv_bias=False,
+                                 out_bias=True, mlp_bias=False, head_dim=24), "qwen3"),
+    "gpt2-relu2-some-biases": (dict(mlp="relu2", qkv_bias=False, norm_bias=False, tie_embeddings=False), "gpt2"),
+    "mistral-relu2": (dict(norm="rmsnorm", mlp="relu2", pos="rope", qkv_bias=False, out_bias=False,
+                           mlp_bias=False, sliding_window=5, n_kv_head=1), "mistral"),
+}
+
+
+@pytest.mark.parametrize("name", list(ODD))
+def test_identities_export_with_parity(name, tmp_path):
+    kw, arch = ODD[name]
+    cfg = ModelConfig(vocab_size=V, n_layer=2, n_head=4, d_model=64, max_seq_len=64, arch=arch, **kw)
+    export_and_compare(perturbed(cfg), tmp_path)
+
+
+def test_gated_relu_is_refused_on_import(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.model import load_config
+
+    export_hf(perturbed(preset("shakespeare-cpu", vocab_size=V)), tmp_path)
+    assert load_config(tmp_path).mlp == "relu2"  # from the few tensors it reads
+    t = load_file(tmp_path / "model.safetensors")
+    t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"] * 1.5
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"gate_proj.weight != up_proj.weight \(layer 1\) is a gated ReLU"):
+        import_hf(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match="needs the weights"):
+        from lmforge.model.hf import config_from_hf
+
+        config_from_hf(conf)
+
+
+@pytest.mark.parametrize("kw,arch,msg", [
+    (dict(pos="learned"), "qwen3", "ModelConfig.pos must be 'rope'"),
+    (dict(logit_softcap=30.0), "qwen3", "logit_softcap must be None"),
+    (dict(sliding_window=8), "qwen3", "sliding_window must be None"),
+    (dict(sliding_window=8, qk_norm=False), "llama", "sliding_window must be None"),
+    (dict(), "llama", "qk_norm must be False"),
+    (dict(qk_norm=False), "qwen3", "qk_norm must be True"),
+    (dict(qk_norm=False, qkv_bias=True), "mistral", "qkv_bias must be False"),
+    (dict(qk_norm=False, out_bias=True), "qwen2", "out_bias must be False"),
+    (dict(mlp_bias=True), "qwen3", "mlp_bias must be False"),
+    (dict(mlp="gelu"), "qwen3", "mlp must be one of swiglu, relu2"),
+    (dict(qk_norm=False, rope_scaling={"type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+     "qwen2", "rope_scaling must be None"),
+    (dict(), "gpt2", "norm must be 'layernorm'"),
+    (dict(norm="layernorm", pos="learned", mlp="swiglu", qk_norm=False), "gpt2", "mlp must be one of"),
+    (dict(norm="layernorm", pos="learned", qk_norm=False, n_kv_head=1), "gpt2", "n_kv_head must be None"),
+    (dict(), "none", "arch 'none' means the model is not exported"),
+])
+def test_check_exportable_names_the_field(kw, arch, msg):
+    cfg = preset("shakespeare-cpu", **kw)
+    with pytest.raises(ValueError, match=msg):
+        check_exportable(cfg, arch)
+
+
+def test_recipe_that_cannot_export_fails_validation_before_any_work(tmp_path):
+    from lmforge.cli import main
+    from lmforge.pipeline import load_recipe
+
+    learned = 'train.model={"mlp": "swiglu", "d_ff": 256, "arch": "qwen3", "pos": "learned"}'
+    with pytest.raises(ValueError, match=r"train.model: model.arch = 'qwen3' but cannot export as qwen3: "
+                                         r"ModelConfig.pos must be 'rope'"):
+        load_recipe("default", [learned])
+    # a model not tied to a family, exported as one that cannot express it
+    sets = ['train.model={"arch": "none", "pos": "learned"}', "export.arch=qwen3"]
+    with pytest.raises(ValueError, match="export: cannot export as qwen3: ModelConfig.pos must be 'rope'"):
+        load_recipe("default", sets)
+    with pytest.raises(ValueError, match="export: the model's arch is 'none'"):
+        load_recipe("default", ['train.model={"arch": "none"}'])
+    load_recipe("default", ['train.model={"arch": "none"}', "export.arch=none"])  # the stage skips: fine
+    assert main(["run", "default", "--set", learned, "--runs", str(tmp_path / "runs"), "-q"]) == 2
+    assert not (tmp_path / "runs").exists()  # nothing fetched, tokenized or trained
+
+
+def test_pretrain_refuses_a_model_its_arch_cannot_express(tmp_path, corpus_files):
+    from lmforge.cli import main
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--text", str(corpus_files[0]), "--preset", "shakespeare-cpu", "--max-steps", "1",
+            "--out", str(out), "-q"]
+    assert main(args + ["--set", "model.pos=learned"]) == 2
+    assert not out.exists()  # before the tokenizer, the data and the first step
+
+
+def test_model_info_names_the_hf_family(tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.model import save
+
+    assert main(["model", "info"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in table[1:] if line.split()[0] in PRESETS}
+    assert set(rows) == set(PRESETS)
+    assert rows["shakespeare-cpu"].endswith("qwen3") and rows["baby-gpt"].endswith("gpt2")
+    assert "4 x 96" in rows["shakespeare-cpu"] and f"{preset('shakespeare-cpu').num_params():,}" in rows["shakespeare-cpu"]
+    assert main(["model", "info", "shakespeare-cpu"]) == 0
+    assert "HF export         qwen3 (Qwen3ForCausalLM)" in capsys.readouterr().out
+    assert main(["model", "info", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {r["name"]: r["hf_export"]["arch"] for r in listed}["baby-gpt"] == "gpt2"
+    # a checkpoint that is not exported says so, and which families could take it
+    save(Transformer(preset("tiny-llama", arch="none", vocab_size=V)), tmp_path / "m")
+    assert main(["model", "info", str(tmp_path / "m")]) == 0
+    assert "not by default: arch is 'none' (not exported); expressible as llama, mistral, qwen2" in \
+        capsys.readouterr().out
+    assert main(["model", "info", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a preset nor a model directory" in err and "shakespeare-cpu" in err
+
+
+@pytest.mark.parametrize("name", ["baby-gpt", "shakespeare-cpu"])
+def test_a_trained_cpu_preset_exports_with_its_tokenizer(name, tmp_path, corpus_files):
+    """The user's path: `lmforge pretrain --preset NAME` (its own recipe and tokenizer), then
+    `lmforge export`; transformers tokenizes like lmforge and computes the same logits."""
+    from lmforge.cli import main
+
+    text = tmp_path / "plays.txt"
+    text.write_text(corpus_files[0].read_text(encoding="utf-8")[:40000], encoding="utf-8")
+    run, hf_dir = tmp_path / "run", tmp_path / "hf"
+    assert main(["pretrain", "--text", str(text), "--preset", name, "--max-steps", "2", "--set", "eval_every=0",
+                 "--set", "final_eval_batches=1", "--set", "peak_flops=1e11", "--out", str(run), "-q"]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(hf_dir)]) == 0
+    ours, tok = load(run)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    sample = "KING.\nMy lords, to be, or not to be:\n  that is the question."
+    ids = hf_tok(sample)["input_ids"]
+    assert ids == tok.encode(sample) and hf_tok.decode(ids) == sample
+    x = torch.tensor([ids[:ours.cfg.max_seq_len]])
+    with torch.no_grad():
+        assert (ours.eval()(x) - hf(input_ids=x).logits).abs().max() < 1e-4
+        back, tok2 = load(hf_dir)
+        same_model(back.cfg, ours.cfg)
+        assert torch.equal(back.eval()(x), ours(x)) and tok2.encode(sample) == ids
+
+
+def test_char_tokenizer_as_hf_wordlevel(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenize.char import CharTokenizer
+    from lmforge.tokenize.formats import load_hf, save_hf
+
+    tok = CharTokenizer.train(["To be, or not to be?\n  That is\tthe question: é"], special_tokens=["<|endoftext|>"],
+                              unk="?")
+    save_hf(tok, tmp_path / "tokenizer.json")
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = "that is\n\n  not the question ... zz é"  # '.', 'z' are outside the alphabet: the unk, '?'
+    ids = tok.encode(text)
+    assert theirs.encode(text).ids == ids and ids.count(tok.token_to_id("?")) == 5
+    assert theirs.decode(ids) == tok.decode(ids)
+    assert theirs.token_to_id("<|endoftext|>") == tok.special_tokens["<|endoftext|>"]
+    back = load_hf(tmp_path / "tokenizer.json")
+    assert (back.chars, back.special_tokens, back.unk) == (tok.chars, tok.special_tokens, tok.unk)
+    d = json.loads((tmp_path / "tokenizer.json").read_text())
+    d["model"]["vocab"]["ab"] = len(d["model"]["vocab"])
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="read only as lmforge's character tokenizer"):
+        load_hf(tmp_path / "tokenizer.json")

@@ -261,3 +261,28 @@ def test_killed_run_resumes_to_the_same_artifacts(small_corpus, tmp_path):  # no
     final = json.loads((model / "final.json").read_text())
     assert final["resumed_from_step"] == ck_step and final["steps_this_run"] == 40 - ck_step
     assert digests(tmp_path / "cut") == digests(tmp_path / "ref")
+
+
+def test_resume_with_larger_bounds_keeps_the_schedule_continuous(text_file, tmp_path):
+    """Interrupted at step 7 of 12, resumed with max_steps=24: the learning rate goes on from where it was
+    (no jump back up to the cosine's early values) and still ends at the schedule's minimum."""
+    cut = tmp_path / "cut"
+
+    def die(step, rec):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(text_file, cut, schedule="cosine", min_lr_ratio=0.1), on_step=die, quiet=True)
+    train(cfg_for(text_file, cut, schedule="cosine", min_lr_ratio=0.1, max_steps=24, resume=True), quiet=True)
+    lrs = {r["step"]: r["lr"] for r in step_lines(cut / "metrics.jsonl")}
+    assert sorted(lrs) == list(range(1, 25))
+    ev = next(r for r in records(cut / "metrics.jsonl") if r.get("event") == "resumed")
+    assert ev["schedule"] == {"progress_at_checkpoint": round(7 / 12, 6), "share_of_new_bounds": round(7 / 24, 6)}
+    # the first step after the resume runs at the rate the uninterrupted 12-step run had there
+    ref = tmp_path / "ref"
+    train(cfg_for(text_file, ref, schedule="cosine", min_lr_ratio=0.1, max_steps=12), quiet=True)
+    ref_lrs = {r["step"]: r["lr"] for r in step_lines(ref / "metrics.jsonl")}
+    assert [lrs[s] for s in range(1, 9)] == pytest.approx([ref_lrs[s] for s in range(1, 9)], rel=1e-9)
+    assert all(lrs[s + 1] <= lrs[s] + 1e-12 for s in range(7, 24))  # decays on, never back up
+    assert lrs[24] == pytest.approx(min(lrs.values()), rel=1e-6)

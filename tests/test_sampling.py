@@ -72,7 +72,11 @@ def test_logprobs():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=-1), "max_tokens"),
+    (dict(max_tokens=True), "max_tokens"), (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"), (dict(ignore_eos=1), "ignore_eos"),
+    (dict(stop="END"), "stop"), (dict(stop_token_ids=[50]), "stop_token_ids.*outside"),
+    (dict(logit_bias={1: float("nan")}), "logit_bias"), (dict(temperature=float("nan")), "temperature"),
     (dict(logit_bias={99: 1}), "outside the vocabulary"), (dict(presence_penalty=3), "presence_penalty"),
 ])
 def test_bad_params(kw, msg):
@@ -101,3 +105,42 @@ def test_stream_never_splits_a_character_and_holds_stop_prefixes():
     assert out == "a END b"
     ts = TextStream(ByteTok())
     assert ts.push(0xE6) == "" and ts.flush() == "\ufffd"
+
+
+def test_min_tokens_masks_the_stop_tokens_then_lets_them_through():
+    x = torch.zeros(10)
+    x[4] = 5.0  # the eos: the argmax
+    x[6] = 3.0  # a stop token id: second
+    s = Sampler(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[6], logprobs=2), eos_token_id=4)
+    for _ in range(2):  # both stops are -inf, the rest tie at 0: the first index wins
+        r = s.sample(x)
+        assert r.token == 0 and {t for t, _ in r.top_logprobs}.isdisjoint({4, 6})
+    assert s.sample(x).token == 4  # two tokens exist: the eos is back
+    # ignore_eos: nothing to mask (those tokens end nothing)
+    assert Sampler(SamplingParams(temperature=0, min_tokens=2, ignore_eos=True), eos_token_id=4).sample(x).token == 4
+
+
+def test_nan_logits_raise_a_clear_error():
+    x = torch.zeros(10)
+    x[3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN at token ids \[3\]"):
+        Sampler(SamplingParams(temperature=1.0, seed=0)).sample(x)
+
+
+def test_stream_stop_choice_include_and_unchecked_text():
+    # the stop string that starts first wins, whatever the order of the list
+    ts = TextStream(ByteTok(), stop=["cd", "bcx"])
+    out = "".join(ts.push(i) for i in b"abcdx")
+    assert (out, ts.stop_reason) == ("ab", "cd")
+    ts = TextStream(ByteTok(), stop=["bc", "abc"])
+    assert "".join(ts.push(i) for i in b"xabc") == "x" and ts.stop_reason == "abc"
+    ts = TextStream(ByteTok(), stop=["lo w"], include_stop=True)
+    assert "".join(ts.push(i) for i in b"hello world") == "hello w" and ts.stopped
+    # unchecked text (min_tokens): a stop string that ends there does not count; one that begins
+    # there and ends later does
+    ts = TextStream(ByteTok(), stop=["ab"])
+    assert ts.push(ord("a"), check_stop=False) + ts.push(ord("b"), check_stop=False) == "ab"
+    assert ts.push(ord("c")) == "c" and not ts.stopped
+    ts = TextStream(ByteTok(), stop=["abc"])
+    assert ts.push(ord("a"), check_stop=False) + ts.push(ord("b"), check_stop=False) == ""  # held back
+    assert ts.push(ord("c")) == "" and ts.stop_reason == "abc"

@@ -301,5 +301,5 @@ def test_trainer_bigram_init(text_file, tmp_path):
         runs[init] = train(cfg_for(text_file, tmp_path / init, model=model, init=init, max_steps=1, eval_every=0),
                            quiet=True)
     assert runs["bigram"]["val_bpb"] < runs["default"]["val_bpb"] - 1.0
-    with pytest.raises(ValueError, match="init must be"):
+    with pytest.raises(ValueError, match="init: expected one of default, bigram"):
         train(cfg_for(text_file, tmp_path / "bad", init="trigram"), quiet=True)

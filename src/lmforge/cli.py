@@ -246,13 +246,44 @@ def cmd_tok_demo(a) -> int:
 
 # ---- model, pretrain, eval, export ------------------------------------------------------
 
+def _export_line(st: dict) -> str:
+    if st["exports"]:
+        others = [f for f in st["expressible_as"] if f != st["arch"]]
+        return f"{st['arch']} ({st['hf_class']}" + (f"; also expressible as {', '.join(others)}" if others else "") + ")"
+    also = f"; expressible as {', '.join(st['expressible_as'])} (--arch)" if st["expressible_as"] else ""
+    return f"not by default: {st['why']}{also}"
+
+
 def cmd_model_info(a) -> int:
     from .model import PRESETS, describe, load_config, preset
+    from .model.hf import export_status
 
-    cfg = preset(a.name) if a.name in PRESETS else load_config(a.name)
+    if a.name is None:  # every preset, one line each
+        rows = []
+        for name in PRESETS:
+            cfg = preset(name)
+            rows.append({"name": name, "params": cfg.num_params(), "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+                         "hf_export": export_status(cfg)})
+        if a.json:
+            print(json.dumps(rows))
+            return 0
+        print(f"{'preset':<16} {'params':>13}  {'layers x width':<15} HF family")
+        for r in rows:
+            st = r["hf_export"]
+            fam = st["arch"] if st["exports"] else "- (" + (", ".join(st["expressible_as"]) or "none") + " with --arch)"
+            print(f"{r['name']:<16} {r['params']:>13,}  {r['n_layer']:>3} x {r['d_model']:<9} {fam}")
+        print("(vocabularies as the presets name them; `lmforge pretrain` sizes it to the tokenizer)")
+        return 0
+    if a.name in PRESETS:
+        cfg = preset(a.name)
+    elif Path(a.name).is_dir():
+        cfg = load_config(a.name)
+    else:
+        raise ValueError(f"{a.name!r} is neither a preset nor a model directory; presets: {', '.join(PRESETS)}")
     d = describe(cfg, a.seq_len)
+    st = export_status(cfg)
     if a.json:
-        print(json.dumps({"config": cfg.to_dict(), **d}))
+        print(json.dumps({"config": cfg.to_dict(), **d, "hf_export": st}))
         return 0
     print(f"{a.name}: {cfg.arch}-style, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), "
           f"d_model {cfg.d_model}, d_ff {cfg.ff}, vocab {cfg.vocab_size}, {cfg.pos} positions, {cfg.norm}, {cfg.mlp}")
@@ -262,6 +293,7 @@ def cmd_model_info(a) -> int:
     print(f"weights           {d['weights_mb_fp32']:,.1f} MB fp32, {d['weights_mb_bf16']:,.1f} MB bf16")
     print(f"training state    {d['train_state_mb_fp32_adamw']:,.1f} MB (fp32 weights, grads, AdamW moments)")
     print(f"KV cache          {d['kv_cache_bytes_per_token_bf16']:,} bytes/token in bf16")
+    print(f"HF export         {_export_line(st)}")
     return 0
 
 
@@ -398,45 +430,87 @@ def cmd_generate(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from .infer.server import make_server
+    import logging
+    import os
+
+    from .infer.server import build_app, serve
+    from .model import load_tokens
 
     model, tok = _model_and_tokenizer(a.checkpoint)
     name = a.name or Path(a.checkpoint).resolve().name
-    httpd = make_server(model, tok, a.host, a.port, name, num_blocks=a.num_blocks, block_size=a.block_size,
-                        max_batch_tokens=a.max_batch_tokens)
-    print(f"serving {name} on http://{a.host}:{httpd.server_address[1]}  (OpenAI API at /v1, chat page at /)",
-          file=sys.stderr, flush=True)
+    key = a.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = build_app(model, tok, load_tokens(a.checkpoint, tok), name, api_key=key, cors_origins=a.cors_origin or (),
+                    allowed_hosts=a.allowed_host or None, max_body_bytes=a.max_body, max_queued=a.max_queue,
+                    request_timeout_s=a.timeout, num_blocks=a.num_blocks, block_size=a.block_size,
+                    max_batch_tokens=a.max_batch_tokens)
+
+    def bound(port):
+        print(f"serving {name} on http://{a.host}:{port}  (OpenAI API at /v1, chat page at /"
+              f"{', API key required' if key else ''})", file=sys.stderr, flush=True)
+        if a.host not in ("127.0.0.1", "localhost", "::1") and not a.allowed_host:
+            print("note: clients must use an IP address or localhost in the URL; add --allowed-host NAME for a "
+                  "host name", file=sys.stderr, flush=True)
     try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        httpd.server_close()
+        serve(app, a.host, a.port, on_bound=bound)
+    except OSError as e:
+        print(f"lmforge serve: cannot listen on {a.host}:{a.port}: {e.strerror or e}", file=sys.stderr)
+        app.state.service.loop.close()
+        return 1
     return 0
 
 
 def cmd_chat(a) -> int:
-    from .infer.server import Server
+    """A terminal chat on the Python API. The conversation is kept within the model's context by dropping
+    the oldest turns (a system message stays), said on stderr; each reply may use what the context leaves,
+    up to --max-tokens. An error in one turn is printed and the chat goes on."""
+    from .infer.llm import LM
 
-    model, tok = _model_and_tokenizer(a.checkpoint)
-    app = Server(model, tok)
-    p = _sampling(a)
-    p.stop_token_ids = [t for t in (app.end_id, app.eos_id) if t is not None]
+    lm = LM.load(a.checkpoint)
+    if a.max_tokens < 1:
+        raise ValueError(f"--max-tokens: must be at least 1, got {a.max_tokens}")
+    sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    reserve = max(1, min(a.max_tokens, lm.max_context // 2))  # room kept for a reply when trimming
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    print("lmforge chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    print(f"lmforge chat: {lm}; empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
         except EOFError:
             break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
-        ids = app.prompt_ids({"messages": messages}, chat=True)
+        try:
+            fitted, dropped = lm.fit_messages(messages + [{"role": "user", "content": line}], reserve)
+        except ValueError as e:
+            print(f"error: {e}; say something shorter", file=sys.stderr)
+            continue
+        except Exception as e:  # noqa: BLE001 - e.g. a chat template that refuses the conversation
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"(dropped {dropped} earlier turn{'s' if dropped != 1 else ''} to fit the "
+                  f"{lm.max_context}-token context)", file=sys.stderr)
+        messages = fitted
+        max_tokens = min(a.max_tokens, lm.max_context - len(lm.encode_chat(messages)))
         print("model> ", end="", flush=True)
-        text, *_ = app.run_choice(ids, p, on_text=lambda piece, e: print(piece, end="", flush=True))
+        pieces = []
+        try:
+            for piece in lm.chat_stream(messages, max_tokens=max_tokens, **sampling):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
+            print(" [interrupted]", end="")
+        except Exception as e:  # noqa: BLE001 - the chat goes on; the turn is forgotten
+            print()
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            messages.pop()
+            continue
         print()
-        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "assistant", "content": "".join(pieces)})
     return 0
 
 
@@ -581,10 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("model", help="model: presets and sizes", description="Inspect model configurations.")
     msub = mo.add_subparsers(dest="cmd", metavar="CMD")
     msub.required = True
-    mi = msub.add_parser("info", help="parameters, FLOPs per token and memory of a preset or checkpoint",
+    mi = msub.add_parser("info", help="parameters, FLOPs per token, memory and HF family of a preset or checkpoint "
+                         "(no name: every preset)",
                          description="Parameters, training/forward FLOPs per token, weight and training-state "
-                         "memory and KV-cache size of a preset (see lmforge.model.PRESETS) or a model directory.")
-    mi.add_argument("name", help="a preset name or a model directory")
+                         "memory, KV-cache size and the HF family `lmforge export` writes, of a preset (see "
+                         "lmforge.model.PRESETS) or a model directory. With no name: a table of every preset.")
+    mi.add_argument("name", nargs="?", default=None, help="a preset name or a model directory (none: list the presets)")
     mi.add_argument("--seq-len", type=int, default=None, help="context length for the attention FLOPs")
     mi.add_argument("--json", action="store_true")
     mi.set_defaults(fn=cmd_model_info)
@@ -655,8 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.set_defaults(fn=cmd_generate)
 
     se = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (and a chat page at /)",
-                        description="Serve a model over /v1/models, /v1/completions, /v1/chat/completions and "
-                        "/health (OpenAI wire format, streaming by server-sent events), with continuous batching.")
+                        description="Serve a model over /v1/models, /v1/completions, /v1/chat/completions, /tokenize, "
+                        "/detokenize, /health, /metrics and /version (OpenAI wire format, streaming by server-sent "
+                        "events; uvicorn + Starlette), with continuous batching.")
     se.add_argument("--checkpoint", required=True)
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
@@ -664,10 +741,24 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--num-blocks", type=int, default=1024, help="KV cache blocks")
     se.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     se.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step (prefill budget)")
+    se.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY; / and /health stay open)")
+    se.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                    help="allow cross-origin requests from ORIGIN (repeatable; '*' for any; default: none)")
+    se.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                    help="accept this Host header name besides IP addresses and localhost (repeatable; '*': any)")
+    se.add_argument("--max-queue", type=int, default=1024,
+                    help="most sequences in flight (running or waiting) before requests get 429")
+    se.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (413 beyond)")
+    se.add_argument("--timeout", type=float, default=600.0, help="seconds a generation request may take")
     se.set_defaults(fn=cmd_serve)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal (streaming)",
-                        description="An interactive chat using the chat format; replies stream as they are made.")
+                        description="An interactive chat in the model's chat template; replies stream as they are "
+                        "made and stop at the model's stop tokens (and, with the plain template, at the next "
+                        "turn). When the conversation outgrows the model's context the oldest turns are dropped "
+                        "(a system message is kept), and stderr says so; a reply may use what the context "
+                        "leaves, up to --max-tokens. An empty line or Ctrl-D quits; Ctrl-C ends a reply.")
     ch.add_argument("--checkpoint", required=True)
     ch.add_argument("--system", default=None, help="a system message")
     sampling_args(ch, 200)

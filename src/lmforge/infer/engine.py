@@ -1,8 +1,8 @@
 """The engine: continuous batching over a paged KV cache.
 
-Knows requests, the scheduler and the step loop; knows nothing about
-tokenization or HTTP (it works on token ids; the server and ``generate`` sit on
-top). Every step:
+Knows requests, the scheduler and the step loop; knows nothing about HTTP (the
+server sits on top) and tokenizes nothing: it works on token ids, and, given a
+tokenizer, detokenizes its outputs incrementally to apply stop strings. Every step:
 
 1. admit waiting requests while blocks and the token budget allow; a prompt
    longer than what is left of the budget is prefilled in chunks over several
@@ -14,10 +14,37 @@ top). Every step:
    their blocks; when a decode step has no free block, the most recently
    admitted sequence is preempted (its blocks freed, its tokens kept) and
    recomputed when blocks are free again.
+
+One bad request cannot stop the others: ``add_request`` checks everything it can
+before admission (ValueError naming the value); if the batched forward raises,
+each planned row is run again alone (as vLLM isolates a failing request) and the
+rows that still fail, and any request whose sampling or detokenization raises,
+finish with ``finish_reason == "error"`` and the message in ``StepOutput.error``;
+the others go on. A finished request leaves ``Engine.requests`` once ``step``
+has returned its final ``StepOutput``.
+
+``StepOutput`` (one per request per step that produced something):
+
+* ``token``: the new token id (None when there is none: ``max_tokens == 0`` or an error);
+* ``text``: the new text that is safe to show (with a tokenizer; '' without): never
+  half a UTF-8 character, never the start of a possible stop string;
+* ``finished``, ``finish_reason`` ("stop", "length" or "error"), ``stop_reason`` (the
+  matched stop string, or the stop token id; None for the engine's eos and otherwise);
+* ``logprob``, ``top_logprobs`` (with ``logprobs``), ``error`` (with "error");
+* ``prompt_logprobs`` (with ``prompt_logprobs``), on the request's first StepOutput only:
+  one ``(logprob, [(id, logprob), ...top k])`` per prompt token given the ones before it,
+  ``(None, [])`` for the first; the raw model distribution (no penalties, no temperature).
+
+Tokens and text of a stopped request: ``Request.output`` keeps every sampled token,
+including the one that completed a stop string or that is a stop token; ``Request.text``
+is the decoded output cut before the stop string (after it with
+``include_stop_str_in_output``), without the stop token.
 """
 from __future__ import annotations
 
 import itertools
+import logging
+import operator
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,7 +53,9 @@ import torch
 
 from .paged import BlockPool, PagedBatch, Sequence, block_hashes
 from .fastpath import FastDecoder
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TextStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,6 +70,11 @@ class Request:
     done_tokens: int = 0  # tokens of prompt + output already in the cache
     finished: bool = False
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    text: str = ""  # the output's text so far (with a tokenizer)
+    stream: TextStream | None = None
+    prompt_logprobs: list | None = None  # filled position by position while the prompt is prefilled
     hashes: list = field(default_factory=list)  # chained hashes of this sequence's full blocks
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
@@ -58,15 +92,24 @@ class StepOutput:
     finish_reason: str | None = None
     logprob: float | None = None
     top_logprobs: list | None = None
+    text: str = ""
+    stop_reason: int | str | None = None
+    error: str | None = None
+    prompt_logprobs: list | None = None
 
 
 class Engine:
     def __init__(self, model, num_blocks: int = 512, block_size: int = 16, max_batch_tokens: int = 512,
-                 max_running: int = 64, eos_token_id: int | None = None):
+                 max_running: int = 64, eos_token_id: int | None = None, tokenizer=None):
+        for name, v in (("max_batch_tokens", max_batch_tokens), ("max_running", max_running)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.model = model.eval()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cfg = model.cfg
+        if eos_token_id is not None and not 0 <= eos_token_id < self.cfg.vocab_size:
+            raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
         self.pool = BlockPool(self.cfg, num_blocks, block_size, self.device, self.dtype)
         self.fast = None  # decode rows in one C call per step (CPU float32), prefill chunks in PyTorch
         if FastDecoder.supported(self.model):
@@ -74,36 +117,76 @@ class Engine:
             self.fast.bind(self.pool.k, self.pool.v)
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.eos = eos_token_id
+        self.tokenizer = tokenizer
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[int, Request] = {}
+        self.requests: dict[int, Request] = {}  # not yet finished, or finished in the step being returned
         self._ids = itertools.count()
         self.stats = {"steps": 0, "preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0,
                       "prompt_tokens": 0, "prefix_hit_tokens": 0,
                       # continuous batching at work: steps whose forward ran more than one sequence
-                      "multi_sequence_steps": 0, "max_sequences_in_step": 0}
+                      "multi_sequence_steps": 0, "max_sequences_in_step": 0,
+                      # how requests ended: finished (stop or length), errored, aborted
+                      "requests_finished": 0, "requests_errored": 0, "requests_aborted": 0}
 
     # ---- requests ----
     def add_request(self, prompt: list[int], params: SamplingParams | None = None) -> int:
-        params = params or SamplingParams()
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        limit = self.cfg.max_seq_len
-        if self.cfg.pos == "learned" and len(prompt) + params.max_tokens > limit:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"model's context of {limit} tokens")
-        need = self.pool.blocks_needed(len(prompt) + params.max_tokens)
+        """Queue a request; raises ValueError (naming the value) for anything it could not run."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        V = self.cfg.vocab_size
+        params.validate(V)
+        prompt = self._check_prompt(prompt, V)
+        limit, total = self.cfg.max_seq_len, len(prompt) + params.max_tokens
+        if total > limit:
+            raise ValueError(f"this model's maximum context length is {limit} tokens, but {total} were requested "
+                             f"({len(prompt)} in the prompt, {params.max_tokens} for the completion): that exceeds "
+                             f"the model's context; reduce the prompt or max_tokens")
+        need = self.pool.blocks_needed(total)
         if need > self.pool.num_blocks:
-            raise ValueError(f"the request needs {need} KV blocks; the pool has {self.pool.num_blocks}")
+            raise ValueError(f"the request needs {need} KV blocks ({total} tokens); the pool has "
+                             f"{self.pool.num_blocks} of {self.pool.block_size} tokens")
+        if any(params.stop) and self.tokenizer is None:
+            raise ValueError(f"stop strings {params.stop!r} need a tokenizer: build the Engine with tokenizer=...")
         rid = next(self._ids)
-        req = Request(rid, list(prompt), params, Sampler(params, prompt, self.cfg.vocab_size))
+        req = Request(rid, prompt, params, Sampler(params, prompt, V, None if params.ignore_eos else self.eos))
+        if self.tokenizer is not None:
+            req.stream = TextStream(self.tokenizer, params.stop, params.include_stop_str_in_output)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [(None, [])]
         self.requests[rid] = req
         self.waiting.append(req)
         return rid
 
+    @staticmethod
+    def _check_prompt(prompt, vocab_size: int) -> list[int]:
+        if isinstance(prompt, (str, bytes)):
+            raise ValueError("the prompt must be a list of token ids, got text (tokenize it first)")
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise ValueError(f"the prompt must be a list of token ids, got {type(prompt).__name__}") from None
+        if not ids:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        out = []
+        for i, t in enumerate(ids):
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                t = operator.index(t)
+            except TypeError:
+                raise ValueError(f"prompt token at position {i} is not an integer token id: {t!r} "
+                                 f"({type(t).__name__})") from None
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"prompt token id {t} at position {i} is outside the vocabulary "
+                                 f"(0..{vocab_size - 1})")
+            out.append(t)
+        return out
+
     def abort(self, rid: int) -> None:
-        """Stop a request (e.g. its client went away) and free its blocks."""
-        req = self.requests.get(rid)
+        """Stop a request (e.g. its client went away), free its blocks and forget it."""
+        req = self.requests.pop(rid, None)
         if req is None or req.finished:
             return
         self._finish(req, "abort")
@@ -113,9 +196,21 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def kv_usage(self) -> float:
+        """Fraction of the KV blocks held by sequences (cached prefixes nobody uses count as free)."""
+        return 1.0 - self.pool.available() / self.pool.num_blocks
+
     # ---- the step ----
     def _finish(self, req: Request, reason: str) -> None:
         req.finished, req.finish_reason = True, reason
+        key = {"abort": "requests_aborted", "error": "requests_errored"}.get(reason, "requests_finished")
+        self.stats[key] += 1
         if req.seq is not None:
             self.pool.release(req.seq.blocks)
             req.seq = None
@@ -174,7 +269,9 @@ class Engine:
         """Reuse cached blocks for the longest known prefix (at least one token is left to compute)."""
         bs = self.pool.block_size
         toks = req.tokens
-        req.hashes = block_hashes(toks[: len(toks) - 1], bs)
+        # prompt log-probabilities need the logits of every prompt position: no skipping until they exist
+        scoring = req.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt)
+        req.hashes = [] if scoring else block_hashes(toks[: len(toks) - 1], bs)
         blocks = self.pool.lookup(req.hashes)
         req.hashes = req.hashes[: len(blocks)]
         req.seq.blocks = blocks
@@ -207,33 +304,119 @@ class Engine:
         plan = self._schedule()
         if not plan:
             return []
-        logits = self._forward(plan)
+        logits, outs = self._forward_isolated(plan)
         self.stats["steps"] += 1
         self.stats["multi_sequence_steps"] += len(plan) > 1
         self.stats["max_sequences_in_step"] = max(self.stats["max_sequences_in_step"], len(plan))
-        outs: list[StepOutput] = []
-        for i, (req, n) in enumerate(plan):
-            req.done_tokens += n
-            self._register_full_blocks(req)
-            if n > 1 or req.done_tokens < len(req.prompt):
-                self.stats["prefill_tokens"] += n
-            else:
-                self.stats["decode_tokens"] += n
-            if req.done_tokens < len(req.tokens):
-                continue  # a prefill chunk that has not reached the end of the prompt
-            s = req.sampler.sample(logits[i][n - 1])
-            req.output.append(s.token)
-            if req.first_token_time is None:
-                req.first_token_time = time.perf_counter()
-            reason = None
-            if s.token == self.eos or s.token in req.params.stop_token_ids:
-                reason = "stop"
-            elif len(req.output) >= req.params.max_tokens:
-                reason = "length"
-            if reason:
-                self._finish(req, reason)
-            outs.append(StepOutput(req.id, s.token, reason is not None, reason, s.logprob, s.top_logprobs))
+        for (req, n), lg in zip(plan, logits):
+            if lg is None:
+                continue  # its forward failed: already finished with an error
+            try:
+                o = self._advance(req, n, lg)
+            except Exception as e:  # sampling or detokenization: this request alone ends
+                o = self._fail(req, e)
+            if o is not None:
+                outs.append(o)
+        for o in outs:
+            if o.finished:
+                self.requests.pop(o.request_id, None)
         return outs
+
+    def _forward_isolated(self, plan: list[tuple[Request, int]]) -> tuple[list, list[StepOutput]]:
+        """The rows' logits; if the batched forward raises, each row is run alone and the ones
+        that still fail are finished with an error (their logits are None)."""
+        lengths = [req.seq.length for req, _ in plan]
+        try:
+            return self._forward(plan), []
+        except Exception as e:
+            first = e
+        for (req, _), n in zip(plan, lengths):  # a failed forward may have advanced some rows
+            req.seq.length = n
+        if len(plan) == 1:
+            return [None], [self._fail(plan[0][0], first)]
+        logits, outs = [], []
+        for (req, n), length in zip(plan, lengths):
+            try:
+                logits.append(self._forward([(req, n)])[0])
+            except Exception as e:
+                req.seq.length = length
+                logits.append(None)
+                outs.append(self._fail(req, e))
+        return logits, outs
+
+    def _fail(self, req: Request, exc: BaseException) -> StepOutput:
+        msg = f"{type(exc).__name__}: {exc}"
+        log.error("request %d failed and was stopped: %s", req.id, msg, exc_info=exc)
+        req.error = msg
+        self._finish(req, "error")
+        return StepOutput(req.id, None, True, "error", error=msg)
+
+    def _advance(self, req: Request, n: int, lg: torch.Tensor) -> StepOutput | None:
+        """Account for ``n`` tokens run with logits ``lg`` (n, vocab); sample when the prompt is done."""
+        start = req.done_tokens
+        req.done_tokens += n
+        self._register_full_blocks(req)
+        if n > 1 or req.done_tokens < len(req.prompt):
+            self.stats["prefill_tokens"] += n
+        else:
+            self.stats["decode_tokens"] += n
+        if req.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt):
+            self._collect_prompt_logprobs(req, start, lg)
+        if req.done_tokens < len(req.tokens):
+            return None  # a prefill chunk that has not reached the end of the prompt
+        first = not req.output
+        p = req.params
+        if p.max_tokens == 0:  # prefill only
+            self._finish(req, "length")
+            return StepOutput(req.id, None, True, "length", prompt_logprobs=req.prompt_logprobs)
+        s = req.sampler.sample(lg[n - 1])
+        t = s.token
+        req.output.append(t)
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        reason = stop_reason = None
+        text = ""
+        count = len(req.output)
+        if not p.ignore_eos and count >= p.min_tokens and (t == self.eos or t in p.stop_token_ids):
+            reason = "stop"
+            stop_reason = t if t in p.stop_token_ids else None
+            if req.stream is not None:
+                text = req.stream.flush()
+        else:
+            if req.stream is not None:
+                text = req.stream.push(t, check_stop=count >= p.min_tokens)
+                if req.stream.stopped:
+                    reason, stop_reason = "stop", req.stream.stop_reason
+            if reason is None and count >= p.max_tokens:
+                reason = "length"
+                if req.stream is not None:
+                    text += req.stream.flush()
+        req.text += text
+        req.stop_reason = stop_reason
+        if reason:
+            self._finish(req, reason)
+        return StepOutput(req.id, t, reason is not None, reason, s.logprob, s.top_logprobs, text, stop_reason,
+                          prompt_logprobs=req.prompt_logprobs if first else None)
+
+    def _collect_prompt_logprobs(self, req: Request, start: int, lg: torch.Tensor) -> None:
+        """Row ``j`` of ``lg`` is the distribution of position ``start + j + 1``: keep those of the
+        prompt positions not yet scored (a recomputed prefix after preemption is not scored twice)."""
+        lo = len(req.prompt_logprobs)  # the next prompt position to score
+        hi = min(start + len(lg), len(req.prompt) - 1)  # the last one these logits reach
+        if lo > hi:
+            return
+        if lo < start + 1:
+            raise RuntimeError(f"prompt logprobs: position {lo} was skipped (prefix cached?)")
+        lp = torch.log_softmax(lg[lo - start - 1: hi - start].float(), -1)
+        ids = torch.tensor(req.prompt[lo:hi + 1], device=lp.device)
+        chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+        k = req.params.prompt_logprobs
+        if k:
+            v, ix = torch.topk(lp, k, dim=-1)
+            tops = [list(zip(a, b)) for a, b in zip(ix.tolist(), v.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        req.prompt_logprobs += list(zip(chosen, tops))
 
     def _forward(self, plan: list[tuple[Request, int]]) -> list[torch.Tensor]:
         """Each planned row's logits (n, vocab) for its n new tokens; writes their keys/values."""
@@ -270,8 +453,11 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[list[int]]:
-        """Run prompts to completion (all admitted at once); returns each one's output ids."""
+        """Run prompts to completion (all admitted at once); returns each one's output ids (for a
+        request that ended with an error, the tokens it had; the error is logged)."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, q) for p, q in zip(prompts, plist)]
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        reqs = [self.requests[self.add_request(p, q)] for p, q in zip(prompts, plist)]
         self.run()
-        return [self.requests[i].output for i in ids]
+        return [r.output for r in reqs]

@@ -72,9 +72,9 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     c = json.loads(p.read_text())
     if c.get("format") == FORMAT:
         return ModelConfig.from_dict(c["model"])
-    from .hf import config_from_hf
+    from .hf import LazyTensors, config_from_hf
 
-    return config_from_hf(c)
+    return config_from_hf(c, LazyTensors(d))  # (the few tensors it asks for: ReLU², zero biases)
 
 
 def load(directory: str | os.PathLike, device: str = "cpu", tokenizer: bool = True):

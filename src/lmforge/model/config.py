@@ -39,7 +39,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     zero_init_proj: bool = False  # zero the output projections of attention and MLP at init
-    arch: str = "gpt2"  # the HF family it exports as: gpt2 | llama | mistral | qwen2 | qwen3 | none
+    arch: str = "gpt2"  # the HF family it exports as: gpt2 | llama | mistral | qwen2 | qwen3 | none (not exported)
 
     def __post_init__(self):
         self.validate()
@@ -152,13 +152,15 @@ PRESETS: dict[str, dict] = {
     # CPU sizes
     "tiny": dict(vocab_size=4096, n_layer=2, n_head=4, d_model=128, max_seq_len=256),
     # nanoGPT's CPU "baby GPT" (shakespeare_char): no biases, exact GELU, tied embeddings
+    # (exports as GPT-2 with zero biases and activation_function "gelu")
     "baby-gpt": dict(vocab_size=65, n_layer=4, n_head=4, d_model=128, max_seq_len=64, mlp="gelu", norm_bias=False,
-                     qkv_bias=False, out_bias=False, mlp_bias=False, arch="none"),
+                     qkv_bias=False, out_bias=False, mlp_bias=False, arch="gpt2"),
     # lmforge's best CPU recipe for the built-in corpus (benchmarks/cpu_recipe.py): the modern changes
-    # (sized by measurement: at 40-80 s of 2 CPU cores, 4 x 96 beat 4 x 128/192/256, 6 layers and 64 wide)
+    # (sized by measurement: at 40-80 s of 2 CPU cores, 4 x 96 beat 4 x 128/192/256, 6 layers and 64 wide);
+    # exports as Qwen3 with hidden_act "relu" and gate_proj = up_proj (relu(a) * a = relu(a)^2)
     "shakespeare-cpu": dict(vocab_size=2048, n_layer=4, n_head=3, d_model=96, max_seq_len=256, norm="rmsnorm",
                             norm_bias=False, mlp="relu2", pos="rope", qk_norm=True, qkv_bias=False, out_bias=False,
-                            mlp_bias=False, tie_embeddings=False, zero_init_proj=True, arch="none"),
+                            mlp_bias=False, tie_embeddings=False, zero_init_proj=True, arch="qwen3"),
     "small-6x384": dict(vocab_size=4096, n_layer=6, n_head=6, d_model=384, max_seq_len=256),
     "tiny-llama": _llama_like(vocab_size=4096, n_layer=2, n_head=4, n_kv_head=2, d_model=128, max_seq_len=256),
 }

@@ -3,7 +3,8 @@
 Knows the recipe's shape (a dataclass per stage; ``data`` and ``train`` are the
 same configs ``lmforge data prepare`` and ``lmforge pretrain`` take) and checks
 it completely before any work starts: an unknown stage or field, or a value
-of the wrong type, is an error naming it.
+of the wrong type, is an error naming it, and so is a model that the recipe
+exports but the HF family cannot express (``lmforge.model.hf.check_exportable``).
 """
 from __future__ import annotations
 
@@ -150,6 +151,29 @@ def validate(r: Recipe) -> None:
 
     if t.preset and t.preset not in PRESETS:
         raise ValueError(f"train.preset: unknown preset {t.preset!r}; known: {', '.join(sorted(PRESETS))}")
+    if "pretrain" in r.stages or "export" in r.stages:
+        validate_model(r)
+
+
+def validate_model(r: Recipe) -> None:
+    """The model must build, and export when the stages export it: fail now, not after training."""
+    from ..model.hf import check_exportable
+    from ..train.trainer import model_config
+
+    try:
+        mcfg = model_config(r.train)
+    except (TypeError, ValueError) as e:  # (TypeError: a field ModelConfig does not have)
+        raise ValueError(f"train.model: {e}") from None
+    if "export" not in r.stages or r.export.arch == "none":
+        return
+    arch = r.export.arch or mcfg.arch
+    if arch == "none":
+        raise ValueError("export: the model's arch is 'none' (not exported); set train.model.arch or export.arch "
+                         "to an HF family, export.arch = 'none' to skip the stage, or leave export out of stages")
+    try:
+        check_exportable(mcfg, arch)
+    except ValueError as e:
+        raise ValueError(f"export: {e} (set export.arch = 'none' to skip the export)") from None
 
 
 def recipe_dict(r: Recipe) -> dict:

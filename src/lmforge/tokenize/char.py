@@ -64,3 +64,28 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> "CharTokenizer":
         return cls(list(d["chars"]), d.get("special_tokens", {}), d.get("unk"))
+
+    # HF tokenizer.json: a WordLevel vocabulary of the characters, every character split off
+    # on its own, the pieces joined back as they are (without an unk, an unknown character is
+    # an error there as here)
+    HF_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False}
+
+    def to_hf(self) -> dict:
+        from .base import hf_added_tokens
+
+        return {"version": "1.0", "truncation": None, "padding": None,
+                "added_tokens": hf_added_tokens(self.special_tokens), "normalizer": None,
+                "pre_tokenizer": self.HF_SPLIT, "post_processor": None, "decoder": {"type": "Fuse"},
+                "model": {"type": "WordLevel", "vocab": dict(self.index), "unk_token": self.unk or ""}}
+
+    @classmethod
+    def from_hf(cls, d: dict, path) -> "CharTokenizer":
+        m = d["model"]
+        specials = {a["content"]: a["id"] for a in d.get("added_tokens", [])}
+        vocab = {t: i for t, i in m["vocab"].items() if specials.get(t) != i}
+        if d.get("pre_tokenizer") != cls.HF_SPLIT or any(len(t) != 1 for t in vocab) \
+                or sorted(vocab.values()) != list(range(len(vocab))):
+            raise ValueError(f"{path}: a WordLevel tokenizer is read only as lmforge's character tokenizer "
+                             "(one character per id, 0..n-1, each character split off)")
+        chars = sorted(vocab, key=vocab.get)
+        return cls(chars, specials, m.get("unk_token") or None)

@@ -141,7 +141,7 @@ def _hf_pattern(pre: dict | None, path) -> tuple[str, bool]:
 
 
 def load_hf(path: str | os.PathLike):
-    """Load an HF ``tokenizer.json`` (byte-level BPE, WordPiece or Unigram)."""
+    """Load an HF ``tokenizer.json`` (byte-level BPE, WordPiece, Unigram, or characters as WordLevel)."""
     d = load_json_file(path)
     model = d.get("model")
     if not isinstance(model, dict) or "type" not in model and "vocab" not in model:
@@ -157,7 +157,12 @@ def load_hf(path: str | os.PathLike):
         from .unigram import Unigram
 
         return Unigram.from_hf(d, path)
-    raise ValueError(f"{path}: unsupported HF model type {mtype!r} (expected BPE, WordPiece or Unigram)")
+    if mtype == "WordLevel":
+        from .char import CharTokenizer
+
+        return CharTokenizer.from_hf(d, path)
+    raise ValueError(f"{path}: unsupported HF model type {mtype!r} (expected BPE, WordPiece, Unigram, "
+                     "or WordLevel for characters)")
 
 
 def _load_hf_bpe(d: dict, path) -> ByteBPE:

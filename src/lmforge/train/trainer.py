@@ -117,6 +117,18 @@ def apply_preset_recipe(cfg: "TrainConfig", given=()) -> "TrainConfig":
     return cfg
 
 
+def bound_progress(bounds: dict, step: int, tokens: int, elapsed: float) -> float:
+    """The share done of the bound reached first (max_steps, max_tokens, max_time; 0 = no such bound)."""
+    p = 0.0
+    if bounds.get("max_steps"):
+        p = max(p, step / bounds["max_steps"])
+    if bounds.get("max_tokens"):
+        p = max(p, tokens / bounds["max_tokens"])
+    if bounds.get("max_time"):
+        p = max(p, elapsed / bounds["max_time"])
+    return p
+
+
 def check_config(cfg: "TrainConfig") -> None:
     """Every setting checked before any work (the pipeline's recipe validation calls this too):
     bounds, choice strings, shares, the model's fields (and that the preset plus ``model`` builds)."""
@@ -138,7 +150,7 @@ def check_config(cfg: "TrainConfig") -> None:
     for k in ("batch_size", "seq_len", "grad_accum"):
         if getattr(cfg, k) < 1:
             raise ValueError(f"{k}: must be a positive integer, got {getattr(cfg, k)}")
-    if cfg.data and cfg.tokenizer:
+    if cfg.data and cfg.tokenizer and not cfg.text:
         raise ValueError(f"tokenizer {cfg.tokenizer!r} is only used with text=FILE (--text): shards from "
                          f"`lmforge data prepare` carry their tokenizer ({cfg.data}/manifest.json); drop --tokenizer")
     if cfg.preset and cfg.preset not in PRESETS:
@@ -151,9 +163,8 @@ def check_config(cfg: "TrainConfig") -> None:
         hint = difflib.get_close_matches(bad[0], sorted(names), n=1)
         raise ValueError(f"model: unknown field(s) {bad} (ModelConfig has: {', '.join(sorted(names))})"
                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
-    try:  # the preset plus the overrides must make a valid model (the vocabulary comes from the tokenizer later)
-        base = dict(PRESETS[cfg.preset]) if cfg.preset else {}
-        ModelConfig(**{**base, **cfg.model})
+    try:  # the preset plus the overrides make a valid (and, if it names a family, exportable) model
+        model_config(cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model: {e}") from None
 
@@ -298,6 +309,22 @@ class NaNLossError(RuntimeError):
     pass
 
 
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The run's ModelConfig before the tokenizer sets its vocabulary; a ValueError if it
+    names an HF family (``arch``, not "none") that cannot express it, so such a run fails
+    before any work rather than at export."""
+    from ..model.hf import check_exportable
+
+    mcfg = preset(cfg.preset, **cfg.model) if cfg.preset else ModelConfig(**cfg.model)
+    if mcfg.arch != "none":
+        try:
+            check_exportable(mcfg, mcfg.arch)
+        except ValueError as e:
+            raise ValueError(f"model.arch = {mcfg.arch!r} but {e} (set model.arch=none to train a model "
+                             "that is not exported)") from None
+    return mcfg
+
+
 def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     """Run (or resume) a pre-training run; returns the final metrics."""
     from .._progress import bar as tqdm
@@ -308,6 +335,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     check_config(cfg)  # before any tokenizer training or data reading
     if bool(cfg.data) == bool(cfg.text):
         raise ValueError("give exactly one of data (shards from `lmforge data prepare`) or text (a text file)")
+    mcfg = model_config(cfg)  # before any data or tokenizer work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -339,7 +367,6 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     tm = json.loads((data_dir / "manifest.json").read_text()).get("tokenizer", {})
     spec = TokenSpec.for_tokenizer(tok, **({"doc": tm["doc_token_id"]} if "doc_token_id" in tm else {}))
     # model
-    mcfg = preset(cfg.preset, **cfg.model) if cfg.preset else ModelConfig(**cfg.model)
     if "vocab_size" not in cfg.model:  # the tokenizer decides, unless the model's vocab is set explicitly
         mcfg.vocab_size = tok.vocab_size
     elif tok.vocab_size > mcfg.vocab_size:
@@ -371,6 +398,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         s = TokenStream(data_dir, "train")
         bigram_init(model, s.read(0, min(len(s), cfg.init_tokens)), scale=cfg.init_scale, seed=cfg.seed)
     resumed = None  # what this run restored, measured on the live objects (metrics.jsonl, final.json)
+    bounds = {"max_steps": cfg.max_steps, "max_tokens": cfg.max_tokens, "max_time": cfg.max_time}
+    remap = None  # (p0, q0) when a resumed run's bounds changed (below)
     if resume_ck is not None:
         st = load_checkpoint(resume_ck, model, saved)
         step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
@@ -378,6 +407,15 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         resumed = {"event": "resumed", "step": step, "checkpoint": resume_ck.relative_to(out).as_posix(),
                    "tokens": tokens, "loader_step": loader.step, "optimizer_state": state_summary(saved),
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        # A resumed run whose bounds changed (e.g. a larger --max-time) continues its schedule from where
+        # the checkpoint was (progress p0 under the old bounds) and stretches the rest over the new ones, so
+        # the learning rate is continuous at the resume: progress = p0 + (1 - p0) (q - q0) / (1 - q0), q the
+        # share of the new bounds (q0 at the resume). Unchanged bounds: p0 = q0, and progress is q itself.
+        old = st.get("config") or {}
+        p0, q0 = bound_progress(old, step, tokens, elapsed), bound_progress(bounds, step, tokens, elapsed)
+        if old and abs(p0 - q0) > 1e-9 and p0 < 1 and q0 < 1:
+            remap = (p0, q0)
+            resumed["schedule"] = {"progress_at_checkpoint": round(p0, 6), "share_of_new_bounds": round(q0, 6)}
         if not quiet:
             n = sum(o["params_with_state"] for o in resumed["optimizer_state"])
             print(f"resuming from {resume_ck}: step {step}, loader at batch {loader.step}, optimizer state of "
@@ -398,14 +436,11 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
 
     def progress() -> float:
-        p = 0.0
-        if cfg.max_steps:
-            p = max(p, step / cfg.max_steps)
-        if cfg.max_tokens:
-            p = max(p, tokens / cfg.max_tokens)
-        if cfg.max_time:
-            p = max(p, elapsed / cfg.max_time)
-        return p
+        q = bound_progress(bounds, step, tokens, elapsed)
+        if remap is None:
+            return q
+        p0, q0 = remap
+        return p0 + (1 - p0) * (q - q0) / (1 - q0)
 
     def log(rec: dict):
         with open(metrics_path, "a") as f:
