@@ -145,22 +145,17 @@ class _tokenize_warnings_to_stderr:
 
 def cmd_tok_train(a) -> int:
     from . import tokenize as T
-    from .tokenize.chat import CHAT_SPECIAL_TOKENS
+    from .tokenize.special import default_special_tokens
 
     files = _inputs(a)
     opts: dict = {"show_progress": not a.quiet}
+    opts["special_tokens"] = a.special_tokens if a.special_tokens is not None else default_special_tokens(a.kind)
     if a.kind == "bpe":
         opts.update(pattern=a.pattern, min_frequency=a.min_frequency)
-        specials = a.special_tokens if a.special_tokens is not None else ["<|endoftext|>", *CHAT_SPECIAL_TOKENS]
-        opts["special_tokens"] = specials
     elif a.kind == "wordpiece":
         opts.update(lowercase=not a.cased, min_frequency=a.min_frequency)
-        if a.special_tokens is not None:
-            opts["special_tokens"] = a.special_tokens
     else:
         opts.update(byte_fallback=a.byte_fallback)
-        if a.special_tokens is not None:
-            opts["special_tokens"] = a.special_tokens
     import time
 
     t0 = time.perf_counter()
@@ -386,7 +381,10 @@ def cmd_eval(a) -> int:
     if a.text:
         if tok is None:
             raise ValueError(f"{a.checkpoint}: no tokenizer in the checkpoint; cannot evaluate a text file")
-        r = evaluate_text(model, tok, a.text, a.seq_len, batch_size=a.batch_size)
+        from .model import load_tokens
+
+        r = evaluate_text(model, tok, a.text, a.seq_len, batch_size=a.batch_size,
+                          doc_token=load_tokens(a.checkpoint, tok).doc)
     else:
         data = a.data
         if data is None:
@@ -408,10 +406,11 @@ def cmd_eval(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .model import export_hf, load
+    from .model import export_hf, load, load_tokens
 
     model, tok = load(a.checkpoint)
-    out = export_hf(model, a.out, arch=a.arch, tokenizer=tok)
+    out = export_hf(model, a.out, arch=a.arch, tokenizer=tok,
+                    tokens=load_tokens(a.checkpoint, tok) if tok is not None else None)
     print(f"wrote {out} ({a.arch or model.cfg.arch}; load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -436,16 +435,15 @@ def _model_and_tokenizer(path):
 
 def cmd_generate(a) -> int:
     from .infer.engine import Engine
+    from .model import load_tokens
 
     model, tok = _model_and_tokenizer(a.checkpoint)
-    st = tok.special_tokens
-    bos = st.get("<|bos|>", st.get("<|endoftext|>"))
+    spec = load_tokens(a.checkpoint, tok)  # BOS and the stop ids, as the model was saved with them
     prompts = a.prompt or [sys.stdin.read()]
     p = _sampling(a)
-    p.stop_token_ids = [t for t in (st.get("<|endoftext|>"), st.get("<|end|>")) if t is not None]
+    p.stop_token_ids = list(spec.stop)
     eng = Engine(model, eos_token_id=None)
-    outs = eng.generate([([bos] if bos is not None else []) + tok.encode(x, disallowed_special=()) for x in prompts],
-                        p)
+    outs = eng.generate([spec.encode_prompt(tok, x) for x in prompts], p)
     for x, o in zip(prompts, outs):
         o = [t for t in o if t not in p.stop_token_ids]
         if a.json:
@@ -631,8 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--pattern", default="cl100k", help="BPE pre-tokenization: gpt2, cl100k, o200k or a regex")
     tr.add_argument("--min-frequency", type=int, default=2, help="BPE/WordPiece: stop when the best pair is rarer")
     tr.add_argument("--special-tokens", nargs="*", default=None,
-                    help="special tokens (default: BPE <|endoftext|> + chat tokens; WordPiece [PAD] [UNK] [CLS] "
-                    "[SEP] [MASK]; Unigram <unk> <s> </s>)")
+                    help="special tokens (default: the family's own - BPE <|endoftext|>; WordPiece [PAD] [UNK] "
+                    "[CLS] [SEP] [MASK]; Unigram <unk> <s> </s> - then the chat tokens <|bos|> <|system|> "
+                    "<|user|> <|assistant|> <|end|>)")
     tr.add_argument("--cased", action="store_true", help="WordPiece: keep case and accents")
     tr.add_argument("--byte-fallback", action="store_true", help="Unigram: <0xXX> pieces for unknown characters")
     tr.add_argument("--out", "-o", required=True, help="output directory")

@@ -58,10 +58,12 @@ def resolve_doc_token(tok, name: str) -> int | None:
     if name == "":
         return None
     if name == "auto":
-        for cand in ("<|bos|>", "<|endoftext|>", "<s>", "[CLS]"):
+        from ..tokenize.special import DOC_CANDIDATES
+
+        for cand in DOC_CANDIDATES:
             if cand in tok.special_tokens:
                 return tok.special_tokens[cand]
-        raise ValueError("the tokenizer has no <|bos|> or <|endoftext|> special token to start documents with; "
+        raise ValueError(f"the tokenizer has none of {', '.join(DOC_CANDIDATES)} to start documents with; "
                          "set shards.doc_token to one of its special tokens, or to '' for none")
     if name not in tok.special_tokens:
         raise ValueError(f"shards.doc_token {name!r} is not a special token of this tokenizer "

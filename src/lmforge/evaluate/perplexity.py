@@ -9,12 +9,14 @@ document, which has no bytes) are not counted. Knows nothing about training.
 
 ``generate`` is a minimal sampling loop (temperature, top-k, a KV cache) for the
 samples the trainer and the pipeline's eval stage print; the inference engine
-(``lmforge.infer``) is the full one.
+(``lmforge.infer``) is the full one. The document token and the stop ids come
+from the model's ``TokenSpec`` (``lmforge.tokenize.special``); callers pass them.
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -102,15 +104,24 @@ def evaluate_shards(model, path, split: str = "val", seq_len: int | None = None,
     return out
 
 
-def evaluate_text(model, tokenizer, path: str | os.PathLike, seq_len: int | None = None, **kw) -> dict:
+_AUTO = object()
+
+
+def evaluate_text(model, tokenizer, path: str | os.PathLike, seq_len: int | None = None, doc_token=_AUTO,
+                  **kw) -> dict:
+    """The file as one document: ``doc_token`` (the model's ``TokenSpec.doc``; None: none; by default the
+    one ``TokenSpec.for_tokenizer`` infers) first, then its text."""
     from .._io import read_text_file
 
     text = read_text_file(path)
     if not text:
         raise ValueError(f"{path}: empty file")
     ids = tokenizer.encode(text, disallowed_special=())
-    st = tokenizer.special_tokens
-    doc = st.get("<|bos|>", st.get("<|endoftext|>"))
+    if doc_token is _AUTO:
+        from ..tokenize.special import TokenSpec
+
+        doc_token = TokenSpec.for_tokenizer(tokenizer).doc
+    doc = doc_token
     if doc is not None:
         ids = [doc] + ids
     arr = np.asarray(ids, dtype=np.int64)
@@ -123,12 +134,14 @@ def evaluate_text(model, tokenizer, path: str | os.PathLike, seq_len: int | None
 
 @torch.inference_mode()
 def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 50,
-             seed: int = 0, stop: int | None = None) -> list[int]:
-    """Sample with a KV cache: one forward over the prompt, then one token per step
-    (the inference engine adds batching and the full set of sampling controls)."""
+             seed: int = 0, stop: int | Sequence[int] | None = None) -> list[int]:
+    """Sample with a KV cache: one forward over the prompt, then one token per step, until a ``stop`` id
+    (not returned) or ``max_new_tokens`` (the inference engine adds batching and the full set of sampling
+    controls)."""
     from ..infer.cache import KVCache
     from ..infer.fastpath import FastDecoder
 
+    stops = set() if stop is None else {stop} if isinstance(stop, int) else set(stop)
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -159,7 +172,7 @@ def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: floa
                 v, _ = torch.topk(logits, min(top_k, logits.numel()))
                 logits[logits < v[-1]] = -float("inf")
             nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
-        if stop is not None and nxt == stop:
+        if nxt in stops:
             break
         out.append(nxt)
         if fast is None:

@@ -447,8 +447,12 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{directory}: no model.safetensors")
 
 
-def export_hf(model, out: str | os.PathLike, arch: str | None = None, tokenizer=None) -> Path:
-    """Write ``out/`` with ``config.json``, ``model.safetensors`` and (given one) the tokenizer."""
+def export_hf(model, out: str | os.PathLike, arch: str | None = None, tokenizer=None, tokens=None) -> Path:
+    """Write ``out/`` with ``config.json``, ``generation_config.json``, ``model.safetensors`` and (given one)
+    the tokenizer: ``tokenizer.json`` (with a post-processor that prepends BOS when the spec does) and
+    ``tokenizer_config.json`` (chat template, bos/eos/pad tokens). ``tokens``: the model's ``TokenSpec``
+    (``lmforge.model.load_tokens``); inferred from the tokenizer when not given. The stop ids become
+    ``eos_token_id`` (a list) in both configs, so ``transformers`` stops where lmforge does."""
     from safetensors.torch import save_file
 
     from .._io import write_json
@@ -457,37 +461,37 @@ def export_hf(model, out: str | os.PathLike, arch: str | None = None, tokenizer=
     arch = arch or cfg.arch
     check_exportable(cfg, arch)  # before anything is written
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    bos = eos = None
+    files = None
     if tokenizer is not None:
-        st = tokenizer.special_tokens
-        bos = st.get("<|bos|>", st.get("<|endoftext|>"))
-        eos = st.get("<|endoftext|>", st.get("<|end|>"))
-    conf = hf_config(cfg, arch, bos, eos)
+        from ..tokenize.special import TokenSpec
+
+        tokens = tokens or TokenSpec.for_tokenizer(tokenizer)
+        tokens.check(tokenizer, cfg.vocab_size)
+        files = tokens.hf_files(tokenizer, cfg.max_seq_len)
+    elif tokens is not None:
+        raise ValueError("export_hf: tokens given without the tokenizer they index")
+    ids = files["ids"] if files else {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    conf = hf_config(cfg, arch, ids["bos_token_id"], ids["eos_token_id"])  # checks the arch before any write
+    conf.update(ids)
+    out.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state(model, arch)
     tmp = out / ".model.safetensors.tmp"  # written whole, then renamed
     save_file({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, str(tmp),
               metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     write_json(out / "config.json", conf, indent=1)
-    write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos}, indent=1)
-    if tokenizer is not None:
+    write_json(out / "generation_config.json", {k: v for k, v in ids.items() if v is not None}, indent=1)
+    if files is not None:
         from ..tokenize.formats import save_hf
 
-        save_hf(tokenizer, out / "tokenizer.json")
-        tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
-              "clean_up_tokenization_spaces": False}
-        if bos is not None:
-            tc["bos_token"] = tokenizer.id_to_token(bos)
-        if eos is not None:
-            tc["eos_token"] = tokenizer.id_to_token(eos)
-        # always: without it transformers picks the family's own tokenizer class, which re-splits the text
-        write_json(out / "tokenizer_config.json", tc, indent=1)
+        save_hf(tokenizer, out / "tokenizer.json", post_processor=files["post_processor"])
+        write_json(out / "tokenizer_config.json", files["tokenizer_config"], indent=1)
     return out
 
 
 def import_hf(directory: str | os.PathLike):
-    """(Transformer, tokenizer or None) from an HF model directory."""
+    """(Transformer, tokenizer or None) from an HF model directory. Its special tokens and chat template
+    (``tokenizer_config.json``, ``generation_config.json``): ``lmforge.model.load_tokens(directory, tok)``."""
     from .transformer import Transformer
 
     d = Path(directory)

@@ -113,9 +113,9 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
 
 
 def _pipeline_specials() -> tuple[str, ...]:
-    from ..tokenize.chat import CHAT_SPECIAL_TOKENS
+    from ..tokenize.special import default_special_tokens
 
-    return ("<|endoftext|>", *CHAT_SPECIAL_TOKENS)
+    return tuple(default_special_tokens("bpe"))
 
 
 PIPELINE_SPECIAL_TOKENS = _pipeline_specials()  # what the tokenizer stage reserves

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .._io import file_sha256, write_json
-from .recipe import PIPELINE_SPECIAL_TOKENS, STAGES, Recipe, recipe_dict
+from .recipe import STAGES, Recipe, recipe_dict
 
 
 class StageError(RuntimeError):
@@ -105,11 +105,12 @@ class Runner:
     def stage_tokenizer(self):
         from .. import tokenize
         from ..data.prepare import clean_and_dedup, train_texts
+        from ..tokenize.special import default_special_tokens
 
         summaries, dedup = clean_and_dedup(self._data_cfg(), self.dir / "data", quiet=True)  # reused, not redone
         t = self.r.tokenizer
         texts = list(train_texts(self.dir / "data", summaries, dedup))
-        specials = list(PIPELINE_SPECIAL_TOKENS)
+        specials = default_special_tokens(t.kind)  # the family's own and the chat tokens (bpe: PIPELINE_SPECIAL_TOKENS)
         t0 = time.perf_counter()
         if t.kind == "bpe":
             tok = tokenize.train("bpe", texts, t.vocab_size, pattern=t.pattern, special_tokens=specials,
@@ -117,7 +118,7 @@ class Runner:
         elif t.kind == "char":
             tok = tokenize.train("char", texts, 0, special_tokens=specials)
         else:
-            tok = tokenize.train(t.kind, texts, t.vocab_size, show_progress=False)
+            tok = tokenize.train(t.kind, texts, t.vocab_size, special_tokens=specials, show_progress=False)
         out = self.dir / "tokenizer" / "tokenizer.lmforge.json"
         out.parent.mkdir(exist_ok=True)
         tok.save(out)
@@ -166,19 +167,17 @@ class Runner:
 
     def stage_eval(self):
         from ..evaluate.perplexity import evaluate_shards, generate
-        from ..model import load
+        from ..model import load, load_tokens
 
         model, tok = load(self.dir / "model")
+        spec = load_tokens(self.dir / "model", tok)
         # test is the reported number; validation is the one settings were chosen on
         ev = {sp: evaluate_shards(model, self.dir / "data", sp, self.r.train.seq_len, batch_size=8)
               for sp in ("test", "val")}
-        bos = tok.special_tokens.get("<|bos|>")
         samples = []
         for i, p in enumerate(self.r.eval.prompts):
-            ids = tok.encode(p, disallowed_special=())
-            out = generate(model, ([bos] if bos is not None else []) + ids, self.r.eval.sample_tokens,
-                           temperature=self.r.eval.temperature, seed=self.r.eval.seed + i,
-                           stop=tok.special_tokens.get("<|bos|>"))
+            out = generate(model, spec.encode_prompt(tok, p), self.r.eval.sample_tokens,
+                           temperature=self.r.eval.temperature, seed=self.r.eval.seed + i, stop=spec.stop)
             samples.append({"prompt": p, "completion": tok.decode(out)})
         keys = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents")
         res = {"split": "test", **{k: ev["test"][k] for k in keys},
@@ -188,27 +187,27 @@ class Runner:
                                                   "val_bpb": res["val"]["bits_per_byte"]}
 
     def stage_export(self):
-        from ..model import export_hf, load
+        from ..model import export_hf, load, load_tokens
 
         if self.r.export.arch == "none":
             return {}, {"skipped": "export.arch = none"}
         model, tok = load(self.dir / "model")
-        out = export_hf(model, self.dir / "hf", arch=self.r.export.arch or None, tokenizer=tok)
+        out = export_hf(model, self.dir / "hf", arch=self.r.export.arch or None, tokenizer=tok,
+                        tokens=load_tokens(self.dir / "model", tok))
         return {"hf_weights": out / "model.safetensors"}, {"hf_dir": str(out), "arch": self.r.export.arch or model.cfg.arch}
 
     def stage_demo(self):
         from ..infer.engine import Engine
         from ..infer.sampling import SamplingParams
-        from ..model import load
+        from ..model import load, load_tokens
 
         model, tok = load(self.dir / "model")
-        bos = tok.special_tokens.get("<|bos|>")
+        spec = load_tokens(self.dir / "model", tok)
         eng = Engine(model)
-        prompts = [([bos] if bos is not None else []) + tok.encode(p, disallowed_special=())
-                   for p in self.r.demo.conversation]
+        prompts = [spec.encode_prompt(tok, p) for p in self.r.demo.conversation]
         outs = eng.generate(prompts, SamplingParams(max_tokens=self.r.demo.max_tokens, temperature=0.8, seed=1,
-                                                    stop_token_ids=[bos] if bos is not None else []))
-        demo = [{"prompt": p, "completion": tok.decode([t for t in o if t != bos])}
+                                                    stop_token_ids=list(spec.stop)))
+        demo = [{"prompt": p, "completion": tok.decode([t for t in o if t not in spec.stop])}
                 for p, o in zip(self.r.demo.conversation, outs)]
         write_json(self.dir / "demo.json", demo, indent=1)
         return {"demo": self.dir / "demo.json"}, {"replies": len(demo)}

@@ -15,7 +15,9 @@ until no adjacent pair can merge. A *pair table* ``(left_id, right_id) ->
   concatenation is a token may merge, with priority = that token's rank.
 
 With ``whole_word=True`` a chunk that is itself a token is emitted directly
-(tiktoken does this; HF calls it ``ignore_merges``).
+(tiktoken does this; HF calls it ``ignore_merges``). With ``normalizer="nfc"``
+(Qwen2's tokenizer.json) text is NFC-normalized before it is split; that is the
+only normalizer byte-level BPE supports.
 
 How training works. Chunks are counted once; then the most frequent adjacent
 pair is merged, repeatedly, until the vocabulary is full or no pair occurs
@@ -27,6 +29,7 @@ touches the words that contain the pair.
 from __future__ import annotations
 
 import heapq
+import unicodedata
 import os
 from collections import Counter
 from itertools import chain
@@ -89,11 +92,15 @@ class ByteBPE(Tokenizer):
         pattern: str = "cl100k",
         special_tokens: dict[str, int] | None = None,
         whole_word: bool = True,
+        normalizer: str | None = None,
     ):
         """``tokens[i]`` is the bytes of id ``i`` (``None`` for an unused id).
         ``merges`` (``(left, right, result)`` in priority order) selects merge-list
-        mode; ``None`` selects tiktoken rank mode."""
+        mode; ``None`` selects tiktoken rank mode. ``normalizer``: None or ``"nfc"``."""
         super().__init__(special_tokens)
+        if normalizer not in (None, "nfc"):
+            raise ValueError(f"byte-level BPE normalizer must be None or 'nfc', got {normalizer!r}")
+        self.normalizer = normalizer
         self.tokens: list[bytes | None] = list(tokens)
         self.pattern, self.pattern_name = pretokenize.resolve(pattern)
         self.whole_word = whole_word
@@ -190,6 +197,8 @@ class ByteBPE(Tokenizer):
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode ignoring special tokens (their text is encoded as ordinary text)."""
+        if self.normalizer is not None:
+            text = unicodedata.normalize("NFC", text)
         nat = self._get_native()
         if nat is not None:
             return nat.encode(text)
@@ -197,6 +206,8 @@ class ByteBPE(Tokenizer):
 
     def encode_ordinary_py(self, text: str) -> list[int]:
         """The pure-Python path (the readable reference for the C one)."""
+        if self.normalizer is not None:
+            text = unicodedata.normalize("NFC", text)
         return list(chain.from_iterable(map(self._cache.__getitem__, self._re.findall(text))))
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -248,6 +259,8 @@ class ByteBPE(Tokenizer):
         }
         if self.merges is not None:
             d["merges"] = [list(m) for m in self.merges]
+        if self.normalizer is not None:
+            d["normalizer"] = self.normalizer
         return d
 
     @classmethod
@@ -256,7 +269,8 @@ class ByteBPE(Tokenizer):
             tokens = [None if t is None else text_to_token(t) for t in d["tokens"]]
             merges = d.get("merges") if d["mode"] == "merges" else None
             return cls(tokens, merges=merges, pattern=d["pattern"],
-                       special_tokens=d.get("special_tokens", {}), whole_word=d.get("whole_word", True))
+                       special_tokens=d.get("special_tokens", {}), whole_word=d.get("whole_word", True),
+                       normalizer=d.get("normalizer"))
         except KeyError as e:
             raise ValueError(f"{source}: BPE tokenizer lacks the field {e.args[0]!r}") from None
 

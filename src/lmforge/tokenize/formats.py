@@ -82,6 +82,9 @@ def bpe_to_hf(tok: ByteBPE) -> dict:
     for i, t in enumerate(tok.tokens):
         if t is not None:
             vocab.setdefault(token_to_text(t), i)
+    for s, i in tok.special_tokens.items():  # specials among the ordinary ids (an HF trainer puts them first)
+        if i < len(tok.tokens):              # are vocab entries there, or HF would renumber them after it
+            vocab.setdefault(s, i)
     # HF numbers added tokens consecutively after the vocabulary: fill unused ids
     # (cl100k has gaps among its special ids) with reserved placeholders.
     added = dict(tok.special_tokens)
@@ -94,7 +97,7 @@ def bpe_to_hf(tok: ByteBPE) -> dict:
         "truncation": None,
         "padding": None,
         "added_tokens": hf_added_tokens(added),
-        "normalizer": None,
+        "normalizer": {"type": "NFC"} if tok.normalizer == "nfc" else None,
         "pre_tokenizer": {
             "type": "Sequence",
             "pretokenizers": [
@@ -165,8 +168,11 @@ def load_hf(path: str | os.PathLike):
 def _load_hf_bpe(d: dict, path) -> ByteBPE:
     model = d["model"]
     norm = d.get("normalizer")
-    if norm is not None:
-        raise ValueError(f"{path}: byte-level BPE with a normalizer ({norm.get('type')}) is not supported")
+    if isinstance(norm, dict) and norm.get("type") == "Sequence" and len(norm.get("normalizers", [])) <= 1:
+        norm = (norm["normalizers"] or [None])[0]
+    if norm is not None and norm.get("type") != "NFC":
+        raise ValueError(f"{path}: byte-level BPE with a normalizer ({norm.get('type')}) is not supported "
+                         "(only NFC, as Qwen2 has)")
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback"):
         raise ValueError(f"{path}: only byte-level BPE is supported (no subword prefix/suffix or byte_fallback)")
     pattern, add_prefix_space = _hf_pattern(d.get("pre_tokenizer"), path)
@@ -186,19 +192,24 @@ def _load_hf_bpe(d: dict, path) -> ByteBPE:
         except KeyError as e:
             raise ValueError(f"{path}: merge {a!r} + {b!r} names a token not in the vocab ({e.args[0]!r})") from None
     tok = ByteBPE(tokens, merges=merges, pattern=pattern, special_tokens=specials,
-                  whole_word=bool(model.get("ignore_merges", False)))
+                  whole_word=bool(model.get("ignore_merges", False)), normalizer="nfc" if norm else None)
     tok.add_prefix_space = add_prefix_space
     return tok
 
 
-def save_hf(tok, path: str | os.PathLike) -> None:
-    """Write an HF ``tokenizer.json`` for any lmforge tokenizer."""
+def save_hf(tok, path: str | os.PathLike, post_processor: dict | None = None) -> None:
+    """Write an HF ``tokenizer.json`` for any lmforge tokenizer. ``post_processor``: what HF's
+    ``tokenizer(text)`` adds around the ids (an HF export passes ``TokenSpec.hf_files``'s, which prepends
+    BOS); lmforge's own ``encode`` never adds tokens (``TokenSpec.encode_prompt`` does), and ``load_hf``
+    does not apply a file's post-processor (``TokenSpec.from_hf`` reads it instead)."""
     if isinstance(tok, ByteBPE):
         d = bpe_to_hf(tok)
     elif hasattr(tok, "to_hf"):
         d = tok.to_hf()
     else:
         raise TypeError(f"no HF export for {type(tok).__name__}")
+    if post_processor is not None:
+        d["post_processor"] = post_processor
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")

@@ -36,7 +36,7 @@ def _fsync_dir(d: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, model, optimizers, state: dict, tokenizer=None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, tokens=None) -> Path:
     from safetensors.torch import save_file
 
     from ..model import save as save_model
@@ -47,7 +47,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model, optimizers, state: dict, 
     tmp = root / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp, tokenizer)
+    save_model(model, tmp, tokenizer, tokens=tokens)
     tensors, opt_meta = {}, []
     for k, opt in enumerate(optimizers):
         sd = opt.state_dict()

@@ -275,7 +275,10 @@ def text_to_shards(text_file: str, tokenizer_spec: str, out: Path, val_frac: flo
             n = int(spec[4:])
         except ValueError:
             raise ValueError(f"--tokenizer {spec!r}: expected bpe:N with N an integer") from None
-        tok = train("bpe", [tr], n, special_tokens=["<|endoftext|>"], show_progress=False)
+        from ..tokenize.special import default_special_tokens
+
+        # <|endoftext|> and the chat tokens, as every tokenizer lmforge trains for a model (it can then chat)
+        tok = train("bpe", [tr], n, special_tokens=default_special_tokens("bpe"), show_progress=False)
     else:
         tok = load(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -379,6 +382,11 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
 
         load_manifest(data_dir)
         tok = _data_tokenizer(data_dir, cfg.tokenizer)
+    # the model's special tokens: documents started with the manifest's doc token (--text: none), prompts too
+    from ..tokenize.special import TokenSpec
+
+    tm = json.loads((data_dir / "manifest.json").read_text()).get("tokenizer", {})
+    spec = TokenSpec.for_tokenizer(tok, **({"doc": tm["doc_token_id"]} if "doc_token_id" in tm else {}))
     # model
     if "vocab_size" not in cfg.model:  # the tokenizer decides, unless the model's vocab is set explicitly
         mcfg.vocab_size = tok.vocab_size
@@ -447,7 +455,6 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     peak = cfg.peak_flops or measure_peak_flops(device)
     flops_tok = mcfg.flops_per_token(cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    bos = tok.special_tokens.get("<|bos|>", tok.special_tokens.get("<|endoftext|>"))
 
     def progress() -> float:
         q = bound_progress(bounds, step, tokens, elapsed)
@@ -468,7 +475,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     def checkpoint():
         save_checkpoint(out, model, saved, {"step": step, "tokens": tokens, "elapsed": elapsed,
                                            "loader": loader.state_dict(), "config": asdict(cfg)},
-                        tokenizer=tok, keep=cfg.keep_checkpoints)
+                        tokenizer=tok, keep=cfg.keep_checkpoints, tokens=spec)
 
     # the bar counts steps when steps bound the run, else percent of the bound that ends it first (with an ETA)
     by_steps = bool(cfg.max_steps) and not (cfg.max_tokens or cfg.max_time)
@@ -530,9 +537,10 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                 rec.update(val_loss=round(ev["loss"], 6), val_bpb=round(ev["bits_per_byte"], 6))
                 elapsed += time.perf_counter() - te
             if cfg.sample_every and step % cfg.sample_every == 0:
-                prompt = tok.encode(cfg.sample_prompt, disallowed_special=())
-                ids = ([bos] if bos is not None else []) + prompt
-                sample = tok.decode(prompt + generate(model, ids, cfg.sample_tokens, seed=step))
+                ids = spec.encode_prompt(tok, cfg.sample_prompt)
+                prompt = ids[1:] if spec.add_bos and spec.bos is not None else ids
+                sample = tok.decode(prompt + generate(model, ids, cfg.sample_tokens, seed=step,
+                                                               stop=spec.stop))
                 rec["sample"] = sample
             log(rec)
             bar.update(1 if by_steps else max(0.0, min(100.0, 100 * progress()) - bar.n))
@@ -555,7 +563,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     checkpoint()
     from ..model import save as save_model
 
-    save_model(model, out, tokenizer=tok, extra={"trained": {"steps": step, "tokens": tokens}})
+    save_model(model, out, tokenizer=tok, extra={"trained": {"steps": step, "tokens": tokens}}, tokens=spec)
     final = {"step": step, "tokens": tokens, "train_loss": last_loss, "val_loss": ev["loss"],
              "val_bpb": ev["bits_per_byte"],
              "test_loss": ev_test["loss"] if ev_test else None, "test_bpb": ev_test["bits_per_byte"] if ev_test else None,
