@@ -514,7 +514,7 @@ def test_recipe_that_cannot_export_fails_validation_before_any_work(tmp_path):
     from lmforge.pipeline import load_recipe
 
     learned = 'train.model={"mlp": "swiglu", "d_ff": 256, "arch": "qwen3", "pos": "learned"}'
-    with pytest.raises(ValueError, match=r"train.model: model.arch = 'qwen3' but cannot export as qwen3: "
+    with pytest.raises(ValueError, match=r"train: model.arch = 'qwen3' but cannot export as qwen3: "
                                          r"ModelConfig.pos must be 'rope'"):
         load_recipe("default", [learned])
     # a model not tied to a family, exported as one that cannot express it

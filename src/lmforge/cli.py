@@ -302,7 +302,9 @@ def cmd_model_info(a) -> int:
     elif Path(a.name).is_dir():
         cfg = load_config(a.name)
     else:
-        raise ValueError(f"{a.name!r} is neither a preset nor a model directory; presets: {', '.join(PRESETS)}")
+        from ._config import UsageError
+
+        raise UsageError(f"{a.name!r} is neither a preset nor a model directory; presets: {', '.join(PRESETS)}")
     d = describe(cfg, a.seq_len)
     st = export_status(cfg)
     if a.json:
@@ -370,7 +372,11 @@ def _pretrain_config(a):
         else:
             apply_overrides(cfg, [s])
             given.add(k.split(".")[0])
-    return apply_preset_recipe(cfg, given)
+    from .train.trainer import check_config
+
+    cfg = apply_preset_recipe(cfg, given)
+    check_config(cfg)  # every setting, before any work (a bad one is a usage error)
+    return cfg
 
 
 def cmd_eval(a) -> int:

@@ -167,7 +167,7 @@ def check_config(cfg: "TrainConfig") -> None:
     try:  # the preset plus the overrides make a valid (and, if it names a family, exportable) model
         model_config(cfg)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"model: {e}") from None
+        raise ValueError(str(e) if str(e).startswith("model") else f"model: {e}") from None
 
 
 def pick_device(name: str) -> torch.device:
