@@ -144,3 +144,12 @@ def test_stream_stop_choice_include_and_unchecked_text():
     ts = TextStream(ByteTok(), stop=["abc"])
     assert ts.push(ord("a"), check_stop=False) + ts.push(ord("b"), check_stop=False) == ""  # held back
     assert ts.push(ord("c")) == "" and ts.stop_reason == "abc"
+
+
+def test_nan_logits_raise_when_greedy_too_and_an_empty_support_is_named():
+    x = torch.zeros(10)
+    x[7] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN at token ids \[7\]"):
+        Sampler(SamplingParams(temperature=0)).sample(x)
+    with pytest.raises(ValueError, match="no token can be sampled"):
+        Sampler(SamplingParams(seed=0)).sample(torch.full((10,), -float("inf")))

@@ -16,6 +16,7 @@ ends that request alone).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -141,14 +142,14 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> Sampled:
         p = self.p
         x = self.process(logits)
-        if torch.isnan(x).any():
-            raise ValueError(f"the logits hold NaN at token ids {torch.nonzero(torch.isnan(x)).flatten()[:5].tolist()} "
-                             "(the model's output is not finite)")
         lp = None
         if p.logprobs is not None:
             lp = torch.log_softmax(x, -1)
         if p.temperature == 0:
-            tok = int(torch.argmax(x))
+            top, tok = torch.max(x, 0)  # NaN counts as the maximum: checking the top checks them all
+            if math.isnan(top.item()):
+                self._nan(x)
+            tok = int(tok)
         else:
             x = x / p.temperature
             if p.top_k and p.top_k < x.numel():
@@ -164,7 +165,13 @@ class Sampler:
             if p.min_p > 0:
                 probs = torch.softmax(x, -1)
                 x = x.masked_fill(probs < p.min_p * probs.max(), -float("inf"))
-            tok = int(torch.multinomial(torch.softmax(x, -1), 1, generator=self.generator))
+            try:
+                tok = int(torch.multinomial(torch.softmax(x, -1), 1, generator=self.generator))
+            except RuntimeError:  # NaN in the logits, or every token masked out
+                if torch.isnan(x).any():
+                    self._nan(x)
+                raise ValueError("no token can be sampled: every token's probability is 0 (logit bias, "
+                                 "stop tokens masked by min_tokens, or -inf logits)") from None
         self.counts[tok] = self.counts.get(tok, 0) + 1
         self.n += 1
         out = Sampled(tok)
@@ -174,6 +181,11 @@ class Sampler:
                 v, i = torch.topk(lp, p.logprobs)
                 out.top_logprobs = [(int(a), float(b)) for a, b in zip(i, v)]
         return out
+
+    @staticmethod
+    def _nan(x: torch.Tensor):
+        bad = torch.nonzero(torch.isnan(x)).flatten()[:5].tolist()
+        raise ValueError(f"the logits hold NaN at token ids {bad} (the model's output is not finite)")
 
 
 class TextStream:
