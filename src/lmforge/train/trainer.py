@@ -10,10 +10,16 @@ already takes ``rank`` / ``world_size``; DDP/FSDP are to wrap the model from
 outside, not to live here).
 
 One ``TrainConfig`` holds every knob; ``lmforge pretrain --set key=value`` sets them.
+Messages go through ``logging`` (logger ``lmforge.train``): resuming, the model's place
+at the end, and on Ctrl-C the checkpoint written and the command that continues the run
+(a warning, so it shows even where no handler is configured). ``report_to = "tensorboard"``
+also writes the metrics as TensorBoard event files under ``<out>/tensorboard/`` (needs
+the optional ``tensorboard`` package: ``pip install 'lmforge[tensorboard]'``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -33,6 +39,7 @@ from .optim import WeightEMA, build_optimizers, skip_dynamo_import
 from .recompute import apply_recompute
 from .schedule import lr_multiplier
 
+logger = logging.getLogger("lmforge.train")
 
 @dataclass
 class TrainConfig:
@@ -84,6 +91,7 @@ class TrainConfig:
     init_tokens: int = 20_000_000  # bigram init: count pairs in at most this many training tokens
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights (this decay per step) and end on it
     ema_start: float = 0.7  # ema: share of the run after which the average is kept
+    report_to: str = "none"  # or "tensorboard": also write the metrics as event files under <out>/tensorboard/
 
 
 # Training settings that go with a preset: `lmforge pretrain --preset NAME` and a pipeline recipe's
@@ -102,7 +110,8 @@ RECIPES: dict[str, dict] = {
 
 
 CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"), "loader": ("windows", "bos"),
-           "dtype": ("auto", "fp32", "bf16", "fp16"), "init": ("default", "bigram")}
+           "dtype": ("auto", "fp32", "bf16", "fp16"), "init": ("default", "bigram"),
+           "report_to": ("none", "tensorboard")}
 
 
 def apply_preset_recipe(cfg: "TrainConfig", given=()) -> "TrainConfig":
@@ -139,6 +148,12 @@ def check_config(cfg: "TrainConfig") -> None:
     for k, ok in CHOICES.items():
         if getattr(cfg, k) not in ok:
             raise ValueError(f"{k}: expected one of {', '.join(ok)}, got {getattr(cfg, k)!r}")
+    if cfg.report_to == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("report_to = 'tensorboard' needs the tensorboard package, which is not installed: "
+                             "pip install 'lmforge[tensorboard]' (or set report_to = 'none')")
     if not (cfg.recompute in ("none", "full", "selective") or
             (cfg.recompute.startswith("every:") and cfg.recompute[6:].isdigit() and int(cfg.recompute[6:]) > 0)):
         raise ValueError(f"recompute: expected none, full, selective or every:K (K > 0), got {cfg.recompute!r}")
@@ -342,8 +357,41 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     return mcfg
 
 
-def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
-    """Run (or resume) a pre-training run; returns the final metrics."""
+def resume_command(cfg: TrainConfig) -> str:
+    """The command that continues the run in ``cfg.out``: its own train_config.json holds every setting."""
+    import shlex
+
+    return f"lmforge pretrain --config {shlex.quote(str(Path(cfg.out) / 'train_config.json'))} --resume"
+
+
+class _TensorBoard:
+    """The run's metrics as TensorBoard scalars (``report_to = "tensorboard"``), in ``<out>/tensorboard/``.
+    A resumed run drops the events after its checkpoint's step (``purge_step``), as metrics.jsonl does."""
+
+    TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+            "val_loss": "val/loss", "val_bpb": "val/bpb"}
+
+    def __init__(self, out: Path, step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # checked in check_config; a broken install still says what to do
+            raise ValueError(f"report_to = 'tensorboard': {e}; pip install 'lmforge[tensorboard]'") from None
+        self.w = SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
+
+    def add(self, rec: dict, step: int) -> None:
+        for k, tag in self.TAGS.items():
+            if k in rec and rec[k] is not None:
+                self.w.add_scalar(tag, rec[k], step)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+def train(cfg: TrainConfig, on_step=None, quiet: bool = False, resume_hint: str | None = None) -> dict:
+    """Run (or resume) a pre-training run; returns the final metrics.
+
+    On Ctrl-C the run writes a checkpoint and logs where it is and how to continue: ``resume_hint``
+    (the pipeline's "rerun `lmforge run ...`"), else ``lmforge pretrain --config OUT/train_config.json --resume``."""
     from .._progress import bar as tqdm
 
     from ..data.loader import ShardLoader
@@ -437,10 +485,10 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
         if old and abs(p0 - q0) > 1e-9 and p0 < 1 and q0 < 1:
             remap = (p0, q0)
             resumed["schedule"] = {"progress_at_checkpoint": round(p0, 6), "share_of_new_bounds": round(q0, 6)}
-        if not quiet:
-            n = sum(o["params_with_state"] for o in resumed["optimizer_state"])
-            print(f"resuming from {resume_ck}: step {step}, loader at batch {loader.step}, optimizer state of "
-                  f"{n} parameters restored", file=sys.stderr)
+        n = sum(o["params_with_state"] for o in resumed["optimizer_state"])
+        (logger.debug if quiet else logger.info)(
+            f"resuming from {resume_ck}: step {step}, loader at batch {loader.step}, optimizer state of "
+            f"{n} parameters restored")
     start_step = step
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, step)
@@ -482,6 +530,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
     bar = tqdm(total=cfg.max_steps if by_steps else 100, initial=step if by_steps else 0, desc="pretrain",
                disable=quiet, file=sys.stderr, dynamic_ncols=True,
                bar_format=None if by_steps else "{desc}: {n:.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
+    tb = _TensorBoard(out, step) if cfg.report_to == "tensorboard" else None
     model.train()
     last_loss = float("nan")
     t_window, tok_window = time.perf_counter(), 0
@@ -543,6 +592,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                                                                stop=spec.stop))
                 rec["sample"] = sample
             log(rec)
+            if tb is not None:
+                tb.add(rec, step)
             bar.update(1 if by_steps else max(0.0, min(100.0, 100 * progress()) - bar.n))
             if on_step is not None:
                 on_step(step, rec)
@@ -550,8 +601,21 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()
-        if step:
+        if tb is not None:
+            tb.close()
+        if step > start_step:
             checkpoint()  # nothing lost: the run resumes from this step
+        ck = latest_checkpoint(out)
+        hint = resume_hint or f"continue with: {resume_command(cfg)}"
+        if ck is None:
+            logger.warning(f"interrupted at step {step}, before the first step ended: no checkpoint; "
+                           f"{hint} (it starts from the beginning)")
+        else:
+            logger.warning(f"interrupted at step {step}; checkpoint {ck} saved; {hint}")
+        raise
+    except BaseException:
+        if tb is not None:
+            tb.close()
         raise
     bar.close()
     if ema is not None and ema.started():
@@ -572,12 +636,18 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False) -> dict:
              "peak_flops": peak, "ema": bool(ema is not None and ema.started()),
              "resumed_from_step": None if resumed is None else resumed["step"], "steps_this_run": step - start_step}
     write_json(out / "final.json", final, indent=1)
+    if tb is not None:
+        tb.add({"val_loss": final["val_loss"], "val_bpb": final["val_bpb"]}, step)
+        tb.close()
     try:
-        plot_metrics(metrics_path, out / "loss.png")
+        plot_metrics(metrics_path, out / "loss.png", final=final)
     except ImportError:
-        print("(no loss.png: matplotlib is not installed; pip install 'lmforge[plot]')", file=sys.stderr)
+        logger.warning("no loss.png: matplotlib is not installed; pip install 'lmforge[plot]'")
     except Exception as e:  # a plot is a convenience, never a failure
-        print(f"(no plot: {e})", file=sys.stderr)
+        logger.warning(f"no loss.png: {type(e).__name__}: {e}")
+    (logger.debug if quiet else logger.info)(
+        f"saved the model to {out} (load it with lmforge.load({str(out)!r}) / "
+        f"lmforge generate --checkpoint {out})")
     return final
 
 
@@ -602,23 +672,43 @@ def _truncate_metrics(path: Path, step: int) -> None:
         os.truncate(path, keep)
 
 
-def plot_metrics(metrics_path: Path, png: Path) -> None:
+def loss_series(metrics_path: Path, final: dict | None = None) -> dict:
+    """What ``loss.png`` draws, as data: ``train`` (step, loss) per step, ``train_smooth`` (a running
+    mean over about 1/50 of the run) and ``validation`` (step, val_loss): the in-training evaluations,
+    then the final one (final.json's ``val_loss``, over ``final_eval_batches``) at the last step, which
+    replaces an in-training point at that same step. A run too short to evaluate during training still
+    gets its final point."""
+    recs = [r for r in map(json.loads, filter(str.strip, metrics_path.read_text().splitlines())) if "loss" in r]
+    train_pts = [(r["step"], r["loss"]) for r in recs]
+    loss = np.array([v for _, v in train_pts], dtype=float)
+    k = max(1, len(loss) // 50)
+    smooth = np.convolve(loss, np.ones(k) / k, mode="valid") if len(loss) else loss
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    if final is not None and final.get("val_loss") is not None and final.get("step") is not None:
+        val = [(s_, v) for s_, v in val if s_ != final["step"]] + [(final["step"], final["val_loss"])]
+    return {"train": train_pts,
+            "train_smooth": list(zip([s_ for s_, _ in train_pts][k - 1:], smooth.tolist())),
+            "validation": val}
+
+
+def plot_metrics(metrics_path: Path, png: Path, final: dict | None = None) -> dict:
+    """Draw ``loss_series`` to ``png``; returns the series drawn. ``final`` (final.json's dict) adds the
+    final validation point; without it, a final.json next to metrics.jsonl is read."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [r for r in map(json.loads, filter(str.strip, metrics_path.read_text().splitlines())) if "loss" in r]
+    if final is None and (Path(metrics_path).parent / "final.json").exists():
+        final = json.loads((Path(metrics_path).parent / "final.json").read_text())
+    series = loss_series(Path(metrics_path), final)
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in recs]
-    loss = np.array([r["loss"] for r in recs])
-    k = max(1, len(loss) // 50)
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    ax.plot(steps, loss, alpha=0.25, color="C0")
-    ax.plot(steps[k - 1:], smooth, color="C0", label="train")
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    if val:
-        ax.plot(*zip(*val), "o-", color="C1", label="validation")
+    if series["train"]:
+        ax.plot(*zip(*series["train"]), alpha=0.25, color="C0")
+    if series["train_smooth"]:
+        ax.plot(*zip(*series["train_smooth"]), color="C0", label="train")
+    if series["validation"]:
+        ax.plot(*zip(*series["validation"]), "o-", color="C1", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
@@ -626,3 +716,4 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+    return series
