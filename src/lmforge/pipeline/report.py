@@ -1,6 +1,11 @@
 """The run's report: ``report.md`` for people, ``summary.json`` (and the last printed line) for machines.
 
-Knows where each stage leaves its numbers; knows nothing about running them.
+Knows where each stage leaves its numbers; knows nothing about running them. The data
+throughput it reports ("MB/s end to end") is the pipeline's whole data stage: the input's
+bytes over the clean stage's and the shards stage's recorded seconds (run.json) together;
+fetching and the tokenizer's training (its own row) are not in it. ``data prepare`` alone
+times the same work in one call (data/report.json); in a pipeline that call only makes the
+shards, so its own figure would leave the cleaning out.
 """
 from __future__ import annotations
 
@@ -25,6 +30,18 @@ def _headline(summary: dict) -> str:
     return line
 
 
+def data_throughput(manifest: dict, bytes_in) -> dict | None:
+    """The data stage's time and speed from the stages' recorded times: {"seconds": {"clean": s,
+    "shards": s, "total": s}, "mb_per_s": input MB / total}; None without both times or the input size."""
+    st = manifest.get("stages", {})
+    secs = {k: st.get(k, {}).get("seconds") for k in ("clean", "shards")}
+    if bytes_in is None or any(v is None for v in secs.values()):
+        return None
+    total = sum(secs.values())
+    return {"seconds": {**secs, "total": round(total, 3)},
+            "mb_per_s": round(bytes_in / 1e6 / max(total, 1e-9), 3)}
+
+
 def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
     st = manifest["stages"]
     ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
@@ -35,7 +52,8 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
                "perplexity": ev.get("perplexity"),
                "val_bits_per_byte": (ev.get("val") or {}).get("bits_per_byte"),
                "params": st.get("pretrain", {}).get("summary", {}).get("params"),
-               "train_tokens": st.get("pretrain", {}).get("summary", {}).get("tokens")}
+               "train_tokens": st.get("pretrain", {}).get("summary", {}).get("tokens"),
+               "data_mb_per_s": None}
     lines = [f"# lmforge run `{run_dir.name}` (recipe `{recipe.name}`)", "",
              _headline(summary), "",
              "## Stages", "", "| stage | status | seconds | key numbers |", "| --- | --- | --- | --- |"]
@@ -48,7 +66,15 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
     if data_report.exists():
         from ..data.stats import collect, format_text
 
-        lines += ["", "## Data", "", "```", format_text(collect(run_dir / "data")), "```"]
+        ds = collect(run_dir / "data")
+        tp = data_throughput(manifest, ds["input"]["bytes"])
+        if tp is not None:  # the whole data stage, not only the call that made the shards
+            ds["seconds"], ds["mb_per_s"] = tp["seconds"], tp["mb_per_s"]
+            summary["data_mb_per_s"] = tp["mb_per_s"]
+        lines += ["", "## Data", "", "```", format_text(ds), "```"]
+        if tp is not None:
+            lines += ["", "MB/s end to end: the input's bytes over the clean and shards stages' times together "
+                          "(run.json); the tokenizer's training is timed in its own row."]
     png = run_dir / "model" / "loss.png"
     if png.exists():
         shutil.copyfile(png, run_dir / "loss.png")

@@ -7,13 +7,19 @@ stage's outputs), its outputs' hashes, its time, status and key numbers.
 Rerunning skips a stage whose key and outputs are unchanged; ``from_stage``
 forces a stage and everything after it; an interrupted run continues with the
 first unfinished stage (pre-training resumes from its last checkpoint).
+
+A trained model is never deleted: when pre-training's settings (or its data) changed, the
+run in ``model/`` (finished or interrupted) is moved aside to ``model.prev-<its key>`` and
+listed in run.json's ``kept_runs``, then a new run starts. ``from_stage`` does not rerun an
+earlier stage whose settings changed: it stops with an error naming the stage to rerun from.
+The log goes to ``run.log`` and to ``logging`` (logger ``lmforge.pipeline``); a Ctrl-C logs
+a warning saying how to continue.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import sys
+import logging
 import time
 import traceback
 from dataclasses import asdict
@@ -23,8 +29,15 @@ from .._io import file_sha256, write_json
 from .recipe import STAGES, Recipe, recipe_dict
 
 
+logger = logging.getLogger("lmforge.pipeline")
+
+
 class StageError(RuntimeError):
     pass
+
+
+class OutOfDateError(ValueError):
+    """``--from STAGE`` while an earlier stage's settings changed: rerunning it is not what was asked."""
 
 
 def _hash(obj) -> str:
@@ -76,8 +89,11 @@ class Runner:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
         with open(self.log_path, "a") as f:
             f.write(line + "\n")
-        if not self.quiet:
-            print(line, file=sys.stderr, flush=True)
+        (logger.debug if self.quiet else logger.info)(msg)
+
+    def rerun_command(self) -> str:
+        """The command that continues this run (the same recipe, run directory and --set options)."""
+        return f"lmforge run {self.r.name} --runs {self.dir.parent} --name {self.dir.name}"
 
     def save_manifest(self) -> None:
         write_json(self.dir / "run.json", self.manifest, indent=1)
@@ -145,25 +161,44 @@ class Runner:
         cfg = copy.deepcopy(self.r.train)
         cfg.data, cfg.text, cfg.out = str(self.dir / "data"), "", str(self.dir / "model")
         # the run in model/ continues only if it was started for this stage key (same settings, same data);
-        # any other run there is replaced, not continued
+        # any other run there (finished or interrupted) is moved aside, never deleted
         stamp = Path(cfg.out) / "pipeline_key.txt"
         mine = stamp.exists() and stamp.read_text().strip() == self._key
-        if latest_checkpoint(cfg.out) is not None and not mine:
-            self.log(f"pretrain: settings or data changed since {cfg.out} was trained; starting a new run there")
-            shutil.rmtree(cfg.out)
+        if not mine and Path(cfg.out).exists() and (
+                latest_checkpoint(cfg.out) is not None or (Path(cfg.out) / "model.safetensors").exists()):
+            self._keep_aside(Path(cfg.out), stamp.read_text().strip() if stamp.exists() else "")
         ck = latest_checkpoint(cfg.out)
         cfg.resume = ck is not None  # an interrupted run with these settings continues
         if ck is not None:
             self.log(f"pretrain: resuming the interrupted run in {cfg.out} from its checkpoint {ck.name}")
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         stamp.write_text(self._key + "\n")
-        final = train(cfg, quiet=self.quiet)
+        final = train(cfg, quiet=self.quiet, resume_hint=f"rerun `{self.rerun_command()}` "
+                      "(with the same --set options) to continue")
         keys = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "test_bpb", "params", "elapsed")
         if final["resumed_from_step"] is not None:  # run.json shows that (and from where) this run continued
             self.log(f"pretrain: resumed from step {final['resumed_from_step']}, "
                      f"ran {final['steps_this_run']} more steps")
             keys += ("resumed_from_step", "steps_this_run")
         return {"model": Path(cfg.out) / "model.safetensors"}, {k: final[k] for k in keys}
+
+    def _keep_aside(self, model_dir: Path, old_key: str) -> Path:
+        """Move a run of other settings out of ``model_dir`` to ``model.prev-<old key>`` (a numbered name
+        if that is taken), log it and list it in run.json's ``kept_runs``."""
+        base = f"{model_dir.name}.prev-{old_key[:12] or 'unknown'}"
+        dest, n = model_dir.with_name(base), 2
+        while dest.exists():
+            dest, n = model_dir.with_name(f"{base}-{n}"), n + 1
+        finished = (model_dir / "final.json").exists()
+        model_dir.rename(dest)
+        self.manifest.setdefault("kept_runs", []).append(
+            {"path": str(dest), "key": old_key or None, "finished": finished,
+             "moved": time.strftime("%Y-%m-%dT%H:%M:%S"), "reason": "pretrain settings or data changed"})
+        self.save_manifest()
+        self.log(f"pretrain: settings or data changed since {model_dir} was trained; its "
+                 f"{'finished' if finished else 'interrupted'} run is kept in {dest} (delete it when no longer "
+                 f"needed); starting a new run in {model_dir}")
+        return dest
 
     def stage_eval(self):
         from ..evaluate.perplexity import evaluate_shards, generate
@@ -216,24 +251,19 @@ class Runner:
     def run(self, from_stage: str | None = None) -> dict:
         if from_stage is not None and from_stage not in self.r.stages:
             raise ValueError(f"--from {from_stage!r}: not a stage of this recipe ({', '.join(self.r.stages)})")
-        from .. import __version__
-
-        write_json(self.dir / "recipe.json", resolved_recipe(self.r), indent=1)
         data = asdict(self._data_cfg())
+        if from_stage is not None:  # before anything is written
+            self._check_before(from_stage, data)
+        write_json(self.dir / "recipe.json", resolved_recipe(self.r), indent=1)
         prev = ""
         forced = False
         t_run = time.perf_counter()
         stages = self.manifest.setdefault("stages", {})
         for i, name in enumerate(self.r.stages, 1):
             forced = forced or name == from_stage
-            settings = {"fetch": asdict(self.r.fetch), "clean": data,
-                        "tokenizer": asdict(self.r.tokenizer), "shards": data,
-                        "pretrain": asdict(self.r.train), "eval": asdict(self.r.eval),
-                        "export": asdict(self.r.export), "demo": asdict(self.r.demo)}[name]
-            key = _hash([name, settings, prev, __version__])  # a new lmforge reruns what it would do differently
+            key = self._stage_key(name, data, prev)
             old = stages.get(name, {})
-            outputs_ok = old.get("outputs") and all(
-                Path(p).exists() and file_sha256(p) == h for p, h in old["outputs"].items())
+            outputs_ok = self._outputs_ok(old)
             if not forced and old.get("status") == "done" and old.get("key") == key and outputs_ok:
                 self.log(f"[{i}/{len(self.r.stages)}] {name}: unchanged, skipped")
                 prev = _hash([key, old["outputs"]])
@@ -248,6 +278,12 @@ class Runner:
             except KeyboardInterrupt:
                 stages[name]["status"] = "interrupted"
                 self.save_manifest()
+                msg = f"interrupted in stage {name}"
+                if name != "pretrain":  # pretrain's own warning names its checkpoint and this command
+                    logger.warning(f"{msg}; finished stages are kept: rerun `{self.rerun_command()}` "
+                                   "(with the same --set options) to continue")
+                with open(self.log_path, "a") as f:
+                    f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
                 raise
             except Exception as e:
                 stages[name].update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -265,6 +301,41 @@ class Runner:
 
         summary = write_report(self.dir, self.r, self.manifest, time.perf_counter() - t_run)
         return summary
+
+
+    def _stage_key(self, name: str, data: dict, prev: str) -> str:
+        from .. import __version__
+
+        settings = {"fetch": asdict(self.r.fetch), "clean": data,
+                    "tokenizer": asdict(self.r.tokenizer), "shards": data,
+                    "pretrain": asdict(self.r.train), "eval": asdict(self.r.eval),
+                    "export": asdict(self.r.export), "demo": asdict(self.r.demo)}[name]
+        return _hash([name, settings, prev, __version__])  # a new lmforge reruns what it would do differently
+
+    @staticmethod
+    def _outputs_ok(old: dict) -> bool:
+        return bool(old.get("outputs")) and all(
+            Path(p).exists() and file_sha256(p) == h for p, h in old["outputs"].items())
+
+    def _check_before(self, from_stage: str, data: dict) -> None:
+        """``--from STAGE`` redoes STAGE and what follows; an earlier stage that ran before but is now out
+        of date (its settings, its inputs or its outputs changed) would be rerun silently (pre-training:
+        retrained), so it is an error that names the stage to start from. Stages that never ran just run."""
+        stages = self.manifest.get("stages", {})
+        prev = ""
+        for name in self.r.stages[:self.r.stages.index(from_stage)]:
+            key, old = self._stage_key(name, data, prev), stages.get(name, {})
+            if not old:
+                return  # from here on nothing ran: the stages run in order as usual
+            if old.get("status") != "done" or old.get("key") != key or not self._outputs_ok(old):
+                why = ("did not finish" if old.get("status") != "done" else
+                       "its settings (or an earlier stage's outputs) changed" if old.get("key") != key else
+                       "its outputs changed or are missing")
+                raise OutOfDateError(
+                    f"--from {from_stage}: stage {name!r} is out of date ({why} since it ran), and --from "
+                    f"{from_stage} would redo it{' (retrain the model)' if name == 'pretrain' else ''} "
+                    f"first; rerun with --from {name} (or without --from) to redo it and what follows")
+            prev = _hash([key, old["outputs"]])
 
 
 def run_recipe(recipe: Recipe, run_dir, from_stage=None, quiet=False) -> dict:
