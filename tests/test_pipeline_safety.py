@@ -13,13 +13,22 @@ from lmforge.pipeline import load_recipe, run_recipe
 from lmforge.pipeline.report import data_throughput
 from lmforge.pipeline.runner import OutOfDateError
 
-from test_pipeline import small_corpus, tiny_sets  # noqa: F401  (small_corpus: a fixture)
+from test_pipeline import tiny_sets
 
 STAGES = ["fetch", "clean", "tokenizer", "shards", "pretrain", "eval"]  # no export/demo: faster
 
 
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory, corpus_files):  # smaller than test_pipeline's: evaluations take little
+    d = tmp_path_factory.mktemp("plays")
+    for p in corpus_files[:4]:
+        (d / p.name).write_text(p.read_text()[:8000])
+    return d
+
+
 def recipe(corpus, steps, *more):
-    r, _ = load_recipe("default", tiny_sets(corpus, steps) + [f"stages={json.dumps(STAGES)}", *more])
+    r, _ = load_recipe("default", tiny_sets(corpus, steps) + [f"stages={json.dumps(STAGES)}",
+                                                              "train.final_eval_batches=2", *more])
     return r
 
 
@@ -39,7 +48,8 @@ def test_a_changed_train_setting_never_deletes_a_trained_model(small_corpus, tmp
     with pytest.raises(OutOfDateError, match=r"stage 'pretrain' is out of date .*settings.*--from pretrain"):
         run_recipe(recipe(small_corpus, 4), run, from_stage="eval", quiet=True)
     assert manifest(run) == m0 and file_sha256(run / "model" / "model.safetensors") == weights
-    sets = sum((["--set", s] for s in tiny_sets(small_corpus, 4) + [f"stages={json.dumps(STAGES)}"]), [])
+    sets = sum((["--set", s] for s in tiny_sets(small_corpus, 4) + [f"stages={json.dumps(STAGES)}",
+                                                                     "train.final_eval_batches=2"]), [])
     assert main(["run", "--runs", str(tmp_path), "--name", "run", "-q", "--from", "eval"] + sets) == 1
     assert "--from pretrain" in capsys.readouterr().err and manifest(run) == m0
     # --from eval with pretrain unchanged still redoes eval only
