@@ -106,6 +106,16 @@ def test_a_changed_train_setting_never_deletes_a_trained_model(small_corpus, tmp
     assert json.loads((run / "model" / "final.json").read_text())["step"] == 5
     assert file_sha256(kept / "model.safetensors") == weights
 
+    # back to the 4-step settings: their kept run returns to model/ instead of a retrain
+    four_weights = file_sha256(run / four[0]["path"].split("/")[-1] / "model.safetensors")
+    run_recipe(recipe(small_corpus, 4), run, quiet=True)
+    st = manifest(run)["stages"]["pretrain"]["summary"]
+    assert st["step"] == 4 and st["resumed_from_step"] == 4 and st["steps_this_run"] == 0
+    assert file_sha256(run / "model" / "model.safetensors") == four_weights
+    assert not (run / four[0]["path"].split("/")[-1]).exists()
+    assert [k["finished"] for k in manifest(run)["kept_runs"]] == [True, False, True]  # 3 steps, the partial 6, 5
+    assert f"moved back to {run / 'model'}" in (run / "run.log").read_text()
+
 
 def test_data_throughput_covers_clean_and_shards(small_corpus, tmp_path):
     assert data_throughput({"stages": {"clean": {"seconds": 2.0}, "shards": {"seconds": 1.0}}}, 6_000_000) == \

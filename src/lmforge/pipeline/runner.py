@@ -10,7 +10,8 @@ first unfinished stage (pre-training resumes from its last checkpoint).
 
 A trained model is never deleted: when pre-training's settings (or its data) changed, the
 run in ``model/`` (finished or interrupted) is moved aside to ``model.prev-<its key>`` and
-listed in run.json's ``kept_runs``, then a new run starts. ``from_stage`` does not rerun an
+listed in run.json's ``kept_runs``, then a new run starts (or, when the settings are back to
+a kept run's, that run moves back and continues). ``from_stage`` does not rerun an
 earlier stage whose settings changed: it stops with an error naming the stage to rerun from.
 The log goes to ``run.log`` and to ``logging`` (logger ``lmforge.pipeline``); a Ctrl-C logs
 a warning saying how to continue.
@@ -167,6 +168,8 @@ class Runner:
         if not mine and Path(cfg.out).exists() and (
                 latest_checkpoint(cfg.out) is not None or (Path(cfg.out) / "model.safetensors").exists()):
             self._keep_aside(Path(cfg.out), stamp.read_text().strip() if stamp.exists() else "")
+        if not Path(cfg.out).exists():
+            self._restore_kept(Path(cfg.out))
         ck = latest_checkpoint(cfg.out)
         cfg.resume = ck is not None  # an interrupted run with these settings continues
         if ck is not None:
@@ -199,6 +202,19 @@ class Runner:
                  f"{'finished' if finished else 'interrupted'} run is kept in {dest} (delete it when no longer "
                  f"needed); starting a new run in {model_dir}")
         return dest
+
+    def _restore_kept(self, model_dir: Path) -> None:
+        """Settings switched back to a kept run's: that run (finished or interrupted) returns to
+        ``model_dir`` and continues (a finished one only redoes its final evaluation)."""
+        for i, k in enumerate(self.manifest.get("kept_runs", [])):
+            p = Path(k["path"])
+            if k.get("key") == self._key and (p / "pipeline_key.txt").exists() and \
+                    (p / "pipeline_key.txt").read_text().strip() == self._key:
+                p.rename(model_dir)
+                del self.manifest["kept_runs"][i]
+                self.save_manifest()
+                self.log(f"pretrain: these settings' run was kept in {p}; moved back to {model_dir} to continue")
+                return
 
     def stage_eval(self):
         from ..evaluate.perplexity import evaluate_shards, generate
