@@ -133,3 +133,21 @@ def test_data_throughput_covers_clean_and_shards(small_corpus, tmp_path):
     assert own["seconds"]["total"] < st["clean"]["seconds"] + st["shards"]["seconds"]
     report = (run / "report.md").read_text()
     assert f"{expect} MB/s end to end" in report and "time: clean " in report
+
+
+def test_ctrl_c_in_another_stage_says_how_to_continue(small_corpus, tmp_path, monkeypatch, caplog):
+    from lmforge.pipeline.runner import Runner
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "stage_shards", stop)
+    r, _ = load_recipe("default", tiny_sets(small_corpus, 1) + ['stages=["fetch", "clean", "tokenizer", "shards"]'])
+    caplog.set_level(logging.WARNING, logger="lmforge")
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(r, tmp_path / "x", quiet=True)
+    assert [m.getMessage() for m in caplog.records] == [
+        f"interrupted in stage shards; finished stages are kept: rerun `lmforge run default --runs {tmp_path} "
+        "--name x` (with the same --set options) to continue"]
+    st = manifest(tmp_path / "x")["stages"]
+    assert st["tokenizer"]["status"] == "done" and st["shards"]["status"] == "interrupted"

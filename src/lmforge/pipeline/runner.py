@@ -291,11 +291,11 @@ class Runner:
             t0 = time.perf_counter()
             try:
                 outs, summary = getattr(self, f"stage_{name}")()
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 stages[name]["status"] = "interrupted"
                 self.save_manifest()
                 msg = f"interrupted in stage {name}"
-                if name != "pretrain":  # pretrain's own warning names its checkpoint and this command
+                if not getattr(e, "lmforge_told", False):  # the trainer's own warning names its checkpoint
                     logger.warning(f"{msg}; finished stages are kept: rerun `{self.rerun_command()}` "
                                    "(with the same --set options) to continue")
                 with open(self.log_path, "a") as f:

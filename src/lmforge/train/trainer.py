@@ -599,7 +599,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False, resume_hint: str 
                 on_step(step, rec)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
         if tb is not None:
             tb.close()
@@ -612,6 +612,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False, resume_hint: str 
                            f"{hint} (it starts from the beginning)")
         else:
             logger.warning(f"interrupted at step {step}; checkpoint {ck} saved; {hint}")
+        e.lmforge_told = True  # a caller (the pipeline) need not say it again
         raise
     except BaseException:
         if tb is not None:
