@@ -55,6 +55,20 @@ def test_a_changed_train_setting_never_deletes_a_trained_model(small_corpus, tmp
     # --from eval with pretrain unchanged still redoes eval only
     run_recipe(recipe(small_corpus, 3), run, from_stage="eval", quiet=True)
     assert manifest(run)["stages"]["pretrain"] == m0["stages"]["pretrain"]
+    # --from pretrain trains again (not a 0-step "resume" of the finished run), the old run kept aside
+    run_recipe(recipe(small_corpus, 3), run, from_stage="pretrain", quiet=True)
+    redo = manifest(run)
+    assert redo["stages"]["pretrain"]["summary"].get("resumed_from_step") is None
+    assert redo["stages"]["pretrain"]["started"] > m0["stages"]["pretrain"]["started"]
+    assert [(k["key"], k["reason"]) for k in redo["kept_runs"]] == [(old_key, "--from asked to train again")]
+    redone = run / redo["kept_runs"][0]["path"].split("/")[-1]
+    assert file_sha256(redone / "model.safetensors") == weights
+    import shutil
+
+    shutil.rmtree(redone)  # (the rest of the test counts kept runs from here)
+    redo["kept_runs"] = []
+    (run / "run.json").write_text(json.dumps(redo))
+    weights = file_sha256(run / "model" / "model.safetensors")  # seeded: the same weights again
 
     # without --from: the finished run is kept aside under its key, and a new one is trained
     run_recipe(recipe(small_corpus, 4), run, quiet=True)

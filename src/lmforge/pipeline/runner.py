@@ -85,6 +85,7 @@ class Runner:
         self.manifest = json.loads(mp.read_text()) if mp.exists() else {"stages": {}}
         self.results: dict[str, dict] = {}
         self._key = ""  # the running stage's key
+        self._forced = False  # the running stage was asked for (from_stage), not found out of date
 
     def log(self, msg: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
@@ -165,10 +166,12 @@ class Runner:
         # any other run there (finished or interrupted) is moved aside, never deleted
         stamp = Path(cfg.out) / "pipeline_key.txt"
         mine = stamp.exists() and stamp.read_text().strip() == self._key
-        if not mine and Path(cfg.out).exists() and (
+        redo = self._forced  # --from pretrain (or earlier): train again, the run there kept aside
+        if (redo or not mine) and Path(cfg.out).exists() and (
                 latest_checkpoint(cfg.out) is not None or (Path(cfg.out) / "model.safetensors").exists()):
-            self._keep_aside(Path(cfg.out), stamp.read_text().strip() if stamp.exists() else "")
-        if not Path(cfg.out).exists():
+            self._keep_aside(Path(cfg.out), stamp.read_text().strip() if stamp.exists() else "",
+                             "--from asked to train again" if redo and mine else "settings or data changed since it was trained")
+        if not Path(cfg.out).exists() and not redo:
             self._restore_kept(Path(cfg.out))
         ck = latest_checkpoint(cfg.out)
         cfg.resume = ck is not None  # an interrupted run with these settings continues
@@ -185,7 +188,7 @@ class Runner:
             keys += ("resumed_from_step", "steps_this_run")
         return {"model": Path(cfg.out) / "model.safetensors"}, {k: final[k] for k in keys}
 
-    def _keep_aside(self, model_dir: Path, old_key: str) -> Path:
+    def _keep_aside(self, model_dir: Path, old_key: str, reason: str) -> Path:
         """Move a run of other settings out of ``model_dir`` to ``model.prev-<old key>`` (a numbered name
         if that is taken), log it and list it in run.json's ``kept_runs``."""
         base = f"{model_dir.name}.prev-{old_key[:12] or 'unknown'}"
@@ -196,17 +199,18 @@ class Runner:
         model_dir.rename(dest)
         self.manifest.setdefault("kept_runs", []).append(
             {"path": str(dest), "key": old_key or None, "finished": finished,
-             "moved": time.strftime("%Y-%m-%dT%H:%M:%S"), "reason": "pretrain settings or data changed"})
+             "moved": time.strftime("%Y-%m-%dT%H:%M:%S"), "reason": reason})
         self.save_manifest()
-        self.log(f"pretrain: settings or data changed since {model_dir} was trained; its "
-                 f"{'finished' if finished else 'interrupted'} run is kept in {dest} (delete it when no longer "
-                 f"needed); starting a new run in {model_dir}")
+        self.log(f"pretrain: {reason}: the {'finished' if finished else 'interrupted'} run in {model_dir} "
+                 f"is kept in {dest} (delete it when no longer needed); starting a new run in {model_dir}")
         return dest
 
     def _restore_kept(self, model_dir: Path) -> None:
         """Settings switched back to a kept run's: that run (finished or interrupted) returns to
         ``model_dir`` and continues (a finished one only redoes its final evaluation)."""
-        for i, k in enumerate(self.manifest.get("kept_runs", [])):
+        kept = self.manifest.get("kept_runs", [])
+        for i in reversed(range(len(kept))):  # the latest run of these settings
+            k = kept[i]
             p = Path(k["path"])
             if k.get("key") == self._key and (p / "pipeline_key.txt").exists() and \
                     (p / "pipeline_key.txt").read_text().strip() == self._key:
@@ -286,6 +290,7 @@ class Runner:
                 continue
             self.log(f"[{i}/{len(self.r.stages)}] {name} ...")
             self._key = key  # pretrain resumes only a run started under the same key
+            self._forced = forced
             stages[name] = {"status": "running", "key": key, "started": time.time()}
             self.save_manifest()
             t0 = time.perf_counter()
