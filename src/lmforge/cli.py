@@ -905,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)  # a usage error exits with status 2 here
     try:
-        _setup_logging(_log_level(args.log_level))
+        _setup_logging(_log_level(getattr(args, "log_level", None)))
     except UsageError as e:
         return _die(str(e), EXIT_USAGE)
     for o in getattr(args, "set", None) or []:
