@@ -84,6 +84,7 @@ def test_warning_level_silences_info_lines(tmp_path, corpus_files):
             sys.stderr = err
         assert ("lmforge: a fetch line" in out) is shown
         assert "lmforge: warning: a warning line" in out
+    cli._setup_logging("info")  # as main() leaves it by default
 
 
 @pytest.mark.parametrize("argv,env", [(["--log-level", "loud"], None), ([], "loud")])

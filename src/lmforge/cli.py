@@ -1,7 +1,11 @@
 """The ``lmforge`` command line: one subcommand group per stage.
 
 Thin by design: each subcommand parses its arguments and calls one library
-function (the same one the pipeline and your own code call).
+function (the same one the pipeline and your own code call). A command's results
+go to stdout (print, here only); what the library says along the way is ``logging``
+under the ``lmforge`` logger, which ``main()`` alone configures: one stderr handler at
+``--log-level`` / ``$LMFORGE_LOG_LEVEL`` (default info), "lmforge: message", from
+warning up "lmforge: warning: message". Library code never configures logging.
 """
 from __future__ import annotations
 
