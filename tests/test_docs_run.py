@@ -193,3 +193,12 @@ def test_documented_commands_run(page, workspace, capsys, monkeypatch):
         with open(os.environ["LMFORGE_DOCS_TIMES"], "a") as f:
             f.write("".join(f"{t:6.2f}s {w}\n" for t, w in TIMES))
     TIMES.clear()
+
+
+def test_a_documented_command_that_fails_fails_the_test(workspace, capsys, monkeypatch):
+    import test_docs_run as me
+
+    monkeypatch.setitem(RUN, "docs/broken.md", [("lmforge model info", {}), ("lmforge model info gpt2", {})])
+    monkeypatch.setattr(me, "_fenced", lambda page: [(3, "lmforge model info"), (4, "lmforge model info gpt2")])
+    with pytest.raises(AssertionError, match=r"docs/broken.md:4: `lmforge model info gpt2` .*exited 2:\n.*did you mean"):
+        _run_page("docs/broken.md", workspace, capsys, monkeypatch)
