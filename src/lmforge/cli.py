@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import re
 import sys
@@ -35,24 +36,21 @@ def _debug() -> bool:
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-class _LogFormatter:
+class _LogFormatter(logging.Formatter):
     """``lmforge: message`` for debug and info, ``lmforge: warning: message`` (the level, lower case) from
     warning up; ``timestamps=True`` (the server) writes ``TIME LOGGER message`` instead."""
 
     def __init__(self, timestamps: bool = False):
-        import logging
-
+        super().__init__()
         self.timestamps = timestamps
         self._time = logging.Formatter("%(asctime)s %(name)s %(message)s")
 
     def format(self, record) -> str:
-        import logging
-
         if self.timestamps:
             return self._time.format(record)
         msg = record.getMessage()
         if record.exc_info:
-            msg += "\n" + logging.Formatter().formatException(record.exc_info)
+            msg += "\n" + self.formatException(record.exc_info)
         if record.levelno >= logging.WARNING:
             return f"lmforge: {record.levelname.lower()}: {msg}"
         return f"lmforge: {msg}"
@@ -60,8 +58,6 @@ class _LogFormatter:
 
 def _stderr_handler():
     """A handler that writes to whatever ``sys.stderr`` is when a record comes (pytest swaps it)."""
-    import logging
-
     class _Stderr(logging.StreamHandler):
         @property
         def stream(self):
@@ -80,8 +76,6 @@ def _stderr_handler():
 def _setup_logging(level: str) -> None:
     """The one place logging is configured: one stderr handler on the ``lmforge`` logger at ``level``
     (replacing one an earlier ``main()`` in this process put there). Library code only logs."""
-    import logging
-
     log = logging.getLogger("lmforge")
     for h in list(log.handlers):
         if getattr(h, "_lmforge_cli", False):
