@@ -1,13 +1,18 @@
 """The ``lmforge`` command line: one subcommand group per stage.
 
 Thin by design: each subcommand parses its arguments and calls one library
-function (the same one the pipeline and your own code call).
+function (the same one the pipeline and your own code call). A command's results
+go to stdout (print, here only); what the library says along the way is ``logging``
+under the ``lmforge`` logger, which ``main()`` alone configures: one stderr handler at
+``--log-level`` / ``$LMFORGE_LOG_LEVEL`` (default info), "lmforge: message", from
+warning up "lmforge: warning: message". Library code never configures logging.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
 import json
+import logging
 import os
 import re
 import sys
@@ -26,6 +31,72 @@ def _die(msg: str, code: int = EXIT_ERROR) -> int:
 
 def _debug() -> bool:
     return os.environ.get("LMFORGE_DEBUG", "") not in ("", "0")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class _LogFormatter(logging.Formatter):
+    """``lmforge: message`` for debug and info, ``lmforge: warning: message`` (the level, lower case) from
+    warning up; ``timestamps=True`` (the server) writes ``TIME LOGGER message`` instead."""
+
+    def __init__(self, timestamps: bool = False):
+        super().__init__()
+        self.timestamps = timestamps
+        self._time = logging.Formatter("%(asctime)s %(name)s %(message)s")
+
+    def format(self, record) -> str:
+        if self.timestamps:
+            return self._time.format(record)
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        if record.levelno >= logging.WARNING:
+            return f"lmforge: {record.levelname.lower()}: {msg}"
+        return f"lmforge: {msg}"
+
+
+def _stderr_handler():
+    """A handler that writes to whatever ``sys.stderr`` is when a record comes (pytest swaps it)."""
+    class _Stderr(logging.StreamHandler):
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _):
+            pass
+
+    h = _Stderr()
+    h.setFormatter(_LogFormatter())
+    h._lmforge_cli = True
+    return h
+
+
+def _setup_logging(level: str) -> None:
+    """The one place logging is configured: one stderr handler on the ``lmforge`` logger at ``level``
+    (replacing one an earlier ``main()`` in this process put there). Library code only logs."""
+    log = logging.getLogger("lmforge")
+    for h in list(log.handlers):
+        if getattr(h, "_lmforge_cli", False):
+            log.removeHandler(h)
+    log.addHandler(_stderr_handler())
+    log.setLevel(level.upper())
+    log.propagate = True
+
+
+def _log_level(argv_level: str | None) -> str:
+    """--log-level, else $LMFORGE_LOG_LEVEL, else info; a bad environment value is a usage error."""
+    from ._config import UsageError
+
+    if argv_level is not None:
+        return argv_level
+    env = os.environ.get("LMFORGE_LOG_LEVEL", "").strip()
+    if not env:
+        return "info"
+    if env.lower() not in LOG_LEVELS:
+        raise UsageError(f"LMFORGE_LOG_LEVEL={env!r}: expected one of {', '.join(LOG_LEVELS)}")
+    return env.lower()
 
 
 class _settings:
@@ -122,27 +193,6 @@ def _inputs(a) -> list[str]:
     return [str(p) for p in corpus_files(a.corpus)]
 
 
-class _tokenize_warnings_to_stderr:
-    """While training: warnings of logger ``lmforge.tokenize`` (a vocabulary smaller than asked)
-    printed once to stderr as ``lmforge: warning: ...``."""
-
-    def __enter__(self):
-        import logging
-
-        self.log = logging.getLogger("lmforge.tokenize")
-        self.handler = logging.StreamHandler(sys.stderr)
-        self.handler.setLevel(logging.WARNING)
-        self.handler.setFormatter(logging.Formatter("lmforge: warning: %(message)s"))
-        self.log.addHandler(self.handler)
-        self.propagate, self.log.propagate = self.log.propagate, False
-        return self
-
-    def __exit__(self, *exc):
-        self.log.removeHandler(self.handler)
-        self.log.propagate = self.propagate
-        return False
-
-
 def cmd_tok_train(a) -> int:
     from . import tokenize as T
     from .tokenize.special import default_special_tokens
@@ -159,8 +209,7 @@ def cmd_tok_train(a) -> int:
     import time
 
     t0 = time.perf_counter()
-    with _tokenize_warnings_to_stderr():
-        tok = T.train(a.kind, files, a.vocab_size, **opts)
+    tok = T.train(a.kind, files, a.vocab_size, **opts)
     dt = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,9 +310,11 @@ def cmd_tok_export(a) -> int:
 
 
 def cmd_tok_demo(a) -> int:
-    from .tokenize.demo import run_demo
+    from .tokenize.demo import format_table, run_demo
 
-    run_demo(a.out, a.vocab_size)
+    summary = run_demo(a.out, a.vocab_size)
+    print(format_table(summary))
+    print(json.dumps(summary))
     return 0
 
 
@@ -304,7 +355,15 @@ def cmd_model_info(a) -> int:
     else:
         from ._config import UsageError
 
-        raise UsageError(f"{a.name!r} is neither a preset nor a model directory; presets: {', '.join(PRESETS)}")
+        if Path(a.name).is_file():
+            raise UsageError(f"{a.name} is a file; model info takes a preset or the model directory that holds it "
+                             f"({Path(a.name).parent})")
+        # a family name (gpt2, llama) means its first (smallest) preset; else the closest spelling
+        close = [n for n in PRESETS if n.startswith(a.name.lower())][:1]
+        close = close or difflib.get_close_matches(a.name.lower(), list(PRESETS), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"{a.name!r} is neither a preset nor a model directory; {hint}presets: {', '.join(PRESETS)} "
+                         "(`lmforge model info` lists them)")
     d = describe(cfg, a.seq_len)
     st = export_status(cfg)
     if a.json:
@@ -383,6 +442,7 @@ def cmd_eval(a) -> int:
     from .evaluate.perplexity import evaluate_shards, evaluate_text
     from .model import load
 
+    _checkpoint(a.checkpoint)
     model, tok = load(a.checkpoint)
     if a.text:
         if tok is None:
@@ -414,6 +474,7 @@ def cmd_eval(a) -> int:
 def cmd_export(a) -> int:
     from .model import export_hf, load, load_tokens
 
+    _checkpoint(a.checkpoint)
     model, tok = load(a.checkpoint)
     out = export_hf(model, a.out, arch=a.arch, tokenizer=tok,
                     tokens=load_tokens(a.checkpoint, tok) if tok is not None else None)
@@ -430,9 +491,21 @@ def _sampling(a):
                           seed=a.seed)
 
 
+def _checkpoint(path) -> str:
+    """--checkpoint names a model directory; a file in one (model.safetensors, config.json) is a usage error
+    that names the directory to give instead."""
+    from ._config import UsageError
+
+    p = Path(path)
+    if p.is_file():
+        raise UsageError(f"{path} is a file; --checkpoint takes the model directory that holds it ({p.parent})")
+    return path
+
+
 def _model_and_tokenizer(path):
     from .model import load
 
+    _checkpoint(path)
     model, tok = load(path)
     if tok is None:
         raise ValueError(f"{path}: no tokenizer in the model directory")
@@ -469,7 +542,15 @@ def cmd_serve(a) -> int:
     model, tok = _model_and_tokenizer(a.checkpoint)
     name = a.name or Path(a.checkpoint).resolve().name
     key = a.api_key or os.environ.get("LMFORGE_API_KEY") or None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # uvicorn's loggers go to the root logger; lmforge's own (the access log) keep to the CLI's handler,
+    # which the server has write the time and the logger's name
+    logging.basicConfig(level=logging.getLogger("lmforge").getEffectiveLevel(),
+                        format="%(asctime)s %(name)s %(message)s")
+    lf = logging.getLogger("lmforge")
+    lf.propagate = False
+    for h in lf.handlers:
+        if getattr(h, "_lmforge_cli", False):
+            h.setFormatter(_LogFormatter(timestamps=True))
     app = build_app(model, tok, load_tokens(a.checkpoint, tok), name, api_key=key, cors_origins=a.cors_origin or (),
                     allowed_hosts=a.allowed_host or None, max_body_bytes=a.max_body, max_queued=a.max_queue,
                     request_timeout_s=a.timeout, num_blocks=a.num_blocks, block_size=a.block_size,
@@ -496,6 +577,7 @@ def cmd_chat(a) -> int:
     up to --max-tokens. An error in one turn is printed and the chat goes on."""
     from .infer.llm import LM
 
+    _checkpoint(a.checkpoint)
     lm = LM.load(a.checkpoint)
     if a.max_tokens < 1:
         raise ValueError(f"--max-tokens: must be at least 1, got {a.max_tokens}")
@@ -571,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    p.add_argument("--log-level", default=None, type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
+                   help=f"what lmforge says on stderr: {', '.join(LOG_LEVELS)} (default: $LMFORGE_LOG_LEVEL or "
+                   "info)")
     sub = p.add_subparsers(dest="stage", metavar="STAGE")
     sub.required = True
 
@@ -817,6 +902,10 @@ def main(argv: list[str] | None = None) -> int:
     from ._config import UsageError
 
     args = build_parser().parse_args(argv)  # a usage error exits with status 2 here
+    try:
+        _setup_logging(_log_level(getattr(args, "log_level", None)))
+    except UsageError as e:
+        return _die(str(e), EXIT_USAGE)
     for o in getattr(args, "set", None) or []:
         if "=" not in o:
             return _die(f"--set {o!r}: expected KEY=VALUE as one argument (e.g. --set {o}=VALUE); a value "

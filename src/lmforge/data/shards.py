@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -40,6 +41,8 @@ ENCODE_BATCH_DOCS = 1024  # ... or this many documents (memory: a constant, what
 FORMAT = "lmforge.shards"
 VERSION = 1
 SPLITS = ("train", "val", "test")  # directories written before the test split have only train and val
+
+log = logging.getLogger("lmforge.data")
 
 
 def tokenizer_file(path: str | os.PathLike) -> Path:
@@ -277,8 +280,8 @@ def check_shards_tokenizer(manifest: dict, where, tok=None, tok_name: str = "the
         return
     want = rec.get("canonical_sha256")
     if want is None:
-        print(f"lmforge: warning: {where}: the manifest does not record its tokenizer's canonical sha256 "
-              f"(written by an older lmforge); cannot check that {tok_name} made these shards", file=sys.stderr)
+        log.warning("%s: the manifest does not record its tokenizer's canonical sha256 (written by an older "
+                    "lmforge); cannot check that %s made these shards", where, tok_name)
         return
     got = tokenizer_fingerprint(tok)
     if got != want:

@@ -66,6 +66,9 @@ def save(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
     d = Path(directory)
+    if d.is_file():
+        raise NotADirectoryError(f"{d} is a file; a model's config is read from the model directory that holds "
+                                 f"it ({d.parent})")
     p = d / "config.json"
     if not p.exists():
         raise FileNotFoundError(f"{d}: no config.json (not a model directory)")
@@ -85,6 +88,9 @@ def load(directory: str | os.PathLike, device: str = "cpu", tokenizer: bool = Tr
     from .transformer import Transformer
 
     d = Path(directory)
+    if d.is_file():
+        raise NotADirectoryError(f"{d} is a file; a model is loaded from the model directory that holds it "
+                                 f"({d.parent})")
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such model directory")
     c = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}

