@@ -166,3 +166,21 @@ def test_ctrl_c_in_another_stage_says_how_to_continue(small_corpus, tmp_path, mo
         "--name x` (with the same --set options) to continue"]
     st = manifest(tmp_path / "x")["stages"]
     assert st["tokenizer"]["status"] == "done" and st["shards"]["status"] == "interrupted"
+
+
+def test_a_new_lmforge_version_reruns_the_stages(small_corpus, tmp_path, monkeypatch):
+    """Stage keys include the lmforge version: unchanged settings are skipped, a new version reruns."""
+    import lmforge
+
+    r, _ = load_recipe("default", tiny_sets(small_corpus, 1) + ['stages=["fetch", "clean"]'])
+    run = tmp_path / "run"
+    run_recipe(r, run, quiet=True)
+    keys = {k: v["key"] for k, v in manifest(run)["stages"].items()}
+    run_recipe(r, run, quiet=True)
+    assert {k: v["key"] for k, v in manifest(run)["stages"].items()} == keys
+    assert all("unchanged, skipped" in line for line in (run / "run.log").read_text().splitlines()[-2:])
+    monkeypatch.setattr(lmforge, "__version__", lmforge.__version__ + ".post1")
+    run_recipe(r, run, quiet=True)
+    new = {k: v["key"] for k, v in manifest(run)["stages"].items()}
+    assert all(new[k] != keys[k] for k in keys)
+    assert json.loads((run / "recipe.json").read_text())["lmforge_version"].endswith(".post1")
