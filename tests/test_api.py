@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_informative, hf_greedy, load_hf, perturbed
+from conftest import assert_informative, hf_greedy, load_hf
 
 import lmforge
 from lmforge.infer import LM
@@ -20,14 +20,11 @@ PROMPTS = ["To be, or not to be", "Hail, my lord! What news", "O Romeo, Romeo", 
 
 
 def _tiny(directory, tok):
-    from lmforge.model import ModelConfig, save
-    from lmforge.model.transformer import Transformer
+    from tiny_serve import tiny_llama
 
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=64, max_seq_len=256,
-                                norm="rmsnorm", mlp="swiglu", pos="rope", arch="llama"))
-    perturbed(m, 0.3)  # off its init: greedy text that depends on the prompt
-    save(m, directory, tokenizer=tok)
+    from lmforge.model import save
+
+    save(tiny_llama(tok), directory, tokenizer=tok)
     return directory
 
 

@@ -1,7 +1,6 @@
 """Checks come before work, and what runs is what is recorded (issue 15): recipe and pretrain
 settings are validated by the stages' own rules before anything is read or trained; a preset means
 the same in `pretrain` and the pipeline; `--print-config` / recipe.json show the settings in effect."""
-import argparse
 import dataclasses
 import json
 

@@ -21,7 +21,7 @@ import torch
 
 from lmforge.data.loader import ShardLoader
 from lmforge.model import load
-from lmforge.train import TrainConfig, train
+from lmforge.train import train
 from lmforge.train import trainer as trainer_mod
 from lmforge.train.checkpoint import file_state_summary
 

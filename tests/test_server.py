@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import hf_greedy, load_hf, perturbed
+from conftest import hf_greedy, load_hf
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -31,18 +31,12 @@ BLOCKS = 256
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, corpus_files):
-    from lmforge import tokenize
-    from lmforge.model import ModelConfig, save
-    from lmforge.model.transformer import Transformer
-    from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS
+    from tiny_serve import tiny_model
+
+    from lmforge.model import save
 
     d = tmp_path_factory.mktemp("srv") / NAME
-    tok = tokenize.train("bpe", [str(corpus_files[0])], 400, special_tokens=["<|endoftext|>", *CHAT_SPECIAL_TOKENS],
-                         show_progress=False)
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=64, max_seq_len=256,
-                                norm="rmsnorm", mlp="swiglu", pos="rope", arch="llama"))
-    perturbed(m, 0.3)  # off its init: greedy text that depends on the prompt
+    m, tok = tiny_model(corpus_files[0])
     save(m, d, tokenizer=tok)
     return d
 

@@ -18,18 +18,24 @@ from conftest import perturbed
 CTX = 256
 
 
-def tiny_model(corpus_file, ctx: int = CTX):
-    from lmforge import tokenize
+def tiny_llama(tok, ctx: int = CTX):
+    """A 2 x 64 Llama-style model for ``tok``, moved off its init (greedy text depends on the prompt)."""
     from lmforge.model import ModelConfig
     from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=64, max_seq_len=ctx,
+                                norm="rmsnorm", mlp="swiglu", pos="rope", arch="llama"))
+    return perturbed(m, 0.3)
+
+
+def tiny_model(corpus_file, ctx: int = CTX):
+    from lmforge import tokenize
     from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS
 
     tok = tokenize.train("bpe", [str(corpus_file)], 400, special_tokens=["<|endoftext|>", *CHAT_SPECIAL_TOKENS],
                          show_progress=False)
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=64, max_seq_len=ctx,
-                                norm="rmsnorm", mlp="swiglu", pos="rope", arch="llama"))
-    return perturbed(m, 0.3), tok
+    return tiny_llama(tok, ctx), tok
 
 
 @contextlib.contextmanager

@@ -104,6 +104,14 @@ def _hints(cls) -> dict:
     return get_type_hints(cls)
 
 
+def known_fields(cls, d: dict, what: str | None = None) -> dict:
+    """``d`` if every key is a field of dataclass ``cls``; else ValueError naming the unknown ones."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{what or cls.__name__}: unknown field(s) {sorted(unknown)}")
+    return d
+
+
 def _did_you_mean(name: str, names) -> str:
     import difflib
 

@@ -266,9 +266,7 @@ def check_shards_tokenizer(manifest: dict, where, tok=None, tok_name: str = "the
                            vocab_size: int | None = None) -> None:
     """Refuse shards made by another tokenizer than ``tok`` (named ``tok_name`` in the message) or
     holding token ids a model of ``vocab_size`` embeddings cannot embed. A manifest written before
-    the canonical hash was recorded: a warning on stderr, and the check is skipped."""
-    import sys
-
+    the canonical hash was recorded: a logged warning, and the check is skipped."""
     rec = manifest.get("tokenizer") or {}
     made = (f"{rec.get('source') or rec.get('file') or 'an unnamed tokenizer'} ({rec.get('kind', '?')}, "
             f"vocab {rec.get('vocab_size', '?')}")

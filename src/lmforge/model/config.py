@@ -128,11 +128,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
+        from .._config import known_fields
+
+        return cls(**known_fields(cls, d))
 
 
 def _llama_like(**kw) -> dict:

@@ -110,11 +110,9 @@ class TokenSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"TokenSpec: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
+        from .._config import known_fields
+
+        return cls(**known_fields(cls, d))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, tok) -> "TokenSpec":
