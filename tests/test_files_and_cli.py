@@ -236,6 +236,14 @@ def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch):
     lines = text.splitlines()
     assert 1 <= len(lines) <= 3, lines  # the first state and the last, not thousands of redraws
     assert "5000/5000" in lines[-1] and lines[-1].startswith("work")
+    out = io.StringIO()  # set_postfix redraws at once in tqdm: still at most one line per interval
+    with bar(total=300, desc="train", file=out) as b:
+        for i in range(300):
+            b.update(1)
+            b.set_postfix(loss=1.0 / (i + 1))
+    lines = out.getvalue().splitlines()
+    assert 1 <= len(lines) <= 3, lines
+    assert "300/300" in lines[-1] and "loss=0.00333" in lines[-1]
 
 
 def test_pretrain_log_has_no_carriage_returns(tmp_path):

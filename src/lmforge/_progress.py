@@ -11,20 +11,34 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 class _Lines:
-    """A file for tqdm that turns its ``\\r``-redrawn status into whole lines."""
+    """A file for tqdm that turns its ``\r``-redrawn status into whole lines, at most one per
+    ``every`` seconds (tqdm redraws on every ``set_postfix`` too, whatever its own interval), plus
+    the final state when the bar closes."""
 
-    def __init__(self, f):
-        self.f = f
-        self.last = ""
+    def __init__(self, f, every: float):
+        self.f, self.every = f, every
+        self.last, self.last_t, self.pending = "", None, None
 
     def write(self, s: str) -> None:
         line = s.replace("\r", "").rstrip()
+        if not line:
+            if "\n" in s:  # tqdm closing a bar it leaves: its last state is the one to keep
+                self._emit(self.pending)
+            return
+        if self.last_t is None or time.monotonic() - self.last_t >= self.every:
+            self._emit(line)
+        else:
+            self.pending = line
+
+    def _emit(self, line) -> None:
         if line and line != self.last:
             self.f.write(line + "\n")
-            self.last = line
+            self.last, self.last_t = line, time.monotonic()
+        self.pending = None
 
     def flush(self) -> None:
         self.f.flush()
@@ -48,8 +62,9 @@ def bar(*args, file=None, disable: bool = False, **kw):
         disable = True
     elif m == "lines":
         kw.pop("dynamic_ncols", None)
-        kw["mininterval"] = kw["maxinterval"] = float(os.environ.get("LMFORGE_PROGRESS_EVERY", "30"))
+        every = float(os.environ.get("LMFORGE_PROGRESS_EVERY", "30"))
+        kw["mininterval"] = kw["maxinterval"] = every
         kw.setdefault("ncols", 100)
         kw["leave"] = True  # the last line says where it ended
-        file = _Lines(file)
+        file = _Lines(file, every)
     return tqdm(*args, file=file, disable=disable, **kw)
