@@ -13,15 +13,18 @@ from lmforge.data.sources import iter_documents
 zstandard = pytest.importorskip("zstandard")
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory, corpus_texts):
+def _bpe_dir(d, text):
+    """A 400-token BPE (with <|endoftext|> and <|bos|>) trained on ``text``, saved in ``d``."""
     from lmforge import tokenize
 
-    d = tmp_path_factory.mktemp("tok")
-    tok = tokenize.train("bpe", [corpus_texts[0][:200_000]], 400, special_tokens=["<|endoftext|>", "<|bos|>"],
-                         show_progress=False)
+    tok = tokenize.train("bpe", [text], 400, special_tokens=["<|endoftext|>", "<|bos|>"], show_progress=False)
     tok.save(d / "tokenizer.lmforge.json")
-    return d
+    return d, tok
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, corpus_texts):
+    return _bpe_dir(tmp_path_factory.mktemp("tok"), corpus_texts[0][:200_000])[0]
 
 
 def _shard_digests(out: Path) -> dict:
@@ -162,13 +165,7 @@ def test_manifest_records_the_canonical_tokenizer_hash(shards, tok_dir):
 
 @pytest.fixture(scope="module")
 def other_tok(tmp_path_factory, corpus_texts):
-    from lmforge import tokenize
-
-    d = tmp_path_factory.mktemp("other")
-    tok = tokenize.train("bpe", [corpus_texts[3][:100_000]], 400, special_tokens=["<|endoftext|>", "<|bos|>"],
-                         show_progress=False)
-    tok.save(d / "tokenizer.lmforge.json")
-    return d, tok
+    return _bpe_dir(tmp_path_factory.mktemp("other"), corpus_texts[3][:100_000])
 
 
 def test_eval_refuses_shards_of_another_tokenizer(shards, tok_dir, other_tok, tmp_path, capsys):
