@@ -69,13 +69,13 @@ def bytes_per_token(model) -> int:
 
 
 def build(size):
-    from lmforge.model import ModelConfig
+    from lmforge.model import ModelConfig, make_config
     from lmforge.model.hf import export_hf
     from lmforge.model.transformer import Transformer
 
     import transformers
 
-    cfg = ModelConfig(max_seq_len=512, norm="rmsnorm", norm_bias=False, mlp="swiglu", pos="rope", qkv_bias=False,
+    cfg = make_config(max_seq_len=512, norm="rmsnorm", norm_bias=False, mlp="swiglu", pos="rope", qkv_bias=False,
                       out_bias=False, mlp_bias=False, tie_embeddings=False, arch="llama", **SIZES[size])
     torch.manual_seed(0)
     ours = Transformer(cfg).eval()

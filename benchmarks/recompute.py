@@ -44,14 +44,14 @@ def child(policy: str, T: int, steps: int) -> dict:
 
     import torch
 
-    from lmforge.model import ModelConfig
+    from lmforge.model import ModelConfig, make_config
     from lmforge.model.transformer import Transformer
     from lmforge.train.optim import build_optimizers
     from lmforge.train.recompute import apply_recompute
 
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = ModelConfig(vocab_size=4096, n_layer=6, n_head=6, d_model=384, max_seq_len=max(T, 64))
+    cfg = make_config(vocab_size=4096, n_layer=6, n_head=6, d_model=384, max_seq_len=max(T, 64))
     m = Transformer(cfg).to(dev).train()
     apply_recompute(m, policy)
     (opt,) = build_optimizers(m, "adamw")

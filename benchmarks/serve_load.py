@@ -52,14 +52,14 @@ def make_model(d: Path) -> None:
 
     from lmforge import tokenize
     from lmforge.data import corpus_files
-    from lmforge.model import ModelConfig, save
+    from lmforge.model import ModelConfig, make_config, save
     from lmforge.model.transformer import Transformer
     from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS
 
     tok = tokenize.train("bpe", [str(p) for p in corpus_files()[:8]], 2048,
                          special_tokens=["<|endoftext|>", *CHAT_SPECIAL_TOKENS], show_progress=False)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=4, n_head=4, n_kv_head=2, d_model=256, d_ff=704,
+    cfg = make_config(vocab_size=tok.vocab_size, n_layer=4, n_head=4, n_kv_head=2, d_model=256, d_ff=704,
                       max_seq_len=1024, norm="rmsnorm", norm_bias=False, mlp="swiglu", pos="rope", qkv_bias=False,
                       out_bias=False, mlp_bias=False, tie_embeddings=False, arch="llama")
     save(Transformer(cfg), d, tokenizer=tok)

@@ -111,12 +111,12 @@ def make_hf(L, d, H, T, V, opt_kw=None):
 
 
 def make_ours(L, d, H, T, V):
-    from lmforge.model import ModelConfig
+    from lmforge.model import ModelConfig, make_config
     from lmforge.model.transformer import Transformer
     from lmforge.train.optim import build_optimizers
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, n_layer=L, n_head=H, d_model=d, max_seq_len=T)
+    cfg = make_config(vocab_size=V, n_layer=L, n_head=H, d_model=d, max_seq_len=T)
     m = Transformer(cfg).train()
     # exactly what `lmforge pretrain` builds (fused AdamW where torch has it on this device)
     (opt,) = build_optimizers(m, "adamw", lr=HF_OPT["lr"], weight_decay=WD, betas=HF_OPT["betas"],

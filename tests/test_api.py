@@ -143,14 +143,14 @@ def _cycle_lm(tok, text: str):
     """An ``LM`` whose greedy output is ``text``'s bytes over and over, one byte token at a time: the blocks
     add nothing (output projections zero), so the last hidden state is the current token's embedding, and
     the head scores each byte's successor by that embedding. ``text``'s bytes must be distinct."""
-    from lmforge.model import ModelConfig
+    from lmforge.model import ModelConfig, make_config
     from lmforge.model.transformer import Transformer
 
     byte_id = {tok.decode_bytes([i]): i for i in range(tok.vocab_size)}
     seq = [byte_id[bytes([b])] for b in text.encode("utf-8")]
     assert len(set(seq)) == len(seq)
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=64, max_seq_len=256,
+    m = Transformer(make_config(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=64, max_seq_len=256,
                                 norm="rmsnorm", mlp="swiglu", pos="rope", arch="llama", tie_embeddings=False))
     with torch.no_grad():
         for name, p in m.named_parameters():

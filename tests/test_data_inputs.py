@@ -135,10 +135,10 @@ def shards(tmp_path_factory, tok_dir, corpus_texts):
 
 
 def _model_dir(path: Path, tok, vocab: int | None = None) -> Path:
-    from lmforge.model import ModelConfig, save
+    from lmforge.model import ModelConfig, make_config, save
     from lmforge.model.transformer import Transformer
 
-    cfg = ModelConfig(vocab_size=vocab or tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=64)
+    cfg = make_config(vocab_size=vocab or tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=64)
     save(Transformer(cfg), path, tokenizer=tok if vocab is None or vocab >= tok.vocab_size else None)
     return path
 

@@ -14,7 +14,7 @@ from lmforge.evaluate.perplexity import generate
 from lmforge.infer import fastpath
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model import ModelConfig
+from lmforge.model import ModelConfig, make_config
 from lmforge.model.transformer import Transformer
 
 # each exports to its HF family (GPT-2 untied: a tied random GPT-2 maps every token to itself)
@@ -29,7 +29,7 @@ SCALE = {"gpt2": 0.5, "llama-gqa": 0.3, "mistral-window": 0.3}
 
 def model(arch, seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=64, max_seq_len=128, **ARCHS[arch])
+    cfg = make_config(vocab_size=97, n_layer=2, n_head=4, d_model=64, max_seq_len=128, **ARCHS[arch])
     return perturbed(Transformer(cfg), SCALE[arch], seed=1234 + seed)
 
 
@@ -375,7 +375,7 @@ class Script(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.cfg = ModelConfig(vocab_size=len(PIECES), n_layer=1, n_head=1, d_model=8, max_seq_len=64)
+        self.cfg = make_config(vocab_size=len(PIECES), n_layer=1, n_head=1, d_model=8, max_seq_len=64)
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.next = torch.tensor([min(i + 1, len(PIECES) - 1) for i in range(len(PIECES))])
 

@@ -11,7 +11,7 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.fastpath import FastDecoder
 from lmforge.infer.paged import BlockPool
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model import ModelConfig
+from lmforge.model import ModelConfig, make_config
 from lmforge.model.transformer import Transformer
 
 pytestmark = pytest.mark.skipif(not fastpath.AVAILABLE and os.environ.get("LMFORGE_REQUIRE_NATIVE") != "1",
@@ -37,7 +37,7 @@ def model_for(name, **over):
     cfg.update(VARIANTS[name])
     cfg.update(over)
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(**cfg)).eval()
+    m = Transformer(make_config(**cfg)).eval()
     with torch.no_grad():  # move off the init (ones, zeros) so every weight matters
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lmforge.infer import KVCache
-from lmforge.model import ModelConfig
+from lmforge.model import ModelConfig, make_config
 from lmforge.model.transformer import Transformer
 
 CONFIGS = {
@@ -19,7 +19,7 @@ def test_cached_decoding_matches_full_forward(name):
     torch.manual_seed(0)
     from conftest import perturbed
 
-    cfg = ModelConfig(vocab_size=101, n_layer=3, n_head=4, d_model=64, max_seq_len=64, **CONFIGS[name])
+    cfg = make_config(vocab_size=101, n_layer=3, n_head=4, d_model=64, max_seq_len=64, **CONFIGS[name])
     m = perturbed(Transformer(cfg), 0.1)  # every weight matters: a cache that drops a key shows in the logits
     ids = torch.randint(0, 101, (2, 20))
     with torch.no_grad():
@@ -35,7 +35,7 @@ def test_cached_decoding_matches_full_forward(name):
 
 
 def test_cache_overflow_is_an_error():
-    cfg = ModelConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=64)
+    cfg = make_config(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=64)
     m = Transformer(cfg).eval()
     cache = KVCache(cfg, 1, 4)
     with torch.no_grad(), pytest.raises(ValueError, match="KV cache full"):
@@ -48,7 +48,7 @@ def test_generate_with_cache_equals_greedy_without():
     from conftest import assert_informative, perturbed
 
     torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=61, n_layer=2, n_head=2, d_model=32, max_seq_len=40, tie_embeddings=False)
+    cfg = make_config(vocab_size=61, n_layer=2, n_head=2, d_model=32, max_seq_len=40, tie_embeddings=False)
     m = perturbed(Transformer(cfg), 0.5)  # off its init: greedy output that depends on the prompt
 
     def greedy(seq, n):  # no cache: the whole sequence through the model for every token

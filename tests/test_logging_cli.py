@@ -127,7 +127,7 @@ def model_dir(tmp_path_factory, corpus_files):
 
     tok = tokenize.train("char", [str(corpus_files[0])], 0, special_tokens=["<|endoftext|>"], show_progress=False)
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=64))
+    m = Transformer(make_config(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=64))
     return save(m, tmp_path_factory.mktemp("ckpt") / "m", tokenizer=tok)
 
 

@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.model import ModelConfig, load, save  # noqa: E402
+from lmforge.model import ModelConfig, load, make_config, save  # noqa: E402
 from lmforge.model.hf import export_hf, import_hf  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_import_from_hf_matches(arch, tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours, _ = import_hf(tmp_path)
     ours.eval()
-    assert ours.cfg.arch == arch
+    assert ours.cfg.hf_family == arch
     err, err2 = compare(ours, hf, *batch())
     assert err < 1e-4 and err2 < 1e-4, (err, err2)
 
@@ -85,7 +85,7 @@ def test_import_from_hf_matches(arch, tmp_path):
 def lmforge_tiny(arch):
     base = dict(vocab_size=V, n_layer=2, n_head=4, d_model=64, max_seq_len=64, arch=arch)
     if arch == "gpt2":
-        cfg = ModelConfig(**base)
+        cfg = make_config(**base)
     else:
         llama = dict(norm="rmsnorm", norm_bias=False, mlp="swiglu", pos="rope", qkv_bias=False, out_bias=False,
                      mlp_bias=False, tie_embeddings=False, n_kv_head=2, d_ff=96, norm_eps=1e-6)
@@ -95,7 +95,7 @@ def lmforge_tiny(arch):
                  "mistral": dict(sliding_window=5),
                  "qwen2": dict(qkv_bias=True, rope_theta=1e6),
                  "qwen3": dict(qk_norm=True, head_dim=24, tie_embeddings=True)}[arch]
-        cfg = ModelConfig(**{**base, **llama, **extra})
+        cfg = make_config(**{**base, **llama, **extra})
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     m = lmforge_tiny("llama")
     with pytest.raises(ValueError, match="cannot export as gpt2: ModelConfig.norm"):
         export_hf(m, tmp_path, arch="gpt2")
-    cfg = ModelConfig(vocab_size=V, n_layer=1, n_head=2, d_model=32, qk_norm=True)
+    cfg = make_config(vocab_size=V, n_layer=1, n_head=2, d_model=32, qk_norm=True)
     with pytest.raises(ValueError, match="qk_norm"):
         export_hf(Transformer(cfg), tmp_path, arch="gpt2")
     with pytest.raises(ValueError, match="cannot export as qwen3: ModelConfig.qk_norm must be True"):
@@ -165,12 +165,12 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
 @pytest.mark.parametrize("kw,msg", [
     (dict(n_head=5, d_model=64), "n_head: 5 heads do not divide d_model=64"),
     (dict(n_head=4, n_kv_head=3, d_model=64), "n_kv_head: 3 key/value heads must divide n_head=4"),
-    (dict(mlp="swish"), "mlp: expected"),
+    (dict(mlp="swish"), "ffn.activation: expected"),
     (dict(pos="rope", head_dim=7, d_model=28, n_head=4), "RoPE needs an even head dimension"),
 ])
 def test_inconsistent_config_is_rejected(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        ModelConfig(**kw)
+        make_config(**kw)
 
 
 def test_bad_checkpoints(tmp_path):
@@ -387,10 +387,17 @@ def perturbed(cfg):
 
 def same_model(a: ModelConfig, b: ModelConfig) -> None:
     """The fields that shape the function (derived sizes, not how they were spelled; not init-only fields)."""
-    skip = {"n_kv_head", "head_dim", "d_ff", "init_std", "zero_init_proj", "dropout"}
+    skip = {"attn.n_kv_head", "attn.head_dim", "ffn.d_ff", "init_std", "zero_init_proj", "dropout"}
     if a.norm == "rmsnorm":
         skip.add("norm_bias")  # RMSNorm has none either way
-    da, db = ({k: v for k, v in c.to_dict().items() if k not in skip} for c in (a, b))
+
+    def flat(c):
+        out = {}
+        for k, v in c.to_dict().items():
+            for kk, vv in (v.items() if isinstance(v, dict) and k != "rope_scaling" else [(None, v)]):
+                out[k if kk is None else f"{k}.{kk}"] = vv
+        return {k: v for k, v in out.items() if k not in skip}
+    da, db = flat(a), flat(b)
     assert da == db
     assert (a.kv_heads, a.hd, a.ff) == (b.kv_heads, b.hd, b.ff)
 
@@ -407,7 +414,7 @@ def export_and_compare(ours, tmp_path, arch=None):
     assert err < 1e-4 and err2 < 1e-4, (err, err2)
     back, _ = import_hf(tmp_path)
     same_model(back.cfg, cfg)
-    assert back.cfg.arch == (arch or cfg.arch)
+    assert back.cfg.hf_family == (arch or cfg.hf_family)
     own, theirs = ours.state_dict(), back.state_dict()
     assert set(own) == set(theirs)
     for k, v in own.items():
@@ -420,17 +427,17 @@ def export_and_compare(ours, tmp_path, arch=None):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_names_a_family_that_expresses_it(name):
     cfg = preset(name)
-    assert cfg.arch != "none", f"preset {name} is not exported"
-    check_exportable(cfg, cfg.arch)
+    assert cfg.hf_family != "none", f"preset {name} is not exported"
+    check_exportable(cfg, cfg.hf_family)
     st = export_status(cfg)
-    assert st["exports"] and st["why"] is None and cfg.arch in st["expressible_as"]
+    assert st["exports"] and st["why"] is None and cfg.hf_family in st["expressible_as"]
 
 
 @pytest.mark.parametrize("name", CPU_SIZED)
 def test_cpu_presets_export_with_parity(name, tmp_path):
     cfg = preset(name)
     conf = export_and_compare(perturbed(cfg), tmp_path)
-    assert conf["model_type"] == cfg.arch
+    assert conf["model_type"] == cfg.hf_family
     if name == "shakespeare-cpu":  # ReLU² as a gated ReLU with gate = up
         assert conf["hidden_act"] == "relu" and conf["model_type"] == "qwen3"
         from safetensors.torch import load_file
@@ -461,7 +468,7 @@ ODD = {  # choices the families express only through the identities (ReLU², zer
 @pytest.mark.parametrize("name", list(ODD))
 def test_identities_export_with_parity(name, tmp_path):
     kw, arch = ODD[name]
-    cfg = ModelConfig(vocab_size=V, n_layer=2, n_head=4, d_model=64, max_seq_len=64, arch=arch, **kw)
+    cfg = make_config(vocab_size=V, n_layer=2, n_head=4, d_model=64, max_seq_len=64, arch=arch, **kw)
     export_and_compare(perturbed(cfg), tmp_path)
 
 
@@ -471,7 +478,7 @@ def test_gated_relu_is_refused_on_import(tmp_path):
     from lmforge.model import load_config
 
     export_hf(perturbed(preset("shakespeare-cpu", vocab_size=V)), tmp_path)
-    assert load_config(tmp_path).mlp == "relu2"  # from the few tensors it reads
+    assert load_config(tmp_path).ffn.activation == "relu2"  # from the few tensors it reads
     t = load_file(tmp_path / "model.safetensors")
     t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"] * 1.5
     save_file(t, str(tmp_path / "model.safetensors"))
@@ -514,7 +521,7 @@ def test_recipe_that_cannot_export_fails_validation_before_any_work(tmp_path):
     from lmforge.pipeline import load_recipe
 
     learned = 'train.model={"mlp": "swiglu", "d_ff": 256, "arch": "qwen3", "pos": "learned"}'
-    with pytest.raises(ValueError, match=r"train: model.arch = 'qwen3' but cannot export as qwen3: "
+    with pytest.raises(ValueError, match=r"train: model.hf_family = 'qwen3' but cannot export as qwen3: "
                                          r"ModelConfig.pos must be 'rope'"):
         load_recipe("default", [learned])
     # a model not tied to a family, exported as one that cannot express it

@@ -11,7 +11,7 @@ from hf_fixtures import make_tiny_hf_chat_model
 from mixed_sample import MIXED
 
 from lmforge import tokenize
-from lmforge.model import ModelConfig, load, load_tokens, save
+from lmforge.model import ModelConfig, load, load_tokens, save, make_config
 from lmforge.model.hf import export_hf
 from lmforge.model.transformer import Transformer
 from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE
@@ -51,7 +51,7 @@ def tiny_llama(vocab: int, seed: int = 0) -> Transformer:
     from conftest import perturbed
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=128,
+    cfg = make_config(vocab_size=vocab, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=128,
                       norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, out_bias=False, mlp_bias=False,
                       tie_embeddings=False, arch="llama")
     return perturbed(Transformer(cfg), 0.3, seed=seed)
@@ -119,7 +119,7 @@ def test_no_chat_tokens_gets_the_plain_template(tmp_path):
     # a model directory saved before specs existed: inferred from its tokenizer, as the data pipeline did
     old = tokenize.ByteBPE.train(["To be, or not to be"] * 20, 270, special_tokens=["<|endoftext|>"],
                                  show_progress=False)
-    save(Transformer(ModelConfig(vocab_size=270, n_layer=1, n_head=2, d_model=16, max_seq_len=16)), tmp_path / "m",
+    save(Transformer(make_config(vocab_size=270, n_layer=1, n_head=2, d_model=16, max_seq_len=16)), tmp_path / "m",
          tokenizer=old)
     c = json.loads((tmp_path / "m" / "config.json").read_text())
     del c["tokens"]

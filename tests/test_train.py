@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.model import ModelConfig, load
+from lmforge.model import ModelConfig, load, make_config
 from lmforge.model.transformer import Transformer
 from lmforge.train import TrainConfig, train
 from lmforge.train.optim import Muon, build_optimizers, newton_schulz
@@ -149,7 +149,7 @@ def test_newton_schulz_orthogonalizes():
 
 
 def test_optimizer_groups_cover_each_parameter_once():
-    m = Transformer(ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, mlp="swiglu", norm="rmsnorm",
+    m = Transformer(make_config(vocab_size=50, n_layer=2, n_head=2, d_model=32, mlp="swiglu", norm="rmsnorm",
                                 pos="rope", tie_embeddings=False))
     for kind in ("adamw", "muon"):
         opts = build_optimizers(m, kind)
@@ -208,7 +208,7 @@ def test_schedules():
 
 @pytest.mark.parametrize("policy", ["full", "every:2", "selective"])
 def test_recompute_gives_identical_gradients(policy):
-    cfg = ModelConfig(vocab_size=64, n_layer=3, n_head=2, d_model=32, mlp="swiglu", norm="rmsnorm", pos="rope")
+    cfg = make_config(vocab_size=64, n_layer=3, n_head=2, d_model=32, mlp="swiglu", norm="rmsnorm", pos="rope")
     torch.manual_seed(0)
     a = Transformer(cfg)
     b = Transformer(cfg)
@@ -255,7 +255,7 @@ def test_bigram_init_starts_as_the_smoothed_bigram_model():
 
     V = 12
     tokens = _markov_tokens(V)
-    cfg = ModelConfig(vocab_size=V, n_layer=2, n_head=2, d_model=32, max_seq_len=64, norm="rmsnorm",
+    cfg = make_config(vocab_size=V, n_layer=2, n_head=2, d_model=32, max_seq_len=64, norm="rmsnorm",
                       norm_bias=False, pos="rope", tie_embeddings=False, zero_init_proj=True, arch="none")
     m = Transformer(cfg).eval()
     torch.manual_seed(5)
@@ -285,9 +285,9 @@ def test_bigram_init_refuses_models_it_cannot_start():
 
     tokens = _markov_tokens(12, 100)
     with pytest.raises(ValueError, match="tied embeddings.*learned"):
-        bigram_init(Transformer(ModelConfig(vocab_size=12, n_layer=1, n_head=2, d_model=16, max_seq_len=32,
+        bigram_init(Transformer(make_config(vocab_size=12, n_layer=1, n_head=2, d_model=16, max_seq_len=32,
                                             zero_init_proj=True)), tokens)
-    cfg = ModelConfig(vocab_size=8, n_layer=1, n_head=2, d_model=16, max_seq_len=32, norm="rmsnorm",
+    cfg = make_config(vocab_size=8, n_layer=1, n_head=2, d_model=16, max_seq_len=32, norm="rmsnorm",
                       pos="rope", tie_embeddings=False, zero_init_proj=True)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         bigram_init(Transformer(cfg), tokens)

@@ -20,11 +20,11 @@ CTX = 256
 
 def tiny_llama(tok, ctx: int = CTX):
     """A 2 x 64 Llama-style model for ``tok``, moved off its init (greedy text depends on the prompt)."""
-    from lmforge.model import ModelConfig
+    from lmforge.model import ModelConfig, make_config
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=64, max_seq_len=ctx,
+    m = Transformer(make_config(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=64, max_seq_len=ctx,
                                 norm="rmsnorm", mlp="swiglu", pos="rope", arch="llama"))
     return perturbed(m, 0.3)
 

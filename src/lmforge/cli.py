@@ -369,8 +369,8 @@ def cmd_model_info(a) -> int:
     if a.json:
         print(json.dumps({"config": cfg.to_dict(), **d, "hf_export": st}))
         return 0
-    print(f"{a.name}: {cfg.arch}-style, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), "
-          f"d_model {cfg.d_model}, d_ff {cfg.ff}, vocab {cfg.vocab_size}, {cfg.pos} positions, {cfg.norm}, {cfg.mlp}")
+    print(f"{a.name}: {cfg.hf_family}-style, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), "
+          f"d_model {cfg.d_model}, d_ff {cfg.ff}, vocab {cfg.vocab_size}, {cfg.pos} positions, {cfg.norm}, {cfg.ffn.activation}")
     print(f"parameters        {d['params']:,} ({d['params_non_embedding']:,} without embeddings)")
     print(f"FLOPs/token       {d['flops_per_token_train']:,} training, {d['flops_per_token_forward']:,} forward "
           f"(at {d['seq_len']} tokens of context)")
@@ -478,7 +478,7 @@ def cmd_export(a) -> int:
     model, tok = load(a.checkpoint)
     out = export_hf(model, a.out, arch=a.arch, tokenizer=tok,
                     tokens=load_tokens(a.checkpoint, tok) if tok is not None else None)
-    print(f"wrote {out} ({a.arch or model.cfg.arch}; load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    print(f"wrote {out} ({a.arch or model.cfg.hf_family}; load it with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

@@ -40,14 +40,16 @@ class FastDecoder:
     @staticmethod
     def supported(model) -> bool:
         """True for an eval-mode lmforge Transformer on CPU in float32 built only of the standard blocks."""
-        from ..model.transformer import MLP, Attention, Block, Transformer
+        from ..model.attention import CausalSelfAttention as Attention
+        from ..model.feedforward import DenseMLP as MLP
+        from ..model.transformer import Block, Transformer
 
         if not AVAILABLE or type(model) is not Transformer or model.training:
             return False
         if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
             return False
         cfg = model.cfg
-        if cfg.norm not in _NORM or cfg.mlp not in _MLP or cfg.pos not in _POS:
+        if cfg.norm not in _NORM or cfg.ffn.activation not in _MLP or cfg.pos not in _POS:
             return False
         return all(type(b) is Block and type(b.attn) is Attention and type(b.mlp) is MLP for b in model.blocks)
 
@@ -80,7 +82,7 @@ class FastDecoder:
             cos, sin = (t.contiguous() for t in m._rope_cache[1])
             rope_len = cos.shape[2]
         ints = (cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.hd, cfg.ff,
-                _NORM[cfg.norm], _MLP[cfg.mlp], _POS[cfg.pos], cfg.sliding_window or 0, rope_len,
+                _NORM[cfg.norm], _MLP[cfg.ffn.activation], _POS[cfg.pos], cfg.attn.sliding_window or 0, rope_len,
                 cfg.max_seq_len if cfg.pos == "learned" else 1 << 30)
         floats = (float(cfg.norm_eps), float(cfg.logit_softcap or 0.0))
         nf = m.norm_f
@@ -90,8 +92,8 @@ class FastDecoder:
         for b in m.blocks:
             at, mlp = b.attn, b.mlp
             layers.append((a(b.attn_norm.weight), a(getattr(b.attn_norm, "bias", None)), a(at.qkv.weight),
-                           a(at.qkv.bias), a(at.q_norm.weight) if cfg.qk_norm else 0,
-                           a(at.k_norm.weight) if cfg.qk_norm else 0, a(at.proj.weight), a(at.proj.bias),
+                           a(at.qkv.bias), a(at.q_norm.weight) if cfg.attn.qk_norm else 0,
+                           a(at.k_norm.weight) if cfg.attn.qk_norm else 0, a(at.proj.weight), a(at.proj.bias),
                            a(b.mlp_norm.weight), a(getattr(b.mlp_norm, "bias", None)), a(mlp.fc.weight),
                            a(mlp.fc.bias), a(mlp.proj.weight), a(mlp.proj.bias)))
         self._keep = keep

@@ -126,7 +126,7 @@ class LM:
         return cls(model, tok, load_tokens(path, tok), **engine_options)
 
     def __repr__(self) -> str:
-        return (f"LM({self.model.cfg.arch}, {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+        return (f"LM({self.model.cfg.hf_family}, {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                 f"context {self.max_context}, chat template {self.tokens.template!r})")
 
     # ---- prompts and parameters ----

@@ -134,16 +134,16 @@ class PagedBatch:
         ws = self.slots[rows, self.starts[rows] + cols]
         self.write_rows, self.write_cols = rows, cols
         self.write_block, self.write_off = ws // bs, ws % bs
-        kpos = torch.arange(self.L, device=device)[None, :]
-        qpos = (self.starts[:, None] + torch.arange(T, device=device)[None, :])  # (B, T)
-        self.positions = qpos
-        valid_k = kpos < (self.starts + torch.tensor(n_new, device=device))[:, None]  # (B, L)
-        allowed = (kpos[:, None, :] <= qpos[:, :, None]) & valid_k[:, None, :]
-        w = pool.cfg.sliding_window
-        if w is not None:
-            allowed = allowed & (qpos[:, :, None] - kpos[:, None, :] < w)
-        allowed = allowed | (kpos[:, None, :] == qpos[:, :, None])  # padded queries see themselves
-        self.mask = allowed[:, None]  # (B, 1, T, L)
+        self.positions = self.starts[:, None] + torch.arange(T, device=device)[None, :]  # (B, T)
+        self._kpos = torch.arange(self.L, device=device)[None, :]
+        self._valid = self._kpos < (self.starts + torch.tensor(n_new, device=device))[:, None]  # (B, L)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """(B, 1, T, L): each row's real keys, causal, within ``window`` (the layer's); padded queries
+        see themselves (``model.layers.causal_mask``)."""
+        from ..model.layers import causal_mask
+
+        return causal_mask(self.positions, self._kpos, window, self._valid)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new (B, K, T, D) keys/values of real tokens; return (B, K, L, D) of each row."""

@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, describe, preset
+from .config import make as make_config
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "describe", "Transformer", "load", "save", "export_hf",
+__all__ = ["ModelConfig", "make_config", "PRESETS", "preset", "describe", "Transformer", "load", "save", "export_hf",
            "load_tokens"]
 
 FORMAT = "lmforge.model"

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .config import make as make_config
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -77,29 +78,29 @@ def check_exportable(cfg: ModelConfig, arch: str) -> None:
     _need(cfg.logit_softcap is None, arch, "logit_softcap", "None (the family does not cap its logits)")
     if arch == "gpt2":
         _need(cfg.norm == "layernorm", arch, "norm", "'layernorm'")
-        _need(cfg.mlp in GPT2_ACT, arch, "mlp", f"one of {', '.join(GPT2_ACT)} (GPT-2's MLP is not gated)")
+        _need(cfg.ffn.activation in GPT2_ACT, arch, "mlp", f"one of {', '.join(GPT2_ACT)} (GPT-2's MLP is not gated)")
         _need(cfg.pos == "learned", arch, "pos", "'learned'")
         _need(cfg.kv_heads == cfg.n_head, arch, "n_kv_head", "None (GPT-2 has no GQA)")
-        _need(not cfg.qk_norm, arch, "qk_norm", "False")
-        _need(cfg.sliding_window is None, arch, "sliding_window", "None")
-        _need(cfg.head_dim in (None, cfg.d_model // cfg.n_head), arch, "head_dim", "d_model // n_head")
+        _need(not cfg.attn.qk_norm, arch, "qk_norm", "False")
+        _need(cfg.attn.sliding_window is None, arch, "sliding_window", "None")
+        _need(cfg.attn.head_dim in (None, cfg.d_model // cfg.n_head), arch, "head_dim", "d_model // n_head")
         return  # biases: any (a missing one is written as zeros)
     _need(cfg.norm == "rmsnorm", arch, "norm", "'rmsnorm'")
-    _need(cfg.mlp in LLAMA_ACT, arch, "mlp", f"one of {', '.join(LLAMA_ACT)} (the {arch} MLP is gated)")
+    _need(cfg.ffn.activation in LLAMA_ACT, arch, "mlp", f"one of {', '.join(LLAMA_ACT)} (the {arch} MLP is gated)")
     _need(cfg.pos == "rope", arch, "pos", "'rope'")
     if arch == "qwen3":
-        _need(cfg.qk_norm, arch, "qk_norm", "True (Qwen3 always normalizes queries and keys)")
+        _need(cfg.attn.qk_norm, arch, "qk_norm", "True (Qwen3 always normalizes queries and keys)")
     else:
-        _need(not cfg.qk_norm, arch, "qk_norm", "False (of these families only qwen3 has it)")
+        _need(not cfg.attn.qk_norm, arch, "qk_norm", "False (of these families only qwen3 has it)")
     if arch != "llama":
-        _need(not cfg.mlp_bias, arch, "mlp_bias", f"False ({arch}'s MLP has no biases)")
+        _need(not cfg.ffn.bias, arch, "mlp_bias", f"False ({arch}'s MLP has no biases)")
     if arch == "mistral":
-        _need(not cfg.qkv_bias, arch, "qkv_bias", "False (Mistral's attention has no biases)")
-        _need(not cfg.out_bias, arch, "out_bias", "False (Mistral's attention has no biases)")
+        _need(not cfg.attn.qkv_bias, arch, "qkv_bias", "False (Mistral's attention has no biases)")
+        _need(not cfg.attn.out_bias, arch, "out_bias", "False (Mistral's attention has no biases)")
     if arch == "qwen2":
-        _need(not cfg.out_bias, arch, "out_bias", "False (Qwen2's o_proj has no bias)")
+        _need(not cfg.attn.out_bias, arch, "out_bias", "False (Qwen2's o_proj has no bias)")
     if arch != "mistral":
-        _need(cfg.sliding_window is None, arch, "sliding_window", "None (only mistral exports one)")
+        _need(cfg.attn.sliding_window is None, arch, "sliding_window", "None (only mistral exports one)")
     if arch != "llama":
         _need(cfg.rope_scaling is None, arch, "rope_scaling", "None (only llama exports it)")
 
@@ -120,14 +121,14 @@ def export_status(cfg: ModelConfig) -> dict:
     """What ``lmforge export`` does with ``cfg`` by default: ``{"arch", "hf_class", "exports" (bool),
     "why" (the reason it does not, or None), "expressible_as" (every family that could)}``."""
     why = None
-    if cfg.arch == "none":
+    if cfg.hf_family == "none":
         why = "arch is 'none' (not exported)"
     else:
         try:
-            check_exportable(cfg, cfg.arch)
+            check_exportable(cfg, cfg.hf_family)
         except ValueError as e:
             why = str(e)
-    return {"arch": cfg.arch, "hf_class": HF_CLASSES.get(cfg.arch), "exports": why is None, "why": why,
+    return {"arch": cfg.hf_family, "hf_class": HF_CLASSES.get(cfg.hf_family), "exports": why is None, "why": why,
             "expressible_as": exportable_as(cfg)}
 
 
@@ -139,7 +140,7 @@ def _attn_bias(cfg: ModelConfig, arch: str) -> tuple[bool, bool]:
         return True, False
     if arch == "mistral":
         return False, False
-    b = cfg.qkv_bias or cfg.out_bias  # llama, qwen3: one attention_bias flag for all four
+    b = cfg.attn.qkv_bias or cfg.attn.out_bias  # llama, qwen3: one attention_bias flag for all four
     return b, b
 
 
@@ -151,21 +152,21 @@ def hf_config(cfg: ModelConfig, arch: str, bos: int | None = None, eos: int | No
     if arch == "gpt2":
         return {**common, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "n_embd": cfg.d_model,
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.ff,
-                "activation_function": GPT2_ACT[cfg.mlp], "layer_norm_epsilon": cfg.norm_eps,
+                "activation_function": GPT2_ACT[cfg.ffn.activation], "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                 "scale_attn_weights": True, "use_cache": True}
     d = {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.ff, "num_hidden_layers": cfg.n_layer,
          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.hd,
-         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": LLAMA_ACT[cfg.mlp],
+         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": LLAMA_ACT[cfg.ffn.activation],
          "rope_theta": cfg.rope_theta, "attention_dropout": cfg.dropout, "use_cache": True,
          "initializer_range": cfg.init_std}
     if cfg.rope_scaling:
         rs = {k: v for k, v in cfg.rope_scaling.items() if k != "type"}
         d["rope_scaling"] = {"rope_type": "llama3", **rs}
     if arch == "llama":
-        d.update(attention_bias=_attn_bias(cfg, arch)[0], mlp_bias=cfg.mlp_bias)
+        d.update(attention_bias=_attn_bias(cfg, arch)[0], mlp_bias=cfg.ffn.bias)
     elif arch == "mistral":
-        d.update(sliding_window=cfg.sliding_window)
+        d.update(sliding_window=cfg.attn.sliding_window)
     elif arch == "qwen2":
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
     elif arch == "qwen3":
@@ -210,7 +211,7 @@ def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
         names = {"norm": [p + ln + ".bias" for p in h for ln in ("ln_1", "ln_2")] + ["transformer.ln_f.bias"],
                  "qkv": [p + "attn.c_attn.bias" for p in h], "out": [p + "attn.c_proj.bias" for p in h],
                  "mlp": [p + f"mlp.{m}.bias" for p in h for m in ("c_fc", "c_proj")]}
-        return ModelConfig(vocab_size=d["vocab_size"], n_layer=L, n_head=d["n_head"],
+        return make_config(vocab_size=d["vocab_size"], n_layer=L, n_head=d["n_head"],
                            d_model=d["n_embd"], d_ff=d.get("n_inner") or 4 * d["n_embd"],
                            max_seq_len=d.get("n_positions", 1024), norm_eps=d.get("layer_norm_epsilon", 1e-5),
                            mlp=mlp, norm_bias=not zero(names["norm"]), qkv_bias=not zero(names["qkv"]),
@@ -262,7 +263,7 @@ def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
         has_qkv = has_out = bool(d.get("attention_bias", False))
     qkv = [p + f"self_attn.{x}_proj.bias" for p in h for x in "qkv"]
     mlp_names = [p + f"mlp.{x}_proj.bias" for p in h for x in ("gate", "up", "down")]
-    return ModelConfig(
+    return make_config(
         vocab_size=d["vocab_size"], n_layer=L, n_head=n_head,
         n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
         head_dim=d.get("head_dim") or d["hidden_size"] // n_head, d_ff=d["intermediate_size"],
@@ -317,17 +318,17 @@ def to_hf_state(model, arch: str) -> dict[str, torch.Tensor]:
             out[h + "self_attn.o_proj.weight"] = sd[b + "attn.proj.weight"]
             if has_out:
                 out[h + "self_attn.o_proj.bias"] = bias(b + "attn.proj.bias", cfg.d_model)
-            if cfg.qk_norm:
+            if cfg.attn.qk_norm:
                 out[h + "self_attn.q_norm.weight"] = sd[b + "attn.q_norm.weight"]
                 out[h + "self_attn.k_norm.weight"] = sd[b + "attn.k_norm.weight"]
             # swiglu: fc = [gate; up]; relu2: gate = up = fc, as relu(a) * a = relu(a)^2
             fc = sd[b + "mlp.fc.weight"]
-            gate, up = fc.chunk(2) if cfg.mlp == "swiglu" else (fc, fc)
+            gate, up = fc.chunk(2) if cfg.ffn.activation == "swiglu" else (fc, fc)
             out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
             out[h + "mlp.down_proj.weight"] = sd[b + "mlp.proj.weight"]
-            if cfg.mlp_bias:
+            if cfg.ffn.bias:
                 fb = sd[b + "mlp.fc.bias"]
-                gb, ub = fb.chunk(2) if cfg.mlp == "swiglu" else (fb, fb)
+                gb, ub = fb.chunk(2) if cfg.ffn.activation == "swiglu" else (fb, fb)
                 out[h + "mlp.gate_proj.bias"], out[h + "mlp.up_proj.bias"] = gb, ub
                 out[h + "mlp.down_proj.bias"] = sd[b + "mlp.proj.bias"]
         out["model.norm.weight"] = sd["norm_f.weight"]
@@ -350,8 +351,8 @@ def from_hf_state(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         raise KeyError(f"the HF checkpoint has no tensor {name!r}")
 
     sd: dict[str, torch.Tensor] = {}
-    if cfg.arch == "gpt2":
-        has = {"attn.qkv": cfg.qkv_bias, "attn.proj": cfg.out_bias, "mlp.fc": cfg.mlp_bias, "mlp.proj": cfg.mlp_bias}
+    if cfg.hf_family == "gpt2":
+        has = {"attn.qkv": cfg.attn.qkv_bias, "attn.proj": cfg.attn.out_bias, "mlp.fc": cfg.ffn.bias, "mlp.proj": cfg.ffn.bias}
         sd["tok_emb.weight"] = get("transformer.wte.weight")
         sd["pos_emb.weight"] = get("transformer.wpe.weight")
         for i in range(cfg.n_layer):
@@ -370,24 +371,24 @@ def from_hf_state(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             sd["norm_f.bias"] = get("transformer.ln_f.bias")
     else:
         sd["tok_emb.weight"] = get("model.embed_tokens.weight")
-        gated = cfg.mlp == "swiglu"
+        gated = cfg.ffn.activation == "swiglu"
         for i in range(cfg.n_layer):
             b, h = f"blocks.{i}.", f"model.layers.{i}."
             sd[b + "attn_norm.weight"] = get(h + "input_layernorm.weight")
             sd[b + "mlp_norm.weight"] = get(h + "post_attention_layernorm.weight")
             sd[b + "attn.qkv.weight"] = torch.cat([get(h + f"self_attn.{p}_proj.weight") for p in "qkv"])
-            if cfg.qkv_bias:
+            if cfg.attn.qkv_bias:
                 sd[b + "attn.qkv.bias"] = torch.cat([get(h + f"self_attn.{p}_proj.bias") for p in "qkv"])
             sd[b + "attn.proj.weight"] = get(h + "self_attn.o_proj.weight")
-            if cfg.out_bias:
+            if cfg.attn.out_bias:
                 sd[b + "attn.proj.bias"] = get(h + "self_attn.o_proj.bias")
-            if cfg.qk_norm:
+            if cfg.attn.qk_norm:
                 sd[b + "attn.q_norm.weight"] = get(h + "self_attn.q_norm.weight")
                 sd[b + "attn.k_norm.weight"] = get(h + "self_attn.k_norm.weight")
             parts = ("gate", "up") if gated else ("gate",)  # relu2: up_proj = gate_proj
             sd[b + "mlp.fc.weight"] = torch.cat([get(h + f"mlp.{p}_proj.weight") for p in parts])
             sd[b + "mlp.proj.weight"] = get(h + "mlp.down_proj.weight")
-            if cfg.mlp_bias:
+            if cfg.ffn.bias:
                 sd[b + "mlp.fc.bias"] = torch.cat([get(h + f"mlp.{p}_proj.bias") for p in parts])
                 sd[b + "mlp.proj.bias"] = get(h + "mlp.down_proj.bias")
         sd["norm_f.weight"] = get("model.norm.weight")
@@ -458,7 +459,7 @@ def export_hf(model, out: str | os.PathLike, arch: str | None = None, tokenizer=
     from .._io import write_json
 
     cfg: ModelConfig = model.cfg
-    arch = arch or cfg.arch
+    arch = arch or cfg.hf_family
     check_exportable(cfg, arch)  # before anything is written
     out = Path(out)
     files = None

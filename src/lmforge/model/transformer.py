@@ -1,173 +1,68 @@
-"""The decoder: one readable PyTorch module built from a ``ModelConfig``.
+"""The decoder: one generic block, components from the registries, a separate output head.
 
 Knows the math of a decoder-only transformer (embeddings, pre-norm blocks of
-attention and MLP, a final norm and the output head) and every variant the
-config names; knows nothing about tokenizers, files, optimizers or
-parallelism (those wrap it from outside).
+an attention and a feed-forward component, a final norm and the output head)
+and how one forward's shared state (``Context``: RoPE angles, masks per
+window, the cache, the router statistics) reaches every layer; knows nothing
+about any one component's math (``model.attention``, ``model.feedforward``),
+tokenizers, files, optimizers or parallelism (those wrap or swap its modules
+from outside: ``lmforge.train.recompute``, ``lmforge.model.surgery``).
 
-Shapes: B batch, T time, C = d_model, H query heads, K key/value heads, D head dim.
+``hidden_states(idx, ...)`` runs the embeddings and blocks and returns the final-normed hidden
+states (B, T, C); ``compute_logits(h)`` applies the head; ``forward`` is the two composed (logits
+at every position, or only at ``logits_at``), plus the loss when ``targets`` are given.
+
+Shapes: B batch, T time, C = d_model, V vocabulary.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kernels import causal_attention, cross_entropy, gelu_tanh
+from .kernels import cross_entropy
+from .layers import Init, causal_mask, make_norm, rope_frequencies
+from .registry import ATTENTION, FEEDFORWARD, ensure_builtin
 
 
-def _sdpa_has_gqa() -> bool:
-    import inspect
+class Context:
+    """What every layer of one forward shares. ``mask(window)`` is built once per distinct window (None
+    means plain causal: the fast kernels apply); ``aux`` collects the MoE layers' router statistics."""
 
-    try:
-        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
-    except (TypeError, ValueError):  # a builtin without a Python signature
-        try:
-            F.scaled_dot_product_attention(*(torch.zeros(1, 2, 1, 2),) * 1, torch.zeros(1, 1, 1, 2),
-                                           torch.zeros(1, 1, 1, 2), enable_gqa=True)
-            return True
-        except TypeError:
-            return False
+    def __init__(self, rope=None, cache=None, mask_fn=None, aux: list | None = None):
+        self.rope, self.cache, self.aux = rope, cache, aux
+        self._mask_fn, self._masks = mask_fn, {}
 
-
-_SDPA_GQA = _sdpa_has_gqa()
-_HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (as Llama, Mistral and Qwen do)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _HAS_RMS_NORM and x.dtype == torch.float32:  # one fused operator, same numbers
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
-    dim = dim or cfg.d_model
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
-
-
-def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/D), with Llama-3 scaling of the long wavelengths if configured."""
-    D = cfg.hd
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-    s = cfg.rope_scaling
-    if s:
-        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old = s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / lo, inv / factor, inv)  # long wavelengths: slowed down
-        smooth = (old / wavelen - lo) / (hi - lo)
-        mid = (wavelen >= old / hi) & (wavelen <= old / lo)  # in between: interpolate
-        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
-    return inv.float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle (the "rotate half" layout of HF Llama)."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.H, self.K, self.D = cfg.n_head, cfg.kv_heads, cfg.hd
-        self.qkv = nn.Linear(cfg.d_model, (self.H + 2 * self.K) * self.D, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(self.H * self.D, cfg.d_model, bias=cfg.out_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.D, cfg.norm_eps)
-            self.k_norm = RMSNorm(self.D, cfg.norm_eps)
-        self.dropout = cfg.dropout
-
-    def forward(self, x, rope=None, mask=None, cache=None, layer: int = 0):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.H * self.D, self.K * self.D, self.K * self.D], dim=-1)
-        q = q.view(B, T, self.H, self.D)
-        k = k.view(B, T, self.K, self.D)
-        v = v.view(B, T, self.K, self.D).transpose(1, 2)
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H|K, T, D)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = mask is None
-        if cache is not None:  # append this step's keys/values, attend over all so far
-            k, v = cache.update(layer, k, v)
-            causal = mask is None and k.shape[2] == T  # (decode with no mask: every cached key is visible)
-        kw = {}
-        if self.K != self.H:  # GQA/MQA: each key/value head serves H/K query heads
-            if _SDPA_GQA and not self.training:
-                kw["enable_gqa"] = True  # no copies of the (cached) keys and values
-            else:
-                k = k.repeat_interleave(self.H // self.K, dim=1)
-                v = v.repeat_interleave(self.H // self.K, dim=1)
-        if causal and not kw and (self.dropout == 0 or not self.training) and k.shape[2] == T:
-            y = causal_attention(q, k, v)  # a C kernel on CPU (2-3x PyTorch's there), SDPA elsewhere
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0, **kw)
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.kind = cfg.mlp
-        ff = cfg.ff
-        # SwiGLU keeps the gate and up projections in one matrix: [gate; up]
-        self.fc = nn.Linear(cfg.d_model, 2 * ff if cfg.mlp == "swiglu" else ff, bias=cfg.mlp_bias)
-        self.proj = nn.Linear(ff, cfg.d_model, bias=cfg.mlp_bias)
-
-    def forward(self, x):
-        h = self.fc(x)
-        if self.kind == "swiglu":
-            g, u = h.chunk(2, dim=-1)
-            h = F.silu(g) * u
-        elif self.kind == "gelu_tanh":
-            h = gelu_tanh(h)  # a C kernel on CPU (PyTorch's is slow there), F.gelu elsewhere
-        elif self.kind == "gelu":
-            h = F.gelu(h)
-        else:  # relu2
-            h = F.relu(h).square()
-        return self.proj(h)
+    def mask(self, window: int | None):
+        if self._mask_fn is None:
+            return None
+        if window not in self._masks:
+            self._masks[window] = self._mask_fn(window)
+        return self._masks[window]
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec):
         super().__init__()
+        self.spec = spec
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = ATTENTION[spec.attention](cfg, spec)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = FEEDFORWARD[spec.ffn](cfg, spec)
         self.drop = nn.Dropout(cfg.dropout)
-        self.recompute: str | None = None  # set by lmforge.train.recompute.apply_recompute
 
-    def forward(self, x, rope=None, mask=None, cache=None, layer: int = 0):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+    def forward(self, x, ctx: Context):
+        x = x + self.drop(self.attn(self.attn_norm(x), ctx))
+        return x + self.drop(self.mlp(self.mlp_norm(x), ctx))
+
+    def components(self):
+        return self.attn, self.mlp
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        ensure_builtin()
         cfg.validate()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -176,34 +71,75 @@ class Transformer(nn.Module):
         else:
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, spec) for spec in cfg.layer_specs())
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.router_metrics: dict = {}  # the last training forward's MoE losses and per-expert load
         self.reset_parameters()
 
+    # ---- init and facts ----
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 L) (or zero)."""
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                if name.endswith("weight"):
-                    p.fill_(1.0)  # norm scales
-                else:
-                    p.zero_()
-            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                if self.cfg.zero_init_proj:
-                    p.zero_()
-                else:
-                    p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                p.normal_(0.0, std)
+        """The model's own parameters (embeddings N(0, std), norms one), then each component's
+        (``Component.reset_parameters``). A parameter nobody initialized is an error, not a default."""
+        init = Init(self.cfg)
+        init.normal(self.tok_emb.weight)
+        if self.cfg.pos == "learned":
+            init.normal(self.pos_emb.weight)
+        for block in self.blocks:
+            init.module(block.attn_norm)
+            init.module(block.mlp_norm)
+            for c in block.components():
+                c.reset_parameters(init)
+        init.module(self.norm_f)
+        if not self.cfg.tie_embeddings:
+            init.normal(self.lm_head.weight)
+        left = [n for n, p in self.named_parameters() if id(p) not in init.done]
+        if left:
+            raise RuntimeError(f"no initialization for {left[:5]}: a component's reset_parameters must "
+                               "cover every parameter it owns")
         if getattr(self, "inv_freq", None) is not None:
             self.inv_freq.copy_(rope_frequencies(self.cfg))
             self._rope_cache = None
 
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.cfg.pos == "learned" else 0)
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def num_active_params(self, embeddings: bool = True) -> int:
+        """Parameters one token multiplies: the components' ``active_params`` (a MoE's top-k experts)."""
+        total = self.num_params(embeddings)
+        for block in self.blocks:
+            for c in block.components():
+                total -= sum(p.numel() for p in c.parameters()) - c.active_params()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 x (active non-embedding parameters + the head) + attention scores."""
+        n = self.num_active_params(embeddings=False) + self.cfg.vocab_size * self.cfg.d_model
+        return 6 * n + sum(b.attn.score_flops(seq_len) for b in self.blocks)
+
+    def cache_specs(self) -> list:
+        """What each layer keeps for decoding (``layers.KVSpec`` and, later, other kinds)."""
+        return [b.attn.cache_spec() for b in self.blocks]
+
+    def muon_splits(self) -> dict:
+        out = {}
+        for block in self.blocks:
+            for c in block.components():
+                out.update(c.muon_splits())
+        return out
+
+    def adam_only(self) -> list:
+        return [p for b in self.blocks for c in b.components() for p in c.adam_only()]
+
+    # ---- the forward ----
     def _rope(self, T: int, dtype, position_ids=None):
         """(cos, sin) of each position's angles, (B|1, 1, T, D/2); cached for positions 0..T-1."""
         if position_ids is None:  # a table for positions 0..n-1 (n grows by doubling), sliced
@@ -219,55 +155,31 @@ class Transformer(nn.Module):
         ang = position_ids[:, None, :, None].float() * self.inv_freq
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def _mask(self, B, T, device, attention_mask, doc_ids):
-        """None (plain causal, the fast path) or a boolean (B|1, 1, T, T) mask of allowed keys."""
-        w = self.cfg.sliding_window
-        if attention_mask is None and doc_ids is None and (w is None or w >= T):
-            return None
-        i = torch.arange(T, device=device)
-        allowed = i[None, :] <= i[:, None]
-        if w is not None:
-            allowed = allowed & (i[:, None] - i[None, :] < w)
-        allowed = allowed[None, None]
-        if attention_mask is not None:  # 1 = real token, 0 = padding (keys)
-            allowed = allowed & attention_mask.bool()[:, None, None, :]
-        if doc_ids is not None:  # attend only inside one's own document
-            allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-        # a row with nothing to attend to (a padding query) attends to itself, not to NaN
-        return allowed | torch.eye(T, dtype=torch.bool, device=device)[None, None]
-
-    def _cache_mask(self, T: int, p: int, device, attention_mask=None):
-        """Mask for T new queries at positions p.. over p+T keys: causal, sliding window, and
-        ``attention_mask`` (B, p+T) over keys (0 = padding). None when everything is visible."""
+    def _mask_fn(self, T: int, p: int, device, attention_mask, doc_ids, cache):
+        """The Context's mask builder for this forward: ``window -> mask or None`` (None: plain causal)."""
+        if getattr(cache, "paged", False):
+            return cache.mask  # window -> mask: the paged batch's rows (built by the same causal_mask)
         L = p + T
-        w = self.cfg.sliding_window
-        if attention_mask is None and T == 1 and (w is None or w >= L):
-            return None
-        if attention_mask is None and p == 0 and (w is None or w >= L):
-            return None  # a plain causal prefill
-        qpos = torch.arange(p, L, device=device)[:, None]
-        kpos = torch.arange(L, device=device)[None, :]
-        allowed = kpos <= qpos
-        if w is not None:
-            allowed = allowed & (qpos - kpos < w)
-        allowed = allowed[None, None]
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, None, :L]
-            allowed = allowed | (kpos == qpos)[None, None]  # padding queries attend to themselves
-        return allowed
+        plain = attention_mask is None and doc_ids is None
 
-    def forward(self, idx, targets=None, attention_mask=None, position_ids=None, doc_ids=None,
-                ignore_index: int = -100, cache=None):
-        """Logits (B, T, vocab), and the mean cross-entropy if ``targets`` is given.
+        def build(window):
+            if plain and (window is None or window >= L) and (p == 0 or T == 1):
+                return None  # causal prefill, or a decode step that sees every cached key
+            q = torch.arange(p, L, device=device)[None]
+            k = torch.arange(L, device=device)[None]
+            key_valid = None if attention_mask is None else attention_mask[:, :L]
+            return causal_mask(q, k, window, key_valid, doc_ids, doc_ids)
+        return build
 
-        ``attention_mask`` (B, T): 1 for tokens, 0 for padding; ``position_ids`` (B, T)
-        default to 0..T-1; ``doc_ids`` (B, T) restricts attention to one's own document.
-        ``cache`` (an ``lmforge.infer.KVCache``): ``idx`` continues the cached sequence
-        (positions ``cache.pos ...``); its keys and values are added to the cache.
-        """
+    def hidden_states(self, idx, attention_mask=None, position_ids=None, doc_ids=None, cache=None,
+                      aux: list | None = None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, C).
+
+        ``attention_mask`` (B, T): 1 for tokens, 0 for padding (with a contiguous cache, (B, p+T) over
+        every cached key); ``position_ids`` (B, T) default to p..p+T-1; ``doc_ids`` (B, T) restricts
+        attention to one's own document. ``cache`` (an ``lmforge.infer`` cache): ``idx`` continues the
+        cached sequence; its keys and values are added. ``aux``: a list that receives the MoE layers'
+        ``RouterStats``."""
         B, T = idx.shape
         if getattr(cache, "paged", False):  # rows of different sequences (lmforge.infer.paged)
             position_ids = cache.positions
@@ -287,30 +199,51 @@ class Transformer(nn.Module):
         else:
             rope = self._rope(T, x.dtype, position_ids)
         x = self.drop(x)
-        if cache is None:
-            mask = self._mask(B, T, idx.device, attention_mask, doc_ids)
-        elif getattr(cache, "paged", False):
-            mask = cache.mask
-        else:
-            mask = self._cache_mask(T, p, idx.device, attention_mask)
-        for i, block in enumerate(self.blocks):
-            if cache is not None:
-                x = block(x, rope, mask, cache, i)
-            elif block.recompute and self.training and torch.is_grad_enabled():
-                from ..train.recompute import run_block
-
-                x = run_block(block, x, rope, mask)
-            else:
-                x = block(x, rope, mask)
+        ctx = Context(rope, cache, self._mask_fn(T, p, idx.device, attention_mask, doc_ids, cache), aux)
+        for block in self.blocks:
+            x = block(x, ctx)
         if cache is not None:
             cache.advance(T)
-        x = self.norm_f(x)
-        logits = self.lm_head(x)
+        return self.norm_f(x)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head over hidden states (..., C) -> (..., V)."""
+        logits = self.lm_head(h)
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)
+        return logits
+
+    def forward(self, idx, targets=None, attention_mask=None, position_ids=None, doc_ids=None,
+                ignore_index: int = -100, cache=None, logits_at=None):
+        """Logits (B, T, V), and the loss if ``targets`` is given: the mean cross-entropy plus, for a
+        MoE, the load-balancing (and z-) losses weighted by their coefficients (``router_metrics``
+        holds each part and the per-expert load). ``logits_at``: "last" for (B, 1, V) at the last
+        position only (a prefill that samples), or an index tensor of positions (B, n)."""
+        aux = [] if self.cfg.moe is not None and targets is not None else None
+        h = self.hidden_states(idx, attention_mask, position_ids, doc_ids, cache, aux)
+        if isinstance(logits_at, str):
+            if logits_at != "last":
+                raise ValueError(f"logits_at: expected 'last' or a tensor of positions, got {logits_at!r}")
+            h = h[:, -1:]
+        elif logits_at is not None:
+            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        logits = self.compute_logits(h)
         if targets is None:
             return logits
         loss = cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                              ignore_index=ignore_index)  # a fused C kernel on CPU float32
+        if aux:
+            loss = loss + self._router_loss(aux, loss, attention_mask)
         return logits, loss
+
+    def _router_loss(self, aux, ce, attention_mask):
+        from .feedforward import router_losses
+
+        m = self.cfg.moe
+        mask = None if attention_mask is None else attention_mask.reshape(-1)
+        lb, z = router_losses(aux, m.n_experts, m.top_k, mask)
+        load = torch.stack([s.load for s in aux]).float()  # (MoE layers, E)
+        self.router_metrics = {"ce": ce.detach(), "aux_loss": lb.detach(), "z_loss": z.detach(),
+                               "expert_load": (load / load.sum(1, keepdim=True)).detach()}
+        return m.aux_loss_coef * lb + m.z_loss_coef * z

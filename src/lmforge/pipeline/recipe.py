@@ -166,7 +166,7 @@ def validate_model(r: Recipe) -> None:
         raise ValueError(f"train.model: {e}") from None
     if "export" not in r.stages or r.export.arch == "none":
         return
-    arch = r.export.arch or mcfg.arch
+    arch = r.export.arch or mcfg.hf_family
     if arch == "none":
         raise ValueError("export: the model's arch is 'none' (not exported); set train.model.arch or export.arch "
                          "to an HF family, export.arch = 'none' to skip the stage, or leave export out of stages")

@@ -249,7 +249,7 @@ class Runner:
         model, tok = load(self.dir / "model")
         out = export_hf(model, self.dir / "hf", arch=self.r.export.arch or None, tokenizer=tok,
                         tokens=load_tokens(self.dir / "model", tok))
-        return {"hf_weights": out / "model.safetensors"}, {"hf_dir": str(out), "arch": self.r.export.arch or model.cfg.arch}
+        return {"hf_weights": out / "model.safetensors"}, {"hf_dir": str(out), "arch": self.r.export.arch or model.cfg.hf_family}
 
     def stage_demo(self):
         from ..infer.engine import Engine

@@ -39,7 +39,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters. ``splits[p]`` (optional) lists row counts of fused parts.
+    """Muon for 2-D parameters (and 3-D stacks of experts, each a matrix). ``splits[p]`` (optional) lists
+    row counts of fused parts (of each expert's matrix for a stack).
 
     Matrices of the same shape (the parts of every layer) are orthogonalized together,
     as one batched Newton-Schulz: a few large matrix products instead of hundreds of
@@ -69,7 +70,8 @@ class Muon(torch.optim.Optimizer):
                 g = g.lerp(buf, mom) if group["nesterov"] else buf
                 sp = self.splits.get(p)
                 params.append(p)
-                parts.append(list(g.split(sp, dim=0)) if sp else [g])
+                mats = list(g.unbind(0)) if g.dim() == 3 else [g]  # stacked experts: one matrix each
+                parts.append([x for m in mats for x in (m.split(sp, dim=0) if sp else [m])])
             by_shape: dict = {}
             for i, ps in enumerate(parts):
                 for j, x in enumerate(ps):
@@ -82,7 +84,8 @@ class Muon(torch.optim.Optimizer):
             for p, ps in zip(params, parts):
                 if wd:
                     p.mul_(1 - lr * wd)
-                p.add_(ps[0] if len(ps) == 1 else torch.cat(ps), alpha=-lr)
+                u = ps[0] if len(ps) == 1 else torch.cat(ps)
+                p.add_(u.view_as(p), alpha=-lr)
         return loss
 
 
@@ -128,16 +131,17 @@ class WeightEMA(torch.optim.Optimizer):
 
 
 def param_groups(model):
-    """(hidden matrices, embedding/head matrices, vectors) of a Transformer."""
+    """(hidden matrices, embedding/head matrices and the components' ``adam_only`` ones, vectors)."""
     hidden, embed, vectors = [], [], []
     seen = set()
+    adam_only = {id(p) for p in model.adam_only()}  # matrices a component keeps off Muon (a router)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         if p.dim() < 2:
             vectors.append((name, p))
-        elif name.startswith(("tok_emb", "pos_emb", "lm_head")):
+        elif name.startswith(("tok_emb", "pos_emb", "lm_head")) or id(p) in adam_only:
             embed.append((name, p))
         else:
             hidden.append((name, p))
@@ -145,15 +149,9 @@ def param_groups(model):
 
 
 def fused_splits(model) -> dict:
-    """Row counts of the fused matrices, so Muon treats q, k, v (and gate, up) separately."""
-    cfg = model.cfg
-    out = {}
-    for block in model.blocks:
-        a = block.attn
-        out[a.qkv.weight] = [a.H * a.D, a.K * a.D, a.K * a.D]
-        if cfg.mlp == "swiglu":
-            out[block.mlp.fc.weight] = [cfg.ff, cfg.ff]
-    return out
+    """Row counts of the fused matrices, so Muon treats q, k, v (and gate, up) separately: each
+    component says its own (``Component.muon_splits``)."""
+    return model.muon_splits()
 
 
 class AdamW(torch.optim.Optimizer):

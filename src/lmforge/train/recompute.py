@@ -1,8 +1,9 @@
 """Activation recompute (gradient checkpointing): trade compute for memory.
 
-Knows how to mark blocks of a Transformer for recompute; the model's forward
-runs a marked block under ``torch.utils.checkpoint`` (non-reentrant) so its
-activations are dropped after the forward and recomputed in the backward.
+Knows how to wrap blocks of a Transformer from outside (the model never
+imports this): a wrapped block runs under ``torch.utils.checkpoint``
+(non-reentrant), so its activations are dropped after the forward and
+recomputed in the backward.
 
 Policies:
 
@@ -37,8 +38,27 @@ def parse_policy(policy: str, n_layer: int) -> list[str | None]:
 
 
 def apply_recompute(model, policy: str) -> None:
+    """Wrap each block the policy names so its forward runs under ``torch.utils.checkpoint``
+    (non-reentrant); the model's code knows nothing of it (the block's ``forward`` is replaced on the
+    instance, so parameter names and checkpoints are unchanged). ``none`` removes the wrappers."""
     for block, mode in zip(model.blocks, parse_policy(policy, len(model.blocks))):
+        block.__dict__.pop("forward", None)  # back to the class's forward
         block.recompute = mode
+        if mode is not None:
+            block.forward = _checkpointed(block, mode)
+
+
+def _checkpointed(block, mode: str):
+    inner = type(block).forward.__get__(block)
+
+    def forward(x, ctx):
+        if not (block.training and torch.is_grad_enabled()):
+            return inner(x, ctx)
+        from torch.utils.checkpoint import checkpoint
+
+        kw = {"context_fn": _selective_context} if mode == "selective" else {}
+        return checkpoint(inner, x, ctx, use_reentrant=False, **kw)
+    return forward
 
 
 _SAVE_OPS = None
@@ -56,11 +76,3 @@ def _selective_context():
         return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
-
-
-def run_block(block, x, rope, mask):
-    from torch.utils.checkpoint import checkpoint
-
-    if block.recompute == "selective":
-        return checkpoint(block, x, rope, mask, use_reentrant=False, context_fn=_selective_context)
-    return checkpoint(block, x, rope, mask, use_reentrant=False)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .._io import write_json
-from ..model import PRESETS, ModelConfig, preset
+from ..model import PRESETS, ModelConfig, make_config, preset
 from ..model.transformer import Transformer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, state_summary
 from .optim import WeightEMA, build_optimizers, skip_dynamo_import
@@ -141,7 +141,6 @@ def bound_progress(bounds: dict, step: int, tokens: int, elapsed: float) -> floa
 def check_config(cfg: "TrainConfig") -> None:
     """Every setting checked before any work (the pipeline's recipe validation calls this too):
     bounds, choice strings, shares, the model's fields (and that the preset plus ``model`` builds)."""
-    import dataclasses as dc
 
     if not (cfg.max_steps or cfg.max_tokens or cfg.max_time):
         raise ValueError("give a bound: max_steps, max_tokens or max_time (e.g. --max-time 60)")
@@ -171,7 +170,9 @@ def check_config(cfg: "TrainConfig") -> None:
                          "drop --tokenizer, or give the tokenizer file the shards were made with (it is checked)")
     if cfg.preset and cfg.preset not in PRESETS:
         raise ValueError(f"preset: unknown preset {cfg.preset!r}; known: {', '.join(sorted(PRESETS))}")
-    names = {f.name for f in dc.fields(ModelConfig)}
+    from ..model.config import field_names
+
+    names = field_names()  # the tree's fields, "attn.n_head"-style paths and the old flat names
     bad = sorted(set(cfg.model) - names)
     if bad:
         import difflib
@@ -343,16 +344,16 @@ class NaNLossError(RuntimeError):
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
     """The run's ModelConfig before the tokenizer sets its vocabulary; a ValueError if it
-    names an HF family (``arch``, not "none") that cannot express it, so such a run fails
+    names an HF family (``hf_family``, not "none") that cannot express it, so such a run fails
     before any work rather than at export."""
     from ..model.hf import check_exportable
 
-    mcfg = preset(cfg.preset, **cfg.model) if cfg.preset else ModelConfig(**cfg.model)
-    if mcfg.arch != "none":
+    mcfg = preset(cfg.preset, **cfg.model) if cfg.preset else make_config(**cfg.model)
+    if mcfg.hf_family != "none":
         try:
-            check_exportable(mcfg, mcfg.arch)
+            check_exportable(mcfg, mcfg.hf_family)
         except ValueError as e:
-            raise ValueError(f"model.arch = {mcfg.arch!r} but {e} (set model.arch=none to train a model "
+            raise ValueError(f"model.hf_family = {mcfg.hf_family!r} but {e} (set model.hf_family=none to train a model "
                              "that is not exported)") from None
     return mcfg
 
