@@ -137,11 +137,12 @@ def set_path(obj, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     target = obj
     for i, p in enumerate(parts):
-        if isinstance(target, dict) and i == len(parts) - 1:  # a free-form table (train.model): merge the key
+        if isinstance(target, dict):  # a free-form table (train.model): merge the key ("attn.n_head" stays dotted)
+            key = ".".join(parts[i:])
             try:
-                target[p] = json.loads(value) if isinstance(value, str) else value
+                target[key] = json.loads(value) if isinstance(value, str) else value
             except ValueError:
-                target[p] = value  # a bare string
+                target[key] = value  # a bare string
             return
         if not dataclasses.is_dataclass(target):
             raise UsageError(f"unknown field {dotted!r}: {'.'.join(parts[:i])} is not a table")
