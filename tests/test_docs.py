@@ -445,6 +445,10 @@ def _field_problem(cls, dotted: str, model_cls) -> str | None:
 
     target = cls
     parts = dotted.split(".")
+    if parts[0] == "model" and cls.__name__ == "TrainConfig" and len(parts) > 1:
+        from lmforge.model.config import field_names
+
+        return None if ".".join(parts[1:]) in field_names() else f"ModelConfig has no field {dotted[6:]!r}"
     for i, p in enumerate(parts):
         if target is dict and i == 1 and parts[0] == "model":
             target = model_cls

@@ -396,7 +396,6 @@ def _pretrain_config(a):
     run's own train_config.json), then flags and --set, then the preset's recipe for every field none
     of them named (``trainer.apply_preset_recipe``; the pipeline applies a preset the same way)."""
     from ._config import apply_overrides, coerce, from_dict, load_file
-    from .model import ModelConfig
     from .train import TrainConfig
     from .train.trainer import apply_preset_recipe
 
@@ -414,20 +413,20 @@ def _pretrain_config(a):
             given.add(k)
     if a.resume:
         cfg.resume = True
-    import typing
+    from .model.config import field_names, field_type
 
-    hints = typing.get_type_hints(ModelConfig)
+    names = field_names()  # the tree's fields, "attn.n_head" paths and the old flat names
     for s in a.set:
         k, v = s.split("=", 1)
         k = k.strip()
         if k.startswith("model."):  # merged into the model table
             f = k[len("model."):]
-            if f not in hints:
+            if f not in names:
                 from ._config import _did_you_mean
 
-                raise ValueError(f"unknown field 'model.{f}' (ModelConfig has: {', '.join(sorted(hints))})"
-                                 f"{_did_you_mean(f, hints)}")
-            cfg.model[f] = coerce(v.strip(), hints[f], k)
+                raise ValueError(f"unknown field 'model.{f}' (ModelConfig has: {', '.join(sorted(names))})"
+                                 f"{_did_you_mean(f, names)}")
+            cfg.model[f] = coerce(v.strip(), field_type(f), k)
         else:
             apply_overrides(cfg, [s])
             given.add(k.split(".")[0])

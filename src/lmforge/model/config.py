@@ -293,6 +293,19 @@ def field_names() -> set[str]:
     return out
 
 
+def field_type(name: str):
+    """The type of a model field by any name ``normalize`` reads ("n_head", "attn.n_head", "vocab_size");
+    KeyError if there is none."""
+    import typing
+
+    path = LEGACY.get(name) or tuple(name.split(".", 1))
+    cls = ModelConfig if len(path) == 1 else _SUB.get(path[0])
+    hints = typing.get_type_hints(cls) if cls else {}
+    if path[-1] not in hints:
+        raise KeyError(name)
+    return hints[path[-1]]
+
+
 def normalize(d: dict) -> dict:
     """A nested ModelConfig dict from a nested, flat (``LEGACY``), dotted (``"attn.n_head"``) or mixed one;
     a ValueError names any unknown field."""
