@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, select_layers
+from .config import ModelConfig
 from .config import make as make_config
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")  # RMSNorm, RoPE, gated MLPs
@@ -203,8 +203,9 @@ def _fill(name: str, i: int, e: int | None = None) -> str:
 
 
 def _walk(cfg: ModelConfig, arch: str):
-    """Every (rule, layer or None, activation of its group) that ``cfg`` has in ``arch``: the model-wide
-    tensors, then per layer its norms, its attention kind and its feed-forward kind."""
+    """Every (rule, layer, activation of its group) that ``cfg`` has in ``arch``: the model-wide tensors
+    (layer 0: their names have no ``{i}``), then per layer its norms, its attention kind and its
+    feed-forward kind."""
     fam = FAMILIES[arch]
     for r in fam.top:
         if r.when is None or r.when(cfg):
@@ -541,7 +542,7 @@ def _moe_fields(arch: str, d: dict) -> dict:
         moe.update(n_experts=d["num_local_experts"], d_expert=d["intermediate_size"], norm_topk_prob=True)
         return dict(moe=moe, moe_layers="all")
     moe.update(n_experts=d["num_experts"], d_expert=d["moe_intermediate_size"],
-               norm_topk_prob=bool(d.get("norm_topk_prob", False)), n_shared=1,
+               norm_topk_prob=bool(d.get("norm_topk_prob", False)), n_shared=1,  # (n, d) exports as n * d
                d_shared=d["shared_expert_intermediate_size"], shared_gate=True)
     step, only = d.get("decoder_sparse_step", 1), d.get("mlp_only_layers") or []
     if not only:
@@ -589,7 +590,7 @@ def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
     # biases: the family's, each read as none where it is zero in every layer
     has = _hf_biases(arch, d=d)
     flags = {"norm": "norm_bias", "qkv": "qkv_bias", "out": "out_bias", "mlp": "mlp_bias"}
-    kw.update({f: k in has for k, f in flags.items() if k != "norm" or arch == "gpt2"})
+    kw.update({f: k in has for k, f in flags.items() if k != "norm" or arch == "gpt2"})  # (RMSNorm: none)
     kw["arch"] = arch
     pre = make_config(**kw)
     names: dict[str, list[str]] = {}
