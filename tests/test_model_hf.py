@@ -157,7 +157,7 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     cfg = make_config(vocab_size=V, n_layer=1, n_head=2, d_model=32, qk_norm=True)
     with pytest.raises(ValueError, match="qk_norm"):
         export_hf(Transformer(cfg), tmp_path, arch="gpt2")
-    with pytest.raises(ValueError, match="cannot export as qwen3: ModelConfig.qk_norm must be True"):
+    with pytest.raises(ValueError, match="cannot export as qwen3: ModelConfig.attn.qk_norm must be True"):
         export_hf(m, tmp_path / "out", arch="qwen3")
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
@@ -494,21 +494,21 @@ def test_gated_relu_is_refused_on_import(tmp_path):
 @pytest.mark.parametrize("kw,arch,msg", [
     (dict(pos="learned"), "qwen3", "ModelConfig.pos must be 'rope'"),
     (dict(logit_softcap=30.0), "qwen3", "logit_softcap must be None"),
-    (dict(sliding_window=8), "qwen3", "sliding_window must be None"),
-    (dict(sliding_window=8, qk_norm=False), "llama", "sliding_window must be None"),
-    (dict(), "llama", "qk_norm must be False"),
-    (dict(qk_norm=False), "qwen3", "qk_norm must be True"),
-    (dict(qk_norm=False, qkv_bias=True), "mistral", "qkv_bias must be False"),
-    (dict(qk_norm=False, out_bias=True), "qwen2", "out_bias must be False"),
-    (dict(mlp_bias=True), "qwen3", "mlp_bias must be False"),
-    (dict(mlp="gelu"), "qwen3", "mlp must be one of swiglu, relu2"),
+    (dict(sliding_window=8), "qwen3", "attn.sliding_window must be None"),
+    (dict(sliding_window=8, qk_norm=False), "llama", "attn.sliding_window must be None"),
+    (dict(), "llama", "attn.qk_norm must be False"),
+    (dict(qk_norm=False), "qwen3", "attn.qk_norm must be True"),
+    (dict(qk_norm=False, qkv_bias=True), "mistral", "attn.qkv_bias must be False"),
+    (dict(qk_norm=False, out_bias=True), "qwen2", "attn.out_bias must be False"),
+    (dict(mlp_bias=True), "qwen3", "ffn.bias must be False"),
+    (dict(mlp="gelu"), "qwen3", "ffn.activation must be one of swiglu, relu2"),
     (dict(qk_norm=False, rope_scaling={"type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
      "qwen2", "rope_scaling must be None"),
     (dict(), "gpt2", "norm must be 'layernorm'"),
-    (dict(norm="layernorm", pos="learned", mlp="swiglu", qk_norm=False), "gpt2", "mlp must be one of"),
-    (dict(norm="layernorm", pos="learned", qk_norm=False, n_kv_head=1), "gpt2", "n_kv_head must be None"),
-    (dict(), "none", "arch 'none' means the model is not exported"),
+    (dict(norm="layernorm", pos="learned", mlp="swiglu", qk_norm=False), "gpt2", "ffn.activation must be one of"),
+    (dict(norm="layernorm", pos="learned", qk_norm=False, n_kv_head=1), "gpt2", "attn.n_kv_head must be None"),
+    (dict(), "none", "hf_family 'none' means the model is not exported"),
 ])
 def test_check_exportable_names_the_field(kw, arch, msg):
     cfg = preset("shakespeare-cpu", **kw)

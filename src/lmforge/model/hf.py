@@ -1,4 +1,4 @@
-"""HF ``transformers`` directories, both ways: GPT-2, Llama, Mistral, Qwen2, Qwen3.
+"""HF ``transformers`` directories, both ways: GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE.
 
 Knows how each family names and shapes its tensors and config fields, what each
 family can express of a ``ModelConfig`` (``check_exportable``, the one place
@@ -6,7 +6,11 @@ that knows), and how they map onto lmforge's one decoder; knows nothing about
 training. Weights move as safetensors; ``transformers`` itself is not needed to
 export or import (tests load the results with it to prove parity).
 
-Mapping (lmforge name -> HF name, per layer i):
+The weight names are data: each family (``FAMILIES``) is a table of ``Rule``s per
+component kind (the model-wide tensors, the two norms of a block, each attention
+kind, each feed-forward kind), and one function (``_walk``) applies them both ways,
+layer by layer as ``cfg.layer_specs()`` says (a dense or a MoE feed-forward).
+Mapping (lmforge name -> HF name, per layer i, expert e):
 
 | lmforge | GPT-2 (Conv1D: stored transposed) | Llama family |
 | --- | --- | --- |
@@ -23,24 +27,40 @@ Mapping (lmforge name -> HF name, per layer i):
 | norm_f | transformer.ln_f | model.norm |
 | lm_head | lm_head (tied) | lm_head |
 
+A MoE layer (``mlp.w_in`` (E, 2 d_e, C) = [gate; up] per expert, ``w_out`` (E, C, d_e)):
+
+| lmforge | Mixtral | Qwen2-MoE |
+| --- | --- | --- |
+| blocks.i.mlp.router | block_sparse_moe.gate | mlp.gate |
+| blocks.i.mlp.w_in[e] = [gate; up] | block_sparse_moe.experts.e.w1, w3 | mlp.experts.e.gate_proj, up_proj |
+| blocks.i.mlp.w_out[e] | block_sparse_moe.experts.e.w2 | mlp.experts.e.down_proj |
+| blocks.i.mlp.shared.fc, proj | - | mlp.shared_expert.gate_proj, up_proj; down_proj |
+| blocks.i.mlp.shared_gate | - | mlp.shared_expert_gate |
+
+The per-expert names are what ``save_pretrained`` of transformers 5.x writes (and 4.x
+reads); the fused 5.x in-memory names (``mlp.experts.gate_up_proj`` (E, 2 d_e, C),
+``mlp.experts.down_proj``, Mixtral's ``mlp.gate``) are read too. A Qwen2-MoE dense
+layer (``mlp_only_layers``, ``decoder_sparse_step``) maps as the Llama family's MLP.
+
 Two exact identities widen what exports:
 * ReLU² is a gated ReLU MLP with the gate and up projections equal:
-  relu(a) * a = relu(a)^2, so ``mlp="relu2"`` exports to the Llama family as
-  ``hidden_act: "relu"`` with ``gate_proj = up_proj = fc``, and a Llama-family
-  checkpoint with ``hidden_act: "relu"`` whose gate and up projections are equal
-  in every layer imports as ``relu2`` (a gated ReLU with different ones has no
-  lmforge MLP kind and is refused).
-* A bias lmforge lacks but the family always has (GPT-2's, Qwen2's q/k/v, the
-  Llama/Qwen3 ``attention_bias`` flag covering both q/k/v and o) is written as
-  zeros; on import a bias that is zero in every layer is read as no bias, so an
-  export imports back as the same config. (A freshly initialized HF model has
-  zero biases too: it imports without them, with the same logits.)
+  relu(a) * a = relu(a)^2, so ``ffn.activation="relu2"`` (and ``moe.activation``)
+  exports to the Llama family as ``hidden_act: "relu"`` with ``gate_proj =
+  up_proj = fc`` (each expert's w1 = w3), and a checkpoint with ``hidden_act:
+  "relu"`` whose gate and up projections are equal in every layer imports as
+  ``relu2`` (a gated ReLU with different ones has no lmforge MLP kind and is refused).
+* A bias lmforge lacks but the family always has (GPT-2's, Qwen2's and
+  Qwen2-MoE's q/k/v, the Llama/Qwen3 ``attention_bias`` flag covering both q/k/v
+  and o) is written as zeros; on import a bias that is zero in every layer is read
+  as no bias, so an export imports back as the same config. (A freshly initialized
+  HF model has zero biases too: it imports without them, with the same logits.)
 """
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,13 +68,260 @@ import torch
 from .config import ModelConfig
 from .config import make as make_config
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")  # RMSNorm, RoPE, gated MLPs
+MOE_FAMILIES = ("mixtral", "qwen2_moe")
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# ModelConfig.mlp -> the family's activation name (transformers' ACT2FN keys)
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
+              "qwen2_moe": "Qwen2MoeForCausalLM"}
+# ModelConfig.ffn.activation -> the family's activation name (transformers' ACT2FN keys)
 GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}
 LLAMA_ACT = {"swiglu": "silu", "relu2": "relu"}  # relu2: relu(gate) * up with gate = up
 
+
+# ---- the weight tables ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """One lmforge tensor <-> one or more HF tensors. Names hold ``{i}`` (layer) and ``{e}`` (expert: the
+    lmforge tensor is the experts stacked on dim 0, the HF ones are per expert). ``how``: "copy";
+    "t" (transposed: GPT-2's Conv1D; the bias is copied); "qkv" ([q; k; v] rows); "gate_up" ([gate; up]
+    rows for swiglu, gate = up = ours for relu2). ``bias``: which bias flag covers ``.bias`` next to
+    ``.weight`` ("norm", "qkv", "out", "mlp"; None: never one). ``when``: the config has the tensor.
+    ``fused``: the fused name (experts stacked, [gate; up] concatenated) read where the per-expert ones
+    are missing."""
+    ours: str
+    theirs: tuple[str, ...]
+    how: str = "copy"
+    bias: str | None = None
+    when: object = None  # cfg -> bool
+    fused: str | None = None
+
+
+def R(ours, *theirs, **kw) -> Rule:
+    return Rule(ours, theirs, **kw)
+
+
+def _untied(c):
+    return not c.tie_embeddings
+
+
+def _qk_norm(c):
+    return c.attn.qk_norm
+
+
+def _shared(c):
+    return c.moe.n_shared > 0
+
+
+def _shared_gate(c):
+    return c.moe.n_shared > 0 and c.moe.shared_gate
+
+
+@dataclass(frozen=True)
+class Family:
+    top: list  # model-wide tensors
+    norms: list  # each block's two norms
+    attention: dict  # LayerSpec.attention -> rules
+    ffn: dict  # LayerSpec.ffn -> rules
+
+
+_B = "blocks.{i}."
+_GPT2_H = "transformer.h.{i}."
+GPT2 = Family(
+    top=[R("tok_emb.weight", "transformer.wte.weight"), R("pos_emb.weight", "transformer.wpe.weight"),
+         R("norm_f.weight", "transformer.ln_f.weight", bias="norm"),
+         R("lm_head.weight", "lm_head.weight", when=_untied)],
+    norms=[R(_B + "attn_norm.weight", _GPT2_H + "ln_1.weight", bias="norm"),
+           R(_B + "mlp_norm.weight", _GPT2_H + "ln_2.weight", bias="norm")],
+    attention={"causal": [R(_B + "attn.qkv.weight", _GPT2_H + "attn.c_attn.weight", how="t", bias="qkv"),
+                          R(_B + "attn.proj.weight", _GPT2_H + "attn.c_proj.weight", how="t", bias="out")]},
+    ffn={"dense": [R(_B + "mlp.fc.weight", _GPT2_H + "mlp.c_fc.weight", how="t", bias="mlp"),
+                   R(_B + "mlp.proj.weight", _GPT2_H + "mlp.c_proj.weight", how="t", bias="mlp")]})
+
+_L = "model.layers.{i}."
+_DENSE = [R(_B + "mlp.fc.weight", _L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight", how="gate_up", bias="mlp"),
+          R(_B + "mlp.proj.weight", _L + "mlp.down_proj.weight", bias="mlp")]
+LLAMA = Family(
+    top=[R("tok_emb.weight", "model.embed_tokens.weight"), R("norm_f.weight", "model.norm.weight"),
+         R("lm_head.weight", "lm_head.weight", when=_untied)],
+    norms=[R(_B + "attn_norm.weight", _L + "input_layernorm.weight"),
+           R(_B + "mlp_norm.weight", _L + "post_attention_layernorm.weight")],
+    attention={"causal": [
+        R(_B + "attn.qkv.weight", *(_L + f"self_attn.{x}_proj.weight" for x in "qkv"), how="qkv", bias="qkv"),
+        R(_B + "attn.proj.weight", _L + "self_attn.o_proj.weight", bias="out"),
+        R(_B + "attn.q_norm.weight", _L + "self_attn.q_norm.weight", when=_qk_norm),
+        R(_B + "attn.k_norm.weight", _L + "self_attn.k_norm.weight", when=_qk_norm)]},
+    ffn={"dense": _DENSE})
+
+_M = _L + "block_sparse_moe."
+MIXTRAL = Family(LLAMA.top, LLAMA.norms, LLAMA.attention, {"moe": [
+    R(_B + "mlp.router.weight", _M + "gate.weight", fused=_L + "mlp.gate.weight"),
+    R(_B + "mlp.w_in", _M + "experts.{e}.w1.weight", _M + "experts.{e}.w3.weight", how="gate_up",
+      fused=_L + "mlp.experts.gate_up_proj"),
+    R(_B + "mlp.w_out", _M + "experts.{e}.w2.weight", fused=_L + "mlp.experts.down_proj")]})
+
+_Q = _L + "mlp."
+QWEN2_MOE = Family(LLAMA.top, LLAMA.norms, LLAMA.attention, {"dense": _DENSE, "moe": [
+    R(_B + "mlp.router.weight", _Q + "gate.weight"),
+    R(_B + "mlp.w_in", _Q + "experts.{e}.gate_proj.weight", _Q + "experts.{e}.up_proj.weight", how="gate_up",
+      fused=_Q + "experts.gate_up_proj"),
+    R(_B + "mlp.w_out", _Q + "experts.{e}.down_proj.weight", fused=_Q + "experts.down_proj"),
+    R(_B + "mlp.shared.fc.weight", _Q + "shared_expert.gate_proj.weight", _Q + "shared_expert.up_proj.weight",
+      how="gate_up", when=_shared),
+    R(_B + "mlp.shared.proj.weight", _Q + "shared_expert.down_proj.weight", when=_shared),
+    R(_B + "mlp.shared_gate.weight", _Q + "shared_expert_gate.weight", when=_shared_gate)]})
+
+FAMILIES = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
+            "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE}
+
+
+def _our_biases(cfg: ModelConfig) -> set[str]:
+    flags = {"norm": cfg.norm == "layernorm" and cfg.norm_bias, "qkv": cfg.attn.qkv_bias,
+             "out": cfg.attn.out_bias, "mlp": cfg.ffn.bias}
+    return {k for k, v in flags.items() if v}
+
+
+def _hf_biases(arch: str, cfg: ModelConfig | None = None, d: dict | None = None) -> set[str]:
+    """The biases the HF checkpoint holds: of ``cfg`` when exporting, of the config dict ``d`` importing."""
+    if arch == "gpt2":
+        return {"norm", "qkv", "out", "mlp"}
+    if arch in ("qwen2", "qwen2_moe"):  # q/k/v always (Qwen2-MoE: unless its 5.x qkv_bias flag says not)
+        return {"qkv"} if d is None or d.get("qkv_bias", True) else set()
+    if arch in ("llama", "qwen3"):  # one attention_bias flag for q/k/v and o
+        attn = cfg.attn.qkv_bias or cfg.attn.out_bias if d is None else bool(d.get("attention_bias", False))
+        mlp = arch == "llama" and (cfg.ffn.bias if d is None else bool(d.get("mlp_bias", False)))
+        return ({"qkv", "out"} if attn else set()) | ({"mlp"} if mlp else set())
+    return set()  # mistral, mixtral
+
+
+def _act(cfg: ModelConfig, group: str) -> str:
+    return cfg.moe.activation if group == "moe" else cfg.ffn.activation
+
+
+def _fill(name: str, i: int, e: int | None = None) -> str:
+    return name.replace("{i}", str(i)).replace("{e}", "" if e is None else str(e))
+
+
+def _walk(cfg: ModelConfig, arch: str):
+    """Every (rule, layer, activation of its group) that ``cfg`` has in ``arch``: the model-wide tensors
+    (layer 0: their names have no ``{i}``), then per layer its norms, its attention kind and its
+    feed-forward kind."""
+    fam = FAMILIES[arch]
+    for r in fam.top:
+        if r.when is None or r.when(cfg):
+            yield r, 0, cfg.ffn.activation
+    for s in cfg.layer_specs():
+        for group, rules in (("norm", fam.norms), ("attn", fam.attention[s.attention]), (s.ffn, fam.ffn[s.ffn])):
+            for r in rules:
+                if r.when is None or r.when(cfg):
+                    yield r, s.index, _act(cfg, group)
+
+
+def _bias(name: str) -> str:
+    return name.removesuffix(".weight") + ".bias"
+
+
+def _export_one(r: Rule, t: torch.Tensor, act: str, cfg: ModelConfig, weight: bool) -> list[torch.Tensor]:
+    """One lmforge tensor (one expert's, for an expert rule) -> the HF tensors of ``r.theirs``, in order."""
+    if r.how == "t":
+        return [t.t() if weight else t]
+    if r.how == "qkv":
+        H, K, D = cfg.n_head, cfg.kv_heads, cfg.hd
+        return list(t.split([H * D, K * D, K * D]))
+    if r.how == "gate_up":
+        return list(t.chunk(2)) if act == "swiglu" else [t, t]  # relu2: gate = up
+    return [t]
+
+
+def _import_one(r: Rule, parts: list[torch.Tensor], act: str, weight: bool) -> torch.Tensor:
+    if r.how == "t":
+        return parts[0].t() if weight else parts[0]
+    if r.how == "gate_up" and act != "swiglu":
+        return parts[0]  # relu2: up = gate (config_from_hf checked)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def to_hf_state(model, arch: str) -> dict[str, torch.Tensor]:
+    """The HF tensors of ``model`` as ``arch`` names them (per-expert names for the experts)."""
+    cfg: ModelConfig = model.cfg
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_b = _hf_biases(arch, cfg)
+    out: dict[str, torch.Tensor] = {}
+    for r, i, act in _walk(cfg, arch):
+        ours = _fill(r.ours, i)
+        w = sd[ours]
+        if "{e}" in r.theirs[0]:
+            for e in range(w.shape[0]):
+                for name, t in zip(r.theirs, _export_one(r, w[e], act, cfg, True)):
+                    out[_fill(name, i, e)] = t
+            continue
+        for name, t in zip(r.theirs, _export_one(r, w, act, cfg, True)):
+            out[_fill(name, i)] = t
+        if r.bias in hf_b:  # lmforge's bias, or zeros where the family has one and lmforge not
+            b = sd.get(_bias(ours), torch.zeros(w.shape[0], dtype=w.dtype))
+            for name, t in zip(r.theirs, _export_one(r, b, act, cfg, False)):
+                out[_bias(_fill(name, i))] = t
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _getter(hf: Mapping):
+    def get(name):
+        if name in hf:
+            return hf[name]
+        alt = name.removeprefix("transformer.")  # the original GPT-2 files have no prefix
+        if alt in hf:
+            return hf[alt]
+        raise KeyError(f"the HF checkpoint has no tensor {name!r}")
+    return get
+
+
+def _parts(r: Rule, i: int, get, n_experts: int | None = None, weight: bool = True):
+    """The HF tensors of rule ``r`` in layer ``i``: a list (one per name), or for an expert rule a list
+    per expert (from the per-expert names, else from the fused ones)."""
+    names = [_fill(n, i) if weight else _bias(_fill(n, i)) for n in r.theirs]
+    if "{e}" not in r.theirs[0]:
+        try:
+            return [get(n) for n in names]
+        except KeyError:
+            if r.fused is None:
+                raise
+            return [get(_fill(r.fused, i))]
+    try:
+        return [[get(_fill(n, i, e)) for n in r.theirs] for e in range(n_experts)]
+    except KeyError:
+        if r.fused is None:
+            raise
+        try:
+            fused = get(_fill(r.fused, i))
+        except KeyError:
+            raise KeyError(f"the HF checkpoint has no tensor {_fill(r.theirs[0], i, 0)!r} "
+                           f"(nor the fused {_fill(r.fused, i)!r})") from None
+        return [list(x.chunk(len(r.theirs))) for x in fused.unbind(0)]
+
+
+def from_hf_state(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """lmforge state dict from HF tensors (missing tensors raise a KeyError naming them).
+
+    Only the tensors ``cfg`` has are read: a zero bias that ``config_from_hf`` read as
+    no bias, and the up projection of ReLU² (equal to the gate), are left out."""
+    get = _getter(hf)
+    ours_b = _our_biases(cfg)
+    E = cfg.moe.n_experts if cfg.moe else None
+    sd: dict[str, torch.Tensor] = {}
+    for r, i, act in _walk(cfg, cfg.hf_family):
+        ours = _fill(r.ours, i)
+        if "{e}" in r.theirs[0]:
+            sd[ours] = torch.stack([_import_one(r, p, act, True) for p in _parts(r, i, get, E)])
+            continue
+        sd[ours] = _import_one(r, _parts(r, i, get), act, True)
+        if r.bias in ours_b:
+            sd[_bias(ours)] = _import_one(r, _parts(r, i, get, weight=False), act, False)
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
+    return sd
+
+
+# ---- what each family expresses --------------------------------------------------------------------
 
 def _need(cond: bool, arch: str, field: str, what: str) -> None:
     if not cond:
@@ -65,44 +332,74 @@ def check_exportable(cfg: ModelConfig, arch: str) -> None:
     """Raise a ValueError naming the first ModelConfig field that ``arch`` cannot express.
 
     Every field is accounted for. Any value exports in every family: vocab_size,
-    n_layer, n_head, d_model, d_ff, max_seq_len, norm_eps, tie_embeddings; dropout,
-    init_std and zero_init_proj (training only: the logits do not depend on them);
-    arch (the default target, not a shape). norm_bias means nothing under rmsnorm
-    (RMSNorm has no bias); rope_theta and rope_scaling mean nothing with learned
-    positions. A bias lmforge lacks is written as zeros where the family has one.
-    The rest is checked here.
+    n_layer, attn.n_head, d_model, ffn.d_ff, max_seq_len, norm_eps, tie_embeddings;
+    dropout, init_std, zero_init_proj and moe.z_loss_coef (training only: the logits
+    do not depend on them; no family has a z-loss field, so it is dropped and imports
+    as 0); hf_family (the default target, not a shape). norm_bias means nothing under
+    rmsnorm (RMSNorm has no bias); rope_theta and rope_scaling mean nothing with
+    learned positions; ffn.* means nothing when every layer is a MoE (Mixtral). A
+    bias lmforge lacks is written as zeros where the family has one. The rest is
+    checked here.
     """
     if arch not in HF_CLASSES:
-        why = " (arch 'none' means the model is not exported)" if arch == "none" else ""
+        why = " (hf_family 'none' means the model is not exported)" if arch == "none" else ""
         raise ValueError(f"unknown HF architecture {arch!r}{why}; lmforge exports {', '.join(HF_CLASSES)}")
     _need(cfg.logit_softcap is None, arch, "logit_softcap", "None (the family does not cap its logits)")
+    specs = cfg.layer_specs()
+    _need(all(s.attention == "causal" for s in specs), arch, "attn.kind", "'causal'")
+    moe_layers = [s.index for s in specs if s.ffn == "moe"]
+    dense = len(moe_layers) < cfg.n_layer
+    if arch not in MOE_FAMILIES:
+        _need(not moe_layers, arch, "moe", f"None (no MoE layers: {arch} has none; mixtral and qwen2_moe do)")
     if arch == "gpt2":
         _need(cfg.norm == "layernorm", arch, "norm", "'layernorm'")
-        _need(cfg.ffn.activation in GPT2_ACT, arch, "mlp", f"one of {', '.join(GPT2_ACT)} (GPT-2's MLP is not gated)")
+        _need(cfg.ffn.activation in GPT2_ACT, arch, "ffn.activation",
+              f"one of {', '.join(GPT2_ACT)} (GPT-2's MLP is not gated)")
         _need(cfg.pos == "learned", arch, "pos", "'learned'")
-        _need(cfg.kv_heads == cfg.n_head, arch, "n_kv_head", "None (GPT-2 has no GQA)")
-        _need(not cfg.attn.qk_norm, arch, "qk_norm", "False")
-        _need(cfg.attn.sliding_window is None, arch, "sliding_window", "None")
-        _need(cfg.attn.head_dim in (None, cfg.d_model // cfg.n_head), arch, "head_dim", "d_model // n_head")
+        _need(cfg.kv_heads == cfg.n_head, arch, "attn.n_kv_head", "None (GPT-2 has no GQA)")
+        _need(not cfg.attn.qk_norm, arch, "attn.qk_norm", "False")
+        _need(cfg.attn.sliding_window is None, arch, "attn.sliding_window", "None")
+        _need(cfg.attn.head_dim in (None, cfg.d_model // cfg.n_head), arch, "attn.head_dim", "d_model // n_head")
         return  # biases: any (a missing one is written as zeros)
     _need(cfg.norm == "rmsnorm", arch, "norm", "'rmsnorm'")
-    _need(cfg.ffn.activation in LLAMA_ACT, arch, "mlp", f"one of {', '.join(LLAMA_ACT)} (the {arch} MLP is gated)")
+    if dense:
+        _need(cfg.ffn.activation in LLAMA_ACT, arch, "ffn.activation",
+              f"one of {', '.join(LLAMA_ACT)} (the {arch} MLP is gated)")
     _need(cfg.pos == "rope", arch, "pos", "'rope'")
     if arch == "qwen3":
-        _need(cfg.attn.qk_norm, arch, "qk_norm", "True (Qwen3 always normalizes queries and keys)")
+        _need(cfg.attn.qk_norm, arch, "attn.qk_norm", "True (Qwen3 always normalizes queries and keys)")
     else:
-        _need(not cfg.attn.qk_norm, arch, "qk_norm", "False (of these families only qwen3 has it)")
-    if arch != "llama":
-        _need(not cfg.ffn.bias, arch, "mlp_bias", f"False ({arch}'s MLP has no biases)")
-    if arch == "mistral":
-        _need(not cfg.attn.qkv_bias, arch, "qkv_bias", "False (Mistral's attention has no biases)")
-        _need(not cfg.attn.out_bias, arch, "out_bias", "False (Mistral's attention has no biases)")
-    if arch == "qwen2":
-        _need(not cfg.attn.out_bias, arch, "out_bias", "False (Qwen2's o_proj has no bias)")
-    if arch != "mistral":
-        _need(cfg.attn.sliding_window is None, arch, "sliding_window", "None (only mistral exports one)")
+        _need(not cfg.attn.qk_norm, arch, "attn.qk_norm", "False (of these families only qwen3 has it)")
+    if arch != "llama" and dense:
+        _need(not cfg.ffn.bias, arch, "ffn.bias", f"False ({arch}'s MLP has no biases)")
+    if arch in ("mistral", "mixtral"):
+        _need(not cfg.attn.qkv_bias, arch, "attn.qkv_bias", f"False ({arch}'s attention has no biases)")
+        _need(not cfg.attn.out_bias, arch, "attn.out_bias", f"False ({arch}'s attention has no biases)")
+    if arch in ("qwen2", "qwen2_moe"):
+        _need(not cfg.attn.out_bias, arch, "attn.out_bias", f"False ({arch}'s o_proj has no bias)")
+    if arch in ("mistral", "mixtral"):
+        windows = {s.window for s in specs}
+        _need(len(windows) == 1, arch, "window_layers", f"'all' when attn.sliding_window is set ({arch} "
+                                                        "windows every layer or none)")
+    elif arch != "qwen2_moe":
+        _need(cfg.attn.sliding_window is None, arch, "attn.sliding_window",
+              "None (only mistral, mixtral and qwen2_moe export one)")
     if arch != "llama":
         _need(cfg.rope_scaling is None, arch, "rope_scaling", "None (only llama exports it)")
+    if arch in MOE_FAMILIES:
+        _need(cfg.moe is not None, arch, "moe", f"set ({arch} is a mixture of experts)")
+        m = cfg.moe
+        _need(m.activation in LLAMA_ACT, arch, "moe.activation", f"one of {', '.join(LLAMA_ACT)}")
+        if dense:
+            _need(cfg.ffn.activation == m.activation, arch, "ffn.activation",
+                  f"moe.activation ({m.activation!r}: {arch} has one hidden_act)")
+    if arch == "mixtral":
+        _need(not dense, arch, "moe_layers", "'all' (every Mixtral layer is a MoE)")
+        _need(m.norm_topk_prob, arch, "moe.norm_topk_prob", "True (Mixtral renormalizes the top-k weights)")
+        _need(m.n_shared == 0, arch, "moe.n_shared", "0 (Mixtral has no shared experts)")
+    if arch == "qwen2_moe":
+        _need(m.n_shared >= 1, arch, "moe.n_shared", ">= 1 (every Qwen2-MoE MoE layer has a shared expert)")
+        _need(m.shared_gate, arch, "moe.shared_gate", "True (Qwen2-MoE always gates its shared expert)")
 
 
 def exportable_as(cfg: ModelConfig) -> list[str]:
@@ -132,17 +429,7 @@ def export_status(cfg: ModelConfig) -> dict:
             "expressible_as": exportable_as(cfg)}
 
 
-def _attn_bias(cfg: ModelConfig, arch: str) -> tuple[bool, bool]:
-    """Whether the HF checkpoint holds (q/k/v biases, an o_proj bias)."""
-    if arch == "gpt2":
-        return True, True
-    if arch == "qwen2":
-        return True, False
-    if arch == "mistral":
-        return False, False
-    b = cfg.attn.qkv_bias or cfg.attn.out_bias  # llama, qwen3: one attention_bias flag for all four
-    return b, b
-
+# ---- config.json, both ways ---------------------------------------------------------------------
 
 def hf_config(cfg: ModelConfig, arch: str, bos: int | None = None, eos: int | None = None) -> dict:
     check_exportable(cfg, arch)
@@ -155,23 +442,42 @@ def hf_config(cfg: ModelConfig, arch: str, bos: int | None = None, eos: int | No
                 "activation_function": GPT2_ACT[cfg.ffn.activation], "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                 "scale_attn_weights": True, "use_cache": True}
+    act = cfg.moe.activation if arch == "mixtral" else cfg.ffn.activation
     d = {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.ff, "num_hidden_layers": cfg.n_layer,
          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.hd,
-         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": LLAMA_ACT[cfg.ffn.activation],
+         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": LLAMA_ACT[act],
          "rope_theta": cfg.rope_theta, "attention_dropout": cfg.dropout, "use_cache": True,
          "initializer_range": cfg.init_std}
     if cfg.rope_scaling:
         rs = {k: v for k, v in cfg.rope_scaling.items() if k != "type"}
         d["rope_scaling"] = {"rope_type": "llama3", **rs}
+    m = cfg.moe
+    if arch in MOE_FAMILIES:
+        d.update(num_experts_per_tok=m.top_k, router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False)
     if arch == "llama":
-        d.update(attention_bias=_attn_bias(cfg, arch)[0], mlp_bias=cfg.ffn.bias)
-    elif arch == "mistral":
+        d.update(attention_bias="qkv" in _hf_biases(arch, cfg), mlp_bias=cfg.ffn.bias)
+    elif arch in ("mistral", "mixtral"):
         d.update(sliding_window=cfg.attn.sliding_window)
     elif arch == "qwen2":
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
     elif arch == "qwen3":
-        d.update(attention_bias=_attn_bias(cfg, arch)[0], use_sliding_window=False, sliding_window=None,
+        d.update(attention_bias="qkv" in _hf_biases(arch, cfg), use_sliding_window=False, sliding_window=None,
                  max_window_layers=cfg.n_layer)
+    if arch == "mixtral":
+        d.update(intermediate_size=cfg.d_expert, num_local_experts=m.n_experts, router_jitter_noise=0.0)
+    elif arch == "qwen2_moe":
+        specs = cfg.layer_specs()
+        if cfg.moe_layers == "all" or (isinstance(cfg.moe_layers, str) and cfg.moe_layers.startswith("every:")):
+            step, only = (1 if cfg.moe_layers == "all" else int(cfg.moe_layers.split(":")[1])), []
+        else:
+            step, only = 1, [s.index for s in specs if s.ffn == "dense"]
+        windowed = [s.window is not None for s in specs]
+        d.update(num_experts=m.n_experts, moe_intermediate_size=cfg.d_expert, norm_topk_prob=m.norm_topk_prob,
+                 shared_expert_intermediate_size=m.n_shared * (m.d_shared or cfg.d_expert),
+                 decoder_sparse_step=step, mlp_only_layers=only, qkv_bias=True,
+                 use_sliding_window=any(windowed), sliding_window=cfg.attn.sliding_window if any(windowed) else None,
+                 max_window_layers=cfg.n_layer,
+                 layer_types=["sliding_attention" if w else "full_attention" for w in windowed])
     return d
 
 
@@ -187,58 +493,18 @@ def _zero_everywhere(tensors: Mapping | None, names: list[str]) -> bool:
     return True
 
 
-def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
-    """The ModelConfig of an HF ``config.json`` dict.
+def _gpt2_fields(d: dict) -> dict:
+    act = d.get("activation_function", "gelu_new")
+    mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2"}.get(act)
+    if mlp is None:
+        raise ValueError(f"GPT-2 config: activation_function {act!r} is not supported "
+                         "(expected gelu_new, gelu_pytorch_tanh, gelu or relu2)")
+    return dict(vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"], d_model=d["n_embd"],
+                d_ff=d.get("n_inner") or 4 * d["n_embd"], max_seq_len=d.get("n_positions", 1024),
+                norm_eps=d.get("layer_norm_epsilon", 1e-5), mlp=mlp, tie_embeddings=d.get("tie_word_embeddings", True))
 
-    ``tensors`` (the checkpoint's, by HF name; read lazily is fine) settles what the
-    config alone cannot: ReLU² (``hidden_act: "relu"`` with gate_proj = up_proj) and
-    biases that are zero in every layer (read as none). Without them ``hidden_act:
-    "relu"`` is refused and every bias the family has is kept.
-    """
-    arch = d.get("model_type")
 
-    def zero(names):
-        return _zero_everywhere(tensors, names)
-
-    if arch == "gpt2":
-        act = d.get("activation_function", "gelu_new")
-        mlp = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2"}.get(act)
-        if mlp is None:
-            raise ValueError(f"GPT-2 config: activation_function {act!r} is not supported "
-                             "(expected gelu_new, gelu_pytorch_tanh, gelu or relu2)")
-        L = d["n_layer"]
-        h = [f"transformer.h.{i}." for i in range(L)]
-        names = {"norm": [p + ln + ".bias" for p in h for ln in ("ln_1", "ln_2")] + ["transformer.ln_f.bias"],
-                 "qkv": [p + "attn.c_attn.bias" for p in h], "out": [p + "attn.c_proj.bias" for p in h],
-                 "mlp": [p + f"mlp.{m}.bias" for p in h for m in ("c_fc", "c_proj")]}
-        return make_config(vocab_size=d["vocab_size"], n_layer=L, n_head=d["n_head"],
-                           d_model=d["n_embd"], d_ff=d.get("n_inner") or 4 * d["n_embd"],
-                           max_seq_len=d.get("n_positions", 1024), norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                           mlp=mlp, norm_bias=not zero(names["norm"]), qkv_bias=not zero(names["qkv"]),
-                           out_bias=not zero(names["out"]), mlp_bias=not zero(names["mlp"]),
-                           tie_embeddings=d.get("tie_word_embeddings", True), arch="gpt2")
-    if arch not in LLAMA_FAMILY:
-        raise ValueError(f"HF model_type {arch!r} is not one lmforge imports ({', '.join(HF_CLASSES)})")
-    L = d["num_hidden_layers"]
-    h = [f"model.layers.{i}." for i in range(L)]
-    act = d.get("hidden_act", "silu")
-    mlp_bias = arch == "llama" and bool(d.get("mlp_bias", False))
-    if act == "silu":
-        mlp = "swiglu"
-    elif act == "relu":
-        if tensors is None:
-            raise ValueError(f"{arch} config: hidden_act 'relu' needs the weights to tell ReLU² "
-                             "(gate_proj = up_proj) from a gated ReLU")
-        for i, p in enumerate(h):
-            for t in ("weight", "bias") if mlp_bias else ("weight",):
-                if not torch.equal(tensors[p + f"mlp.gate_proj.{t}"], tensors[p + f"mlp.up_proj.{t}"]):
-                    raise ValueError(f"{arch} config: hidden_act 'relu' with gate_proj.{t} != up_proj.{t} "
-                                     f"(layer {i}) is a gated ReLU, which lmforge has no MLP kind for; "
-                                     "lmforge reads relu only as ReLU² (gate_proj = up_proj)")
-        mlp = "relu2"
-    else:
-        raise ValueError(f"{arch} config: hidden_act {act!r} is not supported "
-                         "(expected silu, or relu with gate_proj = up_proj)")
+def _rope_fields(arch: str, d: dict) -> dict:
     rp = d.get("rope_parameters") or {}
     theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
     rs = d.get("rope_scaling") or (rp if rp.get("rope_type") not in (None, "default") else None)
@@ -249,151 +515,114 @@ def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
             raise ValueError(f"{arch} config: rope scaling {t!r} is not supported (only llama3)")
         scaling = {"type": "llama3", **{k: rs[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                              "original_max_position_embeddings")}}
-    window = None
-    if arch == "mistral":
-        window = d.get("sliding_window")
-    elif d.get("use_sliding_window"):
+    return dict(rope_theta=float(theta), rope_scaling=scaling)
+
+
+def _window_fields(arch: str, d: dict) -> dict:
+    L = d["num_hidden_layers"]
+    if arch in ("mistral", "mixtral"):
+        return dict(sliding_window=d.get("sliding_window"))
+    if arch == "qwen2_moe" and d.get("use_sliding_window"):
+        types = d.get("layer_types") or [  # transformers' rule when the file has no layer_types
+            "sliding_attention" if (i + 1) % 2 and i < d.get("max_window_layers", L) else "full_attention"
+            for i in range(L)]
+        windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        if windowed:
+            return dict(sliding_window=d["sliding_window"], window_layers="all" if len(windowed) == L else windowed)
+        return {}
+    if d.get("use_sliding_window"):
         raise ValueError(f"{arch} config: use_sliding_window=true is not supported")
-    n_head = d["num_attention_heads"]
-    if arch == "qwen2":
-        has_qkv, has_out = True, False
-    elif arch == "mistral":
-        has_qkv = has_out = False
+    return {}
+
+
+def _moe_fields(arch: str, d: dict) -> dict:
+    L = d["num_hidden_layers"]
+    moe = dict(top_k=d["num_experts_per_tok"], aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)))
+    if arch == "mixtral":
+        moe.update(n_experts=d["num_local_experts"], d_expert=d["intermediate_size"], norm_topk_prob=True)
+        return dict(moe=moe, moe_layers="all")
+    moe.update(n_experts=d["num_experts"], d_expert=d["moe_intermediate_size"],
+               norm_topk_prob=bool(d.get("norm_topk_prob", False)), n_shared=1,  # (n, d) exports as n * d
+               d_shared=d["shared_expert_intermediate_size"], shared_gate=True)
+    step, only = d.get("decoder_sparse_step", 1), d.get("mlp_only_layers") or []
+    if not only:
+        layers = "all" if step == 1 else f"every:{step}"
     else:
-        has_qkv = has_out = bool(d.get("attention_bias", False))
-    qkv = [p + f"self_attn.{x}_proj.bias" for p in h for x in "qkv"]
-    mlp_names = [p + f"mlp.{x}_proj.bias" for p in h for x in ("gate", "up", "down")]
-    return make_config(
-        vocab_size=d["vocab_size"], n_layer=L, n_head=n_head,
-        n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
-        head_dim=d.get("head_dim") or d["hidden_size"] // n_head, d_ff=d["intermediate_size"],
-        max_seq_len=d.get("max_position_embeddings", 2048), norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6),
-        norm_bias=False, mlp=mlp, pos="rope", rope_theta=float(theta), rope_scaling=scaling,
-        qk_norm=arch == "qwen3", qkv_bias=has_qkv and not zero(qkv),
-        out_bias=has_out and not zero([p + "self_attn.o_proj.bias" for p in h]),
-        mlp_bias=mlp_bias and not zero(mlp_names),
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)), sliding_window=window, arch=arch)
+        layers = [i for i in range(L) if i not in only and (i + 1) % step == 0]
+    return dict(moe=moe, moe_layers=layers)
 
 
-def to_hf_state(model, arch: str) -> dict[str, torch.Tensor]:
-    cfg: ModelConfig = model.cfg
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    H, K, D = cfg.n_head, cfg.kv_heads, cfg.hd
+def config_from_hf(d: dict, tensors: Mapping | None = None) -> ModelConfig:
+    """The ModelConfig of an HF ``config.json`` dict.
 
-    def bias(name, n):  # lmforge's bias, or zeros where the family has one and lmforge not
-        return sd[name] if name in sd else torch.zeros(n, dtype=sd["tok_emb.weight"].dtype)
-
+    ``tensors`` (the checkpoint's, by HF name; read lazily is fine) settles what the
+    config alone cannot: ReLU² (``hidden_act: "relu"`` with gate_proj = up_proj) and
+    biases that are zero in every layer (read as none). Without them ``hidden_act:
+    "relu"`` is refused and every bias the family has is kept.
+    """
+    arch = d.get("model_type")
     if arch == "gpt2":
-        out["transformer.wte.weight"] = sd["tok_emb.weight"]
-        out["transformer.wpe.weight"] = sd["pos_emb.weight"]
-        for i in range(cfg.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                out[h + theirs + ".weight"] = sd[b + ours + ".weight"]
-                out[h + theirs + ".bias"] = bias(b + ours + ".bias", cfg.d_model)
-            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                                 ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                w = sd[b + ours + ".weight"]
-                out[h + theirs + ".weight"] = w.t()  # Conv1D stores (in, out)
-                out[h + theirs + ".bias"] = bias(b + ours + ".bias", w.shape[0])
-        out["transformer.ln_f.weight"] = sd["norm_f.weight"]
-        out["transformer.ln_f.bias"] = bias("norm_f.bias", cfg.d_model)
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = sd["lm_head.weight"]
+        kw = _gpt2_fields(d)
+    elif arch in LLAMA_FAMILY:
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "relu"):
+            raise ValueError(f"{arch} config: hidden_act {act!r} is not supported "
+                             "(expected silu, or relu with gate_proj = up_proj)")
+        if act == "relu" and tensors is None:
+            raise ValueError(f"{arch} config: hidden_act 'relu' needs the weights to tell ReLU² "
+                             "(gate_proj = up_proj) from a gated ReLU")
+        mlp = "swiglu" if act == "silu" else "relu2"
+        n_head = d["num_attention_heads"]
+        kw = dict(vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=n_head,
+                  n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
+                  head_dim=d.get("head_dim") or d["hidden_size"] // n_head, d_ff=d["intermediate_size"],
+                  max_seq_len=d.get("max_position_embeddings", 2048), norm="rmsnorm",
+                  norm_eps=d.get("rms_norm_eps", 1e-6), norm_bias=False, mlp=mlp, pos="rope",
+                  qk_norm=arch == "qwen3", tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                  **_rope_fields(arch, d), **_window_fields(arch, d))
+        if arch in MOE_FAMILIES:
+            kw.update(_moe_fields(arch, d))
+            kw["moe"]["activation"] = mlp
+            if arch == "mixtral":
+                kw["d_ff"] = None  # intermediate_size is the experts'; no dense layer
     else:
-        has_qkv, has_out = _attn_bias(cfg, arch)
-        out["model.embed_tokens.weight"] = sd["tok_emb.weight"]
-        for i in range(cfg.n_layer):
-            b, h = f"blocks.{i}.", f"model.layers.{i}."
-            out[h + "input_layernorm.weight"] = sd[b + "attn_norm.weight"]
-            out[h + "post_attention_layernorm.weight"] = sd[b + "mlp_norm.weight"]
-            q, k, v = sd[b + "attn.qkv.weight"].split([H * D, K * D, K * D])
-            out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"] = q, k
-            out[h + "self_attn.v_proj.weight"] = v
-            if has_qkv:
-                q, k, v = bias(b + "attn.qkv.bias", (H + 2 * K) * D).split([H * D, K * D, K * D])
-                out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"] = q, k
-                out[h + "self_attn.v_proj.bias"] = v
-            out[h + "self_attn.o_proj.weight"] = sd[b + "attn.proj.weight"]
-            if has_out:
-                out[h + "self_attn.o_proj.bias"] = bias(b + "attn.proj.bias", cfg.d_model)
-            if cfg.attn.qk_norm:
-                out[h + "self_attn.q_norm.weight"] = sd[b + "attn.q_norm.weight"]
-                out[h + "self_attn.k_norm.weight"] = sd[b + "attn.k_norm.weight"]
-            # swiglu: fc = [gate; up]; relu2: gate = up = fc, as relu(a) * a = relu(a)^2
-            fc = sd[b + "mlp.fc.weight"]
-            gate, up = fc.chunk(2) if cfg.ffn.activation == "swiglu" else (fc, fc)
-            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
-            out[h + "mlp.down_proj.weight"] = sd[b + "mlp.proj.weight"]
-            if cfg.ffn.bias:
-                fb = sd[b + "mlp.fc.bias"]
-                gb, ub = fb.chunk(2) if cfg.ffn.activation == "swiglu" else (fb, fb)
-                out[h + "mlp.gate_proj.bias"], out[h + "mlp.up_proj.bias"] = gb, ub
-                out[h + "mlp.down_proj.bias"] = sd[b + "mlp.proj.bias"]
-        out["model.norm.weight"] = sd["norm_f.weight"]
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = sd["lm_head.weight"]
-    return {k: v.contiguous().clone() for k, v in out.items()}
+        raise ValueError(f"HF model_type {arch!r} is not one lmforge imports ({', '.join(HF_CLASSES)})")
+    # biases: the family's, each read as none where it is zero in every layer
+    has = _hf_biases(arch, d=d)
+    flags = {"norm": "norm_bias", "qkv": "qkv_bias", "out": "out_bias", "mlp": "mlp_bias"}
+    kw.update({f: k in has for k, f in flags.items() if k != "norm" or arch == "gpt2"})  # (RMSNorm: none)
+    kw["arch"] = arch
+    pre = make_config(**kw)
+    names: dict[str, list[str]] = {}
+    for r, i, _ in _walk(pre, arch):
+        if r.bias in has:
+            names.setdefault(r.bias, []).extend(_bias(_fill(n, i)) for n in r.theirs)
+    for k in has:
+        kw[flags[k]] = not _zero_everywhere(tensors, names.get(k, []))
+    cfg = make_config(**kw)
+    if arch != "gpt2" and kw["mlp"] == "relu2":
+        _check_relu2(cfg, arch, tensors)
+    return cfg
 
 
-def from_hf_state(hf: Mapping, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """lmforge state dict from HF tensors (missing tensors raise a KeyError naming them).
-
-    Only the tensors ``cfg`` has are read: a zero bias that ``config_from_hf`` read as
-    no bias, and the up projection of ReLU² (equal to the gate), are left out."""
-    def get(name):
-        if name in hf:
-            return hf[name]
-        alt = name.removeprefix("transformer.")  # the original GPT-2 files have no prefix
-        if alt in hf:
-            return hf[alt]
-        raise KeyError(f"the HF checkpoint has no tensor {name!r}")
-
-    sd: dict[str, torch.Tensor] = {}
-    if cfg.hf_family == "gpt2":
-        has = {"attn.qkv": cfg.attn.qkv_bias, "attn.proj": cfg.attn.out_bias, "mlp.fc": cfg.ffn.bias, "mlp.proj": cfg.ffn.bias}
-        sd["tok_emb.weight"] = get("transformer.wte.weight")
-        sd["pos_emb.weight"] = get("transformer.wpe.weight")
-        for i in range(cfg.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                sd[b + ours + ".weight"] = get(h + theirs + ".weight")
-                if cfg.norm_bias:
-                    sd[b + ours + ".bias"] = get(h + theirs + ".bias")
-            for ours, theirs in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                                 ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                sd[b + ours + ".weight"] = get(h + theirs + ".weight").t()
-                if has[ours]:
-                    sd[b + ours + ".bias"] = get(h + theirs + ".bias")
-        sd["norm_f.weight"] = get("transformer.ln_f.weight")
-        if cfg.norm_bias:
-            sd["norm_f.bias"] = get("transformer.ln_f.bias")
-    else:
-        sd["tok_emb.weight"] = get("model.embed_tokens.weight")
-        gated = cfg.ffn.activation == "swiglu"
-        for i in range(cfg.n_layer):
-            b, h = f"blocks.{i}.", f"model.layers.{i}."
-            sd[b + "attn_norm.weight"] = get(h + "input_layernorm.weight")
-            sd[b + "mlp_norm.weight"] = get(h + "post_attention_layernorm.weight")
-            sd[b + "attn.qkv.weight"] = torch.cat([get(h + f"self_attn.{p}_proj.weight") for p in "qkv"])
-            if cfg.attn.qkv_bias:
-                sd[b + "attn.qkv.bias"] = torch.cat([get(h + f"self_attn.{p}_proj.bias") for p in "qkv"])
-            sd[b + "attn.proj.weight"] = get(h + "self_attn.o_proj.weight")
-            if cfg.attn.out_bias:
-                sd[b + "attn.proj.bias"] = get(h + "self_attn.o_proj.bias")
-            if cfg.attn.qk_norm:
-                sd[b + "attn.q_norm.weight"] = get(h + "self_attn.q_norm.weight")
-                sd[b + "attn.k_norm.weight"] = get(h + "self_attn.k_norm.weight")
-            parts = ("gate", "up") if gated else ("gate",)  # relu2: up_proj = gate_proj
-            sd[b + "mlp.fc.weight"] = torch.cat([get(h + f"mlp.{p}_proj.weight") for p in parts])
-            sd[b + "mlp.proj.weight"] = get(h + "mlp.down_proj.weight")
-            if cfg.ffn.bias:
-                sd[b + "mlp.fc.bias"] = torch.cat([get(h + f"mlp.{p}_proj.bias") for p in parts])
-                sd[b + "mlp.proj.bias"] = get(h + "mlp.down_proj.bias")
-        sd["norm_f.weight"] = get("model.norm.weight")
-    sd["lm_head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else get("lm_head.weight")
-    return sd
+def _check_relu2(cfg: ModelConfig, arch: str, tensors: Mapping) -> None:
+    """hidden_act relu reads as ReLU² only with gate = up in every gated rule of every layer (and expert)."""
+    get = _getter(tensors)
+    E = cfg.moe.n_experts if cfg.moe else None
+    for r, i, _ in _walk(cfg, arch):
+        if r.how != "gate_up":
+            continue
+        expert = "{e}" in r.theirs[0]
+        kinds = [("weight", True)] + ([("bias", False)] if r.bias in _our_biases(cfg) else [])
+        for t, weight in kinds:
+            per = _parts(r, i, get, E, weight) if expert else [_parts(r, i, get, weight=weight)]
+            for e, (gate, up) in enumerate(per):
+                if not torch.equal(gate, up):
+                    g, u = (n.split(".")[-2] for n in r.theirs)
+                    where = f"layer {i}, expert {e}" if expert else f"layer {i}"
+                    raise ValueError(f"{arch} config: hidden_act 'relu' with {g}.{t} != {u}.{t} ({where}) is a "
+                                     "gated ReLU, which lmforge has no MLP kind for; lmforge reads relu only as "
+                                     "ReLU² (gate_proj = up_proj)")
 
 
 class LazyTensors(Mapping):
