@@ -2,7 +2,8 @@
 
 Knows the ``lmforge`` command line's exit statuses and how it words an error
 (``lmforge: error: message`` on stderr), turns a bad setting into a usage error and
-checks that ``--checkpoint`` names a model directory. Knows no subcommand and no
+checks that ``--checkpoint`` names a model directory; makes a stage's group of
+subcommands (``lmforge data ...``). Knows no subcommand and no
 stage: the stages' ``_cli`` modules and ``lmforge.cli`` import it, it imports none of them.
 """
 from __future__ import annotations
@@ -45,3 +46,11 @@ def _checkpoint(path) -> str:
     if p.is_file():
         raise UsageError(f"{path} is a file; --checkpoint takes the model directory that holds it ({p.parent})")
     return path
+
+
+def _group(sub, name: str, **kw):
+    """A stage's group of subcommands (``lmforge data CMD``): the subparsers of its parser, one of them required.
+    ``kw``: the group's ``help`` and ``description``."""
+    cmds = sub.add_parser(name, **kw).add_subparsers(dest="cmd", metavar="CMD")
+    cmds.required = True
+    return cmds

@@ -160,9 +160,9 @@ def _stages():
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # a usage error exits with status 2 here (and --help with 0)
     from ._config import UsageError
 
-    args = build_parser().parse_args(argv)  # a usage error exits with status 2 here
     try:
         _setup_logging(_log_level(getattr(args, "log_level", None)))
     except UsageError as e:

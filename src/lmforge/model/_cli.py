@@ -10,7 +10,7 @@ import difflib
 import json
 from pathlib import Path
 
-from .._cli_common import _checkpoint
+from .._cli_common import _checkpoint, _group
 
 
 def _export_line(st: dict) -> str:
@@ -86,9 +86,7 @@ def cmd_export(a) -> int:
 
 
 def add_parser(sub) -> None:
-    mo = sub.add_parser("model", help="model: presets and sizes", description="Inspect model configurations.")
-    msub = mo.add_subparsers(dest="cmd", metavar="CMD")
-    msub.required = True
+    msub = _group(sub, "model", help="model: presets and sizes", description="Inspect model configurations.")
     mi = msub.add_parser("info", help="parameters, FLOPs per token, memory and HF family of a preset or checkpoint "
                          "(no name: every preset)",
                          description="Parameters, training/forward FLOPs per token, weight and training-state "

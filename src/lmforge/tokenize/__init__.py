@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # (not typing's: importing typing costs the command line's --help time)
 if TYPE_CHECKING:
     from .base import Tokenizer
 

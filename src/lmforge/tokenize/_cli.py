@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .._cli_common import _die
+from .._cli_common import _die, _group
 
 
 def _inputs(a) -> list[str]:
@@ -154,10 +154,8 @@ def cmd_tok_demo(a) -> int:
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("tokenizer", help="tokenizers: train, encode, decode, stats, import, export",
-                       description="Byte-level BPE, WordPiece and Unigram tokenizers.")
-    tsub = t.add_subparsers(dest="cmd", metavar="CMD")
-    tsub.required = True
+    tsub = _group(sub, "tokenizer", help="tokenizers: train, encode, decode, stats, import, export",
+                  description="Byte-level BPE, WordPiece and Unigram tokenizers.")
 
     def tok_arg(sp, required=True):
         sp.add_argument("--tokenizer", "-t", required=required,
