@@ -1,15 +1,16 @@
 """The ``lmforge`` command line: one subcommand group per stage.
 
 Thin by design: each subcommand parses its arguments and calls one library
-function (the same one the pipeline and your own code call). A stage's subcommands,
-their arguments and handlers are that stage's package's ``_cli`` module (``data/_cli.py``,
-``infer/_cli.py``, ...: ``_stages`` lists them); this module knows only what they share:
-the top-level parser and its hints for a mistyped option, ``main()``, the exit statuses
-and how errors map to them, and logging. A command's results
-go to stdout (print, here only); what the library says along the way is ``logging``
-under the ``lmforge`` logger, which ``main()`` alone configures: one stderr handler at
-``--log-level`` / ``$LMFORGE_LOG_LEVEL`` (default info), "lmforge: message", from
-warning up "lmforge: warning: message". Library code never configures logging.
+function (the same one the pipeline and your own code call). A stage's
+subcommands, their arguments and handlers are in that stage's package, its
+``_cli`` module (``data/_cli.py``, ``infer/_cli.py``, ...; ``_stages`` lists them);
+this module knows only what they share: the top-level parser and its hints for a
+mistyped option, ``main()``, the exit statuses and how errors map to them, and
+logging. A command's results go to stdout (print, in the ``_cli`` modules only);
+what the library says along the way is ``logging`` under the ``lmforge`` logger,
+which ``main()`` alone configures: one stderr handler at ``--log-level`` /
+``$LMFORGE_LOG_LEVEL`` (default info), "lmforge: message", from warning up
+"lmforge: warning: message". Library code never configures logging.
 """
 from __future__ import annotations
 
