@@ -86,7 +86,7 @@ def build(size):
 
 
 def time_ours(model, prompt, n):
-    from lmforge.evaluate.perplexity import generate
+    from lmforge.infer.loop import generate
 
     t0 = time.perf_counter()
     out = generate(model, prompt, n, temperature=0)

@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -52,6 +51,7 @@ from .dedup import (DedupConfig, MinHasher, band_keys, exact_clusters, exact_key
 from .filters import Decontaminator, FilterConfig, apply_filters
 from .pii import scrub
 from .sources import Problem, expand_inputs, iter_documents
+from ._steps import step_bar, step_hash
 
 STEP1_VERSION = 1  # bump when step 1's output for the same config changes
 MAX_EXAMPLES = 3
@@ -149,14 +149,6 @@ def validate(cfg: PrepareConfig) -> None:
         raise ValueError(f"decontam.action must be 'drop' or 'flag', got {cfg.decontam.action!r}")
     if cfg.utf8_errors not in ("replace", "skip"):
         raise ValueError(f"utf8_errors must be 'replace' or 'skip', got {cfg.utf8_errors!r}")
-
-
-def _hash(*parts) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode() if not isinstance(p, bytes) else p)
-        h.update(b"\x00")
-    return h.hexdigest()
 
 
 # ---- step 1: documents ---------------------------------------------------------------------
@@ -268,13 +260,6 @@ def _chunk_digest(step_key: str, docs) -> str:
     return h.hexdigest()
 
 
-def _bar(total, desc, unit="B", quiet=False):
-    from .._progress import bar as tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=quiet, file=sys.stderr,
-                dynamic_ncols=True, leave=False)
-
-
 def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = False) -> list[dict]:
     """Step 1. Returns the per-chunk tallies (from disk for chunks already done)."""
     work.mkdir(parents=True, exist_ok=True)
@@ -282,7 +267,7 @@ def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = F
     step_cfg["dedup"] = {k: v for k, v in step_cfg["dedup"].items()
                          if k not in ("threshold", "bands", "rows", "fn_weight")}
     step_cfg["decontam"] = {k: v for k, v in step_cfg["decontam"].items() if not k.startswith("heldout")}
-    step_key = _hash(STEP1_VERSION, step_cfg)
+    step_key = step_hash(STEP1_VERSION, step_cfg)
     grams = None
     if cfg.decontam.eval_files:
         texts = (d.text for d in iter_documents(cfg.decontam.eval_files, []))
@@ -293,7 +278,7 @@ def step_documents(cfg: PrepareConfig, work: Path, workers: int, quiet: bool = F
     total = sum(p.stat().st_size for p in expand_inputs(cfg.inputs))
     summaries: list[dict] = []
     pending: deque = deque()
-    bar = _bar(total, "documents", quiet=quiet)
+    bar = step_bar(total, "documents", quiet=quiet)
 
     def finish(fut, index, chunk_problems, nbytes):
         s = fut.result() if fut is not None else None
@@ -367,7 +352,7 @@ def step_dedup(cfg: PrepareConfig, work: Path, summaries: list[dict], quiet: boo
     d = cfg.dedup
     bands, rows = (d.bands, d.rows) if d.bands and d.rows else \
         lsh_params(d.threshold, d.num_perm, fp_weight=1 - d.fn_weight, fn_weight=d.fn_weight)
-    key = _hash("dedup", 2, [s["digest"] for s in chunks], asdict(d), asdict(cfg.shards), bands, rows,
+    key = step_hash("dedup", 2, [s["digest"] for s in chunks], asdict(d), asdict(cfg.shards), bands, rows,
                 cfg.decontam.ngram, cfg.decontam.heldout, cfg.decontam.heldout_max_grams)
     out_path = work / "dedup.json"
     if out_path.exists():

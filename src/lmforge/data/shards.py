@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_open, write_json
+from ._steps import step_bar, step_hash
 
 ENCODE_BATCH_CHARS = 4 << 20  # documents are tokenized in batches of about this much text ...
 ENCODE_BATCH_DOCS = 1024  # ... or this many documents (memory: a constant, whatever the corpus size)
@@ -152,7 +153,6 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
                 quiet: bool = False) -> dict:
     from ..tokenize import load
     from .._io import file_sha256
-    from .prepare import _bar, _hash
 
     tok_file = tokenizer_file(tokenizer_path)
     tok_sha = file_sha256(tok_file)
@@ -160,7 +160,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
     doc_token = resolve_doc_token(tok, cfg.shards.doc_token)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     sc = cfg.shards
-    key = _hash("shards", VERSION, SPLITS, dedup["key"], tok_sha, sc.shard_tokens, sc.doc_token)
+    key = step_hash("shards", VERSION, SPLITS, dedup["key"], tok_sha, sc.shard_tokens, sc.doc_token)
     mpath = out / "manifest.json"
     manifest = None
     if mpath.exists():
@@ -203,7 +203,7 @@ def step_shards(cfg, work: Path, out: Path, tokenizer_path, summaries: list[dict
     test = set(dedup.get("test", []))
     start = min(r[0] for r in resume.values())
     total_bytes = sum(s.get("bytes_out", 0) for s in summaries)
-    bar = _bar(total_bytes, "shards", quiet=quiet)
+    bar = step_bar(total_bytes, "shards", quiet=quiet)
     t0 = time.perf_counter()
     prefix = np.array([doc_token] if doc_token is not None else [], dtype=np.int64)
     batch: list[tuple] = []

@@ -1,4 +1,4 @@
-"""Evaluation: loss, perplexity and bits per byte, and a plain sampling loop (``perplexity``).
+"""Evaluation: loss, perplexity and bits per byte (``perplexity``).
 
 Task benchmarks, judges and contamination checks of evaluations are not here yet.
 """

@@ -7,21 +7,21 @@ byte does not depend on the tokenizer, so models with different vocabularies
 compare fairly. Targets that are the document token (the start of the next
 document, which has no bytes) are not counted. Knows nothing about training.
 
-``generate`` is a minimal sampling loop (temperature, top-k, a KV cache) for the
-samples the trainer and the pipeline's eval stage print; the inference engine
-(``lmforge.infer``) is the full one. The document token and the stop ids come
-from the model's ``TokenSpec`` (``lmforge.tokenize.special``); callers pass them.
+``generate`` here is ``lmforge.infer.loop.generate`` (the plain loop on the
+engine's sampler), named here for the callers that have always found it here.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..infer.loop import generate
 from ..model.kernels import cross_entropy
+
+__all__ = ["evaluate_tokens", "evaluate_shards", "evaluate_text", "generate"]
 
 
 @torch.no_grad()
@@ -129,56 +129,4 @@ def evaluate_text(model, tokenizer, path: str | os.PathLike, seq_len: int | None
     out = evaluate_tokens(model, lambda s, n: arr[s:s + n], len(arr), T, len(text.encode("utf-8")),
                           doc_token=doc, **kw)
     out.update(file=str(path))
-    return out
-
-
-@torch.inference_mode()
-def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: float = 0.8, top_k: int | None = 50,
-             seed: int = 0, stop: int | Sequence[int] | None = None) -> list[int]:
-    """Sample with a KV cache: one forward over the prompt, then one token per step, until a ``stop`` id
-    (not returned) or ``max_new_tokens`` (the inference engine adds batching and the full set of sampling
-    controls)."""
-    from ..infer.cache import KVCache
-    from ..infer.fastpath import FastDecoder
-
-    stops = set() if stop is None else {stop} if isinstance(stop, int) else set(stop)
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    limit = model.cfg.max_seq_len if model.cfg.pos == "learned" else len(ids) + max_new_tokens
-    ids = list(ids)[-max(1, limit - max_new_tokens):] if len(ids) + max_new_tokens > limit else list(ids)
-    cache = KVCache(model.cfg, 1, min(limit, len(ids) + max_new_tokens), device=dev,
-                    dtype=next(model.parameters()).dtype)
-    x = torch.tensor([ids], dtype=torch.long, device=dev)
-    out: list[int] = []
-    fast = None
-    if FastDecoder.supported(model):  # decode steps in one C call each (prefill stays in PyTorch)
-        fast = FastDecoder(model)
-        fast.bind(cache.k, cache.v)
-    for _ in range(max_new_tokens):
-        if cache.pos + x.shape[1] > cache.max_len:
-            break
-        if fast is not None and cache.pos > 0:
-            logits = fast.step([out[-1]], [cache.pos], [[0]])[0]
-            cache.advance(1)
-        else:
-            logits = model(x, cache=cache)[0, -1].float().cpu()
-        if temperature <= 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k:
-                v, _ = torch.topk(logits, min(top_k, logits.numel()))
-                logits[logits < v[-1]] = -float("inf")
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
-        if nxt in stops:
-            break
-        out.append(nxt)
-        if fast is None:
-            x = torch.tensor([[nxt]], device=dev)
-        else:
-            x = x[:, :1]  # the C step takes the token itself; x only sets how many positions the next step adds
-    if was_training:
-        model.train()
     return out

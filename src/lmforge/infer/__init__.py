@@ -1,16 +1,15 @@
 """Inference: KV cache (``cache``), paged cache with prefix caching (``paged``), continuous batching
-(``engine``), sampling (``sampling``), the C decode step (``fastpath``), the OpenAI-compatible
-server (``server``, ``webchat``) and the Python API (``llm``: ``LM``, what ``lmforge.load`` returns,
-and its ``Completion``). Speculative decoding is not here yet.
+(``engine``), sampling (``sampling``), the plain one-sequence loop (``loop``), the C decode step
+(``fastpath``), the OpenAI-compatible server (``server``, ``webchat``) and the Python API (``llm``:
+``LM``, what ``lmforge.load`` returns, and its ``Completion``). Speculative decoding is not here yet.
 
-``Engine``, ``SamplingParams``, ``StepOutput``, ``LM`` and ``Completion`` are imported on first use
-(``from lmforge.infer import Engine``), so importing the package loads only the contiguous cache.
+``KVCache``, ``Engine``, ``SamplingParams``, ``StepOutput``, ``LM`` and ``Completion`` are imported on
+first use (``from lmforge.infer import Engine``), so importing the package (as the command line does for
+its ``_cli`` module) loads nothing heavy.
 """
-from .cache import KVCache
-
 __all__ = ["Completion", "Engine", "KVCache", "LM", "SamplingParams", "StepOutput"]
 
-_LAZY = {"Engine": "engine", "StepOutput": "engine", "SamplingParams": "sampling", "LM": "llm",
+_LAZY = {"KVCache": "cache", "Engine": "engine", "StepOutput": "engine", "SamplingParams": "sampling", "LM": "llm",
          "Completion": "llm"}
 
 

@@ -118,12 +118,7 @@ class LM:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", **engine_options) -> "LM":
         """An lmforge or HF model directory as an ``LM``."""
-        from ..model import load as load_model, load_tokens
-
-        model, tok = load_model(path, device=device)
-        if tok is None:
-            raise ValueError(f"{path}: no tokenizer in the model directory")
-        return cls(model, tok, load_tokens(path, tok), **engine_options)
+        return cls(*load_with_tokenizer(path, device=device), **engine_options)
 
     def __repr__(self) -> str:
         return (f"LM({self.model.cfg.hf_family}, {sum(p.numel() for p in self.model.parameters()):,} parameters, "
@@ -327,6 +322,17 @@ def _messages(messages) -> list[dict]:
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     return normalize_messages(messages)
+
+
+def load_with_tokenizer(path: str | os.PathLike, device: str = "cpu"):
+    """(model, tokenizer, ``TokenSpec``) of an lmforge or HF model directory; one without a tokenizer is a
+    ValueError (what generates text needs one)."""
+    from ..model import load as load_model, load_tokens
+
+    model, tok = load_model(path, device=device)
+    if tok is None:
+        raise ValueError(f"{path}: no tokenizer in the model directory")
+    return model, tok, load_tokens(path, tok)
 
 
 def load(path: str | os.PathLike, device: str = "cpu", **engine_options) -> LM:

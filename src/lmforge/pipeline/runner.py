@@ -221,11 +221,11 @@ class Runner:
                 return
 
     def stage_eval(self):
-        from ..evaluate.perplexity import evaluate_shards, generate
-        from ..model import load, load_tokens
+        from ..evaluate.perplexity import evaluate_shards
+        from ..infer.llm import load_with_tokenizer
+        from ..infer.loop import generate
 
-        model, tok = load(self.dir / "model")
-        spec = load_tokens(self.dir / "model", tok)
+        model, tok, spec = load_with_tokenizer(self.dir / "model")
         # test is the reported number; validation is the one settings were chosen on
         ev = {sp: evaluate_shards(model, self.dir / "data", sp, self.r.train.seq_len, batch_size=8)
               for sp in ("test", "val")}
@@ -242,22 +242,21 @@ class Runner:
                                                   "val_bpb": res["val"]["bits_per_byte"]}
 
     def stage_export(self):
-        from ..model import export_hf, load, load_tokens
+        from ..infer.llm import load_with_tokenizer
+        from ..model import export_hf
 
         if self.r.export.arch == "none":
             return {}, {"skipped": "export.arch = none"}
-        model, tok = load(self.dir / "model")
-        out = export_hf(model, self.dir / "hf", arch=self.r.export.arch or None, tokenizer=tok,
-                        tokens=load_tokens(self.dir / "model", tok))
+        model, tok, spec = load_with_tokenizer(self.dir / "model")
+        out = export_hf(model, self.dir / "hf", arch=self.r.export.arch or None, tokenizer=tok, tokens=spec)
         return {"hf_weights": out / "model.safetensors"}, {"hf_dir": str(out), "arch": self.r.export.arch or model.cfg.hf_family}
 
     def stage_demo(self):
         from ..infer.engine import Engine
+        from ..infer.llm import load_with_tokenizer
         from ..infer.sampling import SamplingParams
-        from ..model import load, load_tokens
 
-        model, tok = load(self.dir / "model")
-        spec = load_tokens(self.dir / "model", tok)
+        model, tok, spec = load_with_tokenizer(self.dir / "model")
         eng = Engine(model)
         prompts = [spec.encode_prompt(tok, p) for p in self.r.demo.conversation]
         outs = eng.generate(prompts, SamplingParams(max_tokens=self.r.demo.max_tokens, temperature=0.8, seed=1,

@@ -10,22 +10,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import Tokenizer, load_json_file
-from .bpe import ByteBPE
-from .pretokenize import PATTERNS
+TYPE_CHECKING = False  # (not typing's: importing typing costs the command line's --help time)
+if TYPE_CHECKING:
+    from .base import Tokenizer
 
 __all__ = ["Tokenizer", "ByteBPE", "WordPiece", "Unigram", "load", "train", "PATTERNS"]
 
+# imported on first use, so importing the package (as the command line does for its ``_cli`` module)
+# loads nothing heavy
+_LAZY = {"Tokenizer": "base", "ByteBPE": "bpe", "WordPiece": "wordpiece", "Unigram": "unigram",
+         "PATTERNS": "pretokenize"}
+
 
 def __getattr__(name):
-    if name == "WordPiece":
-        from .wordpiece import WordPiece
+    if name in _LAZY:
+        import importlib
 
-        return WordPiece
-    if name == "Unigram":
-        from .unigram import Unigram
-
-        return Unigram
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)
 
 
@@ -53,6 +54,8 @@ def load(path: str | os.PathLike, **options) -> Tokenizer:
         from .unigram import Unigram
 
         return Unigram.from_sentencepiece(p, **options)
+    from .base import load_json_file
+
     d = load_json_file(p)
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a JSON object")
@@ -72,6 +75,8 @@ def _from_lmforge_dict(d: dict, source: str) -> Tokenizer:
         raise ValueError(f"{source}: tokenizer format version {d.get('version')} is newer than this lmforge reads")
     kind = d.get("kind")
     if kind == "bpe":
+        from .bpe import ByteBPE
+
         return ByteBPE.from_dict(d, source)
     if kind == "wordpiece":
         from .wordpiece import WordPiece
@@ -91,6 +96,8 @@ def _from_lmforge_dict(d: dict, source: str) -> Tokenizer:
 def train(kind: str, data, vocab_size: int, **options) -> Tokenizer:
     """Train a tokenizer of ``kind`` (``bpe``, ``wordpiece``, ``unigram``, or ``char``) on texts or files."""
     if kind == "bpe":
+        from .bpe import ByteBPE
+
         return ByteBPE.train(data, vocab_size, **options)
     if kind == "wordpiece":
         from .wordpiece import WordPiece

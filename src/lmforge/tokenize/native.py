@@ -66,16 +66,15 @@ def bpe_train(words, freqs, n_merges, min_frequency, show_progress):
     return [tuple(m) for m in merges], tokens
 
 
-def make_unigram(tok):
-    """A C Viterbi encoder for a ``Unigram`` (lattice pieces only)."""
-    from .spm_model import USER_DEFINED
-
+def make_unigram(tok, user_defined: set[int]):
+    """A C Viterbi encoder for a ``Unigram`` (lattice pieces only); ``user_defined``: the ids of its
+    user-defined pieces (the caller knows the piece types: ``spm_model``)."""
     pieces, ids, scores, user = [], [], [], []
     for b, i in tok.lattice_pieces.items():
         pieces.append(b)
         ids.append(i)
         scores.append(tok.pieces[i][1])
-        user.append(tok.pieces[i][2] == USER_DEFINED)
+        user.append(i in user_defined)
     return _native.Unigram(pieces, ids, scores, user, tok.unk_id, tok.unk_score, tok.max_score)
 
 

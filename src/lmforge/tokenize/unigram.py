@@ -100,7 +100,8 @@ class Unigram(Tokenizer):
         if not self._native_tried:
             self._native_tried = True
             if native.AVAILABLE and hasattr(native._native, "Unigram"):
-                self._native = native.make_unigram(self)
+                self._native = native.make_unigram(
+                    self, {i for i, (_, _, t) in enumerate(self.pieces) if t == USER_DEFINED})
                 self._threads_parallel = self._native is not None
         return self._native
 
