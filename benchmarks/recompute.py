@@ -44,7 +44,7 @@ def child(policy: str, T: int, steps: int) -> dict:
 
     import torch
 
-    from lmforge.model import ModelConfig, make_config
+    from lmforge.model import make_config
     from lmforge.model.transformer import Transformer
     from lmforge.train.optim import build_optimizers
     from lmforge.train.recompute import apply_recompute

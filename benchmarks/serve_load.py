@@ -52,7 +52,7 @@ def make_model(d: Path) -> None:
 
     from lmforge import tokenize
     from lmforge.data import corpus_files
-    from lmforge.model import ModelConfig, make_config, save
+    from lmforge.model import make_config, save
     from lmforge.model.transformer import Transformer
     from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS
 

@@ -111,7 +111,7 @@ def make_hf(L, d, H, T, V, opt_kw=None):
 
 
 def make_ours(L, d, H, T, V):
-    from lmforge.model import ModelConfig, make_config
+    from lmforge.model import make_config
     from lmforge.model.transformer import Transformer
     from lmforge.train.optim import build_optimizers
 

@@ -143,7 +143,7 @@ def _cycle_lm(tok, text: str):
     """An ``LM`` whose greedy output is ``text``'s bytes over and over, one byte token at a time: the blocks
     add nothing (output projections zero), so the last hidden state is the current token's embedding, and
     the head scores each byte's successor by that embedding. ``text``'s bytes must be distinct."""
-    from lmforge.model import ModelConfig, make_config
+    from lmforge.model import make_config
     from lmforge.model.transformer import Transformer
 
     byte_id = {tok.decode_bytes([i]): i for i in range(tok.vocab_size)}

@@ -135,7 +135,7 @@ def shards(tmp_path_factory, tok_dir, corpus_texts):
 
 
 def _model_dir(path: Path, tok, vocab: int | None = None) -> Path:
-    from lmforge.model import ModelConfig, make_config, save
+    from lmforge.model import make_config, save
     from lmforge.model.transformer import Transformer
 
     cfg = make_config(vocab_size=vocab or tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=64)

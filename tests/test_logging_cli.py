@@ -122,7 +122,7 @@ def test_tokenizer_demo_table_is_built_from_the_summary():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, corpus_files):
     from lmforge import tokenize
-    from lmforge.model import ModelConfig, save
+    from lmforge.model import make_config, save
     from lmforge.model.transformer import Transformer
 
     tok = tokenize.train("char", [str(corpus_files[0])], 0, special_tokens=["<|endoftext|>"], show_progress=False)

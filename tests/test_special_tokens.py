@@ -11,7 +11,7 @@ from hf_fixtures import make_tiny_hf_chat_model
 from mixed_sample import MIXED
 
 from lmforge import tokenize
-from lmforge.model import ModelConfig, load, load_tokens, save, make_config
+from lmforge.model import load, load_tokens, save, make_config
 from lmforge.model.hf import export_hf
 from lmforge.model.transformer import Transformer
 from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE

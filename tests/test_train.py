@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.model import ModelConfig, load, make_config
+from lmforge.model import load, make_config
 from lmforge.model.transformer import Transformer
 from lmforge.train import TrainConfig, train
 from lmforge.train.optim import Muon, build_optimizers, newton_schulz

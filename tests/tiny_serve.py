@@ -20,7 +20,7 @@ CTX = 256
 
 def tiny_llama(tok, ctx: int = CTX):
     """A 2 x 64 Llama-style model for ``tok``, moved off its init (greedy text depends on the prompt)."""
-    from lmforge.model import ModelConfig, make_config
+    from lmforge.model import make_config
     from lmforge.model.transformer import Transformer
 
     torch.manual_seed(0)
