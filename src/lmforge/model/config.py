@@ -384,6 +384,13 @@ PRESETS: dict[str, dict] = {
                                   hf_family="qwen2_moe", qkv_bias=True,
                                   moe=dict(n_experts=4, top_k=2, d_expert=96, norm_topk_prob=False, n_shared=1,
                                            d_shared=192, shared_gate=True)),
+    # shakespeare-cpu's shape with a Mixtral MoE feed-forward of the same active parameters: 8 SwiGLU experts
+    # of 128, top 2 (2 x 3 x 96 x 128 = 73,728 = the dense 96 -> 384 -> 96 ReLU^2 MLP; + the 768-weight
+    # router), every layer; no qk_norm (Mixtral has none), exports as Mixtral
+    "shakespeare-moe": dict(vocab_size=2048, n_layer=4, n_head=3, d_model=96, max_seq_len=256, norm="rmsnorm",
+                            norm_bias=False, pos="rope", qkv_bias=False, out_bias=False, mlp="swiglu",
+                            mlp_bias=False, tie_embeddings=False, zero_init_proj=True, hf_family="mixtral",
+                            moe=dict(n_experts=8, top_k=2, d_expert=128, activation="swiglu")),
 }
 
 

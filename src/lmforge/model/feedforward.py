@@ -97,16 +97,16 @@ class MoE(Component):
         order = torch.argsort(flat, stable=True)
         load = torch.bincount(flat, minlength=self.E)
         token = order // self.k  # the token of each pair, grouped by expert
-        xs = x[token]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(load.tolist()):  # one product per expert over its tokens
-            if n:
-                h = xs[start:start + n] @ self.w_in[e].t()
-                ys[start:start + n] = self.act(h) @ self.w_out[e].t()
-                start += n
-        ys = ys * w.reshape(-1)[order, None]
-        out = torch.zeros_like(x).index_add_(0, token, ys)
+        # One gather of the tokens, then per expert a product pair on a contiguous slice of it, joined
+        # by one cat. (Measured on CPU: writing each expert's rows into a preallocated buffer and
+        # indexing ``w_in[e]`` made the backward copy the whole buffer and zero the whole stack once per
+        # expert, 2x slower; torch._grouped_mm and a gather/sum-instead-of-scatter variant were slower too.)
+        xs = x.index_select(0, token)
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)  # one stacked gradient each, not E
+        parts = [self.act(xe @ w_in[e].t()) @ w_out[e].t()
+                 for e, xe in enumerate(xs.split(load.tolist())) if xe.shape[0]]
+        ys = (torch.cat(parts) if parts else xs) * w.reshape(-1)[order, None]
+        out = x.new_zeros(x.shape).index_add(0, token, ys)
         if self.shared is not None:
             s = self.shared(x)
             if self.shared_gate is not None:

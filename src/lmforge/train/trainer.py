@@ -106,6 +106,10 @@ RECIPES: dict[str, dict] = {
     "shakespeare-cpu": {"tokenizer": "bpe:2048", "init": "bigram", "batch_size": 8, "seq_len": 256, "optimizer": "muon",
                         "lr": 1e-2, "muon_lr": 0.02, "schedule": "wsd", "warmup_steps": 5, "decay_frac": 0.3,
                         "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 1.0, "ema": 0.99, "ema_start": 0.7},
+    # the same recipe for its MoE twin (same active parameters); the router stays on AdamW
+    "shakespeare-moe": {"tokenizer": "bpe:2048", "init": "bigram", "batch_size": 8, "seq_len": 256, "optimizer": "muon",
+                        "lr": 1e-2, "muon_lr": 0.02, "schedule": "wsd", "warmup_steps": 5, "decay_frac": 0.3,
+                        "min_lr_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 1.0, "ema": 0.99, "ema_start": 0.7},
 }
 
 
@@ -342,6 +346,36 @@ class NaNLossError(RuntimeError):
     pass
 
 
+class _RouterLog:
+    """A MoE model's router metrics (``Transformer.router_metrics``) over the micro-batches since the
+    last log line, averaged: the cross-entropy apart from the total loss (``ce``), the load-balancing
+    (``aux_loss``) and z-losses, and per MoE layer the share of (token, slot) choices each expert got
+    (``expert_load``: one list of E fractions per layer, and its ``expert_load_max`` / ``_min``).
+    Adding is on tensors (no device sync); ``record`` reads them once per log line."""
+
+    def __init__(self):
+        self.sums, self.n = None, 0
+
+    def add(self, m: dict) -> None:
+        if not m:
+            return
+        vals = {k: m[k] for k in ("ce", "aux_loss", "z_loss", "expert_load")}
+        self.sums = vals if self.sums is None else {k: self.sums[k] + v for k, v in vals.items()}
+        self.n += 1
+
+    def record(self) -> dict:
+        if not self.n:
+            return {}
+        s = {k: v / self.n for k, v in self.sums.items()}
+        load = s["expert_load"].float().cpu()
+        self.sums, self.n = None, 0
+        return {"ce": round(s["ce"].item(), 6), "aux_loss": round(s["aux_loss"].item(), 6),
+                "z_loss": round(s["z_loss"].item(), 6),
+                "expert_load": [[round(v, 4) for v in layer] for layer in load.tolist()],
+                "expert_load_max": [round(v, 4) for v in load.max(1).values.tolist()],
+                "expert_load_min": [round(v, 4) for v in load.min(1).values.tolist()]}
+
+
 def model_config(cfg: TrainConfig) -> ModelConfig:
     """The run's ModelConfig before the tokenizer sets its vocabulary; a ValueError if it
     names an HF family (``hf_family``, not "none") that cannot express it, so such a run fails
@@ -370,7 +404,8 @@ class _TensorBoard:
     A resumed run drops the events after its checkpoint's step (``purge_step``), as metrics.jsonl does."""
 
     TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
-            "val_loss": "val/loss", "val_bpb": "val/bpb"}
+            "val_loss": "val/loss", "val_bpb": "val/bpb", "ce": "train/ce", "aux_loss": "moe/aux_loss",
+            "z_loss": "moe/z_loss"}
 
     def __init__(self, out: Path, step: int):
         try:
@@ -534,6 +569,7 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False, resume_hint: str 
     tb = _TensorBoard(out, step) if cfg.report_to == "tensorboard" else None
     model.train()
     last_loss = float("nan")
+    router_log = _RouterLog() if mcfg.moe is not None else None  # MoE: the router metrics of each log line
     t_window, tok_window = time.perf_counter(), 0
     try:
         while progress() < 1.0:
@@ -554,6 +590,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False, resume_hint: str 
                     _, loss = fwd(x, y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
+                if router_log is not None:
+                    router_log.add(model.router_metrics)
             loss_val = loss_sum / cfg.grad_accum
             if not math.isfinite(loss_val):
                 raise NaNLossError(f"loss became {loss_val} at step {step + 1}; stopped without writing a "
@@ -580,6 +618,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False, resume_hint: str 
                 tps = tok_window / max(now - t_window, 1e-9)
                 rec.update(tokens_per_s=round(tps, 1), mfu=round(tps * flops_tok / peak, 4))
                 t_window, tok_window = now, 0
+                if router_log is not None:
+                    rec.update(router_log.record())
                 bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{100 * rec['mfu']:.0f}%")
             if cfg.eval_every and step % cfg.eval_every == 0:
                 te = time.perf_counter()
