@@ -17,6 +17,9 @@ Rows:
   (``benchmarks/cpu_recipe.py``'s first 90%; its last 10% validates), with one 2048-token BPE trained
   once on the training share and given to both, each with its preset's recipe. Reported: validation
   bits/byte of each (lower is better; the ratio is MoE / dense), steps and tokens each got through.
+  ``shakespeare-moe`` is Mixtral-exportable (SwiGLU experts, no QK-norm), so it differs from the dense
+  preset in more than the MoE; a third arm, ``shakespeare-cpu+moe``, is the dense preset with only its
+  MLP replaced by 8 ReLU² experts of 190, top 2 (exactly the same active parameters).
 
 Run: python benchmarks/moe.py [--seconds 60 --steps 10 --repeats 5] [--quick] [--only throughput|equal-time]
 """
@@ -168,19 +171,28 @@ def equal_time(a, work: Path) -> list[dict]:
     # until lmforge exports Mixtral, a run naming the family is refused up front: train it as not exported
     moe_extra = [] if "mixtral" in HF_CLASSES else ["--set", "model.hf_family=none"]
     out = {}
-    for name in ("shakespeare-cpu", "shakespeare-moe"):  # the dense preset first: the same order every run
-        args = ["--text", str(paths["train_val"]), "--preset", name, "--tokenizer", str(tok_path),
-                "--max-time", str(a.seconds), "--set", "eval_every=0", *(moe_extra if "moe" in name else [])]
+    # the third arm changes only the feed-forward of the dense preset: its attention (QK-norm) and ReLU², as
+    # 8 experts of 190 (top 2: 2 x 2 x 96 x 190 + the 96 x 8 router = the dense 2 x 96 x 384 per layer, exactly)
+    same = ["--set", "model.hf_family=none", "--set", "model.moe.n_experts=8", "--set", "model.moe.top_k=2",
+            "--set", "model.moe.d_expert=190", "--set", "model.moe.activation=relu2"]
+    arms = {"shakespeare-cpu": ("shakespeare-cpu", []), "shakespeare-moe": ("shakespeare-moe", moe_extra),
+            "shakespeare-cpu+moe": ("shakespeare-cpu", same)}
+    for name, (preset_name, extra) in arms.items():  # the dense preset first: the same order every run
+        args = ["--text", str(paths["train_val"]), "--preset", preset_name, "--tokenizer", str(tok_path),
+                "--max-time", str(a.seconds), "--set", "eval_every=0", *extra]
         r = pretrain(args, work / name)
         final = json.loads((work / name / "final.json").read_text())
         out[name] = {"bpb": r["own_heldout_bpb"], "steps": final["step"], "tokens": final["tokens"],
                      "elapsed": final["elapsed"]}
         print(f"  {name}: {final['step']} steps, {final['tokens']:,} tokens in {final['elapsed']:.1f} s of training, "
               f"validation {r['own_heldout_bpb']:.4f} bits/byte (whole command {r['wall']:.1f} s)")
-    d, m = out["shakespeare-cpu"], out["shakespeare-moe"]
+    d, m, s = out["shakespeare-cpu"], out["shakespeare-moe"], out["shakespeare-cpu+moe"]
     return [row(f"validation bits/byte at {a.seconds:g} s of training each, shakespeare-moe ({m['steps']} steps) vs "
                 f"shakespeare-cpu ({d['steps']} steps), lower is better; informative", m["bpb"], d["bpb"], "bits/byte",
                 None, higher_is_better=False),
+            row(f"validation bits/byte at {a.seconds:g} s each, shakespeare-cpu with its MLP as 8 ReLU² experts "
+                f"top 2 (same active parameters, same attention; {s['steps']} steps) vs shakespeare-cpu; informative",
+                s["bpb"], d["bpb"], "bits/byte", None, higher_is_better=False),
             row("training tokens/s in that time, shakespeare-moe vs shakespeare-cpu; informative",
                 m["tokens"] / m["elapsed"], d["tokens"] / d["elapsed"], "tokens/s", None)]
 
