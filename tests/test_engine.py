@@ -197,19 +197,16 @@ class Faulty(torch.nn.Module):
         super().__init__()
         self.inner, self.cfg, self.bad, self.mode = inner, inner.cfg, bad, mode
 
-    def hidden_states(self, idx, cache=None):  # (the engine runs hidden_states, then compute_logits)
+    def forward(self, idx, cache=None, logits_at=None):
         hit = (idx == self.bad).any(1)
         if self.mode == "raise-before" and hit.any():
             raise RuntimeError(f"boom: token {self.bad}")
-        out = self.inner.hidden_states(idx, cache=cache)
+        out = self.inner(idx, cache=cache, logits_at=logits_at)
         if self.mode == "raise-after" and hit.any():
             raise RuntimeError(f"boom: token {self.bad}")
         if self.mode == "nan":
             out = out.masked_fill(hit[:, None, None], float("nan"))
         return out
-
-    def compute_logits(self, h):
-        return self.inner.compute_logits(h)
 
 
 def faulty_fast_step(step, bad, mode):
@@ -386,12 +383,9 @@ class Script(torch.nn.Module):
     def cache_specs(self):
         return [KVSpec(1, 8)]
 
-    def hidden_states(self, idx, cache=None):  # (its "hidden states" are already the logits)
+    def forward(self, idx, cache=None, logits_at=None):
         cache.advance(idx.shape[1])
-        return torch.nn.functional.one_hot(self.next[idx], len(PIECES)).float() * 10
-
-    def compute_logits(self, h):
-        return h
+        return torch.nn.functional.one_hot(self.next[idx.gather(1, logits_at)], len(PIECES)).float() * 10
 
 
 def script_run(max_tokens=13, eos=None, **kw):
@@ -503,11 +497,12 @@ def test_moe_model_decodes_exactly_on_the_pytorch_path_batched_and_with_prefix_c
     n = 10
     ref = [full_forward_greedy(m, p, n) for p in ps]
     assert_informative([t for t, _ in ref])
-    with caplog.at_level(logging.INFO, logger="lmforge.infer.engine"):
-        eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=24)  # chunked prefill beside decodes
+    eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=24)  # chunked prefill beside decodes
     assert eng.fast is None and eng.prefix_caching
-    assert any("decode path: PyTorch" in r.getMessage() and "MoE" in r.getMessage() for r in caplog.records)
-    first = engine_greedy(eng, ps[:1], n)  # fills the cache with the shared prefix
+    with caplog.at_level(logging.INFO, logger="lmforge.infer.engine"):
+        first = engine_greedy(eng, ps[:1], n)  # fills the cache with the shared prefix
+    said = [r.getMessage() for r in caplog.records if "decode path" in r.getMessage()]
+    assert len(said) == 1 and "PyTorch" in said[0] and "MoE" in said[0]  # once, at the first step
     rest = engine_greedy(eng, ps[1:], n)  # all four at once, each starting from the cached prefix
     assert eng.stats["prefix_hit_tokens"] >= 4 * 12 and eng.stats["max_sequences_in_step"] >= 4
     for (tok, lp), (want, want_lp) in zip(first + rest, ref):
@@ -547,12 +542,18 @@ def test_prefill_computes_logits_only_at_each_rows_last_position_unless_scoring(
     eng = Engine(m, num_blocks=64, block_size=4, max_batch_tokens=64)
     rows = []
     head = m.compute_logits
-    monkeypatch.setattr(m, "compute_logits", lambda h: rows.append(h.shape[0]) or head(h))
+    monkeypatch.setattr(m, "compute_logits", lambda h: rows.append(h.shape[:2]) or head(h))
     eng.add_request(list(range(1, 12)), SamplingParams(max_tokens=1))
     eng.add_request(list(range(20, 27)), SamplingParams(max_tokens=1, prompt_logprobs=0))
     eng.add_request(list(range(40, 45)), SamplingParams(max_tokens=1))
-    eng.step()  # three prefills in one forward: 1 + 7 + 1 positions through the head
-    assert rows == [1 + 7 + 1]
+    eng.step()  # three prefills in one forward: (3 rows, 7 positions: the scoring row's) through the head
+    assert rows == [(3, 7)]
+    eng.run()
+    rows.clear()
+    eng.add_request(list(range(1, 12)), SamplingParams(max_tokens=1))
+    eng.add_request(list(range(40, 45)), SamplingParams(max_tokens=1))
+    eng.step()  # no row scoring: one position per row
+    assert rows == [(2, 1)]
 
 
 def test_a_cache_spec_the_pool_does_not_implement_is_refused_naming_the_layer(monkeypatch):

@@ -116,17 +116,18 @@ class Engine:
         self.pool = BlockPool(specs, num_blocks, block_size, self.device, self.dtype)
         # a block's contents name its prefix only when every layer keeps per-token entries
         self.prefix_caching = all(s.token_indexed for s in specs)
+        self._notes = []  # logged (INFO) once, at the first step: what this engine runs with
         if not self.prefix_caching:
-            log.info("prefix caching is off: layers %s keep a per-sequence state, not per-token entries",
-                     [i for i, s in enumerate(specs) if not s.token_indexed])
+            self._notes.append(("prefix caching is off: layers %s keep a per-sequence state, not per-token "
+                                "entries", [i for i, s in enumerate(specs) if not s.token_indexed]))
         self.fast = None  # decode rows in one C call per step (CPU float32), prefill chunks in PyTorch
         why = FastDecoder.why_not(self.model)
         if why is None:
             self.fast = FastDecoder(self.model)
             self.fast.bind(self.pool.k, self.pool.v)
-            log.info("decode path: the C step (lmforge.infer.fastpath)")
+            self._notes.append(("decode path: the C step (lmforge.infer.fastpath)",))
         else:
-            log.info("decode path: PyTorch (the C step declined: %s)", why)
+            self._notes.append(("decode path: PyTorch (the C step declined: %s)", why))
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.eos = eos_token_id
         self.tokenizer = tokenizer
@@ -318,6 +319,9 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
+        for note in self._notes:
+            log.info(*note)
+        self._notes = []
         plan = self._schedule()
         if not plan:
             return []
@@ -439,7 +443,8 @@ class Engine:
     def _forward(self, plan: list[tuple[Request, int]]) -> list[torch.Tensor]:
         """Each planned row's logits for its n new tokens, writing their keys/values: (n, vocab) for a
         row scoring its prompt (``prompt_logprobs``), else (1, vocab) at its last real position only
-        (the head is not run over the rest of a prefill chunk, nor over the padding)."""
+        (``forward(logits_at=...)``: the head is not run over the rest of a prefill chunk, nor over the
+        padding)."""
         out: list[torch.Tensor | None] = [None] * len(plan)
         multi = list(range(len(plan)))
         if self.fast is not None:  # single new tokens (decode) go through the C step
@@ -462,16 +467,17 @@ class Engine:
             idx = torch.tensor(rows, dtype=torch.long, device=self.device)
             batch = PagedBatch(self.pool, [plan[i][0].seq for i in multi], [plan[i][1] for i in multi], T,
                                self.device)
-            h = self.model.hidden_states(idx, cache=batch)  # writes the new keys/values, advances each sequence
-            picks = []  # flat (row * T + position) of the positions that need logits
-            for j, i in enumerate(multi):
+            at = []  # each row's positions that need logits: all n while scoring its prompt, else the last
+            for i in multi:
                 req, n = plan[i]
-                every = self._all_logits or self._scoring_prompt(req)
-                picks.append(range(j * T, j * T + n) if every else [j * T + n - 1])
-            flat = torch.tensor([x for r in picks for x in r], dtype=torch.long, device=self.device)
-            lg = self.model.compute_logits(h.reshape(-1, h.shape[-1])[flat])
-            for i, part in zip(multi, lg.split([len(r) for r in picks])):
-                out[i] = part
+                at.append(list(range(n)) if self._all_logits or self._scoring_prompt(req) else [n - 1])
+            W = max(len(a) for a in at)
+            at_t = torch.tensor([a + a[-1:] * (W - len(a)) for a in at], dtype=torch.long, device=self.device)
+            # hidden states of every position, the head only at ``at``; writes the new keys/values and
+            # advances each sequence
+            lg = self.model(idx, cache=batch, logits_at=at_t)
+            for j, (i, a) in enumerate(zip(multi, at)):
+                out[i] = lg[j, :len(a)]
         return out
 
     def run(self) -> None:
