@@ -9,7 +9,12 @@
   with the server's default settings (``lmforge serve``: ``Server.__init__``'s ``num_blocks``,
   ``block_size``, ``max_batch_tokens``; the engine's own ``max_running``) against HF ``generate`` on
   all 16 prompts in one batched call (same lengths, so no padding): the goal is judged
-  against that; HF serving them one by one is an extra row.
+  against that; HF serving them one by one is an extra row;
+* the engine's prefill of a 4 x 384-token batch (1536 tokens, one forward, one sampled token each),
+  with the output head run only at each row's last position (what the engine does) against the head
+  over every position (the old way, ``Engine._all_logits``): an informative row per size, run on one
+  thread and timed in CPU seconds (the ratio is the work saved; in wall time on every thread, other
+  load on a shared machine swamps it).
 
 Every side is warmed up first; repeats alternate which side goes first; medians.
 Greedy tokens must agree with HF's (single stream, batched and one by one): the
@@ -196,7 +201,43 @@ def main():
             rows.append(row(f"steady decode {size}: fraction of the memory-bandwidth bound", tps_o, bound, "tokens/s",
                             0.8))
             concurrent(a, ours, hf, cfg, n, size, rows, Engine, SamplingParams)
+        prefill(a, ours, cfg, size, rows, Engine, SamplingParams)
     report("inference", rows)
+
+
+def prefill(a, ours, cfg, size, rows, Engine, SamplingParams, batch=4, length=384):
+    """One forward over ``batch`` prompts of ``length`` tokens: logits at the last positions vs at all."""
+    total = batch * length
+    sp = SamplingParams(max_tokens=1, temperature=0)
+
+    def run(r, every):  # a fresh engine per run: no prefix-cache hits; its construction is not timed
+        ps = [[(11 * i + 3 * j + 97 * r) % (cfg.vocab_size - 1) + 1 for j in range(length)] for i in range(batch)]
+        eng = Engine(ours, num_blocks=-(-(total + batch) // 16) + batch, block_size=16, max_batch_tokens=total)
+        eng._all_logits = every
+        t0 = time.process_time()
+        out = eng.generate(ps, sp)
+        return time.process_time() - t0, out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(0, False), run(0, True)  # warm-up
+        times = {False: [], True: []}
+        for r in range(max(7, a.repeats)):
+            outs = {}
+            for every in ((False, True) if r % 2 == 0 else (True, False)):  # alternate which goes first
+                t, outs[every] = run(r + 1, every)
+                times[every].append(t)
+            if outs[False] != outs[True]:
+                raise SystemExit(f"inference benchmark: prefill at {size}: the sampled tokens differ between the "
+                                 f"two ways: {outs[False]} vs {outs[True]}")
+    finally:
+        torch.set_num_threads(threads)
+    new, old = (total / statistics.median(times[k]) for k in (False, True))
+    print(f"prefill of {batch} x {length} tokens at {size}, one thread: head at the last positions {new:.0f} "
+          f"tok/CPU-s, at every position {old:.0f} tok/CPU-s ({new / old:.2f}x); sampled tokens identical (checked)")
+    rows.append(row(f"prefill {batch} x {length} tokens at {size}, 1 thread: logits at last positions vs at all "
+                    "(informative)", new, old, "tok/CPU-s"))
 
 
 def concurrent(a, ours, hf, cfg, n, size, rows, Engine, SamplingParams):

@@ -15,6 +15,7 @@ from lmforge.infer import fastpath
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import ModelConfig, make_config
+from lmforge.model.layers import KVSpec
 from lmforge.model.transformer import Transformer
 
 # each exports to its HF family (GPT-2 untied: a tied random GPT-2 maps every token to itself)
@@ -196,11 +197,11 @@ class Faulty(torch.nn.Module):
         super().__init__()
         self.inner, self.cfg, self.bad, self.mode = inner, inner.cfg, bad, mode
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, logits_at=None):
         hit = (idx == self.bad).any(1)
         if self.mode == "raise-before" and hit.any():
             raise RuntimeError(f"boom: token {self.bad}")
-        out = self.inner(idx, cache=cache)
+        out = self.inner(idx, cache=cache, logits_at=logits_at)
         if self.mode == "raise-after" and hit.any():
             raise RuntimeError(f"boom: token {self.bad}")
         if self.mode == "nan":
@@ -379,9 +380,12 @@ class Script(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.next = torch.tensor([min(i + 1, len(PIECES) - 1) for i in range(len(PIECES))])
 
-    def forward(self, idx, cache=None):
+    def cache_specs(self):
+        return [KVSpec(1, 8)]
+
+    def forward(self, idx, cache=None, logits_at=None):
         cache.advance(idx.shape[1])
-        return torch.nn.functional.one_hot(self.next[idx], len(PIECES)).float() * 10
+        return torch.nn.functional.one_hot(self.next[idx.gather(1, logits_at)], len(PIECES)).float() * 10
 
 
 def script_run(max_tokens=13, eos=None, **kw):
@@ -452,3 +456,116 @@ def test_package_exports_the_engine_interface():
     assert (infer.Engine, infer.SamplingParams, infer.StepOutput) == (Engine, SamplingParams, StepOutput)
     assert {"Engine", "KVCache", "SamplingParams", "StepOutput"} <= set(infer.__all__)
     assert all(getattr(infer, n) is not None for n in infer.__all__)  # every name listed resolves
+
+
+# ---- layers of different kinds: the PyTorch path, caches by spec, prefill logits only where needed ----
+
+def full_forward_greedy(m, prompt, n):
+    """Greedy tokens and their log-probabilities with no cache: the whole sequence through the model."""
+    seq, lps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            lp = torch.log_softmax(m(torch.tensor([seq]))[0, -1].float(), -1)
+            t = int(lp.argmax())
+            seq.append(t)
+            lps.append(float(lp[t]))
+    return seq[len(prompt):], lps
+
+
+def engine_greedy(eng, ps, n):
+    """Each prompt's (tokens, logprobs) from one engine run of them all at once."""
+    reqs = [eng.requests[eng.add_request(p, SamplingParams(max_tokens=n, temperature=0, logprobs=0))] for p in ps]
+    got = {r.id: ([], []) for r in reqs}
+    while eng.has_work():
+        for o in eng.step():
+            if o.token is not None:
+                got[o.request_id][0].append(o.token)
+                got[o.request_id][1].append(o.logprob)
+    return [got[r.id] for r in reqs]
+
+
+def test_moe_model_decodes_exactly_on_the_pytorch_path_batched_and_with_prefix_caching(caplog):
+    import logging
+
+    from lmforge.model import preset
+
+    torch.manual_seed(0)
+    # (at 0.2, float32 rounding alone, even one request at a time, moves logprobs by 1.5e-5)
+    m = perturbed(Transformer(preset("tiny-mixtral", vocab_size=97, max_seq_len=128)), 0.1)
+    system = prompts(1, seed=31)[0][:12]  # a shared prefix of 3 blocks
+    ps = [system + p for p in prompts(5, seed=32)]
+    n = 10
+    ref = [full_forward_greedy(m, p, n) for p in ps]
+    assert_informative([t for t, _ in ref])
+    eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=24)  # chunked prefill beside decodes
+    assert eng.fast is None and eng.prefix_caching
+    with caplog.at_level(logging.INFO, logger="lmforge.infer.engine"):
+        first = engine_greedy(eng, ps[:1], n)  # fills the cache with the shared prefix
+    said = [r.getMessage() for r in caplog.records if "decode path" in r.getMessage()]
+    assert len(said) == 1 and "PyTorch" in said[0] and "MoE" in said[0]  # once, at the first step
+    rest = engine_greedy(eng, ps[1:], n)  # all four at once, each starting from the cached prefix
+    assert eng.stats["prefix_hit_tokens"] >= 4 * 12 and eng.stats["max_sequences_in_step"] >= 4
+    for (tok, lp), (want, want_lp) in zip(first + rest, ref):
+        assert tok == want
+        assert lp == pytest.approx(want_lp, abs=1e-5)
+    assert eng.pool.available() == eng.pool.num_blocks
+
+
+def test_per_layer_windows_engine_and_contiguous_cache_equal_the_full_forward():
+    from lmforge.infer.cache import KVCache
+
+    torch.manual_seed(0)
+    cfg = make_config(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128,
+                      norm="rmsnorm", mlp="swiglu", pos="rope", sliding_window=4, window_layers=[0])
+    m = perturbed(Transformer(cfg), 0.1)  # (at 0.3 float32 rounding alone reaches 1e-5 in the logits)
+    assert [s.window for s in m.cache_specs()] == [4, None]
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the contiguous cache: prefill, single steps, a chunk
+        full = m(ids)
+        cache = KVCache(m, 2, 24)
+        got = [m(ids[:, :7], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(7, 12)]
+        got.append(m(ids[:, 12:], cache=cache))
+    assert (torch.cat(got, 1) - full).abs().max() < 1e-5
+    ps = prompts(5, seed=33)
+    ref = [full_forward_greedy(m, p, 12) for p in ps]
+    assert_informative([t for t, _ in ref])
+    eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=16)
+    assert eng.fast is None  # the C step takes one window for every layer: declined
+    for (tok, lp), (want, want_lp) in zip(engine_greedy(eng, ps, 12), ref):
+        assert tok == want
+        assert lp == pytest.approx(want_lp, abs=1e-5)
+
+
+def test_prefill_computes_logits_only_at_each_rows_last_position_unless_scoring(monkeypatch):
+    m = model("llama-gqa")
+    monkeypatch.setattr(fastpath, "AVAILABLE", False)
+    eng = Engine(m, num_blocks=64, block_size=4, max_batch_tokens=64)
+    rows = []
+    head = m.compute_logits
+    monkeypatch.setattr(m, "compute_logits", lambda h: rows.append(h.shape[:2]) or head(h))
+    eng.add_request(list(range(1, 12)), SamplingParams(max_tokens=1))
+    eng.add_request(list(range(20, 27)), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    eng.add_request(list(range(40, 45)), SamplingParams(max_tokens=1))
+    eng.step()  # three prefills in one forward: (3 rows, 7 positions: the scoring row's) through the head
+    assert rows == [(3, 7)]
+    eng.run()
+    rows.clear()
+    eng.add_request(list(range(1, 12)), SamplingParams(max_tokens=1))
+    eng.add_request(list(range(40, 45)), SamplingParams(max_tokens=1))
+    eng.step()  # no row scoring: one position per row
+    assert rows == [(2, 1)]
+
+
+def test_a_cache_spec_the_pool_does_not_implement_is_refused_naming_the_layer(monkeypatch):
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class StateSpec:  # a fixed per-sequence state (a Mamba layer's)
+        width: int
+        token_indexed = False
+
+    m = model("gpt2")
+    specs = m.cache_specs()
+    monkeypatch.setattr(m, "cache_specs", lambda: [specs[0], StateSpec(8)])
+    with pytest.raises(ValueError, match=r"BlockPool: layer 1 has a StateSpec spec"):
+        Engine(m, num_blocks=8, block_size=4)

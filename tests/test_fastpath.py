@@ -167,3 +167,60 @@ def test_thread_count_does_not_change_the_numbers():
         rows = [fd.step([t % 211, (5 * t) % 211], [t, t], [[0, 1], [2, 3]]) for t in range(12)]
         out.append(torch.stack(rows))
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
+# ---- it fails closed: anything it does not implement exactly is declined, with the reason ----
+
+def test_a_moe_model_is_declined_naming_the_moe():
+    from lmforge.model import preset
+
+    m = Transformer(preset("tiny-mixtral", vocab_size=97)).eval()
+    why = FastDecoder.why_not(m)
+    assert why is not None and "MoE" in why
+    assert not FastDecoder.supported(m)
+    with pytest.raises(ValueError, match="MoE"):
+        FastDecoder(m)
+
+
+def test_per_layer_windows_that_differ_are_declined_and_one_window_for_all_is_not():
+    m = model_for("mistral-window-mqa", window_layers=[0], sliding_window=4)
+    why = FastDecoder.why_not(m)
+    assert why is not None and "windows differ" in why
+    same = model_for("mistral-window-mqa", window_layers=[0, 1, 2], sliding_window=4)
+    assert FastDecoder.why_not(same) is None
+    none = model_for("mistral-window-mqa", window_layers="none", sliding_window=4)  # no layer windowed
+    assert FastDecoder.why_not(none) is None
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = none(ids)[0]
+        cache = KVCache(none, 1, 16)
+        none(ids[:, :3], cache=cache)
+    fd = FastDecoder(none)  # the C step's one window is the layers' (None here), not attn.sliding_window
+    fd.bind(cache.k, cache.v)
+    for t in range(3, 16):
+        assert torch.allclose(fd.step([int(ids[0, t])], [t], [[0]])[0], full[t], atol=1e-5, rtol=0)
+
+
+def test_a_swapped_module_a_hook_or_an_unknown_setting_is_declined(monkeypatch):
+    from lmforge.model.surgery import replace_linear
+
+    class MyLinear(torch.nn.Linear):  # e.g. an adapter: same weights, another forward
+        pass
+
+    def swap(name, mod):
+        new = MyLinear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        new.load_state_dict(mod.state_dict())
+        return new
+
+    m = model_for("llama-gqa")
+    assert FastDecoder.why_not(m) is None
+    assert replace_linear(m, swap, "blocks.1.attn.qkv") == ["blocks.1.attn.qkv"]
+    why = FastDecoder.why_not(m)
+    assert why is not None and "blocks.1.attn.qkv" in why and "MyLinear" in why
+    m = model_for("llama-gqa")
+    m.blocks[0].mlp.register_forward_hook(lambda *a: None)
+    assert "hooks" in FastDecoder.why_not(m)
+    # a config field the C step does not know, away from its default, declines (here: pretend softcap is one)
+    monkeypatch.setitem(fastpath._HANDLED, "", fastpath._HANDLED[""] - {"logit_softcap"})
+    assert FastDecoder.why_not(model_for("llama-gqa")) is None  # at its default: fine
+    assert "logit_softcap=15.0" in FastDecoder.why_not(model_for("relu2-softcap"))

@@ -66,3 +66,28 @@ def test_generate_with_cache_equals_greedy_without():
     # prompt is cut to its last 20 tokens and all 20 new ones are generated from those
     long = list(range(35))
     assert generate(m, long, 20, temperature=0) == greedy(long[-20:], 20)
+
+
+def test_caches_allocate_per_layer_from_the_specs_and_refuse_other_kinds():
+    from lmforge.infer.paged import BlockPool
+    from lmforge.model.layers import KVSpec
+
+    specs = [KVSpec(2, 8), KVSpec(1, 16, window=4)]
+    c = KVCache(specs, 3, 10)
+    assert [tuple(t.shape) for t in c.k] == [(3, 2, 10, 8), (3, 1, 10, 16)] == [tuple(t.shape) for t in c.v]
+    p = BlockPool(specs, num_blocks=5, block_size=4)
+    assert [tuple(t.shape) for t in p.k] == [(5, 2, 4, 8), (5, 1, 4, 16)]
+    cfg = make_config(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=64)
+    m = Transformer(cfg)
+    # a model, its config or its specs: the same buffers
+    shapes = {tuple(tuple(t.shape) for t in KVCache(src, 1, 8).k) for src in (m, cfg, m.cache_specs())}
+    assert shapes == {((1, 2, 8, 8), (1, 2, 8, 8))}
+
+    class LatentSpec(KVSpec):  # not exactly a KVSpec: another kind, refused rather than misread
+        pass
+
+    for make in (lambda s: KVCache(s, 1, 8), lambda s: BlockPool(s, 4)):
+        with pytest.raises(ValueError, match=r"layer 1 has a LatentSpec spec"):
+            make([KVSpec(2, 8), LatentSpec(2, 8)])
+        with pytest.raises(ValueError, match=r"layer 0 has no cache spec \(None\)"):
+            make([None])

@@ -99,6 +99,8 @@ class StepOutput:
 
 
 class Engine:
+    _all_logits = False  # True: the head over every real position of a prefill (the old way; benchmarks time it)
+
     def __init__(self, model, num_blocks: int = 512, block_size: int = 16, max_batch_tokens: int = 512,
                  max_running: int = 64, eos_token_id: int | None = None, tokenizer=None):
         for name, v in (("max_batch_tokens", max_batch_tokens), ("max_running", max_running)):
@@ -110,11 +112,22 @@ class Engine:
         self.cfg = model.cfg
         if eos_token_id is not None and not 0 <= eos_token_id < self.cfg.vocab_size:
             raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
-        self.pool = BlockPool(self.cfg, num_blocks, block_size, self.device, self.dtype)
+        specs = model.cache_specs()
+        self.pool = BlockPool(specs, num_blocks, block_size, self.device, self.dtype)
+        # a block's contents name its prefix only when every layer keeps per-token entries
+        self.prefix_caching = all(s.token_indexed for s in specs)
+        self._notes = []  # logged (INFO) once, at the first step: what this engine runs with
+        if not self.prefix_caching:
+            self._notes.append(("prefix caching is off: layers %s keep a per-sequence state, not per-token "
+                                "entries", [i for i, s in enumerate(specs) if not s.token_indexed]))
         self.fast = None  # decode rows in one C call per step (CPU float32), prefill chunks in PyTorch
-        if FastDecoder.supported(self.model):
+        why = FastDecoder.why_not(self.model)
+        if why is None:
             self.fast = FastDecoder(self.model)
             self.fast.bind(self.pool.k, self.pool.v)
+            self._notes.append(("decode path: the C step (lmforge.infer.fastpath)",))
+        else:
+            self._notes.append(("decode path: PyTorch (the C step declined: %s)", why))
         self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
         self.eos = eos_token_id
         self.tokenizer = tokenizer
@@ -270,8 +283,8 @@ class Engine:
         bs = self.pool.block_size
         toks = req.tokens
         # prompt log-probabilities need the logits of every prompt position: no skipping until they exist
-        scoring = req.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt)
-        req.hashes = [] if scoring else block_hashes(toks[: len(toks) - 1], bs)
+        skip = self._scoring_prompt(req) or not self.prefix_caching
+        req.hashes = [] if skip else block_hashes(toks[: len(toks) - 1], bs)
         blocks = self.pool.lookup(req.hashes)
         req.hashes = req.hashes[: len(blocks)]
         req.seq.blocks = blocks
@@ -279,10 +292,15 @@ class Engine:
         self.stats["prompt_tokens"] += len(req.prompt)
         self.stats["prefix_hit_tokens"] += min(req.done_tokens, len(req.prompt))
 
+    @staticmethod
+    def _scoring_prompt(req: Request) -> bool:
+        """Whether the request still wants log-probabilities of prompt positions (logits at each one)."""
+        return req.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt)
+
     def _register_full_blocks(self, req: Request) -> None:
         bs = self.pool.block_size
         full = req.seq.length // bs
-        if full > len(req.hashes):
+        if full > len(req.hashes) and self.prefix_caching:
             prev = req.hashes[-1] if req.hashes else None
             new = block_hashes(req.tokens[: full * bs], bs, len(req.hashes), prev)
             for j, h in enumerate(new, start=len(req.hashes)):
@@ -301,6 +319,9 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
+        for note in self._notes:
+            log.info(*note)
+        self._notes = []
         plan = self._schedule()
         if not plan:
             return []
@@ -352,7 +373,8 @@ class Engine:
         return StepOutput(req.id, None, True, "error", error=msg)
 
     def _advance(self, req: Request, n: int, lg: torch.Tensor) -> StepOutput | None:
-        """Account for ``n`` tokens run with logits ``lg`` (n, vocab); sample when the prompt is done."""
+        """Account for ``n`` tokens run with logits ``lg``: (n, vocab) while scoring the prompt, else
+        (1, vocab) of the last one; sample when the prompt is done."""
         start = req.done_tokens
         req.done_tokens += n
         self._register_full_blocks(req)
@@ -360,7 +382,7 @@ class Engine:
             self.stats["prefill_tokens"] += n
         else:
             self.stats["decode_tokens"] += n
-        if req.prompt_logprobs is not None and len(req.prompt_logprobs) < len(req.prompt):
+        if self._scoring_prompt(req):
             self._collect_prompt_logprobs(req, start, lg)
         if req.done_tokens < len(req.tokens):
             return None  # a prefill chunk that has not reached the end of the prompt
@@ -369,7 +391,7 @@ class Engine:
         if p.max_tokens == 0:  # prefill only
             self._finish(req, "length")
             return StepOutput(req.id, None, True, "length", prompt_logprobs=req.prompt_logprobs)
-        s = req.sampler.sample(lg[n - 1])
+        s = req.sampler.sample(lg[-1])
         t = s.token
         req.output.append(t)
         if req.first_token_time is None:
@@ -419,7 +441,10 @@ class Engine:
         req.prompt_logprobs += list(zip(chosen, tops))
 
     def _forward(self, plan: list[tuple[Request, int]]) -> list[torch.Tensor]:
-        """Each planned row's logits (n, vocab) for its n new tokens; writes their keys/values."""
+        """Each planned row's logits for its n new tokens, writing their keys/values: (n, vocab) for a
+        row scoring its prompt (``prompt_logprobs``), else (1, vocab) at its last real position only
+        (``forward(logits_at=...)``: the head is not run over the rest of a prefill chunk, nor over the
+        padding)."""
         out: list[torch.Tensor | None] = [None] * len(plan)
         multi = list(range(len(plan)))
         if self.fast is not None:  # single new tokens (decode) go through the C step
@@ -442,9 +467,17 @@ class Engine:
             idx = torch.tensor(rows, dtype=torch.long, device=self.device)
             batch = PagedBatch(self.pool, [plan[i][0].seq for i in multi], [plan[i][1] for i in multi], T,
                                self.device)
-            lg = self.model(idx, cache=batch)  # writes the new keys/values and advances each sequence
-            for j, i in enumerate(multi):
-                out[i] = lg[j, :plan[i][1]]
+            at = []  # each row's positions that need logits: all n while scoring its prompt, else the last
+            for i in multi:
+                req, n = plan[i]
+                at.append(list(range(n)) if self._all_logits or self._scoring_prompt(req) else [n - 1])
+            W = max(len(a) for a in at)
+            at_t = torch.tensor([a + a[-1:] * (W - len(a)) for a in at], dtype=torch.long, device=self.device)
+            # hidden states of every position, the head only at ``at``; writes the new keys/values and
+            # advances each sequence
+            lg = self.model(idx, cache=batch, logits_at=at_t)
+            for j, (i, a) in enumerate(zip(multi, at)):
+                out[i] = lg[j, :len(a)]
         return out
 
     def run(self) -> None:

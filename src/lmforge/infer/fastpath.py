@@ -3,18 +3,22 @@
 A decode step reads every weight once to produce one token per sequence, so it is
 bound by memory bandwidth, and for small models by the fixed cost of each of the
 ~15 PyTorch operators per layer. ``FastDecoder`` runs the whole step of an
-``lmforge.model.Transformer`` (eval mode, CPU, float32; every variant of
-``ModelConfig``) as one C call that reads the weights where PyTorch keeps them
-and the keys/values straight from the KV cache, contiguous or paged.
+``lmforge.model.Transformer`` (eval mode, CPU, float32; the dense ``ModelConfig``
+variants with one sliding window for all layers) as one C call that reads the
+weights where PyTorch keeps them and the keys/values straight from the KV cache,
+contiguous or paged.
 
 Both caches have the same shape per layer, ``(N, K, S, D)``: a contiguous
 ``KVCache`` is N rows of S = max_len positions; the paged pool is N blocks of
 S = block_size positions. A sequence is a list of those (its block table); a
 contiguous row ``b`` is the one-entry table ``[b]``.
 
-``FastDecoder.supported(model)`` says whether the fast path applies (and
-``LMFORGE_NO_NATIVE=1`` turns it off); the prefill stays in PyTorch, whose
-matrix-matrix products are compute-bound and already fast.
+``FastDecoder.why_not(model)`` says why the fast path does not apply (None: it
+does; ``supported(model)`` is ``why_not(model) is None``; ``LMFORGE_NO_NATIVE=1``
+turns it off). It fails closed: anything it does not know exactly (another
+component, a swapped module, MoE, per-layer windows that differ, a config field
+it does not know away from its default) declines. The prefill stays in PyTorch,
+whose matrix-matrix products are compute-bound and already fast.
 """
 from __future__ import annotations
 
@@ -36,27 +40,141 @@ def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# ModelConfig settings the C step implements (their values are checked in ``why_not``) or that do not
+# change an eval-mode forward; any other field set away from its default makes ``why_not`` decline
+_HANDLED = {
+    "": {"vocab_size", "n_layer", "d_model", "max_seq_len", "norm", "norm_eps", "norm_bias", "pos", "rope_theta",
+         "rope_scaling", "tie_embeddings", "logit_softcap", "attn", "ffn", "moe", "window_layers", "moe_layers",
+         "dropout", "init_std", "zero_init_proj", "hf_family"},  # (the last four: training and export only)
+    "attn": {"kind", "n_head", "n_kv_head", "head_dim", "qk_norm", "qkv_bias", "out_bias", "sliding_window"},
+    "ffn": {"activation", "d_ff", "bias"},
+}
+
+
+def _unknown_settings(cfg) -> list[str]:
+    """``name=value`` of every config field the C step does not know that is not at its default."""
+    import dataclasses
+
+    out = []
+    for prefix, obj in (("", cfg), ("attn", cfg.attn), ("ffn", cfg.ffn)):
+        for f in dataclasses.fields(obj):
+            if f.name in _HANDLED[prefix]:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            value = getattr(obj, f.name)
+            if value != default:
+                out.append(f"{prefix + '.' if prefix else ''}{f.name}={value!r}")
+    return out
+
+
+def _why_not(model) -> str | None:
+    from ..model.attention import CausalSelfAttention as Attention
+    from ..model.feedforward import DenseMLP as MLP
+    from ..model.layers import KVSpec, RMSNorm, up_width
+    from ..model.transformer import Block, Transformer
+
+    if not AVAILABLE:
+        return "the compiled extension lmforge.infer._decode is not available (or LMFORGE_NO_NATIVE=1)"
+    if type(model) is not Transformer:
+        return f"the model is a {type(model).__name__}, not exactly an lmforge Transformer"
+    if model.training:
+        return "the model is in training mode"
+    for n, p in model.named_parameters():
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            return f"parameter {n} is {p.dtype} on {p.device}: the C step runs CPU float32 only"
+        if not p.is_contiguous():
+            return f"parameter {n} is not contiguous"
+    cfg = model.cfg
+    if cfg.moe is not None:
+        return "the model has MoE feed-forward layers (cfg.moe is set): the C step implements dense MLPs only"
+    if cfg.norm not in _NORM:
+        return f"norm {cfg.norm!r} is not implemented in the C step"
+    if cfg.ffn.activation not in _MLP:
+        return f"activation {cfg.ffn.activation!r} is not implemented in the C step"
+    if cfg.pos not in _POS:
+        return f"positions {cfg.pos!r} are not implemented in the C step"
+    if cfg.rope_scaling is not None and cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) != "llama3":
+        return f"rope_scaling {cfg.rope_scaling!r}: only Llama-3 scaling (in the RoPE tables) is implemented"
+    if cfg.attn.kind != "causal":
+        return f"attention kind {cfg.attn.kind!r}: the C step implements 'causal' only"
+    unknown = _unknown_settings(cfg)
+    if unknown:
+        return f"settings the C step does not know: {', '.join(unknown)}"
+    for name, mod in model.named_modules():
+        if mod._forward_hooks or mod._forward_pre_hooks or "forward" in vars(mod):
+            return f"module {name or 'model'} has forward hooks or its own forward"
+    norm_type = RMSNorm if cfg.norm == "rmsnorm" else torch.nn.LayerNorm
+    H, K, D, C = cfg.n_head, cfg.kv_heads, cfg.hd, cfg.d_model
+    exact = [("tok_emb", model.tok_emb, torch.nn.Embedding, (cfg.vocab_size, C)),
+             ("lm_head", model.lm_head, torch.nn.Linear, (cfg.vocab_size, C)),
+             ("norm_f", model.norm_f, norm_type, (C,))]
+    if cfg.pos == "learned":
+        exact.append(("pos_emb", model.pos_emb, torch.nn.Embedding, (cfg.max_seq_len, C)))
+    if len(model.blocks) != cfg.n_layer:
+        return f"{len(model.blocks)} blocks, but cfg.n_layer={cfg.n_layer}"
+    windows = set()
+    for i, b in enumerate(model.blocks):
+        if type(b) is not Block:
+            return f"layer {i} is a {type(b).__name__}, not exactly a Block"
+        spec = b.spec
+        if spec.attention != "causal" or spec.ffn != "dense":
+            return (f"layer {i} is attention {spec.attention!r} + feed-forward {spec.ffn!r}"
+                    f"{' (MoE)' if spec.ffn == 'moe' else ''}: the C step implements 'causal' + 'dense' only")
+        at, mlp = b.attn, b.mlp
+        if type(at) is not Attention or type(mlp) is not MLP:
+            return f"layer {i}: {type(at).__name__} / {type(mlp).__name__}, not exactly CausalSelfAttention / DenseMLP"
+        if (at.H, at.K, at.D) != (H, K, D) or at.qk_norm != cfg.attn.qk_norm or at.window != spec.window:
+            return f"layer {i}: its attention's heads, qk-norm or window differ from the config"
+        if at.cache_spec() != KVSpec(K, D, spec.window):
+            return f"layer {i}: cache spec {at.cache_spec()!r} is not KVSpec({K}, {D}, {spec.window})"
+        if mlp.activation != cfg.ffn.activation or mlp.hidden != cfg.ff:
+            return f"layer {i}: its MLP ({mlp.activation}, {mlp.hidden} wide) differs from the config"
+        windows.add(spec.window)
+        exact += [(f"blocks.{i}.attn_norm", b.attn_norm, norm_type, (C,)),
+                  (f"blocks.{i}.mlp_norm", b.mlp_norm, norm_type, (C,)),
+                  (f"blocks.{i}.attn.qkv", at.qkv, torch.nn.Linear, ((H + 2 * K) * D, C)),
+                  (f"blocks.{i}.attn.proj", at.proj, torch.nn.Linear, (C, H * D)),
+                  (f"blocks.{i}.mlp.fc", mlp.fc, torch.nn.Linear, (up_width(mlp.activation, mlp.hidden), C)),
+                  (f"blocks.{i}.mlp.proj", mlp.proj, torch.nn.Linear, (C, mlp.hidden))]
+        if cfg.attn.qk_norm:
+            exact += [(f"blocks.{i}.attn.q_norm", at.q_norm, RMSNorm, (D,)),
+                      (f"blocks.{i}.attn.k_norm", at.k_norm, RMSNorm, (D,))]
+    if len(windows) > 1:
+        return (f"the layers' sliding windows differ ({sorted(windows, key=lambda w: (w is not None, w or 0))}): "
+                "the C step takes one window for every layer")
+    for name, mod, cls, shape in exact:
+        if type(mod) is not cls:
+            return f"{name} is a {type(mod).__name__}, not exactly a {cls.__name__}"
+        got = tuple(getattr(mod.weight, "shape", ()))
+        if got != shape:
+            return f"{name}.weight is {got}, expected {shape}"
+        if cls is not torch.nn.Embedding and getattr(mod, "eps", cfg.norm_eps) != cfg.norm_eps:
+            return f"{name}: eps {mod.eps} differs from norm_eps {cfg.norm_eps}"
+    return None
+
+
 class FastDecoder:
     @staticmethod
-    def supported(model) -> bool:
-        """True for an eval-mode lmforge Transformer on CPU in float32 built only of the standard blocks."""
-        from ..model.attention import CausalSelfAttention as Attention
-        from ..model.feedforward import DenseMLP as MLP
-        from ..model.transformer import Block, Transformer
+    def why_not(model) -> str | None:
+        """None when the C step implements ``model`` exactly; otherwise why not (the first reason found).
 
-        if not AVAILABLE or type(model) is not Transformer or model.training:
-            return False
-        if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
-            return False
-        cfg = model.cfg
-        if cfg.norm not in _NORM or cfg.ffn.activation not in _MLP or cfg.pos not in _POS:
-            return False
-        return all(type(b) is Block and type(b.attn) is Attention and type(b.mlp) is MLP for b in model.blocks)
+        It fails closed: the model must be an eval-mode lmforge ``Transformer`` on CPU in float32 whose
+        every module is exactly the class the C step mirrors (``Block``, ``CausalSelfAttention``,
+        ``DenseMLP``, ``nn.Linear``, the configured norm; no hooks), every layer's spec attention
+        "causal" + feed-forward "dense" with the same sliding window (the C step takes one), known
+        norms, activations, positions and RoPE scaling (none or Llama-3: in the tables), no MoE, and
+        no other config field away from its default."""
+        return _why_not(model)
+
+    @staticmethod
+    def supported(model) -> bool:
+        """True when ``why_not(model)`` is None."""
+        return _why_not(model) is None
 
     def __init__(self, model, threads: int | None = None):
-        if not FastDecoder.supported(model):
-            raise ValueError("the fast decode path needs an eval-mode lmforge Transformer, CPU float32, "
-                             "and the compiled extension")
+        why = _why_not(model)
+        if why is not None:
+            raise ValueError(f"the fast decode path does not apply: {why}")
         self.model, self.cfg = model, model.cfg
         self.threads = threads or torch.get_num_threads()
         self._binding = None
@@ -82,7 +200,7 @@ class FastDecoder:
             cos, sin = (t.contiguous() for t in m._rope_cache[1])
             rope_len = cos.shape[2]
         ints = (cfg.vocab_size, cfg.d_model, cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.hd, cfg.ff,
-                _NORM[cfg.norm], _MLP[cfg.ffn.activation], _POS[cfg.pos], cfg.attn.sliding_window or 0, rope_len,
+                _NORM[cfg.norm], _MLP[cfg.ffn.activation], _POS[cfg.pos], m.blocks[0].spec.window or 0, rope_len,
                 cfg.max_seq_len if cfg.pos == "learned" else 1 << 30)
         floats = (float(cfg.norm_eps), float(cfg.logit_softcap or 0.0))
         nf = m.norm_f

@@ -4,11 +4,26 @@ Knows blocks, block tables and how to present a batch of sequences of
 different lengths to the model's attention; knows nothing about scheduling
 (``engine``) or tokens. The model sees a ``PagedBatch``: for each row, its
 sequence's cached keys/values gathered from the blocks plus the new ones,
-padded to the longest row, with a mask of the real keys.
+padded to the longest row, with a mask of the real keys built per window by
+``model.layers.causal_mask`` (``PagedBatch.mask(window)``: a layer's own window).
+
+**Blocks by spec.** The pool is allocated per layer from the model's cache specs
+(``BlockPool(model.cache_specs(), num_blocks)``; a model or a ``ModelConfig`` also works):
+a ``KVSpec`` layer gets ``(num_blocks, kv_heads, block_size, head_dim)`` keys and values;
+any other kind is refused (``cache.kv_specs``, a ValueError naming the layer and kind).
+A per-token latent (MLA: a token-indexed spec with one ``(latent,)`` entry) would get one
+``(num_blocks, block_size, latent)`` tensor per entry shape and the same block tables,
+hashes and prefix caching (its entries depend only on the prefix). A fixed per-sequence
+state (Mamba: ``token_indexed = False``, ``state_shapes()``) is not paged by token: it
+would get one state slot per running sequence (``(max_running, *shape)``, indexed by the
+``Sequence``), and since a block's contents no longer name a prefix, the engine turns
+prefix caching off for such a model.
 """
 from __future__ import annotations
 
 import torch
+
+from .cache import kv_specs
 
 
 class BlockPool:
@@ -20,15 +35,16 @@ class BlockPool:
     whose prompt starts with the same tokens, or evicted (oldest first) when a
     new block is needed and the free list is empty."""
 
-    def __init__(self, cfg, num_blocks: int, block_size: int = 16, device="cpu", dtype=torch.float32):
+    def __init__(self, specs, num_blocks: int, block_size: int = 16, device="cpu", dtype=torch.float32):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         from collections import OrderedDict
 
-        self.cfg, self.block_size, self.num_blocks = cfg, block_size, num_blocks
-        shape = (num_blocks, cfg.kv_heads, block_size, cfg.hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.specs = kv_specs(specs, "BlockPool")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.k = [torch.zeros((num_blocks, s.kv_heads, block_size, s.head_dim), device=device, dtype=dtype)
+                  for s in self.specs]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.ref = [0] * num_blocks
         self.hash_of: dict[int, int] = {}  # block -> prefix hash
