@@ -74,7 +74,7 @@ def bytes_per_token(model) -> int:
 
 
 def build(size):
-    from lmforge.model import ModelConfig, make_config
+    from lmforge.model import make_config
     from lmforge.model.hf import export_hf
     from lmforge.model.transformer import Transformer
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import assert_informative, hf_greedy, load_hf, perturbed
 
-from lmforge.evaluate.perplexity import generate
+from lmforge.infer.loop import generate
 from lmforge.infer import fastpath
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model import ModelConfig, make_config
+from lmforge.model import make_config
 from lmforge.model.layers import KVSpec
 from lmforge.model.transformer import Transformer
 

@@ -11,7 +11,7 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.fastpath import FastDecoder
 from lmforge.infer.paged import BlockPool
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model import ModelConfig, make_config
+from lmforge.model import make_config
 from lmforge.model.transformer import Transformer
 
 pytestmark = pytest.mark.skipif(not fastpath.AVAILABLE and os.environ.get("LMFORGE_REQUIRE_NATIVE") != "1",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lmforge.infer import KVCache
-from lmforge.model import ModelConfig, make_config
+from lmforge.model import make_config
 from lmforge.model.transformer import Transformer
 
 CONFIGS = {
@@ -43,7 +43,7 @@ def test_cache_overflow_is_an_error():
 
 
 def test_generate_with_cache_equals_greedy_without():
-    from lmforge.evaluate.perplexity import generate
+    from lmforge.infer.loop import generate
 
     from conftest import assert_informative, perturbed
 

@@ -5,10 +5,8 @@ but the first is predicted exactly once, and how to turn the summed negative
 log-likelihood into bits per byte: ``sum_nll / ln 2 / utf8_bytes``. Bits per
 byte does not depend on the tokenizer, so models with different vocabularies
 compare fairly. Targets that are the document token (the start of the next
-document, which has no bytes) are not counted. Knows nothing about training.
-
-``generate`` here is ``lmforge.infer.loop.generate`` (the plain loop on the
-engine's sampler), named here for the callers that have always found it here.
+document, which has no bytes) are not counted. Knows nothing about training
+or sampling (generation is ``lmforge.infer.loop.generate``).
 """
 from __future__ import annotations
 
@@ -18,10 +16,9 @@ import os
 import numpy as np
 import torch
 
-from ..infer.loop import generate
 from ..model.kernels import cross_entropy
 
-__all__ = ["evaluate_tokens", "evaluate_shards", "evaluate_text", "generate"]
+__all__ = ["evaluate_tokens", "evaluate_shards", "evaluate_text"]
 
 
 @torch.no_grad()

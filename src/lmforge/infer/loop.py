@@ -49,7 +49,7 @@ def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: floa
             logits = fast.step([out[-1]], [cache.pos], [[0]])[0]
             cache.advance(1)
         else:
-            logits = model(x, cache=cache)[0, -1].float().cpu()
+            logits = model(x, cache=cache, logits_at="last")[0, -1].float().cpu()  # the head at the last position only
         nxt = sampler.sample(logits).token
         if nxt in stops:
             break

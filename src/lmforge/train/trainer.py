@@ -431,7 +431,8 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False, resume_hint: str 
     from .._progress import bar as tqdm
 
     from ..data.loader import ShardLoader
-    from ..evaluate.perplexity import evaluate_shards, generate
+    from ..evaluate.perplexity import evaluate_shards
+    from ..infer.loop import generate
 
     check_config(cfg)  # before any tokenizer training or data reading
     if bool(cfg.data) == bool(cfg.text):
