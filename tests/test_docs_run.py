@@ -61,7 +61,7 @@ RUN: dict[str, list[tuple[str, dict]]] = {
     "docs/model.md": [
         ("lmforge model info", {}),
         ("lmforge model info gpt2-124m", {}),
-        ("lmforge model info tiny-llama --json", {}),
+        ("lmforge model info tiny-mixtral --json", {}),
         ("lmforge export --checkpoint runs/pt --out runs/hf", {}),
         ("lmforge pretrain --text my.txt --preset shakespeare-cpu --max-steps 2 --out runs/sc",
          {"2": ["2", *SMALL_PRETRAIN]}),

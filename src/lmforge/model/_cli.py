@@ -65,6 +65,11 @@ def cmd_model_info(a) -> int:
     print(f"{a.name}: {cfg.hf_family}-style, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), "
           f"d_model {cfg.d_model}, d_ff {cfg.ff}, vocab {cfg.vocab_size}, {cfg.pos} positions, {cfg.norm}, {cfg.ffn.activation}")
     print(f"parameters        {d['params']:,} ({d['params_non_embedding']:,} without embeddings)")
+    if cfg.moe is not None:
+        m, moe_layers = cfg.moe, sum(s.ffn == "moe" for s in cfg.layer_specs())
+        shared = f", {m.n_shared} shared" if m.n_shared else ""
+        print(f"experts           {m.n_experts} of {cfg.d_expert} in {moe_layers} of {cfg.n_layer} layers, top {m.top_k}"
+              f"{shared}; {d['params_active']:,} parameters active per token")
     print(f"FLOPs/token       {d['flops_per_token_train']:,} training, {d['flops_per_token_forward']:,} forward "
           f"(at {d['seq_len']} tokens of context)")
     print(f"weights           {d['weights_mb_fp32']:,.1f} MB fp32, {d['weights_mb_bf16']:,.1f} MB bf16")
