@@ -34,7 +34,7 @@ def generate(model, ids: list[int], max_new_tokens: int = 100, temperature: floa
     dev = next(model.parameters()).device
     limit = model.cfg.max_seq_len if model.cfg.pos == "learned" else len(ids) + max_new_tokens
     ids = list(ids)[-max(1, limit - max_new_tokens):] if len(ids) + max_new_tokens > limit else list(ids)
-    cache = KVCache(model.cfg, 1, min(limit, len(ids) + max_new_tokens), device=dev,
+    cache = KVCache(model, 1, min(limit, len(ids) + max_new_tokens), device=dev,
                     dtype=next(model.parameters()).dtype)
     x = torch.tensor([ids], dtype=torch.long, device=dev)
     out: list[int] = []

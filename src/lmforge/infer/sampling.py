@@ -122,8 +122,12 @@ class Sampler:
         self.min_mask = torch.tensor(sorted(stops), dtype=torch.long) if params.min_tokens and stops else None
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """Penalties and logit bias applied to a float32 (V,) logits vector (a new tensor)."""
+        """Penalties and logit bias applied to a float32 (V,) logits vector (a new tensor; the input itself
+        when there is nothing to apply: ``sample`` never writes into it)."""
         p = self.p
+        if not (p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty or p.logit_bias
+                or (self.min_mask is not None and self.n < p.min_tokens)):
+            return logits.float()  # a greedy decode step pays no copy of the vocabulary
         x = logits.float().clone()
         if p.repetition_penalty != 1.0 and (self.prompt or self.counts):
             seen = torch.tensor(sorted(self.prompt | set(self.counts)), dtype=torch.long)

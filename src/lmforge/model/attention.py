@@ -28,8 +28,8 @@ def _sdpa_has_gqa() -> bool:
         return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
     except (TypeError, ValueError):  # a builtin without a Python signature
         try:
-            F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2),
-                                           torch.zeros(1, 1, 1, 2), enable_gqa=True)
+            z = [torch.zeros(1, h, 1, 2, device="cpu") for h in (2, 1, 1)]  # (cpu even inside a meta-device
+            F.scaled_dot_product_attention(*z, enable_gqa=True)  # context: SDPA on meta imports torch._dynamo)
             return True
         except TypeError:
             return False

@@ -218,14 +218,14 @@ class ModelConfig:
             self.moe.validate()
             if self.moe.activation not in ACTIVATIONS:
                 bad("moe.activation", f"expected {', '.join(ACTIVATIONS)}, got {self.moe.activation!r}")
-        from .registry import ATTENTION, FEEDFORWARD, ensure_builtin
+        from .registry import known
 
-        ensure_builtin()
+        attention, ffn = known("attention"), known("feed-forward")
         for s in self.layer_specs():  # (also checks the patterns)
-            if s.attention not in ATTENTION:
-                bad("attn.kind", f"unknown attention {s.attention!r}; known: {', '.join(ATTENTION)}")
-            if s.ffn not in FEEDFORWARD:
-                bad("ffn", f"unknown feed-forward {s.ffn!r}; known: {', '.join(FEEDFORWARD)}")
+            if s.attention not in attention:
+                bad("attn.kind", f"unknown attention {s.attention!r}; known: {', '.join(attention)}")
+            if s.ffn not in ffn:
+                bad("ffn", f"unknown feed-forward {s.ffn!r}; known: {', '.join(ffn)}")
 
     # ---- counts (the components own them: counted on a meta-device model) ----
     def _meta_model(self):

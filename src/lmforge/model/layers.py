@@ -163,24 +163,29 @@ class Init:
         self.std, self.n_layer, self.zero_proj = cfg.init_std, cfg.n_layer, cfg.zero_init_proj
         self.done: set[int] = set()
 
-    def _mark(self, p):
+    def _mark(self, p) -> bool:
+        """Record ``p``; whether it holds data to write (a meta-device model, built to count or to be
+        loaded into, only records: its coverage is checked all the same)."""
         self.done.add(id(p))
-        return p
+        return not p.is_meta
 
     def normal(self, p, std: float | None = None):
-        self._mark(p).normal_(0.0, self.std if std is None else std)
+        if self._mark(p):
+            p.normal_(0.0, self.std if std is None else std)
 
     def residual(self, p):
         if self.zero_proj:
-            self._mark(p).zero_()
+            self.zeros(p)
         else:
             self.normal(p, self.std / math.sqrt(2 * self.n_layer))
 
     def ones(self, p):
-        self._mark(p).fill_(1.0)
+        if self._mark(p):
+            p.fill_(1.0)
 
     def zeros(self, p):
-        self._mark(p).zero_()
+        if self._mark(p):
+            p.zero_()
 
     def module(self, m: nn.Module, residual: bool = False):
         """A Linear (weight normal or residual, bias zero) or a norm (weight one, bias zero)."""

@@ -13,6 +13,15 @@ from __future__ import annotations
 
 ATTENTION: dict[str, type] = {}
 FEEDFORWARD: dict[str, type] = {}
+# lmforge's own kinds, known by name before their modules (and torch) are imported: a config validates
+# without importing torch
+BUILTIN = {"attention": ("causal",), "feed-forward": ("dense", "moe")}
+
+
+def known(what: str) -> list[str]:
+    """The names a config may use for ``what`` ("attention" | "feed-forward")."""
+    table = ATTENTION if what == "attention" else FEEDFORWARD
+    return list(dict.fromkeys([*BUILTIN[what], *table]))
 
 
 def _register(table: dict, what: str):

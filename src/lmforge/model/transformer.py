@@ -65,9 +65,11 @@ class Transformer(nn.Module):
         ensure_builtin()
         cfg.validate()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # (``_weight``: no init of torch's own here; reset_parameters writes it. On the meta device torch's
+        # normal_ would import torch._dynamo, seconds, for a model built only to be counted or loaded into)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         if cfg.pos == "learned":
-            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model, _weight=torch.empty(cfg.max_seq_len, cfg.d_model))
         else:
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
