@@ -44,7 +44,7 @@ AUX = 0.01
 
 def make_hf(impl: str, opt_kw: dict):
     from transformers import MixtralConfig, MixtralForCausalLM
-    from train_throughput import HF_OPT, WD, decay_groups
+    from train_throughput import HF_OPT, WD, decay_groups, training_step
 
     torch.manual_seed(0)
     c = MixtralConfig(vocab_size=V, hidden_size=D, intermediate_size=DE, num_hidden_layers=L, num_attention_heads=H,
@@ -55,22 +55,15 @@ def make_hf(impl: str, opt_kw: dict):
     kw = {k: v for k, v in opt_kw.items() if not k.startswith("_")}
     opt = torch.optim.AdamW(decay_groups(m, WD), **HF_OPT, **kw)
 
-    def step(x, y):
-        loss = m(input_ids=x, labels=x).loss  # HF shifts the labels itself; loss includes aux * coef
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step, m
+    # HF shifts the labels itself; its loss includes aux * coef
+    return training_step(lambda x, y: m(input_ids=x, labels=x).loss, m, opt), m
 
 
 def make_ours():
     from lmforge.model import preset
     from lmforge.model.transformer import Transformer
     from lmforge.train.optim import build_optimizers
-    from train_throughput import HF_OPT, WD
+    from train_throughput import HF_OPT, WD, training_step
 
     torch.manual_seed(0)
     cfg = preset("tiny-mixtral", vocab_size=V, max_seq_len=T, hf_family="none", **{"moe.aux_loss_coef": AUX})
@@ -79,15 +72,7 @@ def make_ours():
     m = Transformer(cfg).train()
     (opt,) = build_optimizers(m, "adamw", lr=HF_OPT["lr"], weight_decay=WD, betas=HF_OPT["betas"], eps=HF_OPT["eps"])
 
-    def step(x, y):
-        _, loss = m(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step, m
+    return training_step(lambda x, y: m(x, y)[1], m, opt), m
 
 
 def _time_impl(impl, x, y, opt_kw, n):

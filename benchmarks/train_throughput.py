@@ -99,15 +99,8 @@ def make_hf(L, d, H, T, V, opt_kw=None):
     kw = {k: v for k, v in opt_kw.items() if not k.startswith("_")}
     opt = torch.optim.AdamW(decay_groups(m, WD), **HF_OPT, **kw)
 
-    def step(x, y):
-        loss = m(input_ids=x, labels=x).loss  # HF shifts labels itself: same work as next-token targets
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step, opt_kw
+    # HF shifts labels itself: same work as next-token targets
+    return training_step(lambda x, y: m(input_ids=x, labels=x).loss, m, opt), opt_kw
 
 
 def make_ours(L, d, H, T, V):
@@ -123,15 +116,19 @@ def make_ours(L, d, H, T, V):
                               eps=HF_OPT["eps"])
     fused = all(g.get("fused") for g in opt.param_groups)
 
+    return training_step(lambda x, y: m(x, y)[1], m, opt), cfg, fused
+
+
+def training_step(loss_of, model, opt):
+    """The step every side runs: ``loss_of(x, y)``, backward, clipping to norm 1, the optimizer, zeroed grads."""
     def step(x, y):
-        _, loss = m(x, y)
+        loss = loss_of(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
-
-    return step, cfg, fused
+    return step
 
 
 def time_steps(step, x, y, n):
