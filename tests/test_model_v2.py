@@ -189,6 +189,17 @@ def test_the_model_never_imports_train():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_building_counting_and_loading_a_model_import_no_dynamo(tmp_path):
+    """torch's normal_ on the meta device imports torch._dynamo (seconds): a model built to be counted
+    or loaded into must not pay it (a generate call builds its cache from the model's specs)."""
+    code = ("import sys, torch; from lmforge.model import preset, Transformer, save, load;"
+            "c = preset('tiny-mixtral'); c.num_params(); c.flops_per_token();"
+            "m = Transformer(preset('tiny-llama', vocab_size=50)); save(m, sys.argv[1]); load(sys.argv[1]);"
+            "from lmforge.infer.loop import generate; generate(m.eval(), [1, 2], 3, temperature=0);"
+            "assert 'torch._dynamo' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], check=True)
+
+
 def test_recompute_wrapper_keeps_names_and_gradients():
     from lmforge.train.recompute import apply_recompute
 

@@ -83,9 +83,10 @@ def up_width(activation: str, hidden: int) -> int:
 
 # ---- RoPE ----
 def rope_frequencies(cfg) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/D), with Llama-3 scaling of the long wavelengths if configured."""
+    """Inverse frequencies theta^(-2i/D), with Llama-3 scaling of the long wavelengths if configured
+    (computed on the CPU in float64, whatever the default device: on meta, torch.arange imports dynamo)."""
     D = cfg.hd
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device="cpu") / D))
     s = cfg.rope_scaling
     if s:
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]

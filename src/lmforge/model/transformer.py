@@ -71,7 +71,10 @@ class Transformer(nn.Module):
         if cfg.pos == "learned":
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model, _weight=torch.empty(cfg.max_seq_len, cfg.d_model))
         else:
-            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+            dev = self.tok_emb.weight.device
+            inv = rope_frequencies(cfg)
+            self.register_buffer("inv_freq", torch.empty(inv.shape, device="meta") if dev.type == "meta"
+                                 else inv.to(dev), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, spec) for spec in cfg.layer_specs())
         self.norm_f = make_norm(cfg)
@@ -102,7 +105,7 @@ class Transformer(nn.Module):
         if left:
             raise RuntimeError(f"no initialization for {left[:5]}: a component's reset_parameters must "
                                "cover every parameter it owns")
-        if getattr(self, "inv_freq", None) is not None:
+        if getattr(self, "inv_freq", None) is not None and not self.inv_freq.is_meta:
             self.inv_freq.copy_(rope_frequencies(self.cfg))
             self._rope_cache = None
 
