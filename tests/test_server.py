@@ -344,13 +344,16 @@ def test_echo_logprobs_max_tokens_0_scores_the_prompt(server, reference):
 def test_completion_logprobs_text_offset(server, reference):
     import codecs
 
-    base, tok, _, _ = server
+    from lmforge.model import load_tokens
+
+    base, tok, model_dir, _ = server
     body = {"model": NAME, "prompt": "Good morrow", "max_tokens": 10, "temperature": 0, "logprobs": 1}
     code, r = post(base, "/v1/completions", body)
     assert code == 200
     ch = r["choices"][0]
     lp = ch["logprobs"]
-    ids = [t for t in reference.ids("Good morrow", 10) if t not in tok.special_tokens.values()]
+    stops = set(load_tokens(model_dir, tok).stop)  # a stop token ends the text; any other token is text
+    ids = [t for t in reference.ids("Good morrow", 10) if t not in stops]
     assert tok.decode(ids) == ch["text"] and lp["tokens"] == [tok.decode([t]) for t in ids]
     assert lp["token_logprobs"] == pytest.approx(reference.logprobs("Good morrow", ids), abs=1e-4)
     assert [list(d.values()) for d in lp["top_logprobs"]] == [[v] for v in lp["token_logprobs"]]  # greedy: top 1
