@@ -4,7 +4,7 @@ An lmforge model directory holds ``config.json`` (``{"format": "lmforge.model",
 "model": {...ModelConfig...}}``), ``model.safetensors`` and the tokenizer
 (``tokenizer.lmforge.json``) with its special tokens' parts and chat template
 (``config.json``'s ``"tokens"``, a ``lmforge.tokenize.special.TokenSpec``): the
-model, its tokenizer, its special tokens and its config travel together. ``load(dir)`` also opens HF directories (GPT-2, Llama, Mistral, Qwen2, Qwen3).
+model, its tokenizer, its special tokens and its config travel together. ``load(dir)`` also opens HF directories (GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE).
 """
 from __future__ import annotations
 
