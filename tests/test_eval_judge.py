@@ -396,6 +396,35 @@ def test_an_endpoint_without_logprobs_cannot_score(stub):
         OpenAILM(s.url, "m").loglikelihood_rolling(["a b"])
 
 
+def _echoed(tokens):
+    """A completions answer echoing ``tokens``: (text, offset, logprob, top logprob) each."""
+    return {"choices": [{"text": "".join(t for t, *_ in tokens), "logprobs": {
+        "tokens": [t for t, *_ in tokens], "text_offset": [o for _, o, _, _ in tokens],
+        "token_logprobs": [lp for _, _, lp, _ in tokens],
+        "top_logprobs": [None if lp is None else {"?": top} for _, _, lp, top in tokens]}}]}
+
+
+def test_the_continuation_is_split_by_text_offsets(stub):
+    # "a bcd" as <bos> | a | ' ' | bc | d, then one generated token; d is not its position's top token
+    toks = [("", 0, None, None), ("a", 0, -1.0, -1.0), (" ", 1, -2.0, -2.0), ("bc", 2, -3.0, -3.0),
+            ("d", 4, -4.0, -0.5), ("x", 5, -9.0, -9.0)]
+    s = stub((200, _echoed(toks), {}))
+    m = OpenAILM(s.url, "m", chat=False)
+    got = m.loglikelihood([("a ", "bcd"), ("a b", "cd"), ("a", " bcd"), ("a bc", "d"), ("", "a bcd")])
+    # the context's trailing space moves to the continuation; "bc" straddles "a b" | "cd" and is the continuation's
+    assert got == [(-9.0, False), (-7.0, False), (-9.0, False), (-4.0, False), (-10.0, False)]
+    assert m.loglikelihood_rolling(["a bcd"]) == [-10.0]
+    body = s.seen[-1][2]
+    assert body["echo"] is True and body["logprobs"] == 1 and body["prompt"] == "a bcd"
+    s = stub((200, _echoed([(t, o, lp, lp) for t, o, lp, _ in toks[:4]]), {}))
+    assert OpenAILM(s.url, "m").loglikelihood([("a", " bc")]) == [(-5.0, True)]
+    toks_nobos = [("a", 0, None, None)] + toks[2:]  # no BOS: the first token has no log-probability
+    s = stub((200, _echoed(toks_nobos), {}))
+    with pytest.raises(ValueError, match="no log-probability for the first token"):
+        OpenAILM(s.url, "m").loglikelihood_rolling(["a bcd"])
+    assert OpenAILM(s.url, "m").loglikelihood([("a", " bcd")]) == [(-9.0, False)]
+
+
 # ---- against a live lmforge serve ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
