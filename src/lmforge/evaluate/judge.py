@@ -113,7 +113,8 @@ def _only(values: list):
 
 
 def parse_verdict(text: str) -> str | None:
-    """"A", "B" or "C" (tie) from the judge's text, or None: no ``[[A]]``/``[[B]]``/``[[C]]`` tag, or two different ones."""
+    """"A", "B" or "C" (tie) from the judge's text, or None: no ``[[A]]``/``[[B]]``/``[[C]]`` tag, or two
+    different ones."""
     return _only([t for t in _TAG.findall(text or "") if t in ("A", "B", "C")])
 
 

@@ -41,6 +41,7 @@ cannot truncate without the tokenizer; ``stats["truncated"]`` stays 0).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -111,6 +112,7 @@ class OpenAILM(lm.LM):
             headers["Authorization"] = f"Bearer {key}"
         self._http = httpx.Client(timeout=self.timeout, headers=headers)
         self.stats.update({"requests": 0, "retries": 0})
+        self._lock = threading.Lock()  # the stats, counted from the worker threads
         self._models: list | None = None
         self._max_length: int | None = None
         self.model = model if model is not None else self._only_model()
@@ -137,7 +139,8 @@ class OpenAILM(lm.LM):
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
             wait = self.backoff_s * (2 ** attempt)
-            self.stats["requests"] += 1
+            with self._lock:
+                self.stats["requests"] += 1
             try:
                 r = self._http.request(method, url, json=body)
             except httpx.TransportError as e:  # refused, reset, timed out, protocol error
@@ -164,7 +167,8 @@ class OpenAILM(lm.LM):
                         wait = max(wait, float(after))
                     except ValueError:
                         pass
-            self.stats["retries"] += 1
+            with self._lock:
+                self.stats["retries"] += 1
             time.sleep(min(wait, self.max_wait_s))
         raise AssertionError("unreachable")
 
