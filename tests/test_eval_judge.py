@@ -268,6 +268,11 @@ def test_cli_pairwise_grade_and_agreement_on_runs(tmp_path):
         J.run_cli(_args("agreement"), judge=Scripted(fair))
     with pytest.raises(ValueError, match="--judge-url URL"):
         J.run_cli(_args("agreement", "--synthetic", "3"))
+    small = Scripted(fair)
+    small.max_length = 256
+    with pytest.raises(ValueError, match="--max-tokens 512: the judge's context is 256 tokens"):
+        J.run_cli(_args("agreement", "--synthetic", "3"), judge=small)
+    assert small.calls == []
     (a / "samples" / "addition.jsonl").write_text('{"doc_id": 0}\nnot json\n')
     with pytest.raises(ValueError, match=r"addition.jsonl:2: not a JSON line"):
         J.run_cli(_args("grade", str(a), "--rubric", "r"), judge=Scripted(fair))
@@ -525,12 +530,17 @@ def test_wrong_model_name_on_lmforge_serve_is_a_404(served):
     assert e.value.status == 404
 
 
-def test_engine_judge_and_served_chat_agree(served):
+def test_a_local_judge_and_the_served_chat_agree(served):
+    from lmforge.evaluate.local import LocalLM
+
     base, _, _, _, _, d = served
-    local = J.EngineJudge(d)
+    local = LocalLM.from_checkpoint(d)
     remote = OpenAILM(base, "tiny", chat=True)
-    reqs = [(p, GREEDY) for p in PROMPTS]
-    assert local.generate_until(reqs) == remote.generate_until(reqs)
+    items = [{"question": p, "answer_a": "yes", "answer_b": "no"} for p in PROMPTS[:2]]
+    kw = {"max_gen_toks": 8}
+    texts = [x["judgments"] for x in J.judge_many(local, items, gen_kwargs=kw)["items"]]
+    assert texts == [x["judgments"] for x in J.judge_many(remote, items, gen_kwargs=kw)["items"]]
+    assert len({t for pair in texts for t in pair}) == 4  # the prompts differ, so do the texts
     # the tiny model writes no verdict tags: every verdict is unparsed, counted, and no winner is invented
     r = J.judge_many(remote, [{"question": "q", "answer_a": "x", "answer_b": "y"}], gen_kwargs={"max_gen_toks": 8})
     assert r["summary"]["unparsed_verdicts"] == 2 and r["items"][0]["winner"] is None
