@@ -390,6 +390,12 @@ def test_model_discovery_and_stop_cut_client_side(stub):
     # the server ignored the stop strings (and got only the first of them): the text is cut here anyway
     assert m.generate_until([("p", {"until": ["three", ";"], "max_gen_toks": 5})]) == ["one. two"]
     assert s.seen[-1][2]["stop"] == ["three"] and s.seen[-1][2]["prompt"] == "p"
+    m.generate_until([("p", {})])
+    assert s.seen[-1][2]["max_tokens"] == 256 and "stop" not in s.seen[-1][2]  # lm-eval's default length
+    n = len(s.seen)
+    with pytest.raises(ValueError, match="unknown gen_kwargs key 'max_length'"):
+        m.generate_until([("p", {"max_length": 3})])
+    assert len(s.seen) == n
 
 
 def test_an_endpoint_without_logprobs_cannot_score(stub):

@@ -576,7 +576,9 @@ def make_judge(a) -> lm.LM:
         raise ValueError(f"--judge-checkpoint {a.judge_checkpoint}: not a directory")
     from .local import LocalLM
 
-    return LocalLM.from_checkpoint(a.judge_checkpoint)
+    j = LocalLM.from_checkpoint(a.judge_checkpoint)
+    j.name = f"lmforge:{a.judge_checkpoint}"
+    return j
 
 
 def _rubric(a) -> str | None:
