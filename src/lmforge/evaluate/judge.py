@@ -29,7 +29,7 @@ judge computes its text, nor of tasks beyond a run's per-sample log.
   corrects it for chance (None when chance agreement is 1: one class only).
 
 How it can mislead: a judge rewards what it likes (length, confidence, its own
-style) as well as what is right; the swap only removes position bias, and
+style) as well as what is right; the swap guards only against position bias, and
 agreement on arithmetic says little about open-ended answers.
 
 CLI face (``lmforge eval judge``, wired by the report): ``add_arguments(parser)``
