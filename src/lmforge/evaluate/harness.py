@@ -151,8 +151,9 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
     t0 = int(stats.get("truncated", 0))
     reqs = [r for dr in drs for r in dr.requests]
     answers = lm.run(reqs) if reqs else []
-    if len(answers) != len(reqs):
-        raise RuntimeError(f"task {task.name!r}: the model answered {len(answers)} of {len(reqs)} requests")
+    answered = sum(a is not None for a in answers)
+    if len(answers) != len(reqs) or answered != len(reqs):
+        raise RuntimeError(f"task {task.name!r}: the model answered {answered} of {len(reqs)} requests")
     truncated = int((getattr(lm, "stats", None) or {}).get("truncated", 0)) - t0
     per_doc, logs, pos = [], [], 0
     pass_cache: dict = {}
@@ -264,7 +265,8 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
              seed: int = 0, samples_dir=None, data_dir=None, dirty=None, progress: bool = True) -> dict:
     """Scores ``tasks`` (Task objects, names or paths; see ``task.load_tasks``) on ``lm``; returns the
     result object (schema: ``lmforge_eval`` 1). ``split``: "test" (each task's test_split), "dev"
-    (its validation_split) or "both" (test, plus "dev" and the test-minus-dev "gap").
+    (its validation_split) or "both" (test, plus "dev" and the test-minus-dev "gap" for every task
+    that has a validation split other than its test split; the others report test alone).
     ``samples_dir``: one ``<task>.jsonl`` per task (its path in the result is relative to the
     folder that holds ``samples_dir``). ``dirty(task_name, doc_texts) -> [bool]``: adds the
     "contamination" entry for the reported split."""
@@ -301,8 +303,8 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
         if main["omitted"]:
             entry["omitted"] = main["omitted"]
         lines = main["lines"]
-        if split == "both":
-            dev_split = task.split_for("dev")
+        dev_split = task.validation_split
+        if split == "both" and dev_split is not None and dev_split != main_split:
             dev = score_split(lm, task, dev_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
                               bootstrap=bootstrap, seed=seed + 1)
             entry["dev"] = {"split": dev_split, "n": dev["n"], "metrics": dev["metrics"]}
