@@ -223,8 +223,8 @@ class _Outcome:
 
 
 def _fake_sandbox(monkeypatch, ran):
-    def run_python(code, limits):
-        ran.append((code, limits))
+    def run_python(code, limits, **kw):
+        ran.append((code, limits, kw))
         env = {}
         try:
             exec(compile(code, "<sample>", "exec"), env)  # the fixture's own tiny programs only
@@ -238,7 +238,7 @@ def _fake_sandbox(monkeypatch, ran):
 def test_pass_at_k_through_the_sandbox(monkeypatch, tmp_path):
     ran = []
     _fake_sandbox(monkeypatch, ran)
-    r = harness.evaluate(HashLM(), _tasks("local_code"), samples_dir=tmp_path, progress=False)
+    r = harness.evaluate(HashLM(), _tasks("local_code"), samples_dir=tmp_path, progress=False, allow_network=True)
     e = r["tasks"]["local_code"]
     # 5 samples per problem, 2 right (seeds 0 and 1): pass@1 = 2/5, pass@5 = 1
     assert e["metrics"]["pass@1"]["value"] == pytest.approx(0.4)
@@ -246,9 +246,12 @@ def test_pass_at_k_through_the_sandbox(monkeypatch, tmp_path):
     assert e["primary"] == "pass@1" and e["centered"] == pytest.approx(0.4)
     # each distinct program once: prompt + completion + "\n" + test
     assert len(ran) == 6
-    assert ('def add(a, b):\n    """Return a + b."""\n    return a + b\n\nassert add(2, 3) == 5', {"timeout_s": 5.0}) in ran
+    assert ('def add(a, b):\n    """Return a + b."""\n    return a + b\n\nassert add(2, 3) == 5',
+            {"wall_s": 5.0, "cpu_s": 5.0}, {"allow_network": True}) in ran
+    assert e["sandbox"] == {"passed": 3, "failed": 3}
     line = json.loads((tmp_path / "local_code.jsonl").read_text().splitlines()[0])
     assert line["passed"] == [True, True, False, False, False] and len(line["responses"]) == 5
+    assert line["status"] == ["passed", "passed", "failed", "failed", "failed"]
 
 
 def test_pass_at_k_omitted_where_n_is_below_k(monkeypatch):
