@@ -8,10 +8,11 @@ resource limits, a pids cgroup where one is writable), capture its output and sa
 What the child gets (``run_python``):
 
 * a fresh ``python -I -S`` (the harness's interpreter; isolated mode, no site: the standard library
-  only), an EMPTY environment, stdin from /dev/null, as working directory a new temporary directory
-  holding ``main.py`` (removed afterwards, whatever the program left in it);
+  only), an EMPTY environment (the interpreter's own PEP 538 ``LC_CTYPE`` is removed again), stdin
+  from /dev/null, as working directory a new temporary directory holding ``main.py`` (removed
+  afterwards, whatever the program left in it);
 * resource limits set before the program's interpreter starts (``Limits``): RLIMIT_CPU (CPU
-  seconds), RLIMIT_AS (address space: a large allocation raises ``MemoryError``), RLIMIT_FSIZE
+  seconds of each process, rounded up to whole seconds), RLIMIT_AS (address space: a large allocation raises ``MemoryError``), RLIMIT_FSIZE
   (largest file it may write), RLIMIT_NOFILE, RLIMIT_NPROC and RLIMIT_CORE = 0;
 * its own session and process group; at the wall-clock limit (or when it is done) the whole group,
   the PID namespace and the cgroup are killed, so no process it started outlives the call;
@@ -21,9 +22,12 @@ What the child gets (``run_python``):
 Isolation, where Linux allows it (unprivileged user namespaces; checked by ``network_isolation()``):
 a new user namespace (the caller's uid mapped to root inside), a new network namespace (only a
 loopback device, down: no connection to anything, the host's loopback included), a new PID
-namespace (the program cannot see or signal the harness; when its first process ends the kernel
-kills the rest) and a new mount namespace in which every mount is remounted read-only except a bind
-of the work directory: the program can write only there (and to device nodes such as /dev/null).
+namespace (the program cannot see or signal the harness; the sandbox's own init is PID 1, because
+the kernel drops signals such as SIGXCPU sent to a PID 1 without a handler, and the program is PID 2;
+when the program ends, init ends and the kernel kills whatever is left) and a new mount namespace in
+which every mount is remounted read-only except a bind of the work directory: the program can write
+only there (and to device nodes such as /dev/null). So /tmp and /dev/shm are read-only too: ``tempfile``
+and ``multiprocessing`` locks fail; generated code should write in its current directory.
 Where namespaces are not available, ``run_python`` refuses (``SandboxUnavailable``, saying why)
 unless ``allow_network=True``; then only the limits, the empty environment, the work directory and
 the process-group kill apply, and nothing stops writes elsewhere that the user may make.
@@ -476,7 +480,7 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
         drain_until = None
         while sel.get_map():
             now = time.perf_counter()
-            if drain_until is None and proc.poll() is not None:
+            if drain_until is None and _exited(proc):
                 # the supervisor is gone: nothing it started may outlive it; read what is left
                 _cleanup(proc, notes, cg, status_buf)
                 drain_until = now + 0.5
@@ -506,6 +510,9 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
         proc.wait()
         _parse_notes(status_buf, notes)
     finally:
+        if proc is not None and proc.returncode is None:  # an exception here (KeyboardInterrupt): stop it all
+            _cleanup(proc, notes, cg, bytearray())
+            proc.wait()
         for fd in (r_status, w_status):
             if fd >= 0:
                 try:
@@ -549,7 +556,7 @@ def _cleanup(proc, notes: dict, cg, status_buf: bytearray) -> None:
     whatever is left in the cgroup."""
     _parse_notes(status_buf, notes)
     pid1 = notes.get("pid1")
-    if isinstance(pid1, int) and pid1 > 1 and proc.poll() is None:
+    if isinstance(pid1, int) and pid1 > 1 and not _exited(proc):
         _kill(pid1)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -558,6 +565,20 @@ def _cleanup(proc, notes: dict, cg, status_buf: bytearray) -> None:
     if cg is not None:
         for p in _cgroup_pids(cg):
             _kill(p)
+
+
+def _exited(proc) -> bool:
+    """Has the supervisor ended? Without reaping it: while it is a zombie its pid (= its process group's id)
+    cannot be reused, so killing the group cannot hit an unrelated process."""
+    if proc.returncode is not None:
+        return True
+    if not hasattr(os, "waitid"):  # macOS before Python 3.13
+        return proc.poll() is not None
+    try:
+        r = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return r is not None
 
 
 def _classify(notes: dict, timed_out: bool, over_output: bool, limits: Limits, sup_rc) -> tuple[str, int | None]:
