@@ -175,17 +175,22 @@ if flags:
     if e:
         fail("cannot bind the work directory %s: %s" % (wd, e))
     unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+    pseudo = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "securityfs", "debugfs", "tracefs",
+              "bpf", "pstore", "fusectl", "configfs", "binfmt_misc", "autofs", "efivarfs", "hugetlbfs"}
     with open("/proc/self/mountinfo") as f:
-        mounts = [(unesc(l.split()[4]), l.split()[5].split(",")) for l in f]
-    for mp, opts in mounts:
-        if mp == wd or mp.startswith(wd + "/"):
+        mounts = []
+        for l in f:
+            pre, _, post = l.partition(" - ")
+            mounts.append((unesc(pre.split()[4]), pre.split()[5].split(","), (post.split() or ["?"])[0]))
+    for mp, opts, fstype in mounts:
+        if mp == wd or mp.startswith(wd + "/") or "ro" in opts:
             continue
         fl = MS_REMOUNT | MS_BIND | MS_RDONLY
         for o in opts:
             fl |= keep.get(o, 0)
         e = mount(None, mp, None, fl)
-        if e and (mp == "/" or mp == os.path.dirname(wd) or wd.startswith(mp.rstrip("/") + "/")):
-            fail("cannot make %s read-only: %s" % (mp, e))
+        if e and fstype not in pseudo:  # a writable filesystem left writable: refuse rather than pretend
+            fail("cannot make %s (%s) read-only: %s" % (mp, fstype, e))
 def report(status, ru):
     cpu = ru.ru_utime + ru.ru_stime
     if os.WIFSIGNALED(status):
