@@ -79,6 +79,14 @@ def test_fresh_interpreter_empty_env_throwaway_dir(isolated):
     assert not os.path.exists(d["cwd"])  # the work directory went with everything in it
 
 
+def test_work_dir_is_removed_whatever_the_program_left(isolated):
+    code = ("import os\nos.makedirs('a/b')\nopen('a/b/f', 'w').write('x')\nos.chmod('a/b', 0)\nos.chmod('a', 0)\n"
+            "os.symlink('/etc', 'link')\nprint(os.getcwd())\n")
+    o = S.run_python(code, FAST)
+    assert o.status == "passed", o.stderr
+    assert not os.path.exists(o.stdout.strip()) and os.path.isdir("/etc")
+
+
 def test_infinite_loop_hits_the_cpu_limit(isolated):
     t0 = time.perf_counter()
     o = S.run_python("while True:\n    pass\n", S.Limits(cpu_s=1, wall_s=20))
@@ -109,6 +117,9 @@ def test_fork_bomb_is_stopped_and_leaves_no_process(isolated):
     assert time.perf_counter() - t0 < 10
     time.sleep(0.2)
     assert _alive(_procs_with(S.RUNNER_TAG)) == []
+    root = S._CGROUP_ROOT[0] if S._CGROUP_ROOT else None
+    if root is not None:  # as root: the run's pids cgroup carried the limit, and it is gone
+        assert list(Path(root).glob(f"lmforge-sandbox-{os.getpid()}-*")) == []
     # and the next program runs normally: the process budget was the bomb's alone
     assert S.run_python("import os\npid = os.fork()\nos._exit(0) if pid == 0 else os.waitpid(pid, 0)\n",
                         FAST).status == "passed"

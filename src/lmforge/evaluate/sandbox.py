@@ -437,11 +437,14 @@ def _rlimits(limits: Limits, flags: int) -> list:
 
 def _rmtree(path: str) -> None:
     def onerror(func, p, exc):
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-        except OSError:
-            pass
+        # a directory the program made unreadable (chmod 0): give it back to us. Never through a symlink
+        # (chmod follows links: a link to /etc must not make /etc 0700)
+        for q in (os.path.dirname(p), p):
+            try:
+                if q.startswith(path) and not os.path.islink(q):
+                    os.chmod(q, 0o700)
+            except OSError:
+                pass
         try:
             func(p)
         except OSError:
