@@ -680,9 +680,6 @@ def _from_definition(cfg: dict, source: str, base_dir: str, skip_bad: bool = Fal
                 raise TaskError(f"{where}filter_list[{j}]: expected a mapping with 'name' and 'filter'")
             steps = [M.check_filter(s, f"{where}filter_list[{j}].filter: ") for s in (f.get("filter") or [])]
             filters.append((str(f.get("name", f"filter{j}")), steps))
-    elif ot == "generate_until":
-        filters = [("none", [("take_first", {})])]
-
     # metrics
     mets = []
     ml = cfg.get("metric_list")
@@ -717,6 +714,10 @@ def _from_definition(cfg: dict, source: str, base_dir: str, skip_bad: bool = Fal
         k = M.pass_at_k_k(mname)
         if k is not None and "code" not in cfg:
             raise TaskError(f"{where}metric {mname!r} needs a 'code' field (test_field, entry_point_field, timeout_s)")
+    if fl is None and ot == "generate_until":
+        # lm-eval's default keeps the first sample; pass@k needs every sample (exact_match scores the first)
+        has_pass = any(M.pass_at_k_k(m) is not None for m, _ in mets)
+        filters = [("none", [] if has_pass else [("take_first", {})])]
     names = [m for m, _ in mets]
     primary = cfg.get("primary_metric", names[0])
     if primary not in names:
