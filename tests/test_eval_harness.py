@@ -333,3 +333,30 @@ def test_bad_arguments_and_a_failing_model_keep_earlier_logs(tmp_path):
     assert (tmp_path / "local_mc.jsonl").read_bytes() == before
     with pytest.raises(NotImplementedError, match="cannot generate"):
         harness.evaluate(LM(), _tasks("local_addition"), progress=False)
+
+
+def test_pass_at_k_in_the_real_sandbox_survives_a_loop():
+    """Right bodies for seed 0, a wrong one for seeds 1-3, an endless loop for seed 4: the loop is
+    stopped and scored as a failure, and the run goes on."""
+    sandbox = pytest.importorskip("lmforge.evaluate.sandbox")
+    if sandbox.network_isolation() is not None:
+        pytest.skip(f"sandbox unavailable here: {sandbox.network_isolation()}")
+
+    class Oracle(HashLM):
+        def generate_until(self, reqs):
+            out = []
+            for c, g in reqs:
+                body = {"add": "a + b", "neg": "-x", "sq": "x * x"}[c.split("def ")[-1].split("(")[0]]
+                seed = g.get("seed", 0)
+                out.append(f"    return {body}\n" if seed == 0 else "    while True:\n        pass\n" if seed == 4
+                           else "    return 0\n")
+            return out
+
+    t = _tasks("local_code")[0]
+    t.code = {**t.code, "timeout_s": 1}
+    r = harness.evaluate(Oracle(), [t], progress=False)
+    e = r["tasks"]["local_code"]
+    assert e["metrics"]["pass@1"]["value"] == pytest.approx(0.2)
+    assert e["metrics"]["pass@5"]["value"] == pytest.approx(1.0)
+    assert e["sandbox"]["passed"] == 3 and e["sandbox"]["failed"] == 3
+    assert sum(v for k, v in e["sandbox"].items() if k in ("timeout", "cpu_limit")) == 3
