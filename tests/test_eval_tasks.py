@@ -208,6 +208,12 @@ def test_unknown_field_in_template_names_file_line_and_field(tmp_path):
         t.requests("test")
 
 
+def test_bare_name_that_is_no_field(tmp_path):
+    t = load_task(_mc_yaml(tmp_path, [{"q": "x", "choices": ["a", "b"], "label": 0}], target="lable"))[0]
+    with pytest.raises(TaskError, match=r"d\.jsonl:1: .*doc_to_target: 'lable' is not a field .*did you mean 'label'"):
+        t.docs("test")
+
+
 def test_choice_list_of_one_and_target_outside(tmp_path):
     t = load_task(_mc_yaml(tmp_path, [{"q": "x", "choices": ["a", "b"], "label": 0},
                                       {"q": "x", "choices": ["only"], "label": 0}]))[0]

@@ -274,6 +274,9 @@ class Task:
             return doc[spec], True
         if isinstance(spec, str):
             import jinja2
+            if what in ("doc_to_text", "doc_to_target", "doc_to_choice") and _IDENT.match(spec):
+                raise self._err(f"{what}: {spec!r} is not a field of the document (fields: {', '.join(sorted(doc))})"
+                                f"{_near(spec, doc)}; for a literal text write {{{{ {spec!r} }}}}", where)
             try:
                 return _template(spec).render(**doc), False
             except jinja2.UndefinedError as e:
