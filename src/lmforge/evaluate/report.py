@@ -121,7 +121,14 @@ def _safe(name: str) -> str:
 
 # ---------------------------------------------------------------- the scorecard
 
-def _num(v, bounded: bool = True) -> str:
+def _decimals(v: float) -> int:
+    """3 decimals for a score in [-1.5, 1.5] (accuracies, centered scores, gaps); else 4 significant digits."""
+    if abs(v) <= 1.5:
+        return 3
+    return max(0, 3 - int(math.floor(math.log10(abs(v)))))
+
+
+def _num(v, dec: int | None = None) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -130,23 +137,25 @@ def _num(v, bounded: bool = True) -> str:
         return f"{v:,}"
     if math.isnan(v) or math.isinf(v):
         return str(v)
-    if bounded and abs(v) <= 1.5:
-        return f"{v:.3f}"
-    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    if abs(v) >= 1e6:
+        return f"{v:.3e}"
+    return f"{v:.{_decimals(v) if dec is None else dec}f}"
 
 
-def _ci(m: dict | None) -> str:
+def _ci(m: dict | None, dec: int | None = None) -> str:
     if not m or not m.get("ci"):
         return ""
     lo, hi = m["ci"]
-    return f"[{_num(lo)}, {_num(hi)}]"
+    return f"[{_num(lo, dec)}, {_num(hi, dec)}]"
 
 
 def _score(m: dict | None) -> str:
+    """A value and its interval, both to the value's decimals."""
     if not m:
         return "-"
-    ci = _ci(m)
-    return f"{_num(m.get('value'))} {ci}".strip()
+    v = m.get("value")
+    dec = _decimals(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    return f"{_num(v, dec)} {_ci(m, dec)}".strip()
 
 
 def _primary(t: dict) -> str | None:
