@@ -184,8 +184,8 @@ def test_compare_flags_a_real_difference_paired_tighter_than_unpaired(tmp_path):
     assert u["ci"][1] - u["ci"][0] > 1.3 * (e["ci"][1] - e["ci"][0])
     md = report.compare_markdown(c)
     row = next(l for l in md.splitlines() if l.startswith("| addition | exact_match *"))
-    assert "| 0.450 | 0.750 | +0.3 |" in row and "| yes | paired bootstrap, 40 shared docs |" in row
-    assert "| choice | acc * | 0.410 | 0.410 | +0 |" in md
+    assert "| 0.450 | 0.750 | +0.300 |" in row and "| yes | paired bootstrap, 40 shared docs |" in row
+    assert "| choice | acc * | 0.410 | 0.410 | +0.000 | [-0.097, +0.097] | no | unpaired" in md
     assert "exact_match" in report.compare_text(c)
 
 

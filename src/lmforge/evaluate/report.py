@@ -312,7 +312,7 @@ def plot(res: dict, png) -> bool:
         else:
             ax.set_xlabel("score (perplexity-type: lower is better)")
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"{(res.get('model') or {}).get('name', '')}: primary scores", fontsize=10)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
@@ -452,20 +452,23 @@ def _diff(mn, ma, mb, sa, sb, shared, bootstrap, seed) -> dict:
     return e
 
 
+def _signed(v: float, ref: float) -> str:
+    return f"{v:+.{_decimals(ref) if ref else 3}f}"
+
+
+def _cmp_cells(name: str, metric: str, e: dict) -> list[str]:
+    ref = max(abs(e["a"]), abs(e["b"]))
+    flag = "yes" if e["significant"] else ("no" if e["significant"] is not None else "?")
+    method = e["method"] + (f", {e['n_shared']} shared docs" if "n_shared" in e else "")
+    ci = f"[{_signed(e['ci'][0], ref)}, {_signed(e['ci'][1], ref)}]" if e["ci"] else "-"
+    return [name, metric, _num(e["a"]), _num(e["b"]), _signed(e["diff"], ref), ci, flag, method]
+
+
 def _compare_rows(c: dict) -> list[list[str]]:
-    rows = []
-    for name, t in c["tasks"].items():
-        for mn, e in t["metrics"].items():
-            flag = "yes" if e["significant"] else ("no" if e["significant"] is not None else "?")
-            method = e["method"] + (f", {e['n_shared']} shared docs" if "n_shared" in e else "")
-            rows.append([name, mn + (" *" if mn == t.get("primary") else ""), _num(e["a"]), _num(e["b"]),
-                         f"{e['diff']:+.4g}", f"[{e['ci'][0]:+.4g}, {e['ci'][1]:+.4g}]" if e["ci"] else "-",
-                         flag, method])
+    rows = [_cmp_cells(name, mn + (" *" if mn == t.get("primary") else ""), e)
+            for name, t in c["tasks"].items() for mn, e in t["metrics"].items()]
     if c.get("aggregate"):
-        e = c["aggregate"]["core"]
-        rows.append(["CORE", "centered mean", _num(e["a"]), _num(e["b"]), f"{e['diff']:+.4g}",
-                     f"[{e['ci'][0]:+.4g}, {e['ci'][1]:+.4g}]" if e["ci"] else "-",
-                     "yes" if e["significant"] else "no" if e["significant"] is not None else "?", e["method"]])
+        rows.append(_cmp_cells("CORE", "centered mean", c["aggregate"]["core"]))
     return rows
 
 
