@@ -165,6 +165,8 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
                               progress=progress)
     model = result.setdefault("model", {})
     model["checkpoint"] = str(checkpoint)
+    if not model.get("params"):
+        model["params"] = sum(p.numel() for p in lm.model.parameters())
     _relative_samples(result, out)
     return result, report.write(result, out)
 
@@ -219,7 +221,7 @@ def cmd_tasks_eval(a) -> int:
 def cmd_eval(a) -> int:
     if a.checkpoint is None:
         raise _usage("lmforge eval: give --checkpoint DIR (with --tasks: the tasks to score; without: bits per "
-                     "byte), or a subcommand: compare, judge, tasks (`lmforge eval --help`)")
+                     "byte), or a subcommand: compare, judge, tasks, lm-eval (`lmforge eval --help`)")
     _checkpoint(a.checkpoint)
     return cmd_tasks_eval(a) if a.tasks is not None else cmd_bpb(a)
 
@@ -325,7 +327,7 @@ examples:
   lmforge eval SUBCOMMAND --help                                   a subcommand's options"""
 
 _USAGE = """lmforge eval --checkpoint DIR [--tasks T1,T2|default|all] [options]
-       lmforge eval {compare,judge,tasks} ..."""
+       lmforge eval {compare,judge,tasks,lm-eval} ..."""
 
 
 def add_parser(sub) -> None:
@@ -364,7 +366,7 @@ def add_parser(sub) -> None:
     c.add_argument("--json", action="store_true", help="print one JSON object (and nothing else on stdout)")
     ev.set_defaults(fn=cmd_eval)
 
-    cmds = ev.add_subparsers(dest="eval_cmd", metavar="SUBCOMMAND", title="subcommands")
+    cmds = ev.add_subparsers(dest="eval_cmd", metavar="SUBCOMMAND", title="subcommands", prog="lmforge eval")
     cmds.required = False
     cp = cmds.add_parser("compare", help="per-task differences between two results, with intervals",
                          description="B - A for every task and metric the two results share, with a 95% interval: "
@@ -388,6 +390,24 @@ def add_parser(sub) -> None:
     ts.set_defaults(fn=cmd_list_tasks)
 
     _add_judge(cmds)
+
+    le = cmds.add_parser("lm-eval", help="lm-evaluation-harness's own CLI with the lmforge model registered",
+                         description="Run lm-eval's CLI unchanged, with lmforge registered as a model: `lmforge eval "
+                         "lm-eval -- --model lmforge --model_args checkpoint=DIR --tasks TASK [--include_path DIR] "
+                         "...` (every argument after -- is lm-eval's). Needs lm-eval installed.")
+    le.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="-- ARGS", help="lm-eval's arguments")
+    le.set_defaults(fn=cmd_lm_eval)
+
+
+def cmd_lm_eval(a) -> int:
+    args = list(a.lm_eval_args)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    try:
+        from .lm_eval_adapter import run_cli
+    except ImportError as e:
+        raise RuntimeError(f"lmforge eval lm-eval needs lm-evaluation-harness (pip install lm_eval): {e}") from None
+    return run_cli(args)
 
 
 def _add_judge(cmds) -> None:
