@@ -217,15 +217,19 @@ def _model_line(res: dict) -> str:
     return line + "."
 
 
-def scorecard_markdown(res: dict, chart: str | None = None, chart_note: str | None = None, heading: int = 1) -> str:
+def scorecard_markdown(res: dict, chart: str | None = None, chart_note: str | None = None, heading: int = 1,
+                       base: str = "") -> str:
     """The scorecard as markdown: the model and settings, the CORE aggregate, one summary row per task,
     then per task every metric with its 95% interval (and its dev, gap and clean-subset values).
     ``chart``: an image path to embed; ``chart_note``: why there is none. ``heading``: the level of
-    the title (2 inside a larger report)."""
+    the title (2 inside a larger report); ``base``: the report directory as seen from the file the markdown
+    goes into (``"eval/"`` in a run's report.md), put before the per-sample logs' paths."""
     h = "#" * heading
     L = [f"{h} Evaluation scorecard", "", _model_line(res), "", _core_line(res), "",
          "Scores are the primary metric on the reported split with a 95% bootstrap interval over documents; "
          "centered = (score - baseline) / (1 - baseline); gap = reported split minus dev.", ""]
+    if res.get("left_out"):
+        L += [f"Left out (failed to load or score; see the log): {', '.join(res['left_out'])}", ""]
     rows = _rows(res)
     L += _table_md(_COLS, [[r[c] for c in _COLS] for r in rows]) if rows else ["(no tasks)"]
     if chart:
@@ -236,7 +240,7 @@ def scorecard_markdown(res: dict, chart: str | None = None, chart_note: str | No
         L += ["", f"{h}# {name}", ""]
         info = [f"output type {t.get('output_type', '?')}", f"split {t.get('split', '?')}", f"n {t.get('n', '?')}"]
         if t.get("samples") and isinstance(t["samples"], str):
-            info.append(f"per-sample log `{t['samples']}`")
+            info.append(f"per-sample log `{base}{t['samples']}`")
         L += ["; ".join(info), ""]
         dev = (t.get("dev") or {}).get("metrics") or {}
         gap = t.get("gap") or {}
