@@ -1,0 +1,105 @@
+"""``lmforge eval``: bits per byte as before, tasks with a report (--json: one object), compare, tasks, judge.
+
+A tiny character-level model (untrained: the scores mean nothing, the plumbing is what is tested) and
+hand-made results (tests/test_eval_report.py) for compare."""
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, corpus_files):
+    from lmforge import tokenize
+    from lmforge.model import make_config, save
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenize.special import default_special_tokens
+
+    # byte-level: every task's text encodes
+    tok = tokenize.train("bpe", [corpus_files[0].read_text()[:50000]], 300, special_tokens=default_special_tokens("bpe"),
+                         show_progress=False)
+    torch.manual_seed(0)
+    m = Transformer(make_config(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=256))
+    return save(m, tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer=tok)
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lmforge eval --checkpoint DIR [--tasks T1,T2|default|all] [options]\n"
+                          "       lmforge eval {compare,judge,tasks,lm-eval} ...")
+    for s in ("Without --tasks: loss (nats/token), perplexity", "With --tasks: score tasks", "tasks (with --tasks):",
+              "bits per byte (without --tasks):", "--decontaminate", "--include-path DIR", "compare", "judge",
+              "lm-eval", "lmforge eval compare runs/a/eval runs/b/eval"):
+        assert s in out, s
+    for sub in ("compare", "tasks", "judge"):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", sub, "--help"])
+        assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: lmforge eval {sub} ")
+
+
+def test_bits_per_byte_still_works_and_task_options_need_tasks(ckpt, tmp_path, capsys, corpus_files):
+    text = tmp_path / "t.txt"
+    text.write_text(corpus_files[1].read_text()[:3000])
+    assert main(["eval", "--checkpoint", str(ckpt), "--text", str(text), "--seq-len", "64", "--json"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out)
+    assert out.count("\n") == 1 and r["bits_per_byte"] > 0 and r["bytes"] == len(text.read_bytes())
+    assert main(["eval", "--checkpoint", str(ckpt), "--text", str(text), "--seq-len", "64"]) == 0
+    assert f"{r['bits_per_byte']:.4f} bits/byte" in capsys.readouterr().out
+    for argv, msg in [(["--text", str(text), "--split", "dev"],
+                       "--split dev: without --tasks (bits per byte) the splits are val, test"),
+                      (["--text", str(text), "--limit", "3"], "--limit is an option of task evaluation: give --tasks too"),
+                      (["--text", str(text), "--decontaminate"], "--decontaminate is an option of task evaluation"),
+                      (["--tasks", "addition", "--text", str(text)], "--text is for bits per byte of a text file"),
+                      (["--tasks", "addition", "--split", "val"], "--split val: with --tasks the splits are test"),
+                      (["--tasks", "addition", "--seq-len", "8"], "--seq-len is for bits per byte"),
+                      (["--tasks", "addition", "--limit", "0"], "--limit 0: expected a positive integer"),
+                      (["--tasks", " , "], "no task named")]:
+        assert main(["eval", "--checkpoint", str(ckpt), *argv]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    assert main(["eval"]) == 2
+    assert "give --checkpoint DIR" in capsys.readouterr().err
+
+
+def _two_runs(tmp_path):
+    from test_eval_report import A_CORRECT, B_BETTER, make_result
+
+    from lmforge.evaluate import report
+
+    for name, correct in (("a", A_CORRECT), ("b", B_BETTER)):
+        res, samples = make_result(correct, name=name)
+        report.write(res, tmp_path / name, samples=samples, chart=False)
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_compare_cli(tmp_path, capsys):
+    a, b = _two_runs(tmp_path)
+    assert main(["eval", "compare", str(a), str(b / "result.json"), "--json", "--out", str(tmp_path / "c.md")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    c = json.loads(out)
+    e = c["tasks"]["addition"]["metrics"]["exact_match"]
+    assert e["significant"] is True and e["diff"] == pytest.approx(0.3) and e["method"] == "paired bootstrap"
+    assert c["tasks"]["choice"]["metrics"]["acc"]["significant"] is False
+    assert "| addition | exact_match * | 0.450 | 0.750 | +0.300 |" in (tmp_path / "c.md").read_text()
+    assert main(["eval", "compare", str(a), str(b)]) == 0
+    txt = capsys.readouterr().out
+    assert "excludes 0" in txt and txt.splitlines()[0] == f"A: a ({a})"
+    assert main(["eval", "compare", str(a), str(tmp_path / "nope")]) == 1
+    assert "no result.json there" in capsys.readouterr().err
+
+
+def test_default_out(tmp_path, monkeypatch):
+    from lmforge.evaluate._cli import default_out
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert default_out(run / "model") == tmp_path / "eval-model"
+    (run / "run.json").write_text("{}")  # a pipeline run: the report goes beside the model
+    assert default_out(run / "model") == run / "eval"
