@@ -36,12 +36,17 @@ def _usage(msg: str):
 
 
 def _run_data_dir(checkpoint) -> str | None:
-    """The shards a checkpoint was trained on, from its train_config.json (None when there is none)."""
+    """The shards a checkpoint was trained on, from its train_config.json (None when there is none). A
+    relative path there is relative to where training ran; when it is not found from here, the run's
+    own ``data/`` beside the checkpoint (a pipeline run: <run>/model, <run>/data) is taken if it exists."""
     tc = Path(checkpoint) / "train_config.json"
-    if tc.exists():
-        t = json.loads(tc.read_text())["train"]
-        return t["data"] or str(Path(checkpoint) / "data")
-    return None
+    if not tc.exists():
+        return None
+    t = json.loads(tc.read_text())["train"]
+    data = t["data"] or str(Path(checkpoint) / "data")
+    if not Path(data).exists() and not Path(data).is_absolute() and (Path(checkpoint).parent / "data").is_dir():
+        return str(Path(checkpoint).parent / "data")
+    return data
 
 
 # ---------------------------------------------------------------- bits per byte (no --tasks)
@@ -90,15 +95,17 @@ def cmd_bpb(a) -> int:
 def task_names(spec: str, include_path: str | None = None) -> list[str]:
     """``--tasks``: a comma-separated list of names or paths; ``default`` is the built-in default set,
     ``all`` every built-in task and every task in ``include_path``. Order kept, duplicates dropped."""
-    from . import builtin
-
     names: list[str] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         if part == "default":
+            from . import builtin
+
             names += list(builtin.DEFAULT_TASKS)
         elif part == "all":
+            from . import builtin
+
             names += list(builtin.names())
             if include_path:
                 from .task import load_task
@@ -165,6 +172,9 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
                               progress=progress)
     model = result.setdefault("model", {})
     model["checkpoint"] = str(checkpoint)
+    if model.get("name") in (None, "", LocalLM.name):  # the run's name: <run>/model -> <run>
+        ck = Path(checkpoint).resolve()
+        model["name"] = ck.parent.name if ck.name == "model" else ck.name
     if not model.get("params"):
         model["params"] = sum(p.numel() for p in lm.model.parameters())
     _relative_samples(result, out)
@@ -198,8 +208,8 @@ def cmd_tasks_eval(a) -> int:
         if v is not None and v < (1 if opt in ("--limit", "--batch-size") else 0):
             raise _usage(f"{opt} {v}: expected {'a positive' if opt in ('--limit', '--batch-size') else 'a non-negative'}"
                          " integer")
-    if a.include_path is not None and not Path(a.include_path).exists():
-        raise FileNotFoundError(f"--include-path {a.include_path}: no such file or directory")
+    if a.include_path is not None and not Path(a.include_path).is_dir():
+        raise FileNotFoundError(f"--include-path {a.include_path}: not a directory (of task files)")
     names = task_names(a.tasks, a.include_path)
     from . import report
 
@@ -338,8 +348,8 @@ def add_parser(sub) -> None:
     g.add_argument("--tasks", default=None, metavar="T1,T2|default|all",
                    help="task names (built-in, in --include-path) or task files, comma-separated; default: the "
                    "default set; all: every built-in task (and every one in --include-path)")
-    g.add_argument("--include-path", default=None, metavar="DIR", help="a directory (or file) of task definitions "
-                   "(lmforge YAML/JSONL or lm-eval YAML)")
+    g.add_argument("--include-path", default=None, metavar="DIR", help="a directory of task definitions (lmforge "
+                   "YAML/JSONL or lm-eval YAML; searched before the built-in tasks)")
     g.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N documents of each task")
     g.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default: each task's)")
     g.add_argument("--bootstrap", type=int, default=None, metavar="N", help="bootstrap resamples for the 95%% intervals "
