@@ -103,3 +103,76 @@ def test_default_out(tmp_path, monkeypatch):
     assert default_out(run / "model") == tmp_path / "eval-model"
     (run / "run.json").write_text("{}")  # a pipeline run: the report goes beside the model
     assert default_out(run / "model") == run / "eval"
+
+
+def _task_dir(tmp_path):
+    """Two small tasks with a test and a dev split: multiple choice and generation (lmforge's JSONL form)."""
+    d = tmp_path / "tasks"
+    d.mkdir()
+    mc = [{"task": "tiny_mc", "output_type": "multiple_choice", "doc_to_text": "{{q}}", "doc_to_choice": "choices",
+           "doc_to_target": "{{gold}}", "test_split": "test", "validation_split": "dev"}]
+    words = ["east", "west", "north", "south", "up", "down"]
+    for i in range(12):
+        mc.append({"q": f"Line {i}: the word is", "choices": [words[i % 6], words[(i + 1) % 6], words[(i + 2) % 6]],
+                   "gold": i % 3, "split": "test" if i < 8 else "dev"})
+    gen = [{"task": "tiny_gen", "output_type": "generate_until", "doc_to_text": "{{a}} plus {{b}} is",
+            "doc_to_target": "{{c}}", "test_split": "test", "validation_split": "dev",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4, "do_sample": False},
+            "metric_list": [{"metric": "exact_match"}]}]
+    for i in range(8):
+        gen.append({"a": i, "b": 2 * i, "c": str(3 * i), "split": "test" if i < 5 else "dev"})
+    for name, rows in (("mc", mc), ("gen", gen)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_tasks_json_is_one_object_and_the_report_is_written(ckpt, tmp_path, capsys):
+    tasks = _task_dir(tmp_path)
+    out = tmp_path / "ev"
+    argv = ["eval", "--checkpoint", str(ckpt), "--tasks", "tiny_mc,tiny_gen", "--include-path", str(tasks),
+            "--split", "both", "--bootstrap", "50", "--out", str(out)]
+    assert main(argv + ["--json"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.count("\n") == 1  # one JSON object and nothing else on stdout
+    res = json.loads(cap.out)
+    assert res == json.loads((out / "result.json").read_text())
+    assert res["model"]["checkpoint"] == str(ckpt) and res["model"]["name"] == "tiny" and res["model"]["params"] > 0
+    assert res["settings"]["split"] == "both" and list(res["tasks"]) == ["tiny_mc", "tiny_gen"]
+    mc = res["tasks"]["tiny_mc"]
+    assert mc["n"] == 8 and mc["dev"]["n"] == 4 and "acc" in mc["gap"] and mc["samples"] == "samples/tiny_mc.jsonl"
+    assert res["tasks"]["tiny_gen"]["n"] == 5 and res["tasks"]["tiny_gen"]["primary"] == "exact_match"
+    rows = [json.loads(x) for x in (out / "samples" / "tiny_mc.jsonl").read_text().splitlines()]
+    assert sorted(r["split"] for r in rows) == ["dev"] * 4 + ["test"] * 8
+    acc = [r["metrics"]["acc"] for r in rows if r["split"] == "test"]
+    assert mc["metrics"]["acc"]["value"] == pytest.approx(sum(acc) / len(acc))
+    md = (out / "scorecard.md").read_text()
+    assert "| tiny_mc | test | 8 | acc |" in md and "## tiny_gen" in md
+    assert "progress" not in cap.out and "report:" in cap.err  # where the report is: on stderr
+    # without --json: the scorecard table on stdout; the same run compared with itself differs by nothing
+    assert main(argv + ["--out", str(tmp_path / "ev2")]) == 0
+    txt = capsys.readouterr().out
+    assert txt.splitlines()[0].split()[:3] == ["task", "split", "n"] and "tiny_mc" in txt and "CORE" in txt
+    c = report_compare(out, tmp_path / "ev2")
+    e = c["tasks"]["tiny_mc"]["metrics"]["acc"]
+    assert e["method"] == "paired bootstrap" and e["n_shared"] == 8 and e["diff"] == 0 and not e["significant"]
+
+
+def report_compare(a, b):
+    from lmforge.evaluate import report
+
+    return report.compare(a, b)
+
+
+def test_bad_task_input_is_a_clear_error(ckpt, tmp_path, capsys):
+    tasks = _task_dir(tmp_path)
+    argv = ["eval", "--checkpoint", str(ckpt), "--include-path", str(tasks), "--out", str(tmp_path / "o")]
+    assert main(argv + ["--tasks", "tiny_mcc"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown task 'tiny_mcc'" in err and "tiny_mc" in err
+    assert not (tmp_path / "o").exists()
+    assert main(argv[:-4] + ["--tasks", "tiny_mc", "--include-path", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert f"--include-path {tmp_path / 'nope'}: not a directory" in err
+    assert main(["eval", "--checkpoint", str(ckpt), "--include-path", str(tasks), "--tasks", "tiny_mc",
+                 "--decontaminate"]) == 1
+    assert "--decontaminate checks task documents against a run's training shards: give --data" in capsys.readouterr().err
