@@ -194,7 +194,7 @@ def program():
         import resource
         for name, soft, hard in cfg["rlimits"]:
             resource.setrlimit(getattr(resource, name), (soft, hard))
-        os.execv(cfg["python"], [cfg["python"], "-I", "-S", "-c", cfg["runner"], str(fd)])
+        os.execve(cfg["python"], [cfg["python"], "-I", "-S", "-c", cfg["runner"], str(fd)], {})
     except BaseException as e:
         say(setup_error="cannot start the program: %s: %s" % (type(e).__name__, e))
     os._exit(125)
@@ -235,6 +235,7 @@ _RUNNER = "# " + RUNNER_TAG + r'''
 import os, sys
 fd = int(sys.argv[1])
 sys.argv = ["main.py"]
+os.environ.pop("LC_CTYPE", None)  # set by the interpreter's own C-locale coercion (PEP 538): the env was empty
 try:
     with open("main.py", encoding="utf-8") as f:
         src = f.read()
@@ -245,7 +246,8 @@ except BaseException as e:
             os.write(fd, ('{"exc": "%s", "errno": %d}\n' % (type(e).__name__, getattr(e, "errno", 0) or 0)).encode())
         except Exception:
             pass
-        sys.excepthook(type(e), e, e.__traceback__.tb_next)  # the traceback from main.py on, not this frame
+        e.__traceback__ = e.__traceback__.tb_next  # the traceback from main.py on, not this frame
+        sys.excepthook(type(e), e, e.__traceback__)
         sys.exit(1)
     raise
 '''
