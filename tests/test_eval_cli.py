@@ -176,3 +176,33 @@ def test_bad_task_input_is_a_clear_error(ckpt, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(ckpt), "--include-path", str(tasks), "--tasks", "tiny_mc",
                  "--decontaminate"]) == 1
     assert "--decontaminate checks task documents against a run's training shards: give --data" in capsys.readouterr().err
+
+
+def test_eval_tasks_lists_the_built_in_tasks(tmp_path, capsys):
+    from lmforge.evaluate import builtin
+
+    assert builtin.names(), "no built-in task definitions (src/lmforge/evaluate/tasks/*.yaml)"
+    assert main(["eval", "tasks", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["task"] for r in rows] == builtin.names()
+    by = {r["task"]: r for r in rows}
+    for r in rows:
+        assert r["output_type"] in ("multiple_choice", "generate_until", "loglikelihood_rolling", "loglikelihood")
+        assert r["description"] and isinstance(r["n"], int) and r["n"] > 0 and r["primary"] in r["metrics"]
+        assert r["needs_data"] == (r["generator"] in builtin.CORPUS)
+    assert set(builtin.DEFAULT_TASKS) <= set(by)
+    assert main(["eval", "tasks", "--include-path", str(_task_dir(tmp_path))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["task", "output", "type", "n"]
+    names = [l.split()[0] for l in lines[2:] if l.strip() and not l.startswith("*") and not l.startswith("(")]
+    assert names[:len(rows)] == builtin.names() and names[len(rows):] == ["tiny_gen", "tiny_mc"]
+    d = builtin.DEFAULT_TASKS[0]
+    assert any(l.startswith(f"{d} *") for l in lines)
+
+
+def test_corpus_tasks_without_data_are_a_clear_error(ckpt, tmp_path, capsys):
+    from lmforge.evaluate import builtin
+
+    assert main(["eval", "--checkpoint", str(ckpt), "--tasks", builtin.CORPUS[0], "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"task(s) {builtin.CORPUS[0]} draw their documents from the test split of a run's data: give --data" in err

@@ -149,6 +149,14 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
         raise FileNotFoundError(f"--data {data_dir}: no such directory (the run's shards: corpus tasks draw their "
                                 "documents from its test split)")
     loaded = load_tasks(tasks, include_path=include_path)
+    if data_dir is None:
+        from . import builtin
+
+        corpus = [t.name for t in loaded if (t.config or {}).get("generator") in builtin.CORPUS]
+        if corpus:
+            raise ValueError(f"task(s) {', '.join(corpus)} draw their documents from the test split of a run's data: "
+                             "give --data DIR (a `lmforge data prepare` output; no train_config.json next to the "
+                             "checkpoint names one)")
     dirty = None
     if decontaminate:
         if data_dir is None:
@@ -255,41 +263,48 @@ def cmd_compare(a) -> int:
 
 
 def task_list(include_path=None) -> list[dict]:
-    """The built-in tasks (and those in ``include_path``): name, output type, documents per split,
-    description, metrics, and whether it draws from a run's corpus."""
-    from .task import load_tasks
-
+    """The built-in tasks (and those in ``include_path``): name, output type, documents per split (for a
+    built-in generator: its default, or the definition's ``n``), metrics, whether it needs a run's corpus
+    (``--data``), and a description (the definition file's leading comment lines)."""
     from . import builtin
+    from .task import load_task, load_tasks
 
-    names = list(builtin.names())
-    rows = []
-    for t in load_tasks(names, include_path=include_path) if names else []:
-        rows.append(_task_row(t))
+    rows = [_task_row(t, "built-in") for t in (load_tasks(builtin.names()) if builtin.names() else [])]
     if include_path:
-        from .task import load_task
-
-        rows += [_task_row(t, source=str(include_path)) for t in load_task(include_path)]
+        rows += [_task_row(t, str(include_path)) for t in load_task(include_path)]
     return rows
 
 
-def _task_row(t, source="built-in") -> dict:
-    cfg = getattr(t, "config", None) or getattr(t, "definition", None) or {}
-    get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+def _leading_comment(path) -> str:
+    lines = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, TypeError):
+        return ""
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(x for x in lines if x)
 
-    def attr(k, d=None):
-        v = getattr(t, k, None)
-        return v if v is not None else get(k, d)
 
-    gk = attr("generator_kwargs") or {}
-    meta = attr("metadata") or {}
-    metrics = [m.get("metric") if isinstance(m, dict) else str(m) for m in (attr("metric_list") or [])]
-    return {"task": attr("name") or attr("task"), "output_type": attr("output_type"),
-            "n": gk.get("n") if isinstance(gk, dict) else None,
-            "description": (meta.get("description") if isinstance(meta, dict) else None) or attr("summary") or "",
-            "metrics": metrics, "generator": attr("generator"), "source": source}
+def _task_row(t, source: str) -> dict:
+    from . import builtin
+
+    cfg = t.config if isinstance(getattr(t, "config", None), dict) else {}
+    gen = cfg.get("generator")
+    n = (cfg.get("generator_kwargs") or {}).get("n")
+    if n is None and gen in builtin.GENERATORS:
+        n = builtin.default_n(gen)
+    return {"task": t.name, "output_type": t.output_type, "n": n, "metrics": [m for m, _ in t.metrics],
+            "primary": t.primary_metric, "random_baseline": t.random_baseline, "generator": gen,
+            "needs_data": gen in builtin.CORPUS, "source": source,
+            "description": _leading_comment(getattr(t, "source", "")) or str(cfg.get("description") or "").strip()}
 
 
 def cmd_list_tasks(a) -> int:
+    if a.include_path is not None and not Path(a.include_path).is_dir():
+        raise FileNotFoundError(f"--include-path {a.include_path}: not a directory (of task files)")
     rows = task_list(a.include_path)
     if a.json:
         print(json.dumps(rows, ensure_ascii=False))
@@ -297,17 +312,22 @@ def cmd_list_tasks(a) -> int:
     from . import builtin
 
     default = set(builtin.DEFAULT_TASKS)
-    cells = [["task", "output type", "n", "metrics", "description"]]
+    cells = [["task", "output type", "n", "primary", "description"]]
     for r in rows:
-        cells.append([r["task"] + (" *" if r["task"] in default and r["source"] == "built-in" else ""),
-                      str(r["output_type"]), "-" if r["n"] is None else str(r["n"]), ",".join(m for m in r["metrics"] if m),
+        name = r["task"] + (" *" if r["task"] in default and r["source"] == "built-in" else "")
+        if r["needs_data"]:
+            name += " (corpus)"
+        cells.append([name, str(r["output_type"]), "-" if r["n"] is None else str(r["n"]), str(r["primary"]),
                       r["description"]])
     w = [max(len(c[i]) for c in cells) for i in range(4)]
     for i, c in enumerate(cells):
         print("  ".join(v.ljust(w[j]) for j, v in enumerate(c[:4])) + "  " + c[4])
         if i == 0:
             print("  ".join("-" * x for x in w) + "  " + "-" * 11)
-    print("\n* in the default set (`--tasks default`, the pipeline's eval stage)")
+    if not rows:
+        print("(no tasks)")
+    print("\n* the default set (`--tasks default`, the pipeline's eval stage); (corpus): documents from the test "
+          "split of a run's data (--data); n: documents per split")
     return 0
 
 
