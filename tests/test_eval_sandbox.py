@@ -246,3 +246,10 @@ def test_without_namespaces_it_refuses_unless_allowed(monkeypatch, tmp_path):
     target = tmp_path / "escaped.txt"
     assert S.run_python(f"open({str(target)!r}, 'w').write('x')\n", FAST, allow_network=True).status == "passed"
     assert target.exists()
+
+
+def test_a_setup_failure_is_an_error_not_a_sample_failure():
+    # namespaces without a mount namespace: the supervisor refuses before touching any mount
+    o = S._run("print(1)", FAST, S.CLONE_NEWUSER | S.CLONE_NEWNET)
+    assert (o.passed, o.status, o.stdout) == (False, "error", "")
+    assert "CLONE_NEWNS" in o.stderr

@@ -147,6 +147,8 @@ if cfg["cgroup"]:
     except OSError as e:
         fail("cannot join the pids cgroup %s: %s" % (cfg["cgroup"], e))
 if flags:
+    if flags & 0x30020000 != 0x30020000:  # mounts below must only ever touch a new mount namespace
+        fail("namespaces must include CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID, got flags %#x" % flags)
     import ctypes, re
     libc = ctypes.CDLL(None, use_errno=True)
     def mount(src, tgt, fstype, fl):
@@ -285,8 +287,9 @@ def _probe() -> str | None:
         pass
     probe = ("import socket, os\n"
              "assert [l for l in open('/proc/net/dev').read().splitlines()[2:] if not l.strip().startswith('lo:')] == []\n"
-             "try:\n    open('/etc/.lmforge-sandbox-probe', 'w')\nexcept OSError:\n    pass\n"
-             "else:\n    raise SystemExit('/etc is writable')\n")
+             "p = '/etc/.lmforge-sandbox-probe-%d' % os.getppid()\n"
+             "try:\n    os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\nexcept OSError:\n    pass\n"
+             "else:\n    os.unlink(p)\n    raise SystemExit('/etc is writable: the read-only remount did not hold')\n")
     out = _run(probe, Limits(cpu_s=5, wall_s=20), _FLAGS_ALL)
     if out.status != "passed":
         why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.status
