@@ -62,6 +62,8 @@ def test_passing_and_failing_programs(isolated):
     ex = S.run_python("import sys\nsys.exit(3)\n", FAST)
     assert (ex.status, ex.returncode) == ("failed", 3)
     assert ok.wall_s < 5 and bad.wall_s < 5
+    assert S.run_python("print('héllo ✓')\n", FAST).stdout == "héllo ✓\n"
+    assert S.run_python("x = '\ud800'\n", FAST).status == "failed"  # a lone surrogate: not valid UTF-8 source
 
 
 def test_fresh_interpreter_empty_env_throwaway_dir(isolated):

@@ -444,7 +444,7 @@ def _rmtree(path: str) -> None:
         # (chmod follows links: a link to /etc must not make /etc 0700)
         for q in (os.path.dirname(p), p):
             try:
-                if q.startswith(path) and not os.path.islink(q):
+                if (q == path or q.startswith(path + os.sep)) and not os.path.islink(q):
                     os.chmod(q, 0o700)
             except OSError:
                 pass
@@ -467,7 +467,7 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
     notes: dict = {}
     timed_out = over_output = False
     try:
-        with open(os.path.join(wd, "main.py"), "w", encoding="utf-8") as f:
+        with open(os.path.join(wd, "main.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(code)
         cg = _make_cgroup(int(limits.nproc) + 2)
         r_status, w_status = os.pipe()
@@ -507,7 +507,8 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
                     sel.unregister(key.fileobj)
                     continue
                 if key.data == 0:
-                    status_buf += data
+                    if len(status_buf) < 1 << 16:  # a few lines of JSON; the program could write there too
+                        status_buf += data
                     continue
                 buf = out[key.data]
                 room = int(limits.output_bytes) - len(buf)
