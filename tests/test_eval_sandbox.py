@@ -62,6 +62,8 @@ def test_passing_and_failing_programs(isolated):
     ex = S.run_python("import sys\nsys.exit(3)\n", FAST)
     assert (ex.status, ex.returncode) == ("failed", 3)
     assert ok.wall_s < 5 and bad.wall_s < 5
+    assert S.run_python("print('héllo ✓')\n", FAST).stdout == "héllo ✓\n"
+    assert S.run_python("x = '\ud800'\n", FAST).status == "failed"  # a lone surrogate: not valid UTF-8 source
 
 
 def test_fresh_interpreter_empty_env_throwaway_dir(isolated):
@@ -77,6 +79,14 @@ def test_fresh_interpreter_empty_env_throwaway_dir(isolated):
     assert d["ls"] == ["main.py"] and os.path.basename(d["cwd"]).startswith("lmforge-sandbox-")
     assert d["pid"] == 2  # its own PID namespace (PID 1 is the sandbox's init)
     assert not os.path.exists(d["cwd"])  # the work directory went with everything in it
+
+
+def test_work_dir_is_removed_whatever_the_program_left(isolated):
+    code = ("import os\nos.makedirs('a/b')\nopen('a/b/f', 'w').write('x')\nos.chmod('a/b', 0)\nos.chmod('a', 0)\n"
+            "os.symlink('/etc', 'link')\nprint(os.getcwd())\n")
+    o = S.run_python(code, FAST)
+    assert o.status == "passed", o.stderr
+    assert not os.path.exists(o.stdout.strip()) and os.path.isdir("/etc")
 
 
 def test_infinite_loop_hits_the_cpu_limit(isolated):
@@ -109,6 +119,9 @@ def test_fork_bomb_is_stopped_and_leaves_no_process(isolated):
     assert time.perf_counter() - t0 < 10
     time.sleep(0.2)
     assert _alive(_procs_with(S.RUNNER_TAG)) == []
+    root = S._CGROUP_ROOT[0] if S._CGROUP_ROOT else None
+    if root is not None:  # as root: the run's pids cgroup carried the limit, and it is gone
+        assert list(Path(root).glob(f"lmforge-sandbox-{os.getpid()}-*")) == []
     # and the next program runs normally: the process budget was the bomb's alone
     assert S.run_python("import os\npid = os.fork()\nos._exit(0) if pid == 0 else os.waitpid(pid, 0)\n",
                         FAST).status == "passed"
@@ -235,3 +248,10 @@ def test_without_namespaces_it_refuses_unless_allowed(monkeypatch, tmp_path):
     target = tmp_path / "escaped.txt"
     assert S.run_python(f"open({str(target)!r}, 'w').write('x')\n", FAST, allow_network=True).status == "passed"
     assert target.exists()
+
+
+def test_a_setup_failure_is_an_error_not_a_sample_failure():
+    # namespaces without a mount namespace: the supervisor refuses before touching any mount
+    o = S._run("print(1)", FAST, S.CLONE_NEWUSER | S.CLONE_NEWNET)
+    assert (o.passed, o.status, o.stdout) == (False, "error", "")
+    assert "CLONE_NEWNS" in o.stderr

@@ -8,7 +8,9 @@ is dirty when any of its n-grams occurs in the training data. Knows nothing of t
 the harness passes each task's document texts (``check``) and scores the clean subset itself.
 
 The index is a sorted numpy array of 64-bit hashes of the training n-grams (8 bytes a training
-word; n-grams never span two documents), searched with ``np.searchsorted``. Words are hashed with
+word; about three times that at the peak of a merge; n-grams never span two documents), searched
+with ``np.searchsorted``. The demo run's training split (35 documents, 752k words) indexes in
+about a second (0.7 s on a quiet machine). Words are hashed with
 the data pipeline's word hash (``lmforge.data.dedup.hash_words``, FNV-1a 64) and combined
 polynomially; two different n-grams share a hash with probability about 2^-64 per pair, so a
 false "dirty" is possible in principle and unheard of in practice.

@@ -37,23 +37,29 @@ def _seed(seed: int, *parts) -> list[int]:
     return [int(seed)] + [zlib.crc32(str(p).encode()) for p in parts]
 
 
-def _sandbox_runner(code_cfg: dict):
-    """``run(program) -> bool`` through ``sandbox.run_python(code, limits)``; limits from the task's
-    ``code`` field (timeout_s, memory_mb), as the sandbox's ``Limits`` when it has one, else a dict."""
+def _sandbox_runner(code_cfg: dict, allow_network: bool = False):
+    """``run(programs) -> [(passed, status)]`` through ``sandbox.run_python(code, limits)``: limits from the
+    task's ``code`` field (``timeout_s`` -> wall-clock and CPU seconds, ``memory_mb``), two programs at a time.
+    A sandbox that refuses to run (no namespaces, ``SandboxUnavailable``) raises: that is no sample's fault."""
     from . import sandbox  # another helper's module (eval-sandbox)
 
-    want = {"timeout_s": float(code_cfg.get("timeout_s", 10))}
+    t = float(code_cfg.get("timeout_s", 10))
+    want = {"wall_s": t, "cpu_s": t}
     if "memory_mb" in code_cfg:
         want["memory_mb"] = int(code_cfg["memory_mb"])
-    limits = want
     cls = getattr(sandbox, "Limits", None)
-    if cls is not None:
-        import dataclasses
-        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(want)
-        limits = cls(**{k: v for k, v in want.items() if k in names})
+    limits = cls(**want) if cls is not None else want
+    kw = {"allow_network": True} if allow_network else {}
 
-    def run(program: str) -> bool:
-        return bool(sandbox.run_python(program, limits).passed)
+    def one(program: str):
+        o = sandbox.run_python(program, limits, **kw)
+        return bool(o.passed), str(getattr(o, "status", "passed" if o.passed else "failed"))
+
+    def run(programs: list[str]) -> list[tuple[bool, str]]:
+        if len(programs) > 1:
+            with ThreadPoolExecutor(max_workers=2) as ex:
+                return list(ex.map(one, programs))
+        return [one(p) for p in programs]
 
     return run
 
@@ -142,7 +148,8 @@ def _program(task: Task, doc: dict, completion: str) -> str:
 
 
 def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, data_dir=None,
-                bootstrap: int = 1000, seed: int = 0, dirty=None, check_dirty: bool = False) -> dict:
+                bootstrap: int = 1000, seed: int = 0, dirty=None, check_dirty: bool = False,
+                allow_network: bool = False) -> dict:
     """Scores one split of one task. Returns ``{"split", "n", "metrics", "omitted", "reps",
     "random_baseline", "truncated", "skipped", "lines", "contamination"?}`` (``reps``: the
     bootstrap replicates of each metric, for gaps and the aggregate)."""
@@ -151,8 +158,9 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
     t0 = int(stats.get("truncated", 0))
     reqs = [r for dr in drs for r in dr.requests]
     answers = lm.run(reqs) if reqs else []
-    if len(answers) != len(reqs):
-        raise RuntimeError(f"task {task.name!r}: the model answered {len(answers)} of {len(reqs)} requests")
+    answered = sum(a is not None for a in answers)
+    if len(answers) != len(reqs) or answered != len(reqs):
+        raise RuntimeError(f"task {task.name!r}: the model answered {answered} of {len(reqs)} requests")
     truncated = int((getattr(lm, "stats", None) or {}).get("truncated", 0)) - t0
     per_doc, logs, pos = [], [], 0
     pass_cache: dict = {}
@@ -164,14 +172,16 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
         logs.append(lg)
 
     # pass@k: run every distinct (document, completion) program in the sandbox, a few at a time
+    sandbox_status: dict = {}
+    status_of: dict = {}
     if pass_cache:
-        run = _sandbox_runner(task.code or {})
+        run = _sandbox_runner(task.code or {}, allow_network)
         keys = list(pass_cache)
         programs = [_program(task, drs[d].doc, comp) for d, comp in keys]
-        workers = max(1, min(4, (os.cpu_count() or 1)))
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            for key, ok in zip(keys, ex.map(run, programs)):
-                pass_cache[key] = ok
+        for key, (ok, status) in zip(keys, run(programs)):
+            pass_cache[key] = ok
+            status_of[key] = status
+            sandbox_status[status] = sandbox_status.get(status, 0) + 1
     omitted = {}
     for m, _ in task.metrics:
         k = M.pass_at_k_k(m)
@@ -186,6 +196,7 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
             _, kk, n, keys = v[m]
             c = sum(bool(pass_cache[key]) for key in keys)
             logs[i].setdefault("passed", [bool(pass_cache[key]) for key in keys])
+            logs[i].setdefault("status", [status_of[key] for key in keys])
             v[m] = None if m in omitted else M.pass_at_k(n, c, kk)
 
     names = [] if not per_doc else [k for k in per_doc[0]]
@@ -212,11 +223,11 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
                 "filtered": lg["filtered"], "metrics": {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.items()},
                 "truncated": False if truncated == 0 else None}
         if "passed" in lg:
-            line["passed"] = lg["passed"]
+            line["passed"], line["status"] = lg["passed"], lg["status"]
         if "filtered_by" in lg:
             line["filtered_by"] = lg["filtered_by"]
         lines.append(line)
-    out = {"split": split, "n": len(drs), "metrics": summaries, "omitted": omitted, "reps": reps,
+    out = {"split": split, "n": len(drs), "metrics": summaries, "omitted": omitted, "reps": reps, "sandbox": sandbox_status,
            "random_baseline": rb, "truncated": truncated, "skipped": int(task.skipped.get(split, 0)), "lines": lines}
 
     if check_dirty and dirty is not None:
@@ -261,13 +272,16 @@ def _check_args(lm, split, bootstrap, limit, num_fewshot, dirty):
 
 
 def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bootstrap: int = 1000,
-             seed: int = 0, samples_dir=None, data_dir=None, dirty=None, progress: bool = True) -> dict:
+             seed: int = 0, samples_dir=None, data_dir=None, dirty=None, progress: bool = True,
+             allow_network: bool = False) -> dict:
     """Scores ``tasks`` (Task objects, names or paths; see ``task.load_tasks``) on ``lm``; returns the
     result object (schema: ``lmforge_eval`` 1). ``split``: "test" (each task's test_split), "dev"
-    (its validation_split) or "both" (test, plus "dev" and the test-minus-dev "gap").
+    (its validation_split) or "both" (test, plus "dev" and the test-minus-dev "gap" for every task
+    that has a validation split other than its test split; the others report test alone).
     ``samples_dir``: one ``<task>.jsonl`` per task (its path in the result is relative to the
     folder that holds ``samples_dir``). ``dirty(task_name, doc_texts) -> [bool]``: adds the
-    "contamination" entry for the reported split."""
+    "contamination" entry for the reported split. ``allow_network``: pass@k programs run even where the
+    sandbox has no network namespace (its opt-in; otherwise it refuses and the error propagates)."""
     _check_args(lm, split, bootstrap, limit, num_fewshot, dirty)
     t_start = time.perf_counter()
     if isinstance(tasks, (str, Task)):
@@ -291,7 +305,7 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
             it.set_postfix_str(task.name)
         main_split = task.split_for("dev" if split == "dev" else "test")
         main = score_split(lm, task, main_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
-                           bootstrap=bootstrap, seed=seed, dirty=dirty, check_dirty=True)
+                           bootstrap=bootstrap, seed=seed, dirty=dirty, check_dirty=True, allow_network=allow_network)
         primary = task.primary_metric
         pval = (main["metrics"].get(primary) or {}).get("value")
         rb = main["random_baseline"]
@@ -300,11 +314,13 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
                  "metrics": main["metrics"], "random_baseline": rb, "centered": cen}
         if main["omitted"]:
             entry["omitted"] = main["omitted"]
+        if main["sandbox"]:  # how the programs ended: {"passed": 40, "failed": 55, "timeout": 5}
+            entry["sandbox"] = main["sandbox"]
         lines = main["lines"]
-        if split == "both":
-            dev_split = task.split_for("dev")
+        dev_split = task.validation_split
+        if split == "both" and dev_split is not None and dev_split != main_split:
             dev = score_split(lm, task, dev_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
-                              bootstrap=bootstrap, seed=seed + 1)
+                              bootstrap=bootstrap, seed=seed + 1, allow_network=allow_network)
             entry["dev"] = {"split": dev_split, "n": dev["n"], "metrics": dev["metrics"]}
             if dev["omitted"]:
                 entry["dev"]["omitted"] = dev["omitted"]

@@ -136,28 +136,32 @@ class LMForgeLM(_HarnessLM):
         return getattr(spec, "chat_template", None) or ""
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's chat format (text). ``add_generation_prompt``: end with the
-        assistant's turn opened; otherwise the last message is an assistant prefix the model continues
-        (lm-eval's ``gen_prefix``; transformers' ``continue_final_message``): the render is cut just after
-        that message's text, before whatever closes the turn."""
-        spec, tok = getattr(self.lm, "tokens", None), getattr(self.lm, "tokenizer", None)
+        """The conversation as the model's chat format (text), rendered by the wrapped LM (``LocalLM`` then
+        encodes a context that starts with it with the conversation's own ids, control tokens included).
+        ``add_generation_prompt=False`` (lm-eval's ``gen_prefix``, transformers' ``continue_final_message``):
+        the last message is an assistant prefix to continue; the render of the whole conversation is cut
+        just after that message's text, before whatever closes the turn."""
         if add_generation_prompt:
-            if spec is not None and tok is not None:
-                return spec.render_chat(chat_history, add_generation_prompt=True, tok=tok)
             return self.lm.apply_chat_template(chat_history)
-        if spec is None or tok is None:
-            raise NotImplementedError(f"{getattr(self.lm, 'name', 'lmforge')}: continuing a final assistant "
-                                      "message needs the model's TokenSpec (lm.tokens) and tokenizer (lm.tokenizer)")
         if not chat_history or chat_history[-1].get("role") != "assistant":
             raise ValueError("apply_chat_template(add_generation_prompt=False): the last message must be the "
                              "assistant's prefix to continue")
+        spec, tok = getattr(self.lm, "tokens", None), getattr(self.lm, "tokenizer", None)
+        if spec is None or tok is None:
+            raise NotImplementedError(f"{getattr(self.lm, 'name', 'lmforge')}: continuing a final assistant "
+                                      "message needs the model's TokenSpec (lm.tokens) and tokenizer (lm.tokenizer)")
+        opened = self.lm.apply_chat_template(chat_history[:-1])  # the turn opened (its ids known to the LM)
         text = spec.render_chat(chat_history, add_generation_prompt=False, tok=tok)
         last = str(chat_history[-1].get("content", "")).rstrip()
-        cut = text.rfind(last) if last else -1
+        cut = text.rfind(last) if last else len(opened)
         if cut < 0:
             raise ValueError("apply_chat_template: the chat template does not show the final assistant message's "
                              "text verbatim, so it cannot be continued")
-        return text[:cut + len(last)]
+        text = text[:cut + len(last)]
+        if not text.startswith(opened):
+            log.warning("lmforge: the chat template renders a continued assistant turn differently from an opened "
+                        "one; its control tokens are encoded as text")
+        return text
 
     def get_model_info(self) -> dict:
         m = getattr(self.lm, "model", None)

@@ -13,9 +13,11 @@ Knows nothing of tasks or metrics, and holds no tokenizer.
   ``chat=False`` sends it as the prompt of ``/v1/completions``. ``until`` goes
   as ``stop`` (at most ``max_stop`` of them, OpenAI allows 4) and the text is
   cut again here before the first stop string, so every stop string holds
-  whatever the server does with it; ``max_gen_toks`` is ``max_tokens``;
-  ``temperature`` 0 or ``do_sample`` False is greedy; ``top_p`` and ``seed``
-  pass through. Requests run ``concurrency`` at a time, answers in order.
+  whatever the server does with it; ``max_gen_toks`` is ``max_tokens`` (256,
+  lm-eval's default, when absent); ``temperature`` 0 or ``do_sample`` False is
+  greedy (``do_sample`` without a temperature samples at 1); ``top_p``, ``top_k``
+  and ``seed`` pass through; any other key is a ValueError naming it. Requests
+  run ``concurrency`` at a time, answers in order.
 * ``loglikelihood`` / ``loglikelihood_rolling``: one ``/v1/completions`` call
   per request with the text ``context + continuation``, ``echo``,
   ``logprobs=1`` and ``max_tokens=1``; the continuation is the prompt tokens
@@ -41,6 +43,7 @@ cannot truncate without the tokenizer; ``stats["truncated"]`` stays 0).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +51,9 @@ from . import lm
 
 __all__ = ["OpenAILM", "OpenAIError"]
 
+GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed",
+              "do_sample")
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504}) | frozenset(range(520, 530))
 
 
@@ -111,6 +117,7 @@ class OpenAILM(lm.LM):
             headers["Authorization"] = f"Bearer {key}"
         self._http = httpx.Client(timeout=self.timeout, headers=headers)
         self.stats.update({"requests": 0, "retries": 0})
+        self._lock = threading.Lock()  # the stats, counted from the worker threads
         self._models: list | None = None
         self._max_length: int | None = None
         self.model = model if model is not None else self._only_model()
@@ -137,7 +144,8 @@ class OpenAILM(lm.LM):
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
             wait = self.backoff_s * (2 ** attempt)
-            self.stats["requests"] += 1
+            with self._lock:
+                self.stats["requests"] += 1
             try:
                 r = self._http.request(method, url, json=body)
             except httpx.TransportError as e:  # refused, reset, timed out, protocol error
@@ -164,7 +172,8 @@ class OpenAILM(lm.LM):
                         wait = max(wait, float(after))
                     except ValueError:
                         pass
-            self.stats["retries"] += 1
+            with self._lock:
+                self.stats["retries"] += 1
             time.sleep(min(wait, self.max_wait_s))
         raise AssertionError("unreachable")
 
@@ -204,18 +213,28 @@ class OpenAILM(lm.LM):
     def _gen_body(self, context: str, kw: dict) -> tuple[str, dict, list[str]]:
         if not isinstance(context, str):
             raise TypeError(f"{self.name}: generate_until context must be a string, got {type(context).__name__}")
+        if kw is not None and not isinstance(kw, dict):
+            raise ValueError(f"{self.name}: gen_kwargs must be a dict, got {type(kw).__name__}")
         kw = dict(kw or {})
+        unknown = [k for k in kw if k not in GEN_KWARGS]
+        if unknown:
+            raise ValueError(f"{self.name}: unknown gen_kwargs key {unknown[0]!r}; expected {', '.join(GEN_KWARGS)}")
         until = kw.get("until") or []
         if isinstance(until, str):
             until = [until]
         until = [s for s in until if s]
         body: dict = {"model": self.model}
-        if kw.get("max_gen_toks") is not None:
-            body["max_tokens"] = int(kw["max_gen_toks"])
-        greedy = kw.get("do_sample") is False or float(kw.get("temperature", 0.0) or 0.0) == 0.0
-        body["temperature"] = 0.0 if greedy else float(kw["temperature"])
+        body["max_tokens"] = int(next((kw[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens")
+                                       if kw.get(k) is not None), DEFAULT_MAX_GEN_TOKS))
+        temp = kw.get("temperature")
+        if temp is None:
+            temp = 1.0 if kw.get("do_sample") else 0.0  # lm-eval's: sampling without a temperature is at 1
+        greedy = kw.get("do_sample") is False or float(temp) == 0.0
+        body["temperature"] = 0.0 if greedy else float(temp)
         if not greedy and kw.get("top_p") is not None:
             body["top_p"] = float(kw["top_p"])
+        if not greedy and kw.get("top_k"):
+            body["top_k"] = int(kw["top_k"])  # not OpenAI's; vLLM's and lmforge serve's
         if kw.get("seed") is not None:
             body["seed"] = int(kw["seed"])
         if until:

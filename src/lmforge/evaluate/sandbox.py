@@ -8,10 +8,11 @@ resource limits, a pids cgroup where one is writable), capture its output and sa
 What the child gets (``run_python``):
 
 * a fresh ``python -I -S`` (the harness's interpreter; isolated mode, no site: the standard library
-  only), an EMPTY environment, stdin from /dev/null, as working directory a new temporary directory
-  holding ``main.py`` (removed afterwards, whatever the program left in it);
+  only), an EMPTY environment (the interpreter's own PEP 538 ``LC_CTYPE`` is removed again), stdin
+  from /dev/null, as working directory a new temporary directory holding ``main.py`` (removed
+  afterwards, whatever the program left in it);
 * resource limits set before the program's interpreter starts (``Limits``): RLIMIT_CPU (CPU
-  seconds), RLIMIT_AS (address space: a large allocation raises ``MemoryError``), RLIMIT_FSIZE
+  seconds of each process, rounded up to whole seconds), RLIMIT_AS (address space: a large allocation raises ``MemoryError``), RLIMIT_FSIZE
   (largest file it may write), RLIMIT_NOFILE, RLIMIT_NPROC and RLIMIT_CORE = 0;
 * its own session and process group; at the wall-clock limit (or when it is done) the whole group,
   the PID namespace and the cgroup are killed, so no process it started outlives the call;
@@ -21,9 +22,12 @@ What the child gets (``run_python``):
 Isolation, where Linux allows it (unprivileged user namespaces; checked by ``network_isolation()``):
 a new user namespace (the caller's uid mapped to root inside), a new network namespace (only a
 loopback device, down: no connection to anything, the host's loopback included), a new PID
-namespace (the program cannot see or signal the harness; when its first process ends the kernel
-kills the rest) and a new mount namespace in which every mount is remounted read-only except a bind
-of the work directory: the program can write only there (and to device nodes such as /dev/null).
+namespace (the program cannot see or signal the harness; the sandbox's own init is PID 1, because
+the kernel drops signals such as SIGXCPU sent to a PID 1 without a handler, and the program is PID 2;
+when the program ends, init ends and the kernel kills whatever is left) and a new mount namespace in
+which every mount is remounted read-only except a bind of the work directory: the program can write
+only there (and to device nodes such as /dev/null). So /tmp and /dev/shm are read-only too: ``tempfile``
+and ``multiprocessing`` locks fail; generated code should write in its current directory.
 Where namespaces are not available, ``run_python`` refuses (``SandboxUnavailable``, saying why)
 unless ``allow_network=True``; then only the limits, the empty environment, the work directory and
 the process-group kill apply, and nothing stops writes elsewhere that the user may make.
@@ -143,6 +147,8 @@ if cfg["cgroup"]:
     except OSError as e:
         fail("cannot join the pids cgroup %s: %s" % (cfg["cgroup"], e))
 if flags:
+    if flags & 0x30020000 != 0x30020000:  # mounts below must only ever touch a new mount namespace
+        fail("namespaces must include CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID, got flags %#x" % flags)
     import ctypes, re
     libc = ctypes.CDLL(None, use_errno=True)
     def mount(src, tgt, fstype, fl):
@@ -171,17 +177,22 @@ if flags:
     if e:
         fail("cannot bind the work directory %s: %s" % (wd, e))
     unesc = lambda s: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+    pseudo = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "securityfs", "debugfs", "tracefs",
+              "bpf", "pstore", "fusectl", "configfs", "binfmt_misc", "autofs", "efivarfs", "hugetlbfs"}
     with open("/proc/self/mountinfo") as f:
-        mounts = [(unesc(l.split()[4]), l.split()[5].split(",")) for l in f]
-    for mp, opts in mounts:
-        if mp == wd or mp.startswith(wd + "/"):
+        mounts = []
+        for l in f:
+            pre, _, post = l.partition(" - ")
+            mounts.append((unesc(pre.split()[4]), pre.split()[5].split(","), (post.split() or ["?"])[0]))
+    for mp, opts, fstype in mounts:
+        if mp == wd or mp.startswith(wd + "/") or "ro" in opts:
             continue
         fl = MS_REMOUNT | MS_BIND | MS_RDONLY
         for o in opts:
             fl |= keep.get(o, 0)
         e = mount(None, mp, None, fl)
-        if e and (mp == "/" or mp == os.path.dirname(wd) or wd.startswith(mp.rstrip("/") + "/")):
-            fail("cannot make %s read-only: %s" % (mp, e))
+        if e and fstype not in pseudo:  # a writable filesystem left writable: refuse rather than pretend
+            fail("cannot make %s (%s) read-only: %s" % (mp, fstype, e))
 def report(status, ru):
     cpu = ru.ru_utime + ru.ru_stime
     if os.WIFSIGNALED(status):
@@ -276,8 +287,9 @@ def _probe() -> str | None:
         pass
     probe = ("import socket, os\n"
              "assert [l for l in open('/proc/net/dev').read().splitlines()[2:] if not l.strip().startswith('lo:')] == []\n"
-             "try:\n    open('/etc/.lmforge-sandbox-probe', 'w')\nexcept OSError:\n    pass\n"
-             "else:\n    raise SystemExit('/etc is writable')\n")
+             "p = '/etc/.lmforge-sandbox-probe-%d' % os.getppid()\n"
+             "try:\n    os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\nexcept OSError:\n    pass\n"
+             "else:\n    os.unlink(p)\n    raise SystemExit('/etc is writable: the read-only remount did not hold')\n")
     out = _run(probe, Limits(cpu_s=5, wall_s=20), _FLAGS_ALL)
     if out.status != "passed":
         why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.status
@@ -428,11 +440,14 @@ def _rlimits(limits: Limits, flags: int) -> list:
 
 def _rmtree(path: str) -> None:
     def onerror(func, p, exc):
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-        except OSError:
-            pass
+        # a directory the program made unreadable (chmod 0): give it back to us. Never through a symlink
+        # (chmod follows links: a link to /etc must not make /etc 0700)
+        for q in (os.path.dirname(p), p):
+            try:
+                if (q == path or q.startswith(path + os.sep)) and not os.path.islink(q):
+                    os.chmod(q, 0o700)
+            except OSError:
+                pass
         try:
             func(p)
         except OSError:
@@ -452,7 +467,7 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
     notes: dict = {}
     timed_out = over_output = False
     try:
-        with open(os.path.join(wd, "main.py"), "w", encoding="utf-8") as f:
+        with open(os.path.join(wd, "main.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(code)
         cg = _make_cgroup(int(limits.nproc) + 2)
         r_status, w_status = os.pipe()
@@ -476,7 +491,7 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
         drain_until = None
         while sel.get_map():
             now = time.perf_counter()
-            if drain_until is None and proc.poll() is not None:
+            if drain_until is None and _exited(proc):
                 # the supervisor is gone: nothing it started may outlive it; read what is left
                 _cleanup(proc, notes, cg, status_buf)
                 drain_until = now + 0.5
@@ -492,7 +507,8 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
                     sel.unregister(key.fileobj)
                     continue
                 if key.data == 0:
-                    status_buf += data
+                    if len(status_buf) < 1 << 16:  # a few lines of JSON; the program could write there too
+                        status_buf += data
                     continue
                 buf = out[key.data]
                 room = int(limits.output_bytes) - len(buf)
@@ -506,6 +522,9 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
         proc.wait()
         _parse_notes(status_buf, notes)
     finally:
+        if proc is not None and proc.returncode is None:  # an exception here (KeyboardInterrupt): stop it all
+            _cleanup(proc, notes, cg, bytearray())
+            proc.wait()
         for fd in (r_status, w_status):
             if fd >= 0:
                 try:
@@ -549,7 +568,7 @@ def _cleanup(proc, notes: dict, cg, status_buf: bytearray) -> None:
     whatever is left in the cgroup."""
     _parse_notes(status_buf, notes)
     pid1 = notes.get("pid1")
-    if isinstance(pid1, int) and pid1 > 1 and proc.poll() is None:
+    if isinstance(pid1, int) and pid1 > 1 and not _exited(proc):
         _kill(pid1)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -558,6 +577,20 @@ def _cleanup(proc, notes: dict, cg, status_buf: bytearray) -> None:
     if cg is not None:
         for p in _cgroup_pids(cg):
             _kill(p)
+
+
+def _exited(proc) -> bool:
+    """Has the supervisor ended? Without reaping it: while it is a zombie its pid (= its process group's id)
+    cannot be reused, so killing the group cannot hit an unrelated process."""
+    if proc.returncode is not None:
+        return True
+    if not hasattr(os, "waitid"):  # macOS before Python 3.13
+        return proc.poll() is not None
+    try:
+        r = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return r is not None
 
 
 def _classify(notes: dict, timed_out: bool, over_output: bool, limits: Limits, sup_rc) -> tuple[str, int | None]:

@@ -59,9 +59,11 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown built-in generator {name!r}; known: {', '.join(GENERATORS)}")
 
 
-def _check_kwargs(name: str, kwargs: dict) -> None:
-    params = inspect.signature(GENERATORS[name]).parameters
-    allowed = [p for p in params if p not in ("split", "n", "r", "data_dir")]
+def _arguments(name: str, kwargs: dict) -> dict:
+    """The generator's own arguments, defaults filled in (what its seeded stream depends on: passing a
+    default explicitly draws the same items as leaving it out)."""
+    sig = inspect.signature(GENERATORS[name])
+    allowed = [p for p in sig.parameters if p not in ("split", "n", "r", "data_dir")]
     bad = [k for k in kwargs if k not in allowed]
     if bad:
         raise ValueError(f"built-in generator {name!r}: unknown argument(s) {', '.join(map(repr, bad))}; "
@@ -69,23 +71,24 @@ def _check_kwargs(name: str, kwargs: dict) -> None:
     for k, v in kwargs.items():
         if not isinstance(v, (int, float, str, bool)):
             raise ValueError(f"built-in generator {name!r}: argument {k}={v!r} must be a number, string or bool")
+    return {p: kwargs.get(p, sig.parameters[p].default) for p in allowed}
 
 
 def generate(name: str, split: str, n: int | None = None, data_dir=None, **kwargs) -> list[dict]:
     """The documents of built-in generator ``name`` for ``split`` (``train``, ``dev`` or ``private``)."""
     _check_name(name)
     check_split(split)
-    _check_kwargs(name, kwargs)
+    args = _arguments(name, kwargs)
     if n is None:
         n = default_n(name)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"built-in generator {name!r}: n must be a non-negative integer, got {n!r}")
-    salt = json.dumps(kwargs, sort_keys=True)
+    salt = json.dumps(args, sort_keys=True)
     r = rng(name, split, salt)
     fn = GENERATORS[name]
     if name in CORPUS:
-        return fn(split, n, r, data_dir=data_dir, **kwargs)
-    return fn(split, n, r, **kwargs)  # synthetic: reads no data (a harness may pass data_dir to every task)
+        return fn(split, n, r, data_dir=data_dir, **args)
+    return fn(split, n, r, **args)  # synthetic: reads no data (a harness may pass data_dir to every task)
 
 
 def tasks_dir() -> Path:

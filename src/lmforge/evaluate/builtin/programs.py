@@ -56,11 +56,14 @@ def _count_chars(r):
 
 
 def _long_words_reversed(r):
-    k = r.randint(2, 6)
-    body = f"    return [w for w in s.split() if len(w) > {k}][::-1]\n"
-    return (f"long_words_reversed:{k}", "long_words_reversed", "s",
-            f"Return the words of s (split on spaces) that have more than {k} letters, last one first.", body,
+    k, longer, backwards = r.randint(2, 6), r.random() < 0.5, r.random() < 0.5
+    cmp, what = (">", "more") if longer else ("<", "fewer")
+    body = f"    return [w for w in s.split() if len(w) {cmp} {k}]{'[::-1]' if backwards else ''}\n"
+    order = "last one first" if backwards else "in their order"
+    return (f"select_words:{k}:{longer}:{backwards}", "select_words", "s",
+            f"Return the words of s (split on spaces) that have {what} than {k} letters, {order}.", body,
             [(_sentence(r, _words(), 3, 7),) for _ in range(6)])
+
 
 
 def _scale_shift(r):
@@ -84,11 +87,13 @@ def _fib_like(r):
 
 
 def _count_long_words(r):
-    k = r.randint(1, 8)
-    body = f"    return sum(1 for w in s.split() if len(w) > {k})\n"
-    return (f"count_long_words:{k}", "count_long_words", "s",
-            f"Return how many words of s (split on spaces) have more than {k} letters.", body,
+    k, cmp = r.randint(1, 8), r.choice([">", "<", "=="])
+    what = {">": "more than", "<": "fewer than", "==": "exactly"}[cmp]
+    body = f"    return sum(1 for w in s.split() if len(w) {cmp} {k})\n"
+    return (f"count_words:{k}:{cmp}", "count_words", "s",
+            f"Return how many words of s (split on spaces) have {what} {k} letters.", body,
             [(_sentence(r, _words(), 2, 8),) for _ in range(6)])
+
 
 
 def _clamp(r):
@@ -118,15 +123,18 @@ def _count_greater(r):
 
 
 def _frequent(r):
-    k = r.randint(2, 4)
+    k, exact, ordered = r.randint(2, 5), r.random() < 0.5, r.random() < 0.5
+    cmp, what = ("==", "exactly") if exact else (">=", "at least")
     body = ("    out = []\n"
             "    for x in xs:\n"
-            f"        if xs.count(x) >= {k} and x not in out:\n"
+            f"        if xs.count(x) {cmp} {k} and x not in out:\n"
             "            out.append(x)\n"
-            "    return out\n")
-    return (f"frequent:{k}", "frequent", "xs",
-            f"Return the numbers that occur at least {k} times in xs, in the order they first occur.", body,
-            [(_ints(r, 0, 5, 5, 12),) for _ in range(6)])
+            f"    return {'sorted(out)' if ordered else 'out'}\n")
+    order = "from smallest to largest" if ordered else "in the order they first occur"
+    return (f"frequent:{k}:{exact}:{ordered}", "frequent", "xs",
+            f"Return the numbers that occur {what} {k} times in xs, {order}, each once.", body,
+            [(_ints(r, 0, 5, 6, 14),) for _ in range(6)])
+
 
 
 def _running_total(r):
@@ -143,15 +151,19 @@ def _running_total(r):
 
 
 def _digit_sum(r):
-    base = r.randint(2, 10)
+    base, how = r.randint(2, 10), r.choice(["sum", "count", "max"])
+    step = {"sum": "total += n % {b}", "count": "total += 1", "max": "total = max(total, n % {b})"}[how]
     body = ("    total = 0\n"
             "    while n > 0:\n"
-            f"        total += n % {base}\n"
+            f"        {step.format(b=base)}\n"
             f"        n //= {base}\n"
             "    return total\n")
-    return (f"digit_sum:{base}", "digit_sum", "n",
-            f"Return the sum of the digits of the non-negative integer n written in base {base}.", body,
+    what = {"sum": "the sum of the digits", "count": "the number of digits",
+            "max": "the largest digit"}[how]
+    return (f"digits:{base}:{how}", f"digit_{how}", "n",
+            f"Return {what} of the positive integer n written in base {base} (0 for n = 0).", body,
             [(r.randint(0, 5000),) for _ in range(6)])
+
 
 
 def _shift_letters(r):
@@ -165,12 +177,17 @@ def _shift_letters(r):
 
 
 def _nth_word(r):
-    k = r.randint(1, 5)
+    k, from_end, upper = r.randint(1, 5), r.random() < 0.5, r.random() < 0.5
+    idx = f"-{k}" if from_end else f"{k - 1}"
+    word = f"words[{idx}]" + (".upper()" if upper else "")
     body = (f"    words = s.split()\n"
-            f"    return words[{k - 1}] if len(words) >= {k} else ''\n")
-    return (f"nth_word:{k}", "nth_word", "s",
-            f"Return the {ORDINALS[k - 1]} word of s (split on spaces), or '' when s has fewer than {k} words.",
-            body, [(_sentence(r, _words(), max(0, k - 2), k + 2),) for _ in range(6)])
+            f"    return {word} if len(words) >= {k} else ''\n")
+    where = f"{'last' if k == 1 else ORDINALS[k - 1] + ' from last'}" if from_end else ORDINALS[k - 1]
+    return (f"nth_word:{k}:{from_end}:{upper}", "pick_word", "s",
+            f"Return the {where} word of s (split on spaces){' in capital letters' if upper else ''}, or '' "
+            f"when s has fewer than {k} words.", body,
+            [(_sentence(r, _words(), max(0, k - 2), k + 2),) for _ in range(6)])
+
 
 
 def _affix(r):
@@ -228,7 +245,7 @@ def _copy(a):
 
 
 def python(split: str, n: int, r: random.Random) -> list[dict]:
-    def sample(r):
+    def sample(r, i):
         while True:
             got = make_item(r.choice(FAMILIES), r)
             if got is not None:

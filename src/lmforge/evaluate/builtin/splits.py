@@ -108,9 +108,25 @@ def rng(task: str, split: str, salt: str = "") -> random.Random:
     return random.Random(int.from_bytes(digest, "big"))
 
 
+def plan(r: random.Random, choose):
+    """``at(i)``: a value drawn by ``choose(stream)`` for document ``i`` (its answer class, say) from a
+    stream of its own, the same however many draws ``draw`` rejects: the classes stay in proportion
+    even when one class's items run short (the draws go on until that class is found)."""
+    stream = random.Random(r.getrandbits(64))
+    made: list = []
+
+    def at(i: int):
+        while len(made) <= i:
+            made.append(choose(stream))
+        return made[i]
+
+    return at
+
+
 def draw(task: str, split: str, n: int, r: random.Random, sample, what: str = "") -> list[dict]:
-    """``n`` documents of ``split`` from an unbounded item space: ``sample(r) -> (content_key, doc)`` is
-    called until ``n`` distinct keys owned by ``split`` (``bucket``) are found. Raises a clear error when
+    """``n`` documents of ``split`` from an unbounded item space: ``sample(r, i) -> (content_key, doc)`` is
+    called until ``n`` distinct keys owned by ``split`` (``bucket``) are found (``i``: how many are found
+    so far, for a generator that balances its answers). Raises a clear error when
     the space is too small for ``n`` (``what`` names the generator arguments in it)."""
     seen: set[str] = set()
     out: list[dict] = []
@@ -118,7 +134,7 @@ def draw(task: str, split: str, n: int, r: random.Random, sample, what: str = ""
     for _ in range(limit):
         if len(out) >= n:
             break
-        key, doc = sample(r)
+        key, doc = sample(r, len(out))
         if key in seen or bucket(task, key) != split:
             continue
         seen.add(key)

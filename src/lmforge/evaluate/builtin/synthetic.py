@@ -9,8 +9,8 @@ Documents (fields the templates use):
 
 * ``addition`` / ``subtraction``: ``{"a", "b", "answer"}`` (ints; subtraction keeps ``a >= b``
   unless ``negative=True``), operands of ``digits`` digits.
-* ``letter_count``: ``{"word", "letter", "answer"}``: how many times ``letter`` occurs in ``word``
-  (a quarter of the letters asked about do not occur: answer 0).
+* ``letter_count``: ``{"word", "letter", "answer"}``: how many times ``letter`` occurs in ``word``;
+  the answers 0, 1 and 2 equally often (so always answering one number scores 1/3).
 * ``reverse``: ``{"word", "answer"}``: the word's letters backwards.
 * ``sort``: ``{"items", "answer"}``: space-separated words (alphabetical) or numbers (ascending).
 * ``brackets``: ``{"brackets", "answer", "gold"}``: a string of ``()[]{}`` shown with spaces
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 
-from .splits import draw, draw_pool
+from .splits import draw, draw_pool, plan
 from .words import WORDS
 
 OPEN, CLOSE = "([{", ")]}"
@@ -41,7 +41,7 @@ def _operand(r: random.Random, digits: int) -> int:
 def addition(split: str, n: int, r: random.Random, digits: int = 3) -> list[dict]:
     digits = _int_arg("digits", digits, 1, 18)
 
-    def sample(r):
+    def sample(r, i):
         a, b = _operand(r, digits), _operand(r, digits)
         return f"{a}+{b}", {"a": a, "b": b, "answer": a + b}
 
@@ -51,7 +51,7 @@ def addition(split: str, n: int, r: random.Random, digits: int = 3) -> list[dict
 def subtraction(split: str, n: int, r: random.Random, digits: int = 3, negative: bool = False) -> list[dict]:
     digits = _int_arg("digits", digits, 1, 18)
 
-    def sample(r):
+    def sample(r, i):
         a, b = _operand(r, digits), _operand(r, digits)
         if not negative and a < b:
             a, b = b, a
@@ -60,17 +60,23 @@ def subtraction(split: str, n: int, r: random.Random, digits: int = 3, negative:
     return draw("subtraction", split, n, r, sample, f" (digits={digits})")
 
 
-def letter_count(split: str, n: int, r: random.Random, min_len: int = 4) -> list[dict]:
+def letter_count(split: str, n: int | None, r: random.Random, min_len: int = 4) -> list[dict]:
     min_len = _int_arg("min_len", min_len, 1, 12)
     words = [w for w in WORDS if len(w) >= min_len]
     if not words:
         raise ValueError(f"generator argument min_len={min_len}: no word in the list is that long")
     alphabet = "abcdefghijklmnopqrstuvwxyz"
+    by_count = {k: [(w, c) for w in words for c in sorted(set(w)) if w.count(c) == k] for k in (1, 2)}
 
-    def sample(r):
-        w = r.choice(words)
-        pool = sorted(set(w)) if r.random() < 0.75 else [c for c in alphabet if c not in w]
-        c = r.choice(pool)
+    answer_at = plan(r, lambda s: s.randrange(3))  # 0, 1 and 2 equally often: one number scores a third
+
+    def sample(r, i):
+        k = answer_at(i)
+        if k == 0:
+            w = r.choice(words)
+            c = r.choice([c for c in alphabet if c not in w])
+        else:
+            w, c = r.choice(by_count[k])
         return f"{w}:{c}", {"word": w, "letter": c, "answer": w.count(c)}
 
     return draw("letter_count", split, n, r, sample, f" (min_len={min_len})")
@@ -90,7 +96,7 @@ def sort(split: str, n: int, r: random.Random, kind: str = "words", min_items: i
     max_items = _int_arg("max_items", max_items, min_items, 50)
     max_value = _int_arg("max_value", max_value, max_items, 10 ** 9)
 
-    def sample(r):
+    def sample(r, i):
         k = r.randint(min_items, max_items)
         if kind == "words":
             items = r.sample(WORDS, k)
@@ -151,9 +157,11 @@ def brackets(split: str, n: int, r: random.Random, max_len: int = 8, kinds: int 
     max_len = _int_arg("max_len", max_len, 2, 64)
     kinds = _int_arg("kinds", kinds, 1, 3)
 
-    def sample(r):
+    balanced_at = plan(r, lambda s: s.random() < 0.5)  # half balanced (far fewer strings are)
+
+    def sample(r, i):
+        balanced = balanced_at(i)
         length = 2 * r.randint(1, max_len // 2)
-        balanced = r.random() < 0.5
         s = _balanced(r, length // 2, kinds) if balanced else _unbalanced(r, length, kinds)
         return s, {"brackets": " ".join(s), "answer": "yes" if balanced else "no", "gold": 0 if balanced else 1}
 
