@@ -34,11 +34,14 @@ pytest.importorskip("transformers")
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 NAMES = ["lmf_choice", "lmf_rolling", "lmf_generate"]
+FEWSHOT = ["lmf_choice_fewshot", "lmf_generate_fewshot"]  # include:, a train split, description, gen_prefix
+ALL = NAMES + FEWSHOT
 SRC = Path(__file__).resolve().parents[1] / "src"
 # lm-eval's result keys of each task's metrics
 METRICS = {"lmf_choice": ["acc,none", "acc_norm,none"],
            "lmf_rolling": ["word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"],
            "lmf_generate": ["exact_match,none"]}
+METRICS.update({"lmf_choice_fewshot": METRICS["lmf_choice"], "lmf_generate_fewshot": METRICS["lmf_generate"]})
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +108,7 @@ def ours(tiny, in_tasks):
     """lm-eval through the adapter, in process, model named as on the CLI."""
     import lmforge.evaluate.lm_eval_adapter  # noqa: F401  (registers "lmforge")
 
-    return _evaluate("lmforge", NAMES, model_args=f"checkpoint={tiny[0]}", batch_size="auto")
+    return _evaluate("lmforge", ALL, model_args=f"checkpoint={tiny[0]}", batch_size="auto")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,7 @@ def theirs(tiny, in_tasks):
     for the rolling one (see the module docstring)."""
     _need_accelerate()
     args = f"pretrained={tiny[1]},device=cpu,dtype=float32"
-    a = _evaluate("hf", ["lmf_choice", "lmf_generate"], model_args=args, batch_size=8)
+    a = _evaluate("hf", [t for t in ALL if t != "lmf_rolling"], model_args=args, batch_size=8)
     b = _evaluate("hf", ["lmf_rolling"], model_args=args + ",add_bos_token=False", batch_size=8)
     for k in ("results", "samples"):
         a[k].update(b[k])
@@ -139,7 +142,7 @@ def test_the_tasks_exercise_what_they_should(tiny, ours):
     assert ours["results"]["lmf_choice"]["sample_len"] == 8
 
 
-@pytest.mark.parametrize("task", NAMES)
+@pytest.mark.parametrize("task", ALL)
 def test_adapter_matches_lm_eval_hf_backend_on_the_export(ours, theirs, task):
     a, b = _by_doc(ours, task), _by_doc(theirs, task)
     assert sorted(a) == sorted(b) and len(a) >= 5
@@ -148,7 +151,7 @@ def test_adapter_matches_lm_eval_hf_backend_on_the_export(ours, theirs, task):
         x, y = _answers(a[doc_id]), _answers(b[doc_id])
         assert len(x) == len(y)
         for u, v in zip(x, y):
-            if task == "lmf_choice":
+            if task.startswith("lmf_choice"):
                 assert abs(u[0] - v[0]) < 1e-4 and u[1] == v[1], (doc_id, u, v)
             elif task == "lmf_rolling":
                 assert abs(u - v) < 1e-4, (doc_id, u, v)
@@ -167,6 +170,53 @@ def test_hf_backend_with_its_default_bos_double_counts_rolling(tiny, in_tasks, o
     for s in r["samples"]["lmf_rolling"]:
         mine = _answers(_by_doc(ours, "lmf_rolling")[s["doc_id"]])[0]
         assert _answers(s)[0] < mine - 1.0
+
+
+# ---- lmforge's own loader and harness on the same YAML ----
+
+@pytest.fixture(scope="module")
+def harness_run(tiny, tmp_path_factory):
+    """lmforge.evaluate.task.load_task on the lm-eval YAML files, harness.evaluate on LocalLM: the result
+    object and the per-sample log lines by task and doc_id."""
+    from lmforge.evaluate import harness
+    from lmforge.evaluate.local import LocalLM
+    from lmforge.evaluate.task import load_task
+
+    tasks = [t for n in ALL for t in load_task(TASKS / f"{n}.yaml")]
+    assert [t.name for t in tasks] == ALL
+    d = tmp_path_factory.mktemp("harness")
+    r = harness.evaluate(LocalLM.from_checkpoint(tiny[0]), tasks, samples_dir=d / "samples", bootstrap=0,
+                         progress=False)
+    lines = {n: {x["doc_id"]: x for x in map(json.loads, (d / "samples" / f"{n}.jsonl").read_text().splitlines())}
+             for n in ALL}
+    return r, lines
+
+
+@pytest.mark.parametrize("task", ALL)
+def test_lmforge_harness_on_lm_eval_yaml_matches_lm_eval_through_the_adapter(ours, harness_run, task):
+    """The same request strings (lmforge's loader builds prompts as lm-eval does, few-shot included), the same
+    per-sample log-likelihoods (1e-4) and generations, the same scores."""
+    r, lines = harness_run
+    a, b = _by_doc(ours, task), lines[task]
+    assert sorted(a) == sorted(b) and len(a) >= 5
+    for d in a:
+        theirs = [list(x) for x in a[d]["arguments"]]
+        assert b[d]["requests"] == theirs, (d, b[d]["requests"], theirs)
+        x, y = b[d]["responses"], _answers(a[d])
+        assert len(x) == len(y)
+        for u, v in zip(x, y):
+            if task.startswith("lmf_choice"):
+                assert abs(u[0] - v[0]) < 1e-4 and bool(u[1]) == v[1], (d, u, v)
+            elif task == "lmf_rolling":
+                assert abs(u - v) < 1e-4, (d, u, v)
+            else:
+                assert u == v, (d, u, v)
+    assert r["tasks"][task]["n"] == ours["results"][task]["sample_len"]
+    # the few-shot prompts outgrow the 64-token window: left truncation agrees too (here and with the hf backend)
+    assert (r["tasks"][task]["truncated"] > 0) == (task in FEWSHOT)
+    for m in METRICS[task]:
+        ours_value = r["tasks"][task]["metrics"][m.split(",")[0]]["value"]
+        assert ours_value == pytest.approx(ours["results"][task][m], rel=1e-6, abs=1e-9), m
 
 
 # ---- the CLI route ----
