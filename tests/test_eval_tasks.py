@@ -174,6 +174,18 @@ def test_load_tasks_by_name_include_path_and_path(tmp_path):
         load_tasks(["local_mcc"], include_path=DATA)
 
 
+def test_data_files_relative_to_the_yaml_else_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    _write(tmp_path / "data", "d.jsonl", json.dumps({"q": "a", "choices": ["x", "y"], "label": 1}) + "\n")
+    (tmp_path / "tasks").mkdir()
+    p = _write(tmp_path / "tasks", "t.yaml", "task: t\ndocs: {test: data/d.jsonl}\noutput_type: multiple_choice\n"
+                                            "doc_to_text: q\ndoc_to_choice: choices\ndoc_to_target: label\n")
+    with pytest.raises(TaskError, match="data file not found"):
+        load_task(p)[0].docs("test")
+    monkeypatch.chdir(tmp_path)  # lm-eval's way: relative to where it runs
+    assert load_task(p)[0].docs("test")[0]["label"] == 1
+
+
 def test_include_merges(tmp_path):
     _write(tmp_path, "d.jsonl", json.dumps({"q": "a", "choices": ["x", "y"], "label": 0}) + "\n")
     _write(tmp_path, "_base_yaml", "dataset_path: json\ndataset_kwargs: {data_files: {test: d.jsonl}}\n"

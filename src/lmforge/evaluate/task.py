@@ -16,7 +16,8 @@ Known differences from lm-eval: no Hub datasets (only local JSON / JSONL), no ``
 (Python from task files), no ``group`` files, no chat templates; an evaluated document is kept
 out of its own few-shot examples whenever the few-shot split is the split evaluated (lm-eval
 does so only when it is the configured ``test_split``); a bare identifier that is not a field
-is an error here (lm-eval would use it as a literal string).
+is an error here (lm-eval would use it as a literal string); data files are looked up beside the task
+file first, then (as lm-eval does) in the working directory.
 
 Knows nothing of models or scores: ``harness`` sends the requests and ``metrics`` scores them.
 """
@@ -257,7 +258,8 @@ class Task:
         out = {}
         for split, fs in (spec or {}).items():
             fs = [fs] if isinstance(fs, str) else list(fs)
-            out[str(split)] = [str(p if Path(p).is_absolute() else base / p) for p in fs]
+            # relative to the task file (lmforge); else to the working directory, where lm-eval looks
+            out[str(split)] = [_locate(base, p) for p in fs]
         return out
 
     def splits(self) -> list[str]:
@@ -545,6 +547,13 @@ class Task:
         if len(res) < n:
             res = rnd.sample([x for x in pool if x != eval_doc], n)
         return res
+
+
+def _locate(base: Path, p) -> str:
+    p = Path(p)
+    if p.is_absolute() or (base / p).exists() or not p.exists():
+        return str(p if p.is_absolute() else base / p)
+    return str(p.resolve())
 
 
 def _maybe_delimit(prefix, suffix, delimiter=" ") -> str:
