@@ -1,0 +1,362 @@
+"""harness: a fake LM (log-probabilities by string hash) drives every output type end to end; the
+result object against schema.md; dev/gap, contamination, truncation, pass@k through a fake sandbox;
+scores equal to lm-eval's own scoring of the same answers."""
+import hashlib
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.evaluate import harness
+from lmforge.evaluate.lm import LM
+from lmforge.evaluate.task import load_task
+
+DATA = Path(__file__).parent / "data" / "eval"
+
+
+def h(s: str) -> float:
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little") / 2**64
+
+
+def fake_ll(c, x):
+    return -10.0 * h(c + "|" + x) - 0.1 * len(x), h(x) > 0.5
+
+
+def fake_roll(t):
+    return -0.5 * len(t) * (0.5 + h(t))
+
+
+def fake_gen(c, g):
+    if "def " in c:  # code: a right body for seeds 0 and 1, a wrong one otherwise
+        right = c.rstrip().endswith('"""') and g.get("seed", 0) in (0, 1)
+        body = {"add": "a + b", "neg": "-x", "sq": "x * x"}[c.split("def ")[-1].split("(")[0]]
+        return f"    return {body}\n" if right else "    return None\n"
+    q = c.rsplit("Q: What is ", 1)[-1].split("?")[0]
+    a, b = (int(v) for v in q.split(" + "))
+    return f" {a + b if h(c) > 0.3 else a + b + 1}\nQ:"
+
+
+class HashLM(LM):
+    name = "hash"
+    params = 123
+
+    def __init__(self, max_chars=10**9):
+        super().__init__()
+        self.calls = []
+        self.max_chars = max_chars
+
+    def _trunc(self, ctx):
+        if len(ctx) > self.max_chars:
+            self.stats["truncated"] += 1
+
+    def loglikelihood(self, reqs):
+        self.calls.append(("loglikelihood", len(reqs)))
+        for c, _ in reqs:
+            self._trunc(c)
+        return [fake_ll(c, x) for c, x in reqs]
+
+    def loglikelihood_rolling(self, reqs):
+        self.calls.append(("loglikelihood_rolling", len(reqs)))
+        return [fake_roll(t) for t in reqs]
+
+    def generate_until(self, reqs):
+        self.calls.append(("generate_until", len(reqs)))
+        out = []
+        for c, g in reqs:
+            self._trunc(c)
+            s = fake_gen(c, g)
+            for u in g.get("until") or []:
+                s = s.split(u)[0]
+            out.append(s)
+        return out
+
+
+def _tasks(*names):
+    ts = {t.name: t for t in load_task(DATA)}
+    return [ts[n] for n in names]
+
+
+METRIC_KEYS = {"value", "ci", "stderr", "n"}
+
+
+def _check_metric(m, n):
+    assert set(m) == METRIC_KEYS and m["n"] == n
+    assert m["ci"][0] <= m["value"] <= m["ci"][1] and m["stderr"] >= 0
+
+
+def test_end_to_end_every_output_type(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_PROGRESS", "off")
+    lm = HashLM()
+    tasks = _tasks("local_mc", "local_rolling", "local_addition", "inline_mc")
+    r = harness.evaluate(lm, tasks, samples_dir=tmp_path / "samples", bootstrap=200)
+    json.dumps(r, allow_nan=False)  # plain JSON
+    assert r["lmforge_eval"] == 1 and set(r) == {"lmforge_eval", "model", "settings", "tasks", "aggregate", "elapsed_s"}
+    assert r["model"] == {"name": "hash", "checkpoint": None, "params": 123}
+    assert r["settings"] == {"tasks": ["local_mc", "local_rolling", "local_addition", "inline_mc"], "limit": None,
+                             "num_fewshot": None, "bootstrap": 200, "seed": 0, "split": "test"}
+    # one call per request kind per task (the LM batches)
+    assert lm.calls == [("loglikelihood", 27), ("loglikelihood_rolling", 5), ("generate_until", 12), ("loglikelihood", 8)]
+
+    # multiple choice, by hand: argmax of the fake log-likelihoods, and per character
+    mc = r["tasks"]["local_mc"]
+    assert set(mc) == {"output_type", "split", "n", "primary", "metrics", "random_baseline", "centered",
+                       "truncated", "skipped", "samples"}
+    docs = [json.loads(l) for l in (DATA / "mc_test.jsonl").read_text().splitlines()]
+    acc, acc_norm = [], []
+    for d in docs:
+        ctx = f"Question: {d['question']}\nAnswer:"
+        lls = [fake_ll(ctx, " " + c)[0] for c in d["choices"]]
+        acc.append(float(np.argmax(lls) == d["label"]))
+        acc_norm.append(float(np.argmax([ll / len(c) for ll, c in zip(lls, d["choices"])]) == d["label"]))
+    assert mc["metrics"]["acc"]["value"] == pytest.approx(np.mean(acc))
+    assert mc["metrics"]["acc_norm"]["value"] == pytest.approx(np.mean(acc_norm))
+    for m in mc["metrics"].values():
+        _check_metric(m, 8)
+    rb = np.mean([1 / len(d["choices"]) for d in docs])
+    assert mc["random_baseline"] == pytest.approx(rb)
+    assert mc["centered"] == pytest.approx((np.mean(acc) - rb) / (1 - rb))
+
+    # rolling: weighted over the corpus
+    roll = r["tasks"]["local_rolling"]
+    texts = [json.loads(l)["text"] for l in (DATA / "rolling_test.jsonl").read_text().splitlines()]
+    lls = [fake_roll(t) for t in texts]
+    nbytes = sum(len(t.encode()) for t in texts)
+    words = sum(len(t.split()) for t in texts)
+    assert roll["metrics"]["bits_per_byte"]["value"] == pytest.approx(-sum(lls) / nbytes / math.log(2))
+    assert roll["metrics"]["byte_perplexity"]["value"] == pytest.approx(math.exp(-sum(lls) / nbytes))
+    assert roll["metrics"]["word_perplexity"]["value"] == pytest.approx(math.exp(-sum(lls) / words))
+    assert roll["centered"] is None and roll["random_baseline"] is None
+
+    # generation: the regex filter takes the number, exact match against the answer
+    gen = r["tasks"]["local_addition"]
+    lines = [json.loads(l) for l in (tmp_path / "samples" / "local_addition.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and gen["samples"] == "samples/local_addition.jsonl"
+    want = []
+    for ln in lines:
+        assert set(ln) >= {"doc_id", "split", "doc", "prompt", "target", "requests", "responses", "filtered", "metrics", "truncated"}
+        assert ln["target"] == ln["doc"]["answer"] and ln["truncated"] is False and ln["split"] == "test"
+        want.append(float(ln["filtered"][0] == ln["target"]))
+        assert ln["filtered"][0] == ln["responses"][0].strip()
+        assert ln["metrics"]["exact_match"] == want[-1]
+    assert 0 < np.mean(want) < 1
+    assert gen["metrics"]["exact_match"]["value"] == pytest.approx(np.mean(want))
+    assert gen["random_baseline"] == 0.0 and gen["centered"] == pytest.approx(np.mean(want))
+
+    # the aggregate: mean of centered over the tasks that have one
+    cen = {k: v["centered"] for k, v in r["tasks"].items() if v["centered"] is not None}
+    core = r["aggregate"]["core"]
+    assert core["tasks"] == list(cen) and core["value"] == pytest.approx(np.mean(list(cen.values())))
+    assert core["ci"][0] <= core["value"] <= core["ci"][1]
+    assert r["tasks"]["inline_mc"]["random_baseline"] == 0.5  # from the definition
+
+
+def test_deterministic_and_seeded(monkeypatch):
+    t = _tasks("local_mc")
+    a = harness.evaluate(HashLM(), t, progress=False, bootstrap=100, seed=3)
+    b = harness.evaluate(HashLM(), t, progress=False, bootstrap=100, seed=3)
+    c = harness.evaluate(HashLM(), t, progress=False, bootstrap=100, seed=4)
+    strip = lambda r: {k: v for k, v in r.items() if k != "elapsed_s"}
+    assert strip(a) == strip(b)
+    assert a["tasks"]["local_mc"]["metrics"]["acc"]["stderr"] != c["tasks"]["local_mc"]["metrics"]["acc"]["stderr"]
+
+
+def test_limit_fewshot_override_and_dev_split():
+    lm = HashLM()
+    r = harness.evaluate(lm, _tasks("local_addition"), limit=5, num_fewshot=0, progress=False)
+    assert r["tasks"]["local_addition"]["n"] == 5 and lm.calls == [("generate_until", 5)]
+    r = harness.evaluate(HashLM(), _tasks("local_mc"), limit=0.5, progress=False)
+    assert r["tasks"]["local_mc"]["n"] == 4
+    r = harness.evaluate(HashLM(), _tasks("inline_mc"), split="dev", progress=False)
+    assert r["tasks"]["inline_mc"]["split"] == "dev" and r["tasks"]["inline_mc"]["n"] == 3
+
+
+def test_split_both_reports_dev_and_gap(tmp_path):
+    r = harness.evaluate(HashLM(), _tasks("inline_mc"), split="both", samples_dir=tmp_path / "s", progress=False)
+    e = r["tasks"]["inline_mc"]
+    assert e["split"] == "test" and e["n"] == 4 and e["dev"]["split"] == "dev" and e["dev"]["n"] == 3
+    g = e["gap"]["acc"]
+    assert g["value"] == pytest.approx(e["metrics"]["acc"]["value"] - e["dev"]["metrics"]["acc"]["value"])
+    assert g["ci"][0] <= g["value"] <= g["ci"][1]
+    lines = [json.loads(l) for l in (tmp_path / "s" / "inline_mc.jsonl").read_text().splitlines()]
+    assert [l["split"] for l in lines] == ["test"] * 4 + ["dev"] * 3
+
+
+def test_contamination_scores_the_clean_subset():
+    seen = {}
+
+    def dirty(name, texts):
+        seen[name] = texts
+        return [i % 3 == 0 for i in range(len(texts))]
+
+    r = harness.evaluate(HashLM(), _tasks("local_mc"), dirty=dirty, progress=False, samples_dir=None)
+    e = r["tasks"]["local_mc"]
+    assert seen["local_mc"][0] == "Question: What colour is the sky on a clear day?\nAnswer:"
+    assert e["contamination"]["clean"] == 5 and e["contamination"]["dirty"] == 3
+    full = harness.score_split(HashLM(), _tasks("local_mc")[0], "test", bootstrap=0)
+    clean = [l["metrics"]["acc"] for i, l in enumerate(full["lines"]) if i % 3 != 0]
+    assert e["contamination"]["metrics_clean"]["acc"]["value"] == pytest.approx(np.mean(clean))
+    assert e["contamination"]["metrics_clean"]["acc"]["n"] == 5
+    with pytest.raises(ValueError, match="returned 1 flags for 8 documents"):
+        harness.evaluate(HashLM(), _tasks("local_mc"), dirty=lambda n, t: [False], progress=False)
+
+
+def test_truncation_counted_per_task(tmp_path):
+    lm = HashLM(max_chars=30)
+    r = harness.evaluate(lm, _tasks("local_addition", "inline_mc"), num_fewshot=0, samples_dir=tmp_path, progress=False)
+    # "Q: What is NNN + NNN?\nA:" is 24 characters at most: no addition prompt is cut; 2-shot ones are
+    assert r["tasks"]["local_addition"]["truncated"] == 0 and r["tasks"]["inline_mc"]["truncated"] == 0
+    lm = HashLM(max_chars=30)
+    r = harness.evaluate(lm, _tasks("local_addition", "inline_mc"), samples_dir=tmp_path, progress=False)
+    assert r["tasks"]["local_addition"]["truncated"] == 12 and r["tasks"]["inline_mc"]["truncated"] == 0
+    assert lm.stats["truncated"] == 12
+    line = json.loads((tmp_path / "local_addition.jsonl").read_text().splitlines()[0])
+    assert line["truncated"] is None  # some were cut, which ones the LM's counter does not say
+
+
+class _Outcome:
+    def __init__(self, passed):
+        self.passed = passed
+
+
+def _fake_sandbox(monkeypatch, ran):
+    def run_python(code, limits, **kw):
+        ran.append((code, limits, kw))
+        env = {}
+        try:
+            exec(compile(code, "<sample>", "exec"), env)  # the fixture's own tiny programs only
+            return _Outcome(True)
+        except Exception:
+            return _Outcome(False)
+
+    monkeypatch.setitem(sys.modules, "lmforge.evaluate.sandbox", types.SimpleNamespace(run_python=run_python))
+
+
+def test_pass_at_k_through_the_sandbox(monkeypatch, tmp_path):
+    ran = []
+    _fake_sandbox(monkeypatch, ran)
+    r = harness.evaluate(HashLM(), _tasks("local_code"), samples_dir=tmp_path, progress=False, allow_network=True)
+    e = r["tasks"]["local_code"]
+    # 5 samples per problem, 2 right (seeds 0 and 1): pass@1 = 2/5, pass@5 = 1
+    assert e["metrics"]["pass@1"]["value"] == pytest.approx(0.4)
+    assert e["metrics"]["pass@5"]["value"] == pytest.approx(1.0)
+    assert e["primary"] == "pass@1" and e["centered"] == pytest.approx(0.4)
+    # each distinct program once: prompt + completion + "\n" + test
+    assert len(ran) == 6
+    assert ('def add(a, b):\n    """Return a + b."""\n    return a + b\n\nassert add(2, 3) == 5',
+            {"wall_s": 5.0, "cpu_s": 5.0}, {"allow_network": True}) in ran
+    assert e["sandbox"] == {"passed": 3, "failed": 3}
+    line = json.loads((tmp_path / "local_code.jsonl").read_text().splitlines()[0])
+    assert line["passed"] == [True, True, False, False, False] and len(line["responses"]) == 5
+    assert line["status"] == ["passed", "passed", "failed", "failed", "failed"]
+
+
+def test_pass_at_k_omitted_where_n_is_below_k(monkeypatch):
+    _fake_sandbox(monkeypatch, [])
+    t = _tasks("local_code")[0]
+    t.repeats = 3
+    r = harness.evaluate(HashLM(), [t], progress=False)
+    e = r["tasks"]["local_code"]
+    assert "pass@5" not in e["metrics"] and "needs n >= 5" in e["omitted"]["pass@5"]
+    assert e["metrics"]["pass@1"]["value"] == pytest.approx(2 / 3)
+
+
+def test_scores_equal_lm_eval_scoring_of_the_same_answers(monkeypatch):
+    """lm-eval's ConfigurableTask (its filters and process_results) on the fake LM's answers."""
+    pytest.importorskip("lm_eval")
+    import logging
+
+    import yaml
+    from lm_eval.api.task import ConfigurableTask
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(DATA)
+    logging.disable(logging.WARNING)
+    try:
+        for name, fname in (("local_mc", "mc.yaml"), ("local_addition", "gen.yaml"), ("local_rolling", "rolling.yaml"),
+                            ("local_wino", "wino.yaml")):
+            lt = ConfigurableTask(config=yaml.safe_load((DATA / fname).read_text()))
+            lt.set_fewshot_seed(1234)
+            lt.build_all_requests(limit=None, rank=0, world_size=1)
+            for inst in lt.instances:
+                a = inst.arguments
+                if inst.request_type == "loglikelihood":
+                    inst.resps.append(fake_ll(*a))
+                elif inst.request_type == "loglikelihood_rolling":
+                    inst.resps.append(fake_roll(a[0]))
+                else:
+                    s = fake_gen(*a)
+                    for u in a[1]["until"]:
+                        s = s.split(u)[0]
+                    inst.resps.append(s)
+            lt.apply_filters()
+            key = next(iter(lt.instances[0].filtered_resps))
+            by_doc = {}
+            for inst in lt.instances:
+                by_doc.setdefault(inst.doc_id, []).append(inst)
+            theirs = []
+            for doc_id in sorted(by_doc):
+                reqs = sorted(by_doc[doc_id], key=lambda i: i.idx)
+                theirs.append(lt.process_results(reqs[0].doc, [i.filtered_resps[key] for i in reqs]))
+            mine = harness.score_split(HashLM(), _tasks(name)[0], "test", bootstrap=0)["lines"]
+            assert len(mine) == len(theirs)
+            for m, t in zip(mine, theirs):
+                for k, v in t.items():
+                    if isinstance(v, tuple):  # (loglik, words or bytes)
+                        assert m["metrics"][k] == pytest.approx(list(v), rel=1e-12), (name, k)
+                    else:
+                        assert m["metrics"][k] == float(v), (name, k)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def test_bad_arguments_and_a_failing_model_keep_earlier_logs(tmp_path):
+    t = _tasks("local_mc")
+    for kw, msg in (({"split": "private"}, "split: 'private'"), ({"limit": 0}, "limit"), ({"bootstrap": -1}, "bootstrap"),
+                    ({"num_fewshot": -2}, "num_fewshot"), ({"dirty": 3}, "dirty")):
+        with pytest.raises(ValueError, match=msg):
+            harness.evaluate(HashLM(), t, progress=False, **kw)
+    with pytest.raises(ValueError, match="expected an lmforge.evaluate.lm.LM"):
+        harness.evaluate(object(), t, progress=False)
+    harness.evaluate(HashLM(), t, samples_dir=tmp_path, progress=False)
+    before = (tmp_path / "local_mc.jsonl").read_bytes()
+
+    class Broken(HashLM):
+        def loglikelihood(self, reqs):
+            return super().loglikelihood(reqs)[:-1]
+
+    with pytest.raises(RuntimeError, match="answered 26 of 27 requests"):
+        harness.evaluate(Broken(), t, samples_dir=tmp_path, progress=False)
+    assert (tmp_path / "local_mc.jsonl").read_bytes() == before
+    with pytest.raises(NotImplementedError, match="cannot generate"):
+        harness.evaluate(LM(), _tasks("local_addition"), progress=False)
+
+
+def test_pass_at_k_in_the_real_sandbox_survives_a_loop():
+    """Right bodies for seed 0, a wrong one for seeds 1-3, an endless loop for seed 4: the loop is
+    stopped and scored as a failure, and the run goes on."""
+    sandbox = pytest.importorskip("lmforge.evaluate.sandbox")
+    if sandbox.network_isolation() is not None:
+        pytest.skip(f"sandbox unavailable here: {sandbox.network_isolation()}")
+
+    class Oracle(HashLM):
+        def generate_until(self, reqs):
+            out = []
+            for c, g in reqs:
+                body = {"add": "a + b", "neg": "-x", "sq": "x * x"}[c.split("def ")[-1].split("(")[0]]
+                seed = g.get("seed", 0)
+                out.append(f"    return {body}\n" if seed == 0 else "    while True:\n        pass\n" if seed == 4
+                           else "    return 0\n")
+            return out
+
+    t = _tasks("local_code")[0]
+    t.code = {**t.code, "timeout_s": 1}
+    r = harness.evaluate(Oracle(), [t], progress=False)
+    e = r["tasks"]["local_code"]
+    assert e["metrics"]["pass@1"]["value"] == pytest.approx(0.2)
+    assert e["metrics"]["pass@5"]["value"] == pytest.approx(1.0)
+    assert e["sandbox"]["passed"] == 3 and e["sandbox"]["failed"] == 3
+    assert sum(v for k, v in e["sandbox"].items() if k in ("timeout", "cpu_limit")) == 3
