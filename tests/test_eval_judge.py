@@ -65,6 +65,7 @@ def test_position_biased_judge_never_wins():
     s = r["summary"]
     assert (s["wins_a"], s["wins_b"], s["ties"], s["inconsistent"], s["unparsed_items"]) == (0, 0, 0, 6, 0)
     assert s["flip_rate"] == 1.0 and s["first_position_rate"] == 1.0 and s["win_rate_a"] == 0.5
+    assert s["flip_rate_ci"] == [1.0, 1.0] and s["win_rate_a_ci"] == [0.5, 0.5]
     # the second prompt of each item shows the answers swapped
     assert shown(j.calls[0][0][0]) == ("a0", "b0") and shown(j.calls[0][1][0]) == ("b0", "a0")
 
@@ -174,6 +175,11 @@ def test_agreement_and_kappa_on_a_hand_computed_confusion():
     assert r["confusion"] == {"correct": {"correct": 4, "incorrect": 1}, "incorrect": {"correct": 2, "incorrect": 3}}
     assert r["agreement"] == pytest.approx(0.7) and r["cohen_kappa"] == pytest.approx(0.4)
     assert r["judged_correct_rate"] == pytest.approx(0.6) and r["true_correct_rate"] == pytest.approx(6 / 11)
+    lo, hi = r["agreement_ci"]
+    assert 0.0 <= lo < 0.7 < hi <= 1.0 and hi - lo > 0.2  # ten items: a wide interval
+    klo, khi = r["cohen_kappa_ci"]
+    assert -1.0 <= klo < 0.4 < khi <= 1.0
+    assert J.agreement(j, items) == r  # seeded: the same intervals again
 
 
 def test_kappa_edge_cases():
@@ -229,7 +235,7 @@ def _args(*argv):
     return p.parse_args(list(argv))
 
 
-def test_cli_pairwise_grade_and_agreement_on_runs(tmp_path):
+def test_cli_pairwise_grade_and_agreement_on_runs(tmp_path, monkeypatch, capsys):
     a = _run(tmp_path, "a", [" 0", " 2", " 4", " 7"])   # right, right, right, wrong
     b = _run(tmp_path, "b", [" 1", " 2", " 5", " 6"])   # wrong, right, wrong, right
 
@@ -253,6 +259,16 @@ def test_cli_pairwise_grade_and_agreement_on_runs(tmp_path):
     r = J.run_cli(_args("grade", str(b), "--rubric", "r", "--limit", "2", "--with-reference"),
                   judge=Scripted(lambda p: "Rating: [[4]]" if "### Reference answer\n0" in p else "Rating: [[6]]"))
     assert r["tasks"]["addition"]["summary"]["histogram"] == {"4": 1, "6": 1}
+
+    monkeypatch.setattr(J, "make_judge", lambda a: Scripted(fair))
+    assert J.cmd(_args("pairwise", str(a), str(b))) == 0
+    printed = capsys.readouterr().out
+    assert "addition: n 4, A wins 2, B wins 1, ties 1, flipped with the swap 0 (0.0%), unparsed 0; A's win rate " \
+           "62.5% [" in printed
+    monkeypatch.setattr(J, "make_judge", lambda a: Scripted(_adds_up))
+    assert J.cmd(_args("agreement", str(a))) == 0
+    assert "agreement 100.0% [100.0%, 100.0%], Cohen's kappa 1.000 [" in capsys.readouterr().out
+    monkeypatch.undo()
 
     c = _run(tmp_path, "c", [" 0"] * 4, prompts={2: "another prompt"})
     with pytest.raises(ValueError, match="different prompts"):
