@@ -27,6 +27,9 @@ judge computes its text, nor of tasks beyond a run's per-sample log.
   is right or wrong, e.g. by exact match); the judge says correct or incorrect;
   ``agreement`` is the fraction of parsed items where they agree, ``cohen_kappa``
   corrects it for chance (None when chance agreement is 1: one class only).
+* Rates (A's win rate with ties and flips as half, flip rate, mean grade,
+  agreement, kappa) carry a 95% percentile bootstrap interval over items
+  (``*_ci``, seeded).
 
 How it can mislead: a judge rewards what it likes (length, confidence, its own
 style) as well as what is right; the swap guards only against position bias, and
@@ -549,21 +552,29 @@ def _single_items(run, tasks, limit, with_label: bool, with_reference: bool) -> 
 
 def _common(p) -> None:
     g = p.add_argument_group("the judge")
-    g.add_argument("--judge-url", default=None, help="an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1)")
-    g.add_argument("--judge-model", default=None, help="the endpoint's model name (default: its only model)")
-    g.add_argument("--judge-checkpoint", default=None, help="a local lmforge or HF model directory as the judge")
+    g.add_argument("--judge-url", default=None, metavar="URL",
+                   help="an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1)")
+    g.add_argument("--judge-model", default=None, metavar="NAME",
+                   help="the endpoint's model name (default: its only model)")
+    g.add_argument("--judge-checkpoint", default=None, metavar="DIR",
+                   help="a local lmforge or HF model directory as the judge")
     g.add_argument("--judge-completions", action="store_true",
                    help="send the prompt to /v1/completions as plain text (default: /v1/chat/completions)")
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                    help="the environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
-    g.add_argument("--judge-concurrency", type=int, default=4)
-    g.add_argument("--judge-timeout", type=float, default=120.0)
-    g.add_argument("--max-tokens", type=int, default=512, help="tokens of judge output per verdict")
-    p.add_argument("--rubric", default=None, help="the criteria, as text")
-    p.add_argument("--rubric-file", default=None, help="the criteria, from a UTF-8 file")
-    p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    g.add_argument("--judge-concurrency", type=int, default=4, metavar="N",
+                   help="requests in flight to the endpoint")
+    g.add_argument("--judge-timeout", type=float, default=120.0, metavar="S", help="seconds per request")
+    g.add_argument("--max-tokens", type=int, default=512, metavar="N", help="tokens of judge output per verdict")
+    p.add_argument("--rubric", default=None, metavar="TEXT", help="the criteria, as text")
+    p.add_argument("--rubric-file", default=None, metavar="FILE", help="the criteria, from a UTF-8 file")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most this many documents per task")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--out", default=None, help="also write the full result (every judgment) as JSON here")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the full result (every judgment) as JSON here")
+
+
+RUN_HELP = "a run directory (result.json, samples/) or one samples .jsonl file"
 
 
 def add_arguments(parser) -> None:
@@ -571,25 +582,29 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="judge_mode", metavar="MODE")
     sub.required = True
     p = sub.add_parser("pairwise", help="compare two runs' generations (a win must survive the position swap)")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--task", action="append", default=None, help="a task of both runs (repeatable; default all)")
+    p.add_argument("run_a", metavar="RUN_A", help=RUN_HELP + ": its answers are A")
+    p.add_argument("run_b", metavar="RUN_B", help="the other run: its answers are B")
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help="a generation task of both runs (repeatable; default: all they share)")
     p.add_argument("--with-reference", action="store_true", help="show the judge the task's target")
     _common(p)
     p = sub.add_parser("grade", help="grade one run's generations with a rubric")
-    p.add_argument("run")
-    p.add_argument("--task", action="append", default=None)
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help="a generation task of the run (repeatable; default: all)")
     p.add_argument("--scale", type=float, nargs=2, default=(1, 10), metavar=("LOW", "HIGH"))
     p.add_argument("--with-reference", action="store_true", help="show the judge the task's target")
     _common(p)
     p = sub.add_parser("agreement", help="the judge against a rule-checked truth (exact match of a run, or "
                                          "synthetic addition)")
-    p.add_argument("run", nargs="?", default=None)
-    p.add_argument("--task", action="append", default=None)
+    p.add_argument("run", nargs="?", default=None, metavar="RUN",
+                   help=RUN_HELP + "; each answer's 0/1 primary metric (exact match) is the truth")
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help="a rule-checked generation task of the run (repeatable; default: all)")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="N addition problems answered right or wrong here, instead of a run")
-    p.add_argument("--digits", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digits", type=int, default=3, help="digits of the synthetic problems' numbers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic problems")
     p.add_argument("--with-reference", action="store_true", help="show the judge the true answer")
     _common(p)
     parser.set_defaults(fn=cmd)
