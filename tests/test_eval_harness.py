@@ -360,3 +360,15 @@ def test_pass_at_k_in_the_real_sandbox_survives_a_loop():
     assert e["metrics"]["pass@5"]["value"] == pytest.approx(1.0)
     assert e["sandbox"]["passed"] == 3 and e["sandbox"]["failed"] == 3
     assert sum(v for k, v in e["sandbox"].items() if k in ("timeout", "cpu_limit")) == 3
+
+
+def test_non_finite_log_likelihoods_stay_valid_json(tmp_path):
+    class Inf(HashLM):
+        def loglikelihood_rolling(self, reqs):
+            return [float("-inf")] + [fake_roll(t) for t in reqs[1:]]
+
+    r = harness.evaluate(Inf(), _tasks("local_rolling"), samples_dir=tmp_path, progress=False)
+    json.dumps(r, allow_nan=False)
+    assert r["tasks"]["local_rolling"]["metrics"]["bits_per_byte"] == {"value": None, "ci": None, "stderr": None, "n": 5}
+    first = json.loads((tmp_path / "local_rolling.jsonl").read_text().splitlines()[0])
+    assert first["responses"] == [None]

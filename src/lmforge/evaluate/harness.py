@@ -78,6 +78,20 @@ def _jsonable(x):
     return str(x)
 
 
+def _dumps(obj) -> str:
+    """One JSON line; non-finite numbers become null, other objects their str (the slow path only then)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=_np_default)
+    except (ValueError, TypeError):
+        return json.dumps(_jsonable(obj), ensure_ascii=False, allow_nan=False)
+
+
+def _np_default(x):
+    if isinstance(x, (np.floating, np.integer)) and np.isfinite(x):
+        return x.item()
+    raise TypeError(type(x).__name__)
+
+
 def _per_doc(task: Task, dr, answers: list, lm, pass_cache: dict) -> tuple[dict, dict]:
     """(metric -> per-document value or (loglik, count) pair, log fields) of one document."""
     wanted = [m for m, _ in task.metrics]
@@ -339,7 +353,7 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
             from .._io import atomic_open
             with atomic_open(path, "w") as f:
                 for line in lines:
-                    f.write(json.dumps(_jsonable(line), ensure_ascii=False) + "\n")
+                    f.write(_dumps(line) + "\n")
             entry["samples"] = f"{sd.name}/{path.name}"
         result_tasks[task.name] = entry
         centered_by[task.name] = cen
