@@ -315,7 +315,7 @@ def test_scores_equal_lm_eval_scoring_of_the_same_answers(monkeypatch):
 
 def test_bad_arguments_and_a_failing_model_keep_earlier_logs(tmp_path):
     t = _tasks("local_mc")
-    for kw, msg in (({"split": "private"}, "split: 'private'"), ({"limit": 0}, "limit"), ({"bootstrap": -1}, "bootstrap"),
+    for kw, msg in (({"split": "private"}, "split: 'private'"), ({"limit": 0}, "limit"), ({"limit": 1.0}, "limit"), ({"bootstrap": -1}, "bootstrap"),
                     ({"num_fewshot": -2}, "num_fewshot"), ({"dirty": 3}, "dirty")):
         with pytest.raises(ValueError, match=msg):
             harness.evaluate(HashLM(), t, progress=False, **kw)

@@ -241,9 +241,8 @@ def test_choice_list_of_one_and_target_outside(tmp_path):
 
 def test_malformed_jsonl_line_error_or_counted_skip(tmp_path):
     good = json.dumps({"q": "x", "choices": ["a", "b"], "label": 0})
-    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")
-    p = _mc_yaml(tmp_path, [])  # rewrites d.jsonl: restore the bad one after
-    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")
+    p = _mc_yaml(tmp_path, [])
+    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")  # line 2 is not JSON
     with pytest.raises(TaskError, match=r"d\.jsonl:2: malformed JSON line"):
         load_task(p)[0].docs("test")
     t = load_task(p, skip_bad=True)[0]

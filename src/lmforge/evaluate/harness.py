@@ -274,9 +274,9 @@ def _check_args(lm, split, bootstrap, limit, num_fewshot, dirty):
         raise ValueError(f"bootstrap: expected an integer >= 0 (replicates; 0 = no intervals), got {bootstrap!r}")
     if limit is not None:
         ok = (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0) or \
-             (isinstance(limit, float) and 0 < limit <= 1)
+             (isinstance(limit, float) and 0 < limit < 1)
         if not ok:
-            raise ValueError(f"limit: expected a positive integer (documents) or a fraction in (0, 1], got {limit!r}")
+            raise ValueError(f"limit: expected a positive integer (documents) or a fraction in (0, 1), got {limit!r}")
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise ValueError(f"num_fewshot: expected an integer >= 0, got {num_fewshot!r}")
     if dirty is not None and not callable(dirty):
