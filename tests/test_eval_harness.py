@@ -372,3 +372,22 @@ def test_non_finite_log_likelihoods_stay_valid_json(tmp_path):
     assert r["tasks"]["local_rolling"]["metrics"]["bits_per_byte"] == {"value": None, "ci": None, "stderr": None, "n": 5}
     first = json.loads((tmp_path / "local_rolling.jsonl").read_text().splitlines()[0])
     assert first["responses"] == [None]
+
+
+def test_rolling_token_perplexity_needs_token_counts():
+    t = _tasks("local_rolling")[0]
+    t.metrics = [("perplexity", {}), ("bits_per_byte", {})]
+    t.primary_metric = "perplexity"
+    lm = HashLM()
+    with pytest.raises(ValueError, match="no count_tokens"):
+        harness.evaluate(lm, [t], progress=False)
+    assert lm.calls == []  # refused before the model ran
+
+    class Counting(HashLM):
+        def count_tokens(self, text):
+            return len(text.split())
+
+    r = harness.evaluate(Counting(), [t], progress=False, bootstrap=0)
+    texts = [json.loads(l)["text"] for l in (DATA / "rolling_test.jsonl").read_text().splitlines()]
+    want = math.exp(-sum(fake_roll(x) for x in texts) / sum(len(x.split()) for x in texts))
+    assert r["tasks"]["local_rolling"]["metrics"]["perplexity"]["value"] == pytest.approx(want)

@@ -119,12 +119,7 @@ def _per_doc(task: Task, dr, answers: list, lm, pass_cache: dict) -> tuple[dict,
             elif m in ("byte_perplexity", "bits_per_byte"):
                 vals[m] = (ll, float(M.count_bytes(text)))
             elif m == "perplexity":
-                count = getattr(lm, "count_tokens", None)
-                if count is None:
-                    raise TaskError(f"task {task.name!r}: metric 'perplexity' of a rolling task needs token counts, and "
-                                    f"{getattr(lm, 'name', 'the model')} has no count_tokens(text); use word_perplexity, "
-                                    "byte_perplexity or bits_per_byte")
-                vals[m] = (ll, float(count(text)))
+                vals[m] = (ll, float(lm.count_tokens(text)))  # checked before the model ran
         log["responses"] = [ll]
     else:  # generate_until
         resps = [a if isinstance(a, str) else "" for a in answers]
@@ -167,6 +162,11 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
     """Scores one split of one task. Returns ``{"split", "n", "metrics", "omitted", "reps",
     "random_baseline", "truncated", "skipped", "lines", "contamination"?}`` (``reps``: the
     bootstrap replicates of each metric, for gaps and the aggregate)."""
+    if task.output_type == "loglikelihood_rolling" and any(m == "perplexity" for m, _ in task.metrics) \
+            and not callable(getattr(lm, "count_tokens", None)):
+        raise TaskError(f"{task.source}: task {task.name!r}: metric 'perplexity' of a rolling task is per token, and "
+                        f"{getattr(lm, 'name', 'the model')} has no count_tokens(text); use word_perplexity, "
+                        "byte_perplexity or bits_per_byte")
     drs = task.requests(split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir)
     stats = getattr(lm, "stats", None) or {}
     t0 = int(stats.get("truncated", 0))
