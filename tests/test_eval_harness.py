@@ -391,3 +391,17 @@ def test_rolling_token_perplexity_needs_token_counts():
     texts = [json.loads(l)["text"] for l in (DATA / "rolling_test.jsonl").read_text().splitlines()]
     want = math.exp(-sum(fake_roll(x) for x in texts) / sum(len(x.split()) for x in texts))
     assert r["tasks"]["local_rolling"]["metrics"]["perplexity"]["value"] == pytest.approx(want)
+
+
+def test_apply_chat_template_renders_every_prompt(tmp_path):
+    class Chat(HashLM):
+        def apply_chat_template(self, messages):
+            return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
+
+    r = harness.evaluate(Chat(), _tasks("inline_mc"), apply_chat_template=True, samples_dir=tmp_path, progress=False)
+    assert r["settings"]["apply_chat_template"] is True
+    line = json.loads((tmp_path / "inline_mc.jsonl").read_text().splitlines()[0])
+    assert line["prompt"] == "[user]Sun rises in the[assistant]"
+    assert line["requests"] == [["[user]Sun rises in the[assistant]", "east"], ["[user]Sun rises in the[assistant]", "west"]]
+    with pytest.raises(NotImplementedError, match="has no chat template"):
+        harness.evaluate(HashLM(), _tasks("inline_mc"), apply_chat_template=True, progress=False)

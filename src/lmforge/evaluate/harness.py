@@ -158,7 +158,7 @@ def _program(task: Task, doc: dict, completion: str) -> str:
 
 def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, data_dir=None,
                 bootstrap: int = 1000, seed: int = 0, dirty=None, check_dirty: bool = False,
-                allow_network: bool = False) -> dict:
+                allow_network: bool = False, apply_chat_template: bool = False) -> dict:
     """Scores one split of one task. Returns ``{"split", "n", "metrics", "omitted", "reps",
     "random_baseline", "truncated", "skipped", "lines", "contamination"?}`` (``reps``: the
     bootstrap replicates of each metric, for gaps and the aggregate)."""
@@ -167,7 +167,8 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
         raise TaskError(f"{task.source}: task {task.name!r}: metric 'perplexity' of a rolling task is per token, and "
                         f"{getattr(lm, 'name', 'the model')} has no count_tokens(text); use word_perplexity, "
                         "byte_perplexity or bits_per_byte")
-    drs = task.requests(split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir)
+    chat = lm.apply_chat_template if apply_chat_template else None
+    drs = task.requests(split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, chat=chat)
     stats = getattr(lm, "stats", None) or {}
     t0 = int(stats.get("truncated", 0))
     reqs = [r for dr in drs for r in dr.requests]
@@ -287,7 +288,7 @@ def _check_args(lm, split, bootstrap, limit, num_fewshot, dirty):
 
 def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bootstrap: int = 1000,
              seed: int = 0, samples_dir=None, data_dir=None, dirty=None, progress: bool = True,
-             allow_network: bool = False) -> dict:
+             allow_network: bool = False, apply_chat_template: bool = False) -> dict:
     """Scores ``tasks`` (Task objects, names or paths; see ``task.load_tasks``) on ``lm``; returns the
     result object (schema: ``lmforge_eval`` 1). ``split``: "test" (each task's test_split), "dev"
     (its validation_split) or "both" (test, plus "dev" and the test-minus-dev "gap" for every task
@@ -295,7 +296,9 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
     ``samples_dir``: one ``<task>.jsonl`` per task (its path in the result is relative to the
     folder that holds ``samples_dir``). ``dirty(task_name, doc_texts) -> [bool]``: adds the
     "contamination" entry for the reported split. ``allow_network``: pass@k programs run even where the
-    sandbox has no network namespace (its opt-in; otherwise it refuses and the error propagates)."""
+    sandbox has no network namespace (its opt-in; otherwise it refuses and the error propagates).
+    ``apply_chat_template``: every prompt rendered by ``lm.apply_chat_template`` as lm-eval's
+    ``--apply_chat_template`` renders it (examples and question in one user turn)."""
     _check_args(lm, split, bootstrap, limit, num_fewshot, dirty)
     t_start = time.perf_counter()
     if isinstance(tasks, (str, Task)):
@@ -319,7 +322,8 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
             it.set_postfix_str(task.name)
         main_split = task.split_for("dev" if split == "dev" else "test")
         main = score_split(lm, task, main_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
-                           bootstrap=bootstrap, seed=seed, dirty=dirty, check_dirty=True, allow_network=allow_network)
+                           bootstrap=bootstrap, seed=seed, dirty=dirty, check_dirty=True, allow_network=allow_network,
+                           apply_chat_template=apply_chat_template)
         primary = task.primary_metric
         pval = (main["metrics"].get(primary) or {}).get("value")
         rb = main["random_baseline"]
@@ -334,7 +338,8 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
         dev_split = task.validation_split
         if split == "both" and dev_split is not None and dev_split != main_split:
             dev = score_split(lm, task, dev_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
-                              bootstrap=bootstrap, seed=seed + 1, allow_network=allow_network)
+                              bootstrap=bootstrap, seed=seed + 1, allow_network=allow_network,
+                              apply_chat_template=apply_chat_template)
             entry["dev"] = {"split": dev_split, "n": dev["n"], "metrics": dev["metrics"]}
             if dev["omitted"]:
                 entry["dev"]["omitted"] = dev["omitted"]
@@ -366,7 +371,8 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
         "model": {"name": getattr(lm, "name", type(lm).__name__), "checkpoint": _jsonable(getattr(lm, "checkpoint", None)),
                   "params": int(params) if isinstance(params, (int, np.integer)) else params},
         "settings": {"tasks": [t.name for t in loaded], "limit": limit, "num_fewshot": num_fewshot,
-                     "bootstrap": bootstrap, "seed": seed, "split": split},
+                     "bootstrap": bootstrap, "seed": seed, "split": split,
+                     **({"apply_chat_template": True} if apply_chat_template else {})},
         "tasks": result_tasks,
         "aggregate": {"core": M.core(centered_by, reps_by)},
         "elapsed_s": round(time.perf_counter() - t_start, 3),
