@@ -13,7 +13,10 @@ default sampler: one ``random.Random(1234)`` drawing each document's examples in
 so the same task gives the same request strings in both.
 
 Known differences from lm-eval: no Hub datasets (only local JSON / JSONL), no ``!function``
-(Python from task files), no ``group`` files, no chat templates; an evaluated document is kept
+(Python from task files), no ``group`` files; under a chat template only lm-eval's single-turn
+form (no ``fewshot_as_multiturn``, no ``gen_prefix``); a pass@k task without ``filter_list`` keeps
+every sample (lm-eval's default filter keeps the first), and with ``repeats`` > 1 sample i carries
+``seed: i`` in its gen_kwargs (lm-eval sends identical requests); an evaluated document is kept
 out of its own few-shot examples whenever the few-shot split is the split evaluated (lm-eval
 does so only when it is the configured ``test_split``); a bare identifier that is not a field
 is an error here (lm-eval would use it as a literal string); data files are looked up beside the task
