@@ -130,6 +130,42 @@ def test_multiple_input_contexts():
     assert d.target == 1 and d.prompt == "Anna thanked Beth because Beth"
 
 
+def _chat(messages, add_generation_prompt=True):
+    out = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+    return out + ("<|assistant|>" if add_generation_prompt else "")
+
+
+def test_chat_template_prompts_equal_lm_eval(monkeypatch, tmp_path):
+    """lm-eval's --apply_chat_template path (single-turn few-shot, description as the system message)."""
+    pytest.importorskip("lm_eval")
+    import logging
+
+    import yaml
+    from lm_eval.api.task import ConfigurableTask
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(DATA)
+    logging.disable(logging.WARNING)
+    try:
+        for fname, k, desc in (("mc.yaml", 2, "Answer the question.\n"), ("gen.yaml", 2, None), ("wino.yaml", 1, "Pick.")):
+            cfg = yaml.safe_load((DATA / fname).read_text())
+            if desc:
+                cfg["description"] = desc
+            lt = ConfigurableTask(config=dict(cfg))
+            lt.set_config("num_fewshot", k)
+            lt.set_fewshot_seed(1234)
+            lt.build_all_requests(limit=None, rank=0, world_size=1, apply_chat_template=True, chat_template=_chat)
+            theirs = sorted(((i.doc_id, i.idx, i.arguments) for i in lt.instances), key=lambda x: x[:2])
+            p = tmp_path / fname
+            p.write_text(yaml.safe_dump(cfg))
+            mine_t = load_task(p)[0]
+            mine = [(d.doc_id, r.idx, r.args) for d in mine_t.requests("test", num_fewshot=k, chat=_chat) for r in d.requests]
+            assert mine == theirs, fname
+            assert mine[0][2][0].startswith("<|system|>" if desc else "<|user|>")
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def test_repeats_get_a_seed_each():
     code = load_task(DATA / "code.yaml")[0]
     drs = code.requests("test")
@@ -241,9 +277,8 @@ def test_choice_list_of_one_and_target_outside(tmp_path):
 
 def test_malformed_jsonl_line_error_or_counted_skip(tmp_path):
     good = json.dumps({"q": "x", "choices": ["a", "b"], "label": 0})
-    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")
-    p = _mc_yaml(tmp_path, [])  # rewrites d.jsonl: restore the bad one after
-    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")
+    p = _mc_yaml(tmp_path, [])
+    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")  # line 2 is not JSON
     with pytest.raises(TaskError, match=r"d\.jsonl:2: malformed JSON line"):
         load_task(p)[0].docs("test")
     t = load_task(p, skip_bad=True)[0]
