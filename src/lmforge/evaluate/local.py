@@ -90,6 +90,7 @@ class LocalLM(LM):
 
     name = "lmforge"
     token_budget = 8192  # tokens (rows x padded length) per forward when batch_size is None
+    pad_slack = 0.1  # a batch (batch_size None) holds rows at least (1 - pad_slack) x its longest
     row_cap = 1024  # most tokens in one packed row (a context's continuations beyond it go to another row)
 
     def __init__(self, model, tokenizer, *, tokens=None, batch_size: int | None = None, device: str = "cpu",
@@ -276,7 +277,12 @@ class LocalLM(LM):
         start = 0
         while start < len(order):
             T = lengths[order[start]]
-            n = self.batch_size or max(1, self.token_budget // max(T, 1))
+            if self.batch_size:
+                n = self.batch_size
+            else:  # under the token budget, and no row padded by more than ``pad_slack`` of T
+                n, cap = 1, max(1, self.token_budget // max(T, 1))
+                while n < cap and start + n < len(order) and lengths[order[start + n]] >= (1 - self.pad_slack) * T:
+                    n += 1
             batch = [rows[r] for r in order[start:start + n]]
             start += n
             for key, ans in self._forward(batch, T):
