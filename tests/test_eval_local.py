@@ -79,8 +79,9 @@ def test_shared_context_packed_and_split_rows(tok, lm, monkeypatch):
     reqs = requests()
     x = LocalLM(lm.model, tok)
     x.loglikelihood(reqs)
-    assert x.stats["forwards"] == 1 and x.stats["tokens_requested"] < sum(
+    assert x.stats["tokens_requested"] < sum(
         len(c) + len(t) - 1 for c, t in (x._encode_pair(a, b, {}) for a, b in reqs))  # contexts run once
+    assert x.stats["tokens_run"] <= x.stats["tokens_requested"] / (1 - LocalLM.pad_slack)  # little padding
     monkeypatch.setattr(LocalLM, "row_cap", 10)  # continuations of one context over several rows
     y = LocalLM(lm.model, tok)
     got, ref = y.loglikelihood(reqs), reference(lm, reqs)
