@@ -93,8 +93,8 @@ class LocalLM(LM):
     name = "lmforge"
     token_budget = 8192  # tokens (rows x padded length) per forward when batch_size is None
     pad_slack = 0.1  # a batch (batch_size None) holds rows at least (1 - pad_slack) x its longest
-    row_cap = 1024
-    cache_bytes = 1 << 30  # the generation engine's KV pool, at most (and at least one full context)  # most tokens in one packed row (a context's continuations beyond it go to another row)
+    row_cap = 1024  # most tokens in one packed row (a context's continuations beyond it go to another row)
+    cache_bytes = 1 << 30  # the generation engine's KV pool, at most (and at least one full context)
 
     def __init__(self, model, tokenizer, *, tokens=None, batch_size: int | None = None, device: str = "cpu",
                  max_length: int | None = None):
@@ -333,9 +333,9 @@ class LocalLM(LM):
         self.stats["tokens_requested"] += int((seg >= 0).sum())
         hs = h.reshape(B * T, -1)[torch.tensor(gather, device=dev)]
         logits = self.model.compute_logits(hs)[:, :self.vocab_size].float()
-        lp = torch.log_softmax(logits, -1)
         tgt = torch.tensor(targets, device=dev)
-        chosen = lp.gather(1, tgt[:, None])[:, 0].double().cpu()
+        # log_softmax at the targets only: logit - logsumexp (no (N, V) output written)
+        chosen = (logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, -1)).double().cpu()
         greedy = (logits.argmax(-1) == tgt).cpu()
         out = []
         for key, (s, n) in zip(keys, spans):
