@@ -167,6 +167,18 @@ def test_generation_equals_loop_greedy_and_stops(tok, lm):
     assert one == refs
 
 
+def test_generation_mixed_kwargs_in_one_call(tok, lm):
+    """Requests with different lengths and stops run in one call, each as it would alone."""
+    reqs = [("All:\n", {"max_gen_toks": 3}), ("Before", {"max_new_tokens": 9, "until": "\n"}),
+            ("All:\n", {"max_gen_toks": 9, "until": ["zzzq"]})]
+    got = lm.generate_until(reqs)
+    alone = [lm.generate_until([r])[0] for r in reqs]
+    assert got == alone
+    ref = tok.decode(generate(lm.model, [lm.doc] + tok.encode("All:\n"), 9, temperature=0, stop=lm.tokens.stop))
+    assert got[2] == ref and ref.startswith(got[0]) and len(got[0]) < len(ref)
+    assert "\n" not in got[1]
+
+
 def test_generation_truncates_context(tok, lm):
     x = LocalLM(lm.model, tok)
     out = x.generate_until([(TEXT * 3, {"max_gen_toks": 8, "until": []})])
