@@ -11,7 +11,7 @@ Both sides get the same ``torch.set_num_threads``, a warm-up, and each its best 
 tried (printed); a time is the median of 3 runs. Parity is checked and printed: the largest absolute
 difference of the two sides' log-likelihoods, is_greedy agreement and how many greedy generations match.
 
-    PYTHONPATH=src python benchmarks/eval_bench.py [RUN_DIR] [--quick] [--threads N]
+    PYTHONPATH=src python benchmarks/eval_bench.py [RUN_DIR] [--quick] [--threads N] [--ablate]
 
 Ends with the house's JSON line: {"benchmark": "eval", "rows": [...]} (requests/s, goal 3x).
 """
@@ -113,6 +113,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     ap.add_argument("--mc", type=int, default=None, help="multiple-choice questions (4 choices each; default 200)")
     ap.add_argument("--gen", type=int, default=None, help="generation prompts (default 64)")
+    ap.add_argument("--ablate", action="store_true", help="also time LocalLM with each technique switched off")
     args = ap.parse_args(argv)
     run = Path(args.run)
     check_run(run)
@@ -180,6 +181,18 @@ def main(argv=None) -> None:
     print(f"  best: lm-eval batch_size {r_bs}, lmforge token_budget {o_bs}; log-likelihoods max |diff| {diff:.2e}; "
           f"is_greedy agrees on {greedy_agree}/{len(mc)}")
     rows.append(row("loglikelihood (multiple choice)", o_rate, r_rate, "requests/s", goal=3.0))
+    if args.ablate:  # each technique switched off in turn, at the best token budget
+        our_set(o_bs)
+        for name, attr, off in (("no shared contexts (a row per request)", "share_contexts", False),
+                                ("head and log-softmax everywhere", "head_only", False),
+                                ("no length buckets (pad_slack 1)", "pad_slack", 1.0)):
+            was = getattr(ours, attr)
+            setattr(ours, attr, off)
+            ours.loglikelihood(warm_mc)
+            t, _ = timed(lambda: ours.loglikelihood(mc), runs)
+            setattr(ours, attr, was)
+            print(f"  lmforge without: {name}: {len(mc) / t:.1f} requests/s")
+            rows.append(row(f"ablation: {name}", len(mc) / t, r_rate, "requests/s"))
 
     print("generate_until (greedy, 32 tokens, until \\n\\n):")
     gen_bs = [16, 64] if args.quick else [8, 16, 32, 64]

@@ -254,3 +254,25 @@ def test_hf_import_starts_contexts_as_hflm(tmp_path, family):
     assert max(abs(g[0] - r[0]) for g, r in zip(got, ref)) < 1e-4
     (r,) = x.loglikelihood_rolling(["Speak, speak."])
     assert abs(r - naive(x.model, [x.doc], enc, x.max_length)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("switch", ["share_contexts", "head_only"])
+def test_ablations_give_the_same_answers(tok, lm, monkeypatch, switch):
+    reqs = requests()
+    want = LocalLM(lm.model, tok).loglikelihood(reqs)
+    monkeypatch.setattr(LocalLM, switch, False)
+    x = LocalLM(lm.model, tok)
+    got = x.loglikelihood(reqs)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert max(abs(g[0] - w[0]) for g, w in zip(got, want)) < 1e-4
+    if switch == "share_contexts":  # every request its own row: more tokens run
+        monkeypatch.setattr(LocalLM, switch, True)
+        y = LocalLM(lm.model, tok)
+        y.loglikelihood(reqs)
+        items = set()
+        for c, t in (x._encode_pair(a, b, {}) for a, b in reqs):
+            inp = (c + t)[-(x.max_length + 1):-1]
+            items.add((tuple(inp[:len(inp) - len(t) + 1]), tuple(inp[len(inp) - len(t) + 1:])))
+        assert x.stats["tokens_requested"] == sum(len(p) + len(b) for p, b in items)
+        assert y.stats["tokens_requested"] == sum(len(p) for p in {p for p, _ in items}) + sum(len(b) for _, b in items)
+        assert y.stats["tokens_requested"] < x.stats["tokens_requested"]

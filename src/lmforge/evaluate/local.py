@@ -25,11 +25,12 @@ its prefix token (empty contexts, the first rolling window) is HFLM's: BOS, else
 * A context that starts with a string ``apply_chat_template`` returned is encoded with that
   conversation's own ids (its control tokens stay control tokens; text elsewhere never becomes one).
 
-How it is fast (each measured in ``benchmarks/eval_bench.py``): requests that share a context (the
+How it is fast (``benchmarks/eval_bench.py --ablate`` switches each off in turn): requests that share a context (the
 choices of one question) are packed into one row, the context once and each continuation after it,
 under a tree attention mask (a continuation sees the context and itself, not its siblings) with
-positions restarting after the context; rows are sorted by length and batched under a token budget
-with padding masked; the output head runs only at the positions whose next token is scored; no grad,
+positions restarting after the context; rows are sorted by length and batched under a token budget,
+rows of near-equal length together (``pad_slack``), padding masked; the output head runs only at the
+positions whose next token is scored, the log-softmax only at the targets (logit - logsumexp); no grad,
 eval mode, float32 on CPU. Generation runs every request in flight at once in the engine (continuous
 batching, the C decode step, prefix caching of shared few-shot prompts).
 
@@ -95,6 +96,9 @@ class LocalLM(LM):
     pad_slack = 0.1  # a batch (batch_size None) holds rows at least (1 - pad_slack) x its longest
     row_cap = 1024  # most tokens in one packed row (a context's continuations beyond it go to another row)
     cache_bytes = 1 << 30  # the generation engine's KV pool, at most (and at least one full context)
+    # techniques that can be switched off, to measure each (benchmarks/eval_bench.py --ablate)
+    share_contexts = True  # the continuations of a context packed after it in one row (else a row each)
+    head_only = True  # the output head only at scored positions (else everywhere, then gathered)
 
     def __init__(self, model, tokenizer, *, tokens=None, batch_size: int | None = None, device: str = "cpu",
                  max_length: int | None = None):
@@ -261,6 +265,8 @@ class LocalLM(LM):
     def _rows(self, items) -> list[tuple[tuple, list]]:
         """Packed rows: (prefix, [distinct (branch, continuation), ...]), a prefix's continuations split over
         rows of at most ``row_cap`` tokens."""
+        if not self.share_contexts:  # (the ablation: a row per distinct request)
+            return [(p, [(b, c)]) for p, b, c in dict.fromkeys(items)]
         groups: dict[tuple, dict] = {}
         for prefix, branch, cont in items:
             groups.setdefault(prefix, {}).setdefault((branch, cont), None)
@@ -331,8 +337,12 @@ class LocalLM(LM):
         self.stats["forwards"] += 1
         self.stats["tokens_run"] += B * T
         self.stats["tokens_requested"] += int((seg >= 0).sum())
-        hs = h.reshape(B * T, -1)[torch.tensor(gather, device=dev)]
-        logits = self.model.compute_logits(hs)[:, :self.vocab_size].float()
+        at = torch.tensor(gather, device=dev)
+        if self.head_only:
+            logits = self.model.compute_logits(h.reshape(B * T, -1)[at])[:, :self.vocab_size].float()
+        else:  # (the ablation: the head and a log-softmax over every position, as HFLM)
+            full = torch.log_softmax(self.model.compute_logits(h).float(), -1)
+            logits = full.reshape(B * T, -1)[at][:, :self.vocab_size]
         tgt = torch.tensor(targets, device=dev)
         # log_softmax at the targets only: logit - logsumexp (no (N, V) output written)
         chosen = (logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, -1)).double().cpu()
