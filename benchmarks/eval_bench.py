@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         ours.batch_size, ours.token_budget = s if isinstance(s, tuple) else (None, s)
 
     ref_bs = [16, 64] if args.quick else [8, 32, 64, 128]
-    our_budgets = [8192] if args.quick else [4096, 8192, 16384]
+    our_budgets = [16384] if args.quick else [4096, 8192, 16384]
     rows = []
 
     print("loglikelihood (multiple choice):")

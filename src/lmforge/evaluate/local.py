@@ -92,7 +92,8 @@ class LocalLM(LM):
     context (default and maximum: the model's ``max_seq_len``)."""
 
     name = "lmforge"
-    token_budget = 8192  # tokens (rows x padded length) per forward when batch_size is None
+    token_budget = 16384  # tokens (rows x padded length) per forward when batch_size is None (the best of
+    # 4096, 8192, 16384 on the demo model, 1 and 2 threads)
     pad_slack = 0.1  # a batch (batch_size None) holds rows at least (1 - pad_slack) x its longest
     row_cap = 1024  # most tokens in one packed row (a context's continuations beyond it go to another row)
     cache_bytes = 1 << 30  # the generation engine's KV pool, at most (and at least one full context)
