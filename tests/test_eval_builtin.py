@@ -97,7 +97,7 @@ def data_dir(tmp_path_factory, plays):
 
 def _all_words(doc: dict) -> set[str]:
     text = " ".join(v if isinstance(v, str) else " ".join(map(str, v)) for k, v in doc.items()
-                    if k in ("passage", "context", "choices", "names", "words"))
+                    if k in ("passage", "context", "choices", "names", "words", "lines", "line"))
     return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
 
 
@@ -155,17 +155,18 @@ def test_corpus_items_come_from_test_documents(name, data_dir, plays):
             play = lines_of[d["play"]]
             if name == "next_line":
                 shown = [l for l in d["passage"].split("\n") if l and not re.fullmatch(r"[A-Z]+\.", l)]
-                assert _is_sublist(shown + [d["choices"][d["gold"]]], play)  # the true next line
-                for c in d["choices"]:
-                    assert c in play and c not in other_lines
+                assert _is_sublist(shown + [d["lines"][d["gold"]]], play)  # the true next line
+                for c, l in zip(d["choices"], d["lines"]):
+                    assert l in play and l not in other_lines
+                    assert d["context"] + c == d["passage"] + "\n" + l
             elif name == "speaker":
                 text = re.sub(r"\[[^\]\n]*\]\n\n", "", plays[d["play"]])  # without the stage directions
                 last = d["passage"].split("\n")[-1]
-                gold = d["choices"][d["gold"]]
-                assert gold == f"{d['names'][d['gold']]}.\n{gold.split(chr(10))[1]}"
-                assert f"{last}\n\n{gold}\n" in text  # the next speech, under its true speaker
-                for nm in d["names"]:
+                truth = f"{d['names'][d['gold']]}.\n{d['line']}"
+                assert f"{last}\n\n{truth}\n" in text  # the next speech, under its true speaker
+                for c, nm in zip(d["choices"], d["names"]):
                     assert f"\n{nm}.\n" in text
+                    assert d["context"] + c == f"{d['passage']}\n\n{nm}.\n{d['line']}"
                 assert len(set(d["names"])) == 4
             else:
                 head, partial = d["context"].rsplit("\n", 1)
@@ -182,16 +183,33 @@ def test_corpus_splits_disjoint(name, data_dir):
     for split in S.SPLITS:
         docs = B.GENERATORS[name](split, None, S.rng(name, split), data_dir=data_dir)  # every item of the split
         assert len(docs) >= 200, (split, len(docs))
-        field = "context" if name == "cloze" else "passage"
-        keys[split] = {d[field] + "\x00" + d["choices"][d["gold"]] for d in docs}
+        keys[split] = {d["context"] + "\x00" + d["choices"][d["gold"]] for d in docs}
         assert len(keys[split]) == len(docs)
         if name == "next_line":  # every line shown, passage or choice
-            lines[split] = {l for d in docs for l in d["passage"].split("\n") + d["choices"]} - {""}
+            lines[split] = {l for d in docs for l in d["passage"].split("\n") + d["lines"]} - {""}
             lines[split] = {l for l in lines[split] if not re.fullmatch(r"[A-Z]+\.", l)}
     for a, b in (("train", "dev"), ("train", "private"), ("dev", "private")):
         assert not keys[a] & keys[b]
         if name == "next_line":  # nor do they share a line: distractors come from the split's own stretches
             assert not lines[a] & lines[b]
+
+
+@pytest.mark.parametrize("name", B.CORPUS)
+def test_corpus_requests_split_on_a_token_boundary(name, data_dir):
+    """lm-eval scores context + continuation as tokens(context) + tokens(whole)[len(tokens(context)):];
+    where BPE joins the two sides that drops or garbles text. The tasks cut after a letter: with the
+    data's tokenizer (cl100k's pre-tokenizer) the context's tokens are a prefix of the whole's."""
+    from lmforge.tokenize import load
+
+    tok = load(data_dir / "tokenizer")
+    for d in B.generate(name, "dev", n=80, data_dir=data_dir):
+        for c in d["choices"]:
+            ctx, cont = d["context"], c
+            k = len(ctx) - len(ctx.rstrip())  # lm-eval moves trailing whitespace to the continuation
+            if k:
+                ctx, cont = ctx[:-k], ctx[-k:] + cont
+            a, w = tok.encode(ctx, disallowed_special=()), tok.encode(ctx + cont, disallowed_special=())
+            assert w[:len(a)] == a, (ctx[-30:], cont[:30])
 
 
 def test_corpus_needs_a_data_dir(tmp_path):
