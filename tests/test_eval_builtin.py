@@ -445,3 +445,27 @@ def test_yaml_definitions(data_dir):
             if any(m.startswith("pass@") for m in metrics):
                 k = max(int(m[5:]) for m in metrics if m.startswith("pass@"))
                 assert d["repeats"] >= k and d["code"]["test_field"] in doc and d["code"]["entry_point_field"] in doc
+
+
+def test_every_builtin_task_loads_and_builds_requests(data_dir):
+    """Through the task loader (``evaluate.task``): each shipped task by name, its requests for the
+    dev split, few-shot examples from train (never the document itself), corpus tasks given the data."""
+    from lmforge.evaluate.task import load_tasks
+
+    tasks = load_tasks(B.names())
+    assert [t.name for t in tasks] == B.names()
+    for t in tasks:
+        drs = t.requests("dev", limit=4, data_dir=data_dir)
+        assert len(drs) == 4
+        for dr in drs:
+            kinds = {r.kind for r in dr.requests}
+            if t.output_type == "multiple_choice":
+                assert kinds == {"loglikelihood"} and len(dr.requests) == len(dr.choices) >= 2
+                ctx = dr.requests[0].args[0]
+                assert all(r.args[0] == ctx for r in dr.requests)
+            else:
+                assert kinds == {"generate_until"} and len(dr.requests) == t.config.get("repeats", 1)
+                ctx, gen = dr.requests[0].args
+                assert gen["until"] and gen["max_gen_toks"] > 0
+                if t.num_fewshot:  # k worked examples from the train split, then the question
+                    assert ctx.count("\nA: ") == t.num_fewshot and ctx.endswith("A:")
