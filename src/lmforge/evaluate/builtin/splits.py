@@ -19,8 +19,10 @@ the private seed lives; knows nothing of what an item is (the generators in ``co
 What the guard does and does not do: the private items are unknown to anyone tuning on the
 public ones (``dev`` is for that), so a score on them cannot have been chased item by item. The
 private *share* is public (it is everything the hash does not give to ``train`` or ``dev``); for
-the synthetic tasks it holds hundreds of thousands of items, for the corpus tasks it is about a
-third of the test plays' stretches. Deleting the seed file makes a new private split.
+the arithmetic, sorting and bracket tasks it holds far more items than a split draws; for
+``reverse`` (a word list) the private split is most of its share; for the corpus tasks the share is
+a known quarter of the test plays' stretches (the same stretches for all three tasks), from which
+the seed picks the items and their distractors. Deleting the seed file makes a new private split.
 """
 from __future__ import annotations
 
