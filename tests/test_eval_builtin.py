@@ -373,6 +373,13 @@ def test_private_seed_race_gives_one_seed(home):
     assert (home / "eval" / "private_seed").read_text().strip() == got[0]
 
 
+def test_seed_file_readable_by_others_is_tightened(home):
+    seed = S.private_seed()
+    p = home / "eval" / "private_seed"
+    p.chmod(0o644)
+    assert S.private_seed() == seed and stat.S_IMODE(p.stat().st_mode) == 0o600
+
+
 def test_damaged_seed_file_is_a_clear_error(home):
     p = home / "eval" / "private_seed"
     p.parent.mkdir(parents=True)
