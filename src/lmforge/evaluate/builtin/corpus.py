@@ -18,7 +18,9 @@ passage and its answer never straddle two splits, and a split's distractors are 
 own stretches only (the dev items never show a private line). An item whose text (passage and
 answer) occurs in two splits' stretches is dropped from both.
 
-Documents (the fields the templates use; ``gold`` indexes ``choices``; a scored request is
+Documents (``play``: the document id; ``stretch``: "scene.k", the unit its split owns: items of one
+stretch are correlated, for a bootstrap that resamples stretches; the fields the templates use:
+``gold`` indexes ``choices``; a scored request is
 ``context`` + ``choices[i]``, cut after a letter so that the tokens of the context are a prefix of the
 tokens of the whole, see ``clean_cut``):
 
@@ -305,7 +307,7 @@ def next_line(split: str, n: int | None, r: random.Random, data_dir=None, contex
             return None
         lines, gold = _shuffled(r, line, others)
         context, tail = clean_cut(passage)
-        return {"play": st.doc_id, "passage": passage, "context": context, "lines": lines,
+        return {"play": st.doc_id, "stretch": f"{st.scene}.{st.index}", "passage": passage, "context": context, "lines": lines,
                 "choices": [f"{tail}\n{l}" for l in lines], "gold": gold}
 
     return _build(corpus, split, n, items, make, "next_line")
@@ -341,7 +343,7 @@ def speaker(split: str, n: int | None, r: random.Random, data_dir=None, context_
                 others.append(c)
         names, gold = _shuffled(r, nxt.speaker, others)
         context, tail = clean_cut(passage)
-        return {"play": st.doc_id, "passage": passage, "context": context, "names": names, "line": nxt.lines[0],
+        return {"play": st.doc_id, "stretch": f"{st.scene}.{st.index}", "passage": passage, "context": context, "names": names, "line": nxt.lines[0],
                 "choices": [f"{tail}\n\n{nm}.\n{nxt.lines[0]}" for nm in names], "gold": gold}
 
     return _build(corpus, split, n, items, make, "speaker")
@@ -385,7 +387,7 @@ def cloze(split: str, n: int | None, r: random.Random, data_dir=None, context_li
             return None
         words, gold = _shuffled(r, word, [_cased(w, word) for w in r.sample(near, 3)])
         rest = line[m.end():]
-        return {"play": st.doc_id, "context": ctx + "\n" + line[:m.start()], "words": words,
+        return {"play": st.doc_id, "stretch": f"{st.scene}.{st.index}", "context": ctx + "\n" + line[:m.start()], "words": words,
                 "choices": [w + rest for w in words], "gold": gold}
 
     return _build(corpus, split, n, items, make, "cloze")
