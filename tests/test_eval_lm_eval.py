@@ -353,23 +353,27 @@ def test_chat_template_renders_as_transformers_does(tiny):
 
 
 def test_chat_templated_tasks_match_the_hf_backend(tiny, in_tasks):
-    """``--apply_chat_template``: the conversation's control tokens reach the model as control tokens on both
-    sides (lm-eval's hf backend parses them from the text; LocalLM keeps the ids it rendered)."""
+    """``--apply_chat_template`` (with ``--fewshot_as_multiturn`` and ``--system_instruction``): the
+    conversation's control tokens reach the model as control tokens on both sides (lm-eval's hf backend parses
+    them from the text; LocalLM keeps the ids it rendered)."""
     _need_accelerate()
     import lmforge.evaluate.lm_eval_adapter  # noqa: F401
 
-    kw = dict(apply_chat_template=True, limit=3)
-    a = _evaluate("lmforge", ["lmf_choice", "lmf_generate"], model_args=f"checkpoint={tiny[0]}", **kw)
-    b = _evaluate("hf", ["lmf_choice", "lmf_generate"], model_args=f"pretrained={tiny[1]},device=cpu,dtype=float32",
-                  batch_size=4, **kw)
-    for task in ("lmf_choice", "lmf_generate"):
+    tasks = ["lmf_choice", "lmf_generate", "lmf_choice_fewshot"]
+    kw = dict(apply_chat_template=True, fewshot_as_multiturn=True, system_instruction="Be brief.", limit=3)
+    a = _evaluate("lmforge", tasks, model_args=f"checkpoint={tiny[0]}", **kw)
+    b = _evaluate("hf", tasks, model_args=f"pretrained={tiny[1]},device=cpu,dtype=float32", batch_size=4, **kw)
+    for task in tasks:
         x, y = _by_doc(a, task), _by_doc(b, task)
         assert sorted(x) == sorted(y) == [0, 1, 2]
         for d in x:
             assert x[d]["arguments"] == y[d]["arguments"]
-            assert x[d]["arguments"][0][0].startswith("<|bos|><|user|>")
+            ctx = x[d]["arguments"][0][0]
+            assert ctx.startswith("<|bos|><|system|>Be brief.") and ctx.endswith("<|assistant|>")
+            if task in FEWSHOT:
+                assert ctx.count("<|assistant|>") == 3  # two examples as turns, then the question's
             for u, v in zip(_answers(x[d]), _answers(y[d])):
-                if task == "lmf_choice":
+                if task.startswith("lmf_choice"):
                     assert abs(u[0] - v[0]) < 1e-4 and u[1] == v[1], (d, u, v)
                 else:
                     assert u == v, (d, u, v)
