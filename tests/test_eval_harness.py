@@ -276,7 +276,8 @@ def test_scores_equal_lm_eval_scoring_of_the_same_answers(monkeypatch):
     monkeypatch.chdir(DATA)
     logging.disable(logging.WARNING)
     try:
-        for name, fname in (("local_mc", "mc.yaml"), ("local_addition", "gen.yaml"), ("local_rolling", "rolling.yaml")):
+        for name, fname in (("local_mc", "mc.yaml"), ("local_addition", "gen.yaml"), ("local_rolling", "rolling.yaml"),
+                            ("local_wino", "wino.yaml")):
             lt = ConfigurableTask(config=yaml.safe_load((DATA / fname).read_text()))
             lt.set_fewshot_seed(1234)
             lt.build_all_requests(limit=None, rank=0, world_size=1)

@@ -62,6 +62,8 @@ def test_passing_and_failing_programs(isolated):
     ex = S.run_python("import sys\nsys.exit(3)\n", FAST)
     assert (ex.status, ex.returncode) == ("failed", 3)
     assert ok.wall_s < 5 and bad.wall_s < 5
+    assert S.run_python("print('héllo ✓')\n", FAST).stdout == "héllo ✓\n"
+    assert S.run_python("x = '\ud800'\n", FAST).status == "failed"  # a lone surrogate: not valid UTF-8 source
 
 
 def test_fresh_interpreter_empty_env_throwaway_dir(isolated):
@@ -246,3 +248,10 @@ def test_without_namespaces_it_refuses_unless_allowed(monkeypatch, tmp_path):
     target = tmp_path / "escaped.txt"
     assert S.run_python(f"open({str(target)!r}, 'w').write('x')\n", FAST, allow_network=True).status == "passed"
     assert target.exists()
+
+
+def test_a_setup_failure_is_an_error_not_a_sample_failure():
+    # namespaces without a mount namespace: the supervisor refuses before touching any mount
+    o = S._run("print(1)", FAST, S.CLONE_NEWUSER | S.CLONE_NEWNET)
+    assert (o.passed, o.status, o.stdout) == (False, "error", "")
+    assert "CLONE_NEWNS" in o.stderr

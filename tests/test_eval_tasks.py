@@ -35,7 +35,7 @@ doc_to_choice: {choice}
 
 def test_load_directory_yaml_and_jsonl():
     tasks = {t.name: t for t in load_task(DATA)}
-    assert set(tasks) == {"local_mc", "local_rolling", "local_addition", "inline_mc", "local_code"}
+    assert set(tasks) == {"local_mc", "local_rolling", "local_addition", "inline_mc", "local_code", "local_wino"}
     mc = tasks["local_mc"]
     assert mc.output_type == "multiple_choice" and [m for m, _ in mc.metrics] == ["acc", "acc_norm", "acc_bytes"]
     assert len(mc.docs("test")) == 8 and len(mc.docs("train")) == 5
@@ -101,10 +101,11 @@ def test_requests_equal_lm_eval_build_all_requests(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.chdir(DATA)  # lm-eval reads data_files relative to the working directory
     logging.disable(logging.WARNING)
-    files = {"local_mc": "mc.yaml", "local_addition": "gen.yaml", "local_rolling": "rolling.yaml"}
+    files = {"local_mc": "mc.yaml", "local_addition": "gen.yaml", "local_rolling": "rolling.yaml", "local_wino": "wino.yaml"}
     try:
         for name, k, fs in (("local_mc", 0, None), ("local_mc", 3, None), ("local_addition", 2, None),
-                            ("local_rolling", 0, None), ("local_mc", 2, "test"), ("local_addition", 3, "test")):
+                            ("local_rolling", 0, None), ("local_mc", 2, "test"), ("local_addition", 3, "test"),
+                            ("local_wino", 0, None), ("local_wino", 2, None)):
             cfg = yaml.safe_load((DATA / files[name]).read_text())
             if fs:  # examples drawn from the evaluated split itself: the document is left out of its own
                 cfg["fewshot_split"] = fs
@@ -119,6 +120,14 @@ def test_requests_equal_lm_eval_build_all_requests(monkeypatch):
             assert mine == theirs, (name, k, fs)
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_multiple_input_contexts():
+    t = load_task(DATA / "wino.yaml")[0]
+    d = t.requests("test", num_fewshot=0)[2]
+    assert [r.args for r in d.requests] == [("Anna thanked Beth because Anna", " had helped her."),
+                                            ("Anna thanked Beth because Beth", " had helped her.")]
+    assert d.target == 1 and d.prompt == "Anna thanked Beth because Beth"
 
 
 def test_repeats_get_a_seed_each():

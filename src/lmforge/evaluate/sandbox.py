@@ -147,6 +147,8 @@ if cfg["cgroup"]:
     except OSError as e:
         fail("cannot join the pids cgroup %s: %s" % (cfg["cgroup"], e))
 if flags:
+    if flags & 0x30020000 != 0x30020000:  # mounts below must only ever touch a new mount namespace
+        fail("namespaces must include CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID, got flags %#x" % flags)
     import ctypes, re
     libc = ctypes.CDLL(None, use_errno=True)
     def mount(src, tgt, fstype, fl):
@@ -285,8 +287,9 @@ def _probe() -> str | None:
         pass
     probe = ("import socket, os\n"
              "assert [l for l in open('/proc/net/dev').read().splitlines()[2:] if not l.strip().startswith('lo:')] == []\n"
-             "try:\n    open('/etc/.lmforge-sandbox-probe', 'w')\nexcept OSError:\n    pass\n"
-             "else:\n    raise SystemExit('/etc is writable')\n")
+             "p = '/etc/.lmforge-sandbox-probe-%d' % os.getppid()\n"
+             "try:\n    os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\nexcept OSError:\n    pass\n"
+             "else:\n    os.unlink(p)\n    raise SystemExit('/etc is writable: the read-only remount did not hold')\n")
     out = _run(probe, Limits(cpu_s=5, wall_s=20), _FLAGS_ALL)
     if out.status != "passed":
         why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.status
@@ -441,7 +444,7 @@ def _rmtree(path: str) -> None:
         # (chmod follows links: a link to /etc must not make /etc 0700)
         for q in (os.path.dirname(p), p):
             try:
-                if q.startswith(path) and not os.path.islink(q):
+                if (q == path or q.startswith(path + os.sep)) and not os.path.islink(q):
                     os.chmod(q, 0o700)
             except OSError:
                 pass
@@ -464,7 +467,7 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
     notes: dict = {}
     timed_out = over_output = False
     try:
-        with open(os.path.join(wd, "main.py"), "w", encoding="utf-8") as f:
+        with open(os.path.join(wd, "main.py"), "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(code)
         cg = _make_cgroup(int(limits.nproc) + 2)
         r_status, w_status = os.pipe()
@@ -504,7 +507,8 @@ def _run(code: str, limits: Limits, flags: int) -> Outcome:
                     sel.unregister(key.fileobj)
                     continue
                 if key.data == 0:
-                    status_buf += data
+                    if len(status_buf) < 1 << 16:  # a few lines of JSON; the program could write there too
+                        status_buf += data
                     continue
                 buf = out[key.data]
                 room = int(limits.output_bytes) - len(buf)

@@ -378,8 +378,17 @@ class Task:
             self.rolling_text(doc, where)
             return
         q = self.text(doc, where)
-        if isinstance(q, int):
-            raise self._err("doc_to_text gives a choice index (lm-eval's multiple-input tasks): not supported", where)
+        if isinstance(q, int) and not isinstance(q, bool) and self.output_type == "multiple_choice":
+            # multiple input: doc_to_text is the index of the right context among doc_to_choice's contexts
+            ch = self.choices(doc, where)
+            if not isinstance(ch, list) or len(ch) < 2 or not all(isinstance(c, str) for c in ch):
+                raise self._err(f"doc_to_choice: expected a list of at least 2 contexts, got {ch!r}", where)
+            if not 0 <= q < len(ch):
+                raise self._err(f"doc_to_text: index {q} of the right context is outside the {len(ch)} choices", where)
+            t = self.target(doc, where)
+            if t is None or isinstance(t, (list, dict)):
+                raise self._err(f"doc_to_target: expected the continuation (a string), got {t!r}", where)
+            return
         if not isinstance(q, str):
             raise self._err(f"doc_to_text: expected a string, got {type(q).__name__} {q!r}", where)
         if self.output_type == "multiple_choice":
@@ -424,8 +433,9 @@ class Task:
             return user + gen_prefix
         return user
 
-    def context(self, doc, fewshot_docs: list[dict], where: str = "") -> str:
-        """The prompt of ``doc`` after ``fewshot_docs`` (already drawn): description, examples, question."""
+    def context(self, doc, fewshot_docs: list[dict], where: str = "", question=None) -> str:
+        """The prompt of ``doc`` after ``fewshot_docs`` (already drawn): description, examples, question
+        (``question``: in place of the document's own text, for lm-eval's multiple-input tasks)."""
         desc = ""
         if self.description:
             v, _ = self._resolve(self.description, doc, "description", where)
@@ -436,9 +446,15 @@ class Task:
         parts = [desc]
         for fs in fewshot_docs:
             fs_prefix = str(self._resolve(self.gen_prefix, fs, "gen_prefix", where)[0]) if self.gen_prefix else None
-            parts.append(self._qa_turn(self.text(fs), self.choices(fs) if self.doc_to_choice is not None else None,
-                                       self.target(fs), fs_prefix, self.target_delimiter, self.fewshot_delimiter))
-        parts.append(self._qa_turn(self.text(doc, where), None, None, gen_prefix, self.target_delimiter, ""))
+            q = self.text(fs)
+            c = self.choices(fs) if self.doc_to_choice is not None else None
+            if isinstance(q, int) and c is not None:  # multiple input: the example's right context, then its target
+                q, c = c[q], None
+            parts.append(self._qa_turn(q, c, self.target(fs), fs_prefix, self.target_delimiter, self.fewshot_delimiter))
+        if question is None:
+            parts.append(self._qa_turn(self.text(doc, where), None, None, gen_prefix, self.target_delimiter, ""))
+        else:
+            parts.append(self._qa_turn(question, None, None, gen_prefix, "", ""))
         return "".join(parts)
 
     def _fewshot_pool(self, data_dir) -> tuple[list[dict], str | None]:
@@ -475,8 +491,21 @@ class Task:
                                        [Request("loglikelihood_rolling", (text,), self.name, i, 0)], where))
                 continue
             shots = self._draw(rnd, pool, k, doc if exclude else None) if k > 0 else []
-            ctx = self.context(doc, shots, where)
-            gold = self.gold(doc, where)
+            if self.output_type == "multiple_choice" and isinstance(self.text(doc, where), int):
+                ctx = gold = None
+            else:
+                ctx = self.context(doc, shots, where)
+                gold = self.gold(doc, where)
+            if self.output_type == "multiple_choice" and isinstance(self.text(doc, where), int):
+                # lm-eval's multiple input (Winogrande's form): one context per choice, the same continuation
+                ch = self.choices(doc, where)
+                cont = self.target(doc, where)
+                cont = cont if isinstance(cont, str) else str(cont)
+                ctxs = [self.context(doc, shots, where, question=c) for c in ch]
+                reqs = [Request("loglikelihood", (cx, f"{self.target_delimiter}{cont}"), self.name, i, j)
+                        for j, cx in enumerate(ctxs)]
+                out.append(DocRequests(i, doc, ctxs[self.text(doc, where)], self.text(doc, where), ch, reqs, where))
+                continue
             if self.output_type == "multiple_choice":
                 ch = self.choices(doc, where)
                 reqs = [Request("loglikelihood", (ctx, f"{self.target_delimiter}{c}"), self.name, i, j)

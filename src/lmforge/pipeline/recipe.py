@@ -36,6 +36,12 @@ class EvalStage:
     sample_tokens: int = 80
     temperature: float = 0.8
     seed: int = 0
+    # tasks scored after bits per byte (``lmforge eval --tasks``): names, task files, "default" (the built-in
+    # default set, lmforge.evaluate.builtin.DEFAULT_TASKS) or "all"; [] scores none. Split "both" (the private
+    # test split and the public dev split, and their gap), contamination against the run's training shards.
+    tasks: list[str] = field(default_factory=lambda: ["default"])
+    limit: int | None = None  # documents per task (None: each task's own n)
+    bootstrap: int = 1000  # resamples for the 95% intervals
 
 
 @dataclass
@@ -153,6 +159,30 @@ def validate(r: Recipe) -> None:
         raise ValueError(f"train.preset: unknown preset {t.preset!r}; known: {', '.join(sorted(PRESETS))}")
     if "pretrain" in r.stages or "export" in r.stages:
         validate_model(r)
+    if "eval" in r.stages:
+        validate_eval(r.eval)
+
+
+def validate_eval(e: EvalStage) -> None:
+    """The [eval] task settings: known task names (or existing task files), a positive limit, bootstrap >= 0."""
+    if e.limit is not None and e.limit < 1:
+        raise ValueError(f"eval.limit: expected a positive number of documents or none, got {e.limit}")
+    if e.bootstrap < 0:
+        raise ValueError(f"eval.bootstrap: expected a number of resamples >= 0, got {e.bootstrap}")
+    if not e.tasks:
+        return
+    from ..evaluate import builtin
+
+    known = list(builtin.names())
+    for t in e.tasks:
+        if t in ("default", "all") or t in known or Path(t).exists():
+            continue
+        import difflib
+
+        close = difflib.get_close_matches(t, known, n=1)
+        raise ValueError(f"eval.tasks: unknown task {t!r} (not a built-in task nor a file; built-in: "
+                         f"{', '.join(known)}; or 'default', 'all', [] for none)"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def validate_model(r: Recipe) -> None:

@@ -42,6 +42,16 @@ def data_throughput(manifest: dict, bytes_in) -> dict | None:
             "mb_per_s": round(bytes_in / 1e6 / max(total, 1e-9), 3)}
 
 
+def _task_result(run_dir: Path, stages: dict) -> dict | None:
+    """The eval stage's task result (eval/result.json) when this run's eval stage wrote it (not a stale one)."""
+    p = run_dir / "eval" / "result.json"
+    if not p.exists() or str(p) not in (stages.get("eval", {}).get("outputs") or {}):
+        return None
+    from ..evaluate.report import load
+
+    return load(p)
+
+
 def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
     st = manifest["stages"]
     ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
@@ -54,6 +64,9 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
                "params": st.get("pretrain", {}).get("summary", {}).get("params"),
                "train_tokens": st.get("pretrain", {}).get("summary", {}).get("tokens"),
                "data_mb_per_s": None}
+    tasks_res = _task_result(run_dir, st)
+    core = ((tasks_res or {}).get("aggregate") or {}).get("core") or {}
+    summary["core"] = core.get("value")
     lines = [f"# lmforge run `{run_dir.name}` (recipe `{recipe.name}`)", "",
              _headline(summary), "",
              "## Stages", "", "| stage | status | seconds | key numbers |", "| --- | --- | --- | --- |"]
@@ -91,6 +104,13 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
         lines += ["", "### Samples", ""]
         for smp in ev["samples"]:
             lines += ["```", smp["prompt"] + smp["completion"], "```"]
+    if tasks_res is not None:
+        from ..evaluate.report import scorecard_markdown
+
+        png = run_dir / "eval" / "scorecard.png"
+        lines += ["", scorecard_markdown(tasks_res, chart="eval/scorecard.png" if png.exists() else None,
+                                         chart_note=None if png.exists() else "no chart (matplotlib not installed)",
+                                         heading=2, base="eval/").rstrip()]
     demo = run_dir / "demo.json"
     if demo.exists():
         lines += ["", "## Demo (engine)", ""]
@@ -100,6 +120,8 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
               "- `data/`: shards, manifest, filter and dedup report", "- `tokenizer/`: the tokenizer",
               "- `model/`: checkpoints, metrics.jsonl, the final model (`lmforge eval --checkpoint`)",
               "- `hf/`: the model for `transformers.AutoModelForCausalLM.from_pretrained`",
+              "- `eval.json`: bits per byte and samples; `eval/`: the tasks' result.json, scorecard.md, chart "
+              "and per-sample logs (`lmforge eval compare` takes it)",
               "- `run.json`: stages, hashes, times; `run.log`: the log; `recipe.json`: the recipe used"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     write_json(run_dir / "summary.json", summary, indent=1)

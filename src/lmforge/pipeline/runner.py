@@ -238,8 +238,56 @@ class Runner:
         res = {"split": "test", **{k: ev["test"][k] for k in keys},
                "val": {k: ev["val"][k] for k in keys}, "samples": samples}
         write_json(self.dir / "eval.json", res, indent=1)
-        return {"eval": self.dir / "eval.json"}, {"test_bpb": res["bits_per_byte"], "test_loss": res["loss"],
-                                                  "val_bpb": res["val"]["bits_per_byte"]}
+        outs = {"eval": self.dir / "eval.json"}
+        summary = {"test_bpb": res["bits_per_byte"], "test_loss": res["loss"], "val_bpb": res["val"]["bits_per_byte"]}
+        del model
+        if self.r.eval.tasks:
+            outs_t, summary_t = self._eval_tasks()
+            outs.update(outs_t)
+            summary.update(summary_t)
+        return outs, summary
+
+    def _eval_tasks(self):
+        """The [eval] tasks on the run's model (``lmforge eval --tasks``'s function): split both, contamination
+        against the run's training shards, the report in ``eval/``. A task that fails to load or score is
+        logged and left out (the others are still scored); all failing fails the stage."""
+        from ..evaluate._cli import evaluate_checkpoint, task_names
+
+        e = self.r.eval
+        names = task_names(",".join(e.tasks))
+        out = self.dir / "eval"
+        kw = dict(limit=e.limit, split="both", bootstrap=e.bootstrap, seed=e.seed, data_dir=self.dir / "data",
+                  decontaminate=True, out=out, progress=not self.quiet)
+        t0 = time.perf_counter()
+        try:
+            result, paths = evaluate_checkpoint(self.dir / "model", names, **kw)
+        except Exception as err:  # find the task(s) at fault, score the rest
+            self.log(f"eval: the tasks failed together ({type(err).__name__}: {err}); trying them one by one")
+            good = []
+            for n in names:
+                try:
+                    evaluate_checkpoint(self.dir / "model", [n], **{**kw, "limit": 2, "bootstrap": 0,
+                                                                    "out": self.dir / "eval.check"})
+                    good.append(n)
+                except Exception as e1:
+                    logger.warning(f"eval: task {n} left out: {type(e1).__name__}: {e1}")
+                    with open(self.log_path, "a") as f:
+                        f.write(f"{time.strftime('%H:%M:%S')} eval: task {n} left out: {type(e1).__name__}: {e1}\n")
+            import shutil
+
+            shutil.rmtree(self.dir / "eval.check", ignore_errors=True)
+            if not good:
+                raise
+            result, paths = evaluate_checkpoint(self.dir / "model", good, **kw)
+            result["left_out"] = sorted(set(names) - set(good))
+            from ..evaluate import report
+
+            paths = report.write(result, out)
+        seconds = round(time.perf_counter() - t0, 2)
+        core = (result.get("aggregate") or {}).get("core") or {}
+        summary = {"core": core.get("value"), "tasks": len(result["tasks"]), "tasks_s": seconds}
+        outs = {"eval_result": paths["result"], "scorecard": paths["scorecard"]}
+        return outs, summary
 
     def stage_export(self):
         from ..infer.llm import load_with_tokenizer
