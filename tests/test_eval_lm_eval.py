@@ -176,6 +176,18 @@ def test_hf_backend_with_its_default_bos_double_counts_rolling(tiny, in_tasks, o
         assert _answers(s)[0] < mine - 1.0
 
 
+def test_adapter_on_the_hf_export_answers_as_on_the_lmforge_checkpoint(tiny, in_tasks, ours):
+    """checkpoint= an HF directory: LocalLM reads its TokenSpec from the export (BOS from the post-processor), so
+    the same requests get the same answers."""
+    import lmforge.evaluate.lm_eval_adapter  # noqa: F401
+
+    r = _evaluate("lmforge", ["lmf_choice", "lmf_rolling"], model_args=f"checkpoint={tiny[1]}", limit=3)
+    for task in ("lmf_choice", "lmf_rolling"):
+        for doc_id, s in _by_doc(r, task).items():
+            for u, v in zip(_answers(s), _answers(_by_doc(ours, task)[doc_id])):
+                assert _same(task, u, v), (task, doc_id, u, v)
+
+
 # ---- lmforge's own loader and harness on the same YAML ----
 
 @pytest.fixture(scope="module")
