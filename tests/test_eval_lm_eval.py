@@ -10,7 +10,7 @@ BOS: with its default model_args its contexts for ``loglikelihood`` and ``genera
 adapter scores (``[<|bos|>] + encode(context)``), but its ``loglikelihood_rolling`` prepends the prefix token
 to ids that already start with BOS (scoring ``<|bos|>`` after ``<|bos|>``); with ``add_bos_token=False`` its
 rolling windows are lmforge's (prefix ``<|bos|>``, then the text) and its contexts lose the BOS. So the hf
-side runs the rolling task with ``add_bos_token=False`` and the other two with the defaults.
+side runs the rolling task with ``add_bos_token=False`` and the others with the defaults.
 
 lm-eval resolves ``data_files`` against the working directory (lmforge's loader against the YAML's folder),
 so every lm-eval run here works in the tasks folder.
@@ -18,7 +18,6 @@ so every lm-eval run here works in the tasks folder.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
