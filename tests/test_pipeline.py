@@ -13,7 +13,7 @@ def tiny_sets(corpus_dir, steps=6):
             "tokenizer.vocab_size=300", f"train.max_steps={steps}", "train.max_time=0", "train.eval_every=0",
             "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=1", "train.peak_flops=1e11",
             'train.model={"mlp": "swiglu", "d_ff": 64, "arch": "qwen3", "d_model": 32, "n_head": 2, "n_layer": 1}',
-            "eval.sample_tokens=5", "demo.max_tokens=4"]
+            "eval.sample_tokens=5", "eval.limit=3", "eval.bootstrap=20", "demo.max_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,20 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
                                       f"(validation: {ev['val']['bits_per_byte']:.4f})")
     assert "Test split (held-out documents never used to choose settings" in report
     assert "Validation split" in report and "test:" in report.split("## Data")[1]
-    assert set(m["stages"]["eval"]["summary"]) == {"test_bpb", "test_loss", "val_bpb"}
+    assert set(m["stages"]["eval"]["summary"]) == {"test_bpb", "test_loss", "val_bpb", "core", "tasks", "tasks_s"}
+    # the default task set: the private and dev splits, contamination against the run's training shards,
+    # the scorecard in report.md and in eval/
+    from lmforge.evaluate import builtin
+
+    res = json.loads((run / "eval" / "result.json").read_text())
+    assert list(res["tasks"]) == builtin.DEFAULT_TASKS and res["settings"]["split"] == "both"
+    for name, t in res["tasks"].items():
+        assert t["n"] == 3 and t["dev"]["n"] == 3 and t["primary"] in t["gap"], name
+        assert t["contamination"]["clean"] + t["contamination"]["dirty"] == 3, name
+        assert (run / "eval" / t["samples"]).exists()
+    assert summary["core"] == res["aggregate"]["core"]["value"] == m["stages"]["eval"]["summary"]["core"]
+    assert "## Evaluation scorecard" in report and "### next_line" in report and "CORE (mean centered score" in report
+    assert (run / "eval" / "scorecard.md").exists() and "![primary scores" in report
     final = json.loads((run / "model" / "final.json").read_text())
     assert final["test_bpb"] == pytest.approx(ev["bits_per_byte"], rel=1e-4)  # both over the whole test split
     d = json.loads((run / "data" / "report.json").read_text())

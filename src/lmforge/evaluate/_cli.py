@@ -149,6 +149,8 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
         raise FileNotFoundError(f"--data {data_dir}: no such directory (the run's shards: corpus tasks draw their "
                                 "documents from its test split)")
     loaded = load_tasks(tasks, include_path=include_path)
+    if isinstance(limit, int):
+        _cap_generators(loaded, limit, num_fewshot)
     if data_dir is None:
         from . import builtin
 
@@ -187,6 +189,23 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
         model["params"] = sum(p.numel() for p in lm.model.parameters())
     _relative_samples(result, out)
     return result, report.write(result, out)
+
+
+def _cap_generators(loaded, limit: int, num_fewshot) -> None:
+    """With a limit, a built-in generator is asked for only as many documents as are scored (and few-shot
+    needs), not its default n: a small corpus (a test split of one play) then still gives them. The
+    harness's limit alone would generate the default n first and fail where the corpus has fewer."""
+    from . import builtin
+
+    for t in loaded:
+        cfg = t.config or {}
+        gen, gk = cfg.get("generator"), dict(cfg.get("generator_kwargs") or {})
+        if gen not in builtin.GENERATORS or "n" in gk:
+            continue
+        k = t.num_fewshot if num_fewshot is None else num_fewshot
+        n = max(limit, (k or 0) + 1)
+        if n < builtin.default_n(gen):
+            t.config = {**cfg, "generator_kwargs": {**gk, "n": n}}
 
 
 def _relative_samples(result: dict, out: Path) -> None:
