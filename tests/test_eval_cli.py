@@ -206,3 +206,14 @@ def test_corpus_tasks_without_data_are_a_clear_error(ckpt, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(ckpt), "--tasks", builtin.CORPUS[0], "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert f"task(s) {builtin.CORPUS[0]} draw their documents from the test split of a run's data: give --data" in err
+
+
+def test_judge_is_wired(ckpt, capsys):
+    # the judge helper's own subcommand under `lmforge eval judge` (a tiny local judge: its verdicts are noise)
+    assert main(["eval", "judge", "agreement", "--synthetic", "3", "--judge-checkpoint", str(ckpt),
+                 "--max-tokens", "4", "--json"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out)
+    assert out.count("\n") == 1 and r["mode"] == "agreement"
+    (summary,) = [t["summary"] for t in r["tasks"].values()]
+    assert summary["n"] == 3
