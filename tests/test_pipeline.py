@@ -112,6 +112,9 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     (["tokenizer.kind=sentencepiece"], "tokenizer.kind"),
     (["train.max_time=0", "train.max_steps=0", "train.max_tokens=0"], "train: give a bound"),
     (["stages=[\"eval\", \"fetch\"]"], "must keep the order"),
+    (['eval.tasks=["additon"]'], "eval.tasks: unknown task 'additon' (not a built-in task nor a file"),
+    (["eval.bootstrap=-1"], "eval.bootstrap: expected a number of resamples >= 0, got -1"),
+    (["eval.limit=0"], "eval.limit: expected a positive number of documents or none, got 0"),
 ])
 def test_bad_recipes_are_rejected_before_any_work(sets, msg, tmp_path, capsys):
     argv = ["run", "--runs", str(tmp_path), "--name", "x"]
