@@ -177,9 +177,28 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
             return _index.dirty(texts)
     out = Path(out) if out is not None else default_out(checkpoint)
     lm = LocalLM.from_checkpoint(checkpoint, batch_size=batch_size)
-    result = harness.evaluate(lm, loaded, limit=limit, num_fewshot=num_fewshot, split=split, bootstrap=bootstrap,
-                              seed=seed, samples_dir=out / "samples", data_dir=data_dir, dirty=dirty,
-                              progress=progress)
+    # per-sample logs go to a fresh folder that replaces samples/ only once every task is scored: a failed
+    # or interrupted evaluation leaves an earlier report in ``out`` as it was
+    import os
+    import shutil
+
+    tmp = out / f".samples-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        result = harness.evaluate(lm, loaded, limit=limit, num_fewshot=num_fewshot, split=split,
+                                  bootstrap=bootstrap, seed=seed, samples_dir=tmp, data_dir=data_dir, dirty=dirty,
+                                  progress=progress)
+        for t in result.get("tasks", {}).values():
+            if isinstance(t.get("samples"), str) and t["samples"].startswith(tmp.name + "/"):
+                t["samples"] = "samples/" + t["samples"][len(tmp.name) + 1:]
+        old = out / f".samples-old-{os.getpid()}"
+        if (out / "samples").exists():
+            (out / "samples").rename(old)
+        if tmp.exists():
+            tmp.rename(out / "samples")
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     model = result.setdefault("model", {})
     model["checkpoint"] = str(checkpoint)
     if model.get("name") in (None, "", LocalLM.name):  # the run's name: <run>/model -> <run>
