@@ -64,6 +64,9 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
         assert t["contamination"]["clean"] + t["contamination"]["dirty"] == 3, name
         assert (run / "eval" / t["samples"]).exists()
     assert summary["core"] == res["aggregate"]["core"]["value"] == m["stages"]["eval"]["summary"]["core"]
+    c = res["aggregate"]["core"]
+    assert report.splitlines()[4].startswith(f"Tasks: CORE (mean centered score over 5 tasks) "
+                                             f"**{c['value']:.3f}** [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]")
     assert "## Evaluation scorecard" in report and "### next_line" in report and "CORE (mean centered score" in report
     assert (run / "eval" / "scorecard.md").exists() and "![primary scores" in report
     final = json.loads((run / "model" / "final.json").read_text())
