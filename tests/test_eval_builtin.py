@@ -97,7 +97,7 @@ def data_dir(tmp_path_factory, plays):
 
 def _all_words(doc: dict) -> set[str]:
     text = " ".join(v if isinstance(v, str) else " ".join(map(str, v)) for k, v in doc.items()
-                    if k in ("passage", "context", "choices", "names", "words"))
+                    if k in ("passage", "context", "choices", "names", "words", "lines", "line"))
     return {w.lower() for w in re.findall(r"[A-Za-z]+", text)}
 
 
@@ -155,17 +155,18 @@ def test_corpus_items_come_from_test_documents(name, data_dir, plays):
             play = lines_of[d["play"]]
             if name == "next_line":
                 shown = [l for l in d["passage"].split("\n") if l and not re.fullmatch(r"[A-Z]+\.", l)]
-                assert _is_sublist(shown + [d["choices"][d["gold"]]], play)  # the true next line
-                for c in d["choices"]:
-                    assert c in play and c not in other_lines
+                assert _is_sublist(shown + [d["lines"][d["gold"]]], play)  # the true next line
+                for c, l in zip(d["choices"], d["lines"]):
+                    assert l in play and l not in other_lines
+                    assert d["context"] + c == d["passage"] + "\n" + l
             elif name == "speaker":
                 text = re.sub(r"\[[^\]\n]*\]\n\n", "", plays[d["play"]])  # without the stage directions
                 last = d["passage"].split("\n")[-1]
-                gold = d["choices"][d["gold"]]
-                assert gold == f"{d['names'][d['gold']]}.\n{gold.split(chr(10))[1]}"
-                assert f"{last}\n\n{gold}\n" in text  # the next speech, under its true speaker
-                for nm in d["names"]:
+                truth = f"{d['names'][d['gold']]}.\n{d['line']}"
+                assert f"{last}\n\n{truth}\n" in text  # the next speech, under its true speaker
+                for c, nm in zip(d["choices"], d["names"]):
                     assert f"\n{nm}.\n" in text
+                    assert d["context"] + c == f"{d['passage']}\n\n{nm}.\n{d['line']}"
                 assert len(set(d["names"])) == 4
             else:
                 head, partial = d["context"].rsplit("\n", 1)
@@ -182,16 +183,33 @@ def test_corpus_splits_disjoint(name, data_dir):
     for split in S.SPLITS:
         docs = B.GENERATORS[name](split, None, S.rng(name, split), data_dir=data_dir)  # every item of the split
         assert len(docs) >= 200, (split, len(docs))
-        field = "context" if name == "cloze" else "passage"
-        keys[split] = {d[field] + "\x00" + d["choices"][d["gold"]] for d in docs}
+        keys[split] = {d["context"] + "\x00" + d["choices"][d["gold"]] for d in docs}
         assert len(keys[split]) == len(docs)
         if name == "next_line":  # every line shown, passage or choice
-            lines[split] = {l for d in docs for l in d["passage"].split("\n") + d["choices"]} - {""}
+            lines[split] = {l for d in docs for l in d["passage"].split("\n") + d["lines"]} - {""}
             lines[split] = {l for l in lines[split] if not re.fullmatch(r"[A-Z]+\.", l)}
     for a, b in (("train", "dev"), ("train", "private"), ("dev", "private")):
         assert not keys[a] & keys[b]
         if name == "next_line":  # nor do they share a line: distractors come from the split's own stretches
             assert not lines[a] & lines[b]
+
+
+@pytest.mark.parametrize("name", B.CORPUS)
+def test_corpus_requests_split_on_a_token_boundary(name, data_dir):
+    """lm-eval scores context + continuation as tokens(context) + tokens(whole)[len(tokens(context)):];
+    where BPE joins the two sides that drops or garbles text. The tasks cut after a letter: with the
+    data's tokenizer (cl100k's pre-tokenizer) the context's tokens are a prefix of the whole's."""
+    from lmforge.tokenize import load
+
+    tok = load(data_dir / "tokenizer")
+    for d in B.generate(name, "dev", n=80, data_dir=data_dir):
+        for c in d["choices"]:
+            ctx, cont = d["context"], c
+            k = len(ctx) - len(ctx.rstrip())  # lm-eval moves trailing whitespace to the continuation
+            if k:
+                ctx, cont = ctx[:-k], ctx[-k:] + cont
+            a, w = tok.encode(ctx, disallowed_special=()), tok.encode(ctx + cont, disallowed_special=())
+            assert w[:len(a)] == a, (ctx[-30:], cont[:30])
 
 
 def test_corpus_needs_a_data_dir(tmp_path):
@@ -355,6 +373,13 @@ def test_private_seed_race_gives_one_seed(home):
     assert (home / "eval" / "private_seed").read_text().strip() == got[0]
 
 
+def test_seed_file_readable_by_others_is_tightened(home):
+    seed = S.private_seed()
+    p = home / "eval" / "private_seed"
+    p.chmod(0o644)
+    assert S.private_seed() == seed and stat.S_IMODE(p.stat().st_mode) == 0o600
+
+
 def test_damaged_seed_file_is_a_clear_error(home):
     p = home / "eval" / "private_seed"
     p.parent.mkdir(parents=True)
@@ -427,3 +452,27 @@ def test_yaml_definitions(data_dir):
             if any(m.startswith("pass@") for m in metrics):
                 k = max(int(m[5:]) for m in metrics if m.startswith("pass@"))
                 assert d["repeats"] >= k and d["code"]["test_field"] in doc and d["code"]["entry_point_field"] in doc
+
+
+def test_every_builtin_task_loads_and_builds_requests(data_dir):
+    """Through the task loader (``evaluate.task``): each shipped task by name, its requests for the
+    dev split, few-shot examples from train (never the document itself), corpus tasks given the data."""
+    from lmforge.evaluate.task import load_tasks
+
+    tasks = load_tasks(B.names())
+    assert [t.name for t in tasks] == B.names()
+    for t in tasks:
+        drs = t.requests("dev", limit=4, data_dir=data_dir)
+        assert len(drs) == 4
+        for dr in drs:
+            kinds = {r.kind for r in dr.requests}
+            if t.output_type == "multiple_choice":
+                assert kinds == {"loglikelihood"} and len(dr.requests) == len(dr.choices) >= 2
+                ctx = dr.requests[0].args[0]
+                assert all(r.args[0] == ctx for r in dr.requests)
+            else:
+                assert kinds == {"generate_until"} and len(dr.requests) == t.config.get("repeats", 1)
+                ctx, gen = dr.requests[0].args
+                assert gen["until"] and gen["max_gen_toks"] > 0
+                if t.num_fewshot:  # k worked examples from the train split, then the question
+                    assert ctx.count("\nA: ") == t.num_fewshot and ctx.endswith("A:")

@@ -315,7 +315,7 @@ def test_scores_equal_lm_eval_scoring_of_the_same_answers(monkeypatch):
 
 def test_bad_arguments_and_a_failing_model_keep_earlier_logs(tmp_path):
     t = _tasks("local_mc")
-    for kw, msg in (({"split": "private"}, "split: 'private'"), ({"limit": 0}, "limit"), ({"bootstrap": -1}, "bootstrap"),
+    for kw, msg in (({"split": "private"}, "split: 'private'"), ({"limit": 0}, "limit"), ({"limit": 1.0}, "limit"), ({"bootstrap": -1}, "bootstrap"),
                     ({"num_fewshot": -2}, "num_fewshot"), ({"dirty": 3}, "dirty")):
         with pytest.raises(ValueError, match=msg):
             harness.evaluate(HashLM(), t, progress=False, **kw)
@@ -333,3 +333,75 @@ def test_bad_arguments_and_a_failing_model_keep_earlier_logs(tmp_path):
     assert (tmp_path / "local_mc.jsonl").read_bytes() == before
     with pytest.raises(NotImplementedError, match="cannot generate"):
         harness.evaluate(LM(), _tasks("local_addition"), progress=False)
+
+
+def test_pass_at_k_in_the_real_sandbox_survives_a_loop():
+    """Right bodies for seed 0, a wrong one for seeds 1-3, an endless loop for seed 4: the loop is
+    stopped and scored as a failure, and the run goes on."""
+    sandbox = pytest.importorskip("lmforge.evaluate.sandbox")
+    if sandbox.network_isolation() is not None:
+        pytest.skip(f"sandbox unavailable here: {sandbox.network_isolation()}")
+
+    class Oracle(HashLM):
+        def generate_until(self, reqs):
+            out = []
+            for c, g in reqs:
+                body = {"add": "a + b", "neg": "-x", "sq": "x * x"}[c.split("def ")[-1].split("(")[0]]
+                seed = g.get("seed", 0)
+                out.append(f"    return {body}\n" if seed == 0 else "    while True:\n        pass\n" if seed == 4
+                           else "    return 0\n")
+            return out
+
+    t = _tasks("local_code")[0]
+    t.code = {**t.code, "timeout_s": 1}
+    r = harness.evaluate(Oracle(), [t], progress=False)
+    e = r["tasks"]["local_code"]
+    assert e["metrics"]["pass@1"]["value"] == pytest.approx(0.2)
+    assert e["metrics"]["pass@5"]["value"] == pytest.approx(1.0)
+    assert e["sandbox"]["passed"] == 3 and e["sandbox"]["failed"] == 3
+    assert sum(v for k, v in e["sandbox"].items() if k in ("timeout", "cpu_limit")) == 3
+
+
+def test_non_finite_log_likelihoods_stay_valid_json(tmp_path):
+    class Inf(HashLM):
+        def loglikelihood_rolling(self, reqs):
+            return [float("-inf")] + [fake_roll(t) for t in reqs[1:]]
+
+    r = harness.evaluate(Inf(), _tasks("local_rolling"), samples_dir=tmp_path, progress=False)
+    json.dumps(r, allow_nan=False)
+    assert r["tasks"]["local_rolling"]["metrics"]["bits_per_byte"] == {"value": None, "ci": None, "stderr": None, "n": 5}
+    first = json.loads((tmp_path / "local_rolling.jsonl").read_text().splitlines()[0])
+    assert first["responses"] == [None]
+
+
+def test_rolling_token_perplexity_needs_token_counts():
+    t = _tasks("local_rolling")[0]
+    t.metrics = [("perplexity", {}), ("bits_per_byte", {})]
+    t.primary_metric = "perplexity"
+    lm = HashLM()
+    with pytest.raises(ValueError, match="no count_tokens"):
+        harness.evaluate(lm, [t], progress=False)
+    assert lm.calls == []  # refused before the model ran
+
+    class Counting(HashLM):
+        def count_tokens(self, text):
+            return len(text.split())
+
+    r = harness.evaluate(Counting(), [t], progress=False, bootstrap=0)
+    texts = [json.loads(l)["text"] for l in (DATA / "rolling_test.jsonl").read_text().splitlines()]
+    want = math.exp(-sum(fake_roll(x) for x in texts) / sum(len(x.split()) for x in texts))
+    assert r["tasks"]["local_rolling"]["metrics"]["perplexity"]["value"] == pytest.approx(want)
+
+
+def test_apply_chat_template_renders_every_prompt(tmp_path):
+    class Chat(HashLM):
+        def apply_chat_template(self, messages):
+            return "".join(f"[{m['role']}]{m['content']}" for m in messages) + "[assistant]"
+
+    r = harness.evaluate(Chat(), _tasks("inline_mc"), apply_chat_template=True, samples_dir=tmp_path, progress=False)
+    assert r["settings"]["apply_chat_template"] is True
+    line = json.loads((tmp_path / "inline_mc.jsonl").read_text().splitlines()[0])
+    assert line["prompt"] == "[user]Sun rises in the[assistant]"
+    assert line["requests"] == [["[user]Sun rises in the[assistant]", "east"], ["[user]Sun rises in the[assistant]", "west"]]
+    with pytest.raises(NotImplementedError, match="has no chat template"):
+        harness.evaluate(HashLM(), _tasks("inline_mc"), apply_chat_template=True, progress=False)

@@ -65,6 +65,7 @@ def test_position_biased_judge_never_wins():
     s = r["summary"]
     assert (s["wins_a"], s["wins_b"], s["ties"], s["inconsistent"], s["unparsed_items"]) == (0, 0, 0, 6, 0)
     assert s["flip_rate"] == 1.0 and s["first_position_rate"] == 1.0 and s["win_rate_a"] == 0.5
+    assert s["flip_rate_ci"] == [1.0, 1.0] and s["win_rate_a_ci"] == [0.5, 0.5]
     # the second prompt of each item shows the answers swapped
     assert shown(j.calls[0][0][0]) == ("a0", "b0") and shown(j.calls[0][1][0]) == ("b0", "a0")
 
@@ -174,6 +175,11 @@ def test_agreement_and_kappa_on_a_hand_computed_confusion():
     assert r["confusion"] == {"correct": {"correct": 4, "incorrect": 1}, "incorrect": {"correct": 2, "incorrect": 3}}
     assert r["agreement"] == pytest.approx(0.7) and r["cohen_kappa"] == pytest.approx(0.4)
     assert r["judged_correct_rate"] == pytest.approx(0.6) and r["true_correct_rate"] == pytest.approx(6 / 11)
+    lo, hi = r["agreement_ci"]
+    assert 0.0 <= lo < 0.7 < hi <= 1.0 and hi - lo > 0.2  # ten items: a wide interval
+    klo, khi = r["cohen_kappa_ci"]
+    assert -1.0 <= klo < 0.4 < khi <= 1.0
+    assert J.agreement(j, items) == r  # seeded: the same intervals again
 
 
 def test_kappa_edge_cases():
@@ -229,7 +235,7 @@ def _args(*argv):
     return p.parse_args(list(argv))
 
 
-def test_cli_pairwise_grade_and_agreement_on_runs(tmp_path):
+def test_cli_pairwise_grade_and_agreement_on_runs(tmp_path, monkeypatch, capsys):
     a = _run(tmp_path, "a", [" 0", " 2", " 4", " 7"])   # right, right, right, wrong
     b = _run(tmp_path, "b", [" 1", " 2", " 5", " 6"])   # wrong, right, wrong, right
 
@@ -253,6 +259,16 @@ def test_cli_pairwise_grade_and_agreement_on_runs(tmp_path):
     r = J.run_cli(_args("grade", str(b), "--rubric", "r", "--limit", "2", "--with-reference"),
                   judge=Scripted(lambda p: "Rating: [[4]]" if "### Reference answer\n0" in p else "Rating: [[6]]"))
     assert r["tasks"]["addition"]["summary"]["histogram"] == {"4": 1, "6": 1}
+
+    monkeypatch.setattr(J, "make_judge", lambda a: Scripted(fair))
+    assert J.cmd(_args("pairwise", str(a), str(b))) == 0
+    printed = capsys.readouterr().out
+    assert "addition: n 4, A wins 2, B wins 1, ties 1, flipped with the swap 0 (0.0%), unparsed 0; A's win rate " \
+           "62.5% [" in printed
+    monkeypatch.setattr(J, "make_judge", lambda a: Scripted(_adds_up))
+    assert J.cmd(_args("agreement", str(a))) == 0
+    assert "agreement 100.0% [100.0%, 100.0%], Cohen's kappa 1.000 [" in capsys.readouterr().out
+    monkeypatch.undo()
 
     c = _run(tmp_path, "c", [" 0"] * 4, prompts={2: "another prompt"})
     with pytest.raises(ValueError, match="different prompts"):
@@ -405,6 +421,10 @@ def test_an_endpoint_without_logprobs_cannot_score(stub):
     s = stub((400, {"error": {"message": "echo is not supported"}}, {}))
     with pytest.raises(NotImplementedError, match="cannot score log-likelihoods.*echo is not supported"):
         OpenAILM(s.url, "m").loglikelihood_rolling(["a b"])
+    with pytest.raises(OpenAIError, match=r"/tokenize: HTTP 400"):  # token ids asked for, and no /tokenize
+        OpenAILM(s.url, "m", scoring="tokens").loglikelihood([("a", " b")])
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        OpenAILM(s.url, "m", scoring="ids")
 
 
 def _echoed(tokens):
@@ -497,18 +517,23 @@ def test_sampling_with_a_seed_repeats(served):
     assert a == b and a != c
 
 
-def test_loglikelihood_equals_the_models_own(served):
+def test_loglikelihood_equals_the_models_own(served, corpus_texts):
+    from lmforge.evaluate.local import LocalLM
+
     base, gen, model, tok, spec, _ = served
-    m = OpenAILM(base, "tiny", chat=False)
+    m = OpenAILM(base, "tiny", chat=False)  # scoring "auto": lmforge serve has /tokenize, so token ids
+    local = LocalLM(model, tok, tokens=spec)
 
     def ref(ctx, cont):  # lm-eval's rule on the model itself
-        if ctx.endswith(" "):
-            ctx, cont = ctx[:-1], " " + cont
-        ids = spec.encode_prompt(tok, ctx + cont)
-        n = len(spec.encode_prompt(tok, ctx))
+        n = len(ctx) - len(ctx.rstrip())
+        if n:
+            ctx, cont = ctx[:-n], ctx[-n:] + cont
+        c = spec.encode_prompt(tok, ctx)
+        ids = c + spec.encode_prompt(tok, ctx + cont)[len(c):]  # lm-eval feeds context_enc + continuation_enc
+        k = len(c)
         with torch.no_grad():
-            lp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)[n - 1:-1]
-        tgt = torch.tensor(ids[n:])
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)[k - 1:-1]
+        tgt = torch.tensor(ids[k:])
         return lp.gather(1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all())
 
     # a greedy continuation: the model's own first token after "ROMEO:" (when it decodes to whole characters)
@@ -517,16 +542,26 @@ def test_loglikelihood_equals_the_models_own(served):
         first = int(model(torch.tensor([ctx_ids]))[0, -1].argmax())
     greedy_text = tok.decode([first])
     pairs = [("To be, or", " not to be"), ("ROMEO: ", "Hello"), ("", "First Citizen"), ("caf", "\u00e9 au lait"),
-             ("ROMEO:", greedy_text)]
+             ("ROMEO:", greedy_text), ("Speak.\n", "\nFirst Citizen:")]
     got = m.loglikelihood(pairs)
-    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+    assert m._use_ids is True
+    for (ctx, cont), (lp, greedy), (llp, lgreedy) in zip(pairs, got, local.loglikelihood(pairs)):
         want_lp, want_greedy = ref(ctx, cont)
         assert lp == pytest.approx(want_lp, abs=1e-4) and greedy == want_greedy, (ctx, cont)
+        assert lp == pytest.approx(llp, abs=1e-4) and greedy == lgreedy, (ctx, cont)
     if spec.encode_prompt(tok, "ROMEO:" + greedy_text) == ctx_ids + [first]:
-        assert got[-1][1] is True
-    rolled = m.loglikelihood_rolling(["First Citizen", "To be, or not to be"])
+        assert got[4][1] is True
+    # by text offsets (an endpoint without /tokenize): the same wherever the tokens break at the context's end
+    off = OpenAILM(base, "tiny", chat=False, scoring="offsets").loglikelihood(pairs[:4])
+    assert [x[0] for x in off] == pytest.approx([x[0] for x in got[:4]], abs=1e-4)
+    # rolling: a text past the context in lm-eval's windows, as LocalLM windows it (one token less: the one
+    # generated, and the window's last token sent)
+    long_text = corpus_texts[0][:6000]
+    assert len(tok.encode(long_text)) > 1200
+    short = LocalLM(model, tok, tokens=spec, max_length=m.max_length - 2)
+    rolled = m.loglikelihood_rolling(["First Citizen", long_text])
     assert rolled[0] == pytest.approx(got[2][0], abs=1e-4)
-    assert rolled[1] == pytest.approx(ref("", "To be, or not to be")[0], abs=1e-4)
+    assert rolled == pytest.approx(short.loglikelihood_rolling(["First Citizen", long_text]), abs=1e-3)
 
 
 def test_wrong_model_name_on_lmforge_serve_is_a_404(served):

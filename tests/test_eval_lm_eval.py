@@ -10,7 +10,7 @@ BOS: with its default model_args its contexts for ``loglikelihood`` and ``genera
 adapter scores (``[<|bos|>] + encode(context)``), but its ``loglikelihood_rolling`` prepends the prefix token
 to ids that already start with BOS (scoring ``<|bos|>`` after ``<|bos|>``); with ``add_bos_token=False`` its
 rolling windows are lmforge's (prefix ``<|bos|>``, then the text) and its contexts lose the BOS. So the hf
-side runs the rolling task with ``add_bos_token=False`` and the other two with the defaults.
+side runs the rolling task with ``add_bos_token=False`` and the others with the defaults.
 
 lm-eval resolves ``data_files`` against the working directory (lmforge's loader against the YAML's folder),
 so every lm-eval run here works in the tasks folder.
@@ -18,7 +18,6 @@ so every lm-eval run here works in the tasks folder.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,11 +33,14 @@ pytest.importorskip("transformers")
 
 TASKS = Path(__file__).parent / "data" / "lm_eval_tasks"
 NAMES = ["lmf_choice", "lmf_rolling", "lmf_generate"]
+FEWSHOT = ["lmf_choice_fewshot", "lmf_generate_fewshot"]  # include:, a train split, description, gen_prefix
+ALL = NAMES + FEWSHOT
 SRC = Path(__file__).resolve().parents[1] / "src"
 # lm-eval's result keys of each task's metrics
 METRICS = {"lmf_choice": ["acc,none", "acc_norm,none"],
            "lmf_rolling": ["word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"],
            "lmf_generate": ["exact_match,none"]}
+METRICS.update({"lmf_choice_fewshot": METRICS["lmf_choice"], "lmf_generate_fewshot": METRICS["lmf_generate"]})
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,15 @@ def _answers(sample) -> list:
     return [r[0] for r in sample["resps"]]
 
 
+def _same(task: str, u, v) -> bool:
+    """Two answers to one request agree: log-likelihoods to 1e-4 (and is_greedy exactly), texts exactly."""
+    if task.startswith("lmf_choice"):
+        return abs(u[0] - v[0]) < 1e-4 and bool(u[1]) == bool(v[1])
+    if task == "lmf_rolling":
+        return abs(u - v) < 1e-4
+    return u == v
+
+
 def _need_accelerate():
     try:
         import accelerate  # noqa: F401  (lm-eval's hf backend imports it)
@@ -105,7 +116,7 @@ def ours(tiny, in_tasks):
     """lm-eval through the adapter, in process, model named as on the CLI."""
     import lmforge.evaluate.lm_eval_adapter  # noqa: F401  (registers "lmforge")
 
-    return _evaluate("lmforge", NAMES, model_args=f"checkpoint={tiny[0]}", batch_size="auto")
+    return _evaluate("lmforge", ALL, model_args=f"checkpoint={tiny[0]}", batch_size="auto")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +125,7 @@ def theirs(tiny, in_tasks):
     for the rolling one (see the module docstring)."""
     _need_accelerate()
     args = f"pretrained={tiny[1]},device=cpu,dtype=float32"
-    a = _evaluate("hf", ["lmf_choice", "lmf_generate"], model_args=args, batch_size=8)
+    a = _evaluate("hf", [t for t in ALL if t != "lmf_rolling"], model_args=args, batch_size=8)
     b = _evaluate("hf", ["lmf_rolling"], model_args=args + ",add_bos_token=False", batch_size=8)
     for k in ("results", "samples"):
         a[k].update(b[k])
@@ -139,7 +150,7 @@ def test_the_tasks_exercise_what_they_should(tiny, ours):
     assert ours["results"]["lmf_choice"]["sample_len"] == 8
 
 
-@pytest.mark.parametrize("task", NAMES)
+@pytest.mark.parametrize("task", ALL)
 def test_adapter_matches_lm_eval_hf_backend_on_the_export(ours, theirs, task):
     a, b = _by_doc(ours, task), _by_doc(theirs, task)
     assert sorted(a) == sorted(b) and len(a) >= 5
@@ -148,12 +159,7 @@ def test_adapter_matches_lm_eval_hf_backend_on_the_export(ours, theirs, task):
         x, y = _answers(a[doc_id]), _answers(b[doc_id])
         assert len(x) == len(y)
         for u, v in zip(x, y):
-            if task == "lmf_choice":
-                assert abs(u[0] - v[0]) < 1e-4 and u[1] == v[1], (doc_id, u, v)
-            elif task == "lmf_rolling":
-                assert abs(u - v) < 1e-4, (doc_id, u, v)
-            else:
-                assert u == v, (doc_id, u, v)  # greedy text, token for token
+            assert _same(task, u, v), (doc_id, u, v)
     for m in METRICS[task]:
         assert ours["results"][task][m] == pytest.approx(theirs["results"][task][m], rel=1e-5, abs=1e-6), m
 
@@ -167,6 +173,60 @@ def test_hf_backend_with_its_default_bos_double_counts_rolling(tiny, in_tasks, o
     for s in r["samples"]["lmf_rolling"]:
         mine = _answers(_by_doc(ours, "lmf_rolling")[s["doc_id"]])[0]
         assert _answers(s)[0] < mine - 1.0
+
+
+def test_adapter_on_the_hf_export_answers_as_on_the_lmforge_checkpoint(tiny, in_tasks, ours):
+    """checkpoint= an HF directory: LocalLM reads its TokenSpec from the export (BOS from the post-processor), so
+    the same requests get the same answers."""
+    import lmforge.evaluate.lm_eval_adapter  # noqa: F401
+
+    r = _evaluate("lmforge", ["lmf_choice", "lmf_rolling"], model_args=f"checkpoint={tiny[1]}", limit=3)
+    for task in ("lmf_choice", "lmf_rolling"):
+        for doc_id, s in _by_doc(r, task).items():
+            for u, v in zip(_answers(s), _answers(_by_doc(ours, task)[doc_id])):
+                assert _same(task, u, v), (task, doc_id, u, v)
+
+
+# ---- lmforge's own loader and harness on the same YAML ----
+
+@pytest.fixture(scope="module")
+def harness_run(tiny, tmp_path_factory):
+    """lmforge.evaluate.task.load_task on the lm-eval YAML files, harness.evaluate on LocalLM: the result
+    object and the per-sample log lines by task and doc_id."""
+    from lmforge.evaluate import harness
+    from lmforge.evaluate.local import LocalLM
+    from lmforge.evaluate.task import load_task
+
+    tasks = [t for n in ALL for t in load_task(TASKS / f"{n}.yaml")]
+    assert [t.name for t in tasks] == ALL
+    d = tmp_path_factory.mktemp("harness")
+    r = harness.evaluate(LocalLM.from_checkpoint(tiny[0]), tasks, samples_dir=d / "samples", bootstrap=0,
+                         progress=False)
+    lines = {n: {x["doc_id"]: x for x in map(json.loads, (d / "samples" / f"{n}.jsonl").read_text().splitlines())}
+             for n in ALL}
+    return r, lines
+
+
+@pytest.mark.parametrize("task", ALL)
+def test_lmforge_harness_on_lm_eval_yaml_matches_lm_eval_through_the_adapter(ours, harness_run, task):
+    """The same request strings (lmforge's loader builds prompts as lm-eval does, few-shot included), the same
+    per-sample log-likelihoods (1e-4) and generations, the same scores."""
+    r, lines = harness_run
+    a, b = _by_doc(ours, task), lines[task]
+    assert sorted(a) == sorted(b) and len(a) >= 5
+    for d in a:
+        theirs = [list(x) for x in a[d]["arguments"]]
+        assert b[d]["requests"] == theirs, (d, b[d]["requests"], theirs)
+        x, y = b[d]["responses"], _answers(a[d])
+        assert len(x) == len(y)
+        for u, v in zip(x, y):
+            assert _same(task, u, v), (d, u, v)
+    assert r["tasks"][task]["n"] == ours["results"][task]["sample_len"]
+    # the few-shot prompts outgrow the 64-token window: left truncation agrees too (here and with the hf backend)
+    assert (r["tasks"][task]["truncated"] > 0) == (task in FEWSHOT)
+    for m in METRICS[task]:
+        ours_value = r["tasks"][task]["metrics"][m.split(",")[0]]["value"]
+        assert ours_value == pytest.approx(ours["results"][task][m], rel=1e-6, abs=1e-9), m
 
 
 # ---- the CLI route ----
@@ -197,7 +257,7 @@ def test_cli_route_runs_lm_eval_with_the_lmforge_model(tiny, ours, tmp_path):
     """lm-eval's own CLI (``cli_evaluate``) through the adapter's ``main``, lmforge registered: the same
     scores as in process."""
     res = _cli(tiny, tmp_path, quick=True)
-    assert res["config"]["model"] == "lmforge"
+    assert res["config"]["model"] == "lmforge" and res["config"]["model_num_parameters"] > 0  # get_model_info
     for m in METRICS["lmf_choice"]:
         assert res["results"]["lmf_choice"][m] == pytest.approx(ours["results"]["lmf_choice"][m], abs=1e-12)
 
@@ -283,6 +343,46 @@ def test_truncation_is_counted_and_gen_kwargs_normalized(tiny):
         lm.generate_until([Instance("generate_until", {}, ("Q:", {"until": 5}), 0)])
 
 
+def test_lm_eval_response_cache_is_filled_through_the_cache_hook(tiny, in_tasks, ours, tmp_path):
+    """``--use_cache``: every answer goes into lm-eval's cache under lm-eval's key, so a second run asks the model
+    nothing and scores the same."""
+    from lmforge.evaluate.lm_eval_adapter import LMForgeLM
+    from lmforge.evaluate.local import LocalLM
+
+    calls = []
+
+    class Counting(LocalLM):
+        def run(self, requests):  # (not used by the adapter; the kinds below are)
+            raise AssertionError("the adapter calls each kind directly")
+
+        def loglikelihood(self, requests):
+            calls.append(("loglikelihood", len(requests)))
+            return super().loglikelihood(requests)
+
+        def loglikelihood_rolling(self, requests):
+            calls.append(("loglikelihood_rolling", len(requests)))
+            return super().loglikelihood_rolling(requests)
+
+        def generate_until(self, requests):
+            calls.append(("generate_until", len(requests)))
+            return super().generate_until(requests)
+
+    from lmforge.infer.llm import load_with_tokenizer
+
+    model, tok, spec = load_with_tokenizer(tiny[0])
+    db = str(tmp_path / "cache")
+    first = _evaluate(LMForgeLM(lm=Counting(model, tok, tokens=spec)), NAMES, use_cache=db, limit=3)
+    assert sorted(k for k, _ in calls) == ["generate_until", "loglikelihood", "loglikelihood_rolling"]
+    calls.clear()
+    second = _evaluate(LMForgeLM(lm=Counting(model, tok, tokens=spec)), NAMES, use_cache=db, limit=3)
+    assert calls == []
+    for task in NAMES:
+        assert [_answers(s) for s in second["samples"][task]] == [_answers(s) for s in first["samples"][task]]
+        for doc_id, s in _by_doc(first, task).items():  # and the cached answers are the uncached run's
+            for u, v in zip(_answers(s), _answers(_by_doc(ours, task)[doc_id])):
+                assert _same(task, u, v), (task, doc_id, u, v)
+
+
 # ---- chat templates ----
 
 def test_chat_template_renders_as_transformers_does(tiny):
@@ -303,23 +403,24 @@ def test_chat_template_renders_as_transformers_does(tiny):
 
 
 def test_chat_templated_tasks_match_the_hf_backend(tiny, in_tasks):
-    """``--apply_chat_template``: the conversation's control tokens reach the model as control tokens on both
-    sides (lm-eval's hf backend parses them from the text; LocalLM keeps the ids it rendered)."""
+    """``--apply_chat_template`` (with ``--fewshot_as_multiturn`` and ``--system_instruction``): the
+    conversation's control tokens reach the model as control tokens on both sides (lm-eval's hf backend parses
+    them from the text; LocalLM keeps the ids it rendered)."""
     _need_accelerate()
     import lmforge.evaluate.lm_eval_adapter  # noqa: F401
 
-    kw = dict(apply_chat_template=True, limit=3)
-    a = _evaluate("lmforge", ["lmf_choice", "lmf_generate"], model_args=f"checkpoint={tiny[0]}", **kw)
-    b = _evaluate("hf", ["lmf_choice", "lmf_generate"], model_args=f"pretrained={tiny[1]},device=cpu,dtype=float32",
-                  batch_size=4, **kw)
-    for task in ("lmf_choice", "lmf_generate"):
+    tasks = ["lmf_choice", "lmf_generate", "lmf_choice_fewshot"]
+    kw = dict(apply_chat_template=True, fewshot_as_multiturn=True, system_instruction="Be brief.", limit=3)
+    a = _evaluate("lmforge", tasks, model_args=f"checkpoint={tiny[0]}", **kw)
+    b = _evaluate("hf", tasks, model_args=f"pretrained={tiny[1]},device=cpu,dtype=float32", batch_size=4, **kw)
+    for task in tasks:
         x, y = _by_doc(a, task), _by_doc(b, task)
         assert sorted(x) == sorted(y) == [0, 1, 2]
         for d in x:
             assert x[d]["arguments"] == y[d]["arguments"]
-            assert x[d]["arguments"][0][0].startswith("<|bos|><|user|>")
+            ctx = x[d]["arguments"][0][0]
+            assert ctx.startswith("<|bos|><|system|>Be brief.") and ctx.endswith("<|assistant|>")
+            if task in FEWSHOT:
+                assert ctx.count("<|assistant|>") == 3  # two examples as turns, then the question's
             for u, v in zip(_answers(x[d]), _answers(y[d])):
-                if task == "lmf_choice":
-                    assert abs(u[0] - v[0]) < 1e-4 and u[1] == v[1], (d, u, v)
-                else:
-                    assert u == v, (d, u, v)
+                assert _same(task, u, v), (d, u, v)

@@ -79,8 +79,9 @@ def test_shared_context_packed_and_split_rows(tok, lm, monkeypatch):
     reqs = requests()
     x = LocalLM(lm.model, tok)
     x.loglikelihood(reqs)
-    assert x.stats["forwards"] == 1 and x.stats["tokens_requested"] < sum(
+    assert x.stats["tokens_requested"] < sum(
         len(c) + len(t) - 1 for c, t in (x._encode_pair(a, b, {}) for a, b in reqs))  # contexts run once
+    assert x.stats["tokens_run"] <= x.stats["tokens_requested"] / (1 - LocalLM.pad_slack)  # little padding
     monkeypatch.setattr(LocalLM, "row_cap", 10)  # continuations of one context over several rows
     y = LocalLM(lm.model, tok)
     got, ref = y.loglikelihood(reqs), reference(lm, reqs)
@@ -166,6 +167,18 @@ def test_generation_equals_loop_greedy_and_stops(tok, lm):
     assert one == refs
 
 
+def test_generation_mixed_kwargs_in_one_call(tok, lm):
+    """Requests with different lengths and stops run in one call, each as it would alone."""
+    reqs = [("All:\n", {"max_gen_toks": 3}), ("Before", {"max_new_tokens": 9, "until": "\n"}),
+            ("All:\n", {"max_gen_toks": 9, "until": ["zzzq"]})]
+    got = lm.generate_until(reqs)
+    alone = [lm.generate_until([r])[0] for r in reqs]
+    assert got == alone
+    ref = tok.decode(generate(lm.model, [lm.doc] + tok.encode("All:\n"), 9, temperature=0, stop=lm.tokens.stop))
+    assert got[2] == ref and ref.startswith(got[0]) and len(got[0]) < len(ref)
+    assert "\n" not in got[1]
+
+
 def test_generation_truncates_context(tok, lm):
     x = LocalLM(lm.model, tok)
     out = x.generate_until([(TEXT * 3, {"max_gen_toks": 8, "until": []})])
@@ -220,3 +233,46 @@ def test_from_checkpoint_and_learned_positions(tmp_path, tok):
     reqs = requests()[:12] + [(TEXT * 2, " Speak")]
     got, ref = x.loglikelihood(reqs), reference(x, reqs)
     assert max(abs(g[0] - r[0]) for g, r in zip(got, ref)) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_hf_import_starts_contexts_as_hflm(tmp_path, family):
+    """An HF model: contexts start with BOS only where its tokenizer adds one (Llama-3), as HFLM's do; the
+    prefix token of empty contexts and rolling windows is BOS, else EOS (Qwen2's <|im_end|>)."""
+    pytest.importorskip("transformers")
+    from hf_fixtures import make_tiny_hf_chat_model
+
+    x = LocalLM.from_checkpoint(make_tiny_hf_chat_model(tmp_path, family))
+    st, enc = x.tokenizer.special_tokens, x.tokenizer.encode("Speak, speak.")
+    if family == "llama3":
+        assert x.add_bos and x.doc == st["<|begin_of_text|>"] and x.tok_encode("Speak, speak.") == [x.doc] + enc
+    else:
+        assert not x.add_bos and x.doc == st["<|im_end|>"] and x.tok_encode("Speak, speak.") == enc
+    assert x._encode_pair("", "Speak, speak.", {}) == ([x.doc], enc)
+    reqs = requests()[:8] + [("", "Speak, speak."), ("  ", "Speak")]
+    got, ref = x.loglikelihood(reqs), reference(x, reqs)
+    assert max(abs(g[0] - r[0]) for g, r in zip(got, ref)) < 1e-4
+    (r,) = x.loglikelihood_rolling(["Speak, speak."])
+    assert abs(r - naive(x.model, [x.doc], enc, x.max_length)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("switch", ["share_contexts", "head_only"])
+def test_ablations_give_the_same_answers(tok, lm, monkeypatch, switch):
+    reqs = requests()
+    want = LocalLM(lm.model, tok).loglikelihood(reqs)
+    monkeypatch.setattr(LocalLM, switch, False)
+    x = LocalLM(lm.model, tok)
+    got = x.loglikelihood(reqs)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert max(abs(g[0] - w[0]) for g, w in zip(got, want)) < 1e-4
+    if switch == "share_contexts":  # every request its own row: more tokens run
+        monkeypatch.setattr(LocalLM, switch, True)
+        y = LocalLM(lm.model, tok)
+        y.loglikelihood(reqs)
+        items = set()
+        for c, t in (x._encode_pair(a, b, {}) for a, b in reqs):
+            inp = (c + t)[-(x.max_length + 1):-1]
+            items.add((tuple(inp[:len(inp) - len(t) + 1]), tuple(inp[len(inp) - len(t) + 1:])))
+        assert x.stats["tokens_requested"] == sum(len(p) + len(b) for p, b in items)
+        assert y.stats["tokens_requested"] == sum(len(p) for p in {p for p, _ in items}) + sum(len(b) for _, b in items)
+        assert y.stats["tokens_requested"] < x.stats["tokens_requested"]

@@ -130,6 +130,42 @@ def test_multiple_input_contexts():
     assert d.target == 1 and d.prompt == "Anna thanked Beth because Beth"
 
 
+def _chat(messages, add_generation_prompt=True):
+    out = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+    return out + ("<|assistant|>" if add_generation_prompt else "")
+
+
+def test_chat_template_prompts_equal_lm_eval(monkeypatch, tmp_path):
+    """lm-eval's --apply_chat_template path (single-turn few-shot, description as the system message)."""
+    pytest.importorskip("lm_eval")
+    import logging
+
+    import yaml
+    from lm_eval.api.task import ConfigurableTask
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(DATA)
+    logging.disable(logging.WARNING)
+    try:
+        for fname, k, desc in (("mc.yaml", 2, "Answer the question.\n"), ("gen.yaml", 2, None), ("wino.yaml", 1, "Pick.")):
+            cfg = yaml.safe_load((DATA / fname).read_text())
+            if desc:
+                cfg["description"] = desc
+            lt = ConfigurableTask(config=dict(cfg))
+            lt.set_config("num_fewshot", k)
+            lt.set_fewshot_seed(1234)
+            lt.build_all_requests(limit=None, rank=0, world_size=1, apply_chat_template=True, chat_template=_chat)
+            theirs = sorted(((i.doc_id, i.idx, i.arguments) for i in lt.instances), key=lambda x: x[:2])
+            p = tmp_path / fname
+            p.write_text(yaml.safe_dump(cfg))
+            mine_t = load_task(p)[0]
+            mine = [(d.doc_id, r.idx, r.args) for d in mine_t.requests("test", num_fewshot=k, chat=_chat) for r in d.requests]
+            assert mine == theirs, fname
+            assert mine[0][2][0].startswith("<|system|>" if desc else "<|user|>")
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def test_repeats_get_a_seed_each():
     code = load_task(DATA / "code.yaml")[0]
     drs = code.requests("test")
@@ -174,6 +210,18 @@ def test_load_tasks_by_name_include_path_and_path(tmp_path):
         load_tasks(["local_mcc"], include_path=DATA)
 
 
+def test_data_files_relative_to_the_yaml_else_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    _write(tmp_path / "data", "d.jsonl", json.dumps({"q": "a", "choices": ["x", "y"], "label": 1}) + "\n")
+    (tmp_path / "tasks").mkdir()
+    p = _write(tmp_path / "tasks", "t.yaml", "task: t\ndocs: {test: data/d.jsonl}\noutput_type: multiple_choice\n"
+                                            "doc_to_text: q\ndoc_to_choice: choices\ndoc_to_target: label\n")
+    with pytest.raises(TaskError, match="data file not found"):
+        load_task(p)[0].docs("test")
+    monkeypatch.chdir(tmp_path)  # lm-eval's way: relative to where it runs
+    assert load_task(p)[0].docs("test")[0]["label"] == 1
+
+
 def test_include_merges(tmp_path):
     _write(tmp_path, "d.jsonl", json.dumps({"q": "a", "choices": ["x", "y"], "label": 0}) + "\n")
     _write(tmp_path, "_base_yaml", "dataset_path: json\ndataset_kwargs: {data_files: {test: d.jsonl}}\n"
@@ -208,6 +256,12 @@ def test_unknown_field_in_template_names_file_line_and_field(tmp_path):
         t.requests("test")
 
 
+def test_bare_name_that_is_no_field(tmp_path):
+    t = load_task(_mc_yaml(tmp_path, [{"q": "x", "choices": ["a", "b"], "label": 0}], target="lable"))[0]
+    with pytest.raises(TaskError, match=r"d\.jsonl:1: .*doc_to_target: 'lable' is not a field .*did you mean 'label'"):
+        t.docs("test")
+
+
 def test_choice_list_of_one_and_target_outside(tmp_path):
     t = load_task(_mc_yaml(tmp_path, [{"q": "x", "choices": ["a", "b"], "label": 0},
                                       {"q": "x", "choices": ["only"], "label": 0}]))[0]
@@ -223,9 +277,8 @@ def test_choice_list_of_one_and_target_outside(tmp_path):
 
 def test_malformed_jsonl_line_error_or_counted_skip(tmp_path):
     good = json.dumps({"q": "x", "choices": ["a", "b"], "label": 0})
-    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")
-    p = _mc_yaml(tmp_path, [])  # rewrites d.jsonl: restore the bad one after
-    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")
+    p = _mc_yaml(tmp_path, [])
+    _write(tmp_path, "d.jsonl", f"{good}\n{{not json\n{good}\n")  # line 2 is not JSON
     with pytest.raises(TaskError, match=r"d\.jsonl:2: malformed JSON line"):
         load_task(p)[0].docs("test")
     t = load_task(p, skip_bad=True)[0]

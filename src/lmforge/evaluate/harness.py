@@ -78,6 +78,20 @@ def _jsonable(x):
     return str(x)
 
 
+def _dumps(obj) -> str:
+    """One JSON line; non-finite numbers become null, other objects their str (the slow path only then)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=_np_default)
+    except (ValueError, TypeError):
+        return json.dumps(_jsonable(obj), ensure_ascii=False, allow_nan=False)
+
+
+def _np_default(x):
+    if isinstance(x, (np.floating, np.integer)) and np.isfinite(x):
+        return x.item()
+    raise TypeError(type(x).__name__)
+
+
 def _per_doc(task: Task, dr, answers: list, lm, pass_cache: dict) -> tuple[dict, dict]:
     """(metric -> per-document value or (loglik, count) pair, log fields) of one document."""
     wanted = [m for m, _ in task.metrics]
@@ -105,12 +119,7 @@ def _per_doc(task: Task, dr, answers: list, lm, pass_cache: dict) -> tuple[dict,
             elif m in ("byte_perplexity", "bits_per_byte"):
                 vals[m] = (ll, float(M.count_bytes(text)))
             elif m == "perplexity":
-                count = getattr(lm, "count_tokens", None)
-                if count is None:
-                    raise TaskError(f"task {task.name!r}: metric 'perplexity' of a rolling task needs token counts, and "
-                                    f"{getattr(lm, 'name', 'the model')} has no count_tokens(text); use word_perplexity, "
-                                    "byte_perplexity or bits_per_byte")
-                vals[m] = (ll, float(count(text)))
+                vals[m] = (ll, float(lm.count_tokens(text)))  # checked before the model ran
         log["responses"] = [ll]
     else:  # generate_until
         resps = [a if isinstance(a, str) else "" for a in answers]
@@ -149,11 +158,17 @@ def _program(task: Task, doc: dict, completion: str) -> str:
 
 def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, data_dir=None,
                 bootstrap: int = 1000, seed: int = 0, dirty=None, check_dirty: bool = False,
-                allow_network: bool = False) -> dict:
+                allow_network: bool = False, apply_chat_template: bool = False) -> dict:
     """Scores one split of one task. Returns ``{"split", "n", "metrics", "omitted", "reps",
     "random_baseline", "truncated", "skipped", "lines", "contamination"?}`` (``reps``: the
     bootstrap replicates of each metric, for gaps and the aggregate)."""
-    drs = task.requests(split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir)
+    if task.output_type == "loglikelihood_rolling" and any(m == "perplexity" for m, _ in task.metrics) \
+            and not callable(getattr(lm, "count_tokens", None)):
+        raise TaskError(f"{task.source}: task {task.name!r}: metric 'perplexity' of a rolling task is per token, and "
+                        f"{getattr(lm, 'name', 'the model')} has no count_tokens(text); use word_perplexity, "
+                        "byte_perplexity or bits_per_byte")
+    chat = lm.apply_chat_template if apply_chat_template else None
+    drs = task.requests(split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, chat=chat)
     stats = getattr(lm, "stats", None) or {}
     t0 = int(stats.get("truncated", 0))
     reqs = [r for dr in drs for r in dr.requests]
@@ -260,9 +275,9 @@ def _check_args(lm, split, bootstrap, limit, num_fewshot, dirty):
         raise ValueError(f"bootstrap: expected an integer >= 0 (replicates; 0 = no intervals), got {bootstrap!r}")
     if limit is not None:
         ok = (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0) or \
-             (isinstance(limit, float) and 0 < limit <= 1)
+             (isinstance(limit, float) and 0 < limit < 1)
         if not ok:
-            raise ValueError(f"limit: expected a positive integer (documents) or a fraction in (0, 1], got {limit!r}")
+            raise ValueError(f"limit: expected a positive integer (documents) or a fraction in (0, 1), got {limit!r}")
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise ValueError(f"num_fewshot: expected an integer >= 0, got {num_fewshot!r}")
     if dirty is not None and not callable(dirty):
@@ -273,7 +288,7 @@ def _check_args(lm, split, bootstrap, limit, num_fewshot, dirty):
 
 def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bootstrap: int = 1000,
              seed: int = 0, samples_dir=None, data_dir=None, dirty=None, progress: bool = True,
-             allow_network: bool = False) -> dict:
+             allow_network: bool = False, apply_chat_template: bool = False) -> dict:
     """Scores ``tasks`` (Task objects, names or paths; see ``task.load_tasks``) on ``lm``; returns the
     result object (schema: ``lmforge_eval`` 1). ``split``: "test" (each task's test_split), "dev"
     (its validation_split) or "both" (test, plus "dev" and the test-minus-dev "gap" for every task
@@ -281,7 +296,9 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
     ``samples_dir``: one ``<task>.jsonl`` per task (its path in the result is relative to the
     folder that holds ``samples_dir``). ``dirty(task_name, doc_texts) -> [bool]``: adds the
     "contamination" entry for the reported split. ``allow_network``: pass@k programs run even where the
-    sandbox has no network namespace (its opt-in; otherwise it refuses and the error propagates)."""
+    sandbox has no network namespace (its opt-in; otherwise it refuses and the error propagates).
+    ``apply_chat_template``: every prompt rendered by ``lm.apply_chat_template`` as lm-eval's
+    ``--apply_chat_template`` renders it (examples and question in one user turn)."""
     _check_args(lm, split, bootstrap, limit, num_fewshot, dirty)
     t_start = time.perf_counter()
     if isinstance(tasks, (str, Task)):
@@ -305,7 +322,8 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
             it.set_postfix_str(task.name)
         main_split = task.split_for("dev" if split == "dev" else "test")
         main = score_split(lm, task, main_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
-                           bootstrap=bootstrap, seed=seed, dirty=dirty, check_dirty=True, allow_network=allow_network)
+                           bootstrap=bootstrap, seed=seed, dirty=dirty, check_dirty=True, allow_network=allow_network,
+                           apply_chat_template=apply_chat_template)
         primary = task.primary_metric
         pval = (main["metrics"].get(primary) or {}).get("value")
         rb = main["random_baseline"]
@@ -320,7 +338,8 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
         dev_split = task.validation_split
         if split == "both" and dev_split is not None and dev_split != main_split:
             dev = score_split(lm, task, dev_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
-                              bootstrap=bootstrap, seed=seed + 1, allow_network=allow_network)
+                              bootstrap=bootstrap, seed=seed + 1, allow_network=allow_network,
+                              apply_chat_template=apply_chat_template)
             entry["dev"] = {"split": dev_split, "n": dev["n"], "metrics": dev["metrics"]}
             if dev["omitted"]:
                 entry["dev"]["omitted"] = dev["omitted"]
@@ -339,7 +358,7 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
             from .._io import atomic_open
             with atomic_open(path, "w") as f:
                 for line in lines:
-                    f.write(json.dumps(_jsonable(line), ensure_ascii=False) + "\n")
+                    f.write(_dumps(line) + "\n")
             entry["samples"] = f"{sd.name}/{path.name}"
         result_tasks[task.name] = entry
         centered_by[task.name] = cen
@@ -352,7 +371,8 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
         "model": {"name": getattr(lm, "name", type(lm).__name__), "checkpoint": _jsonable(getattr(lm, "checkpoint", None)),
                   "params": int(params) if isinstance(params, (int, np.integer)) else params},
         "settings": {"tasks": [t.name for t in loaded], "limit": limit, "num_fewshot": num_fewshot,
-                     "bootstrap": bootstrap, "seed": seed, "split": split},
+                     "bootstrap": bootstrap, "seed": seed, "split": split,
+                     **({"apply_chat_template": True} if apply_chat_template else {})},
         "tasks": result_tasks,
         "aggregate": {"core": M.core(centered_by, reps_by)},
         "elapsed_s": round(time.perf_counter() - t_start, 3),

@@ -27,9 +27,12 @@ judge computes its text, nor of tasks beyond a run's per-sample log.
   is right or wrong, e.g. by exact match); the judge says correct or incorrect;
   ``agreement`` is the fraction of parsed items where they agree, ``cohen_kappa``
   corrects it for chance (None when chance agreement is 1: one class only).
+* Rates (A's win rate with ties and flips as half, flip rate, mean grade,
+  agreement, kappa) carry a 95% percentile bootstrap interval over items
+  (``*_ci``, seeded).
 
 How it can mislead: a judge rewards what it likes (length, confidence, its own
-style) as well as what is right; the swap only removes position bias, and
+style) as well as what is right; the swap guards only against position bias, and
 agreement on arithmetic says little about open-ended answers.
 
 CLI face (``lmforge eval judge``, wired by the report): ``add_arguments(parser)``
@@ -53,6 +56,7 @@ __all__ = ["pairwise", "grade", "judge_many", "agreement", "parse_verdict", "par
            "make_judge", "run_samples", "run_cli", "add_arguments", "cmd", "GEN_KWARGS"]
 
 GEN_KWARGS = {"until": [], "max_gen_toks": 512, "temperature": 0.0, "do_sample": False}
+BOOTSTRAP = 1000  # resamples of items for the summaries' intervals
 MODES = ("pairwise", "grade", "check")
 _TAG = re.compile(r"\[\[([^\[\]\n]{0,32})\]\]")
 _NUMBER = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*")
@@ -292,8 +296,36 @@ def cohen_kappa(confusion: dict) -> float | None:
     return (po - pe) / (1.0 - pe)
 
 
+def _interval(values: list[float], iters: int = BOOTSTRAP, seed: int = 0) -> list[float] | None:
+    """The 95% percentile bootstrap interval of the mean of ``values`` (``metrics.summarize``, seeded)."""
+    from . import metrics
+
+    return metrics.summarize(metrics.aggregate("acc", values), iters, seed)[0]["ci"] if values else None
+
+
+def _kappa_interval(pairs: list[tuple[bool, bool]], iters: int = BOOTSTRAP, seed: int = 0) -> list[float] | None:
+    """The 95% percentile bootstrap interval of Cohen's kappa over (true, judged) pairs (resamples where kappa is
+    undefined are dropped)."""
+    import numpy as np
+
+    if len(pairs) < 2:
+        return None
+    a = np.asarray(pairs, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(iters, len(a)))
+    t, j = a[idx, 0], a[idx, 1]
+    po = (t == j).mean(-1)
+    pe = t.mean(-1) * j.mean(-1) + (1 - t.mean(-1)) * (1 - j.mean(-1))
+    ok = pe < 1.0
+    if ok.sum() < 2:
+        return None
+    k = (po[ok] - pe[ok]) / (1.0 - pe[ok])
+    lo, hi = np.percentile(k, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def summarize(mode: str, results: list[dict]) -> dict:
-    """Counts and rates over one mode's item results (see ``judge_many``)."""
+    """Counts and rates over one mode's item results (see ``judge_many``); rates carry a 95% bootstrap interval
+    over items (``*_ci``, seeded: the same results give the same interval)."""
     n = len(results)
     if mode == "pairwise":
         both = [r for r in results if not r["unparsed"]]
@@ -302,10 +334,12 @@ def summarize(mode: str, results: list[dict]) -> dict:
         ties = sum(r["winner"] == "tie" and r["consistent"] for r in results)
         flips = sum(r["flipped"] for r in results)
         sided = [v for r in results for v in r["verdicts"] if v in ("A", "B")]
+        score = [{"A": 1.0, "B": 0.0, "tie": 0.5}[r["winner"]] for r in both]
         return {"n": n, "wins_a": wins_a, "wins_b": wins_b, "ties": ties, "inconsistent": flips,
                 "unparsed_items": n - len(both), "unparsed_verdicts": sum(r["unparsed"] for r in results),
-                "win_rate_a": (wins_a + 0.5 * (ties + flips)) / len(both) if both else None,
+                "win_rate_a": sum(score) / len(score) if score else None, "win_rate_a_ci": _interval(score),
                 "flip_rate": flips / len(both) if both else None,
+                "flip_rate_ci": _interval([float(r["flipped"]) for r in both]),
                 "first_position_rate": sum(v == "A" for v in sided) / len(sided) if sided else None}
     if mode == "grade":
         scores = [r["score"] for r in results if r["parsed"]]
@@ -315,7 +349,8 @@ def summarize(mode: str, results: list[dict]) -> dict:
         mean = sum(scores) / len(scores) if scores else None
         sd = (sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) ** 0.5 if len(scores) > 1 else None
         return {"n": n, "parsed": len(scores), "unparsed": n - len(scores),
-                "clamped": sum(r["clamped"] for r in results), "mean": mean, "stdev": sd, "histogram": hist}
+                "clamped": sum(r["clamped"] for r in results), "mean": mean, "mean_ci": _interval(scores),
+                "stdev": sd, "histogram": hist}
     if mode == "check":
         parsed = [r for r in results if r["parsed"]]
         out = {"n": n, "unparsed": n - len(parsed),
@@ -327,7 +362,10 @@ def summarize(mode: str, results: list[dict]) -> dict:
             for r in labelled:
                 conf[name[r["label"]]][name[r["judged"]]] += 1
             out.update({"agreement": sum(r["agree"] for r in labelled) / len(labelled) if labelled else None,
-                        "cohen_kappa": cohen_kappa(conf), "confusion": conf,
+                        "agreement_ci": _interval([float(r["agree"]) for r in labelled]),
+                        "cohen_kappa": cohen_kappa(conf),
+                        "cohen_kappa_ci": _kappa_interval([(r["label"], r["judged"]) for r in labelled]),
+                        "confusion": conf,
                         "true_correct_rate": (sum(r["label"] for r in results if "label" in r)
                                               / sum("label" in r for r in results))})
         return out
@@ -514,21 +552,29 @@ def _single_items(run, tasks, limit, with_label: bool, with_reference: bool) -> 
 
 def _common(p) -> None:
     g = p.add_argument_group("the judge")
-    g.add_argument("--judge-url", default=None, help="an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1)")
-    g.add_argument("--judge-model", default=None, help="the endpoint's model name (default: its only model)")
-    g.add_argument("--judge-checkpoint", default=None, help="a local lmforge or HF model directory as the judge")
+    g.add_argument("--judge-url", default=None, metavar="URL",
+                   help="an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1)")
+    g.add_argument("--judge-model", default=None, metavar="NAME",
+                   help="the endpoint's model name (default: its only model)")
+    g.add_argument("--judge-checkpoint", default=None, metavar="DIR",
+                   help="a local lmforge or HF model directory as the judge")
     g.add_argument("--judge-completions", action="store_true",
                    help="send the prompt to /v1/completions as plain text (default: /v1/chat/completions)")
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                    help="the environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
-    g.add_argument("--judge-concurrency", type=int, default=4)
-    g.add_argument("--judge-timeout", type=float, default=120.0)
-    g.add_argument("--max-tokens", type=int, default=512, help="tokens of judge output per verdict")
-    p.add_argument("--rubric", default=None, help="the criteria, as text")
-    p.add_argument("--rubric-file", default=None, help="the criteria, from a UTF-8 file")
-    p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    g.add_argument("--judge-concurrency", type=int, default=4, metavar="N",
+                   help="requests in flight to the endpoint")
+    g.add_argument("--judge-timeout", type=float, default=120.0, metavar="S", help="seconds per request")
+    g.add_argument("--max-tokens", type=int, default=512, metavar="N", help="tokens of judge output per verdict")
+    p.add_argument("--rubric", default=None, metavar="TEXT", help="the criteria, as text")
+    p.add_argument("--rubric-file", default=None, metavar="FILE", help="the criteria, from a UTF-8 file")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most this many documents per task")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--out", default=None, help="also write the full result (every judgment) as JSON here")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the full result (every judgment) as JSON here")
+
+
+RUN_HELP = "a run directory (result.json, samples/) or one samples .jsonl file"
 
 
 def add_arguments(parser) -> None:
@@ -536,25 +582,29 @@ def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="judge_mode", metavar="MODE")
     sub.required = True
     p = sub.add_parser("pairwise", help="compare two runs' generations (a win must survive the position swap)")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--task", action="append", default=None, help="a task of both runs (repeatable; default all)")
+    p.add_argument("run_a", metavar="RUN_A", help=RUN_HELP + ": its answers are A")
+    p.add_argument("run_b", metavar="RUN_B", help="the other run: its answers are B")
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help="a generation task of both runs (repeatable; default: all they share)")
     p.add_argument("--with-reference", action="store_true", help="show the judge the task's target")
     _common(p)
     p = sub.add_parser("grade", help="grade one run's generations with a rubric")
-    p.add_argument("run")
-    p.add_argument("--task", action="append", default=None)
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help="a generation task of the run (repeatable; default: all)")
     p.add_argument("--scale", type=float, nargs=2, default=(1, 10), metavar=("LOW", "HIGH"))
     p.add_argument("--with-reference", action="store_true", help="show the judge the task's target")
     _common(p)
     p = sub.add_parser("agreement", help="the judge against a rule-checked truth (exact match of a run, or "
                                          "synthetic addition)")
-    p.add_argument("run", nargs="?", default=None)
-    p.add_argument("--task", action="append", default=None)
+    p.add_argument("run", nargs="?", default=None, metavar="RUN",
+                   help=RUN_HELP + "; each answer's 0/1 primary metric (exact match) is the truth")
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help="a rule-checked generation task of the run (repeatable; default: all)")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="N addition problems answered right or wrong here, instead of a run")
-    p.add_argument("--digits", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--digits", type=int, default=3, help="digits of the synthetic problems' numbers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic problems")
     p.add_argument("--with-reference", action="store_true", help="show the judge the true answer")
     _common(p)
     parser.set_defaults(fn=cmd)
@@ -636,6 +686,10 @@ def _fmt(x, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
 
+def _ci(ci, pct: bool = False) -> str:
+    return f" [{_fmt(ci[0], pct)}, {_fmt(ci[1], pct)}]" if ci else ""
+
+
 def cmd(a) -> int:
     """``lmforge eval judge MODE ...``: prints a summary per task, or with ``--json`` the whole result (every
     judgment); ``--out FILE`` writes that result too."""
@@ -653,15 +707,16 @@ def cmd(a) -> int:
         if a.judge_mode == "pairwise":
             print(f"{t}: n {s['n']}, A wins {s['wins_a']}, B wins {s['wins_b']}, ties {s['ties']}, "
                   f"flipped with the swap {s['inconsistent']} ({_fmt(s['flip_rate'], True)}), unparsed "
-                  f"{s['unparsed_items']}; A's win rate {_fmt(s['win_rate_a'], True)} (ties and flips count half); "
-                  f"first position chosen {_fmt(s['first_position_rate'], True)} of verdicts")
+                  f"{s['unparsed_items']}; A's win rate {_fmt(s['win_rate_a'], True)}{_ci(s['win_rate_a_ci'], True)} "
+                  f"(ties and flips count half); first position chosen {_fmt(s['first_position_rate'], True)} "
+                  "of sided verdicts")
         elif a.judge_mode == "grade":
-            print(f"{t}: n {s['n']}, mean grade {_fmt(s['mean'])} (sd {_fmt(s['stdev'])}), unparsed "
-                  f"{s['unparsed']}, clamped {s['clamped']}")
+            print(f"{t}: n {s['n']}, mean grade {_fmt(s['mean'])}{_ci(s['mean_ci'])} (sd {_fmt(s['stdev'])}), "
+                  f"unparsed {s['unparsed']}, clamped {s['clamped']}")
         else:
-            print(f"{t}: n {s['n']}, agreement {_fmt(s['agreement'], True)}, Cohen's kappa "
-                  f"{_fmt(s['cohen_kappa'])}, unparsed {s['unparsed']}; confusion (true -> judged) "
-                  f"{json.dumps(s['confusion'])}")
+            print(f"{t}: n {s['n']}, agreement {_fmt(s['agreement'], True)}{_ci(s['agreement_ci'], True)}, "
+                  f"Cohen's kappa {_fmt(s['cohen_kappa'])}{_ci(s['cohen_kappa_ci'])}, unparsed {s['unparsed']}; "
+                  f"confusion (true -> judged) {json.dumps(s['confusion'])}")
     if a.out:
         print(f"every judgment: {a.out}")
     return 0

@@ -29,7 +29,14 @@ model_args: ``checkpoint`` (or ``pretrained``): an lmforge model directory or an
 ``mps``; default cuda when available, else cpu). Anything else is refused by name.
 
 Truncation: contexts longer than the model's window are cut from the left by ``LocalLM``, which counts
-them; ``stats`` here is that count, and a warning is logged when a call truncated any.
+them; ``stats`` here is that count, and a warning is logged when a call truncated any. ``--use_cache``:
+every answer goes to lm-eval's cache hook under lm-eval's own key. One process only (rank 0 of 1).
+
+Against lm-eval's ``hf`` backend on ``lmforge export``'s directory (whose tokenizer prepends the document
+token as BOS): its default model_args give the adapter's ids for ``loglikelihood`` and ``generate_until``;
+for ``loglikelihood_rolling`` it needs ``add_bos_token=False`` (with the default it prepends its prefix
+token to ids that already start with BOS, scoring ``<|bos|>`` after ``<|bos|>``). That backend also needs
+``accelerate``; this adapter does not. (tests/test_eval_lm_eval.py checks all three ways agree.)
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ lm-eval's ``hf`` backend (``HFLM``) answers them, only faster; knows nothing abo
 files other than the model directory ``from_checkpoint`` opens.
 
 Tokenization is HFLM's, with the model's document token (``TokenSpec.doc``, the token every
-training document starts with; else its BOS) in the place of HFLM's prefix/BOS token:
+training document starts with; else its BOS) in the place of HFLM's prefix/BOS token. An HF import
+whose prompts start with no BOS (``TokenSpec.add_bos`` false: Qwen2) gets none either, as in HFLM;
+its prefix token (empty contexts, the first rolling window) is HFLM's: BOS, else EOS (``stop[0]``).
 
 * ``loglikelihood``: a trailing space of the context moves to the continuation; the context is
   ``[doc] + encode(context)``, the continuation is ``([doc] + encode(context + continuation))`` after
@@ -23,11 +25,12 @@ training document starts with; else its BOS) in the place of HFLM's prefix/BOS t
 * A context that starts with a string ``apply_chat_template`` returned is encoded with that
   conversation's own ids (its control tokens stay control tokens; text elsewhere never becomes one).
 
-How it is fast (each measured in ``benchmarks/eval_bench.py``): requests that share a context (the
+How it is fast (``benchmarks/eval_bench.py --ablate`` switches each off in turn): requests that share a context (the
 choices of one question) are packed into one row, the context once and each continuation after it,
 under a tree attention mask (a continuation sees the context and itself, not its siblings) with
-positions restarting after the context; rows are sorted by length and batched under a token budget
-with padding masked; the output head runs only at the positions whose next token is scored; no grad,
+positions restarting after the context; rows are sorted by length and batched under a token budget,
+rows of near-equal length together (``pad_slack``), padding masked; the output head runs only at the
+positions whose next token is scored, the log-softmax only at the targets (logit - logsumexp); no grad,
 eval mode, float32 on CPU. Generation runs every request in flight at once in the engine (continuous
 batching, the C decode step, prefix caching of shared few-shot prompts).
 
@@ -90,7 +93,12 @@ class LocalLM(LM):
 
     name = "lmforge"
     token_budget = 8192  # tokens (rows x padded length) per forward when batch_size is None
+    pad_slack = 0.1  # a batch (batch_size None) holds rows at least (1 - pad_slack) x its longest
     row_cap = 1024  # most tokens in one packed row (a context's continuations beyond it go to another row)
+    cache_bytes = 1 << 30  # the generation engine's KV pool, at most (and at least one full context)
+    # techniques that can be switched off, to measure each (benchmarks/eval_bench.py --ablate)
+    share_contexts = True  # the continuations of a context packed after it in one row (else a row each)
+    head_only = True  # the output head only at scored positions (else everywhere, then gathered)
 
     def __init__(self, model, tokenizer, *, tokens=None, batch_size: int | None = None, device: str = "cpu",
                  max_length: int | None = None):
@@ -110,9 +118,12 @@ class LocalLM(LM):
                              f"got {max_length!r}")
         self.tokens = tokens if tokens is not None else TokenSpec.for_tokenizer(tokenizer)
         self.tokens.check(tokenizer, cfg.vocab_size)
-        self.doc = self.tokens.doc if self.tokens.doc is not None else self.tokens.bos
-        if self.doc is None:
-            self.doc = self.tokens.stop[0] if self.tokens.stop else None
+        t = self.tokens
+        # the token a context starts with: lmforge's document token (HF imports without a BOS: HFLM's prefix
+        # token, BOS else EOS, for empty contexts and rolling windows only)
+        self.add_bos = bool(t.add_bos)
+        first = (t.doc, t.bos) if self.add_bos else (t.bos, t.stop[0] if t.stop else None, t.doc)
+        self.doc = next((x for x in first if x is not None), t.stop[0] if t.stop else None)
         if self.doc is None:
             raise ValueError("LocalLM: the model has no document, BOS or stop token to start a context with "
                              "(TokenSpec.doc, .bos and .stop are all empty)")
@@ -150,7 +161,8 @@ class LocalLM(LM):
         return self.tokenizer.encode(text, disallowed_special=())
 
     def tok_encode(self, text: str) -> list[int]:
-        """A context's ids: the doc token, then the text; a conversation from ``apply_chat_template`` at its
+        """A context's ids: the doc token (when the model's prompts start with one: ``TokenSpec.add_bos``; and
+        for an empty text), then the text; a conversation from ``apply_chat_template`` at its
         start keeps its own ids (which begin with the chat format's own first token)."""
         if self._chat:
             best = None
@@ -159,18 +171,19 @@ class LocalLM(LM):
                     best = s
             if best is not None:
                 return self._chat[best] + (self._encode_text(text[len(best):]) if len(text) > len(best) else [])
-        return [self.doc] + self._encode_text(text)
+        ids = self._encode_text(text)
+        return [self.doc] + ids if self.add_bos or not ids else ids
 
     def _encode_pair(self, context: str, continuation: str, cache: dict) -> tuple[list[int], list[int]]:
-        if context == "":
-            cont = self._encode_text(continuation)
-            if cont and cont[0] == self.doc:
-                return cont[:1], cont[1:]
-            return [self.doc], cont
         n = len(context) - len(context.rstrip())
         if n:
             continuation = context[-n:] + continuation
             context = context[:-n]
+        if context == "":  # (a context of only spaces too: HFLM would have no token to condition on)
+            cont = self._encode_text(continuation)
+            if cont and cont[0] == self.doc:
+                return cont[:1], cont[1:]
+            return [self.doc], cont
         ctx = cache.get(context)
         if ctx is None:
             ctx = cache[context] = self.tok_encode(context)
@@ -252,6 +265,8 @@ class LocalLM(LM):
     def _rows(self, items) -> list[tuple[tuple, list]]:
         """Packed rows: (prefix, [distinct (branch, continuation), ...]), a prefix's continuations split over
         rows of at most ``row_cap`` tokens."""
+        if not self.share_contexts:  # (the ablation: a row per distinct request)
+            return [(p, [(b, c)]) for p, b, c in dict.fromkeys(items)]
         groups: dict[tuple, dict] = {}
         for prefix, branch, cont in items:
             groups.setdefault(prefix, {}).setdefault((branch, cont), None)
@@ -276,7 +291,12 @@ class LocalLM(LM):
         start = 0
         while start < len(order):
             T = lengths[order[start]]
-            n = self.batch_size or max(1, self.token_budget // max(T, 1))
+            if self.batch_size:
+                n = self.batch_size
+            else:  # under the token budget, and no row padded by more than ``pad_slack`` of T
+                n, cap = 1, max(1, self.token_budget // max(T, 1))
+                while n < cap and start + n < len(order) and lengths[order[start + n]] >= (1 - self.pad_slack) * T:
+                    n += 1
             batch = [rows[r] for r in order[start:start + n]]
             start += n
             for key, ans in self._forward(batch, T):
@@ -317,11 +337,15 @@ class LocalLM(LM):
         self.stats["forwards"] += 1
         self.stats["tokens_run"] += B * T
         self.stats["tokens_requested"] += int((seg >= 0).sum())
-        hs = h.reshape(B * T, -1)[torch.tensor(gather, device=dev)]
-        logits = self.model.compute_logits(hs)[:, :self.vocab_size].float()
-        lp = torch.log_softmax(logits, -1)
+        at = torch.tensor(gather, device=dev)
+        if self.head_only:
+            logits = self.model.compute_logits(h.reshape(B * T, -1)[at])[:, :self.vocab_size].float()
+        else:  # (the ablation: the head and a log-softmax over every position, as HFLM)
+            full = torch.log_softmax(self.model.compute_logits(h).float(), -1)
+            logits = full.reshape(B * T, -1)[at][:, :self.vocab_size]
         tgt = torch.tensor(targets, device=dev)
-        chosen = lp.gather(1, tgt[:, None])[:, 0].double().cpu()
+        # log_softmax at the targets only: logit - logsumexp (no (N, V) output written)
+        chosen = (logits.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(logits, -1)).double().cpu()
         greedy = (logits.argmax(-1) == tgt).cpu()
         out = []
         for key, (s, n) in zip(keys, spans):
@@ -371,8 +395,13 @@ class LocalLM(LM):
             from ..infer.engine import Engine
 
             running = self.batch_size or 64
-            bs = 16
-            blocks = min(max(running * math.ceil(self.model.cfg.max_seq_len / bs), 64), 1 << 15)
+            bs, L = 16, self.model.cfg.max_seq_len
+            p = next(self.model.parameters())
+            per_token = sum(s.bytes_per_token(p.element_size()) for s in self.model.cache_specs())
+            # room for every request in flight at full length, within ``cache_bytes`` (at least one full
+            # context: the engine preempts and recomputes when blocks run out)
+            tokens = max(L, min(running * L, self.cache_bytes // max(per_token, 1)))
+            blocks = max(math.ceil(tokens / bs), 64)
             self._engine = Engine(self.model, num_blocks=blocks, block_size=bs, max_batch_tokens=2048,
                                   max_running=running, eos_token_id=None, tokenizer=self.tokenizer)
         return self._engine

@@ -283,6 +283,8 @@ def summarize(agg: Aggregate, iters: int = 1000, seed: int = 0) -> tuple[dict, n
     if agg.n == 0:
         return {"value": None, "ci": None, "stderr": None, "n": 0}, np.zeros(0)
     value = _finite(agg.value())
+    if value is None:  # a -inf log-likelihood (or 0/0): no score, and no interval around it
+        return {"value": None, "ci": None, "stderr": None, "n": agg.n}, np.zeros(0)
     reps = bootstrap(agg, iters, seed) if agg.n > 1 else np.zeros(0)
     reps = reps[np.isfinite(reps)]
     if len(reps) < 2:

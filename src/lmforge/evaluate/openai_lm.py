@@ -18,27 +18,33 @@ Knows nothing of tasks or metrics, and holds no tokenizer.
   greedy (``do_sample`` without a temperature samples at 1); ``top_p``, ``top_k``
   and ``seed`` pass through; any other key is a ValueError naming it. Requests
   run ``concurrency`` at a time, answers in order.
-* ``loglikelihood`` / ``loglikelihood_rolling``: one ``/v1/completions`` call
-  per request with the text ``context + continuation``, ``echo``,
-  ``logprobs=1`` and ``max_tokens=1``; the continuation is the prompt tokens
-  whose ``text_offset`` is at or past the end of the context (a trailing space
-  of the context moved to the continuation first), and ``is_greedy`` means
-  each of them is its position's top token. Without a tokenizer this split is
-  by characters: it equals lm-eval's (``encode(context + continuation)[len(encode(context)):]``)
-  whenever the whole text's tokens have a boundary where the context ends,
-  and a token that straddles that boundary is counted in the continuation.
-  The first token of a text is scored only if the server prepends a BOS or
-  document token (``lmforge serve`` does when the model's prompts start with
-  one); otherwise its log-probability is null and this raises. An endpoint
-  that refuses ``echo`` or returns no log-probabilities raises the base class's
-  ``NotImplementedError`` (multiple-choice and perplexity tasks need them),
-  with the reason.
+* ``loglikelihood`` / ``loglikelihood_rolling`` (``/v1/completions`` with
+  ``echo``, ``logprobs=1``, ``max_tokens=1``). With the server's tokenizer
+  (``scoring="tokens"``, or "auto" when ``POST /tokenize`` answers: lmforge
+  serve and vLLM have it) the split is lm-eval's exactly: the context's
+  trailing whitespace moves to the continuation, the context is
+  ``prefix + encode(context)`` (the prefix: what ``/tokenize`` puts before a
+  text, the BOS), the continuation ``prefix + encode(context + continuation)``
+  after that many ids, and the prompt is sent as those ids; a prompt past the
+  server's window is cut from the left (counted in ``stats["truncated"]``), and
+  rolling texts go in lm-eval's disjoint windows of ``max_model_len - 2``
+  tokens (one is generated, the window's last is sent). Without a tokenizer
+  (``scoring="offsets"``, or "auto" without ``/tokenize``) the text is sent
+  whole and the continuation is the echoed tokens at or past the end of the
+  context by ``text_offset``, a token straddling that point counted in the
+  continuation: the same as lm-eval's wherever the tokens break at the end of
+  the context; texts are scored whole (no windows). ``is_greedy``: each
+  continuation token is its position's top token. The first token of a text
+  is scored only after a BOS / document token the server prepends; otherwise
+  this raises. An endpoint that refuses ``echo`` or returns no
+  log-probabilities raises the base class's ``NotImplementedError``
+  (multiple-choice and perplexity tasks need them), with the reason.
 
 Bad input and failures: a status other than 2xx, 429 and 5xx, or the last retry
 failing, raises ``OpenAIError`` naming the URL, the status and the server's
 message; a connection that cannot be made names the URL and the reason. A
-context longer than the server's window is the server's 400 (this client
-cannot truncate without the tokenizer; ``stats["truncated"]`` stays 0).
+generation prompt longer than the server's window is the server's 400 (no
+tokenizer here to cut it with).
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ __all__ = ["OpenAILM", "OpenAIError"]
 GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed",
               "do_sample")
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's
+SCORING = ("auto", "tokens", "offsets")
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504}) | frozenset(range(520, 530))
 
 
@@ -96,7 +103,7 @@ class OpenAILM(lm.LM):
 
     def __init__(self, base_url: str, model: str | None = None, *, api_key: str | None = None, chat: bool = True,
                  timeout: float = 60, max_retries: int = 2, concurrency: int = 4, backoff_s: float = 0.5,
-                 max_wait_s: float = 30.0, max_stop: int = 4):
+                 max_wait_s: float = 30.0, max_stop: int = 4, scoring: str = "auto"):
         import httpx
 
         super().__init__()
@@ -106,8 +113,14 @@ class OpenAILM(lm.LM):
             raise ValueError(f"OpenAILM: concurrency must be >= 1, got {concurrency!r}")
         if int(max_retries) < 0:
             raise ValueError(f"OpenAILM: max_retries must be >= 0, got {max_retries!r}")
+        if scoring not in SCORING:
+            raise ValueError(f"OpenAILM: scoring must be one of {SCORING}, got {scoring!r}")
         base = base_url.rstrip("/")
         self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self.root = self.base_url[: -len("/v1")]
+        self.scoring = scoring
+        self._prefix: list[int] | None = None  # the ids /tokenize puts before a text (BOS), once known
+        self._use_ids: bool | None = None if scoring == "auto" else scoring == "tokens"
         self.chat, self.timeout, self.max_retries = bool(chat), float(timeout), int(max_retries)
         self.concurrency, self.backoff_s, self.max_wait_s = int(concurrency), float(backoff_s), float(max_wait_s)
         self.max_stop = int(max_stop)
@@ -117,7 +130,8 @@ class OpenAILM(lm.LM):
             headers["Authorization"] = f"Bearer {key}"
         self._http = httpx.Client(timeout=self.timeout, headers=headers)
         self.stats.update({"requests": 0, "retries": 0})
-        self._lock = threading.Lock()  # the stats, counted from the worker threads
+        self._lock = threading.Lock()  # the stats and the tokenize cache, from the worker threads
+        self._tok_cache: dict[tuple[str, bool], list[int]] = {}  # shared contexts are tokenized once
         self._models: list | None = None
         self._max_length: int | None = None
         self.model = model if model is not None else self._only_model()
@@ -136,11 +150,12 @@ class OpenAILM(lm.LM):
         return f"OpenAILM({self.base_url!r}, {self.model!r}, chat={self.chat})"
 
     # ---- HTTP ----
-    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        """The parsed JSON answer of ``method path``; retries what is worth retrying; ``OpenAIError`` otherwise."""
+    def _request(self, method: str, path: str, body: dict | None = None, root: bool = False) -> dict:
+        """The parsed JSON answer of ``method path`` (under ``/v1``, or the server's root); retries what is worth
+        retrying; ``OpenAIError`` otherwise."""
         import httpx
 
-        url = self.base_url + path
+        url = (self.root if root else self.base_url) + path
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
             wait = self.backoff_s * (2 ** attempt)
@@ -291,8 +306,9 @@ class OpenAILM(lm.LM):
         return [toks[i] for i in keep], [offs[i] for i in keep], best
 
     def _score(self, context: str, continuation: str) -> tuple[float, bool]:
-        if context.endswith(" "):
-            context, continuation = context[:-1], " " + continuation
+        n = len(context) - len(context.rstrip())
+        if n:  # lm-eval's: the context's trailing whitespace moves to the continuation
+            context, continuation = context[:-n], context[-n:] + continuation
         text = context + continuation
         if not continuation:
             return 0.0, True
@@ -316,9 +332,113 @@ class OpenAILM(lm.LM):
                              "echoed prompt")
         return lp_sum, greedy
 
+    # ---- log-likelihoods with the server's tokenizer (lm-eval's split exactly) ----
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        key = (text, special)
+        with self._lock:
+            hit = self._tok_cache.get(key)
+        if hit is not None:
+            return list(hit)
+        r = self._request("POST", "/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": special},
+                          root=True)
+        ids = r.get("tokens")
+        if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            raise OpenAIError(f"POST {self.root}/tokenize: the answer has no 'tokens' list of ids", self.root, 200, r)
+        with self._lock:
+            if len(self._tok_cache) > 4096:
+                self._tok_cache.clear()
+            self._tok_cache[key] = ids
+        return list(ids)
+
+    def _ids_mode(self) -> bool:
+        """Whether to score with token ids (``scoring``; "auto": whether the server's ``/tokenize`` answers)."""
+        if self._use_ids is None:
+            try:
+                self._prefix = self._tokenize("", True)
+                self._use_ids = True
+            except OpenAIError as e:
+                if e.status is None or e.status in (401, 403, 429) or e.status >= 500:
+                    raise
+                self._use_ids = False
+        elif self._use_ids and self._prefix is None:
+            self._prefix = self._tokenize("", True)
+        return self._use_ids
+
+    def _score_ids(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        """The continuation's summed log-probability and greediness, the prompt sent as ids ``ctx + cont``."""
+        if not cont:
+            return 0.0, True
+        if not ctx:
+            raise ValueError(f"{self.name}: the server's tokenizer puts no BOS/document token before a text, so the "
+                             "first token of a text cannot be scored")
+        ids = ctx + cont
+        room = self.max_length - 1 if self.max_length else len(ids)  # one token is generated
+        if len(cont) > room:
+            raise ValueError(f"{self.name}: a continuation of {len(cont)} tokens does not fit the server's context of "
+                             f"{self.max_length} tokens")
+        if len(ids) > room:
+            with self._lock:
+                self.stats["truncated"] += 1
+            ids = ids[-room:]
+        url = self.base_url + "/completions"
+        body = {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1}
+        try:
+            r = self._request("POST", "/completions", body)
+            lp = r["choices"][0]["logprobs"]
+            toks, tops = lp["token_logprobs"], lp["top_logprobs"]
+        except OpenAIError as e:
+            if e.status is not None and 400 <= e.status < 500 and e.status not in (401, 403, 429):
+                raise NotImplementedError(f"{self.name}: cannot score log-likelihoods (multiple-choice and "
+                                          f"perplexity tasks need them): {e}") from None
+            raise
+        except (KeyError, IndexError, TypeError):
+            raise NotImplementedError(f"{self.name}: cannot score log-likelihoods (multiple-choice and perplexity "
+                                      f"tasks need them): POST {url} gave no echoed prompt log-probabilities") from None
+        if not (isinstance(toks, list) and isinstance(tops, list)) or len(toks) < len(ids) or len(tops) < len(ids):
+            raise NotImplementedError(f"{self.name}: cannot score log-likelihoods: POST {url} did not echo one "
+                                      "log-probability per prompt token")
+        total, greedy = 0.0, True
+        for k in range(len(ids) - len(cont), len(ids)):
+            if toks[k] is None:
+                raise ValueError(f"{self.name}: POST {url} gave no log-probability for prompt token {k}")
+            total += float(toks[k])
+            top = tops[k]
+            if top and max(top.values()) > float(toks[k]) + 1e-6:
+                greedy = False
+        return total, greedy
+
+    def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: the trailing whitespace of the context moves to the continuation; the context is
+        ``prefix + encode(context)``, the continuation ``prefix + encode(context + continuation)`` after it."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        if context == "":
+            return list(self._prefix), self._tokenize(continuation, False)
+        ctx = self._prefix + self._tokenize(context, False)
+        whole = self._prefix + self._tokenize(context + continuation, False)
+        return ctx, whole[len(ctx):]
+
+    def _rolling_ids(self, text: str) -> float:
+        ids = self._tokenize(text, False)
+        if not self._prefix:
+            raise ValueError(f"{self.name}: the server's tokenizer puts no BOS/document token before a text, so the "
+                             "first token of a text cannot be scored")
+        if not self.max_length:
+            return self._score_ids(self._prefix[-1:], ids)[0]
+        from .local import rolling_windows
+
+        # a window is sent whole (its last token too) and one token is generated: max_length - 2 positions
+        return sum(self._score_ids(c, x)[0] for c, x in rolling_windows(ids, self._prefix[-1], self.max_length - 2))
+
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        if self._ids_mode():
+            return self._map(lambda r: self._score_ids(*self._pair_ids(r[0], r[1])), list(requests))
         return self._map(lambda r: self._score(r[0], r[1]), list(requests))
 
     def loglikelihood_rolling(self, requests: list[str]) -> list[float]:
-        """Each text scored whole (no windows without a tokenizer: a text past the server's window is its 400)."""
+        """Each text's summed log-probability: in lm-eval's rolling windows with the server's tokenizer; scored
+        whole by text offsets without one (a text past the server's window is then its 400)."""
+        if self._ids_mode():
+            return self._map(self._rolling_ids, list(requests))
         return self._map(lambda t: self._score("", t)[0], list(requests))

@@ -13,10 +13,14 @@ default sampler: one ``random.Random(1234)`` drawing each document's examples in
 so the same task gives the same request strings in both.
 
 Known differences from lm-eval: no Hub datasets (only local JSON / JSONL), no ``!function``
-(Python from task files), no ``group`` files, no chat templates; an evaluated document is kept
+(Python from task files), no ``group`` files; under a chat template only lm-eval's single-turn
+form (no ``fewshot_as_multiturn``, no ``gen_prefix``); a pass@k task without ``filter_list`` keeps
+every sample (lm-eval's default filter keeps the first), and with ``repeats`` > 1 sample i carries
+``seed: i`` in its gen_kwargs (lm-eval sends identical requests); an evaluated document is kept
 out of its own few-shot examples whenever the few-shot split is the split evaluated (lm-eval
 does so only when it is the configured ``test_split``); a bare identifier that is not a field
-is an error here (lm-eval would use it as a literal string).
+is an error here (lm-eval would use it as a literal string); data files are looked up beside the task
+file first, then (as lm-eval does) in the working directory.
 
 Knows nothing of models or scores: ``harness`` sends the requests and ``metrics`` scores them.
 """
@@ -257,7 +261,8 @@ class Task:
         out = {}
         for split, fs in (spec or {}).items():
             fs = [fs] if isinstance(fs, str) else list(fs)
-            out[str(split)] = [str(p if Path(p).is_absolute() else base / p) for p in fs]
+            # relative to the task file (lmforge); else to the working directory, where lm-eval looks
+            out[str(split)] = [_locate(base, p) for p in fs]
         return out
 
     def splits(self) -> list[str]:
@@ -274,6 +279,9 @@ class Task:
             return doc[spec], True
         if isinstance(spec, str):
             import jinja2
+            if what in ("doc_to_text", "doc_to_target", "doc_to_choice") and _IDENT.match(spec):
+                raise self._err(f"{what}: {spec!r} is not a field of the document (fields: {', '.join(sorted(doc))})"
+                                f"{_near(spec, doc)}; for a literal text write {{{{ {spec!r} }}}}", where)
             try:
                 return _template(spec).render(**doc), False
             except jinja2.UndefinedError as e:
@@ -418,44 +426,61 @@ class Task:
             a = a[0]
         return a if isinstance(a, str) else str(a)
 
-    def _qa_turn(self, q: str, c=None, a=None, gen_prefix=None, tgt_delim=" ", few_delim="\n\n") -> str:
-        """lm-eval's ``build_qa_turn`` rendered as plain text."""
+    def _qa_turn(self, q: str, c=None, a=None, gen_prefix=None, tgt_delim=" ", few_delim="\n\n") -> list:
+        """lm-eval's ``build_qa_turn``: ``[[role, content, delimiter], ...]`` (the user's question, and the
+        assistant's answer or generation prefix)."""
         has_answer = a is not None and a != ""
         if has_answer and not gen_prefix:
-            user = q + tgt_delim
+            user = [["user", q, tgt_delim]]
         elif gen_prefix and _requires_delimiter(q, gen_prefix):
-            user = q + tgt_delim
+            user = [["user", q, tgt_delim]]
         else:
-            user = q
+            user = [["user", q, ""]]
         if has_answer:
-            return user + _maybe_delimit(gen_prefix, self._answer_text(a, c), " ") + few_delim
+            return user + [["assistant", _maybe_delimit(gen_prefix, self._answer_text(a, c), " "), few_delim]]
         if gen_prefix:
-            return user + gen_prefix
+            return user + [["assistant", gen_prefix, ""]]
         return user
 
-    def context(self, doc, fewshot_docs: list[dict], where: str = "", question=None) -> str:
-        """The prompt of ``doc`` after ``fewshot_docs`` (already drawn): description, examples, question
-        (``question``: in place of the document's own text, for lm-eval's multiple-input tasks)."""
-        desc = ""
+    def messages(self, doc, fewshot_docs: list[dict], where: str = "", question=None) -> list:
+        """The prompt of ``doc`` after ``fewshot_docs`` (already drawn) as lm-eval's messages: the
+        description (as the system message), examples, question (``question``: in place of the
+        document's own text, for lm-eval's multiple-input tasks)."""
+        msgs = []
         if self.description:
             v, _ = self._resolve(self.description, doc, "description", where)
-            desc = str(v)
+            if str(v):
+                msgs.append(["system", str(v), ""])
         gen_prefix = None
         if self.gen_prefix:
             gen_prefix = str(self._resolve(self.gen_prefix, doc, "gen_prefix", where)[0])
-        parts = [desc]
         for fs in fewshot_docs:
             fs_prefix = str(self._resolve(self.gen_prefix, fs, "gen_prefix", where)[0]) if self.gen_prefix else None
             q = self.text(fs)
             c = self.choices(fs) if self.doc_to_choice is not None else None
             if isinstance(q, int) and c is not None:  # multiple input: the example's right context, then its target
                 q, c = c[q], None
-            parts.append(self._qa_turn(q, c, self.target(fs), fs_prefix, self.target_delimiter, self.fewshot_delimiter))
+            msgs += self._qa_turn(q, c, self.target(fs), fs_prefix, self.target_delimiter, self.fewshot_delimiter)
         if question is None:
-            parts.append(self._qa_turn(self.text(doc, where), None, None, gen_prefix, self.target_delimiter, ""))
+            msgs += self._qa_turn(self.text(doc, where), None, None, gen_prefix, self.target_delimiter, "")
         else:
-            parts.append(self._qa_turn(question, None, None, gen_prefix, "", ""))
-        return "".join(parts)
+            msgs += self._qa_turn(question, None, None, gen_prefix, "", "")
+        return msgs
+
+    def context(self, doc, fewshot_docs: list[dict], where: str = "", question=None, chat=None) -> str:
+        """The prompt as text: the messages joined (each followed by its delimiter), or, with ``chat``
+        (``messages -> str``, e.g. ``LM.apply_chat_template``), collapsed into one user turn after the
+        system message and rendered by it, as lm-eval does with ``--apply_chat_template``."""
+        msgs = self.messages(doc, fewshot_docs, where, question)
+        if chat is None:
+            return "".join(m[1] + m[2] for m in msgs)
+        if msgs[-1][0] == "assistant":
+            raise self._err("gen_prefix with a chat template (an assistant turn to continue) is not supported")
+        system = [msgs.pop(0)] if msgs[0][0] == "system" else []
+        msgs[-1][2] = ""
+        out = [{"role": "system", "content": m[1]} for m in system]
+        out.append({"role": "user", "content": "".join(m[1] + m[2] for m in msgs)})
+        return chat(out)
 
     def _fewshot_pool(self, data_dir) -> tuple[list[dict], str | None]:
         if self.fewshot_samples is not None:
@@ -466,12 +491,13 @@ class Task:
         return list(self.docs(split, data_dir)), split
 
     def requests(self, split: str, *, limit=None, num_fewshot: int | None = None, data_dir=None,
-                 fewshot_seed: int = FEWSHOT_SEED) -> list[DocRequests]:
+                 fewshot_seed: int = FEWSHOT_SEED, chat=None) -> list[DocRequests]:
         """Every document of ``split`` (the first ``limit``; a float < 1 is a fraction) as lm-eval
         builds its requests: multiple choice -> one loglikelihood (context, target_delimiter +
         choice) per choice; loglikelihood -> (context, target) (no delimiter, as lm-eval);
         loglikelihood_rolling -> (text,); generate_until -> (context, gen_kwargs) x repeats, sample
-        i with seed i."""
+        i with seed i. ``chat``: render each prompt with this chat template (``messages -> str``);
+        the target delimiter of a choice is then empty (lm-eval's rule without a gen_prefix)."""
         docs = self.docs(split, data_dir)
         if limit is not None:
             n = int(len(docs) * limit) if isinstance(limit, float) and limit < 1.0 else int(limit)
@@ -481,6 +507,9 @@ class Task:
         if k > 0 and self.output_type != "loglikelihood_rolling":
             pool, pool_split = self._fewshot_pool(data_dir)
         rnd = random.Random(fewshot_seed)
+        delim = self.target_delimiter
+        if chat is not None:  # lm-eval: under a chat template the choice follows the assistant's turn directly
+            delim = self.target_delimiter if self.gen_prefix and not self.gen_prefix[-1:].isspace() else ""
         exclude = pool_split is not None and pool_split == split
         out = []
         for i, doc in enumerate(docs):
@@ -494,21 +523,21 @@ class Task:
             if self.output_type == "multiple_choice" and isinstance(self.text(doc, where), int):
                 ctx = gold = None
             else:
-                ctx = self.context(doc, shots, where)
+                ctx = self.context(doc, shots, where, chat=chat)
                 gold = self.gold(doc, where)
             if self.output_type == "multiple_choice" and isinstance(self.text(doc, where), int):
                 # lm-eval's multiple input (Winogrande's form): one context per choice, the same continuation
                 ch = self.choices(doc, where)
                 cont = self.target(doc, where)
                 cont = cont if isinstance(cont, str) else str(cont)
-                ctxs = [self.context(doc, shots, where, question=c) for c in ch]
-                reqs = [Request("loglikelihood", (cx, f"{self.target_delimiter}{cont}"), self.name, i, j)
+                ctxs = [self.context(doc, shots, where, question=c, chat=chat) for c in ch]
+                reqs = [Request("loglikelihood", (cx, f"{delim}{cont}"), self.name, i, j)
                         for j, cx in enumerate(ctxs)]
                 out.append(DocRequests(i, doc, ctxs[self.text(doc, where)], self.text(doc, where), ch, reqs, where))
                 continue
             if self.output_type == "multiple_choice":
                 ch = self.choices(doc, where)
-                reqs = [Request("loglikelihood", (ctx, f"{self.target_delimiter}{c}"), self.name, i, j)
+                reqs = [Request("loglikelihood", (ctx, f"{delim}{c}"), self.name, i, j)
                         for j, c in enumerate(ch)]
                 out.append(DocRequests(i, doc, ctx, gold, ch, reqs, where))
             elif self.output_type == "loglikelihood":
@@ -542,6 +571,13 @@ class Task:
         if len(res) < n:
             res = rnd.sample([x for x in pool if x != eval_doc], n)
         return res
+
+
+def _locate(base: Path, p) -> str:
+    p = Path(p)
+    if p.is_absolute() or (base / p).exists() or not p.exists():
+        return str(p if p.is_absolute() else base / p)
+    return str(p.resolve())
 
 
 def _maybe_delimit(prefix, suffix, delimiter=" ") -> str:

@@ -18,21 +18,25 @@ passage and its answer never straddle two splits, and a split's distractors are 
 own stretches only (the dev items never show a private line). An item whose text (passage and
 answer) occurs in two splits' stretches is dropped from both.
 
-Documents (the fields the templates use; ``gold`` indexes ``choices``):
+Documents (``play``: the document id; ``stretch``: "scene.k", the unit its split owns: items of one
+stretch are correlated, for a bootstrap that resamples stretches; the fields the templates use:
+``gold`` indexes ``choices``; a scored request is
+``context`` + ``choices[i]``, cut after a letter so that the tokens of the context are a prefix of the
+tokens of the whole, see ``clean_cut``):
 
 * ``next_line``: ``passage`` (the ``context_lines`` speech lines before the answer, with their
-  speakers' names, laid out as in the play), ``choices`` four lines of the same play: the true
-  next line and three others from the split's stretches of length within a factor of 1.5 when
-  there are enough (so that length says little).
+  speakers' names, laid out as in the play), ``lines`` four lines of the same play: the true next
+  line and three others from the split's stretches of length within a factor of 1.5 when there
+  are enough (so that length says little); ``choices[i]`` = the passage's tail + "\n" + ``lines[i]``.
 * ``speaker``: ``passage`` (the ``context_speeches`` speeches before, each cut to its last
-  ``speech_lines`` lines), ``choices`` four ``"NAME.\\nfirst line"`` texts: the next speech's
-  first line under its true speaker and under three other characters of the play who speak at
-  least three times (the line is the same in each; the model scores the name and the line given
-  the name). ``names``: the four names.
-* ``cloze``: ``context`` (``context_lines`` lines, then the start of a line up to a held-out word),
-  ``choices`` four ``word + rest of the line`` texts: the true word and three words of the play
-  of about the same frequency (nearest in frequency rank), capitalised like the true one. ``words``:
-  the four words.
+  ``speech_lines`` lines), ``names`` the true next speaker and three other characters of the play
+  who speak at least three times (drawn in proportion to how often they speak), ``line`` the next speech's first line; ``choices[i]`` = tail +
+  "\n\nNAME.\n" + ``line`` (the same line under each name: the model scores the name and the line
+  given the name).
+* ``cloze``: ``context`` (``context_lines`` lines, then the start of a line up to a held-out word
+  that follows a space), ``words`` the true word and three words of the play of about the same
+  frequency (nearest in frequency rank), capitalised like the true one; ``choices[i]`` =
+  ``words[i]`` + the rest of the line.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ from pathlib import Path
 
 from .splits import SPLITS, bucket
 
-STRETCH = 24  # speeches per stretch of a scene (the unit a split owns)
+STRETCH = 12  # speeches per stretch of a scene (the unit a split owns; small: items of a split spread wide)
 _HEADING = re.compile(r"^(?P<name>[A-Z][A-Z'&-]*(?: [A-Z][A-Z'&-]*){0,4}|[A-Z][a-z']+(?: [A-Z][a-z']+)?)\."
                       r"(?:\s*\[[^\]]*\])?\s*$")
 _NOT_NAMES = {"ACT", "SCENE", "FINIS", "THE END", "END", "EPILOGUE", "PROLOGUE"}
@@ -196,13 +200,11 @@ def _lines(st: Stretch):
             yield i, j, l
 
 
-def _render(st: Stretch, first: tuple[int, int], end: tuple[int, int]) -> str:
-    """The play's text from line ``first`` up to (not including) line ``end`` ((speech, line) pairs),
-    with each speech's name before its first shown line and a blank line between speeches."""
+def _render(st: Stretch, lines: list, a: int, b: int) -> str:
+    """The play's text of lines ``a`` to ``b - 1`` of ``lines`` (``list(_lines(st))``), with each speech's
+    name before its first shown line and a blank line between speeches."""
     parts, cur = [], None
-    for i, j, l in _lines(st):
-        if (i, j) < first or (i, j) >= end:
-            continue
+    for i, _, l in lines[a:b]:
         if i != cur:
             if cur is not None:
                 parts.append("")
@@ -266,7 +268,20 @@ def _shuffled(r: random.Random, true, others: list) -> tuple[list, int]:
     return choices, choices.index(true)
 
 
-def next_line(split: str, n: int | None, r: random.Random, data_dir=None, context_lines: int = 6,
+def clean_cut(passage: str) -> tuple[str, str]:
+    """(context, tail): the passage cut after its last letter or digit. Scored requests split a text
+    where the context's tokens are a prefix of the whole text's tokens (lm-eval's rule); a BPE whose
+    pre-tokenizer joins punctuation to the newlines after it (cl100k's does: ".\n\n" is one token)
+    would break that rule at "world." + "\nNext line", and the newline would vanish from what the
+    model sees. Cut after a letter, the boundary falls between pre-tokens; the tail (the same in
+    every choice) goes to the front of each continuation."""
+    k = len(passage)
+    while k > 0 and not passage[k - 1].isalnum():
+        k -= 1
+    return passage[:k], passage[k:]
+
+
+def next_line(split: str, n: int | None, r: random.Random, data_dir=None, context_lines: int = 4,
               min_chars: int = 12) -> list[dict]:
     corpus = load_corpus(data_dir)
     skel: dict[str, list] = {sp: [] for sp in SPLITS}
@@ -276,7 +291,7 @@ def next_line(split: str, n: int | None, r: random.Random, data_dir=None, contex
             i, j, line = lines[t]
             if len(line) < min_chars:
                 continue
-            passage = _render(st, lines[t - context_lines][:2], (i, j))
+            passage = _render(st, lines, t - context_lines, t)
             if j == 0:  # the answer opens a speech: its speaker's name ends the passage
                 passage += f"\n\n{st.speeches[i].speaker}."
             skel[st.split].append((passage + "\n" + line, (st, passage, line)))
@@ -290,8 +305,10 @@ def next_line(split: str, n: int | None, r: random.Random, data_dir=None, contex
         others = _line_choices(r, line, pools[st.doc_id], set(passage.split("\n")))
         if len(others) < 3:
             return None
-        choices, gold = _shuffled(r, line, others)
-        return {"play": st.doc_id, "passage": passage, "choices": choices, "gold": gold}
+        lines, gold = _shuffled(r, line, others)
+        context, tail = clean_cut(passage)
+        return {"play": st.doc_id, "stretch": f"{st.scene}.{st.index}", "passage": passage, "context": context, "lines": lines,
+                "choices": [f"{tail}\n{l}" for l in lines], "gold": gold}
 
     return _build(corpus, split, n, items, make, "next_line")
 
@@ -318,9 +335,16 @@ def speaker(split: str, n: int | None, r: random.Random, data_dir=None, context_
             cast = sorted(c for c in counts if c != nxt.speaker)
         if len(cast) < 3:
             return None
-        names, gold = _shuffled(r, nxt.speaker, r.sample(cast, 3))
-        return {"play": st.doc_id, "passage": passage, "names": names,
-                "choices": [f"{nm}.\n{nxt.lines[0]}" for nm in names], "gold": gold}
+        # distractors as likely as the characters are to speak: "a main character speaks" is no clue
+        others: list[str] = []
+        while len(others) < 3:
+            c = r.choices(cast, [counts[c] for c in cast])[0]
+            if c not in others:
+                others.append(c)
+        names, gold = _shuffled(r, nxt.speaker, others)
+        context, tail = clean_cut(passage)
+        return {"play": st.doc_id, "stretch": f"{st.scene}.{st.index}", "passage": passage, "context": context, "names": names, "line": nxt.lines[0],
+                "choices": [f"{tail}\n\n{nm}.\n{nxt.lines[0]}" for nm in names], "gold": gold}
 
     return _build(corpus, split, n, items, make, "speaker")
 
@@ -341,11 +365,12 @@ def cloze(split: str, n: int | None, r: random.Random, data_dir=None, context_li
         lines = list(_lines(st))
         for t in range(context_lines, len(lines)):
             i, j, line = lines[t]
-            cands = [m for m in _WORD.finditer(line) if m.start() > 0 and len(m.group()) >= min_word
+            cands = [m for m in _WORD.finditer(line) if m.start() > 0 and line[m.start() - 1] == " "
+                     and len(m.group()) >= min_word
                      and m.group().isalpha() and corpus.words[st.doc_id][m.group().lower()] >= 2]
             if not cands:
                 continue
-            ctx = _render(st, lines[t - context_lines][:2], (i, j))
+            ctx = _render(st, lines, t - context_lines, t)
             if j == 0:
                 ctx += f"\n\n{st.speeches[i].speaker}."
             skel[st.split].append((ctx + "\n" + line, (st, ctx, line, cands)))
@@ -362,7 +387,7 @@ def cloze(split: str, n: int | None, r: random.Random, data_dir=None, context_li
             return None
         words, gold = _shuffled(r, word, [_cased(w, word) for w in r.sample(near, 3)])
         rest = line[m.end():]
-        return {"play": st.doc_id, "context": ctx + "\n" + line[:m.start()], "words": words,
+        return {"play": st.doc_id, "stretch": f"{st.scene}.{st.index}", "context": ctx + "\n" + line[:m.start()], "words": words,
                 "choices": [w + rest for w in words], "gold": gold}
 
     return _build(corpus, split, n, items, make, "cloze")

@@ -19,16 +19,20 @@ the private seed lives; knows nothing of what an item is (the generators in ``co
 What the guard does and does not do: the private items are unknown to anyone tuning on the
 public ones (``dev`` is for that), so a score on them cannot have been chased item by item. The
 private *share* is public (it is everything the hash does not give to ``train`` or ``dev``); for
-the synthetic tasks it holds hundreds of thousands of items, for the corpus tasks it is about a
-third of the test plays' stretches. Deleting the seed file makes a new private split.
+the arithmetic, sorting and bracket tasks it holds far more items than a split draws; for
+``reverse`` (a word list) the private split is most of its share; for the corpus tasks the share is
+a known quarter of the test plays' stretches (the same stretches for all three tasks), from which
+the seed picks the items and their distractors. Deleting the seed file makes a new private split.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import re
 import secrets
+import stat
 from pathlib import Path
 
 from ..._io import lmforge_home
@@ -38,6 +42,7 @@ SPLITS = ("train", "dev", "private")
 SHARES = {"train": (0, 500), "dev": (500, 750), "private": (750, 1000)}
 PUBLIC_SEEDS = {"train": "lmforge-eval-train-v1", "dev": "lmforge-eval-dev-v1"}
 SEED_FILE = "private_seed"
+log = logging.getLogger("lmforge.evaluate")
 _SEED_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -74,6 +79,10 @@ def private_seed() -> str:
                 pass
         finally:
             tmp.unlink(missing_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:  # copied or made by hand: others could read it
+        log.warning("%s: mode %o lets others read the private seed; setting it to 600", path, mode)
+        os.chmod(path, 0o600)
     text = path.read_text(encoding="ascii", errors="replace").strip()
     if not _SEED_RE.fullmatch(text):
         raise ValueError(f"{path}: not a private seed (expected 64 lowercase hex digits on one line); it was "
