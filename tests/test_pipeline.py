@@ -65,7 +65,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
         assert (run / "eval" / t["samples"]).exists()
     assert summary["core"] == res["aggregate"]["core"]["value"] == m["stages"]["eval"]["summary"]["core"]
     c = res["aggregate"]["core"]
-    assert report.splitlines()[4].startswith(f"Tasks: CORE (mean centered score over 5 tasks) "
+    assert report.splitlines()[4].startswith(f"Tasks: CORE (mean centered score over {len(c['tasks'])} tasks) "
                                              f"**{c['value']:.3f}** [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]")
     assert "## Evaluation scorecard" in report and "### next_line" in report and "CORE (mean centered score" in report
     assert (run / "eval" / "scorecard.md").exists() and "![primary scores" in report
