@@ -147,3 +147,37 @@ def test_a_failing_stage_names_itself_and_keeps_earlier_artifacts(small_corpus, 
     m = json.loads((tmp_path / "run" / "run.json").read_text())
     assert m["stages"]["shards"]["status"] == "done" and m["stages"]["pretrain"]["status"] == "failed"
     assert (tmp_path / "run" / "data" / "manifest.json").exists()
+
+
+def test_eval_stage_leaves_out_a_failing_task_and_scores_the_rest(tmp_path, monkeypatch, caplog):
+    # the scoring itself is faked (a hand-made result per call): what is tested is the stage's handling
+    from test_eval_report import A_CORRECT, make_result
+
+    from lmforge.evaluate import _cli, report
+    from lmforge.pipeline.runner import Runner
+
+    calls = []
+
+    def fake(checkpoint, tasks, **kw):
+        calls.append(list(tasks))
+        if "brackets" in tasks:
+            raise ValueError("brackets: the generator broke")
+        res, _ = make_result(A_CORRECT)
+        res["tasks"] = {t: res["tasks"]["addition"] for t in tasks}
+        return res, report.write(res, kw["out"], chart=False)
+
+    monkeypatch.setattr(_cli, "evaluate_checkpoint", fake)
+    r, _ = load_recipe("default", ['eval.tasks=["addition", "brackets", "cloze"]'])
+    run = Runner(r, tmp_path / "run", quiet=True)
+    outs, summary = run._eval_tasks()
+    assert calls == [["addition", "brackets", "cloze"], ["addition"], ["brackets"], ["cloze"], ["addition", "cloze"]]
+    res = json.loads(outs["eval_result"].read_text())
+    assert list(res["tasks"]) == ["addition", "cloze"] and res["left_out"] == ["brackets"]
+    assert summary["tasks"] == 2 and "Left out (failed to load or score; see the log): brackets" in \
+        outs["scorecard"].read_text()
+    assert "eval: task brackets left out: ValueError: brackets: the generator broke" in caplog.text
+    assert not (tmp_path / "run" / "eval.check").exists()
+    # every task failing fails the stage
+    monkeypatch.setattr(_cli, "evaluate_checkpoint", lambda *a, **k: (_ for _ in ()).throw(ValueError("all broke")))
+    with pytest.raises(ValueError, match="all broke"):
+        run._eval_tasks()
