@@ -206,3 +206,32 @@ def test_corpus_tasks_without_data_are_a_clear_error(ckpt, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(ckpt), "--tasks", builtin.CORPUS[0], "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert f"task(s) {builtin.CORPUS[0]} draw their documents from the test split of a run's data: give --data" in err
+
+
+def test_judge_is_wired(ckpt, capsys):
+    # the judge helper's own subcommand under `lmforge eval judge` (a tiny local judge: its verdicts are noise)
+    assert main(["eval", "judge", "agreement", "--synthetic", "3", "--judge-checkpoint", str(ckpt),
+                 "--max-tokens", "4", "--json"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out)
+    assert out.count("\n") == 1 and r["mode"] == "agreement"
+    (summary,) = [t["summary"] for t in r["tasks"].values()]
+    assert summary["n"] == 3
+
+
+def test_a_failed_evaluation_leaves_the_earlier_report(ckpt, tmp_path, capsys, monkeypatch):
+    tasks = _task_dir(tmp_path)
+    out = tmp_path / "ev"
+    argv = ["eval", "--checkpoint", str(ckpt), "--tasks", "tiny_mc,tiny_gen", "--include-path", str(tasks),
+            "--bootstrap", "10", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    from lmforge.evaluate.local import LocalLM
+
+    def broken(self, requests):  # generation fails after the multiple-choice task was scored and logged
+        raise RuntimeError("the model broke")
+    monkeypatch.setattr(LocalLM, "generate_until", broken)
+    assert main(argv + ["--limit", "3"]) == 1  # (its tiny_mc log would have 3 lines, not 8)
+    assert "the model broke" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

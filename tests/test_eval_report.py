@@ -32,7 +32,8 @@ def make_result(correct, name="m", with_samples=True, prompt=lambda i: f"Q{i}"):
             "addition": {"output_type": "generate_until", "split": "private", "n": n, "primary": "exact_match",
                          "metrics": {"exact_match": {"value": v, "ci": [v - 1.96 * se, v + 1.96 * se],
                                                      "stderr": se, "n": n}},
-                         "random_baseline": 0.0, "centered": v, "truncated": 0, "skipped": 0},
+                         "random_baseline": 0.0, "centered": v, "truncated": 0, "skipped": 0,
+                         "omitted": {"pass@5": "pass@5 needs n >= 5 samples per problem; 40 of 40 have fewer"}},
             "choice": {"output_type": "multiple_choice", "split": "private", "n": 200, "primary": "acc",
                        "metrics": {"acc": {"value": 0.41, "ci": [0.34, 0.48], "stderr": 0.035, "n": 200},
                                    "acc_norm": {"value": 0.38, "ci": [0.31, 0.45], "stderr": 0.035, "n": 200}},
@@ -90,6 +91,7 @@ def test_write_files_and_scorecard_content(tmp_path):
     assert "| acc_norm | 0.380 [0.310, 0.450] | 0.035 | 200 | - | - | - |" in md
     assert "| acc (primary) | 0.410 [0.340, 0.480] | 0.035 | 200 | 0.430 [0.360, 0.500] |" in md
     assert "clean subset (190 clean, 10 dirty)" in md
+    assert "- pass@5 not reported: pass@5 needs n >= 5 samples per problem" in md
     assert "model `m`; checkpoint `/runs/m/model`; 12,345 parameters. Settings: split both" in md
 
 

@@ -13,7 +13,7 @@ def tiny_sets(corpus_dir, steps=6):
             "tokenizer.vocab_size=300", f"train.max_steps={steps}", "train.max_time=0", "train.eval_every=0",
             "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=1", "train.peak_flops=1e11",
             'train.model={"mlp": "swiglu", "d_ff": 64, "arch": "qwen3", "d_model": 32, "n_head": 2, "n_layer": 1}',
-            "eval.sample_tokens=5", "demo.max_tokens=4"]
+            "eval.sample_tokens=5", "eval.limit=3", "eval.bootstrap=20", "demo.max_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,23 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
                                       f"(validation: {ev['val']['bits_per_byte']:.4f})")
     assert "Test split (held-out documents never used to choose settings" in report
     assert "Validation split" in report and "test:" in report.split("## Data")[1]
-    assert set(m["stages"]["eval"]["summary"]) == {"test_bpb", "test_loss", "val_bpb"}
+    assert set(m["stages"]["eval"]["summary"]) == {"test_bpb", "test_loss", "val_bpb", "core", "tasks", "tasks_s"}
+    # the default task set: the private and dev splits, contamination against the run's training shards,
+    # the scorecard in report.md and in eval/
+    from lmforge.evaluate import builtin
+
+    res = json.loads((run / "eval" / "result.json").read_text())
+    assert list(res["tasks"]) == builtin.DEFAULT_TASKS and res["settings"]["split"] == "both"
+    for name, t in res["tasks"].items():
+        assert t["n"] == 3 and t["dev"]["n"] == 3 and t["primary"] in t["gap"], name
+        assert t["contamination"]["clean"] + t["contamination"]["dirty"] == 3, name
+        assert (run / "eval" / t["samples"]).exists()
+    assert summary["core"] == res["aggregate"]["core"]["value"] == m["stages"]["eval"]["summary"]["core"]
+    c = res["aggregate"]["core"]
+    assert report.splitlines()[4].startswith(f"Tasks: CORE (mean centered score over {len(c['tasks'])} tasks) "
+                                             f"**{c['value']:.3f}** [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]")
+    assert "## Evaluation scorecard" in report and "### next_line" in report and "CORE (mean centered score" in report
+    assert (run / "eval" / "scorecard.md").exists() and "![primary scores" in report
     final = json.loads((run / "model" / "final.json").read_text())
     assert final["test_bpb"] == pytest.approx(ev["bits_per_byte"], rel=1e-4)  # both over the whole test split
     d = json.loads((run / "data" / "report.json").read_text())
@@ -99,6 +115,9 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     (["tokenizer.kind=sentencepiece"], "tokenizer.kind"),
     (["train.max_time=0", "train.max_steps=0", "train.max_tokens=0"], "train: give a bound"),
     (["stages=[\"eval\", \"fetch\"]"], "must keep the order"),
+    (['eval.tasks=["additon"]'], "eval.tasks: unknown task 'additon' (not a built-in task nor a file"),
+    (["eval.bootstrap=-1"], "eval.bootstrap: expected a number of resamples >= 0, got -1"),
+    (["eval.limit=0"], "eval.limit: expected a positive number of documents or none, got 0"),
 ])
 def test_bad_recipes_are_rejected_before_any_work(sets, msg, tmp_path, capsys):
     argv = ["run", "--runs", str(tmp_path), "--name", "x"]
@@ -128,3 +147,37 @@ def test_a_failing_stage_names_itself_and_keeps_earlier_artifacts(small_corpus, 
     m = json.loads((tmp_path / "run" / "run.json").read_text())
     assert m["stages"]["shards"]["status"] == "done" and m["stages"]["pretrain"]["status"] == "failed"
     assert (tmp_path / "run" / "data" / "manifest.json").exists()
+
+
+def test_eval_stage_leaves_out_a_failing_task_and_scores_the_rest(tmp_path, monkeypatch, caplog):
+    # the scoring itself is faked (a hand-made result per call): what is tested is the stage's handling
+    from test_eval_report import A_CORRECT, make_result
+
+    from lmforge.evaluate import _cli, report
+    from lmforge.pipeline.runner import Runner
+
+    calls = []
+
+    def fake(checkpoint, tasks, **kw):
+        calls.append(list(tasks))
+        if "brackets" in tasks:
+            raise ValueError("brackets: the generator broke")
+        res, _ = make_result(A_CORRECT)
+        res["tasks"] = {t: res["tasks"]["addition"] for t in tasks}
+        return res, report.write(res, kw["out"], chart=False)
+
+    monkeypatch.setattr(_cli, "evaluate_checkpoint", fake)
+    r, _ = load_recipe("default", ['eval.tasks=["addition", "brackets", "cloze"]'])
+    run = Runner(r, tmp_path / "run", quiet=True)
+    outs, summary = run._eval_tasks()
+    assert calls == [["addition", "brackets", "cloze"], ["addition"], ["brackets"], ["cloze"], ["addition", "cloze"]]
+    res = json.loads(outs["eval_result"].read_text())
+    assert list(res["tasks"]) == ["addition", "cloze"] and res["left_out"] == ["brackets"]
+    assert summary["tasks"] == 2 and "Left out (failed to load or score; see the log): brackets" in \
+        outs["scorecard"].read_text()
+    assert "eval: task brackets left out: ValueError: brackets: the generator broke" in caplog.text
+    assert not (tmp_path / "run" / "eval.check").exists()
+    # every task failing fails the stage
+    monkeypatch.setattr(_cli, "evaluate_checkpoint", lambda *a, **k: (_ for _ in ()).throw(ValueError("all broke")))
+    with pytest.raises(ValueError, match="all broke"):
+        run._eval_tasks()

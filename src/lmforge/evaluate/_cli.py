@@ -149,6 +149,8 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
         raise FileNotFoundError(f"--data {data_dir}: no such directory (the run's shards: corpus tasks draw their "
                                 "documents from its test split)")
     loaded = load_tasks(tasks, include_path=include_path)
+    if isinstance(limit, int):
+        _cap_generators(loaded, limit, num_fewshot)
     if data_dir is None:
         from . import builtin
 
@@ -175,9 +177,28 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
             return _index.dirty(texts)
     out = Path(out) if out is not None else default_out(checkpoint)
     lm = LocalLM.from_checkpoint(checkpoint, batch_size=batch_size)
-    result = harness.evaluate(lm, loaded, limit=limit, num_fewshot=num_fewshot, split=split, bootstrap=bootstrap,
-                              seed=seed, samples_dir=out / "samples", data_dir=data_dir, dirty=dirty,
-                              progress=progress)
+    # per-sample logs go to a fresh folder that replaces samples/ only once every task is scored: a failed
+    # or interrupted evaluation leaves an earlier report in ``out`` as it was
+    import os
+    import shutil
+
+    tmp = out / f".samples-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        result = harness.evaluate(lm, loaded, limit=limit, num_fewshot=num_fewshot, split=split,
+                                  bootstrap=bootstrap, seed=seed, samples_dir=tmp, data_dir=data_dir, dirty=dirty,
+                                  progress=progress)
+        for t in result.get("tasks", {}).values():
+            if isinstance(t.get("samples"), str) and t["samples"].startswith(tmp.name + "/"):
+                t["samples"] = "samples/" + t["samples"][len(tmp.name) + 1:]
+        old = out / f".samples-old-{os.getpid()}"
+        if (out / "samples").exists():
+            (out / "samples").rename(old)
+        if tmp.exists():
+            tmp.rename(out / "samples")
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     model = result.setdefault("model", {})
     model["checkpoint"] = str(checkpoint)
     if model.get("name") in (None, "", LocalLM.name):  # the run's name: <run>/model -> <run>
@@ -187,6 +208,23 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
         model["params"] = sum(p.numel() for p in lm.model.parameters())
     _relative_samples(result, out)
     return result, report.write(result, out)
+
+
+def _cap_generators(loaded, limit: int, num_fewshot) -> None:
+    """With a limit, a built-in generator is asked for only as many documents as are scored (and few-shot
+    needs), not its default n: a small corpus (a test split of one play) then still gives them. The
+    harness's limit alone would generate the default n first and fail where the corpus has fewer."""
+    from . import builtin
+
+    for t in loaded:
+        cfg = t.config or {}
+        gen, gk = cfg.get("generator"), dict(cfg.get("generator_kwargs") or {})
+        if gen not in builtin.GENERATORS or "n" in gk:
+            continue
+        k = t.num_fewshot if num_fewshot is None else num_fewshot
+        n = max(limit, (k or 0) + 1)
+        if n < builtin.default_n(gen):
+            t.config = {**cfg, "generator_kwargs": {**gk, "n": n}}
 
 
 def _relative_samples(result: dict, out: Path) -> None:

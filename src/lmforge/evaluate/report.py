@@ -242,6 +242,10 @@ def scorecard_markdown(res: dict, chart: str | None = None, chart_note: str | No
         if t.get("samples") and isinstance(t["samples"], str):
             info.append(f"per-sample log `{base}{t['samples']}`")
         L += ["; ".join(info), ""]
+        for mn, why in (t.get("omitted") or {}).items():
+            L += [f"- {mn} not reported: {why}"]
+        if t.get("omitted"):
+            L += [""]
         dev = (t.get("dev") or {}).get("metrics") or {}
         gap = t.get("gap") or {}
         c = t.get("contamination") or {}

@@ -69,6 +69,10 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
     summary["core"] = core.get("value")
     lines = [f"# lmforge run `{run_dir.name}` (recipe `{recipe.name}`)", "",
              _headline(summary), "",
+             *([f"Tasks: CORE (mean centered score over {len(core.get('tasks') or [])} tasks) "
+                f"**{core['value']:.3f}**" + (f" [{core['ci'][0]:.3f}, {core['ci'][1]:.3f}]" if core.get("ci") else "")
+                + " (the scorecard below; eval/ holds it with the per-sample logs)", ""]
+               if core.get("value") is not None else []),
              "## Stages", "", "| stage | status | seconds | key numbers |", "| --- | --- | --- | --- |"]
     for name in recipe.stages:
         s = st.get(name, {})

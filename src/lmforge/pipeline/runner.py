@@ -14,7 +14,9 @@ listed in run.json's ``kept_runs``, then a new run starts (or, when the settings
 a kept run's, that run moves back and continues). ``from_stage`` does not rerun an
 earlier stage whose settings changed: it stops with an error naming the stage to rerun from.
 The log goes to ``run.log`` and to ``logging`` (logger ``lmforge.pipeline``); a Ctrl-C logs
-a warning saying how to continue.
+a warning saying how to continue. The eval stage measures bits per byte (``eval.json``) and scores
+the recipe's tasks (``lmforge eval --tasks``'s function) into ``eval/``; a task that fails is left
+out with a warning, the others are scored.
 """
 from __future__ import annotations
 
@@ -266,7 +268,7 @@ class Runner:
             good = []
             for n in names:
                 try:
-                    evaluate_checkpoint(self.dir / "model", [n], **{**kw, "limit": 2, "bootstrap": 0,
+                    evaluate_checkpoint(self.dir / "model", [n], **{**kw, "bootstrap": 0, "progress": False,
                                                                     "out": self.dir / "eval.check"})
                     good.append(n)
                 except Exception as e1:
