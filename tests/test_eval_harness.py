@@ -222,7 +222,11 @@ class _Outcome:
         self.passed = passed
 
 
-def _fake_sandbox(monkeypatch, ran):
+def _fake_sandbox(monkeypatch, ran, calls=None, isolation=None):
+    """The real sandbox module with its runner replaced (patching sys.modules would not reach a module
+    already imported as an attribute of lmforge.evaluate): programs exec here, fixture programs only."""
+    from lmforge.evaluate import sandbox
+
     def run_python(code, limits, **kw):
         ran.append((code, limits, kw))
         env = {}
@@ -232,22 +236,34 @@ def _fake_sandbox(monkeypatch, ran):
         except Exception:
             return _Outcome(False)
 
-    monkeypatch.setitem(sys.modules, "lmforge.evaluate.sandbox", types.SimpleNamespace(run_python=run_python))
+    def run_many(codes, limits, workers=2, **kw):
+        if calls is not None:
+            calls.append((len(codes), limits, workers, kw))
+        return [run_python(c, limits, **kw) for c in codes]
+
+    monkeypatch.setattr(sandbox, "run_many", run_many)
+    monkeypatch.setattr(sandbox, "run_python", run_python)
+    monkeypatch.setattr(sandbox, "network_isolation", lambda: isolation)
+    return sandbox
 
 
 def test_pass_at_k_through_the_sandbox(monkeypatch, tmp_path):
-    ran = []
-    _fake_sandbox(monkeypatch, ran)
-    r = harness.evaluate(HashLM(), _tasks("local_code"), samples_dir=tmp_path, progress=False, allow_network=True)
+    ran, calls = [], []
+    sandbox = _fake_sandbox(monkeypatch, ran, calls)
+    r = harness.evaluate(HashLM(), _tasks("local_code"), samples_dir=tmp_path, progress=False, allow_network=True,
+                         sandbox_workers=3)
     e = r["tasks"]["local_code"]
     # 5 samples per problem, 2 right (seeds 0 and 1): pass@1 = 2/5, pass@5 = 1
     assert e["metrics"]["pass@1"]["value"] == pytest.approx(0.4)
     assert e["metrics"]["pass@5"]["value"] == pytest.approx(1.0)
     assert e["primary"] == "pass@1" and e["centered"] == pytest.approx(0.4)
-    # each distinct program once: prompt + completion + "\n" + test
+    # each distinct program once, in one run_many call with the workers asked for and the task's
+    # timeout_s (5) as the wall-clock and CPU limits: prompt + completion + "\n" + test
+    lim = sandbox.Limits(wall_s=5.0, cpu_s=5.0)
+    assert calls == [(6, lim, 3, {"allow_network": True})]
     assert len(ran) == 6
     assert ('def add(a, b):\n    """Return a + b."""\n    return a + b\n\nassert add(2, 3) == 5',
-            {"wall_s": 5.0, "cpu_s": 5.0}, {"allow_network": True}) in ran
+            lim, {"allow_network": True}) in ran
     assert e["sandbox"] == {"passed": 3, "failed": 3}
     line = json.loads((tmp_path / "local_code.jsonl").read_text().splitlines()[0])
     assert line["passed"] == [True, True, False, False, False] and len(line["responses"]) == 5
