@@ -1,7 +1,5 @@
 """task: loading YAML / JSONL / directories, lm-eval's request strings, few-shot, and bad input."""
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
