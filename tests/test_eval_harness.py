@@ -1,8 +1,11 @@
 """harness: a fake LM (log-probabilities by string hash) drives every output type end to end; the
 result object against schema.md; dev/gap, contamination, truncation, pass@k through a fake sandbox;
 scores equal to lm-eval's own scoring of the same answers."""
+import contextlib
 import hashlib
+import io
 import json
+import re
 import math
 from pathlib import Path
 
@@ -216,8 +219,8 @@ def test_truncation_counted_per_task(tmp_path):
 
 
 class _Outcome:
-    def __init__(self, passed):
-        self.passed = passed
+    def __init__(self, passed, stdout=""):
+        self.passed, self.stdout = passed, stdout
 
 
 def _fake_sandbox(monkeypatch, ran, calls=None, isolation=None):
@@ -227,12 +230,15 @@ def _fake_sandbox(monkeypatch, ran, calls=None, isolation=None):
 
     def run_python(code, limits, **kw):
         ran.append((code, limits, kw))
-        env = {}
+        env, out = {}, io.StringIO()
         try:
-            exec(compile(code, "<sample>", "exec"), env)  # the fixture's own tiny programs only
-            return _Outcome(True)
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, "<sample>", "exec"), env)  # the fixture's own tiny programs only
+            return _Outcome(True, out.getvalue())
+        except SystemExit as e:  # as a process would: exit code 0 (or None) is a pass
+            return _Outcome(e.code in (0, None), out.getvalue())
         except Exception:
-            return _Outcome(False)
+            return _Outcome(False, out.getvalue())
 
     def run_many(codes, limits, workers=2, **kw):
         if calls is not None:
@@ -260,8 +266,10 @@ def test_pass_at_k_through_the_sandbox(monkeypatch, tmp_path):
     lim = sandbox.Limits(wall_s=5.0, cpu_s=5.0)
     assert calls == [(6, lim, 3, {"allow_network": True})]
     assert len(ran) == 6
-    assert ('def add(a, b):\n    """Return a + b."""\n    return a + b\n\nassert add(2, 3) == 5',
-            lim, {"allow_network": True}) in ran
+    # and then the run's marker, printed only once the tests are through
+    progs = [c for c, li, kw in ran if li == lim and kw == {"allow_network": True}]
+    assert any(re.fullmatch('def add\\(a, b\\):\n    """Return a \\+ b."""\n    return a \\+ b\n\nassert add\\(2, 3\\) == 5'
+                            "\nprint\\('lmforge-tests-done-[0-9a-f]{16}'\\)\n", c) for c in progs)
     assert e["sandbox"] == {"passed": 3, "failed": 3}
     line = json.loads((tmp_path / "local_code.jsonl").read_text().splitlines()[0])
     assert line["passed"] == [True, True, False, False, False] and len(line["responses"]) == 5
@@ -571,3 +579,18 @@ def test_a_sandbox_that_refuses_stops_the_task_before_the_model_runs(monkeypatch
     monkeypatch.setattr(sandbox, "run_many", refuse)
     with pytest.raises(sandbox.SandboxUnavailable, match="task 'local_code': refusing to run generated code: gone"):
         harness.evaluate(HashLM(), _tasks("local_code"), progress=False)
+
+
+def test_a_completion_that_exits_before_the_tests_is_not_a_pass(monkeypatch):
+    """``exit()`` after the body ends the program with status 0 before any assert ran: a failure."""
+    ran = []
+    _fake_sandbox(monkeypatch, ran)
+
+    class Quitter(HashLM):
+        def generate_until(self, reqs):
+            return ["    return None\nraise SystemExit(0)\n" if g.get("seed", 0) < 3 else "    return None\n" for c, g in reqs]
+
+    r = harness.evaluate(Quitter(), _tasks("local_code"), progress=False, allow_network=True, bootstrap=0)
+    e = r["tasks"]["local_code"]
+    assert e["metrics"]["pass@1"]["value"] == 0.0 and e["metrics"]["pass@5"]["value"] == 0.0
+    assert e["sandbox"] == {"exited_early": 3, "failed": 3}

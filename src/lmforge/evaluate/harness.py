@@ -7,7 +7,8 @@ the model in one call per request kind (``lm.LM.run``; the model batches), score
 reports the private-minus-dev gap with its interval (the Goodhart guard); with ``dirty`` it
 scores the clean subset too (contamination). pass@k programs (prompt + completion + test) run
 through ``sandbox.run_many`` (imported when a code task runs), under the limits the task's ``code``
-field names. A task's ``bootstrap_unit`` (document fields naming a cluster, e.g. the stretch of a
+field names; a program passes only if it exits 0 after printing a marker placed after its tests (an
+``exit()`` in a completion is ``exited_early``, a failure). A task's ``bootstrap_unit`` (document fields naming a cluster, e.g. the stretch of a
 play that corpus items come from) makes every interval resample clusters instead of documents: each
 metric's, the dev/private gap's (each split resampled by its own clusters) and the CORE aggregate's
 (tasks with the same unit share one draw of clusters, so tasks drawn from the same stretches move
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 import time
 import zlib
 from pathlib import Path
@@ -76,18 +78,29 @@ def _sandbox_check(task: Task, allow_network: bool) -> None:
 
 def _sandbox_runner(task: Task, allow_network: bool = False, workers: int = 2):
     """``run(programs) -> [(passed, status)]`` through ``sandbox.run_many`` (``workers`` at a time) under
-    the task's limits (``sandbox_limits``). ``SandboxUnavailable`` propagates, naming the task: that is
-    no sample's fault."""
+    the task's limits (``sandbox_limits``). Every program ends by printing a marker made for this run
+    (after its tests): a program that exits 0 without printing it (an ``exit()`` in the completion, before
+    the tests ran) is ``exited_early``, a failure, not a pass. ``SandboxUnavailable`` propagates, naming
+    the task: that is no sample's fault."""
     from . import sandbox
 
     limits = sandbox_limits(task.code)
+    marker = f"lmforge-tests-done-{secrets.token_hex(8)}"
 
     def run(programs: list[str]) -> list[tuple[bool, str]]:
+        code = [p + f"\nprint({marker!r})\n" for p in programs]
         try:
-            outs = sandbox.run_many(programs, limits, workers=workers, allow_network=allow_network)
+            outs = sandbox.run_many(code, limits, workers=workers, allow_network=allow_network)
         except sandbox.SandboxUnavailable as e:
             raise sandbox.SandboxUnavailable(f"task {task.name!r}: {e}") from None
-        return [(bool(o.passed), str(getattr(o, "status", "passed" if o.passed else "failed"))) for o in outs]
+        res = []
+        for o in outs:
+            status = str(getattr(o, "status", "passed" if o.passed else "failed"))
+            if o.passed and marker not in (getattr(o, "stdout", "") or ""):
+                res.append((False, "exited_early"))
+            else:
+                res.append((bool(o.passed), status))
+        return res
 
     return run
 
