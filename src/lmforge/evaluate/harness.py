@@ -7,12 +7,13 @@ the model in one call per request kind (``lm.LM.run``; the model batches), score
 reports the private-minus-dev gap with its interval (the Goodhart guard); with ``dirty`` it
 scores the clean subset too (contamination). pass@k programs (prompt + completion + test) run
 through ``sandbox.run_many`` (imported when a code task runs), under the limits the task's ``code``
-field names; a program passes only if it exits 0 after printing a marker placed after its tests (an
-``exit()`` in a completion is ``exited_early``, a failure). A task's ``bootstrap_unit`` (document fields naming a cluster, e.g. the stretch of a
-play that corpus items come from) makes every interval resample clusters instead of documents: each
-metric's, the dev/private gap's (each split resampled by its own clusters) and the CORE aggregate's
-(tasks with the same unit share one draw of clusters, so tasks drawn from the same stretches move
-together). A built-in task's entry names its split by ``builtin.fingerprint`` (never the seed).
+field names; a program passes only if it exits 0 after printing a marker placed after its tests
+(an ``exit()`` in a completion is ``exited_early``, a failure). A task's ``bootstrap_unit``
+(document fields naming a cluster, e.g. the stretch of a play that corpus items come from) makes
+every interval resample clusters instead of documents: each metric's, the dev/private gap's (each
+split resampled by its own clusters) and the CORE aggregate's (tasks with the same unit share one
+draw of clusters, so tasks drawn from the same stretches move together). A built-in task's entry
+names its split by ``builtin.fingerprint`` (never the seed).
 
 Knows nothing of how a model computes its answers, how documents are generated, how
 contamination is detected, or how a result is rendered (``report``).
