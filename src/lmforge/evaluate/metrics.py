@@ -280,9 +280,8 @@ def _weighted_value(agg: Aggregate, w: np.ndarray) -> np.ndarray:
 def _cluster_counts(rng, n_clusters: int, b: int) -> np.ndarray:
     """(b, n_clusters): how often each cluster is drawn in each of ``b`` resamples of ``n_clusters`` clusters."""
     idx = rng.integers(0, n_clusters, size=(b, n_clusters))
-    counts = np.zeros((b, n_clusters))
-    np.add.at(counts, (np.repeat(np.arange(b), n_clusters), idx.ravel()), 1.0)
-    return counts
+    flat = (idx + n_clusters * np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n_clusters).reshape(b, n_clusters).astype(np.float64)
 
 
 def bootstrap(agg: Aggregate, iters: int = 1000, seed: int = 0, chunk: int = 200, clusters=None) -> np.ndarray:
