@@ -594,3 +594,15 @@ def test_a_completion_that_exits_before_the_tests_is_not_a_pass(monkeypatch):
     e = r["tasks"]["local_code"]
     assert e["metrics"]["pass@1"]["value"] == 0.0 and e["metrics"]["pass@5"]["value"] == 0.0
     assert e["sandbox"] == {"exited_early": 3, "failed": 3}
+
+
+def test_exit_before_the_tests_in_the_real_sandbox():
+    sandbox = pytest.importorskip("lmforge.evaluate.sandbox")
+    if sandbox.network_isolation() is not None:
+        pytest.skip(f"sandbox unavailable here: {sandbox.network_isolation()}")
+    t = _tasks("local_code")[0]
+    d = t.docs("test")[0]
+    run = harness._sandbox_runner(t)
+    progs = [harness._program(t, d, c) for c in ("    return a + b\n", "    return 0\nimport sys; sys.exit(0)\n",
+                                                 "    return 0\n")]
+    assert run(progs) == [(True, "passed"), (False, "exited_early"), (False, "failed")]
