@@ -476,3 +476,19 @@ def test_every_builtin_task_loads_and_builds_requests(data_dir):
                 assert gen["until"] and gen["max_gen_toks"] > 0
                 if t.num_fewshot:  # k worked examples from the train split, then the question
                     assert ctx.count("\nA: ") == t.num_fewshot and ctx.endswith("A:")
+
+
+def test_corpus_tasks_bootstrap_by_stretch_of_a_play(data_dir):
+    """Items of one stretch are correlated: the corpus tasks resample stretches, named by play AND
+    scene.k (a scene.k alone recurs in every play, and would merge stretches of different plays)."""
+    from lmforge.evaluate.task import load_tasks
+
+    for t in load_tasks(list(B.CORPUS)):
+        assert t.bootstrap_unit == ("play", "stretch")
+        docs = t.docs("dev", data_dir)
+        units = {t.unit(d) for d in docs}
+        assert 1 < len(units) < len(docs)  # several items per stretch, several stretches
+        assert len({d["stretch"] for d in docs}) < len(units)  # the play is needed to tell them apart
+    for t in load_tasks([n for n in B.names() if B.GENERATORS[yaml.safe_load(B.task_path(n).read_text())["generator"]]
+                         not in [B.GENERATORS[c] for c in B.CORPUS]]):
+        assert t.bootstrap_unit is None  # synthetic items are drawn independently

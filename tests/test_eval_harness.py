@@ -1,11 +1,12 @@
 """harness: a fake LM (log-probabilities by string hash) drives every output type end to end; the
 result object against schema.md; dev/gap, contamination, truncation, pass@k through a fake sandbox;
 scores equal to lm-eval's own scoring of the same answers."""
+import contextlib
 import hashlib
+import io
 import json
+import re
 import math
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -218,36 +219,57 @@ def test_truncation_counted_per_task(tmp_path):
 
 
 class _Outcome:
-    def __init__(self, passed):
-        self.passed = passed
+    def __init__(self, passed, stdout=""):
+        self.passed, self.stdout = passed, stdout
 
 
-def _fake_sandbox(monkeypatch, ran):
+def _fake_sandbox(monkeypatch, ran, calls=None, isolation=None):
+    """The real sandbox module with its runner replaced (patching sys.modules would not reach a module
+    already imported as an attribute of lmforge.evaluate): programs exec here, fixture programs only."""
+    from lmforge.evaluate import sandbox
+
     def run_python(code, limits, **kw):
         ran.append((code, limits, kw))
-        env = {}
+        env, out = {}, io.StringIO()
         try:
-            exec(compile(code, "<sample>", "exec"), env)  # the fixture's own tiny programs only
-            return _Outcome(True)
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, "<sample>", "exec"), env)  # the fixture's own tiny programs only
+            return _Outcome(True, out.getvalue())
+        except SystemExit as e:  # as a process would: exit code 0 (or None) is a pass
+            return _Outcome(e.code in (0, None), out.getvalue())
         except Exception:
-            return _Outcome(False)
+            return _Outcome(False, out.getvalue())
 
-    monkeypatch.setitem(sys.modules, "lmforge.evaluate.sandbox", types.SimpleNamespace(run_python=run_python))
+    def run_many(codes, limits, workers=2, **kw):
+        if calls is not None:
+            calls.append((len(codes), limits, workers, kw))
+        return [run_python(c, limits, **kw) for c in codes]
+
+    monkeypatch.setattr(sandbox, "run_many", run_many)
+    monkeypatch.setattr(sandbox, "run_python", run_python)
+    monkeypatch.setattr(sandbox, "network_isolation", lambda: isolation)
+    return sandbox
 
 
 def test_pass_at_k_through_the_sandbox(monkeypatch, tmp_path):
-    ran = []
-    _fake_sandbox(monkeypatch, ran)
-    r = harness.evaluate(HashLM(), _tasks("local_code"), samples_dir=tmp_path, progress=False, allow_network=True)
+    ran, calls = [], []
+    sandbox = _fake_sandbox(monkeypatch, ran, calls)
+    r = harness.evaluate(HashLM(), _tasks("local_code"), samples_dir=tmp_path, progress=False, allow_network=True,
+                         sandbox_workers=3)
     e = r["tasks"]["local_code"]
     # 5 samples per problem, 2 right (seeds 0 and 1): pass@1 = 2/5, pass@5 = 1
     assert e["metrics"]["pass@1"]["value"] == pytest.approx(0.4)
     assert e["metrics"]["pass@5"]["value"] == pytest.approx(1.0)
     assert e["primary"] == "pass@1" and e["centered"] == pytest.approx(0.4)
-    # each distinct program once: prompt + completion + "\n" + test
+    # each distinct program once, in one run_many call with the workers asked for and the task's
+    # timeout_s (5) as the wall-clock and CPU limits: prompt + completion + "\n" + test
+    lim = sandbox.Limits(wall_s=5.0, cpu_s=5.0)
+    assert calls == [(6, lim, 3, {"allow_network": True})]
     assert len(ran) == 6
-    assert ('def add(a, b):\n    """Return a + b."""\n    return a + b\n\nassert add(2, 3) == 5',
-            {"wall_s": 5.0, "cpu_s": 5.0}, {"allow_network": True}) in ran
+    # and then the run's marker, printed only once the tests are through
+    progs = [c for c, li, kw in ran if li == lim and kw == {"allow_network": True}]
+    assert any(re.fullmatch('def add\\(a, b\\):\n    """Return a \\+ b."""\n    return a \\+ b\n\nassert add\\(2, 3\\) == 5'
+                            "\nprint\\('lmforge-tests-done-[0-9a-f]{16}'\\)\n", c) for c in progs)
     assert e["sandbox"] == {"passed": 3, "failed": 3}
     line = json.loads((tmp_path / "local_code.jsonl").read_text().splitlines()[0])
     assert line["passed"] == [True, True, False, False, False] and len(line["responses"]) == 5
@@ -405,3 +427,182 @@ def test_apply_chat_template_renders_every_prompt(tmp_path):
     assert line["requests"] == [["[user]Sun rises in the[assistant]", "east"], ["[user]Sun rises in the[assistant]", "west"]]
     with pytest.raises(NotImplementedError, match="has no chat template"):
         harness.evaluate(HashLM(), _tasks("inline_mc"), apply_chat_template=True, progress=False)
+
+
+# ---- clustered bootstrap through the harness ----
+
+class YesLM(HashLM):
+    """Answers "yes" to every question: right exactly on the documents of even clusters."""
+
+    def generate_until(self, reqs):
+        self.calls.append(("generate_until", len(reqs)))
+        return [" yes" for _ in reqs]
+
+
+def _cluster_task(tmp_path, name="clustered", unit='["grp"]', n_clusters=30, size=8, extra=""):
+    rows = [{"task": name, "output_type": "generate_until", "doc_to_text": "Q{{grp}}.{{i}}:", "doc_to_target": "{{answer}}",
+             "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4}, "test_split": "test", "validation_split": "dev",
+             "filter_list": [{"name": "s", "filter": [{"function": "strip"}, {"function": "take_first"}]}]}]
+    if unit is not None:
+        rows[0]["bootstrap_unit"] = json.loads(unit)
+    for split, off in (("test", 0), ("dev", 1000)):
+        for g in range(n_clusters):
+            for i in range(size):
+                rows.append({"grp": off + g, "grp2": off + g, "i": i, "answer": "yes" if g % 2 == 0 else "no", "split": split})
+    p = tmp_path / f"{name}.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return load_task(p)[0]
+
+
+def test_bootstrap_unit_widens_every_interval(tmp_path):
+    flat = _cluster_task(tmp_path, "flat", unit=None)
+    clus = _cluster_task(tmp_path, "clus")
+    dirty = lambda name, texts: [i % 4 == 0 for i in range(len(texts))]
+    r = harness.evaluate(YesLM(), [flat, clus], split="both", bootstrap=2000, dirty=dirty, progress=False,
+                         samples_dir=tmp_path / "s")
+    f, c = r["tasks"]["flat"], r["tasks"]["clus"]
+    assert "bootstrap_unit" not in f and c["bootstrap_unit"] == ["grp"] and c["clusters"] == 30 and c["dev"]["clusters"] == 30
+    se = lambda e: e["metrics"]["exact_match"]["stderr"]
+    width = lambda ci: ci[1] - ci[0]
+    assert f["metrics"]["exact_match"]["value"] == c["metrics"]["exact_match"]["value"] == 0.5
+    assert 2.2 < se(c) / se(f) < 3.5  # sqrt(8) = 2.8: 30 independent clusters, not 240 documents
+    assert 2.2 < c["dev"]["metrics"]["exact_match"]["stderr"] / f["dev"]["metrics"]["exact_match"]["stderr"] < 3.5
+    assert width(c["gap"]["exact_match"]["ci"]) > 2.2 * width(f["gap"]["exact_match"]["ci"])
+    cm, fm = c["contamination"]["metrics_clean"]["exact_match"], f["contamination"]["metrics_clean"]["exact_match"]
+    assert cm["n"] == fm["n"] == 180 and cm["stderr"] > 2 * fm["stderr"]
+    line = json.loads((tmp_path / "s" / "clus.jsonl").read_text().splitlines()[0])
+    assert line["unit"] == "[0]" and "unit" not in json.loads((tmp_path / "s" / "flat.jsonl").read_text().splitlines()[0])
+
+
+def test_core_interval_draws_shared_clusters_jointly(tmp_path):
+    """Two tasks on the same clusters (same unit): the CORE interval is as wide as one task's, as it must
+    be when they are perfectly correlated; with different units (drawn apart) it is about sqrt(2) narrower."""
+    a = _cluster_task(tmp_path, "a")
+    b = _cluster_task(tmp_path, "b")
+    b2 = _cluster_task(tmp_path, "b2", unit='["grp2"]')
+    width = lambda ci: ci[1] - ci[0]
+    r = harness.evaluate(YesLM(), [a, b], bootstrap=2000, progress=False)
+    core = r["aggregate"]["core"]
+    assert core["joint_clusters"] == [["a", "b"]] and core["value"] == pytest.approx(0.5)
+    one = r["tasks"]["a"]["metrics"]["exact_match"]["ci"]
+    assert width(core["ci"]) == pytest.approx(width(one), rel=0.2)
+    r2 = harness.evaluate(YesLM(), [a, b2], bootstrap=2000, progress=False)
+    assert "joint_clusters" not in r2["aggregate"]["core"]
+    assert width(r2["aggregate"]["core"]["ci"]) < 0.85 * width(core["ci"])
+
+
+def test_bootstrap_unit_bad_definitions(tmp_path):
+    from lmforge.evaluate.task import TaskError
+
+    for unit, msg in (("3", "bootstrap_unit': expected a document field name"), ("[]", "bootstrap_unit"),
+                      ('["grp", 1]', "bootstrap_unit")):
+        with pytest.raises(TaskError, match=msg):
+            _cluster_task(tmp_path, "bad", unit=unit)
+    t = _cluster_task(tmp_path, "missing", unit='["grpp"]')
+    with pytest.raises(TaskError, match=r"missing.jsonl:2: .*bootstrap_unit: field 'grpp' missing.*did you mean 'grp'"):
+        harness.evaluate(YesLM(), [t], progress=False)
+
+
+def test_builtin_task_records_the_split_fingerprint_never_the_seed(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    from lmforge.evaluate import builtin
+    from lmforge.evaluate.task import load_tasks
+
+    r = harness.evaluate(HashLM(), load_tasks(["addition"]) + _tasks("inline_mc"), split="both", limit=4,
+                         bootstrap=50, samples_dir=tmp_path / "s", progress=False)
+    e = r["tasks"]["addition"]
+    fp = builtin.fingerprint("private")
+    assert e["split"] == "private" and e["split_fingerprint"] == fp and len(fp) == 12
+    assert e["dev"]["split_fingerprint"] == builtin.fingerprint("dev")
+    assert "split_fingerprint" not in r["tasks"]["inline_mc"]  # its own documents: no seed behind them
+    seed = builtin.private_seed()
+    assert seed not in json.dumps(r) and seed not in (tmp_path / "s" / "addition.jsonl").read_text()
+    # another machine's seed: another fingerprint
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home2"))
+    r2 = harness.evaluate(HashLM(), load_tasks(["addition"]), limit=2, bootstrap=0, progress=False)
+    assert r2["tasks"]["addition"]["split_fingerprint"] not in (fp, None)
+
+
+# ---- pass@k: limits, workers, a sandbox that refuses ----
+
+def test_sandbox_limits_from_the_code_field():
+    from lmforge.evaluate import sandbox
+
+    L = sandbox.Limits
+    assert harness.sandbox_limits({"timeout_s": 3}) == L(wall_s=3.0, cpu_s=3.0)
+    assert harness.sandbox_limits({"timeout_s": 3, "cpu_s": 1, "memory_mb": 256, "nproc": 4, "fsize_mb": 2}) == \
+        L(wall_s=3.0, cpu_s=1, memory_mb=256, nproc=4, fsize_mb=2)
+    assert harness.sandbox_limits({"wall_s": 7, "test_field": "t"}) == L(wall_s=7, cpu_s=7.0)
+    assert harness.sandbox_limits({}) == L()
+    with pytest.raises(ValueError, match="code: Limits.memory_mb=16"):
+        harness.sandbox_limits({"memory_mb": 16})
+
+
+def test_code_limits_reach_the_sandbox_and_bad_ones_are_task_errors(monkeypatch, tmp_path):
+    from lmforge.evaluate.task import TaskError
+
+    calls = []
+    sandbox = _fake_sandbox(monkeypatch, [], calls)
+    src = (DATA / "code.yaml").read_text()
+    for code, msg in (("{test_field: test, timeout_s: 0}", "code.timeout_s': expected a positive number"),
+                      ("{test_field: test, timeout_s: 2, wall_s: 3}", "timeout_s \\(2\\) and wall_s \\(3\\)"),
+                      ("{test_field: test, timout_s: 2}", "unknown key\\(s\\) \\['timout_s'\\]")):
+        p = tmp_path / "c.yaml"
+        p.write_text(src.replace("code: {test_field: test, entry_point_field: entry_point, timeout_s: 5}", f"code: {code}")
+                     .replace("docs: {test: code_test.jsonl}", f"docs: {{test: {DATA / 'code_test.jsonl'}}}"))
+        with pytest.raises(TaskError, match=msg):
+            load_task(p)
+    t = _tasks("local_code")[0]
+    t.code = {**t.code, "timeout_s": 2, "memory_mb": 300, "nproc": 3}
+    harness.evaluate(HashLM(), [t], progress=False, bootstrap=0)
+    assert calls == [(6, sandbox.Limits(wall_s=2.0, cpu_s=2.0, memory_mb=300, nproc=3), 2, {"allow_network": False})]
+    with pytest.raises(ValueError, match="sandbox_workers"):
+        harness.evaluate(HashLM(), [t], progress=False, sandbox_workers=0)
+
+
+def test_a_sandbox_that_refuses_stops_the_task_before_the_model_runs(monkeypatch):
+    calls = []
+    sandbox = _fake_sandbox(monkeypatch, [], calls, isolation="user namespaces are disabled")
+    lm = HashLM()
+    with pytest.raises(sandbox.SandboxUnavailable, match=r"code.yaml: task 'local_code': pass@k .*user namespaces "
+                                                         r"are disabled.*allow_network=True"):
+        harness.evaluate(lm, _tasks("local_code"), progress=False)
+    assert lm.calls == [] and calls == []  # nothing generated, nothing run
+    r = harness.evaluate(HashLM(), _tasks("local_code"), progress=False, allow_network=True, bootstrap=0)  # the opt-in
+    assert r["tasks"]["local_code"]["metrics"]["pass@1"]["value"] == pytest.approx(0.4)
+    assert calls[0][3] == {"allow_network": True}
+
+    def refuse(codes, limits, workers=2, **kw):  # refused mid-run (the probe said yes): named, not a sample's failure
+        raise sandbox.SandboxUnavailable("refusing to run generated code: gone")
+
+    monkeypatch.setattr(sandbox, "network_isolation", lambda: None)
+    monkeypatch.setattr(sandbox, "run_many", refuse)
+    with pytest.raises(sandbox.SandboxUnavailable, match="task 'local_code': refusing to run generated code: gone"):
+        harness.evaluate(HashLM(), _tasks("local_code"), progress=False)
+
+
+def test_a_completion_that_exits_before_the_tests_is_not_a_pass(monkeypatch):
+    """``exit()`` after the body ends the program with status 0 before any assert ran: a failure."""
+    ran = []
+    _fake_sandbox(monkeypatch, ran)
+
+    class Quitter(HashLM):
+        def generate_until(self, reqs):
+            return ["    return None\nraise SystemExit(0)\n" if g.get("seed", 0) < 3 else "    return None\n" for c, g in reqs]
+
+    r = harness.evaluate(Quitter(), _tasks("local_code"), progress=False, allow_network=True, bootstrap=0)
+    e = r["tasks"]["local_code"]
+    assert e["metrics"]["pass@1"]["value"] == 0.0 and e["metrics"]["pass@5"]["value"] == 0.0
+    assert e["sandbox"] == {"exited_early": 3, "failed": 3}
+
+
+def test_exit_before_the_tests_in_the_real_sandbox():
+    sandbox = pytest.importorskip("lmforge.evaluate.sandbox")
+    if sandbox.network_isolation() is not None:
+        pytest.skip(f"sandbox unavailable here: {sandbox.network_isolation()}")
+    t = _tasks("local_code")[0]
+    d = t.docs("test")[0]
+    run = harness._sandbox_runner(t)
+    progs = [harness._program(t, d, c) for c in ("    return a + b\n", "    return 0\nimport sys; sys.exit(0)\n",
+                                                 "    return 0\n")]
+    assert run(progs) == [(True, "passed"), (False, "exited_early"), (False, "failed")]

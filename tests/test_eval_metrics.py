@@ -213,3 +213,72 @@ def test_centered_core_and_difference():
     assert M.core({"x": None})["value"] is None
     d = M.difference({"value": 0.6}, np.array([0.5, 0.7, 0.6]), {"value": 0.5}, np.array([0.5, 0.5, 0.5]))
     assert d["value"] == pytest.approx(0.1) and d["ci"][0] <= 0.1 <= d["ci"][1]
+
+
+# ---- clustered bootstrap ----
+
+def _correlated(n_clusters=40, size=9):
+    """Clusters whose documents all agree (all right or all wrong): the effective sample is the clusters."""
+    cl = np.repeat(np.arange(n_clusters), size)
+    return cl, (cl % 2 == 0).astype(float)
+
+
+def test_clustered_bootstrap_is_wider_by_about_sqrt_cluster_size():
+    cl, v = _correlated(40, 9)
+    agg = M.aggregate("acc", v)
+    doc, _ = M.summarize(agg, 2000, 1)
+    clu, _ = M.summarize(agg, 2000, 1, clusters=cl)
+    assert doc["value"] == clu["value"] == 0.5
+    ratio = clu["stderr"] / doc["stderr"]
+    assert 2.5 < ratio < 3.5, ratio  # sqrt(9) = 3
+    assert clu["ci"][1] - clu["ci"][0] > 2.5 * (doc["ci"][1] - doc["ci"][0])
+    # the per-cluster standard error, by formula: sd of the 40 cluster means / sqrt(40)
+    assert clu["stderr"] == pytest.approx(0.5 / np.sqrt(40), rel=0.1)
+    # the cluster ids may come in any order and be any labels: only the grouping matters
+    perm = np.random.default_rng(0).permutation(len(v))
+    keys = [f"play{c}|s" for c in cl[perm]]
+    clu2, _ = M.summarize(M.aggregate("acc", v[perm]), 2000, 1, clusters=M.cluster_ids(keys))
+    assert clu2["stderr"] == pytest.approx(clu["stderr"], rel=0.1)
+
+
+def test_singleton_clusters_give_the_per_document_bootstrap():
+    v = (np.random.default_rng(3).random(200) < 0.3).astype(float)
+    agg = M.aggregate("exact_match", v)
+    a, ra = M.summarize(agg, 500, 7)
+    b, rb = M.summarize(agg, 500, 7, clusters=M.cluster_ids(range(200)))
+    assert a == b and np.array_equal(ra, rb)
+
+
+def test_clustered_bootstrap_of_a_corpus_metric_and_edge_cases():
+    cl, v = _correlated(30, 8)
+    pairs = np.stack([-(1.0 + v) * 100, np.full_like(v, 100.0)], 1)  # (loglik, bytes): whole clusters good or bad
+    agg = M.aggregate("bits_per_byte", pairs)
+    doc, _ = M.summarize(agg, 1000, 0)
+    clu, _ = M.summarize(agg, 1000, 0, clusters=cl)
+    assert clu["value"] == pytest.approx(doc["value"]) and clu["stderr"] > 2.2 * doc["stderr"]
+    one, reps = M.summarize(agg, 1000, 0, clusters=np.zeros(len(v), dtype=int))  # one cluster: no interval
+    assert one["value"] == pytest.approx(doc["value"]) and one["ci"] is None and len(reps) == 0
+    with pytest.raises(ValueError, match="3 cluster ids for 240 documents"):
+        M.bootstrap(agg, 10, 0, clusters=[0, 1, 2])
+
+
+def test_joint_bootstrap_moves_tasks_that_share_clusters_together():
+    cl, v = _correlated(40, 6)
+    keys = [f"s{c}" for c in cl]
+    a = M.aggregate("acc", v)
+    joint = M.joint_bootstrap({"x": (a, keys), "y": (a, keys)}, 1000, 5)
+    assert np.array_equal(joint["x"], joint["y"])  # the same clusters drawn for both
+    together = M.core({"x": 0.5, "y": 0.5}, joint)
+    # drawn apart (independent replicates), the mean of two perfectly correlated tasks looks sqrt(2) surer
+    apart = M.core({"x": 0.5, "y": 0.5}, {"x": M.bootstrap(a, 1000, 1, clusters=cl), "y": M.bootstrap(a, 1000, 2, clusters=cl)})
+    w = lambda c: c["ci"][1] - c["ci"][0]
+    single = M.summarize(a, 1000, 5, clusters=cl)[0]
+    assert w(together) == pytest.approx(w(single), rel=0.15)
+    assert w(apart) < 0.85 * w(together)
+    # tasks with disjoint clusters: each part is its own clustered bootstrap (sd about the same)
+    other = [f"t{c}" for c in cl]
+    dj = M.joint_bootstrap({"x": (a, keys), "y": (a, other)}, 2000, 5)
+    assert np.std(dj["x"]) == pytest.approx(single["stderr"], rel=0.2)
+    assert abs(np.corrcoef(dj["x"], dj["y"])[0, 1]) < 0.15
+    with pytest.raises(ValueError, match="2 cluster keys for 240 documents"):
+        M.joint_bootstrap({"x": (a, ["a", "b"])}, 10, 0)

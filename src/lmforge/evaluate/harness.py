@@ -6,7 +6,14 @@ the model in one call per request kind (``lm.LM.run``; the model batches), score
 (atomically, one file per task). With ``split="both"`` it also scores the public dev split and
 reports the private-minus-dev gap with its interval (the Goodhart guard); with ``dirty`` it
 scores the clean subset too (contamination). pass@k programs (prompt + completion + test) run
-in ``sandbox.run_python`` (imported when a code task runs).
+through ``sandbox.run_many`` (imported when a code task runs), under the limits the task's ``code``
+field names; a program passes only if it exits 0 after printing a marker placed after its tests
+(an ``exit()`` in a completion is ``exited_early``, a failure). A task's ``bootstrap_unit``
+(document fields naming a cluster, e.g. the stretch of a play that corpus items come from) makes
+every interval resample clusters instead of documents: each metric's, the dev/private gap's (each
+split resampled by its own clusters) and the CORE aggregate's (tasks with the same unit share one
+draw of clusters, so tasks drawn from the same stretches move together). A built-in task's entry
+names its split by ``builtin.fingerprint`` (never the seed).
 
 Knows nothing of how a model computes its answers, how documents are generated, how
 contamination is detected, or how a result is rendered (``report``).
@@ -15,11 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
+import secrets
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,29 +43,65 @@ def _seed(seed: int, *parts) -> list[int]:
     return [int(seed)] + [zlib.crc32(str(p).encode()) for p in parts]
 
 
-def _sandbox_runner(code_cfg: dict, allow_network: bool = False):
-    """``run(programs) -> [(passed, status)]`` through ``sandbox.run_python(code, limits)``: limits from the
-    task's ``code`` field (``timeout_s`` -> wall-clock and CPU seconds, ``memory_mb``), two programs at a time.
-    A sandbox that refuses to run (no namespaces, ``SandboxUnavailable``) raises: that is no sample's fault."""
-    from . import sandbox  # another helper's module (eval-sandbox)
+def sandbox_limits(code_cfg: dict):
+    """The ``sandbox.Limits`` a task's ``code`` field names: ``timeout_s`` is the wall-clock limit
+    (``wall_s``) and, unless ``cpu_s`` is given, the CPU limit too; every other ``Limits`` field it
+    names passes as it is; the rest keep ``Limits``' defaults. A bad value is a ValueError naming it."""
+    from . import sandbox
 
-    t = float(code_cfg.get("timeout_s", 10))
-    want = {"wall_s": t, "cpu_s": t}
-    if "memory_mb" in code_cfg:
-        want["memory_mb"] = int(code_cfg["memory_mb"])
-    cls = getattr(sandbox, "Limits", None)
-    limits = cls(**want) if cls is not None else want
-    kw = {"allow_network": True} if allow_network else {}
+    code_cfg = code_cfg or {}
+    want = {k: code_cfg[k] for k in ("wall_s", "cpu_s", "memory_mb", "fsize_mb", "nproc", "nofile", "output_bytes")
+            if k in code_cfg}
+    if "timeout_s" in code_cfg:
+        t = float(code_cfg["timeout_s"])
+        want.setdefault("wall_s", t)
+        want.setdefault("cpu_s", t)
+    elif "wall_s" in want:
+        want.setdefault("cpu_s", float(want["wall_s"]))
+    try:
+        return sandbox.Limits(**want)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"code: {e}") from None
 
-    def one(program: str):
-        o = sandbox.run_python(program, limits, **kw)
-        return bool(o.passed), str(getattr(o, "status", "passed" if o.passed else "failed"))
+
+def _sandbox_check(task: Task, allow_network: bool) -> None:
+    """Refuses a pass@k task before the model generates anything when the sandbox would refuse its
+    programs (no namespaces here and no ``allow_network``), with the reason and the way out."""
+    from . import sandbox
+
+    why = sandbox.network_isolation()
+    if why is not None and not allow_network:
+        raise sandbox.SandboxUnavailable(
+            f"{task.source}: task {task.name!r}: pass@k runs the generated programs, and the sandbox cannot "
+            f"isolate them here: {why}. Pass allow_network=True (lmforge eval: --allow-network) to run them with "
+            "only resource limits, a throwaway directory and an empty environment, or leave this task out")
+
+
+def _sandbox_runner(task: Task, allow_network: bool = False, workers: int = 2):
+    """``run(programs) -> [(passed, status)]`` through ``sandbox.run_many`` (``workers`` at a time) under
+    the task's limits (``sandbox_limits``). Every program ends by printing a marker made for this run
+    (after its tests): a program that exits 0 without printing it (an ``exit()`` in the completion, before
+    the tests ran) is ``exited_early``, a failure, not a pass. ``SandboxUnavailable`` propagates, naming
+    the task: that is no sample's fault."""
+    from . import sandbox
+
+    limits = sandbox_limits(task.code)
+    marker = f"lmforge-tests-done-{secrets.token_hex(8)}"
 
     def run(programs: list[str]) -> list[tuple[bool, str]]:
-        if len(programs) > 1:
-            with ThreadPoolExecutor(max_workers=2) as ex:
-                return list(ex.map(one, programs))
-        return [one(p) for p in programs]
+        code = [p + f"\nprint({marker!r})\n" for p in programs]
+        try:
+            outs = sandbox.run_many(code, limits, workers=workers, allow_network=allow_network)
+        except sandbox.SandboxUnavailable as e:
+            raise sandbox.SandboxUnavailable(f"task {task.name!r}: {e}") from None
+        res = []
+        for o in outs:
+            status = str(getattr(o, "status", "passed" if o.passed else "failed"))
+            if o.passed and marker not in (getattr(o, "stdout", "") or ""):
+                res.append((False, "exited_early"))
+            else:
+                res.append((bool(o.passed), status))
+        return res
 
     return run
 
@@ -158,15 +200,20 @@ def _program(task: Task, doc: dict, completion: str) -> str:
 
 def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, data_dir=None,
                 bootstrap: int = 1000, seed: int = 0, dirty=None, check_dirty: bool = False,
-                allow_network: bool = False, apply_chat_template: bool = False) -> dict:
-    """Scores one split of one task. Returns ``{"split", "n", "metrics", "omitted", "reps",
-    "random_baseline", "truncated", "skipped", "lines", "contamination"?}`` (``reps``: the
-    bootstrap replicates of each metric, for gaps and the aggregate)."""
+                allow_network: bool = False, apply_chat_template: bool = False, sandbox_workers: int = 2) -> dict:
+    """Scores one split of one task. Returns ``{"split", "n", "metrics", "omitted", "reps", "aggs",
+    "units", "clusters", "random_baseline", "truncated", "skipped", "lines", "contamination"?}``
+    (``reps``: the bootstrap replicates of each metric, for gaps and the aggregate; ``aggs``: the
+    per-document values behind them; ``units``: each document's bootstrap cluster key, or None when the
+    task resamples documents; ``clusters``: how many distinct ones)."""
     if task.output_type == "loglikelihood_rolling" and any(m == "perplexity" for m, _ in task.metrics) \
             and not callable(getattr(lm, "count_tokens", None)):
         raise TaskError(f"{task.source}: task {task.name!r}: metric 'perplexity' of a rolling task is per token, and "
                         f"{getattr(lm, 'name', 'the model')} has no count_tokens(text); use word_perplexity, "
                         "byte_perplexity or bits_per_byte")
+    if any(M.pass_at_k_k(m) is not None for m, _ in task.metrics):
+        sandbox_limits(task.code)  # a bad limit, before the model runs
+        _sandbox_check(task, allow_network)
     chat = lm.apply_chat_template if apply_chat_template else None
     drs = task.requests(split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir, chat=chat)
     stats = getattr(lm, "stats", None) or {}
@@ -190,7 +237,7 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
     sandbox_status: dict = {}
     status_of: dict = {}
     if pass_cache:
-        run = _sandbox_runner(task.code or {}, allow_network)
+        run = _sandbox_runner(task, allow_network, sandbox_workers)
         keys = list(pass_cache)
         programs = [_program(task, drs[d].doc, comp) for d, comp in keys]
         for key, (ok, status) in zip(keys, run(programs)):
@@ -214,13 +261,15 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
             logs[i].setdefault("status", [status_of[key] for key in keys])
             v[m] = None if m in omitted else M.pass_at_k(n, c, kk)
 
+    units = None if task.bootstrap_unit is None else [task.unit(dr.doc) for dr in drs]
+    clusters = None if units is None else M.cluster_ids(units)
     names = [] if not per_doc else [k for k in per_doc[0]]
-    summaries, reps = {}, {}
+    summaries, reps, aggs = {}, {}, {}
     for m in names:
         if m in omitted:
             continue
-        agg = M.aggregate(m, [v[m] for v in per_doc])
-        summaries[m], reps[m] = M.summarize(agg, bootstrap, _seed(seed, task.name, split, m))
+        aggs[m] = agg = M.aggregate(m, [v[m] for v in per_doc])
+        summaries[m], reps[m] = M.summarize(agg, bootstrap, _seed(seed, task.name, split, m), clusters=clusters)
     for m in (mm for mm, _ in task.metrics):  # no documents: the metric is there, without a value
         if m not in summaries and m not in omitted:
             summaries[m], reps[m] = {"value": None, "ci": None, "stderr": None, "n": 0}, np.zeros(0)
@@ -232,7 +281,7 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
         rb = 0.0
 
     lines = []
-    for dr, v, lg in zip(drs, per_doc, logs):
+    for j, (dr, v, lg) in enumerate(zip(drs, per_doc, logs)):
         line = {"doc_id": dr.doc_id, "split": split, "doc": dr.doc, "prompt": dr.prompt, "target": dr.target,
                 "requests": [list(r.args) for r in dr.requests], "responses": lg["responses"],
                 "filtered": lg["filtered"], "metrics": {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.items()},
@@ -241,8 +290,11 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
             line["passed"], line["status"] = lg["passed"], lg["status"]
         if "filtered_by" in lg:
             line["filtered_by"] = lg["filtered_by"]
+        if units is not None:
+            line["unit"] = units[j]
         lines.append(line)
-    out = {"split": split, "n": len(drs), "metrics": summaries, "omitted": omitted, "reps": reps, "sandbox": sandbox_status,
+    out = {"split": split, "n": len(drs), "metrics": summaries, "omitted": omitted, "reps": reps, "aggs": aggs,
+           "units": units, "clusters": None if units is None else len(set(units)), "sandbox": sandbox_status,
            "random_baseline": rb, "truncated": truncated, "skipped": int(task.skipped.get(split, 0)), "lines": lines}
 
     if check_dirty and dirty is not None:
@@ -253,22 +305,34 @@ def score_split(lm, task: Task, split: str, *, limit=None, num_fewshot=None, dat
         flags = [bool(f) for f in flags]
         clean_idx = [i for i, f in enumerate(flags) if not f]
         mc = {}
+        cl = None if units is None else M.cluster_ids([units[i] for i in clean_idx])
         for m in names:
             if m in omitted:
                 continue
             agg = M.aggregate(m, [per_doc[i][m] for i in clean_idx])
-            mc[m], _ = M.summarize(agg, bootstrap, _seed(seed, task.name, split, m, "clean"))
+            mc[m], _ = M.summarize(agg, bootstrap, _seed(seed, task.name, split, m, "clean"), clusters=cl)
         out["contamination"] = {"clean": len(clean_idx), "dirty": len(flags) - len(clean_idx), "metrics_clean": mc}
         for line, f in zip(lines, flags):
             line["dirty"] = f
     return out
 
 
+def _fingerprint(task: Task, split: str):
+    """``builtin.fingerprint(split)`` for a built-in task's split (None for a task with its own documents)."""
+    if "generator" not in (task.config or {}):
+        return None
+    from . import builtin
+
+    return builtin.fingerprint(split) if split in builtin.SPLITS else None
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "task"
 
 
-def _check_args(lm, split, bootstrap, limit, num_fewshot, dirty):
+def _check_args(lm, split, bootstrap, limit, num_fewshot, dirty, sandbox_workers=2):
+    if isinstance(sandbox_workers, bool) or not isinstance(sandbox_workers, int) or sandbox_workers < 1:
+        raise ValueError(f"sandbox_workers: expected an integer >= 1 (pass@k programs run at once), got {sandbox_workers!r}")
     if split not in _SPLITS:
         raise ValueError(f"split: {split!r}; expected one of {', '.join(_SPLITS)}")
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
@@ -288,7 +352,7 @@ def _check_args(lm, split, bootstrap, limit, num_fewshot, dirty):
 
 def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bootstrap: int = 1000,
              seed: int = 0, samples_dir=None, data_dir=None, dirty=None, progress: bool = True,
-             allow_network: bool = False, apply_chat_template: bool = False) -> dict:
+             allow_network: bool = False, apply_chat_template: bool = False, sandbox_workers: int = 2) -> dict:
     """Scores ``tasks`` (Task objects, names or paths; see ``task.load_tasks``) on ``lm``; returns the
     result object (schema: ``lmforge_eval`` 1). ``split``: "test" (each task's test_split), "dev"
     (its validation_split) or "both" (test, plus "dev" and the test-minus-dev "gap" for every task
@@ -298,8 +362,10 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
     "contamination" entry for the reported split. ``allow_network``: pass@k programs run even where the
     sandbox has no network namespace (its opt-in; otherwise it refuses and the error propagates).
     ``apply_chat_template``: every prompt rendered by ``lm.apply_chat_template`` as lm-eval's
-    ``--apply_chat_template`` renders it (examples and question in one user turn)."""
-    _check_args(lm, split, bootstrap, limit, num_fewshot, dirty)
+    ``--apply_chat_template`` renders it (examples and question in one user turn). ``sandbox_workers``:
+    how many pass@k programs run at once. A pass@k task that the sandbox would refuse raises
+    ``sandbox.SandboxUnavailable`` before the model generates anything for it."""
+    _check_args(lm, split, bootstrap, limit, num_fewshot, dirty, sandbox_workers)
     t_start = time.perf_counter()
     if isinstance(tasks, (str, Task)):
         tasks = [tasks]
@@ -312,7 +378,7 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
             raise ValueError(f"task {t.name!r} given twice")
         seen.add(t.name)
     result_tasks: dict = {}
-    centered_by, reps_by = {}, {}
+    centered_by, reps_by, joint = {}, {}, {}
     it = loaded
     if progress:
         from .._progress import bar
@@ -323,7 +389,7 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
         main_split = task.split_for("dev" if split == "dev" else "test")
         main = score_split(lm, task, main_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
                            bootstrap=bootstrap, seed=seed, dirty=dirty, check_dirty=True, allow_network=allow_network,
-                           apply_chat_template=apply_chat_template)
+                           apply_chat_template=apply_chat_template, sandbox_workers=sandbox_workers)
         primary = task.primary_metric
         pval = (main["metrics"].get(primary) or {}).get("value")
         rb = main["random_baseline"]
@@ -334,13 +400,24 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
             entry["omitted"] = main["omitted"]
         if main["sandbox"]:  # how the programs ended: {"passed": 40, "failed": 55, "timeout": 5}
             entry["sandbox"] = main["sandbox"]
+        if task.bootstrap_unit is not None:  # the intervals resample clusters of documents, not documents
+            entry["bootstrap_unit"] = list(task.bootstrap_unit)
+            entry["clusters"] = main["clusters"]
+        fp = _fingerprint(task, main_split)
+        if fp is not None:  # which private split this is (a hash of its seed; the seed itself never leaves)
+            entry["split_fingerprint"] = fp
         lines = main["lines"]
         dev_split = task.validation_split
         if split == "both" and dev_split is not None and dev_split != main_split:
             dev = score_split(lm, task, dev_split, limit=limit, num_fewshot=num_fewshot, data_dir=data_dir,
                               bootstrap=bootstrap, seed=seed + 1, allow_network=allow_network,
-                              apply_chat_template=apply_chat_template)
+                              apply_chat_template=apply_chat_template, sandbox_workers=sandbox_workers)
             entry["dev"] = {"split": dev_split, "n": dev["n"], "metrics": dev["metrics"]}
+            if dev["clusters"] is not None:
+                entry["dev"]["clusters"] = dev["clusters"]
+            fp = _fingerprint(task, dev_split)
+            if fp is not None:
+                entry["dev"]["split_fingerprint"] = fp
             if dev["omitted"]:
                 entry["dev"]["omitted"] = dev["omitted"]
             entry["dev"]["truncated"] = dev["truncated"]
@@ -365,6 +442,21 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
         r = main["reps"].get(primary)
         if cen is not None and r is not None and len(r):
             reps_by[task.name] = (r - rb) / (1.0 - rb)
+            if task.bootstrap_unit is not None and primary in main["aggs"]:
+                joint.setdefault((task.bootstrap_unit, main_split), {})[task.name] = (main["aggs"][primary], main["units"], rb)
+    # tasks whose documents share clusters (the corpus tasks draw from the same stretches): one joint draw
+    # of clusters for all of them, so the CORE interval sees their correlation
+    groups = []
+    for (unit, sp), parts in joint.items():
+        if len(parts) < 2:
+            continue
+        jr = M.joint_bootstrap({t: (a, u) for t, (a, u, _) in parts.items()}, bootstrap, _seed(seed, "core", *unit, sp))
+        for t, (_, _, rb) in parts.items():
+            reps_by[t] = (jr[t] - rb) / (1.0 - rb)
+        groups.append(sorted(parts))
+    core = M.core(centered_by, reps_by)
+    if groups:
+        core["joint_clusters"] = groups
     params = getattr(lm, "params", None)
     result = {
         "lmforge_eval": RESULT_VERSION,
@@ -374,7 +466,7 @@ def evaluate(lm, tasks, *, limit=None, num_fewshot=None, split: str = "test", bo
                      "bootstrap": bootstrap, "seed": seed, "split": split,
                      **({"apply_chat_template": True} if apply_chat_template else {})},
         "tasks": result_tasks,
-        "aggregate": {"core": M.core(centered_by, reps_by)},
+        "aggregate": {"core": core},
         "elapsed_s": round(time.perf_counter() - t_start, 3),
     }
     return _jsonable(result)

@@ -8,7 +8,9 @@ the unbiased pass@k estimator of Chen et al. (2021); rolling log-likelihood as w
 perplexity and bits per byte weighted over the whole corpus (sum of log-likelihoods over sum of
 words or bytes, never a mean of per-document ratios). Also the centered score against a random
 baseline, the CORE-style aggregate, and a seeded percentile bootstrap over documents for every
-metric (ratio metrics resample documents and recompute the ratio).
+metric (ratio metrics resample documents and recompute the ratio), or over clusters of correlated
+documents (``clusters``: every document of a drawn cluster; ``joint_bootstrap``: one draw of clusters
+shared by several metrics, for an aggregate over tasks whose documents share clusters).
 
 Knows nothing of models, prompts or files: the harness feeds it numbers and strings.
 """
@@ -27,7 +29,7 @@ import numpy as np
 __all__ = [
     "METRICS", "BOUNDED", "CORPUS", "is_metric", "check_metric", "pass_at_k_k",
     "mc_scores", "exact_match", "normalize_answer", "FILTERS", "check_filter", "apply_filters",
-    "pass_at_k", "count_words", "count_bytes", "Aggregate", "aggregate", "bootstrap",
+    "pass_at_k", "count_words", "count_bytes", "Aggregate", "aggregate", "bootstrap", "cluster_ids", "joint_bootstrap",
     "centered", "core", "summarize", "difference",
 ]
 
@@ -258,18 +260,79 @@ def aggregate(name: str, per_doc: Sequence) -> Aggregate:
     return Aggregate(name, arr)
 
 
-def bootstrap(agg: Aggregate, iters: int = 1000, seed: int = 0, chunk: int = 200) -> np.ndarray:
+def cluster_ids(keys: Sequence) -> np.ndarray:
+    """Each document's cluster as an int, numbered in order of first appearance (``keys``: any hashable
+    per document, e.g. the (play, stretch) it comes from)."""
+    ids: dict = {}
+    return np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
+
+
+def _weighted_value(agg: Aggregate, w: np.ndarray) -> np.ndarray:
+    """The metric under document weights ``w`` (B, n): a weighted mean, or for a corpus metric the ratio
+    of weighted sums (a document drawn twice counts twice, as in a resample)."""
+    v = agg.values
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if agg.corpus:
+            return _ratio_value(agg.name, w @ v[:, 0], w @ v[:, 1])
+        return (w @ v) / w.sum(-1)
+
+
+def _cluster_counts(rng, n_clusters: int, b: int) -> np.ndarray:
+    """(b, n_clusters): how often each cluster is drawn in each of ``b`` resamples of ``n_clusters`` clusters."""
+    idx = rng.integers(0, n_clusters, size=(b, n_clusters))
+    flat = (idx + n_clusters * np.arange(b)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n_clusters).reshape(b, n_clusters).astype(np.float64)
+
+
+def bootstrap(agg: Aggregate, iters: int = 1000, seed: int = 0, chunk: int = 200, clusters=None) -> np.ndarray:
     """``iters`` bootstrap replicates of the metric: documents resampled with replacement by a
-    generator seeded with ``seed`` (the same seed and documents give the same replicates)."""
+    generator seeded with ``seed`` (the same seed and documents give the same replicates).
+    ``clusters`` ((n,) ints, see ``cluster_ids``): resample whole clusters instead (every document of a
+    drawn cluster, as often as it is drawn), for documents that are correlated within a cluster; each
+    document its own cluster gives exactly the per-document replicates."""
     n = agg.n
     if n == 0 or iters <= 0:
         return np.zeros(0)
     rng = np.random.default_rng(seed)
+    if clusters is not None:
+        clusters = np.asarray(clusters, dtype=np.int64).reshape(-1)
+        if clusters.shape[0] != n:
+            raise ValueError(f"bootstrap: {clusters.shape[0]} cluster ids for {n} documents")
+        c = int(clusters.max()) + 1
+        if c == n and np.array_equal(clusters, np.arange(n)):
+            clusters = None  # singletons in document order: the per-document draws
     reps = []
     for s in range(0, iters, chunk):
         b = min(chunk, iters - s)
-        reps.append(np.asarray(agg.value(rng.integers(0, n, size=(b, n))), dtype=np.float64))
+        if clusters is None:
+            reps.append(np.asarray(agg.value(rng.integers(0, n, size=(b, n))), dtype=np.float64))
+        else:
+            reps.append(np.asarray(_weighted_value(agg, _cluster_counts(rng, c, b)[:, clusters]), dtype=np.float64))
     return np.concatenate(reps)
+
+
+def joint_bootstrap(parts: dict, iters: int = 1000, seed: int = 0, chunk: int = 200) -> dict:
+    """Replicates of several metrics whose documents share clusters (``parts``: name -> (Aggregate,
+    per-document cluster keys)): each replicate draws, with replacement, as many clusters as the union
+    of every part's keys holds, and every part is scored on the documents of the drawn clusters, so
+    parts that share a cluster (three tasks drawn from the same stretch of a play) move together, as
+    they would on a new sample of clusters. Returns name -> replicates (NaN where a part drew no document)."""
+    ids: dict = {}
+    cols = {name: np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64) for name, (_, keys) in parts.items()}
+    for name, (agg, _) in parts.items():
+        if len(cols[name]) != agg.n:
+            raise ValueError(f"joint_bootstrap: {name!r}: {len(cols[name])} cluster keys for {agg.n} documents")
+    out = {name: [] for name in parts}
+    c = len(ids)
+    if c == 0 or iters <= 0:
+        return {name: np.zeros(0) for name in parts}
+    rng = np.random.default_rng(seed)
+    for s in range(0, iters, chunk):
+        b = min(chunk, iters - s)
+        counts = _cluster_counts(rng, c, b)
+        for name, (agg, _) in parts.items():
+            out[name].append(np.asarray(_weighted_value(agg, counts[:, cols[name]]), dtype=np.float64))
+    return {name: np.concatenate(v) for name, v in out.items()}
 
 
 def _finite(x) -> float | None:
@@ -277,15 +340,17 @@ def _finite(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def summarize(agg: Aggregate, iters: int = 1000, seed: int = 0) -> tuple[dict, np.ndarray]:
+def summarize(agg: Aggregate, iters: int = 1000, seed: int = 0, clusters=None) -> tuple[dict, np.ndarray]:
     """``({"value", "ci", "stderr", "n"}, replicates)``: the 95% percentile interval and the
-    bootstrap standard deviation (null when there are fewer than two documents or no bootstrap)."""
+    bootstrap standard deviation (null when there are fewer than two documents, fewer than two
+    ``clusters`` (see ``bootstrap``), or no bootstrap)."""
     if agg.n == 0:
         return {"value": None, "ci": None, "stderr": None, "n": 0}, np.zeros(0)
     value = _finite(agg.value())
     if value is None:  # a -inf log-likelihood (or 0/0): no score, and no interval around it
         return {"value": None, "ci": None, "stderr": None, "n": agg.n}, np.zeros(0)
-    reps = bootstrap(agg, iters, seed) if agg.n > 1 else np.zeros(0)
+    units = agg.n if clusters is None else len(set(np.asarray(clusters).reshape(-1).tolist()))
+    reps = bootstrap(agg, iters, seed, clusters=clusters) if units > 1 else np.zeros(0)
     reps = reps[np.isfinite(reps)]
     if len(reps) < 2:
         return {"value": value, "ci": None, "stderr": None, "n": agg.n}, reps
@@ -316,7 +381,8 @@ def centered(name: str, value, baseline) -> float | None:
 
 def core(centered_by_task: dict[str, float | None], reps_by_task: dict[str, np.ndarray] | None = None) -> dict:
     """The CORE-style aggregate: the mean of the centered scores of the tasks that have one, with a
-    percentile interval from the mean of the tasks' centered bootstrap replicates."""
+    percentile interval from the mean of the tasks' centered bootstrap replicates (replicate i of every
+    task together: independent draws per task, or one joint draw of shared clusters, see ``joint_bootstrap``)."""
     names = [t for t, v in centered_by_task.items() if v is not None]
     if not names:
         return {"value": None, "ci": None, "tasks": []}
@@ -325,6 +391,8 @@ def core(centered_by_task: dict[str, float | None], reps_by_task: dict[str, np.n
     if reps_by_task and all(len(reps_by_task.get(t, ())) >= 2 for t in names):
         m = min(len(reps_by_task[t]) for t in names)
         mean_reps = np.mean([reps_by_task[t][:m] for t in names], axis=0)
-        lo, hi = np.percentile(mean_reps, [2.5, 97.5])
-        ci = [float(lo), float(hi)]
+        mean_reps = mean_reps[np.isfinite(mean_reps)]  # a joint replicate in which a task drew no document
+        if len(mean_reps) >= 2:
+            lo, hi = np.percentile(mean_reps, [2.5, 97.5])
+            ci = [float(lo), float(hi)]
     return {"value": value, "ci": ci, "tasks": names}

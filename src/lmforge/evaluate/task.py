@@ -6,7 +6,9 @@ or bare field names, ``target_delimiter``, ``fewshot_delimiter``, ``description`
 ``num_fewshot``, ``fewshot_split``, ``generation_kwargs``, ``repeats``, ``filter_list``,
 ``metric_list``; documents from local JSON / JSONL ``data_files``) plus a few lmforge keys
 (``generator`` for built-in documents, ``docs`` as a shorthand for data files, ``random_baseline``,
-``primary_metric``, ``code`` for pass@k), and a JSONL task file (line 1 the definition, every
+``primary_metric``, ``code`` for pass@k: where the program's parts are and the sandbox's limits,
+``bootstrap_unit``: the document field(s) naming a cluster of correlated documents, which the
+harness's bootstrap resamples whole), and a JSONL task file (line 1 the definition, every
 further line a document with a ``split``). Prompts are built as lm-eval builds them (its
 ``ConfigurableTask.fewshot_context`` / ``build_qa_turn`` / ``construct_requests`` and its
 default sampler: one ``random.Random(1234)`` drawing each document's examples in document order),
@@ -59,7 +61,11 @@ _LMEVAL_KEYS = {
     "metric_list", "output_type", "generation_kwargs", "repeats", "filter_list", "should_decontaminate",
     "doc_to_decontamination_query", "gen_prefix", "metadata", "include", "custom_dataset",
 }
-_LMFORGE_KEYS = {"generator", "generator_kwargs", "docs", "random_baseline", "primary_metric", "code"}
+_LMFORGE_KEYS = {"generator", "generator_kwargs", "docs", "random_baseline", "primary_metric", "code", "bootstrap_unit"}
+# ``code`` keys: where the program's parts are, and the sandbox's limits (``sandbox.Limits`` fields;
+# ``timeout_s`` is the wall-clock limit, and the CPU limit unless ``cpu_s`` is given)
+CODE_FIELDS = ("test_field", "entry_point_field", "prompt_field")
+CODE_LIMITS = ("timeout_s", "wall_s", "cpu_s", "memory_mb", "fsize_mb", "nproc", "nofile", "output_bytes")
 _UNSUPPORTED = {  # keys whose meaning lmforge cannot honour: an error, not a silent difference
     "process_docs": "Python document processing (!function)", "process_results": "Python scoring",
     "custom_dataset": "a Python dataset", "use_prompt": "promptsource prompts",
@@ -170,6 +176,7 @@ class Task:
     primary_metric: str = ""
     random_baseline: float | None = None
     code: dict | None = None
+    bootstrap_unit: tuple | None = None  # document fields whose values name a cluster the bootstrap resamples
     skip_bad: bool = False
     inline_docs: dict | None = None  # split -> [(line, doc)] for a JSONL task file
     skipped: dict = field(default_factory=dict)  # split -> documents skipped as bad
@@ -338,6 +345,12 @@ class Task:
         except (SyntaxError, ValueError):
             raise self._err(f"doc_to_choice: template {spec!r} rendered {v[:80]!r}, not a list literal", where) from None
 
+    def unit(self, doc):
+        """The bootstrap cluster of a document: its ``bootstrap_unit`` field values (None: no clusters)."""
+        if self.bootstrap_unit is None:
+            return None
+        return json.dumps([doc.get(f) for f in self.bootstrap_unit], sort_keys=True, default=str)
+
     def rolling_text(self, doc, where: str = "") -> str:
         """The text a rolling task scores: ``doc_to_target`` as lm-eval does, else ``doc_to_text``."""
         v = self.target(doc, where) if self.doc_to_target is not None else self.text(doc, where)
@@ -382,6 +395,10 @@ class Task:
     def _check_doc(self, doc, where: str):
         if not isinstance(doc, dict):
             raise self._err(f"a document must be a JSON object, got {type(doc).__name__}", where)
+        for f in self.bootstrap_unit or ():
+            if doc.get(f) is None:  # (a column absent from this document reads as None)
+                raise self._err(f"bootstrap_unit: field {f!r} missing (or null) in the document (fields: "
+                                f"{', '.join(sorted(doc))}){_near(f, doc)}", where)
         if self.output_type == "loglikelihood_rolling":
             self.rolling_text(doc, where)
             return
@@ -794,9 +811,24 @@ def _from_definition(cfg: dict, source: str, base_dir: str, skip_bad: bool = Fal
     if code is not None:
         if not isinstance(code, dict):
             raise TaskError(f"{where}field 'code': expected a mapping (test_field, entry_point_field, timeout_s)")
-        bad = set(code) - {"test_field", "entry_point_field", "timeout_s", "memory_mb", "prompt_field"}
+        bad = set(code) - set(CODE_FIELDS + CODE_LIMITS)
         if bad:
-            raise TaskError(f"{where}field 'code': unknown key(s) {sorted(bad)}")
+            raise TaskError(f"{where}field 'code': unknown key(s) {sorted(bad)}; it takes "
+                            f"{', '.join(CODE_FIELDS + CODE_LIMITS)}")
+        for k in CODE_LIMITS:
+            v = code.get(k)
+            if k in code and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise TaskError(f"{where}field 'code.{k}': expected a positive number, got {v!r}")
+        if "timeout_s" in code and "wall_s" in code and float(code["timeout_s"]) != float(code["wall_s"]):
+            raise TaskError(f"{where}field 'code': timeout_s ({code['timeout_s']}) and wall_s ({code['wall_s']}) "
+                            "are the same limit (wall-clock seconds); give one")
+    unit = cfg.get("bootstrap_unit")
+    if unit is not None:
+        fields_ = [unit] if isinstance(unit, str) else unit
+        if not isinstance(fields_, list) or not fields_ or not all(isinstance(f, str) and f for f in fields_):
+            raise TaskError(f"{where}field 'bootstrap_unit': expected a document field name or a list of them "
+                            f"(the fields whose values name a cluster of correlated documents), got {unit!r}")
+        unit = tuple(fields_)
     fs_split = fs_cfg.get("split", cfg.get("fewshot_split"))
     for k in ("test_split", "validation_split", "training_split"):
         if k in cfg and cfg[k] is not None and not isinstance(cfg[k], str):
@@ -817,7 +849,8 @@ def _from_definition(cfg: dict, source: str, base_dir: str, skip_bad: bool = Fal
         fewshot_split=fs_split if fs_split is not None else ("train" if generator else None),
         fewshot_sampler=sampler, fewshot_samples=samples, num_fewshot=num_fewshot,
         generation_kwargs=gk, repeats=repeats, filters=filters, metrics=mets, primary_metric=primary,
-        random_baseline=None if rb is None else float(rb), code=code, skip_bad=skip_bad, inline_docs=inline_docs,
+        random_baseline=None if rb is None else float(rb), code=code, bootstrap_unit=unit, skip_bad=skip_bad,
+        inline_docs=inline_docs,
     )
     if task.test_split is None and task.validation_split is None and inline_docs is None:
         splits = task.splits()
