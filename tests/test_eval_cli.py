@@ -59,6 +59,8 @@ def test_bits_per_byte_still_works_and_task_options_need_tasks(ckpt, tmp_path, c
                       (["--tasks", "addition", "--split", "val"], "--split val: with --tasks the splits are test"),
                       (["--tasks", "addition", "--seq-len", "8"], "--seq-len is for bits per byte"),
                       (["--tasks", "addition", "--limit", "0"], "--limit 0: expected a positive integer"),
+                      (["--text", str(text), "--allow-network"], "--allow-network is an option of task evaluation"),
+                      (["--tasks", "python", "--sandbox-workers", "0"], "--sandbox-workers 0: expected a positive"),
                       (["--tasks", " , "], "no task named")]:
         assert main(["eval", "--checkpoint", str(ckpt), *argv]) == 2, argv
         assert msg in capsys.readouterr().err, argv

@@ -56,12 +56,14 @@ def cmd_bpb(a) -> int:
     from .perplexity import evaluate_shards, evaluate_text
 
     for opt, val in (("--include-path", a.include_path), ("--limit", a.limit), ("--num-fewshot", a.num_fewshot),
-                     ("--bootstrap", a.bootstrap), ("--seed", a.seed), ("--out", a.out)):
+                     ("--bootstrap", a.bootstrap), ("--seed", a.seed), ("--out", a.out),
+                     ("--sandbox-workers", a.sandbox_workers)):
         if val is not None:
             raise _usage(f"{opt} is an option of task evaluation: give --tasks too (without --tasks, "
                          "lmforge eval measures bits per byte)")
-    if a.decontaminate:
-        raise _usage("--decontaminate is an option of task evaluation: give --tasks too")
+    for opt, val in (("--decontaminate", a.decontaminate), ("--allow-network", a.allow_network)):
+        if val:
+            raise _usage(f"{opt} is an option of task evaluation: give --tasks too")
     split = a.split or "val"
     if split not in BPB_SPLITS:
         raise _usage(f"--split {split}: without --tasks (bits per byte) the splits are {', '.join(BPB_SPLITS)}; "
@@ -130,11 +132,13 @@ def default_out(checkpoint) -> Path:
 
 def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None,
                         split="test", bootstrap=1000, seed=0, data_dir=None, decontaminate=False, out=None,
-                        batch_size=None, progress=True) -> tuple[dict, dict]:
+                        batch_size=None, progress=True, allow_network=False, sandbox_workers=2) -> tuple[dict, dict]:
     """Score ``tasks`` (names or paths) on the model in ``checkpoint`` and write the report into ``out``
     (default: ``default_out``). Returns (result, {what: path}). What ``lmforge eval --tasks`` and the
     pipeline's eval stage call. ``data_dir`` (default: the run's own) is where corpus tasks draw their
-    documents and, with ``decontaminate``, whose training shards documents are checked against."""
+    documents and, with ``decontaminate``, whose training shards documents are checked against.
+    ``allow_network``, ``sandbox_workers``: the pass@k sandbox's opt-in where it cannot isolate
+    programs from the network and filesystem, and how many programs run at once."""
     import time
 
     from . import harness, report
@@ -187,7 +191,7 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
     try:
         result = harness.evaluate(lm, loaded, limit=limit, num_fewshot=num_fewshot, split=split,
                                   bootstrap=bootstrap, seed=seed, samples_dir=tmp, data_dir=data_dir, dirty=dirty,
-                                  progress=progress)
+                                  progress=progress, allow_network=allow_network, sandbox_workers=sandbox_workers)
         for t in result.get("tasks", {}).values():
             if isinstance(t.get("samples"), str) and t["samples"].startswith(tmp.name + "/"):
                 t["samples"] = "samples/" + t["samples"][len(tmp.name) + 1:]
@@ -250,9 +254,10 @@ def cmd_tasks_eval(a) -> int:
                      f"built-ins), dev (its public dev split) or both (and their gap); {', '.join(BPB_SPLITS)} are "
                      "bits per byte's (without --tasks)")
     for opt, v in (("--limit", a.limit), ("--num-fewshot", a.num_fewshot), ("--bootstrap", a.bootstrap),
-                   ("--batch-size", a.batch_size)):
-        if v is not None and v < (1 if opt in ("--limit", "--batch-size") else 0):
-            raise _usage(f"{opt} {v}: expected {'a positive' if opt in ('--limit', '--batch-size') else 'a non-negative'}"
+                   ("--batch-size", a.batch_size), ("--sandbox-workers", a.sandbox_workers)):
+        positive = opt in ("--limit", "--batch-size", "--sandbox-workers")
+        if v is not None and v < (1 if positive else 0):
+            raise _usage(f"{opt} {v}: expected {'a positive' if positive else 'a non-negative'}"
                          " integer")
     if a.include_path is not None and not Path(a.include_path).is_dir():
         raise FileNotFoundError(f"--include-path {a.include_path}: not a directory (of task files)")
@@ -265,7 +270,8 @@ def cmd_tasks_eval(a) -> int:
         result, paths = evaluate_checkpoint(
             a.checkpoint, names, include_path=a.include_path, limit=a.limit, num_fewshot=a.num_fewshot,
             split=split, bootstrap=1000 if a.bootstrap is None else a.bootstrap, seed=a.seed or 0, data_dir=a.data,
-            decontaminate=a.decontaminate, out=a.out, batch_size=a.batch_size, progress=not a.json)
+            decontaminate=a.decontaminate, out=a.out, batch_size=a.batch_size, progress=not a.json,
+            allow_network=a.allow_network, sandbox_workers=2 if a.sandbox_workers is None else a.sandbox_workers)
     if a.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -416,6 +422,11 @@ def add_parser(sub) -> None:
                    "bootstrap (default 0)")
     g.add_argument("--decontaminate", action="store_true", help="count each task's documents that share a 13-gram "
                    "with the run's training shards (--data) and score the clean subset too")
+    g.add_argument("--sandbox-workers", type=int, default=None, metavar="N", help="pass@k programs run at once "
+                   "in the sandbox (default 2)")
+    g.add_argument("--allow-network", action="store_true", help="run pass@k programs even where the sandbox cannot "
+                   "give them a network namespace and a read-only filesystem (limits and a throwaway directory "
+                   "only); without it such a machine refuses")
     g.add_argument("--out", default=None, metavar="DIR", help="where the report goes (default: <run>/eval for a "
                    "pipeline run's model/, else ./eval-<checkpoint name>)")
     b = ev.add_argument_group("bits per byte (without --tasks)")

@@ -68,7 +68,7 @@ def letter_count(split: str, n: int | None, r: random.Random, min_len: int = 4) 
     alphabet = "abcdefghijklmnopqrstuvwxyz"
     by_count = {k: [(w, c) for w in words for c in sorted(set(w)) if w.count(c) == k] for k in (1, 2)}
 
-    answer_at = plan(r, lambda s: s.randrange(3))  # 0, 1 and 2 equally often: one number scores a third
+    answer_at = plan(r, (0, 1, 2))  # 0, 1 and 2 equally often: one number scores a third
 
     def sample(r, i):
         k = answer_at(i)
@@ -157,7 +157,7 @@ def brackets(split: str, n: int, r: random.Random, max_len: int = 8, kinds: int 
     max_len = _int_arg("max_len", max_len, 2, 64)
     kinds = _int_arg("kinds", kinds, 1, 3)
 
-    balanced_at = plan(r, lambda s: s.random() < 0.5)  # half balanced (far fewer strings are)
+    balanced_at = plan(r, (True, False))  # half balanced (far fewer strings are)
 
     def sample(r, i):
         balanced = balanced_at(i)
