@@ -97,7 +97,7 @@ def test_compare_cli(tmp_path, capsys):
 
 
 def test_default_out(tmp_path, monkeypatch):
-    from lmforge.evaluate._cli import default_out
+    from lmforge.evaluate.run import default_out
 
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)

@@ -15,5 +15,7 @@
 * ``judge``: LLM-as-judge, pairwise with position swap and single-answer with a rubric.
 * ``contamination``: 13-gram overlap between task documents and a run's training shards.
 * ``report``: the JSON result, the markdown scorecard with charts, and ``compare``.
+* ``run``: ``evaluate_checkpoint``, a model directory scored and its report written (``lmforge eval
+  --tasks`` and the pipeline's eval stage).
 * ``lm_eval_adapter``: lmforge as an lm-eval model (``lm-eval --model lmforge``).
 """

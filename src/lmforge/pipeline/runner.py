@@ -253,7 +253,7 @@ class Runner:
         """The [eval] tasks on the run's model (``lmforge eval --tasks``'s function): split both, contamination
         against the run's training shards, the report in ``eval/``. A task that fails to load or score is
         logged and left out (the others are still scored); all failing fails the stage."""
-        from ..evaluate._cli import evaluate_checkpoint, task_names
+        from ..evaluate.run import evaluate_checkpoint, task_names
 
         e = self.r.eval
         names = task_names(",".join(e.tasks))
