@@ -227,3 +227,12 @@ def test_compare_lists_tasks_only_one_run_has(tmp_path):
     c = report.compare(ra, rb)
     assert c["only_a"] == ["ppl"] and c["only_b"] == ["extra"] and set(c["tasks"]) == {"addition", "choice"}
     assert "- only in A: ppl" in report.compare_markdown(c)
+
+
+def test_scorecard_names_the_private_fingerprint_and_the_bootstrap_clusters():
+    res, _ = make_result([1, 0, 1, 1], with_samples=False)
+    task = next(iter(res["tasks"].values()))
+    task.update(split_fingerprint="0123456789ab", bootstrap_unit=["play", "stretch"], clusters=3)
+    md = report.scorecard_markdown(res)
+    assert "split private (fingerprint 0123456789ab)" in md
+    assert "intervals resample 3 clusters by play+stretch" in md

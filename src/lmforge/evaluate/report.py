@@ -239,6 +239,12 @@ def scorecard_markdown(res: dict, chart: str | None = None, chart_note: str | No
     for name, t in res["tasks"].items():
         L += ["", f"{h}# {name}", ""]
         info = [f"output type {t.get('output_type', '?')}", f"split {t.get('split', '?')}", f"n {t.get('n', '?')}"]
+        if t.get("split_fingerprint"):
+            info[1] += f" (fingerprint {t['split_fingerprint']})"
+        if t.get("bootstrap_unit"):
+            unit = t["bootstrap_unit"]
+            unit = "+".join(unit) if isinstance(unit, list) else unit
+            info.append(f"intervals resample {t.get('clusters', '?')} clusters by {unit}")
         if t.get("samples") and isinstance(t["samples"], str):
             info.append(f"per-sample log `{base}{t['samples']}`")
         L += ["; ".join(info), ""]
