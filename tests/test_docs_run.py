@@ -87,6 +87,14 @@ RUN: dict[str, list[tuple[str, dict]]] = {
         ("lmforge tokenizer import -t some_sentencepiece.model -o runs/imported",
          {"some_sentencepiece.model": ["runs/uni.model"]}),
     ],
+    "docs/evaluation.md": [  # a few documents per task (the default n take tens of seconds)
+        ("lmforge eval tasks", {}),
+        ("lmforge eval --checkpoint runs/pt --tasks default --split both --decontaminate",
+         {"--decontaminate": ["--decontaminate", "--limit", "8", "--bootstrap", "50"]}),
+        ("lmforge eval --checkpoint runs/pt --tasks cloze,addition --limit 50 --json", {"50": ["8"]}),
+        ("lmforge eval --checkpoint runs/hf --tasks cloze,addition --limit 50 --data runs/data", {"50": ["8"]}),
+        ("lmforge eval compare eval-pt eval-hf", {}),
+    ],
     "docs/pipeline.md": [  # --print-config: the recipe and its overrides resolve (the run itself takes minutes)
         ("lmforge run", {"run": ["run", "--print-config"]}),
         ("lmforge run --set train.max_tokens=1000000", {"run": ["run", "--print-config"]}),
@@ -100,7 +108,9 @@ RUN: dict[str, list[tuple[str, dict]]] = {
 # pages that use what another page's commands wrote: (that page, the paths copied from its directory)
 NEEDS = {"docs/training.md": [("docs/data.md", ["runs/tok", "runs/data"])],
          "README.md": [("docs/training.md", ["runs/pt"])], "docs/model.md": [("docs/training.md", ["runs/pt"])],
-         "docs/inference.md": [("docs/training.md", ["runs/pt"])]}
+         "docs/inference.md": [("docs/training.md", ["runs/pt"])],
+         "docs/evaluation.md": [("docs/data.md", ["runs/tok", "runs/data"]), ("docs/training.md", ["runs/pt"]),
+                                ("docs/model.md", ["runs/hf"])]}
 # the command as the doc writes it -> why it is not run here
 NOT_RUN = {
     "lmforge pretrain --data runs/data --preset tiny --max-time 300 --out runs/pt":
@@ -114,6 +124,15 @@ NOT_RUN = {
         "the reader's own files (tests/test_data_inputs.py prepares each of these formats)",
     "lmforge export --checkpoint runs/default/model --out runs/default/hf": "needs the full `lmforge run` (minutes)",
     "lmforge tokenizer demo": "trains three tokenizers on the whole corpus (a minute)",
+    "lmforge eval --checkpoint runs/pt --tasks my_task --include-path tasks/":
+        "the reader's own task files (tests/test_eval_tasks.py and test_eval_lm_eval.py load such directories)",
+    "lmforge eval judge pairwise runs/a/eval runs/b/eval --judge-url http://127.0.0.1:8000/v1":
+        "needs a judge server and two runs (tests/test_eval_judge.py runs pairwise against lmforge serve)",
+    "lmforge eval judge agreement --synthetic 50 --judge-checkpoint runs/default/model":
+        "needs `make demo`'s model (tests/test_eval_judge.py runs agreement with a local judge)",
+    "lmforge eval lm-eval -- --model lmforge --model_args checkpoint=runs/default/model --tasks lmf_choice "
+    "--include_path tests/data/lm_eval_tasks":
+        "lm-eval indexes its thousands of tasks first (tens of seconds); tests/test_eval_lm_eval.py runs this route",
 }
 SHELL_VARS = "$h"  # pipeline.md's sweep loops: lines with the loop's shell variables are the loop's, not run
 
