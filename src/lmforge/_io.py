@@ -77,3 +77,21 @@ def read_text_file(path: str | os.PathLike) -> str:
             f"{path}: not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); "
             "expected a UTF-8 text file"
         ) from None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSONL file, blank lines skipped; a line that is not a JSON object is an
+    error naming ``file:line``."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{k}: not a JSON line ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{k}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows

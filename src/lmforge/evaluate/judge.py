@@ -49,6 +49,7 @@ import random
 import re
 from pathlib import Path
 
+from .._io import read_jsonl
 from . import lm
 
 __all__ = ["pairwise", "grade", "judge_many", "agreement", "parse_verdict", "parse_rating", "parse_correct",
@@ -411,28 +412,12 @@ def addition_items(n: int, *, digits: int = 3, seed: int = 0, wrong_rate: float 
 
 # ---- runs' generations --------------------------------------------------------------------------
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{k}: not a JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{k}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
 def run_samples(run, tasks: list[str] | None = None) -> dict[str, dict]:
     """``{task: {"primary", "output_type", "samples": [row, ...]}}`` of a run: a directory with ``result.json``
     (its tasks' ``samples`` paths) or one ``samples/<task>.jsonl`` file."""
     p = Path(run)
     if p.is_file() and p.suffix == ".jsonl":
-        return {p.stem: {"primary": None, "output_type": None, "samples": _read_jsonl(p)}}
+        return {p.stem: {"primary": None, "output_type": None, "samples": read_jsonl(p)}}
     res = p / "result.json"
     if not res.is_file():
         raise ValueError(f"{run}: not a run (no result.json in it) nor a samples .jsonl file")
@@ -458,7 +443,7 @@ def run_samples(run, tasks: list[str] | None = None) -> dict[str, dict]:
         sp = p / rel
         if not sp.is_file():
             raise ValueError(f"{res}: tasks.{name}.samples names {rel!r}, which does not exist")
-        out[name] = {"primary": t.get("primary"), "output_type": t.get("output_type"), "samples": _read_jsonl(sp)}
+        out[name] = {"primary": t.get("primary"), "output_type": t.get("output_type"), "samples": read_jsonl(sp)}
     return out
 
 

@@ -21,7 +21,7 @@ import logging
 import math
 from pathlib import Path
 
-from .._io import atomic_open, write_json
+from .._io import atomic_open, read_jsonl, write_json
 
 __all__ = ["write", "load", "scorecard_markdown", "scorecard_text", "plot", "compare", "compare_markdown",
            "compare_text", "SCHEMA"]
@@ -349,13 +349,7 @@ def _samples(res: dict, task: str, split: str | None) -> dict | None:
     if not p.exists():
         return None
     acc: dict = {}
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}, line {i}: not JSON ({e.msg})") from None
+    for r in read_jsonl(p):
         if split is not None and r.get("split", split) != split:
             continue
         key = r.get("doc_id")
