@@ -210,14 +210,18 @@ class Faulty(torch.nn.Module):
 
 
 def faulty_fast_step(step, bad, mode):
-    """The C decode step, failing the same way on rows whose token is ``bad``."""
-    def run(tokens, positions, tables):
+    """The C step, failing the same way on rows whose token is ``bad``; with ``logits_rows`` (prefill
+    chunks: the rows up to each returned one are its chunk), on the chunks holding ``bad``."""
+    def run(tokens, positions, tables, logits_rows=None):
         if mode != "nan" and bad in tokens:
             raise RuntimeError(f"boom: token {bad}")
-        out = step(tokens, positions, tables)
-        for j, t in enumerate(tokens):
-            if t == bad:
+        out = step(tokens, positions, tables, logits_rows)
+        rows = range(len(tokens)) if logits_rows is None else logits_rows
+        first = 0
+        for j, r in enumerate(rows):
+            if bad in tokens[first:r + 1]:
                 out[j] = float("nan")
+            first = r + 1
         return out
     return run
 

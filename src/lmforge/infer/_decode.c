@@ -352,7 +352,7 @@ static void act_task(void *p, int t, int n) {
 }
 
 static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, const int32_t *tables, int max_blocks,
-                 float *logits) {
+                 const int32_t *heads, int n_heads, float *logits) {
     const int C = m->C, H = m->H, K = m->K, D = m->D, F = m->F;
     const int QKV = (H + 2 * K) * D, FC = m->mlp == MLP_SWIGLU ? 2 * F : F;
     for (int b = 0; b < B; b++) {
@@ -392,7 +392,13 @@ static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, con
         matmul(ly->mlp_proj_w, ly->mlp_proj_b, m->mlp == MLP_SWIGLU ? m->act : m->ff, m->h, B, F, C);
         for (size_t i = 0; i < (size_t)B * C; i++) m->x[i] += m->h[i];
     }
-    norm_rows(m, m->x, m->h, m->norm_w, m->norm_b, B, C);
+    if (heads) { /* the head only at the rows asked for (a prefill's last position), packed in that order */
+        for (int i = 0; i < n_heads; i++)
+            norm_rows(m, m->x + (size_t)heads[i] * C, m->h + (size_t)i * C, m->norm_w, m->norm_b, 1, C);
+        B = n_heads;
+    } else {
+        norm_rows(m, m->x, m->h, m->norm_w, m->norm_b, B, C);
+    }
     matmul(m->head_w, NULL, m->h, logits, B, C, m->V);
     if (m->softcap > 0.f) {
         float c = m->softcap;
@@ -512,12 +518,23 @@ static PyObject *py_set_cache(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* step(model, B, tokens_addr (int64), pos_addr (int32), tables_addr (int32), max_blocks, logits_addr, threads) */
+/* step(model, B, tokens_addr (int64), pos_addr (int32), tables_addr (int32), max_blocks, logits_addr, threads
+ *      [, heads_addr (int32), n_heads]): logits (B, V), or (n_heads, V) of rows heads[0..n_heads) when
+ * heads_addr is not 0 (rows of one sequence at consecutive positions in one call: a prefill chunk; each
+ * row's key and value are written before any row attends) */
 static PyObject *py_step(PyObject *mod, PyObject *args) {
     PyObject *cap;
-    int B, max_blocks, threads;
-    unsigned long long tp, pp, tb, lp;
-    if (!PyArg_ParseTuple(args, "OiKKKiKi", &cap, &B, &tp, &pp, &tb, &max_blocks, &lp, &threads)) return NULL;
+    int B, max_blocks, threads, n_heads = 0;
+    unsigned long long tp, pp, tb, lp, hp = 0;
+    if (!PyArg_ParseTuple(args, "OiKKKiKi|Ki", &cap, &B, &tp, &pp, &tb, &max_blocks, &lp, &threads, &hp, &n_heads))
+        return NULL;
+    const int32_t *heads = (const int32_t *)(uintptr_t)hp;
+    if (heads)
+        for (int i = 0; i < n_heads; i++)
+            if (heads[i] < 0 || heads[i] >= B) {
+                PyErr_Format(PyExc_ValueError, "logits row %d is outside the batch of %d rows", heads[i], B);
+                return NULL;
+            }
     Model *m = PyCapsule_GetPointer(cap, "lmforge.decode.Model");
     if (!m) return NULL;
     const int64_t *tokens = (const int64_t *)(uintptr_t)tp;
@@ -543,7 +560,8 @@ static PyObject *py_step(PyObject *mod, PyObject *args) {
     pthread_mutex_lock(&step_mu);
     err = grow(m, B, maxp + 1);
     if (!err) err = pool_start(threads);
-    if (!err) step(m, B, tokens, pos, (const int32_t *)(uintptr_t)tb, max_blocks, (float *)(uintptr_t)lp);
+    if (!err)
+        step(m, B, tokens, pos, (const int32_t *)(uintptr_t)tb, max_blocks, heads, n_heads, (float *)(uintptr_t)lp);
     pthread_mutex_unlock(&step_mu);
     Py_END_ALLOW_THREADS
     if (err) return PyErr_NoMemory();
@@ -570,7 +588,7 @@ static PyMethodDef methods[] = {
     {"new", py_new, METH_VARARGS, "new(ints, floats, globals, layers) -> model capsule"},
     {"set_cache", py_set_cache, METH_VARARGS, "set_cache(model, k_addrs, v_addrs, block_stride, block_size)"},
     {"step", py_step, METH_VARARGS,
-     "step(model, B, tokens, positions, tables, max_blocks, logits, threads): one decode step (addresses)"},
+     "step(model, B, tokens, positions, tables, max_blocks, logits, threads[, heads, n_heads]): one step (addresses)"},
     {"matmul", py_matmul, METH_VARARGS, "matmul(W, bias, X, Y, B, I, O, threads): Y = X W^T + bias (addresses)"},
     {NULL, NULL, 0, NULL}};
 

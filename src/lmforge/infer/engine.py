@@ -447,15 +447,26 @@ class Engine:
         padding)."""
         out: list[torch.Tensor | None] = [None] * len(plan)
         multi = list(range(len(plan)))
-        if self.fast is not None:  # single new tokens (decode) go through the C step
-            single = [i for i, (_, n) in enumerate(plan) if n == 1]
-            multi = [i for i, (_, n) in enumerate(plan) if n > 1]
-            if single:
-                seqs = [plan[i][0].seq for i in single]
-                toks = [plan[i][0].tokens[plan[i][0].done_tokens] for i in single]
-                lg = self.fast.step(toks, [s.length for s in seqs], [s.blocks for s in seqs])
-                for j, (i, s) in enumerate(zip(single, seqs)):
-                    s.length += 1
+        if self.fast is not None:
+            # decode rows go through the C step, and so do prefill chunks when no row of the step needs logits at
+            # every position: a chunk is then its tokens as rows of one sequence at consecutive positions (no
+            # padding), the head at its last row only. A row scoring its prompt (prompt_logprobs) runs in
+            # PyTorch, and the step's other chunks join that one forward (as they always did)
+            torch_rows = self._all_logits or any(n > 1 and self._scoring_prompt(req) for req, n in plan)
+            fast = [i for i, (_, n) in enumerate(plan) if n == 1 or not torch_rows]
+            multi = [i for i, (_, n) in enumerate(plan) if n > 1 and torch_rows]
+            if fast:
+                toks, pos, tabs, last = [], [], [], []
+                for i in fast:
+                    req, n = plan[i]
+                    s, d = req.seq, req.done_tokens
+                    toks += req.tokens[d:d + n] if n > 1 else [req.tokens[d]]
+                    pos += range(s.length, s.length + n)
+                    tabs += [s.blocks] * n
+                    last.append(len(toks) - 1)
+                lg = self.fast.step(toks, pos, tabs, last if len(last) < len(toks) else None)
+                for j, i in enumerate(fast):
+                    plan[i][0].seq.length += plan[i][1]
                     out[i] = lg[j:j + 1]
         if multi:
             T = max(plan[i][1] for i in multi)
