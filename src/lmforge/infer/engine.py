@@ -329,11 +329,12 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["multi_sequence_steps"] += len(plan) > 1
         self.stats["max_sequences_in_step"] = max(self.stats["max_sequences_in_step"], len(plan))
-        for (req, n), lg in zip(plan, logits):
+        greedy = self._greedy_tokens(plan, logits)
+        for (req, n), lg, tok in zip(plan, logits, greedy):
             if lg is None:
                 continue  # its forward failed: already finished with an error
             try:
-                o = self._advance(req, n, lg)
+                o = self._advance(req, n, lg, tok)
             except Exception as e:  # sampling or detokenization: this request alone ends
                 o = self._fail(req, e)
             if o is not None:
@@ -342,6 +343,23 @@ class Engine:
             if o.finished:
                 self.requests.pop(o.request_id, None)
         return outs
+
+    @staticmethod
+    def _greedy_tokens(plan: list[tuple[Request, int]], logits: list) -> list[int | None]:
+        """The next token of every row that samples this step with a ``plain_greedy`` sampler: one max over
+        those rows' logits at once (the same ``torch.max`` each ``Sampler.sample`` would run on its row);
+        None for the others (and for a row whose top logit is NaN: its own sampler raises the error)."""
+        rows = [j for j, ((req, n), lg) in enumerate(zip(plan, logits))
+                if lg is not None and req.done_tokens + n == len(req.tokens) and req.params.max_tokens
+                and req.sampler.plain_greedy]
+        out: list[int | None] = [None] * len(plan)
+        if len(rows) < 2:
+            return out
+        top, tok = torch.max(torch.stack([logits[j][-1] for j in rows]).float(), 1)
+        for j, v, t in zip(rows, top.tolist(), tok.tolist()):
+            if v == v:  # not NaN
+                out[j] = t
+        return out
 
     def _forward_isolated(self, plan: list[tuple[Request, int]]) -> tuple[list, list[StepOutput]]:
         """The rows' logits; if the batched forward raises, each row is run alone and the ones
@@ -372,9 +390,10 @@ class Engine:
         self._finish(req, "error")
         return StepOutput(req.id, None, True, "error", error=msg)
 
-    def _advance(self, req: Request, n: int, lg: torch.Tensor) -> StepOutput | None:
+    def _advance(self, req: Request, n: int, lg: torch.Tensor, token: int | None = None) -> StepOutput | None:
         """Account for ``n`` tokens run with logits ``lg``: (n, vocab) while scoring the prompt, else
-        (1, vocab) of the last one; sample when the prompt is done."""
+        (1, vocab) of the last one; sample when the prompt is done (``token``: the argmax already taken for a
+        ``plain_greedy`` sampler, see ``_greedy_tokens``)."""
         start = req.done_tokens
         req.done_tokens += n
         self._register_full_blocks(req)
@@ -391,7 +410,7 @@ class Engine:
         if p.max_tokens == 0:  # prefill only
             self._finish(req, "length")
             return StepOutput(req.id, None, True, "length", prompt_logprobs=req.prompt_logprobs)
-        s = req.sampler.sample(lg[-1])
+        s = req.sampler.sample(lg[-1]) if token is None else req.sampler.accept(token)
         t = s.token
         req.output.append(t)
         if req.first_token_time is None:
