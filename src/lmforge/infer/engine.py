@@ -8,9 +8,15 @@ tokenizer, detokenizes its outputs incrementally to apply stop strings. Every st
    longer than what is left of the budget is prefilled in chunks over several
    steps (chunked prefill);
 2. run one forward over the batch: every running sequence's next token (decode)
-   and the prefill chunks, as rows of one ``PagedBatch``;
+   and the prefill chunks. With the C step (``fastpath``; CPU float32) that is one
+   call whose rows are single tokens: a chunk is its tokens at consecutive positions
+   of one sequence (no padding), the output head at its last one only. A step with
+   a row that scores its prompt (``prompt_logprobs``: logits at every position), or a
+   model whose forward was replaced or hooked after the engine was built, runs its
+   chunks in PyTorch as rows of one ``PagedBatch`` (the decode rows stay in C);
 3. sample each finished row with its own ``Sampler`` (so its output does not
-   depend on the rest of the batch), retire sequences that stopped and free
+   depend on the rest of the batch; the rows whose sampler is ``plain_greedy`` share
+   one argmax over their logits, the same max each would take), retire sequences that stopped and free
    their blocks; when a decode step has no free block, the most recently
    admitted sequence is preempted (its blocks freed, its tokens kept) and
    recomputed when blocks are free again.
@@ -471,7 +477,8 @@ class Engine:
             # every position: a chunk is then its tokens as rows of one sequence at consecutive positions (no
             # padding), the head at its last row only. A row scoring its prompt (prompt_logprobs) runs in
             # PyTorch, and the step's other chunks join that one forward (as they always did)
-            torch_rows = self._all_logits or any(n > 1 and self._scoring_prompt(req) for req, n in plan)
+            torch_rows = self._all_logits or self._forward_swapped() or any(
+                n > 1 and self._scoring_prompt(req) for req, n in plan)
             fast = [i for i, (_, n) in enumerate(plan) if n == 1 or not torch_rows]
             multi = [i for i, (_, n) in enumerate(plan) if n > 1 and torch_rows]
             if fast:
@@ -509,6 +516,14 @@ class Engine:
             for j, (i, a) in enumerate(zip(multi, at)):
                 out[i] = lg[j, :len(a)]
         return out
+
+    def _forward_swapped(self) -> bool:
+        """Whether the model's forward was replaced or hooked after the engine was built (a wrapper, an
+        injected failure): the C step mirrors the plain forward (``FastDecoder.why_not`` declines such a model
+        at build time), so prefill chunks then go through the model's own forward."""
+        m = self.model
+        return "forward" in vars(m) or bool(getattr(m, "_forward_hooks", None)) \
+            or bool(getattr(m, "_forward_pre_hooks", None))
 
     def run(self) -> None:
         while self.has_work():
