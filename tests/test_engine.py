@@ -676,3 +676,21 @@ def test_greedy_rows_take_one_batched_argmax_and_outputs_equal_each_alone(monkey
     rid = eng.add_request(ps[2], params[2])
     outs = [o for step in iter(eng.step, []) for o in step if o.request_id == rid]
     assert all(o.logprob is not None and len(o.top_logprobs) == 2 for o in outs)
+
+
+def test_batched_argmax_picks_the_token_each_sampler_would_even_with_ties_and_leaves_nan_rows_to_it():
+    from types import SimpleNamespace as NS
+
+    from lmforge.infer.sampling import Sampler
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (6, 50), generator=g).float()  # many tied maxima
+    x[1, 40:] = 9.0
+    x[2, 7] = float("nan")
+    params = SamplingParams(max_tokens=4, temperature=0)
+    reqs = [NS(done_tokens=2, tokens=[1, 2], params=params, sampler=Sampler(params, [1, 2], 50)) for _ in x]
+    plan = [(r, 1) for r in reqs]
+    got = Engine._greedy_tokens(plan, [row[None] for row in x])
+    assert got[2] is None  # NaN: its own sampler raises, naming the NaN
+    want = [Sampler(params, [1, 2], 50).sample(row).token for k, row in enumerate(x) if k != 2]
+    assert [t for k, t in enumerate(got) if k != 2] == want and got[1] == 40

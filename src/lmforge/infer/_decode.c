@@ -44,18 +44,26 @@ static inline __attribute__((always_inline)) v8 LOAD(const float *p) {
 static inline __attribute__((always_inline)) void STORE(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
 /* ------------------------------------------------------------------ thread pool */
-/* The main thread and n-1 workers run fn(ctx, t, n) for t = 0..n-1. Workers spin on a
- * generation counter between tasks (a decode step hands out ~10 tasks per layer) and
+/* A parallel region is cut into `chunks` pieces fn(ctx, c, chunks), c = 0..chunks-1 (a few per thread),
+ * which the main thread and the n-1 workers claim one at a time from a shared ticket; the main thread
+ * waits only for pieces that were claimed. On a machine shared with other work, a worker the OS has not
+ * scheduled claims nothing and the running threads do its share (with a fixed split, every region would
+ * wait for it: a time slice, milliseconds, per region). Every piece computes the same numbers whoever
+ * runs it. Workers spin on a generation counter between regions (a decode step opens ~10 per layer) and
  * sleep on a condition variable after ~0.5 ms without work. */
 #define MAX_THREADS 64
+#define CHUNKS_PER_THREAD 4
 typedef void (*task_fn)(void *ctx, int t, int n);
 static struct {
     int n; /* threads, main included */
     pthread_t th[MAX_THREADS];
-    atomic_int gen, pending, sleeping, stop;
+    atomic_int gen, sleeping, stop;
+    atomic_ullong ticket; /* (region << 32) | next piece to claim */
+    atomic_int done;      /* pieces of the current region finished */
     int start_gen;
     task_fn fn;
     void *ctx;
+    int chunks;
     pthread_mutex_t mu;
     pthread_cond_t cv;
 } pool = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
@@ -67,8 +75,27 @@ static double now_s(void) {
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
+/* claim and run pieces of the current region until none is left (or the region is over) */
+static void run_pieces(void) {
+    for (;;) {
+        unsigned long long t = atomic_load(&pool.ticket);
+        unsigned c = (unsigned)(t & 0xffffffffu);
+        /* read before the claim: a successful claim proves the region had not moved on */
+        task_fn fn = pool.fn;
+        void *ctx = pool.ctx;
+        int chunks = pool.chunks;
+        if ((int)c >= chunks) return;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) {
+            if ((int)(t & 0xffffffffu) >= chunks) return;
+            continue;
+        }
+        fn(ctx, (int)c, chunks);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
 static void *worker(void *arg) {
-    int t = (int)(intptr_t)arg;
+    (void)arg;
     int seen = pool.start_gen; /* the generation before any task for this worker */
     for (;;) {
         int g = atomic_load_explicit(&pool.gen, memory_order_acquire);
@@ -89,8 +116,7 @@ static void *worker(void *arg) {
         }
         seen = g;
         if (atomic_load(&pool.stop)) return NULL;
-        pool.fn(pool.ctx, t, pool.n);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        run_pieces();
     }
 }
 
@@ -127,22 +153,28 @@ static void parallel(task_fn fn, void *ctx) {
         fn(ctx, 0, 1);
         return;
     }
+    int chunks = pool.n * CHUNKS_PER_THREAD;
+    if (chunks > MAX_THREADS) chunks = MAX_THREADS; /* (att_task keeps one scores row per piece) */
+    /* the previous region's pieces are all done: no worker reads these until the new ticket */
     pool.fn = fn;
     pool.ctx = ctx;
-    atomic_store(&pool.pending, pool.n - 1);
+    pool.chunks = chunks;
+    atomic_store(&pool.done, 0);
+    unsigned long long region = (atomic_load(&pool.ticket) >> 32) + 1;
+    atomic_store(&pool.ticket, region << 32);
     atomic_fetch_add_explicit(&pool.gen, 1, memory_order_seq_cst);
     if (atomic_load(&pool.sleeping) > 0) {
         pthread_mutex_lock(&pool.mu);
         pthread_cond_broadcast(&pool.cv);
         pthread_mutex_unlock(&pool.mu);
     }
-    fn(ctx, 0, pool.n);
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) CPU_RELAX();
+    run_pieces();
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) CPU_RELAX();
 }
 
 static void after_fork_child(void) { /* the workers did not survive the fork */
     pool.n = 1;
-    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.done, 0);
     atomic_store(&pool.sleeping, 0);
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.cv, NULL);
