@@ -688,7 +688,7 @@ def test_batched_argmax_picks_the_token_each_sampler_would_even_with_ties_and_le
     x[1, 40:] = 9.0
     x[2, 7] = float("nan")
     params = SamplingParams(max_tokens=4, temperature=0)
-    reqs = [NS(done_tokens=2, tokens=[1, 2], params=params, sampler=Sampler(params, [1, 2], 50)) for _ in x]
+    reqs = [NS(done_tokens=1, tokens=[1, 2], params=params, sampler=Sampler(params, [1, 2], 50)) for _ in x]
     plan = [(r, 1) for r in reqs]
     got = Engine._greedy_tokens(plan, [row[None] for row in x])
     assert got[2] is None  # NaN: its own sampler raises, naming the NaN
