@@ -15,7 +15,10 @@
  * addresses and the cache layout, and checks the result against PyTorch in the tests.
  *
  * B rows decode one token each; row b's token goes to position pos[b] (its number of
- * cached tokens) of the sequence whose block table is tables[b * max_blocks ...].
+ * cached tokens) of the sequence whose block table is tables[b * max_blocks ...]. Rows of
+ * one sequence at consecutive positions are a prefill chunk: each layer writes every row's
+ * key and value before any row attends, and a row reads positions up to its own. The output
+ * head runs at every row, or only at the rows `heads` names (a chunk needs its last only).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -6,7 +6,9 @@ bound by memory bandwidth, and for small models by the fixed cost of each of the
 ``lmforge.model.Transformer`` (eval mode, CPU, float32; the dense ``ModelConfig``
 variants with one sliding window for all layers) as one C call that reads the
 weights where PyTorch keeps them and the keys/values straight from the KV cache,
-contiguous or paged.
+contiguous or paged. The engine runs prefill chunks through the same call: a chunk's
+tokens are rows of one sequence at consecutive positions (no padding), the output head
+at its last row only (``step(..., logits_rows=...)``).
 
 Both caches have the same shape per layer, ``(N, K, S, D)``: a contiguous
 ``KVCache`` is N rows of S = max_len positions; the paged pool is N blocks of
@@ -17,8 +19,8 @@ contiguous row ``b`` is the one-entry table ``[b]``.
 does; ``supported(model)`` is ``why_not(model) is None``; ``LMFORGE_NO_NATIVE=1``
 turns it off). It fails closed: anything it does not know exactly (another
 component, a swapped module, MoE, per-layer windows that differ, a config field
-it does not know away from its default) declines. The prefill stays in PyTorch,
-whose matrix-matrix products are compute-bound and already fast.
+it does not know away from its default) declines. (Prefill chunks that need logits
+at every position, ``prompt_logprobs``, stay in PyTorch.)
 """
 from __future__ import annotations
 
