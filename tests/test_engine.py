@@ -597,6 +597,7 @@ def test_c_prefill_chunks_write_the_cache_and_logits_of_the_pytorch_prefill(arch
         eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=16)
         if fast:
             assert eng.fast is not None
+            eng.c_prefill_padding = 0  # every chunk through C, however little padding PyTorch would add
             step = eng.fast.step
             eng.fast.step = lambda t, p, tab, rows=None: calls.append((len(t), rows)) or step(t, p, tab, rows)
         else:
@@ -694,3 +695,16 @@ def test_batched_argmax_picks_the_token_each_sampler_would_even_with_ties_and_le
     assert got[2] is None  # NaN: its own sampler raises, naming the NaN
     want = [Sampler(params, [1, 2], 50).sample(row).token for k, row in enumerate(x) if k != 2]
     assert [t for k, t in enumerate(got) if k != 2] == want and got[1] == 40
+
+
+def test_prefill_chunks_go_through_c_only_when_padding_would_cost_pytorch_more():
+    _needs_c()
+    m = model("llama-gqa")
+    for lengths, want_c in (([20, 20, 20], False), ([4, 30, 5, 6], True)):  # padded/real: 1.0; 120/45 = 2.7
+        eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=256)
+        calls, step = [], eng.fast.step
+        eng.fast.step = lambda t, p, tab, rows=None: calls.append(len(t)) or step(t, p, tab, rows)
+        ps = [list(range(1, n + 1)) for n in lengths]
+        out = eng.generate(ps, SamplingParams(max_tokens=3, temperature=0))
+        assert (calls[0] == sum(lengths)) == want_c  # the first step: every prompt's chunk, in C or not at all
+        assert out == [generate(m, p, 3, temperature=0) for p in ps]
