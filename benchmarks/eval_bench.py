@@ -11,7 +11,7 @@ Both sides get the same ``torch.set_num_threads``, a warm-up, and each its best 
 tried (printed); a time is the median of 3 runs. Parity is checked and printed: the largest absolute
 difference of the two sides' log-likelihoods, is_greedy agreement and how many greedy generations match.
 
-    PYTHONPATH=src python benchmarks/eval_bench.py [RUN_DIR] [--quick] [--threads N] [--ablate]
+    PYTHONPATH=src python benchmarks/eval_bench.py [RUN_DIR] [--quick] [--threads N] [--ablate] [--only mc|gen]
 
 Ends with the house's JSON line: {"benchmark": "eval", "rows": [...]} (requests/s, goal 3x).
 """
@@ -114,6 +114,8 @@ def main(argv=None) -> None:
     ap.add_argument("--mc", type=int, default=None, help="multiple-choice questions (4 choices each; default 200)")
     ap.add_argument("--gen", type=int, default=None, help="generation prompts (default 64)")
     ap.add_argument("--ablate", action="store_true", help="also time LocalLM with each technique switched off")
+    ap.add_argument("--only", choices=("mc", "gen"), default=None,
+                    help="time only the multiple-choice (mc) or only the generation (gen) requests")
     args = ap.parse_args(argv)
     run = Path(args.run)
     check_run(run)
@@ -157,7 +159,6 @@ def main(argv=None) -> None:
     def inst(kind, args_list):
         return [Instance(kind, {}, a, i) for i, a in enumerate(args_list)]
 
-    mc_inst, gen_inst = inst("loglikelihood", mc), inst("generate_until", gen)
 
     def hf_set(b):
         ref.batch_size_per_gpu = b
@@ -168,7 +169,23 @@ def main(argv=None) -> None:
     ref_bs = [16, 64] if args.quick else [8, 32, 64, 128]
     our_budgets = [16384] if args.quick else [4096, 8192, 16384]
     rows = []
+    diff = same = None
 
+    if args.only != "gen":
+        diff = _bench_mc(args, ours, ref, mc, inst, hf_set, our_set, ref_bs, our_budgets, runs, rows)
+    if args.only != "mc":
+        same = _bench_gen(args, ours, ref, gen, inst, hf_set, runs, rows)
+    note = [f"threads {threads}"]
+    if diff is not None:
+        note.append(f"log-likelihood max |diff| {diff:.2e}")
+    if same is not None:
+        note.append(f"generations equal {same}/{len(gen)}")
+    report("eval", rows, note="; ".join(note))
+
+
+def _bench_mc(args, ours, ref, mc, inst, hf_set, our_set, ref_bs, our_budgets, runs, rows):
+    """loglikelihood (multiple choice): both sides at their best setting, then the ablations; the largest |diff|."""
+    mc_inst = inst("loglikelihood", mc)
     print("loglikelihood (multiple choice):")
     warm_mc = mc[:16]
     r_rate, r_bs, r_out = best_of("lm-eval", ref_bs, lambda b: (hf_set(b), lambda: ref.loglikelihood(
@@ -193,7 +210,12 @@ def main(argv=None) -> None:
             setattr(ours, attr, was)
             print(f"  lmforge without: {name}: {len(mc) / t:.1f} requests/s")
             rows.append(row(f"ablation: {name}", len(mc) / t, r_rate, "requests/s"))
+    return diff
 
+
+def _bench_gen(args, ours, ref, gen, inst, hf_set, runs, rows):
+    """generate_until (greedy): both sides at their best setting; how many generations are equal."""
+    gen_inst = inst("generate_until", gen)
     print("generate_until (greedy, 32 tokens, until \\n\\n):")
     gen_bs = [16, 64] if args.quick else [8, 16, 32, 64]
     warm_gen = gen[:4]
@@ -219,8 +241,7 @@ def main(argv=None) -> None:
             print(f"    first difference, prompt {k}: lmforge {a!r:.80} vs lm-eval {b!r:.80}")
             break
     rows.append(row("generate_until (greedy)", o_rate, r_rate, "requests/s", goal=3.0))
-    report("eval", rows, note=f"threads {threads}; log-likelihood max |diff| {diff:.2e}; "
-                             f"generations equal {same}/{len(gen)}")
+    return same
 
 
 if __name__ == "__main__":

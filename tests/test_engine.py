@@ -210,14 +210,18 @@ class Faulty(torch.nn.Module):
 
 
 def faulty_fast_step(step, bad, mode):
-    """The C decode step, failing the same way on rows whose token is ``bad``."""
-    def run(tokens, positions, tables):
+    """The C step, failing the same way on rows whose token is ``bad``; with ``logits_rows`` (prefill
+    chunks: the rows up to each returned one are its chunk), on the chunks holding ``bad``."""
+    def run(tokens, positions, tables, logits_rows=None):
         if mode != "nan" and bad in tokens:
             raise RuntimeError(f"boom: token {bad}")
-        out = step(tokens, positions, tables)
-        for j, t in enumerate(tokens):
-            if t == bad:
+        out = step(tokens, positions, tables, logits_rows)
+        rows = range(len(tokens)) if logits_rows is None else logits_rows
+        first = 0
+        for j, r in enumerate(rows):
+            if bad in tokens[first:r + 1]:
                 out[j] = float("nan")
+            first = r + 1
         return out
     return run
 
@@ -569,3 +573,138 @@ def test_a_cache_spec_the_pool_does_not_implement_is_refused_naming_the_layer(mo
     monkeypatch.setattr(m, "cache_specs", lambda: [specs[0], StateSpec(8)])
     with pytest.raises(ValueError, match=r"BlockPool: layer 1 has a StateSpec spec"):
         Engine(m, num_blocks=8, block_size=4)
+
+
+# ---- the C step runs prefill chunks; greedy rows take one argmax over the batch ----
+
+def _needs_c():
+    if not fastpath.AVAILABLE:
+        assert os.environ.get("LMFORGE_REQUIRE_NATIVE") != "1", "the lmforge.infer._decode extension did not build"
+        pytest.skip("the C decode step is not built")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_c_prefill_chunks_write_the_cache_and_logits_of_the_pytorch_prefill(arch, monkeypatch):
+    """Prompts prefilled in chunks beside each other through the C step (rows of one sequence, no padding, the
+    head at each chunk's last row) leave the same keys/values in the pool as the PyTorch prefill, and their
+    last-position logits equal a plain full forward."""
+    _needs_c()
+    m = model(arch)
+    ps = [p * 2 for p in prompts(4, seed=41)]  # 6..58 tokens: several chunks of the 16-token budget
+    calls = []
+
+    def run(fast):
+        eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=16)
+        if fast:
+            assert eng.fast is not None
+            eng.c_prefill_padding = 0  # every chunk through C, however little padding PyTorch would add
+            step = eng.fast.step
+            eng.fast.step = lambda t, p, tab, rows=None: calls.append((len(t), rows)) or step(t, p, tab, rows)
+        else:
+            eng.fast = None  # every chunk and decode row through the PyTorch forward
+        reqs = [eng.requests[eng.add_request(p, SamplingParams(max_tokens=1, temperature=0))] for p in ps]
+        lgs = {}
+        adv = eng._advance
+        eng._advance = lambda req, n, lg, tok=None: lgs.__setitem__(req.id, lg[-1].clone()) or adv(req, n, lg, tok)
+        blocks = {}
+        rel = eng.pool.release
+        eng.pool.release = lambda b: blocks.setdefault(len(blocks), [(eng.pool.k[0][i].clone(),
+                                                                       eng.pool.v[-1][i].clone()) for i in b]) \
+            or rel(b)
+        eng.run()
+        return [r.output for r in reqs], lgs, blocks
+
+    out_c, lg_c, kv_c = run(True)
+    out_t, lg_t, kv_t = run(False)
+    assert any(n > 1 and rows is not None and len(rows) < n for n, rows in calls)  # chunks went through C
+    with torch.no_grad():
+        full = [m(torch.tensor([p]))[0, -1] for p in ps]
+    for i in range(len(ps)):
+        torch.testing.assert_close(lg_c[i], full[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lg_c[i], lg_t[i], atol=1e-4, rtol=1e-4)
+    assert out_c == out_t == [[int(f.argmax())] for f in full]
+    assert kv_c.keys() == kv_t.keys() and len(kv_c) == len(ps)
+    for j in kv_c:
+        for (kc, vc), (kt, vt) in zip(kv_c[j], kv_t[j]):
+            torch.testing.assert_close(kc, kt, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(vc, vt, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_step_logits_rows_are_the_rows_of_the_full_step_and_bad_rows_are_refused():
+    _needs_c()
+    m = model("llama-gqa")
+    eng = Engine(m, num_blocks=16, block_size=4)
+    toks, pos, tabs = [5, 6, 7, 8, 9], [0, 1, 2, 3, 4], [[0, 1]] * 5
+    full = eng.fast.step(toks, pos, tabs)  # writes positions 0..4 of blocks 0, 1
+    again = eng.fast.step(toks, pos, tabs, [4, 1])  # the same writes again: the same numbers
+    assert again.shape == (2, m.cfg.vocab_size)
+    assert torch.equal(again, full[[4, 1]])
+    for bad in ([], [5], [-1]):
+        with pytest.raises(ValueError, match="logits_rows"):
+            eng.fast.step(toks, pos, tabs, bad)
+
+
+def test_greedy_rows_take_one_batched_argmax_and_outputs_equal_each_alone(monkeypatch):
+    """Plain greedy rows skip their Sampler's per-row work (one max over the batch); greedy with logprobs, a
+    penalty, a logit bias or min_tokens, and seeded sampling, still sample alone: every output is unchanged."""
+    from lmforge.infer.sampling import Sampler
+
+    m = model("llama-gqa")
+    ps = prompts(7, seed=51)
+    params = [SamplingParams(max_tokens=9, temperature=0),
+              SamplingParams(max_tokens=9, temperature=0, stop_token_ids=[3]),
+              SamplingParams(max_tokens=9, temperature=0, logprobs=2),
+              SamplingParams(max_tokens=9, temperature=0, repetition_penalty=1.3),
+              SamplingParams(max_tokens=9, temperature=0, logit_bias={7: 2.5}),
+              SamplingParams(max_tokens=9, temperature=0, min_tokens=4, stop_token_ids=[0, 1, 2]),
+              SamplingParams(max_tokens=9, temperature=0.9, seed=5)]
+    alone = [Engine(m, num_blocks=64, block_size=4).generate([p], q)[0] for p, q in zip(ps, params)]
+    assert_informative(alone)
+    sampled = {}
+    orig = Sampler.sample
+    monkeypatch.setattr(Sampler, "sample", lambda self, x: sampled.__setitem__(id(self), sampled.get(id(self), 0) + 1)
+                        or orig(self, x))
+    eng = Engine(m, num_blocks=64, block_size=4)
+    reqs = [eng.requests[eng.add_request(p, q)] for p, q in zip(ps, params)]
+    eng.run()
+    assert [r.output for r in reqs] == alone
+    n = [sampled.get(id(r.sampler), 0) for r in reqs]
+    assert n[0] == 0 and n[1] == 0  # plain greedy: the batched argmax only
+    assert n[2:5] == [len(r.output) for r in reqs[2:5]] and n[6] == len(reqs[6].output)
+    assert n[5] == min(4, len(reqs[5].output))  # greedy again once min_tokens stop masking the stop ids
+    # logprobs are still reported where asked
+    eng = Engine(m, num_blocks=64, block_size=4)
+    rid = eng.add_request(ps[2], params[2])
+    outs = [o for step in iter(eng.step, []) for o in step if o.request_id == rid]
+    assert all(o.logprob is not None and len(o.top_logprobs) == 2 for o in outs)
+
+
+def test_batched_argmax_picks_the_token_each_sampler_would_even_with_ties_and_leaves_nan_rows_to_it():
+    from types import SimpleNamespace as NS
+
+    from lmforge.infer.sampling import Sampler
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (6, 50), generator=g).float()  # many tied maxima
+    x[1, 40:] = 9.0
+    x[2, 7] = float("nan")
+    params = SamplingParams(max_tokens=4, temperature=0)
+    reqs = [NS(done_tokens=1, tokens=[1, 2], params=params, sampler=Sampler(params, [1, 2], 50)) for _ in x]
+    plan = [(r, 1) for r in reqs]
+    got = Engine._greedy_tokens(plan, [row[None] for row in x])
+    assert got[2] is None  # NaN: its own sampler raises, naming the NaN
+    want = [Sampler(params, [1, 2], 50).sample(row).token for k, row in enumerate(x) if k != 2]
+    assert [t for k, t in enumerate(got) if k != 2] == want and got[1] == 40
+
+
+def test_prefill_chunks_go_through_c_only_when_padding_would_cost_pytorch_more():
+    _needs_c()
+    m = model("llama-gqa")
+    for lengths, want_c in (([20, 20, 20], False), ([4, 30, 5, 6], True)):  # padded/real: 1.0; 120/45 = 2.7
+        eng = Engine(m, num_blocks=96, block_size=4, max_batch_tokens=256)
+        calls, step = [], eng.fast.step
+        eng.fast.step = lambda t, p, tab, rows=None: calls.append(len(t)) or step(t, p, tab, rows)
+        ps = [list(range(1, n + 1)) for n in lengths]
+        out = eng.generate(ps, SamplingParams(max_tokens=3, temperature=0))
+        assert (calls[0] == sum(lengths)) == want_c  # the first step: every prompt's chunk, in C or not at all
+        assert out == [generate(m, p, 3, temperature=0) for p in ps]

@@ -32,7 +32,8 @@ positions restarting after the context; rows are sorted by length and batched un
 rows of near-equal length together (``pad_slack``), padding masked; the output head runs only at the
 positions whose next token is scored, the log-softmax only at the targets (logit - logsumexp); no grad,
 eval mode, float32 on CPU. Generation runs every request in flight at once in the engine (continuous
-batching, the C decode step, prefix caching of shared few-shot prompts).
+batching, the C step for prompts and decode, one argmax over the batch for greedy rows, prefix caching
+of shared few-shot prompts).
 
 The tree mask reaches the model through the cache protocol its forward already reads for the paged
 engine (``paged``, ``positions``, ``mask(window)``, ``update``, ``advance``): ``_TreeBatch`` stores

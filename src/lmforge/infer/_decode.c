@@ -15,7 +15,10 @@
  * addresses and the cache layout, and checks the result against PyTorch in the tests.
  *
  * B rows decode one token each; row b's token goes to position pos[b] (its number of
- * cached tokens) of the sequence whose block table is tables[b * max_blocks ...].
+ * cached tokens) of the sequence whose block table is tables[b * max_blocks ...]. Rows of
+ * one sequence at consecutive positions are a prefill chunk: each layer writes every row's
+ * key and value before any row attends, and a row reads positions up to its own. The output
+ * head runs at every row, or only at the rows `heads` names (a chunk needs its last only).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,18 +47,26 @@ static inline __attribute__((always_inline)) v8 LOAD(const float *p) {
 static inline __attribute__((always_inline)) void STORE(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
 /* ------------------------------------------------------------------ thread pool */
-/* The main thread and n-1 workers run fn(ctx, t, n) for t = 0..n-1. Workers spin on a
- * generation counter between tasks (a decode step hands out ~10 tasks per layer) and
+/* A parallel region is cut into `chunks` pieces fn(ctx, c, chunks), c = 0..chunks-1 (a few per thread),
+ * which the main thread and the n-1 workers claim one at a time from a shared ticket; the main thread
+ * waits only for pieces that were claimed. On a machine shared with other work, a worker the OS has not
+ * scheduled claims nothing and the running threads do its share (with a fixed split, every region would
+ * wait for it: a time slice, milliseconds, per region). Every piece computes the same numbers whoever
+ * runs it. Workers spin on a generation counter between regions (a decode step opens ~10 per layer) and
  * sleep on a condition variable after ~0.5 ms without work. */
 #define MAX_THREADS 64
+#define CHUNKS_PER_THREAD 4
 typedef void (*task_fn)(void *ctx, int t, int n);
 static struct {
     int n; /* threads, main included */
     pthread_t th[MAX_THREADS];
-    atomic_int gen, pending, sleeping, stop;
+    atomic_int gen, sleeping, stop;
+    atomic_ullong ticket; /* (region << 32) | next piece to claim */
+    atomic_int done;      /* pieces of the current region finished */
     int start_gen;
     task_fn fn;
     void *ctx;
+    int chunks;
     pthread_mutex_t mu;
     pthread_cond_t cv;
 } pool = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
@@ -67,8 +78,27 @@ static double now_s(void) {
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 
+/* claim and run pieces of the current region until none is left (or the region is over) */
+static void run_pieces(void) {
+    for (;;) {
+        unsigned long long t = atomic_load(&pool.ticket);
+        unsigned c = (unsigned)(t & 0xffffffffu);
+        /* read before the claim: a successful claim proves the region had not moved on */
+        task_fn fn = pool.fn;
+        void *ctx = pool.ctx;
+        int chunks = pool.chunks;
+        if ((int)c >= chunks) return;
+        if (!atomic_compare_exchange_weak(&pool.ticket, &t, t + 1)) {
+            if ((int)(t & 0xffffffffu) >= chunks) return;
+            continue;
+        }
+        fn(ctx, (int)c, chunks);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
 static void *worker(void *arg) {
-    int t = (int)(intptr_t)arg;
+    (void)arg;
     int seen = pool.start_gen; /* the generation before any task for this worker */
     for (;;) {
         int g = atomic_load_explicit(&pool.gen, memory_order_acquire);
@@ -89,8 +119,7 @@ static void *worker(void *arg) {
         }
         seen = g;
         if (atomic_load(&pool.stop)) return NULL;
-        pool.fn(pool.ctx, t, pool.n);
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+        run_pieces();
     }
 }
 
@@ -127,22 +156,28 @@ static void parallel(task_fn fn, void *ctx) {
         fn(ctx, 0, 1);
         return;
     }
+    int chunks = pool.n * CHUNKS_PER_THREAD;
+    if (chunks > MAX_THREADS) chunks = MAX_THREADS; /* (att_task keeps one scores row per piece) */
+    /* the previous region's pieces are all done: no worker reads these until the new ticket */
     pool.fn = fn;
     pool.ctx = ctx;
-    atomic_store(&pool.pending, pool.n - 1);
+    pool.chunks = chunks;
+    atomic_store(&pool.done, 0);
+    unsigned long long region = (atomic_load(&pool.ticket) >> 32) + 1;
+    atomic_store(&pool.ticket, region << 32);
     atomic_fetch_add_explicit(&pool.gen, 1, memory_order_seq_cst);
     if (atomic_load(&pool.sleeping) > 0) {
         pthread_mutex_lock(&pool.mu);
         pthread_cond_broadcast(&pool.cv);
         pthread_mutex_unlock(&pool.mu);
     }
-    fn(ctx, 0, pool.n);
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) CPU_RELAX();
+    run_pieces();
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) CPU_RELAX();
 }
 
 static void after_fork_child(void) { /* the workers did not survive the fork */
     pool.n = 1;
-    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.done, 0);
     atomic_store(&pool.sleeping, 0);
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.cv, NULL);
@@ -352,7 +387,7 @@ static void act_task(void *p, int t, int n) {
 }
 
 static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, const int32_t *tables, int max_blocks,
-                 float *logits) {
+                 const int32_t *heads, int n_heads, float *logits) {
     const int C = m->C, H = m->H, K = m->K, D = m->D, F = m->F;
     const int QKV = (H + 2 * K) * D, FC = m->mlp == MLP_SWIGLU ? 2 * F : F;
     for (int b = 0; b < B; b++) {
@@ -392,7 +427,13 @@ static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, con
         matmul(ly->mlp_proj_w, ly->mlp_proj_b, m->mlp == MLP_SWIGLU ? m->act : m->ff, m->h, B, F, C);
         for (size_t i = 0; i < (size_t)B * C; i++) m->x[i] += m->h[i];
     }
-    norm_rows(m, m->x, m->h, m->norm_w, m->norm_b, B, C);
+    if (heads) { /* the head only at the rows asked for (a prefill's last position), packed in that order */
+        for (int i = 0; i < n_heads; i++)
+            norm_rows(m, m->x + (size_t)heads[i] * C, m->h + (size_t)i * C, m->norm_w, m->norm_b, 1, C);
+        B = n_heads;
+    } else {
+        norm_rows(m, m->x, m->h, m->norm_w, m->norm_b, B, C);
+    }
     matmul(m->head_w, NULL, m->h, logits, B, C, m->V);
     if (m->softcap > 0.f) {
         float c = m->softcap;
@@ -512,12 +553,23 @@ static PyObject *py_set_cache(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* step(model, B, tokens_addr (int64), pos_addr (int32), tables_addr (int32), max_blocks, logits_addr, threads) */
+/* step(model, B, tokens_addr (int64), pos_addr (int32), tables_addr (int32), max_blocks, logits_addr, threads
+ *      [, heads_addr (int32), n_heads]): logits (B, V), or (n_heads, V) of rows heads[0..n_heads) when
+ * heads_addr is not 0 (rows of one sequence at consecutive positions in one call: a prefill chunk; each
+ * row's key and value are written before any row attends) */
 static PyObject *py_step(PyObject *mod, PyObject *args) {
     PyObject *cap;
-    int B, max_blocks, threads;
-    unsigned long long tp, pp, tb, lp;
-    if (!PyArg_ParseTuple(args, "OiKKKiKi", &cap, &B, &tp, &pp, &tb, &max_blocks, &lp, &threads)) return NULL;
+    int B, max_blocks, threads, n_heads = 0;
+    unsigned long long tp, pp, tb, lp, hp = 0;
+    if (!PyArg_ParseTuple(args, "OiKKKiKi|Ki", &cap, &B, &tp, &pp, &tb, &max_blocks, &lp, &threads, &hp, &n_heads))
+        return NULL;
+    const int32_t *heads = (const int32_t *)(uintptr_t)hp;
+    if (heads)
+        for (int i = 0; i < n_heads; i++)
+            if (heads[i] < 0 || heads[i] >= B) {
+                PyErr_Format(PyExc_ValueError, "logits row %d is outside the batch of %d rows", heads[i], B);
+                return NULL;
+            }
     Model *m = PyCapsule_GetPointer(cap, "lmforge.decode.Model");
     if (!m) return NULL;
     const int64_t *tokens = (const int64_t *)(uintptr_t)tp;
@@ -543,7 +595,8 @@ static PyObject *py_step(PyObject *mod, PyObject *args) {
     pthread_mutex_lock(&step_mu);
     err = grow(m, B, maxp + 1);
     if (!err) err = pool_start(threads);
-    if (!err) step(m, B, tokens, pos, (const int32_t *)(uintptr_t)tb, max_blocks, (float *)(uintptr_t)lp);
+    if (!err)
+        step(m, B, tokens, pos, (const int32_t *)(uintptr_t)tb, max_blocks, heads, n_heads, (float *)(uintptr_t)lp);
     pthread_mutex_unlock(&step_mu);
     Py_END_ALLOW_THREADS
     if (err) return PyErr_NoMemory();
@@ -570,7 +623,7 @@ static PyMethodDef methods[] = {
     {"new", py_new, METH_VARARGS, "new(ints, floats, globals, layers) -> model capsule"},
     {"set_cache", py_set_cache, METH_VARARGS, "set_cache(model, k_addrs, v_addrs, block_stride, block_size)"},
     {"step", py_step, METH_VARARGS,
-     "step(model, B, tokens, positions, tables, max_blocks, logits, threads): one decode step (addresses)"},
+     "step(model, B, tokens, positions, tables, max_blocks, logits, threads[, heads, n_heads]): one step (addresses)"},
     {"matmul", py_matmul, METH_VARARGS, "matmul(W, bias, X, Y, B, I, O, threads): Y = X W^T + bias (addresses)"},
     {NULL, NULL, 0, NULL}};
 

@@ -6,7 +6,9 @@ bound by memory bandwidth, and for small models by the fixed cost of each of the
 ``lmforge.model.Transformer`` (eval mode, CPU, float32; the dense ``ModelConfig``
 variants with one sliding window for all layers) as one C call that reads the
 weights where PyTorch keeps them and the keys/values straight from the KV cache,
-contiguous or paged.
+contiguous or paged. The engine runs prefill chunks through the same call: a chunk's
+tokens are rows of one sequence at consecutive positions (no padding), the output head
+at its last row only (``step(..., logits_rows=...)``).
 
 Both caches have the same shape per layer, ``(N, K, S, D)``: a contiguous
 ``KVCache`` is N rows of S = max_len positions; the paged pool is N blocks of
@@ -17,8 +19,8 @@ contiguous row ``b`` is the one-entry table ``[b]``.
 does; ``supported(model)`` is ``why_not(model) is None``; ``LMFORGE_NO_NATIVE=1``
 turns it off). It fails closed: anything it does not know exactly (another
 component, a swapped module, MoE, per-layer windows that differ, a config field
-it does not know away from its default) declines. The prefill stays in PyTorch,
-whose matrix-matrix products are compute-bound and already fast.
+it does not know away from its default) declines. (Prefill chunks that need logits
+at every position, ``prompt_logprobs``, stay in PyTorch.)
 """
 from __future__ import annotations
 
@@ -232,9 +234,15 @@ class FastDecoder:
         self.n_slots, self.slot_len = N, S
         _decode.set_cache(self._model, tuple(t.data_ptr() for t in k), tuple(t.data_ptr() for t in v), K * S * D, S)
 
-    def step(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def step(self, tokens: list[int], positions: list[int], tables: list[list[int]],
+             logits_rows: list[int] | None = None) -> torch.Tensor:
         """Logits ``(B, vocab)`` of one new token per row: row ``b`` holds ``tokens[b]`` at position
-        ``positions[b]`` of the sequence whose cache slots are ``tables[b]``; its key and value are written."""
+        ``positions[b]`` of the sequence whose cache slots are ``tables[b]``; its key and value are written.
+
+        Rows of one sequence at consecutive positions run a prefill chunk in one call: every row's key
+        and value are written before any row attends, and a row sees positions up to its own only.
+        ``logits_rows``: the rows whose logits are returned, in that order (``(len(logits_rows), vocab)``;
+        the output head runs at those rows only); None: every row."""
         B = len(tokens)
         if self._binding is None:
             raise RuntimeError("fast decode: bind a cache first")
@@ -254,7 +262,15 @@ class FastDecoder:
             raise ValueError("fast decode: a block table points outside the cache")
         tok = np.asarray(tokens, dtype=np.int64)
         pos = np.asarray(positions, dtype=np.int32)
-        out = torch.empty(B, self.cfg.vocab_size)
+        if logits_rows is None:
+            out = torch.empty(B, self.cfg.vocab_size)
+            _decode.step(self._model, B, tok.ctypes.data, pos.ctypes.data, tab.ctypes.data, width, out.data_ptr(),
+                         self.threads)
+            return out
+        heads = np.asarray(logits_rows, dtype=np.int32)
+        if heads.ndim != 1 or not len(heads) or heads.min() < 0 or heads.max() >= B:
+            raise ValueError(f"fast decode: logits_rows must be row numbers in [0, {B}), got {list(logits_rows)!r}")
+        out = torch.empty(len(heads), self.cfg.vocab_size)
         _decode.step(self._model, B, tok.ctypes.data, pos.ctypes.data, tab.ctypes.data, width, out.data_ptr(),
-                     self.threads)
+                     self.threads, heads.ctypes.data, len(heads))
         return out

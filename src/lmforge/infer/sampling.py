@@ -143,6 +143,23 @@ class Sampler:
             x[self.min_mask] = -float("inf")
         return x
 
+    @property
+    def plain_greedy(self) -> bool:
+        """True when ``sample(x)`` is the argmax of ``x`` itself (temperature 0; no penalty, bias,
+        min_tokens mask or logprobs at this step): the engine then takes the argmax of a whole batch at
+        once and hands each token to ``accept``."""
+        p = self.p
+        return (p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1.0 and not p.frequency_penalty
+                and not p.presence_penalty and not p.logit_bias
+                and (self.min_mask is None or self.n >= p.min_tokens))
+
+    def accept(self, tok: int) -> Sampled:
+        """Record ``tok`` as this step's token, chosen outside (the argmax when ``plain_greedy``): the same
+        state as if ``sample`` had chosen it."""
+        self.counts[tok] = self.counts.get(tok, 0) + 1
+        self.n += 1
+        return Sampled(tok)
+
     def sample(self, logits: torch.Tensor) -> Sampled:
         p = self.p
         x = self.process(logits)
