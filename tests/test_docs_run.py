@@ -124,6 +124,10 @@ NOT_RUN = {
         "the reader's own files (tests/test_data_inputs.py prepares each of these formats)",
     "lmforge export --checkpoint runs/default/model --out runs/default/hf": "needs the full `lmforge run` (minutes)",
     "lmforge tokenizer demo": "trains three tokenizers on the whole corpus (a minute)",
+    "lmforge eval --checkpoint runs/default/model --tasks default --split both --decontaminate":
+        "README.md: needs `make demo`'s run; docs/evaluation.md runs the same on runs/pt",
+    "lmforge eval compare runs/default/eval eval-other": "README.md: needs two evaluated runs; docs/evaluation.md "
+        "runs compare",
     "lmforge eval --checkpoint runs/pt --tasks my_task --include-path tasks/":
         "the reader's own task files (tests/test_eval_tasks.py and test_eval_lm_eval.py load such directories)",
     "lmforge eval judge pairwise runs/a/eval runs/b/eval --judge-url http://127.0.0.1:8000/v1":

@@ -153,7 +153,7 @@ def test_eval_stage_leaves_out_a_failing_task_and_scores_the_rest(tmp_path, monk
     # the scoring itself is faked (a hand-made result per call): what is tested is the stage's handling
     from test_eval_report import A_CORRECT, make_result
 
-    from lmforge.evaluate import _cli, report
+    from lmforge.evaluate import report, run as eval_run
     from lmforge.pipeline.runner import Runner
 
     calls = []
@@ -166,7 +166,7 @@ def test_eval_stage_leaves_out_a_failing_task_and_scores_the_rest(tmp_path, monk
         res["tasks"] = {t: res["tasks"]["addition"] for t in tasks}
         return res, report.write(res, kw["out"], chart=False)
 
-    monkeypatch.setattr(_cli, "evaluate_checkpoint", fake)
+    monkeypatch.setattr(eval_run, "evaluate_checkpoint", fake)
     r, _ = load_recipe("default", ['eval.tasks=["addition", "brackets", "cloze"]'])
     run = Runner(r, tmp_path / "run", quiet=True)
     outs, summary = run._eval_tasks()
@@ -178,6 +178,6 @@ def test_eval_stage_leaves_out_a_failing_task_and_scores_the_rest(tmp_path, monk
     assert "eval: task brackets left out: ValueError: brackets: the generator broke" in caplog.text
     assert not (tmp_path / "run" / "eval.check").exists()
     # every task failing fails the stage
-    monkeypatch.setattr(_cli, "evaluate_checkpoint", lambda *a, **k: (_ for _ in ()).throw(ValueError("all broke")))
+    monkeypatch.setattr(eval_run, "evaluate_checkpoint", lambda *a, **k: (_ for _ in ()).throw(ValueError("all broke")))
     with pytest.raises(ValueError, match="all broke"):
         run._eval_tasks()
