@@ -42,3 +42,25 @@ def test_bad_messages(tok):
         render(tok, [{"role": "user"}])
     with pytest.raises(ValueError, match="chat special tokens"):
         render(ByteBPE.train(["abc abc"], 260, show_progress=False), CONV)
+
+
+def test_hf_template_assistant_mask_equals_render_mask(tok, tmp_path):
+    """The exported template's {% generation %} block gives transformers' assistant mask (what TRL's
+    assistant_only_loss trains on) exactly render's loss mask, ids and all."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from lmforge.tokenize.formats import save_hf
+    from lmforge.tokenize.special import TokenSpec
+
+    spec = TokenSpec.for_tokenizer(tok)
+    files = spec.hf_files(tok, 256)
+    save_hf(tok, tmp_path / "tokenizer.json", post_processor=files["post_processor"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(files["tokenizer_config"]))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    ids, mask = render(tok, CONV)
+    out = hf.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert out["input_ids"] == ids
+    assert out["assistant_masks"] == mask
+    assert TokenSpec.from_hf(tmp_path, tok).template == "lmforge"

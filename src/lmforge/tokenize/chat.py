@@ -28,7 +28,29 @@ ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system rol
 
 # The same layout as a Jinja chat template (what an HF export carries; ``transformers``'
 # ``apply_chat_template`` renders it to the ids ``render`` gives, for message text free of control tokens).
+# The assistant's text and its closing ``<|end|>`` sit in a ``{% generation %}`` block: transformers'
+# ``return_assistant_tokens_mask`` (and so TRL's ``assistant_only_loss``) then marks exactly the tokens
+# ``render``'s loss mask marks.
 CHAT_TEMPLATE = (
+    "{{- '<|bos|>' -}}"
+    "{%- for m in messages -%}"
+    "{%- set role = 'system' if m['role'] == 'developer' else m['role'] -%}"
+    "{%- if role not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown role ' ~ m['role'] ~ '; expected system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{%- if role == 'system' and not loop.first -%}"
+    "{{- raise_exception('a system message may only come first') -}}"
+    "{%- endif -%}"
+    "{%- if role == 'assistant' -%}"
+    "{{- '<|assistant|>' -}}{%- generation -%}{{- m['content'] ~ '<|end|>' -}}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{- '<|' ~ role ~ '|>' ~ m['content'] ~ '<|end|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+# The template exports carried before the generation markers (same ids): still read as lmforge's own.
+LEGACY_CHAT_TEMPLATES = (
     "{{- '<|bos|>' -}}"
     "{%- for m in messages -%}"
     "{%- set role = 'system' if m['role'] == 'developer' else m['role'] -%}"
@@ -40,7 +62,7 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{{- '<|' ~ role ~ '|>' ~ m['content'] ~ '<|end|>' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}",
 )
 
 
@@ -164,10 +186,28 @@ def _jinja_env():
         def raise_exception(message):
             raise _TemplateRaise(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols, _generation_tag()])
         env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
             x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _ENV = env
     return _ENV
+
+
+def _generation_tag():
+    """transformers' ``{% generation %} ... {% endgeneration %}`` (it marks the assistant's tokens for
+    ``return_assistant_tokens_mask``): here the block renders its body, unchanged."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return Generation

@@ -137,7 +137,7 @@ class TokenSpec:
         ``tokenizer.json``'s post-processor (BOS or not); ``generation_config.json``'s ``eos_token_id`` (int
         or list; else ``config.json``'s, else the tokenizer's eos token) as the stop ids. No template:
         the plain one. lmforge's own template (an lmforge export read back): ``"lmforge"``."""
-        from .chat import CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE
+        from .chat import CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE, LEGACY_CHAT_TEMPLATES
 
         d = Path(directory)
         tc_path = d / "tokenizer_config.json"
@@ -184,7 +184,7 @@ class TokenSpec:
         common = dict(bos=bos, doc=doc, stop=stop, pad=pad, add_bos=lead is not None)
         if template is None:
             spec = cls(template="plain", chat_template=PLAIN_TEMPLATE, chat_stop=list(PLAIN_STOP), **common)
-        elif template == CHAT_TEMPLATE and all(s in st for s in CHAT_SPECIAL_TOKENS):
+        elif template in (CHAT_TEMPLATE, *LEGACY_CHAT_TEMPLATES) and all(s in st for s in CHAT_SPECIAL_TOKENS):
             spec = cls(template="lmforge", chat_template=CHAT_TEMPLATE, **common)
         else:
             spec = cls(template="hf", chat_template=template, **common)
