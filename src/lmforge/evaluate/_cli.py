@@ -47,7 +47,8 @@ def cmd_bpb(a) -> int:
         if val is not None:
             raise _usage(f"{opt} is an option of task evaluation: give --tasks too (without --tasks, "
                          "lmforge eval measures bits per byte)")
-    for opt, val in (("--decontaminate", a.decontaminate), ("--allow-network", a.allow_network)):
+    for opt, val in (("--decontaminate", a.decontaminate), ("--allow-network", a.allow_network),
+                     ("--apply-chat-template", a.apply_chat_template)):
         if val:
             raise _usage(f"{opt} is an option of task evaluation: give --tasks too")
     split = a.split or "val"
@@ -108,7 +109,8 @@ def cmd_tasks_eval(a) -> int:
             a.checkpoint, names, include_path=a.include_path, limit=a.limit, num_fewshot=a.num_fewshot,
             split=split, bootstrap=1000 if a.bootstrap is None else a.bootstrap, seed=a.seed or 0, data_dir=a.data,
             decontaminate=a.decontaminate, out=a.out, batch_size=a.batch_size, progress=not a.json,
-            allow_network=a.allow_network, sandbox_workers=2 if a.sandbox_workers is None else a.sandbox_workers)
+            allow_network=a.allow_network, sandbox_workers=2 if a.sandbox_workers is None else a.sandbox_workers,
+            apply_chat_template=a.apply_chat_template)
     if a.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -261,6 +263,9 @@ def add_parser(sub) -> None:
                    "with the run's training shards (--data) and score the clean subset too")
     g.add_argument("--sandbox-workers", type=int, default=None, metavar="N", help="pass@k programs run at once "
                    "in the sandbox (default 2)")
+    g.add_argument("--apply-chat-template", action="store_true", help="render every prompt as one user turn of "
+                   "the model's chat template, the assistant's turn opened (lm-eval's --apply_chat_template; "
+                   "for an SFT model, usually with --num-fewshot 0)")
     g.add_argument("--allow-network", action="store_true", help="run pass@k programs even where the sandbox cannot "
                    "give them a network namespace and a read-only filesystem (limits and a throwaway directory "
                    "only); without it such a machine refuses")

@@ -74,13 +74,16 @@ def default_out(checkpoint) -> Path:
 
 def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limit=None, num_fewshot=None,
                         split="test", bootstrap=1000, seed=0, data_dir=None, decontaminate=False, out=None,
-                        batch_size=None, progress=True, allow_network=False, sandbox_workers=2) -> tuple[dict, dict]:
+                        batch_size=None, progress=True, allow_network=False, sandbox_workers=2,
+                        apply_chat_template=False) -> tuple[dict, dict]:
     """Score ``tasks`` (names or paths) on the model in ``checkpoint`` and write the report into ``out``
     (default: ``default_out``). Returns (result, {what: path}). What ``lmforge eval --tasks`` and the
     pipeline's eval stage call. ``data_dir`` (default: the run's own) is where corpus tasks draw their
     documents and, with ``decontaminate``, whose training shards documents are checked against.
     ``allow_network``, ``sandbox_workers``: the pass@k sandbox's opt-in where it cannot isolate
-    programs from the network and filesystem, and how many programs run at once."""
+    programs from the network and filesystem, and how many programs run at once. ``apply_chat_template``:
+    every prompt rendered as one user turn of the model's chat template (lm-eval's
+    ``--apply_chat_template``), for a chat (SFT) model."""
     import time
 
     from . import harness, report
@@ -133,7 +136,8 @@ def evaluate_checkpoint(checkpoint, tasks: list[str], *, include_path=None, limi
     try:
         result = harness.evaluate(lm, loaded, limit=limit, num_fewshot=num_fewshot, split=split,
                                   bootstrap=bootstrap, seed=seed, samples_dir=tmp, data_dir=data_dir, dirty=dirty,
-                                  progress=progress, allow_network=allow_network, sandbox_workers=sandbox_workers)
+                                  progress=progress, allow_network=allow_network, sandbox_workers=sandbox_workers,
+                                  apply_chat_template=apply_chat_template)
         for t in result.get("tasks", {}).values():
             if isinstance(t.get("samples"), str) and t["samples"].startswith(tmp.name + "/"):
                 t["samples"] = "samples/" + t["samples"][len(tmp.name) + 1:]
