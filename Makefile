@@ -42,6 +42,8 @@ bench: install
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/cpu_recipe.py
+	$(PY) benchmarks/eval_bench.py
+	$(PY) benchmarks/sft_bench.py
 
 clean:
 	rm -rf build src/lmforge/tokenize/*.so .pytest_cache
