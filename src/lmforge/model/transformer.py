@@ -191,8 +191,11 @@ class Transformer(nn.Module):
             p = 0
         else:
             p = cache.pos if cache is not None else 0
-        if p + T > self.cfg.max_seq_len and self.cfg.pos == "learned":
-            raise ValueError(f"sequence of {p + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}")
+        if self.cfg.pos == "learned":  # the furthest position embedded must exist (restarting position_ids:
+            last = p + T if position_ids is None else int(position_ids.max()) + 1  # packed rows may be longer)
+            if last > self.cfg.max_seq_len:
+                raise ValueError(f"position {last - 1} is past the model's max_seq_len={self.cfg.max_seq_len} "
+                                 "(learned positions)")
         x = self.tok_emb(idx)
         rope = None
         if self.cfg.pos == "learned":
