@@ -401,3 +401,75 @@ def test_train_config_extends_loop_config():
     assert TrainConfig().out == "runs/pretrain"
     assert {k for k in loop_fields if t[k].default != loop_fields[k]} == {"out"}
     assert {"data", "text", "preset", "model", "loader", "recompute", "init"} <= set(t) - set(loop_fields)
+
+
+def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole(tmp_path):
+    """A real SIGINT arriving after the optimizer moved the weights (mid-update) is held until the step's
+    counters are updated too, so the checkpoint is the end of that step and the resume is exact."""
+    import os
+    import signal
+
+    ref = ToyStage(cfg_for(tmp_path / "ref"))
+    run(ref.cfg, ref, quiet=True)
+    st = ToyStage(cfg_for(tmp_path / "cut"))
+    real_opts = st.optimizers
+
+    def optimizers(cfg):
+        (opt,) = real_opts(cfg)
+        real_step, n = opt.step, {"k": 0}
+
+        def step(*a, **kw):
+            out = real_step(*a, **kw)
+            n["k"] += 1
+            if n["k"] == 6:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered at once to the main thread
+            return out
+
+        opt.step = step
+        return [opt]
+
+    st.optimizers = optimizers
+    with pytest.raises(KeyboardInterrupt):
+        run(st.cfg, st, quiet=True)
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 6
+    assert [r["step"] for r in lines(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]
+    re = ToyStage(cfg_for(tmp_path / "cut", resume=True))
+    run(re.cfg, re, quiet=True)
+    for a, b in zip(weights(ref).values(), weights(re).values()):
+        assert torch.equal(a, b)
+    cut, full = steady(lines(tmp_path / "cut")), steady(lines(tmp_path / "ref"))
+    # step 6's line was written when the Ctrl-C came: the step's own fields, not its log-line extras
+    assert cut[5] == {k: full[5][k] for k in cut[5]} and "toy_extra" in full[5] and "toy_extra" not in cut[5]
+    assert cut[:5] + cut[6:] == full[:5] + full[6:]
+
+
+def test_resume_with_new_bounds_continues_the_schedule_and_cuts_later_lines(tmp_path):
+    """A run that died after its last checkpoint (a crash at step 5, checkpoint at 4) resumed with twice the
+    steps: the lines after the checkpoint are cut (the ones before keep their bytes), the schedule goes on
+    from the checkpoint's progress (the rate is continuous) and stretches over the new bound."""
+    kw = dict(schedule="cosine", warmup_steps=0, min_lr_ratio=0.0, checkpoint_every=2, eval_every=0)
+    st = ToyStage(cfg_for(tmp_path / "run", max_steps=8, **kw))
+
+    def crash(step, rec):
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(st.cfg, st, quiet=True, on_step=crash)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    assert [r["step"] for r in lines(tmp_path / "run")] == [1, 2, 3, 4, 5]
+    re = ToyStage(cfg_for(tmp_path / "run", max_steps=16, resume=True, **kw))
+    final = run(re.cfg, re, quiet=True)
+    after = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    kept = b"".join(before.splitlines(keepends=True)[:4])
+    assert after.startswith(kept) and not after.startswith(before)
+    recs = lines(tmp_path / "run")
+    ev = recs[4]
+    assert ev["event"] == "resumed" and ev["step"] == 4
+    assert ev["schedule"] == {"progress_at_checkpoint": 0.5, "share_of_new_bounds": 0.25}
+    assert [r["step"] for r in recs if "event" not in r] == list(range(1, 17)) and final["step"] == 16
+    lr = {r["step"]: r["lr"] for r in recs if "event" not in r}
+    p = {s: 0.5 + 0.5 * ((s - 1) / 16 - 0.25) / 0.75 for s in range(5, 17)}  # progress before step s
+    for s in range(5, 17):
+        assert lr[s] == pytest.approx(1e-2 * lr_multiplier(p[s], s - 1, "cosine", 0, 0.0), rel=1e-9)
+    assert lr[5] == pytest.approx(1e-2 * lr_multiplier(4 / 8, 4, "cosine", 0, 0.0), rel=1e-9)  # continuous
