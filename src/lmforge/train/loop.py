@@ -547,6 +547,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
     autocast = autocast_for(device, cfg.dtype)
     flops_tok = stage.flops_per_token()
     peak = cfg.peak_flops or (measure_peak_flops(device) if flops_tok is not None else None)
+    has_val = stage.has_split("val")  # (a stage without one: no validation lines, val_loss null in final.json)
 
     def progress() -> float:
         q = bound_progress(bounds, step, tokens, elapsed)
@@ -647,7 +648,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
                 t_window, tok_window = now, 0
                 rec.update(stage.log_metrics() or {})
                 bar.set_postfix(**post)
-            if cfg.eval_every and step % cfg.eval_every == 0:
+            if cfg.eval_every and step % cfg.eval_every == 0 and has_val:
                 te = time.perf_counter()
                 ev = _evaluate(stage, "val", cfg.eval_batches)
                 rec.update({f"val_{k}": round(v, 6) for k, v in ev.items()})
@@ -694,7 +695,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
     bar.close()
     if ema is not None and ema.started():
         ema.copy_to_model()  # the run ends on the averaged weights: evaluated, checkpointed and saved
-    ev = _evaluate(stage, "val", cfg.final_eval_batches)
+    ev = _evaluate(stage, "val", cfg.final_eval_batches) if has_val else {"loss": None}
     # the reported number: the test split, read once the run is over
     ev_test = _evaluate(stage, "test", cfg.final_eval_batches) if stage.has_split("test") else None
     checkpoint()
@@ -703,9 +704,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
         final["trained_tokens"] = trained
     final["train_loss"] = last_loss
     final.update({f"val_{k}": v for k, v in ev.items()})
-    final.update({f"test_{k}": (ev_test.get(k) if ev_test else None) for k in ev})
-    if ev_test:
-        final.update({f"test_{k}": v for k, v in ev_test.items()})
+    final.update({f"test_{k}": v for k, v in (ev_test or dict.fromkeys(ev)).items()})
     params = model.num_params() if hasattr(model, "num_params") else \
         sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     final.update({"elapsed": round(elapsed, 2), "wall": round(time.perf_counter() - t_start, 2), "params": params,
@@ -716,7 +715,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
     final.update(extra)
     write_json(out / "final.json", final, indent=1)
     if tb is not None:
-        tb.add({f"val_{k}": v for k, v in ev.items()}, step)
+        tb.add({f"val_{k}": v for k, v in ev.items() if v is not None}, step)
         tb.close()
     try:
         plot_metrics(metrics_path, out / "loss.png", final=final)
