@@ -283,3 +283,27 @@ def test_split_edges():
     for bad in (1.0, -0.1, "0.1", True):
         with pytest.raises(ValueError, match="val_frac"):
             D.split_validation(two, bad, seed=0)
+
+
+# ---- the pad token SFT relies on: never a stop token ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,size", [("bpe", 300), ("char", 80), ("wordpiece", 200), ("unigram", 120)])
+def test_pad_is_never_a_stop_token(kind, size):
+    from lmforge import tokenize
+    from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS
+    from lmforge.tokenize.special import TokenSpec, default_special_tokens
+
+    specials = default_special_tokens(kind)
+    assert (specials[-1] == "<|pad|>") == (kind != "wordpiece")  # reserved last, where the family has no pad
+    assert [s for s in specials if s != "<|pad|>"] == list(dict.fromkeys(
+        {"bpe": ["<|endoftext|>"], "char": ["<|endoftext|>"], "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+         "unigram": ["<unk>", "<s>", "</s>"]}[kind] + list(CHAT_SPECIAL_TOKENS)))  # the earlier ones, in order
+    text = "to be or not to be that is the question whether tis nobler in the mind to suffer " * 30
+    tok = tokenize.train(kind, [text], size, special_tokens=specials, show_progress=False)
+    spec = TokenSpec.for_tokenizer(tok)
+    assert spec.pad is not None and spec.pad not in spec.stop and spec.pad != spec.doc
+    assert tok.id_to_token(spec.pad) == ("[PAD]" if kind == "wordpiece" else "<|pad|>")
+    # a tokenizer trained before <|pad|> was reserved: its only candidate, <|endoftext|>, stops: no pad
+    old = tokenize.train("bpe", [text], 300, special_tokens=["<|endoftext|>", *CHAT_SPECIAL_TOKENS], show_progress=False)
+    spec = TokenSpec.for_tokenizer(old)
+    assert old.special_tokens["<|endoftext|>"] in spec.stop and spec.pad is None
