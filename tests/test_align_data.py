@@ -105,6 +105,7 @@ BAD = [  # (line, field named in the message, reason, message fragment)
      "empty_assistant", "empty assistant"),
     ({"prompt": "q", "completion": ""}, "completion.content", "empty_assistant", "empty assistant"),
     ({"system": 3, "prompt": "q", "completion": "a"}, "system", "content_not_string", "must be a string"),
+    ({"messages": [{"role": A, "content": "a"}], "prompt": "q"}, "messages", "bad_format", "one or the other"),
 ]
 
 

@@ -123,6 +123,9 @@ def conversation_messages(record, where: str) -> list[dict]:
                                 "content_not_string")
     head = [{"role": "system", "content": system}] if system is not None else []
     head_labels = ["system"] if head else []
+    if "messages" in record and ("prompt" in record or "completion" in record):
+        raise ConversationError(f"{where}: messages: given with prompt/completion; a record is one or the other",
+                                "bad_format")
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list):
