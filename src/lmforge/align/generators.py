@@ -20,9 +20,9 @@ come from, and ``prompt`` (0: the evaluation's own prompt, k > 0: paraphrase k).
   of several paraphrases; the assistant's reply is what the task's metric accepts (``"46"``; brackets
   ``"yes"``/``"no"`` as in its ``doc_to_choice``), bare, whatever the phrasing (a reply like "12 + 34 = 46"
   would make the evaluation's first-number filter read 12). A share ``system_frac`` (default 0.1) of the
-  paraphrased ones opens with a short system message. ``reverse``, ``letter_count`` and ``brackets`` have small item spaces
-  (``train_capacity``: 585, 510 and 1336 distinct train items at the evaluation's kwargs): past them the
-  items come round again, in other phrasings.
+  paraphrased ones opens with a short system message. ``reverse``, ``letter_count`` and ``brackets`` have
+  small item spaces (``train_capacity``: 585, 510 and 1336 distinct train items at the evaluation's
+  kwargs): past them the items come round again, in other phrasings.
 * **corpus** (``speaker``: who speaks next, the play's characters as choices; ``quote``: the line that
   follows two lines of a speech; ``play``: which play a line is from, play titles as choices): from the
   ``train`` split of a ``lmforge data prepare`` directory (``data_dir``) only, parsed as
@@ -253,12 +253,10 @@ def _synthetic(gen: str):
         return out
 
     make.__name__ = gen
-    make.__doc__ = f"{n_doc(gen)} (see the module docstring)"
+    make.__doc__ = (f"``n`` {gen} conversations from the evaluation's train items; ``p_eval``: the share asked in "
+                    "the evaluation's own prompt; ``system_frac``: the share of the others with a system message; "
+                    "``kw``: the generator's arguments (default: the task YAML's)")
     return make
-
-
-def n_doc(gen: str) -> str:
-    return f"``n`` {gen} conversations from the evaluation's train items"
 
 
 # ---- corpus -------------------------------------------------------------------------------------------
