@@ -267,8 +267,10 @@ def mixture_sizes(available: list[int], weights: list[float] | None) -> list[int
 
 def load_sources(sources: list[dict], *, seed: int, data_dir=None, on_error: str = "raise") -> tuple[list[dict], dict]:
     """A mixture of conversation sources (module docstring: formats, rules, how sizes are decided).
-    Returns the mixed conversations (seeded order) and ``{source: {"read", "used", "skipped", ...}}``
-    (``source``: the path or ``gen:<name>``, ``#2``... appended when a name repeats). ``on_error``
+    Returns the mixed conversations (seeded order) and ``{source: stats}`` (``source``: the path or
+    ``gen:<name>``, ``#2``... appended when a name repeats; ``stats``: ``read`` conversations (non-blank
+    lines, or generated), ``skipped`` with their ``reasons`` and first ``errors``, ``available`` after the
+    cap, ``used`` in the mixture, and a ``note`` for an optional source left out). ``on_error``
     applies to files (a source may set its own); generated conversations are always checked and a
     bad one is an error (a generator's bug)."""
     from . import generators as G
