@@ -14,6 +14,14 @@ from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS, END, render
 WORDS = "to be or not that is the question whether tis nobler in the mind to suffer slings arrows".split()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared CPU: no oversubscription (and the same reductions every run)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok(corpus_files):
     from lmforge.tokenize import ByteBPE
