@@ -259,7 +259,7 @@ def test_batches_hold_every_example_once_per_epoch_intact(examples, mode):
                 assert T == 96
             if mode == "padding_free":
                 assert R == 1 and (inp["attention_mask"] == 1).all()  # no padding at all
-            if mode == "none":
+            if mode in ("none", "grouped"):
                 assert R <= 4 and bool(inp["plain"])
             docs = unpack(b)
             assert sorted(docs) == list(range(len(docs)))
@@ -323,6 +323,26 @@ def test_batches_bad_input(examples):
         sb.load_state_dict({**sb.state_dict(), "cursor": 10_000})
 
 
+def test_grouped_batches_are_nearly_unpadded(tok):
+    ex, _ = encode(tok, make_convs(400, seed=4, long=True), 256)
+    pad = {}
+    for mode in ("none", "grouped"):
+        sb = SFTBatches(ex, 8, 256, mode=mode, seed=2)
+        cells = real = 0
+        for _ in range(len(sb)):
+            b = sb.next()
+            cells, real = cells + b.inputs["idx"].numel(), real + b.tokens
+            assert bool(b.inputs["plain"])
+        pad[mode] = 1 - real / cells
+    assert pad["grouped"] < 0.02 < 0.2 < pad["none"]
+    g = SFTBatches(ex, 8, 256, mode="grouped", seed=2)
+    p0, p1 = g.plan(0), g.plan(1)
+    assert p0 != p1 and sorted(g.order(1)) == list(range(len(ex)))
+    for rows in p0:  # each micro-batch: longest first
+        lens = [len(ex[r[0]]) for r in rows]
+        assert lens == sorted(lens, reverse=True)
+
+
 def test_conversation_norm_counts_conversations(examples):
     sb = SFTBatches(examples, 4, 96, mode="bfd", norm="conversation", seed=0)
     b = sb.next()
@@ -350,7 +370,7 @@ def test_packed_and_unpacked_give_the_same_losses_and_gradients(tok, examples, p
     results = {}
     for mode in MODES:
         for norm in ("token", "conversation"):
-            sb = SFTBatches(sub, 12 if mode != "bfd" else 4, 96, mode=mode, norm=norm, shuffle=False)
+            sb = SFTBatches(sub, {"bfd": 4, "grouped": 3}.get(mode, 12), 96, mode=mode, norm=norm, shuffle=False)
             model.zero_grad()
             per, total, n, bins = torch.zeros(len(sub)), 0.0, 0, 0
             for _ in range(len(sb)):

@@ -18,6 +18,10 @@ Row layouts (``SFTBatches(mode=...)``), all giving the same per-conversation los
   the padding).
 * ``"padding_free"``: a micro-batch's conversations concatenated into one row ``(1, sum of lengths)``,
   with ``doc_ids``/``position_ids`` as in ``"bfd"``.
+* ``"grouped"``: rows as ``"none"``, but each micro-batch holds conversations of similar length (the
+  epoch's order cut into spans of ``GROUP_SPAN`` micro-batches, each span sorted by length, the
+  micro-batches then shuffled): almost no padding and plain causal attention, the fastest layout on a
+  CPU (measured: docs/sft.md).
 
 Padding has ``doc_ids`` -1, ``position_ids`` 0, ``attention_mask`` 0 and targets -100. ``doc_ids``
 number the conversations of a micro-batch 0..k-1 across all its rows (distinct per conversation).
@@ -34,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-MODES = ("bfd", "none", "padding_free")
+MODES = ("bfd", "none", "padding_free", "grouped")
+GROUP_SPAN = 64  # "grouped": conversations are sorted by length within spans of GROUP_SPAN micro-batches
 NORMS = ("token", "conversation")
 TRUNCATION = ("truncate", "skip")
 
@@ -170,7 +175,7 @@ class SFTBatches:
     (``"conversation"``); ``tokens``: non-pad tokens; ``trained``: trained tokens.
 
     Batches per epoch: ``ceil(rows / batch_size)`` (``"bfd"``: rows = bins; the last batch may be
-    smaller) for ``"bfd"``; ``ceil(examples / batch_size)`` for ``"none"`` and ``"padding_free"``.
+    smaller) for ``"bfd"``; ``ceil(examples / batch_size)`` for the other modes.
     ``shuffle=False`` keeps the examples' order in every epoch (``"bfd"`` then packs them once, in
     ``pack_bfd``'s order)."""
 
@@ -225,7 +230,15 @@ class SFTBatches:
                 rows = [rows[j] for j in rng.permutation(len(rows))]
             return [rows[s:s + self.B] for s in range(0, len(rows), self.B)]
         p = perm.tolist()
+        if self.mode == "grouped":
+            span = GROUP_SPAN * self.B
+            p = [i for s in range(0, len(p), span)
+                 for i in sorted(p[s:s + span], key=lambda i: (-int(self._len[i]), i))]
         chunks = [p[s:s + self.B] for s in range(0, len(p), self.B)]
+        if self.mode == "grouped":
+            if rng is not None:
+                chunks = [chunks[j] for j in rng.permutation(len(chunks))]
+            return [[[i] for i in c] for c in chunks]
         if self.mode == "none":
             return [[[i] for i in c] for c in chunks]
         return [[c] for c in chunks]  # padding_free: one row of all of them
