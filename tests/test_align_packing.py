@@ -321,6 +321,11 @@ def test_batches_bad_input(examples):
         sb.load_state_dict({**sb.state_dict(), "seed": 2})
     with pytest.raises(ValueError, match="cursor"):
         sb.load_state_dict({**sb.state_dict(), "cursor": 10_000})
+    other = list(examples)
+    other[0] = Example(other[0].ids[:-1].copy(), other[0].mask[:-1].copy(), other[0].id)  # same count, other data
+    with pytest.raises(ValueError, match="fingerprint is"):
+        SFTBatches(other, 2, 96, seed=1).load_state_dict(sb.state_dict())
+    SFTBatches(list(examples), 2, 96, seed=1).load_state_dict(sb.state_dict())  # the same data: fine
 
 
 def test_grouped_batches_are_nearly_unpadded(tok):

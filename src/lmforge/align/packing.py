@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -211,6 +212,8 @@ class SFTBatches:
         if (self._trained == 0).any():
             bad = examples[int(np.argmax(self._trained == 0))].id
             raise ValueError(f"example {bad}: no trained token (encode skips such conversations)")
+        # what resume checks it is given the same examples: their lengths, tokens and masks
+        self.fingerprint = zlib.crc32(self._tgt.tobytes(), zlib.crc32(self._ids.tobytes(), zlib.crc32(lens.tobytes())))
         self.epoch, self.cursor = 0, 0
         self._plan_epoch = None
         self._plan: list[list[list[int]]] = []  # batches -> rows -> example indices
@@ -316,11 +319,12 @@ class SFTBatches:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "mode": self.mode,
                 "batch_size": self.B, "seq_len": self.T, "examples": self.n_examples,
-                "shuffle": self.shuffle}
+                "shuffle": self.shuffle, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, d: dict) -> None:
         for k, mine in (("seed", self.seed), ("mode", self.mode), ("batch_size", self.B),
-                        ("seq_len", self.T), ("examples", self.n_examples), ("shuffle", self.shuffle)):
+                        ("seq_len", self.T), ("examples", self.n_examples), ("shuffle", self.shuffle),
+                        ("fingerprint", self.fingerprint)):
             if k in d and d[k] != mine:
                 raise ValueError(f"SFT batch state: {k} is {d[k]!r} in the checkpoint but {mine!r} now; "
                                  "resume needs the same data and batching")
