@@ -346,6 +346,12 @@ def test_grouped_batches_are_nearly_unpadded(tok):
     for rows in p0:  # each micro-batch: longest first
         lens = [len(ex[r[0]]) for r in rows]
         assert lens == sorted(lens, reverse=True)
+    from lmforge.align.packing import GROUP_SPAN
+
+    span = GROUP_SPAN * 2  # unshuffled: the examples' order, each span sorted longest first (ties: index)
+    want = [i for s in range(0, len(ex), span) for i in sorted(range(s, min(s + span, len(ex))),
+                                                                key=lambda i: (-len(ex[i]), i))]
+    assert len(ex) > 2 * span and SFTBatches(ex, 2, 256, mode="grouped", shuffle=False).order(0) == want
 
 
 def test_conversation_norm_counts_conversations(examples):

@@ -222,9 +222,9 @@ class SFTBatches:
         # what resume checks it is given the same examples: their lengths, tokens and masks
         self.fingerprint = zlib.crc32(self._tgt.tobytes(), zlib.crc32(self._ids.tobytes(), zlib.crc32(lens.tobytes())))
         self.epoch, self.cursor = 0, 0
-        self._plan_epoch = None
-        self._plan: list[list[list[int]]] = []  # batches -> rows -> example indices
-        self._n_batches = len(self._make_plan(0))
+        self._plan = self._make_plan(0)  # batches -> rows -> example indices, of epoch _plan_epoch
+        self._plan_epoch = 0
+        self._n_batches = len(self._plan)
 
     # -- the plan of one epoch: which examples go in which row of which batch --
     def _make_plan(self, epoch: int) -> list[list[list[int]]]:
@@ -239,11 +239,10 @@ class SFTBatches:
             if rng is not None:
                 rows = [rows[j] for j in rng.permutation(len(rows))]
             return [rows[s:s + self.B] for s in range(0, len(rows), self.B)]
+        if self.mode == "grouped":  # within each span: longest first, ties by index
+            span = np.arange(len(perm)) // (GROUP_SPAN * self.B)
+            perm = perm[np.lexsort((perm, -self._len[perm], span))]
         p = perm.tolist()
-        if self.mode == "grouped":
-            span = GROUP_SPAN * self.B
-            p = [i for s in range(0, len(p), span)
-                 for i in sorted(p[s:s + span], key=lambda i: (-int(self._len[i]), i))]
         chunks = [p[s:s + self.B] for s in range(0, len(p), self.B)]
         if self.mode == "grouped":
             if rng is not None:
