@@ -17,14 +17,15 @@ gate, up (SwiGLU; for ReLU², exported as gate_proj = up_proj = fc, one unit ``f
 ``attn.qkv`` is ONE unit ``qkv`` (targeting q, k or v adapts all three, as PEFT on GPT-2 does);
 ``c_proj`` = o, ``c_fc`` = up, ``mlp.c_proj`` = down. The layout follows ``LoRAConfig.arch`` (default
 the model's ``hf_family``; a model that exports nowhere gets the Llama layout, or Qwen2-MoE's with MoE
-layers). MoE experts are 3-D parameters, not linears: not adapted (their routers and a shared expert's
-linears are). The output head is never adapted.
+layers). MoE experts are 3-D parameters, not linears, and transformers 5's routers are not linears
+PEFT can wrap: neither is adapted (a shared expert's linears and gate are). The output head is never
+adapted.
 
 **Target patterns** (``LoRAConfig.targets``; a unit is adapted when any pattern selects it; a pattern
 that selects nothing is an error naming it):
 
-* ``"all-linear"``: every unit except MoE routers and shared-expert gates (the default);
-* a part name, ``q k v o gate up down`` (and ``router``, ``shared_gate``): the units holding that part;
+* ``"all-linear"``: every unit except shared-expert gates (the default);
+* a part name, ``q k v o gate up down`` (and ``shared_gate``): the units holding that part;
 * a module name, lmforge's (``blocks.0.attn.qkv``, ``attn.proj``, ``qkv``) or the HF export's
   (``model.layers.0.self_attn.q_proj``, ``q_proj``, ``c_attn``): selected when it equals the name,
   is a dotted suffix of it (PEFT's rule: ``q_proj`` selects every layer's), or matches it as an
@@ -53,8 +54,8 @@ import torch.nn.functional as F
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_parameters", "merge", "unmerge", "merge_and_unload",
            "save_peft", "load_peft", "lora_modules"]
 
-PARTS = ("q", "k", "v", "o", "gate", "up", "down", "router", "shared_gate")
-NOT_ALL_LINEAR = ("router", "shared_gate")  # what "all-linear" leaves out
+PARTS = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate")
+NOT_ALL_LINEAR = ("shared_gate",)  # what "all-linear" leaves out
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -103,20 +104,23 @@ class Unit:
 def _layout_arch(cfg, arch: str | None) -> str:
     from ..model.hf import FAMILIES
 
-    a = arch or cfg.hf_family
-    if a in FAMILIES:
-        return a
+    from ..model.hf import check_exportable
+
     if arch is not None:
-        raise ValueError(f"LoRAConfig.arch: unknown HF family {arch!r}; expected one of {', '.join(FAMILIES)}")
-    return "qwen2_moe" if cfg.moe is not None else "llama"
+        if arch not in FAMILIES:
+            raise ValueError(f"LoRAConfig.arch: unknown HF family {arch!r}; expected one of {', '.join(FAMILIES)}")
+        return arch
+    try:
+        check_exportable(cfg, cfg.hf_family)
+        return cfg.hf_family
+    except ValueError:  # exports nowhere as configured: the natural split (save_peft then says why not)
+        return "qwen2_moe" if cfg.moe is not None else "llama"
 
 
 def _leaf_part(path: str) -> str:
     """The part a whole-module unit is, by the lmforge module's name."""
     if path.endswith("attn.proj"):
         return "o"
-    if path.endswith("mlp.router"):
-        return "router"
     if path.endswith("shared_gate"):
         return "shared_gate"
     if path.endswith("proj"):  # mlp.proj, mlp.shared.proj
@@ -144,7 +148,7 @@ def layout(model, arch: str | None = None) -> tuple[str, dict[str, list[Unit]]]:
                 out[name] = list(mod.units.values())
             continue
         hit = rules.get(name + ".weight")
-        if hit is None:
+        if hit is None or name.endswith("mlp.router"):  # (transformers 5's MoE routers are no linears PEFT wraps)
             continue
         r, i, act = hit
         hf = [_fill(t, i).removesuffix(".weight") for t in r.theirs]
@@ -265,7 +269,9 @@ def _install(model, plan: dict[str, list[Unit]], r: dict, scaling: dict, dropout
         p.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)
-    return [f"{n}:{u.label}" if len(plan[n]) > 1 else n for n in plan for u in plan[n]]
+    mods = lora_modules(model)
+    return [n if (u.start, u.stop) == (0, mods[n].out_features) else f"{n}:{u.label}"
+            for n in plan for u in mods[n].units.values()]
 
 
 def apply_lora(model, cfg: LoRAConfig) -> list[str]:
@@ -424,7 +430,9 @@ def save_peft(model, out_dir, arch: str | None = None, base: str = "") -> Path:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     _, full = layout(_Plain(model), a)
     every = sorted({h for us in full.values() for u in us for h in u.hf if h.rsplit(".", 1)[-1] in leaves})
-    targets = leaves if every == names else "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    # the module names PEFT's suffix rule would select, unless that selects more (some layers only; a MoE,
+    # whose experts transformers 4 keeps as per-expert gate_proj/... linears): then the exact names
+    targets = leaves if every == names and model.cfg.moe is None else "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
     conf = _peft_config(r, alpha, rank_pattern, alpha_pattern, targets, max(drop), rslora, fifo, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
