@@ -209,6 +209,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = float(dropout)
         self.arch, self.rslora = arch, rslora  # (rslora: how save_peft writes the scale back as an alpha)
         self.merged = False
+        self.train(base.training)  # (the mode of the model it joins)
 
     def extra_repr(self) -> str:
         u = ", ".join(f"{k}[{x.start}:{x.stop}] r={self.lora_A[k].shape[0]}" for k, x in self.units.items())
