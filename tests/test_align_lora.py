@@ -476,3 +476,29 @@ def test_save_load_round_trip_is_exact(adapter):
     assert {id(p) for p in m.parameters() if p.requires_grad} == {id(p) for p in lora_parameters(m)}
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         load_peft(m, adapter)
+
+
+def test_adapters_for_a_model_transformers_wrote(tmp_path):
+    """An HF model lmforge imports (not an lmforge export): PEFT's adapter loads, and lmforge's adapter
+    applies to the original directory in PEFT."""
+    peft = pytest.importorskip("peft")
+    from hf_fixtures import make_tiny_hf_chat_model
+
+    from lmforge.model import load
+
+    d = make_tiny_hf_chat_model(tmp_path, "qwen2")
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    pm = peft.get_peft_model(hf_model(d), peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL7))
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n], scale=0.05)
+    pm.eval().save_pretrained(tmp_path / "theirs")
+    ours, _ = load(d)
+    load_peft(ours.eval(), tmp_path / "theirs")
+    with torch.no_grad():
+        assert err(ours(x), pm(x).logits) < 1e-4
+    mine, _ = load(d)
+    apply_lora(mine.eval(), LoRAConfig(r=2, targets=["k", "up"]))
+    randomize(lora_parameters(mine))
+    save_peft(mine, tmp_path / "mine", base=str(d))
+    pm2 = peft.PeftModel.from_pretrained(hf_model(d), tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert err(mine(x), pm2(x).logits) < 1e-4

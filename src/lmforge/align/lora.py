@@ -42,7 +42,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,7 +432,8 @@ def save_peft(model, out_dir, arch: str | None = None, base: str = "") -> Path:
     every = sorted({h for us in full.values() for u in us for h in u.hf if h.rsplit(".", 1)[-1] in leaves})
     # the module names PEFT's suffix rule would select, unless that selects more (some layers only; a MoE,
     # whose experts transformers 4 keeps as per-expert gate_proj/... linears): then the exact names
-    targets = leaves if every == names and model.cfg.moe is None else "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    exact = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    targets = leaves if every == names and model.cfg.moe is None else exact
     conf = _peft_config(r, alpha, rank_pattern, alpha_pattern, targets, max(drop), rslora, fifo, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
