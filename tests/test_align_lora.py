@@ -502,3 +502,18 @@ def test_adapters_for_a_model_transformers_wrote(tmp_path):
     pm2 = peft.PeftModel.from_pretrained(hf_model(d), tmp_path / "mine").eval()
     with torch.no_grad():
         assert err(mine(x), pm2(x).logits) < 1e-4
+
+
+def test_a_model_that_exports_nowhere_by_default(tmp_path):
+    """hf_family "none": the natural split; save_peft for a family named, load_peft reads the keys."""
+    m = tiny("qwen3", arch="none")
+    apply_lora(m, LoRAConfig(r=2, targets=["k", "down"]))
+    randomize(lora_parameters(m))
+    with pytest.raises(ValueError, match="cannot export as llama"):
+        save_peft(m, tmp_path / "ad")  # (qk_norm: qwen3-shaped, the llama layout is only a layout)
+    save_peft(m, tmp_path / "ad", arch="qwen3")
+    back = tiny("qwen3", arch="none")
+    assert load_peft(back, tmp_path / "ad") == ["blocks.0.attn.qkv:k", "blocks.0.mlp.proj",
+                                                 "blocks.1.attn.qkv:k", "blocks.1.mlp.proj"]
+    with torch.no_grad():
+        assert torch.equal(back(tokens()), m(tokens()))
