@@ -517,3 +517,30 @@ def test_a_model_that_exports_nowhere_by_default(tmp_path):
                                                  "blocks.1.attn.qkv:k", "blocks.1.mlp.proj"]
     with torch.no_grad():
         assert torch.equal(back(tokens()), m(tokens()))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt2"])
+def test_gradients_equal_peft_s(name, tmp_path):
+    """Training is the same computation: the loss's gradient on every A and B equals PEFT's."""
+    peft = pytest.importorskip("peft")
+    m = tiny(name)
+    export_hf(m, tmp_path / "hf")
+    apply_lora(m, LoRAConfig(r=3, alpha=6))
+    randomize(lora_parameters(m))
+    save_peft(m, tmp_path / "ad")
+    pm = peft.PeftModel.from_pretrained(hf_model(tmp_path / "hf"), tmp_path / "ad", is_trainable=True)
+    x = tokens(3)
+    _, loss = m(x[:, :-1], targets=x[:, 1:])
+    loss.backward()
+    theirs = pm(x, labels=x).loss
+    theirs.backward()
+    assert abs(loss.item() - theirs.item()) < 1e-5
+    grads = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if "lora_" in n}
+    n_checked = 0
+    for mod in lora_modules(m).values():
+        for k, u in mod.units.items():
+            for ab, p in (("lora_A", mod.lora_A[k]), ("lora_B", mod.lora_B[k])):
+                g = grads[f"base_model.model.{u.hf[0]}.{ab}.weight"]
+                assert err(p.grad, g) < 1e-5 * max(1.0, g.abs().max().item()), (u.hf[0], ab)
+                n_checked += 1
+    assert n_checked == len(grads) and n_checked > 0
