@@ -364,3 +364,20 @@ def test_cli_runs_and_resumes_from_its_config(base, data, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
     assert main(args[:-2] + ["--set", "packing=wrapped"]) == 2
     assert "packing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_order_is_what_the_first_step_sees(base, data, tok, tmp_path, shuffle):
+    """``SFTStage.order(0)``: the conversations in the order the batches feed them (what TRL is given)."""
+    cfg = cfg_for(base, data, tmp_path / "run", packing="none", batch_size=3, max_steps=1, shuffle=shuffle)
+    first = [c["messages"] for c in SFTStage(cfg).order(0)[:3]]
+    assert len(first) == 3
+    sft(cfg, quiet=True)
+    want, n = reference_loss(load(base)[0], tok, first)
+    rec = step_lines(tmp_path / "run")[0]
+    assert abs(rec["loss"] - want) < 1e-5 and rec["trained_tokens"] == n
+    if not shuffle:  # the mixture's own order
+        from lmforge.align.data import load_sources
+
+        convs, _ = load_sources([{"path": str(data)}], seed=cfg.seed)
+        assert first == [c["messages"] for c in convs[:3]]

@@ -75,6 +75,7 @@ class SFTConfig(LoopConfig):
     test_sources: list[dict] = field(default_factory=list)  # conversations for the final test_ loss ([]: none)
     on_error: str = "raise"  # a bad conversation in a file: raise (naming file:line:field) or skip (counted)
     packing: str = "bfd"  # bfd | none | padding_free (align.packing.SFTBatches)
+    shuffle: bool = True  # a new seeded order each epoch; false: the mixture's order every epoch (SFTStage.order)
     truncation: str = "truncate"  # truncate | skip: a conversation longer than seq_len (counted)
     loss_norm: str = "token"  # token | conversation
     neftune_alpha: float = 0.0  # > 0: NEFTune noise on the embeddings while training
@@ -175,6 +176,17 @@ def chat_spec(spec, tok):
     return replace(spec, template="lmforge", chat_template=CHAT_TEMPLATE, chat_stop=[], stop=stop, pad=pad)
 
 
+def _unique_ids(convs: list[dict]) -> list[dict]:
+    """The conversations with distinct ``id``s (a repeated one gets ``#2``, ``#3``...): examples name theirs."""
+    seen: dict[str, int] = {}
+    out = []
+    for k, c in enumerate(convs):
+        cid = str(c.get("id", k))
+        seen[cid] = seen.get(cid, 0) + 1
+        out.append(c if seen[cid] == 1 and "id" in c else {**c, "id": cid if seen[cid] == 1 else f"{cid}#{seen[cid]}"})
+    return out
+
+
 def _load_conversations(sources, cfg, what: str):
     from .data import load_sources
 
@@ -212,7 +224,9 @@ class SFTStage:
         if not convs:
             raise ValueError(f"sources: no conversations left to train on (per source: {self.source_stats})")
         train, val = split_validation(convs, cfg.val_frac, cfg.seed) if cfg.val_frac else (convs, [])
+        train = _unique_ids(train)
         self.train_ex, self.train_stats = encode(tok, train, cfg.seq_len, cfg.truncation)
+        self._convs = {c["id"]: c for c in train}
         if not self.train_ex:
             raise ValueError(f"no training conversation fits: {self.train_stats} (seq_len {cfg.seq_len}, "
                              f"truncation {cfg.truncation!r})")
@@ -236,8 +250,14 @@ class SFTStage:
             self._neftune = add_neftune(self.model, cfg.neftune_alpha)
         self.pad_id = self.tokens.pad if self.tokens.pad is not None else 0  # (masked: its value is never seen)
         self.batches = SFTBatches(self.train_ex, cfg.batch_size, cfg.seq_len, mode=cfg.packing, pad_id=self.pad_id,
-                                  seed=cfg.seed, norm=cfg.loss_norm, device=str(self.device))
+                                  seed=cfg.seed, norm=cfg.loss_norm, device=str(self.device), shuffle=cfg.shuffle)
         self.micro_batches = 0  # consumed, for the epoch count (restored with the batch source)
+
+    def order(self, epoch: int = 0) -> list[dict]:
+        """The training conversations in the order epoch ``epoch`` feeds them (micro-batch after micro-batch;
+        with ``packing = "none"`` and batch_size B, micro-batch j is items [jB, (j+1)B)): what a reference
+        trainer (TRL's SFTTrainer with a sequential sampler) must be given to see the same batches."""
+        return [self._convs[self.train_ex[i].id] for i in self.batches.order(epoch)]
 
     # ---- the Stage protocol ----
     def optimizers(self, cfg) -> list[torch.optim.Optimizer]:
