@@ -191,11 +191,9 @@ def test_hf_export_chats_like_lmforge(trained):
         with torch.no_grad():
             g = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
                             eos_token_id=stop, pad_token_id=stop[0])[0, len(ids):].tolist()
-        ours = lm.tokenizer.encode(lm.chat(c, max_tokens=12, temperature=0.0).text, allowed_special=(),
-                                   disallowed_special=())
-        theirs = [t for t in g if t not in stop]
-        assert lm.tokenizer.decode(theirs) == lm.tokenizer.decode(ours), c
-        outs.append(g + [len(outs)])  # (the three replies need not differ in text; they must agree)
+        ours = lm.chat(c, max_tokens=12, temperature=0.0).token_ids
+        assert g == ours, c
+        outs.append(g)
     assert_informative(outs)
 
 
@@ -234,8 +232,9 @@ def test_interrupted_and_resumed_run_matches(base, data, tmp_path, kw):
 
 def test_lora_trains_only_the_adapter_and_merges_exactly(base, data, tmp_path):
     out = tmp_path / "lora"
-    final = sft(cfg_for(base, data, out, lora_r=4, lora_alpha=8.0, max_steps=6, export_hf=True), quiet=True)
-    assert final["sft"]["lora"]["adapted"] > 0
+    final = sft(cfg_for(base, data, out, lora_r=4, lora_alpha=8.0, max_steps=6, export_hf=True,
+                        test_sources=[{"path": str(data)}]), quiet=True)
+    assert final["sft"]["lora"]["adapted"] > 0 and math.isfinite(final["test_loss"])
     assert (out / "adapter" / "adapter_config.json").exists()
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     b0, merged = load(base)[0], load(out)[0]
@@ -303,11 +302,32 @@ def test_overlong_conversation_is_counted(base, tok, tmp_path, policy):
     assert s["conversations"] == len(CONVS) + 1 and s["examples"] == len(CONVS) + (policy == "truncate")
 
 
-def test_base_without_chat_tokens(corpus_files, data, tmp_path):
-    plain = tokenize.train("bpe", [str(corpus_files[0])], 300, special_tokens=["<|endoftext|>"], show_progress=False)
-    save(tiny(plain), tmp_path / "plain", tokenizer=plain)
+@pytest.mark.parametrize("kind", ["lmforge", "hf-llama3"])
+def test_base_without_chat_tokens(corpus_files, data, tmp_path, kind):
+    if kind == "lmforge":
+        plain = tokenize.train("bpe", [str(corpus_files[0])], 300, special_tokens=["<|endoftext|>"],
+                               show_progress=False)
+        save(tiny(plain), tmp_path / "plain", tokenizer=plain)
+        d = tmp_path / "plain"
+    else:  # an HF chat model of another family: its own template and tokens, not lmforge's
+        from hf_fixtures import make_tiny_hf_chat_model
+
+        d = make_tiny_hf_chat_model(tmp_path, "llama3")
     with pytest.raises(ValueError, match=r"lacks the chat tokens.*<\|assistant\|>"):
-        sft(cfg_for(tmp_path / "plain", data, tmp_path / "run"), quiet=True)
+        sft(cfg_for(d, data, tmp_path / "run"), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_neftune_noise_only_while_training(base, data, tok, tmp_path):
+    cfg = cfg_for(base, data, tmp_path / "run", packing="bfd", batch_size=len(CONVS), max_steps=1,
+                  neftune_alpha=50.0, val_frac=0.0)
+    sft(cfg, quiet=True)
+    want, _ = reference_loss(load(base)[0], tok, CONVS)
+    assert abs(step_lines(tmp_path / "run")[0]["loss"] - want) > 1e-3  # the noise is on in training
+    stage = SFTStage(cfg_for(base, data, tmp_path / "run2", neftune_alpha=50.0, val_frac=0.5))
+    a = stage.evaluate("val", 0)["loss"]
+    stage._neftune.remove()
+    assert stage.evaluate("val", 0)["loss"] == a  # and off in evaluation
 
 
 def test_hf_base_with_chat_tokens(base, data, tok, tmp_path):
