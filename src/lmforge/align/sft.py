@@ -190,7 +190,12 @@ def _unique_ids(convs: list[dict]) -> list[dict]:
 def _load_conversations(sources, cfg, what: str):
     from .data import load_sources
 
-    return load_sources(sources, seed=cfg.seed, data_dir=cfg.data_dir or None, on_error=cfg.on_error)
+    try:
+        return load_sources(sources, seed=cfg.seed, data_dir=cfg.data_dir or None, on_error=cfg.on_error)
+    except ValueError as e:
+        if what == "sources":
+            raise
+        raise ValueError(f"{what}: {e}") from None
 
 
 class SFTStage:
