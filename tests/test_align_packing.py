@@ -433,3 +433,23 @@ def test_neftune_equals_transformers(tok):
     h2.remove()
     torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=0)
     assert not torch.equal(ours, emb(idx))
+
+
+def test_moe_router_losses_join_the_sft_loss(tok, examples):
+    """A MoE model's SFT loss keeps its load-balancing and z-losses: one conversation alone gives the model's
+    own training loss (mean CE + weighted router losses) times n."""
+    from lmforge.model import preset
+    from lmforge.model.hf import HF_CLASSES
+    from lmforge.model.transformer import Transformer
+
+    over = {} if "mixtral" in HF_CLASSES else {"hf_family": "none"}
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny-mixtral", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32,
+                           max_seq_len=128, **{"moe.d_expert": 32, "moe.z_loss_coef": 1e-2}, **over))
+    m.train()
+    b = SFTBatches(examples[:1], 1, 96, mode="none", shuffle=False).next()
+    e = examples[0]
+    _, want = m(torch.from_numpy(e.ids)[None], torch.from_numpy(e.targets())[None])
+    got = sft_loss(m, b) / b.n
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.router_metrics["aux_loss"] > 0 and (got - m.router_metrics["ce"]).abs() > 1e-4

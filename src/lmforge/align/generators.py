@@ -20,8 +20,9 @@ come from, and ``prompt`` (0: the evaluation's own prompt, k > 0: paraphrase k).
   of several paraphrases; the assistant's reply is what the task's metric accepts (``"46"``; brackets
   ``"yes"``/``"no"`` as in its ``doc_to_choice``), bare, whatever the phrasing (a reply like "12 + 34 = 46"
   would make the evaluation's first-number filter read 12). A share ``system_frac`` (default 0.1) of the
-  paraphrased ones opens with a short system message. ``reverse`` draws from a finite word list: past
-  its train share the words come round again (another phrasing).
+  paraphrased ones opens with a short system message. ``reverse``, ``letter_count`` and ``brackets`` have small item spaces
+  (``train_capacity``: 585, 510 and 1336 distinct train items at the evaluation's kwargs): past them the
+  items come round again, in other phrasings.
 * **corpus** (``speaker``: who speaks next, the play's characters as choices; ``quote``: the line that
   follows two lines of a speech; ``play``: which play a line is from, play titles as choices): from the
   ``train`` split of a ``lmforge data prepare`` directory (``data_dir``) only, parsed as
@@ -129,20 +130,92 @@ def _reply(task_name: str, doc: dict) -> str:
     return str(doc["answer"])
 
 
-def _train_items(gen: str, n: int, kwargs: dict) -> list[dict]:
-    from ..evaluate import builtin
-    from ..evaluate.builtin import splits
+_ENUMERATE_MAX = 300_000  # item spaces up to this size are counted exactly (train_capacity)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@functools.lru_cache(maxsize=64)
+def _capacity(gen: str, args: tuple) -> int | None:
+    from ..evaluate.builtin import splits, synthetic
     from ..evaluate.builtin.words import WORDS
 
-    if gen == "reverse":  # a finite pool: its train share, then round again
-        min_len = kwargs.get("min_len", 4)
-        pool = sum(1 for w in WORDS if len(w) >= min_len and splits.bucket("reverse", w) == "train") \
-            if isinstance(min_len, int) and not isinstance(min_len, bool) else n
-        items = builtin.generate(gen, "train", min(n, pool), **kwargs)
-        if not items and n:
-            raise ValueError(f"reverse (min_len={min_len}): no word of the list is in the train share")
-        return [items[i % len(items)] for i in range(n)] if items else []
-    return builtin.generate(gen, "train", n, **kwargs)
+    kw = dict(args)
+    if gen == "reverse":
+        min_len = kw.get("min_len", 4)
+        if not _is_int(min_len):
+            return None
+        return sum(1 for w in WORDS if len(w) >= min_len and splits.bucket("reverse", w) == "train")
+    if gen == "letter_count":  # answers 0, 1, 2 in equal blocks: the scarcest answer's train pairs decide
+        min_len = kw.get("min_len", 4)
+        if not _is_int(min_len):
+            return None
+        counts = [0, 0, 0]
+        for w in WORDS:
+            if len(w) < min_len:
+                continue
+            for c in "abcdefghijklmnopqrstuvwxyz":
+                k = w.count(c)
+                if k <= 2 and splits.bucket("letter_count", f"{w}:{c}") == "train":
+                    counts[k] += 1
+        return 3 * min(counts)
+    if gen == "brackets":  # half balanced, half not, in equal blocks: far fewer strings are balanced
+        max_len, kinds = kw.get("max_len", 8), kw.get("kinds", 3)
+        if not (_is_int(max_len) and _is_int(kinds) and 1 <= kinds <= 3 and 2 <= max_len <= 64):
+            return None
+        opens, closes = synthetic.OPEN[:kinds], synthetic.CLOSE[:kinds]
+        catalan = [1]
+        for p in range(1, max_len // 2 + 1):
+            catalan.append(catalan[-1] * 2 * (2 * p - 1) // (p + 1))
+        n_balanced = sum(catalan[p] * kinds ** p for p in range(1, max_len // 2 + 1))
+        if n_balanced > _ENUMERATE_MAX:
+            return None
+
+        def balanced(pairs):  # every balanced string of ``pairs`` pairs: "(" A ")" B
+            if pairs == 0:
+                yield ""
+                return
+            for k in range(pairs):
+                for a in balanced(k):
+                    for b in balanced(pairs - 1 - k):
+                        for o, c in zip(opens, closes):
+                            yield o + a + c + b
+
+        b_train = sum(1 for p in range(1, max_len // 2 + 1) for x in balanced(p)
+                      if splits.bucket("brackets", x) == "train")
+        n_all = sum((2 * kinds) ** L for L in range(2, max_len + 1, 2))
+        if n_all <= _ENUMERATE_MAX:
+            import itertools
+
+            u_train = sum(1 for L in range(2, max_len + 1, 2) for t in itertools.product(opens + closes, repeat=L)
+                          if not synthetic.is_balanced("".join(t)) and splits.bucket("brackets", "".join(t)) == "train")
+        else:  # far more unbalanced strings than balanced ones: about half of them train's
+            u_train = (n_all - n_balanced) // 3
+        return 2 * min(b_train, u_train)
+    return None
+
+
+def train_capacity(gen: str, **kwargs) -> int | None:
+    """How many distinct train items the evaluation's generator ``gen`` gives with these arguments, where
+    its item space is small enough to count (``reverse``: its word list's train share; ``letter_count``
+    and ``brackets``: whole blocks of their balanced answers); None: larger than any ``n`` asked here."""
+    return _capacity(gen, tuple(sorted(kwargs.items())))
+
+
+def _train_items(gen: str, n: int, kwargs: dict) -> list[dict]:
+    """The first ``n`` train items of the evaluation's generator ``gen``; past its distinct items
+    (``train_capacity``) they come round again."""
+    from ..evaluate import builtin
+
+    cap = train_capacity(gen, **kwargs)
+    if cap is None or n <= cap:
+        return builtin.generate(gen, "train", n, **kwargs)
+    if cap == 0:
+        raise ValueError(f"{gen} ({kwargs}): no item of the train share")
+    items = builtin.generate(gen, "train", cap, **kwargs)
+    return [items[i % cap] for i in range(n)]
 
 
 def _check_n(n) -> int:
@@ -524,8 +597,8 @@ GENERATORS.update({"speaker": speaker, "quote": quote, "play": play, "multiturn"
 # own kwargs; some corpus (left out without a data_dir), multi-turn and identity.
 DEFAULT_MIXTURE: list[dict] = [
     {"generator": "addition", "n": 2500},
-    {"generator": "brackets", "n": 1200},
-    {"generator": "letter_count", "n": 450},
+    {"generator": "brackets", "n": 2000},
+    {"generator": "letter_count", "n": 500},
     {"generator": "reverse", "n": 500},
     {"generator": "sort", "n": 500},
     {"generator": "subtraction", "n": 300},
