@@ -33,7 +33,10 @@ PACKING = ("bfd", "none", "padding_free")
 TRUNCATION = ("truncate", "skip")
 LOSS_NORM = ("token", "conversation")
 ON_ERROR = ("raise", "skip")
-DEFAULT_LR = {"full": 5e-4, "lora": 2e-3}  # lr = 0: the rate for the kind of run
+# lr = 0: the rate for the kind of run. Measured on the pipeline's 0.8M-parameter base (DEFAULT_MIXTURE, bfd,
+# 8 x 256, 150 steps, cosine): a full fine-tune reached val_loss 2.46 at 5e-4 and 1.63 at 2e-3; LoRA r=8 at 5e-3
+# 3.76 at step 100 (its embeddings and head stay frozen: a base that never saw the chat tokens learns them slowly)
+DEFAULT_LR = {"full": 2e-3, "lora": 5e-3}
 SAMPLE_PROMPT = "Who are you?"
 
 
@@ -51,7 +54,7 @@ class SFTConfig(LoopConfig):
     seq_len: int = 256  # a row's length; a longer conversation is truncated or skipped (``truncation``)
     grad_accum: int = 1
     optimizer: str = "adamw"
-    lr: float = 0.0  # 0: 5e-4 for a full fine-tune, 2e-3 with LoRA (DEFAULT_LR)
+    lr: float = 0.0  # 0: 2e-3 for a full fine-tune, 5e-3 with LoRA (DEFAULT_LR)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     beta1: float = 0.9
