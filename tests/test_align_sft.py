@@ -250,6 +250,20 @@ def test_lora_trains_only_the_adapter_and_merges_exactly(base, data, tmp_path):
         assert torch.allclose(with_adapter.eval()(x), merged.eval()(x), atol=1e-5)
     ck = json.loads((out / "train_config.json").read_text())["sft"]
     assert ck["lr"] == 3e-3 and ck["lora_r"] == 4
+    # PEFT reads the adapter onto the base's HF export: its logits are those of OUT/hf (the merged export)
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.hf import export_hf
+
+    m, t = load(base)
+    base_hf = export_hf(m, tmp_path / "base_hf", tokenizer=t, tokens=load_tokens(base, t))
+    auto = transformers.AutoModelForCausalLM
+    theirs = peft.PeftModel.from_pretrained(auto.from_pretrained(base_hf, attn_implementation="eager"),
+                                            str(out / "adapter")).eval()
+    merged_hf = auto.from_pretrained(out / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        a, b = theirs(x).logits, merged_hf(x).logits
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
 def test_lora_pattern_that_matches_nothing(base, data, tmp_path):
