@@ -415,3 +415,17 @@ def test_order_is_what_the_first_step_sees(base, data, tok, tmp_path, shuffle):
 
         convs, _ = load_sources([{"path": str(data)}], seed=cfg.seed)
         assert first == [c["messages"] for c in convs[:3]]
+
+
+def test_package_names(base, data, tmp_path):
+    """``lmforge.align`` re-exports the stages' names; ``align.sft`` (module and function share the name) runs a
+    fine-tune either way it is reached."""
+    import lmforge.align as align
+    from lmforge.align import sft as f
+
+    assert align.SFTConfig is SFTConfig and align.SFTBatches.__module__ == "lmforge.align.packing"
+    assert callable(f) and callable(align.sft)
+    final = f(cfg_for(base, data, tmp_path / "run", max_steps=1), quiet=True)
+    assert final["step"] == 1
+    with pytest.raises(AttributeError):
+        align.no_such_name
