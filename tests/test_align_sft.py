@@ -11,7 +11,6 @@ counted.
 """
 import json
 import math
-import shutil
 
 import pytest
 import torch
