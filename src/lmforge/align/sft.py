@@ -260,6 +260,7 @@ class SFTStage:
         self.batches = SFTBatches(self.train_ex, cfg.batch_size, cfg.seq_len, mode=cfg.packing, pad_id=self.pad_id,
                                   seed=cfg.seed, norm=cfg.loss_norm, device=str(self.device), shuffle=cfg.shuffle)
         self.micro_batches = 0  # consumed, for the epoch count (restored with the batch source)
+        self.quiet = False  # (sft(quiet=True): the start's summary at debug level)
 
     def order(self, epoch: int = 0) -> list[dict]:
         """The training conversations in the order epoch ``epoch`` feeds them (micro-batch after micro-batch;
@@ -322,11 +323,15 @@ class SFTStage:
         self.micro_batches = int(d["step"])
 
     def start(self, resumed: bool) -> None:
-        s = self.train_stats
-        logger.info(f"sft: {s['conversations']} training conversations ({s['trained_tokens']:,} trained of "
+        s, say = self.train_stats, logger.debug if self.quiet else logger.info
+        say(f"sft: {s['conversations']} training conversations ({s['trained_tokens']:,} trained of "
                     f"{s['tokens']:,} tokens; {s['truncated']} truncated, {s['skipped']} skipped), "
                     f"{len(self.val_ex)} validation, {len(self.batches)} batches per epoch"
                     + (f"; LoRA r={self.cfg.lora_r} on {len(self.lora_names)} matrices" if self.lora_names else ""))
+        left = [name for name, st in self.source_stats.items() if st.get("note")]
+        if left:
+            say(f"sft: left out {', '.join(left)} ({self.source_stats[left[0]]['note']}; --data-dir DIR "
+                        "gives them a `lmforge data prepare` directory)")
 
     def sample(self, step: int) -> str | None:
         if not self.cfg.sample_every:
@@ -396,6 +401,10 @@ class SFTStage:
             from ..model.hf import export_hf
 
             extra["hf"] = str(export_hf(model, out / "hf", tokenizer=self.tokenizer, tokens=self.tokens))
+        (logger.debug if self.quiet else logger.info)(
+            f"saved the fine-tuned model to {out} (chat with it: lmforge chat --checkpoint {out})"
+            + (f"; the adapter in {extra['adapter']}" if extra["adapter"] else "")
+            + (f"; the HF export in {extra['hf']}" if extra["hf"] else ""))
         return {"sft": self.stats(), **extra}
 
 
@@ -421,7 +430,7 @@ def sft(cfg: SFTConfig, *, on_step=None, quiet: bool = False, resume_hint: str |
         torch.set_num_threads(cfg.threads)
     device = loop.pick_device(cfg.device)
     stage = SFTStage(cfg, device)
-    stage.started = started
+    stage.started, stage.quiet = started, quiet
     record = {"sft": asdict(cfg), "model": stage.model.cfg.to_dict()}
     return loop.run(cfg, stage, on_step=on_step, quiet=quiet, resume_hint=resume_hint, config_record=record,
                     command=resume_command(cfg))
