@@ -63,7 +63,8 @@ def test_the_messages_render_in_the_chat_format(tmp_path):
 
     tok = tokenize.train("bpe", ["hello world, a tiny corpus of words " * 20], 300,
                          special_tokens=list(CHAT_SPECIAL_TOKENS), show_progress=False)
-    p = _write(tmp_path / "c.jsonl", [{"prompt": [{"role": "developer", "content": "sys"}, {"role": U, "content": "hi"}],
+    p = _write(tmp_path / "c.jsonl", [{"prompt": [{"role": "developer", "content": "sys"},
+                                                  {"role": U, "content": "hi"}],
                                        "completion": [{"role": A, "content": "hello"}]}])
     (c,) = D.read_conversations(p)
     ids, mask = render(tok, c["messages"])
@@ -105,6 +106,7 @@ BAD = [  # (line, field named in the message, reason, message fragment)
      "empty_assistant", "empty assistant"),
     ({"prompt": "q", "completion": ""}, "completion.content", "empty_assistant", "empty assistant"),
     ({"system": 3, "prompt": "q", "completion": "a"}, "system", "content_not_string", "must be a string"),
+    ({"messages": [{"role": A, "content": "a"}], "prompt": "q"}, "messages", "bad_format", "one or the other"),
 ]
 
 
@@ -296,7 +298,8 @@ def test_pad_is_never_a_stop_token(kind, size):
     specials = default_special_tokens(kind)
     assert (specials[-1] == "<|pad|>") == (kind != "wordpiece")  # reserved last, where the family has no pad
     assert [s for s in specials if s != "<|pad|>"] == list(dict.fromkeys(
-        {"bpe": ["<|endoftext|>"], "char": ["<|endoftext|>"], "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        {"bpe": ["<|endoftext|>"], "char": ["<|endoftext|>"],
+         "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
          "unigram": ["<unk>", "<s>", "</s>"]}[kind] + list(CHAT_SPECIAL_TOKENS)))  # the earlier ones, in order
     text = "to be or not to be that is the question whether tis nobler in the mind to suffer " * 30
     tok = tokenize.train(kind, [text], size, special_tokens=specials, show_progress=False)
@@ -304,6 +307,7 @@ def test_pad_is_never_a_stop_token(kind, size):
     assert spec.pad is not None and spec.pad not in spec.stop and spec.pad != spec.doc
     assert tok.id_to_token(spec.pad) == ("[PAD]" if kind == "wordpiece" else "<|pad|>")
     # a tokenizer trained before <|pad|> was reserved: its only candidate, <|endoftext|>, stops: no pad
-    old = tokenize.train("bpe", [text], 300, special_tokens=["<|endoftext|>", *CHAT_SPECIAL_TOKENS], show_progress=False)
+    old = tokenize.train("bpe", [text], 300, special_tokens=["<|endoftext|>", *CHAT_SPECIAL_TOKENS],
+                         show_progress=False)
     spec = TokenSpec.for_tokenizer(old)
     assert old.special_tokens["<|endoftext|>"] in spec.stop and spec.pad is None

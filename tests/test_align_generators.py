@@ -45,8 +45,9 @@ def _balanced(s: str) -> bool:  # an independent bracket checker
 
 
 def _truth(task: str, c) -> str:
-    """The answer recomputed from the question's text (and the item's fields, each found in that text)."""
-    q, doc = _user(c), c["doc"]
+    """The answer recomputed from the question's text (and the item's fields, each found in that text; a
+    few-shot prompt's question is its last block)."""
+    q, doc = _user(c).split("\n\n")[-1], c["doc"]
     if task == "addition":
         a, b = map(int, re.findall(r"\d+", q))
         return str(a + b)
@@ -83,27 +84,39 @@ def test_synthetic_answers_are_true(task):
 @pytest.mark.parametrize("task,kw", [(t, {}) for t in SYNTH] + [("sort", {"kind": "numbers"})])
 def test_the_evaluation_prompt_is_one_phrasing_and_the_reply_scores(task, kw):
     """Prompt 0 is the task YAML's doc_to_text rendered for the item (rendered here with jinja2 straight from
-    the YAML); the reply is what its metric accepts (the filter's regex keeps all of it and it equals the
-    target; multiple choice: the gold choice); about p_eval of the prompts are the evaluation's."""
+    the YAML); prompt -1 is its num_fewshot-shot prompt as lm-eval's --apply_chat_template puts it in one
+    user turn (examples joined by the fewshot delimiter, each answer after the target delimiter); the
+    reply is what its metric accepts (the filter's regex keeps all of it and it equals the target; multiple
+    choice: the gold choice); about p_eval and p_fewshot of the prompts are the evaluation's."""
     name = "sort_numbers" if kw.get("kind") == "numbers" else task
     y = _yaml(name)
     convs = G.GENERATORS[task](600, seed=5, **kw)
-    evals = [c for c in convs if c["prompt"] == 0]
-    assert 0.4 < len(evals) / len(convs) < 0.6  # p_eval = 0.5, binomial sd 0.02
-    assert len({c["prompt"] for c in convs}) >= 4  # several phrasings
+    assert 0.42 < sum(c["prompt"] == 0 for c in convs) / len(convs) < 0.58  # p_eval = 0.5, binomial sd 0.02
+    assert 0.06 < sum(c["prompt"] == -1 for c in convs) / len(convs) < 0.14  # p_fewshot = 0.1, sd 0.012
+    assert len({c["prompt"] for c in convs}) >= 5  # several phrasings
     env = jinja2.Environment()
+    text = lambda d: env.from_string(y["doc_to_text"]).render(**d)  # noqa: E731
+
+    def target(d):
+        if y["output_type"] == "multiple_choice":
+            return y["doc_to_choice"][d["gold"]]
+        return env.from_string(y["doc_to_target"]).render(**d)
+
     for c in convs:
         doc = c["doc"]
         if c["prompt"] == 0:
-            assert c["messages"][0] == {"role": "user", "content": env.from_string(y["doc_to_text"]).render(**doc)}
+            assert c["messages"] == [{"role": "user", "content": text(doc)}, c["messages"][-1]]
+        elif c["prompt"] == -1:
+            assert len(c["shots"]) == y["num_fewshot"] and doc not in c["shots"]
+            want = "".join(text(s) + y["target_delimiter"] + target(s) + y["fewshot_delimiter"] for s in c["shots"])
+            assert c["messages"] == [{"role": "user", "content": want + text(doc)}, c["messages"][-1]]
         else:
-            assert _user(c) != env.from_string(y["doc_to_text"]).render(**doc)
+            assert text(doc) not in _user(c)
         if y["output_type"] == "multiple_choice":
-            assert _reply(c) == y["doc_to_choice"][doc["gold"]]
+            assert _reply(c) == target(doc)
         else:
             regex = y["filter_list"][0]["filter"][0]["regex_pattern"]
-            target = env.from_string(y["doc_to_target"]).render(**doc)
-            assert re.search(regex, _reply(c)).group(1) == _reply(c) == target
+            assert re.search(regex, _reply(c)).group(1) == _reply(c) == target(doc)
     for k, v in (y.get("generator_kwargs") or {}).items():  # the evaluation's own kwargs
         if task == "reverse":
             assert all(len(c["doc"]["word"]) >= v for c in convs)
@@ -114,8 +127,11 @@ def test_the_evaluation_prompt_is_one_phrasing_and_the_reply_scores(task, kw):
 def test_p_eval_and_system_frac():
     convs = G.GENERATORS["addition"](200, seed=1, p_eval=1.0)
     assert all(c["prompt"] == 0 and len(c["messages"]) == 2 for c in convs)
-    convs = G.GENERATORS["addition"](200, seed=1, p_eval=0.0, system_frac=1.0)
+    convs = G.GENERATORS["addition"](200, seed=1, p_eval=0.0, p_fewshot=0.0, system_frac=1.0)
     assert all(c["prompt"] > 0 and c["messages"][0]["role"] == "system" for c in convs)
+    convs = G.GENERATORS["addition"](200, seed=1, p_eval=0.0, p_fewshot=1.0)
+    assert all(c["prompt"] == -1 for c in convs)
+    assert all(c["prompt"] == 0 for c in G.GENERATORS["addition"](3, seed=1, p_eval=0.0, p_fewshot=1.0))  # too few
     with pytest.raises(ValueError, match="p_eval=2"):
         G.GENERATORS["addition"](3, seed=1, p_eval=2)
     with pytest.raises(ValueError, match="unknown argument"):
@@ -152,6 +168,9 @@ def test_check_disjoint_catches_a_planted_item():
     from lmforge.evaluate.task import load_task
 
     dev = load_task(B.task_path("addition"))[0].docs("dev")[0]
+    shots = [c for c in G.GENERATORS["sort"](100, seed=0) if c["prompt"] == -1][:1]
+    shots[0]["shots"][1] = load_task(B.task_path("sort"))[0].docs("private")[5]  # a worked example counts too
+    assert G.check_disjoint(shots) == {"sort": 2}
     priv = B.generate("brackets", "private", 5, max_len=8, kinds=3)[3]
     good = G.GENERATORS["addition"](20, seed=0)
     planted = [dict(good[0], doc=dict(dev), id="planted:dev"),

@@ -14,6 +14,14 @@ from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS, END, render
 WORDS = "to be or not that is the question whether tis nobler in the mind to suffer slings arrows".split()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared CPU: no oversubscription (and the same reductions every run)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok(corpus_files):
     from lmforge.tokenize import ByteBPE
@@ -251,7 +259,7 @@ def test_batches_hold_every_example_once_per_epoch_intact(examples, mode):
                 assert T == 96
             if mode == "padding_free":
                 assert R == 1 and (inp["attention_mask"] == 1).all()  # no padding at all
-            if mode == "none":
+            if mode in ("none", "grouped"):
                 assert R <= 4 and bool(inp["plain"])
             docs = unpack(b)
             assert sorted(docs) == list(range(len(docs)))
@@ -313,6 +321,37 @@ def test_batches_bad_input(examples):
         sb.load_state_dict({**sb.state_dict(), "seed": 2})
     with pytest.raises(ValueError, match="cursor"):
         sb.load_state_dict({**sb.state_dict(), "cursor": 10_000})
+    other = list(examples)
+    other[0] = Example(other[0].ids[:-1].copy(), other[0].mask[:-1].copy(), other[0].id)  # same count, other data
+    with pytest.raises(ValueError, match="fingerprint is"):
+        SFTBatches(other, 2, 96, seed=1).load_state_dict(sb.state_dict())
+    SFTBatches(list(examples), 2, 96, seed=1).load_state_dict(sb.state_dict())  # the same data: fine
+
+
+def test_grouped_batches_are_nearly_unpadded(tok):
+    ex, _ = encode(tok, make_convs(400, seed=4, long=True), 256)
+    pad = {}
+    for mode in ("none", "grouped"):
+        sb = SFTBatches(ex, 8, 256, mode=mode, seed=2)
+        cells = real = 0
+        for _ in range(len(sb)):
+            b = sb.next()
+            cells, real = cells + b.inputs["idx"].numel(), real + b.tokens
+            assert bool(b.inputs["plain"])
+        pad[mode] = 1 - real / cells
+    assert pad["grouped"] < 0.02 < 0.2 < pad["none"]
+    g = SFTBatches(ex, 8, 256, mode="grouped", seed=2)
+    p0, p1 = g.plan(0), g.plan(1)
+    assert p0 != p1 and sorted(g.order(1)) == list(range(len(ex)))
+    for rows in p0:  # each micro-batch: longest first
+        lens = [len(ex[r[0]]) for r in rows]
+        assert lens == sorted(lens, reverse=True)
+    from lmforge.align.packing import GROUP_SPAN
+
+    span = GROUP_SPAN * 2  # unshuffled: the examples' order, each span sorted longest first (ties: index)
+    want = [i for s in range(0, len(ex), span) for i in sorted(range(s, min(s + span, len(ex))),
+                                                                key=lambda i: (-len(ex[i]), i))]
+    assert len(ex) > 2 * span and SFTBatches(ex, 2, 256, mode="grouped", shuffle=False).order(0) == want
 
 
 def test_conversation_norm_counts_conversations(examples):
@@ -342,7 +381,7 @@ def test_packed_and_unpacked_give_the_same_losses_and_gradients(tok, examples, p
     results = {}
     for mode in MODES:
         for norm in ("token", "conversation"):
-            sb = SFTBatches(sub, 12 if mode != "bfd" else 4, 96, mode=mode, norm=norm, shuffle=False)
+            sb = SFTBatches(sub, {"bfd": 4, "grouped": 3}.get(mode, 12), 96, mode=mode, norm=norm, shuffle=False)
             model.zero_grad()
             per, total, n, bins = torch.zeros(len(sub)), 0.0, 0, 0
             for _ in range(len(sb)):

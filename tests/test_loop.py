@@ -314,6 +314,13 @@ def test_eval_keys_trained_tokens_and_finish(tmp_path):
     st2 = ToyStage(cfg_for(tmp_path / "notest", max_steps=2), test_split=False)
     f2 = run(st2.cfg, st2, quiet=True)
     assert f2["test_loss"] is None and f2["test_max_err"] is None
+    # no validation split either: no validation lines, val_loss null (no other val_ key is invented)
+    st3 = ToyStage(cfg_for(tmp_path / "noval", max_steps=4, eval_every=2), test_split=False)
+    st3.has_split = lambda split: False
+    st3.evaluate = lambda split, n: pytest.fail("evaluate called without the split")
+    f3 = run(st3.cfg, st3, quiet=True)
+    assert f3["val_loss"] is None and f3["test_loss"] is None and "val_max_err" not in f3
+    assert not any(k.startswith("val_") for r in lines(tmp_path / "noval") for k in r)
 
 
 def test_ema_ends_on_the_average(tmp_path):
