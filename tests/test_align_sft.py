@@ -107,8 +107,8 @@ def reference_loss(model, tok, convs) -> tuple[float, int]:
 
 # ---- the loss is the assistant-only mean CE, whatever the packing --------------------------------
 
-@pytest.mark.parametrize("packing,accum", [("bfd", 1), ("none", 1), ("padding_free", 1), ("none", 2),
-                                           ("padding_free", 4)])
+@pytest.mark.parametrize("packing,accum", [("bfd", 1), ("none", 1), ("padding_free", 1), ("grouped", 1),
+                                           ("none", 2), ("padding_free", 4), ("grouped", 2)])
 def test_first_step_loss_is_mean_ce_over_assistant_tokens(base, data, tok, tmp_path, packing, accum):
     cfg = cfg_for(base, data, tmp_path / "run", packing=packing, batch_size=len(CONVS) // accum, grad_accum=accum,
                   max_steps=1)
@@ -428,3 +428,10 @@ def test_package_names(base, data, tmp_path):
     assert final["step"] == 1
     with pytest.raises(AttributeError):
         align.no_such_name
+
+
+def test_packing_choices_are_the_batch_source_modes():
+    from lmforge.align import packing
+    from lmforge.align.sft import PACKING
+
+    assert set(PACKING) == set(packing.MODES)

@@ -29,7 +29,7 @@ from ..train.loop import LoopConfig, check_loop_config
 
 logger = logging.getLogger("lmforge.align")
 
-PACKING = ("bfd", "none", "padding_free")
+PACKING = ("bfd", "none", "padding_free", "grouped")  # align.packing.MODES
 TRUNCATION = ("truncate", "skip")
 LOSS_NORM = ("token", "conversation")
 ON_ERROR = ("raise", "skip")
@@ -50,7 +50,7 @@ def _default_sources() -> list[dict]:
 class SFTConfig(LoopConfig):
     # the loop's knobs, with SFT's defaults (a small model fine-tuned on CPU in minutes)
     out: str = "runs/sft"
-    batch_size: int = 8  # conversations per row-batch ("none"), rows of seq_len ("bfd"), one row ("padding_free")
+    batch_size: int = 8  # rows of seq_len ("bfd"); conversations a micro-batch ("none", "grouped", "padding_free")
     seq_len: int = 256  # a row's length; a longer conversation is truncated or skipped (``truncation``)
     grad_accum: int = 1
     optimizer: str = "adamw"
@@ -77,7 +77,7 @@ class SFTConfig(LoopConfig):
     val_frac: float = 0.05  # share of the conversations held out for validation (by conversation)
     test_sources: list[dict] = field(default_factory=list)  # conversations for the final test_ loss ([]: none)
     on_error: str = "raise"  # a bad conversation in a file: raise (naming file:line:field) or skip (counted)
-    packing: str = "bfd"  # bfd | none | padding_free (align.packing.SFTBatches)
+    packing: str = "bfd"  # bfd | none | padding_free | grouped (align.packing.SFTBatches)
     shuffle: bool = True  # a new seeded order each epoch; false: the mixture's order every epoch (SFTStage.order)
     truncation: str = "truncate"  # truncate | skip: a conversation longer than seq_len (counted)
     loss_norm: str = "token"  # token | conversation
