@@ -91,7 +91,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="LoRA dropout (default 0)")
     p.add_argument("--lora-targets", default=None, metavar="PATTERNS",
-                   help="comma-separated patterns over lmforge's module names (default: align.lora's)")
+                   help="comma-separated LoRA targets (default all-linear): part names (q,k,v,o,gate,up,down), "
+                   "module names lmforge's or the HF export's (attn.qkv, q_proj), or globs (blocks.[01].*); "
+                   "see lmforge.align.lora")
     p.add_argument("--rslora", action="store_true", help="rank-stabilized LoRA scaling (alpha / sqrt(r))")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default 300)")
     p.add_argument("--max-time", type=float, default=None, help="seconds to train (the first bound reached ends it)")
