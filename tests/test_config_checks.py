@@ -19,7 +19,7 @@ def recipe_file(tmp_path, body: str):
 
 
 @pytest.mark.parametrize("body,msg", [
-    ('[tokenizer]\nkind = "bpe"\nvocab_size = 261\n[train]\nmax_steps = 1\n', "needs at least 262"),
+    ('[tokenizer]\nkind = "bpe"\nvocab_size = 262\n[train]\nmax_steps = 1\n', "needs at least 263"),
     ('[train]\nmax_steps = "10"\n', "train.max_steps: expected an integer, got '10'"),
     ('[train]\nmax_steps = 1\nschedule = "cosin"\n', "schedule: expected one of cosine, wsd, constant"),
     ('[train]\nmax_steps = 1\nmodel = { n_layr = 2 }\n', "did you mean 'n_layer'?"),

@@ -433,9 +433,11 @@ def _set_roots():
     from lmforge.data.prepare import PrepareConfig
     from lmforge.model import ModelConfig
     from lmforge.pipeline.recipe import Recipe
+    from lmforge.align.sft import SFTConfig
     from lmforge.train import TrainConfig
 
-    return {("pretrain",): TrainConfig, ("data", "prepare"): PrepareConfig, ("run",): Recipe}, ModelConfig
+    return {("pretrain",): TrainConfig, ("sft",): SFTConfig, ("data", "prepare"): PrepareConfig,
+            ("run",): Recipe}, ModelConfig
 
 
 def _field_problem(cls, dotted: str, model_cls) -> str | None:

@@ -142,7 +142,7 @@ def test_export_carries_the_spec(exported, bpe):
     assert conf["bos_token_id"] == gen["bos_token_id"] == st["<|bos|>"]
     assert conf["pad_token_id"] == gen["pad_token_id"] == spec.pad is not None
     assert tc["chat_template"] == CHAT_TEMPLATE and tc["add_bos_token"] is True
-    assert (tc["bos_token"], tc["eos_token"], tc["pad_token"]) == ("<|bos|>", "<|end|>", "<|endoftext|>")
+    assert (tc["bos_token"], tc["eos_token"], tc["pad_token"]) == ("<|bos|>", "<|end|>", "<|pad|>")
     hf = transformers.AutoTokenizer.from_pretrained(d)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (spec.bos, spec.stop[0], spec.pad)
     hc = transformers.AutoConfig.from_pretrained(d)

@@ -2,7 +2,7 @@
 
 Knows the role tokens and the layout; knows nothing about models. The server
 and ``lmforge chat`` prompt with ``render(..., add_generation_prompt=True)``; SFT
-(planned, not built yet) is to train on exactly ``render``'s output and mask.
+(``lmforge.align``) trains on exactly ``render``'s output and mask.
 
 Layout (every marker is one special token)::
 

@@ -231,8 +231,9 @@ def measure_peak_flops(device: torch.device, seconds: float = 0.25) -> float:
             if k in name:
                 return v
     n = 1024
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    g = torch.Generator(device=device).manual_seed(0)  # its own stream: the run's RNG state is left as it is
+    a = torch.randn(n, n, device=device, generator=g)  # (a resumed run draws what an uninterrupted one draws)
+    b = torch.randn(n, n, device=device, generator=g)
     a @ b
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
