@@ -551,10 +551,11 @@ def _eval_lines(doc: dict) -> set[str]:
 
 
 def _speech_lines(lines) -> set[str]:
-    """The lines that are not a speaker's heading (``HAMLET.``: a name, not a line of the play)."""
+    """The lines that are not a speaker's heading (``HAMLET.``, or ``HAMLET`` as a passage cut before its
+    full stop or a speaker answered: a name, not a line of the play)."""
     from ..evaluate.builtin.corpus import _HEADING
 
-    return {l for l in lines if not _HEADING.match(l)}
+    return {l for l in lines if not (_HEADING.match(l) or _HEADING.match(l + "."))}
 
 
 def _conv_lines(conv: dict) -> set[str]:
