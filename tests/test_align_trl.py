@@ -87,6 +87,15 @@ def exported(tmp_path_factory, corpus_files):
     return d / "lm", d / "hf", tok
 
 
+def no_checkpointing(config_cls) -> dict:
+    """TRL defaults activation (gradient) checkpointing on: off (same numbers, faster). transformers 5 renamed
+    the field and warns on the old name."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
+
+
 def run_trl(hf_dir, convs, out_dir, **overrides) -> dict:
     """TRL's SFTTrainer on ``convs`` in this order: per-step loss, trained tokens, lr and grad norm."""
     _need("trl")
@@ -106,10 +115,11 @@ def run_trl(hf_dir, convs, out_dir, **overrides) -> dict:
     settings = dict(output_dir=str(out_dir), per_device_train_batch_size=B, gradient_accumulation_steps=GA,
                     max_steps=STEPS, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=WD,
                     adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS, max_grad_norm=CLIP,
-                    assistant_only_loss=True, packing=False, bf16=False, fp16=False, gradient_checkpointing=False,
+                    assistant_only_loss=True, packing=False, bf16=False, fp16=False, 
                     train_sampling_strategy="sequential", shuffle_dataset=False, max_length=None, logging_steps=1,
                     save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, seed=0,
                     disable_tqdm=True)
+    settings.update(no_checkpointing(SFTConfig))
     settings.update(overrides)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
