@@ -135,11 +135,12 @@ def run_lmforge(lm_dir: Path, data: Path, out: Path, mode: str, batch: int, seq_
                     schedule="cosine", warmup_steps=0, eval_every=0, final_eval_batches=1, sample_every=0,
                     log_every=1, checkpoint_every=0, keep_checkpoints=1, seed=SEED, threads=threads,
                     compile=compile_, dtype="fp32", device="cpu", export_hf=False)
-    sft(cfg, quiet=True)
+    final = sft(cfg, quiet=True)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     recs = [r for r in recs if "loss" in r and "step" in r]
     cum = [r["trained_tokens"] for r in recs]
-    return [r["elapsed"] for r in recs], [b - a for a, b in zip([0] + cum, cum)], recs[0]["loss"]
+    return ([r["elapsed"] for r in recs], [b - a for a, b in zip([0] + cum, cum)], recs[0]["loss"],
+            final["sft"]["trained_tokens"])
 
 
 def no_checkpointing(config_cls) -> dict:
@@ -184,9 +185,12 @@ def run_trl(hf_dir: Path, convs: list[dict], out: Path, layout: str, batch: int,
                        train_dataset=Dataset.from_list([{"messages": c["messages"]} for c in convs]),
                        callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)  # (it prints every step's log line)
+    # the same data: TRL's prepared labels carry as many trained tokens as lmforge's encode counts
+    epoch_trained = sum(sum(1 for t in lab[1:] if t != -100) if layout != "packed" else sum(1 for t in lab if t != -100)
+                        for lab in trainer.train_dataset["labels"])
     trainer.train()
     first = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
-    return times, counts, first
+    return times, counts, first, epoch_trained
 
 
 def main(argv=None) -> None:
@@ -270,11 +274,14 @@ def main(argv=None) -> None:
                         shutil.rmtree(out)
                     t0 = time.perf_counter()
                     if side == "lmforge":
-                        times, trained, first = run_lmforge(lm_dir, data, out, layout, b, args.seq_len, steps,
+                        times, trained, first, epoch_trained = run_lmforge(lm_dir, data, out, layout, b, args.seq_len, steps,
                                                             args.threads, c)
                     else:
-                        times, trained, first = run_trl(hf_dir, convs, out, layout, b, args.seq_len, steps,
+                        times, trained, first, epoch_trained = run_trl(hf_dir, convs, out, layout, b, args.seq_len, steps,
                                                         args.threads, c)
+                    if epoch_trained != st["trained_tokens"]:
+                        notes.append(f"{name} {side} {label}: {epoch_trained} trained tokens per epoch, "
+                                     f"encode counts {st['trained_tokens']}")
                     rates = window_rates(times, trained, warmup, window, repeats)
                     if not rates:
                         fail(f"{side} {label}: only {len(times)} steps timed")
