@@ -15,16 +15,17 @@ mixtral, qwen2_moe): ``attn.qkv`` = units q, k, v (rows H*D, K*D, K*D); ``attn.p
 gate, up (SwiGLU; for ReLU², exported as gate_proj = up_proj = fc, one unit ``fc`` written as both);
 ``mlp.proj`` = down. GPT-2 (Conv1D modules, PEFT's ``fan_in_fan_out``): ``c_attn`` is one module, so
 ``attn.qkv`` is ONE unit ``qkv`` (targeting q, k or v adapts all three, as PEFT on GPT-2 does);
-``c_proj`` = o, ``c_fc`` = up, ``mlp.c_proj`` = down. The layout follows ``LoRAConfig.arch`` (default
-the model's ``hf_family``; a model that exports nowhere gets the Llama layout, or Qwen2-MoE's with MoE
-layers). MoE experts are 3-D parameters, not linears: not adapted (their routers and a shared expert's
-linears are). The output head is never adapted.
+``c_proj`` = o, ``c_fc`` = up, ``mlp.c_proj`` = down. The layout follows ``LoRAConfig.arch``
+(default the model's ``hf_family``; a model that exports nowhere as configured gets the closest:
+Qwen2-MoE's with MoE layers, else Llama's for a gated MLP, else GPT-2's). MoE experts are 3-D
+parameters, not linears, and transformers 5's routers are not linears PEFT can wrap: neither is
+adapted (a shared expert's linears and gate are). The output head is never adapted.
 
 **Target patterns** (``LoRAConfig.targets``; a unit is adapted when any pattern selects it; a pattern
 that selects nothing is an error naming it):
 
-* ``"all-linear"``: every unit except MoE routers and shared-expert gates (the default);
-* a part name, ``q k v o gate up down`` (and ``router``, ``shared_gate``): the units holding that part;
+* ``"all-linear"``: every unit except shared-expert gates (the default);
+* a part name, ``q k v o gate up down`` (and ``shared_gate``): the units holding that part;
 * a module name, lmforge's (``blocks.0.attn.qkv``, ``attn.proj``, ``qkv``) or the HF export's
   (``model.layers.0.self_attn.q_proj``, ``q_proj``, ``c_attn``): selected when it equals the name,
   is a dotted suffix of it (PEFT's rule: ``q_proj`` selects every layer's), or matches it as an
@@ -34,14 +35,16 @@ that selects nothing is an error naming it):
 Init as PEFT: A kaiming-uniform (a = sqrt(5)), B zeros (the adapted model starts equal to the base).
 Only adapter parameters require grad after ``apply_lora``. ``merge`` adds s B A into the base rows and
 ``unmerge`` subtracts the same product (exact to float rounding); ``merge_and_unload`` leaves plain
-``nn.Linear``s holding the merged weights, every parameter trainable again.
+``nn.Linear``s holding the merged weights, every parameter trainable again. A wrapped model's state
+dict keeps the base keys (``blocks.0.attn.qkv.weight``) and adds ``blocks.0.attn.qkv.lora_A.q`` /
+``lora_B.q`` per unit. ``save_peft`` writes ``target_modules`` as the HF leaf names (``["q_proj",
+"v_proj"]``) when those select exactly the adapted modules, else as a regex of their full names.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +56,8 @@ import torch.nn.functional as F
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_parameters", "merge", "unmerge", "merge_and_unload",
            "save_peft", "load_peft", "lora_modules"]
 
-PARTS = ("q", "k", "v", "o", "gate", "up", "down", "router", "shared_gate")
-NOT_ALL_LINEAR = ("router", "shared_gate")  # what "all-linear" leaves out
+PARTS = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate")
+NOT_ALL_LINEAR = ("shared_gate",)  # what "all-linear" leaves out
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -101,22 +104,25 @@ class Unit:
 
 
 def _layout_arch(cfg, arch: str | None) -> str:
-    from ..model.hf import FAMILIES
+    from ..model.hf import FAMILIES, check_exportable
 
-    a = arch or cfg.hf_family
-    if a in FAMILIES:
-        return a
     if arch is not None:
-        raise ValueError(f"LoRAConfig.arch: unknown HF family {arch!r}; expected one of {', '.join(FAMILIES)}")
-    return "qwen2_moe" if cfg.moe is not None else "llama"
+        if arch not in FAMILIES:
+            raise ValueError(f"LoRAConfig.arch: unknown HF family {arch!r}; expected one of {', '.join(FAMILIES)}")
+        return arch
+    try:
+        check_exportable(cfg, cfg.hf_family)
+        return cfg.hf_family
+    except ValueError:  # exports nowhere as configured: the closest layout (save_peft then says why not)
+        if cfg.moe is not None:
+            return "qwen2_moe"
+        return "llama" if cfg.ffn.activation in ("swiglu", "relu2") else "gpt2"
 
 
 def _leaf_part(path: str) -> str:
     """The part a whole-module unit is, by the lmforge module's name."""
     if path.endswith("attn.proj"):
         return "o"
-    if path.endswith("mlp.router"):
-        return "router"
     if path.endswith("shared_gate"):
         return "shared_gate"
     if path.endswith("proj"):  # mlp.proj, mlp.shared.proj
@@ -144,7 +150,7 @@ def layout(model, arch: str | None = None) -> tuple[str, dict[str, list[Unit]]]:
                 out[name] = list(mod.units.values())
             continue
         hit = rules.get(name + ".weight")
-        if hit is None:
+        if hit is None or name.endswith("mlp.router"):  # (transformers 5's MoE routers are no linears PEFT wraps)
             continue
         r, i, act = hit
         hf = [_fill(t, i).removesuffix(".weight") for t in r.theirs]
@@ -205,6 +211,7 @@ class LoRALinear(nn.Linear):
         self.lora_dropout = float(dropout)
         self.arch, self.rslora = arch, rslora  # (rslora: how save_peft writes the scale back as an alpha)
         self.merged = False
+        self.train(base.training)  # (the mode of the model it joins)
 
     def extra_repr(self) -> str:
         u = ", ".join(f"{k}[{x.start}:{x.stop}] r={self.lora_A[k].shape[0]}" for k, x in self.units.items())
@@ -265,7 +272,9 @@ def _install(model, plan: dict[str, list[Unit]], r: dict, scaling: dict, dropout
         p.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)
-    return [f"{n}:{u.label}" if len(plan[n]) > 1 else n for n in plan for u in plan[n]]
+    mods = lora_modules(model)
+    return [n if (u.start, u.stop) == (0, mods[n].out_features) else f"{n}:{u.label}"
+            for n in plan for u in mods[n].units.values()]
 
 
 def apply_lora(model, cfg: LoRAConfig) -> list[str]:
@@ -424,7 +433,10 @@ def save_peft(model, out_dir, arch: str | None = None, base: str = "") -> Path:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     _, full = layout(_Plain(model), a)
     every = sorted({h for us in full.values() for u in us for h in u.hf if h.rsplit(".", 1)[-1] in leaves})
-    targets = leaves if every == names else "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    # the module names PEFT's suffix rule would select, unless that selects more (some layers only; a MoE,
+    # whose experts transformers 4 keeps as per-expert gate_proj/... linears): then the exact names
+    exact = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    targets = leaves if every == names and model.cfg.moe is None else exact
     conf = _peft_config(r, alpha, rank_pattern, alpha_pattern, targets, max(drop), rslora, fifo, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
