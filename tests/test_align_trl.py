@@ -10,8 +10,9 @@ gradient-accumulation micro-batches (``num_items_in_batch``): lmforge's ``loss_n
 
 Compared per optimizer step: the loss (1e-5; measured ~1e-7: the two sides differ only in kernels, and Adam
 amplifies those differences a little more each step, so later steps drift slowly) and the trained-token
-count (exactly). Three lmforge sides: a hand-written loop (render masks, summed CE / step tokens, lmforge's
-AdamW), lmforge's SFT batches and loss (``lmforge.align.packing``), and ``lmforge.align.sft.sft`` itself.
+count (exactly). Four lmforge sides: a hand-written loop (render masks, summed CE / step tokens, lmforge's
+AdamW), lmforge's SFT batches and loss (``lmforge.align.packing``), ``lmforge.align.sft.sft`` itself, and
+``sft`` with LoRA against TRL training a PEFT adapter that starts from the same weights.
 """
 from __future__ import annotations
 
@@ -96,8 +97,9 @@ def no_checkpointing(config_cls) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
 
 
-def run_trl(hf_dir, convs, out_dir, **overrides) -> dict:
-    """TRL's SFTTrainer on ``convs`` in this order: per-step loss, trained tokens, lr and grad norm."""
+def run_trl(hf_dir, convs, out_dir, adapter=None, **overrides) -> dict:
+    """TRL's SFTTrainer on ``convs`` in this order: per-step loss, trained tokens, lr and grad norm.
+    ``adapter``: a PEFT adapter directory to train (PEFT's ``PeftModel``, only the adapter trainable)."""
     _need("trl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # SFTTrainer pings telemetry at init otherwise
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -123,6 +125,9 @@ def run_trl(hf_dir, convs, out_dir, **overrides) -> dict:
     settings.update(overrides)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
+    if adapter is not None:
+        peft = _need("peft")
+        model = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     trainer = Recording(model=model, args=SFTConfig(**settings), processing_class=tok,
                         train_dataset=Dataset.from_list([{"messages": c} for c in convs]))
@@ -306,3 +311,34 @@ def test_trl_equals_lmforge_sft(exported, data, trl_run, tmp_path, packing):
     assert [b - a for a, b in zip([0] + cum, cum)] == trl_run["trained"]
     assert_close([r["lr"] for r in recs], trl_run["lr"], "learning rate", tol=1e-12)
     assert_close([r["loss"] for r in recs], trl_run["loss"], f"per-step loss (sft, packing={packing})")
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # (PEFT's call)
+def test_trl_peft_lora_equals_lmforge_sft_lora(exported, data, tmp_path):
+    """LoRA: lmforge's sft (lora_r=4, alpha 8, every linear) against TRL training a PEFT adapter with the same
+    initial weights (lmforge's init under the run's seed, written by ``save_peft`` and read by
+    ``PeftModel.from_pretrained``). B starts at zero, so step 1 moves only B and the steps after it depend on
+    A's init as well: equal losses mean the same adapter, the same trainable parameters and the same updates."""
+    SFTConfig, sft = _sft_or_skip()
+    from lmforge.align.lora import LoRAConfig, apply_lora, save_peft
+    from lmforge.model import load
+
+    lm_dir, hf_dir, _ = exported
+    model, _ = load(lm_dir)
+    torch.manual_seed(SEED)  # as SFTStage does before apply_lora
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0))
+    adapter = save_peft(model, tmp_path / "init_adapter")
+    theirs = run_trl(hf_dir, data[1], tmp_path / "trl", adapter=adapter)
+    cfg = SFTConfig(out=str(tmp_path / "sft"), base=str(lm_dir), sources=[{"path": str(data[0])}], val_frac=0.0,
+                    packing="none", loss_norm="token", lora_r=4, lora_alpha=8.0, batch_size=B, grad_accum=GA,
+                    seq_len=SEQ, max_steps=STEPS, optimizer="adamw", lr=LR, weight_decay=WD, beta1=BETAS[0],
+                    beta2=BETAS[1], grad_clip=CLIP, schedule="wsd", decay_frac=1.0, min_lr_ratio=0.0,
+                    warmup_steps=0, eval_every=0, sample_every=0, log_every=1, checkpoint_every=0, seed=SEED,
+                    ema=0.0, dtype="fp32", device="cpu", export_hf=False)
+    sft(cfg, quiet=True)
+    recs = [json.loads(l) for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    recs = [r for r in recs if "loss" in r and "step" in r]
+    cum = [r["trained_tokens"] for r in recs]
+    assert [b - a for a, b in zip([0] + cum, cum)] == theirs["trained"]
+    assert theirs["loss"][-1] < theirs["loss"][0]
+    assert_close([r["loss"] for r in recs], theirs["loss"], "per-step loss (LoRA)")
