@@ -21,7 +21,7 @@ counted by each side itself: lmforge's ``trained_tokens`` in metrics.jsonl, TRL'
 lmforge's time is the loop's per-step ``elapsed`` (data, forward, backward, clip, optimizer step; no eval,
 no checkpoint); TRL's is the time between its ``on_step_end`` callbacks.
 
-    PYTHONPATH=src python benchmarks/sft_bench.py [--quick] [--threads N] [--models demo,6M] [--compile]
+    PYTHONPATH=src python benchmarks/sft_bench.py [--quick] [--threads N] [--models demo,6M] [--compile] [--lora R]
 
 Ends with the house's JSON line: {"benchmark": "sft", "rows": [...]} (trained tokens/s, goal 2x).
 """
@@ -126,7 +126,7 @@ def window_rates(times: list[float], trained: list[int], warmup: int, window: in
 
 
 def run_lmforge(lm_dir: Path, data: Path, out: Path, mode: str, batch: int, seq_len: int, steps: int, threads: int,
-                compile_: bool) -> tuple[list[float], list[int], float]:
+                compile_: bool, lora: int = 0) -> tuple[list[float], list[int], float, int]:
     from lmforge.align.sft import SFTConfig, sft
 
     cfg = SFTConfig(out=str(out), base=str(lm_dir), sources=[{"path": str(data)}], val_frac=0.0, packing=mode,
@@ -134,7 +134,8 @@ def run_lmforge(lm_dir: Path, data: Path, out: Path, mode: str, batch: int, seq_
                     optimizer="adamw", lr=5e-4, weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=1.0,
                     schedule="cosine", warmup_steps=0, eval_every=0, final_eval_batches=1, sample_every=0,
                     log_every=1, checkpoint_every=0, keep_checkpoints=1, seed=SEED, threads=threads,
-                    compile=compile_, dtype="fp32", device="cpu", export_hf=False)
+                    compile=compile_, dtype="fp32", device="cpu", export_hf=False, lora_r=lora,
+                    lora_alpha=2.0 * lora)
     final = sft(cfg, quiet=True)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     recs = [r for r in recs if "loss" in r and "step" in r]
@@ -152,7 +153,7 @@ def no_checkpointing(config_cls) -> dict:
 
 
 def run_trl(hf_dir: Path, convs: list[dict], out: Path, layout: str, batch: int, seq_len: int, steps: int,
-            threads: int, compile_: bool) -> tuple[list[float], list[int], float]:
+            threads: int, compile_: bool, lora: int = 0) -> tuple[list[float], list[int], float, int]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
@@ -181,7 +182,14 @@ def run_trl(hf_dir: Path, convs: list[dict], out: Path, layout: str, batch: int,
                      use_cpu=True, dataloader_num_workers=0, seed=SEED, disable_tqdm=True,
                      torch_compile=compile_, **layouts[layout], **no_checkpointing(SFTConfig))
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora, lora_alpha=2 * lora, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
     trainer = Counting(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(hf_dir),
+                       peft_config=peft_config,
                        train_dataset=Dataset.from_list([{"messages": c["messages"]} for c in convs]),
                        callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)  # (it prints every step's log line)
@@ -205,6 +213,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed windows, median taken (default 5; --quick 2)")
     ap.add_argument("--scale", type=float, default=None,
                     help="share of DEFAULT_MIXTURE's sizes generated (default 0.5; --quick 0.05)")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="LoRA of rank R (alpha 2R, every linear) on both sides instead of a full fine-tune")
     ap.add_argument("--compile", action="store_true", help="also try torch.compile on both sides (slow to start)")
     ap.add_argument("--work", default="/tmp/lmforge-sft-bench", help="scratch directory (default %(default)s)")
     args = ap.parse_args(argv)
@@ -216,16 +226,22 @@ def main(argv=None) -> None:
     names = (args.models or ("demo" if q else "demo,6M")).split(",")
     if min(warmup, window, repeats, args.threads, args.batch) < 1 or args.seq_len < 16:
         fail("--warmup, --window, --repeats, --threads and --batch must be >= 1 and --seq-len >= 16")
-    for mod in ("trl", "datasets", "transformers"):
+    if args.lora < 0:
+        fail("--lora must be >= 0 (0: a full fine-tune)")
+    for mod in ("trl", "datasets", "transformers") + (("peft",) if args.lora else ()):
         try:
             __import__(mod)
         except ImportError:
             fail(f"the reference needs {mod} (pip install 'lmforge[ref]')")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # SFTTrainer pings telemetry at init otherwise
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import warnings
+
     import datasets
     import torch
     import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's renames, called from TRL/PEFT
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -275,10 +291,10 @@ def main(argv=None) -> None:
                     t0 = time.perf_counter()
                     if side == "lmforge":
                         times, trained, first, epoch_trained = run_lmforge(lm_dir, data, out, layout, b, args.seq_len, steps,
-                                                            args.threads, c)
+                                                            args.threads, c, args.lora)
                     else:
                         times, trained, first, epoch_trained = run_trl(hf_dir, convs, out, layout, b, args.seq_len, steps,
-                                                        args.threads, c)
+                                                        args.threads, c, args.lora)
                     if epoch_trained != st["trained_tokens"]:
                         notes.append(f"{name} {side} {label}: {epoch_trained} trained tokens per epoch, "
                                      f"encode counts {st['trained_tokens']}")
@@ -292,7 +308,8 @@ def main(argv=None) -> None:
                     if side not in best or rate > best[side][0]:
                         best[side] = (rate, label)
         (o, ol), (r, rl) = best["lmforge"], best["TRL"]
-        rows.append(row(f"{name}: trained tokens/s", o, r, "tok/s", goal=2.0))
+        kind = f" (LoRA r={args.lora})" if args.lora else ""
+        rows.append(row(f"{name}{kind}: trained tokens/s", o, r, "tok/s", goal=2.0))
         notes.append(f"{name}: lmforge {ol} vs TRL {rl}")
     report("sft", rows, note="best layouts: " + "; ".join(notes))
 
