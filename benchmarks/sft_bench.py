@@ -208,8 +208,8 @@ def main(argv=None) -> None:
     ap.add_argument("--models", default=None, help="comma-separated: demo, 6M (default both; --quick: demo)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8, help="rows of seq_len tokens per step (default 8)")
-    ap.add_argument("--warmup", type=int, default=None, help="steps left out (default 5; --quick 1)")
-    ap.add_argument("--window", type=int, default=None, help="steps per timed window (default 8; --quick 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out (default 8; --quick 4)")
+    ap.add_argument("--window", type=int, default=None, help="steps per timed window (default 8; --quick 3)")
     ap.add_argument("--repeats", type=int, default=None, help="timed windows, median taken (default 5; --quick 2)")
     ap.add_argument("--scale", type=float, default=None,
                     help="share of DEFAULT_MIXTURE's sizes generated (default 0.5; --quick 0.05)")
@@ -219,8 +219,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="/tmp/lmforge-sft-bench", help="scratch directory (default %(default)s)")
     args = ap.parse_args(argv)
     q = args.quick
-    warmup = args.warmup if args.warmup is not None else (1 if q else 5)
-    window = args.window if args.window is not None else (2 if q else 8)
+    warmup = args.warmup if args.warmup is not None else (4 if q else 8)
+    window = args.window if args.window is not None else (3 if q else 8)
     repeats = args.repeats if args.repeats is not None else (2 if q else 5)
     scale = args.scale if args.scale is not None else (0.05 if q else 0.5)
     names = (args.models or ("demo" if q else "demo,6M")).split(",")
