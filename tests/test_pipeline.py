@@ -13,7 +13,14 @@ def tiny_sets(corpus_dir, steps=6):
             "tokenizer.vocab_size=300", f"train.max_steps={steps}", "train.max_time=0", "train.eval_every=0",
             "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=1", "train.peak_flops=1e11",
             'train.model={"mlp": "swiglu", "d_ff": 64, "arch": "qwen3", "d_model": 32, "n_head": 2, "n_layer": 1}',
-            "eval.sample_tokens=5", "eval.limit=3", "eval.bootstrap=20", "demo.max_tokens=4"]
+            "eval.sample_tokens=5", "eval.limit=3", "eval.bootstrap=20", "demo.max_tokens=4",
+            *TINY_SFT]
+
+
+# the sft stage in seconds: two trained synthetic tasks (addition is in the eval set), a few steps
+TINY_SFT = ['sft.sources=[{"generator": "addition", "n": 24}, {"generator": "brackets", "n": 24}]',
+            "sft.max_steps=3", "sft.max_time=0", "sft.batch_size=2", "sft.seq_len=64", "sft.eval_every=0",
+            "sft.eval_batches=1", "sft.checkpoint_every=1", "sft.warmup_steps=1", "demo.chat_max_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +34,8 @@ def small_corpus(tmp_path_factory, corpus_files):
 def digests(run):
     from lmforge._io import file_sha256
 
-    files = ["tokenizer/tokenizer.lmforge.json", "model/model.safetensors", "eval.json", "hf/model.safetensors",
-             "demo.json"]
+    files = ["tokenizer/tokenizer.lmforge.json", "model/model.safetensors", "sft/model.safetensors", "eval.json",
+             "sft_eval.json", "hf/model.safetensors", "demo.json", "chat.json"]
     shards = sorted(p.relative_to(run).as_posix() for p in (run / "data").glob("*-*.bin"))
     return {f: file_sha256(run / f) for f in files + shards}  # (the data manifest holds times and paths)
 

@@ -1,10 +1,12 @@
 """Recipes: one TOML file naming the stages of a run and their settings.
 
-Knows the recipe's shape (a dataclass per stage; ``data`` and ``train`` are the
-same configs ``lmforge data prepare`` and ``lmforge pretrain`` take) and checks
+Knows the recipe's shape (a dataclass per stage; ``data``, ``train`` and ``sft`` are the
+same configs ``lmforge data prepare``, ``lmforge pretrain`` and ``lmforge sft`` take) and checks
 it completely before any work starts: an unknown stage or field, or a value
 of the wrong type, is an error naming it, and so is a model that the recipe
-exports but the HF family cannot express (``lmforge.model.hf.check_exportable``).
+exports but the HF family cannot express (``lmforge.model.hf.check_exportable``),
+and an ``[sft]`` setting that SFT would refuse (a choice, a bound, a data source, a LoRA
+target pattern that matches none of the model's layers). Knows nothing of how a stage runs.
 """
 from __future__ import annotations
 
@@ -13,9 +15,13 @@ from pathlib import Path
 
 from .._config import apply_overrides, from_dict, load_file
 from ..data.prepare import PrepareConfig, validate as validate_data
+from ..align.sft import SFTConfig
 from ..train.trainer import TrainConfig
 
-STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "eval", "export", "demo")
+STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "eval", "export", "demo")
+# [sft] fields the pipeline sets itself (the base is pretrain's model, out is <run>/sft, corpus generators
+# read the run's shards)
+SFT_PIPELINE_FIELDS = ("base", "out", "data_dir")
 
 
 @dataclass
@@ -53,6 +59,11 @@ class ExportStage:
 class DemoStage:
     conversation: list[str] = field(default_factory=lambda: ["HAMLET.\nWhat news?\n", "OPHELIA.\nMy lord,"])
     max_tokens: int = 60
+    # with an sft stage: the user's turns of one conversation with the SFT model (greedy replies, each turn
+    # seeing the ones before), shown in demo's chat.json and the report; [] for none
+    chat: list[str] = field(default_factory=lambda: ["Who are you?", "What is 25 + 17?",
+                                                     "Are these brackets balanced: ( [ ] ) ?"])
+    chat_max_tokens: int = 40
 
 
 @dataclass
@@ -63,6 +74,7 @@ class Recipe:
     data: PrepareConfig = field(default_factory=PrepareConfig)
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalStage = field(default_factory=EvalStage)
     export: ExportStage = field(default_factory=ExportStage)
     demo: DemoStage = field(default_factory=DemoStage)
@@ -159,8 +171,12 @@ def validate(r: Recipe) -> None:
         raise ValueError(f"train.preset: unknown preset {t.preset!r}; known: {', '.join(sorted(PRESETS))}")
     if "pretrain" in r.stages or "export" in r.stages:
         validate_model(r)
+    if "sft" in r.stages:
+        validate_sft(r)
     if "eval" in r.stages:
         validate_eval(r.eval)
+    if "demo" in r.stages and r.demo.chat_max_tokens < 1:
+        raise ValueError(f"demo.chat_max_tokens: expected a positive number of tokens, got {r.demo.chat_max_tokens}")
 
 
 def validate_eval(e: EvalStage) -> None:
@@ -183,6 +199,115 @@ def validate_eval(e: EvalStage) -> None:
         raise ValueError(f"eval.tasks: unknown task {t!r} (not a built-in task nor a file; built-in: "
                          f"{', '.join(known)}; or 'default', 'all', [] for none)"
                          + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
+_SFT_CHOICES = {"packing": ("bfd", "none", "padding_free"), "truncation": ("truncate", "skip"),
+                "loss_norm": ("token", "conversation")}
+
+
+def validate_sft(r: Recipe) -> None:
+    """The [sft] table, before any work: the fields the pipeline sets are not given, the loop's settings
+    (``lmforge.train.trainer.check_config``'s rules that apply to every stage: a bound, choices, sizes),
+    SFT's own choices and ranges, every data source (a file that exists or a known generator; weight,
+    cap, n), a sequence length the model holds, and LoRA target patterns that match the model."""
+    s, fresh = r.sft, SFTConfig()
+    for k in SFT_PIPELINE_FIELDS:
+        if getattr(s, k) != getattr(fresh, k):
+            raise ValueError(f"sft.{k} is set by the pipeline (base: the pretrain stage's model, out: <run>/sft, "
+                             f"data_dir: the run's shards); remove it from the recipe (got {getattr(s, k)!r})")
+    if not (s.max_steps or s.max_tokens or s.max_time):
+        raise ValueError("sft: give a bound (max_steps, max_tokens or max_time)")
+    for k in ("max_steps", "max_tokens"):
+        if getattr(s, k) < 0:
+            raise ValueError(f"sft.{k}: expected >= 0 (0: no such bound), got {getattr(s, k)}")
+    if s.max_time < 0:
+        raise ValueError(f"sft.max_time: expected >= 0 seconds (0: no such bound), got {s.max_time}")
+    for k in ("batch_size", "seq_len", "grad_accum"):
+        if getattr(s, k) < 1:
+            raise ValueError(f"sft.{k}: expected a positive integer, got {getattr(s, k)}")
+    from ..train.trainer import CHOICES
+
+    for k, ok in {**CHOICES, **_SFT_CHOICES}.items():
+        if hasattr(s, k) and getattr(s, k) not in ok:
+            raise ValueError(f"sft.{k}: expected one of {', '.join(ok)}, got {getattr(s, k)!r}")
+    if not 0.0 <= s.val_frac < 1.0:
+        raise ValueError(f"sft.val_frac: expected a share in [0, 1), got {s.val_frac}")
+    if s.lr <= 0:
+        raise ValueError(f"sft.lr: expected a learning rate > 0, got {s.lr}")
+    if s.neftune_alpha < 0:
+        raise ValueError(f"sft.neftune_alpha: expected >= 0 (0: off), got {s.neftune_alpha}")
+    if s.lora_r < 0:
+        raise ValueError(f"sft.lora_r: expected a rank >= 0 (0: full fine-tuning), got {s.lora_r}")
+    if s.lora_r and not 0.0 <= s.lora_dropout < 1.0:
+        raise ValueError(f"sft.lora_dropout: expected a probability in [0, 1), got {s.lora_dropout}")
+    validate_sources(s.sources, "sft.sources")
+    if "pretrain" not in r.stages:
+        return  # the model comes from an earlier run: checked when the stage loads it
+    from ..train.trainer import model_config
+
+    try:
+        mcfg = model_config(r.train)
+    except (TypeError, ValueError):
+        return  # validate_model names the [train] problem
+    if s.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"sft.seq_len: {s.seq_len} is longer than the model's context (train.model "
+                         f"max_seq_len = {mcfg.max_seq_len})")
+    if s.lora_r:
+        _check_lora_targets(mcfg, s)
+
+
+def validate_sources(sources, where: str) -> None:
+    """Each SFT data source: ``{"path": FILE}`` (a JSONL file that exists) or ``{"generator": NAME, "n": N}``
+    (a generator of ``lmforge.align.generators``), with an optional ``weight`` (> 0) and ``cap`` (>= 1)."""
+    from ..align.generators import GENERATORS
+
+    if not isinstance(sources, list) or not sources:
+        raise ValueError(f"{where}: expected a non-empty list of sources ({{path = FILE}} or {{generator = NAME, "
+                         f"n = N}}), got {sources!r}")
+    for i, src in enumerate(sources):
+        w = f"{where}[{i}]"
+        if not isinstance(src, dict):
+            raise ValueError(f"{w}: expected a table ({{path = FILE}} or {{generator = NAME, n = N}}), got {src!r}")
+        if ("path" in src) == ("generator" in src):
+            raise ValueError(f"{w}: expected exactly one of 'path' (a JSONL file) or 'generator' (one of "
+                             f"{', '.join(GENERATORS)}), got {src!r}")
+        if "path" in src:
+            if not isinstance(src["path"], str) or not Path(src["path"]).is_file():
+                raise ValueError(f"{w}.path: no such file {src['path']!r} (a JSONL file of conversations)")
+        else:
+            g = src["generator"]
+            if g not in GENERATORS:
+                import difflib
+
+                close = difflib.get_close_matches(str(g), list(GENERATORS), n=1)
+                raise ValueError(f"{w}.generator: unknown generator {g!r}; known: {', '.join(GENERATORS)}"
+                                 + (f"; did you mean {close[0]!r}?" if close else ""))
+            n = src.get("n")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{w}.n: expected a positive number of conversations, got {n!r}")
+        wt = src.get("weight", 1.0)
+        if isinstance(wt, bool) or not isinstance(wt, (int, float)) or not wt > 0:
+            raise ValueError(f"{w}.weight: expected a number > 0 (the source's relative share), got {wt!r}")
+        cap = src.get("cap")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"{w}.cap: expected a positive number of conversations, got {cap!r}")
+
+
+def _check_lora_targets(mcfg, s) -> None:
+    """LoRA's target patterns against the model the recipe trains, built on the meta device (no memory,
+    no time): a pattern that matches nothing is refused now, not after pre-training."""
+    import torch
+
+    from ..align.lora import LoRAConfig, apply_lora
+    from ..model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    try:
+        apply_lora(model, LoRAConfig(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                                     targets=list(s.lora_targets), rslora=s.lora_rslora))
+    except ValueError as e:
+        raise ValueError(f"sft.lora_targets: {e}") from None
 
 
 def validate_model(r: Recipe) -> None:
