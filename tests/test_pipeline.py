@@ -48,7 +48,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     for f in ("report.md", "summary.json", "run.json", "recipe.json", "run.log", "loss.png", "hf/config.json"):
         assert (run / f).exists(), f
     m = json.loads((run / "run.json").read_text())
-    assert [m["stages"][s]["status"] for s in r.stages] == ["done"] * 8
+    assert r.stages[5] == "sft" and [m["stages"][s]["status"] for s in r.stages] == ["done"] * 9
     report = (run / "report.md").read_text()
     assert "bits/byte" in report and "near-duplicate" not in report.split("## Data")[0]
     # the reported number is on test; validation (what settings are chosen on) is given next to it
@@ -59,7 +59,8 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
                                       f"(validation: {ev['val']['bits_per_byte']:.4f})")
     assert "Test split (held-out documents never used to choose settings" in report
     assert "Validation split" in report and "test:" in report.split("## Data")[1]
-    assert set(m["stages"]["eval"]["summary"]) == {"test_bpb", "test_loss", "val_bpb", "core", "tasks", "tasks_s"}
+    assert set(m["stages"]["eval"]["summary"]) >= {"test_bpb", "test_loss", "val_bpb", "core", "tasks", "tasks_s",
+                                                    "sft_test_bpb", "sft_tasks", "sft_tasks_s"}  # (tests/test_pipeline_sft.py)
     # the default task set: the private and dev splits, contamination against the run's training shards,
     # the scorecard in report.md and in eval/
     from lmforge.evaluate import builtin
@@ -91,7 +92,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bits_per_byte"] == summary["bits_per_byte"]
     log = (run / "run.log").read_text()
-    assert log.count("unchanged, skipped") == 8
+    assert log.count("unchanged, skipped") == 9
     m1 = json.loads((run / "run.json").read_text())
     assert m1["stages"]["pretrain"]["started"] == m["stages"]["pretrain"]["started"]
     run_recipe(r, run, from_stage="eval", quiet=True)
