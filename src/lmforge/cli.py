@@ -148,6 +148,7 @@ def _stages():
     """What adds each stage's subcommands, in the order ``lmforge --help`` lists them. Imported here, when a
     parser is built: ``import lmforge.cli`` stays light, and so does each ``_cli`` module (a handler imports
     its stage's library when it runs)."""
+    from .align import _cli as align
     from .data import _cli as data
     from .evaluate import _cli as evaluate
     from .infer import _cli as infer
@@ -156,7 +157,8 @@ def _stages():
     from .tokenize import _cli as tokenize
     from .train import _cli as train
 
-    return (data.add_parser, tokenize.add_parser, model.add_parser, train.add_parser, evaluate.add_parser,
+    return (data.add_parser, tokenize.add_parser, model.add_parser, train.add_parser, align.add_parser,
+            evaluate.add_parser,
             model.add_export_parser, infer.add_parser, pipeline.add_parser)
 
 

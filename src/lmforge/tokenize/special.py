@@ -21,6 +21,11 @@ Three kinds of chat template:
 * ``"hf"``: an imported HF model keeps its own template (rendered with jinja2
   as transformers renders it) and its ``generation_config`` stop ids.
 
+The pad token is never a stop token (``for_tokenizer``): a trainer that masks the pad id out of the loss
+would otherwise mask the end of every answer too and the model would never learn to stop (TRL's old
+trouble with pad = EOS). ``default_special_tokens`` reserves ``<|pad|>`` for that; a tokenizer without a
+pad token that is not a stop gets ``pad=None``. An imported HF model keeps the pad its files name.
+
 HF directories, both ways (``hf_files`` writes, ``from_hf`` reads): the chat
 template, bos/eos/pad tokens and ``add_bos_token`` in ``tokenizer_config.json``,
 a ``TemplateProcessing`` post-processor that prepends BOS in ``tokenizer.json``,
@@ -43,7 +48,9 @@ from typing import Sequence
 DOC_CANDIDATES = ("<|bos|>", "<|endoftext|>", "<s>", "[CLS]")
 # tokens that end a generation when the tokenizer has them
 STOP_CANDIDATES = ("<|end|>", "<|endoftext|>", "</s>", "[SEP]")
+# the pad token, first found wins, never a stop token (see ``TokenSpec.for_tokenizer``)
 PAD_CANDIDATES = ("<|pad|>", "[PAD]", "<pad>", "<|endoftext|>")
+PAD = "<|pad|>"  # what ``default_special_tokens`` reserves for a family without a pad token of its own
 
 PLAIN_TEMPLATE = (
     "{{- bos_token -}}"
@@ -62,14 +69,23 @@ def default_special_tokens(kind: str) -> list[str]:
     """The special tokens lmforge reserves when it trains a tokenizer of ``kind`` for a model (the CLI,
     the pipeline, ``pretrain --text --tokenizer bpe:N``): the family's own (BPE ``<|endoftext|>``,
     WordPiece BERT's, Unigram sentencepiece's) and the chat tokens, so any model trained on it can chat.
-    The library's ``train`` functions keep the family defaults (they are checked against HF's trainers)."""
+    The library's ``train`` functions keep the family defaults (they are checked against HF's trainers).
+
+    A pad token that is no stop token comes last: ``<|pad|>`` for BPE, char and Unigram (WordPiece has
+    ``[PAD]``). Last, so the tokens before it keep their order: a BPE of the same ``vocab_size`` has one
+    merge fewer and its special tokens one id lower (they take the last ids), a WordPiece or Unigram
+    (specials first) keeps every special id."""
     from .chat import CHAT_SPECIAL_TOKENS
 
     family = {"bpe": ["<|endoftext|>"], "char": ["<|endoftext|>"],
               "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "unigram": ["<unk>", "<s>", "</s>"]}
     if kind not in family:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(family)}")
-    return list(dict.fromkeys(family[kind] + list(CHAT_SPECIAL_TOKENS)))
+    out = list(dict.fromkeys(family[kind] + list(CHAT_SPECIAL_TOKENS)))
+    stops = set(STOP_CANDIDATES) | set(DOC_CANDIDATES)
+    if not any(c in out and c not in stops for c in PAD_CANDIDATES):
+        out.append(PAD)
+    return out
 
 
 @dataclass
@@ -92,14 +108,18 @@ class TokenSpec:
     def for_tokenizer(cls, tok, doc=_AUTO) -> "TokenSpec":
         """The spec of a tokenizer lmforge trained (or any without saved settings). ``doc``: the id the
         training data started documents with (a shard manifest's ``doc_token_id``; None: none, so prompts
-        get no BOS either); by default the first of ``DOC_CANDIDATES`` the tokenizer has."""
+        get no BOS either); by default the first of ``DOC_CANDIDATES`` the tokenizer has. ``stop``: every
+        ``STOP_CANDIDATES`` token it has, and ``doc``. ``pad``: the first of ``PAD_CANDIDATES`` that is not
+        a stop token; None when there is none (a tokenizer trained before ``default_special_tokens``
+        reserved ``<|pad|>``: ``<|endoftext|>`` is a stop, and SFT masks its labels, not its pad id)."""
         from .chat import CHAT_SPECIAL_TOKENS, CHAT_TEMPLATE
 
         st = tok.special_tokens
         if doc is _AUTO:
             doc = next((st[c] for c in DOC_CANDIDATES if c in st), None)
         stop = list(dict.fromkeys([st[c] for c in STOP_CANDIDATES if c in st] + ([doc] if doc is not None else [])))
-        pad = next((st[c] for c in PAD_CANDIDATES if c in st), doc)
+        # pad is never a stop token: a model trained with pad = a stop (masked as padding) never learns to stop
+        pad = next((st[c] for c in PAD_CANDIDATES if c in st and st[c] not in stop), None)
         if all(s in st for s in CHAT_SPECIAL_TOKENS):
             return cls(bos=doc, doc=doc, stop=stop, pad=pad, template="lmforge", chat_template=CHAT_TEMPLATE)
         return cls(bos=doc, doc=doc, stop=stop, pad=pad, template="plain", chat_template=PLAIN_TEMPLATE,
