@@ -150,9 +150,10 @@ def test_rerun_skips_and_a_changed_sft_setting_reruns_sft_and_later_stages(finis
     assert m1["stages"]["sft"]["summary"].get("resumed_from_step") is None
 
 
-def test_interrupted_sft_resumes_to_the_uninterrupted_weights(small_corpus, tmp_path):
-    import lmforge.align.sft as sft_mod
+def test_interrupted_sft_resumes_to_the_uninterrupted_weights(small_corpus, tmp_path, monkeypatch):
+    import importlib
 
+    sft_mod = importlib.import_module("lmforge.align.sft")  # (the module: `lmforge.align.sft` is also a function)
     run = tmp_path / "run"
     real = sft_mod.sft
 
@@ -163,12 +164,10 @@ def test_interrupted_sft_resumes_to_the_uninterrupted_weights(small_corpus, tmp_
         return real(cfg, on_step=die, **kw)
 
     r = recipe(small_corpus, steps=4)
-    sft_mod.sft = interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_recipe(r, run, quiet=True)
-    finally:
-        sft_mod.sft = real
+    monkeypatch.setattr(sft_mod, "sft", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(r, run, quiet=True)
+    monkeypatch.setattr(sft_mod, "sft", real)
     m = manifest(run)
     assert m["stages"]["sft"]["status"] == "interrupted" and m["stages"]["pretrain"]["status"] == "done"
     assert "eval" not in m["stages"]
@@ -197,13 +196,16 @@ def test_interrupted_sft_resumes_to_the_uninterrupted_weights(small_corpus, tmp_
     (["sft.base=/elsewhere"], "sft.base is set by the pipeline"),
     (["sft.max_steps=0", "sft.max_time=0", "sft.max_tokens=0"], "sft: give a bound"),
     (["sft.val_frac=1.5"], "sft.val_frac: expected a share in [0, 1), got 1.5"),
-    (["sft.lora_r=-1"], "sft.lora_r: expected a rank >= 0"),
+    (["sft.lora_r=-1"], "sft.lora_r: must be >= 0"),
+    (["sft.lora_r=4", "sft.optimizer=muon"], "sft.optimizer: a LoRA run (lora_r = 4) trains its adapter with adamw"),
     (["sft.seq_len=100000"], "sft.seq_len: 100000 is longer than the model's context"),
     (['sft.sources=[{"generator": "additon", "n": 5}]'], "sft.sources[0].generator: unknown generator 'additon'"),
-    (['sft.sources=[{"generator": "addition"}]'], "sft.sources[0].n: expected a positive number of conversations"),
+    (['sft.sources=[{"generator": "addition"}]'], "sft.sources[0] (generator 'addition'): n=None: expected an integer"),
     (['sft.sources=[{"path": "/no/such.jsonl"}]'], "sft.sources[0].path: no such file '/no/such.jsonl'"),
-    (['sft.sources=[{"generator": "addition", "n": 5, "weight": 0}]'], "sft.sources[0].weight: expected a number > 0"),
-    (['sft.sources=[]'], "sft.sources: expected a non-empty list of sources"),
+    (['sft.sources=[{"generator": "addition", "n": 5, "weight": -1}]'], "sft.sources[0]: weight=-1: expected a number >= 0"),
+    (['sft.sources=[{"generator": "addition", "n": 5, "weight": 1}, {"generator": "sort", "n": 5}]'],
+     "sft.sources[1]: no weight while other sources have one"),
+    (['sft.sources=[]'], "sft.sources: no conversations to train on"),
     (["sft.lora_r=4", 'sft.lora_targets=["nothing_like_this"]'], "sft.lora_targets: "),
 ])
 def test_bad_sft_settings_are_refused_before_any_work(sets, msg, tmp_path, capsys):
@@ -213,6 +215,18 @@ def test_bad_sft_settings_are_refused_before_any_work(sets, msg, tmp_path, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert msg in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_bad_line_in_an_sft_data_file_is_refused_before_any_work(tmp_path, capsys):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    bad = {"messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Beep."}]}
+    f = tmp_path / "chats.jsonl"
+    f.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    argv = ["run", "--runs", str(tmp_path), "--name", "x", "--set", f'sft.sources=[{{"path": "{f}"}}]']
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{f}:2" in err and "robot" in err, err
     assert not (tmp_path / "x").exists()
 
 

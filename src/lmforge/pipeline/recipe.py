@@ -201,46 +201,31 @@ def validate_eval(e: EvalStage) -> None:
                          + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
-_SFT_CHOICES = {"packing": ("bfd", "none", "padding_free"), "truncation": ("truncate", "skip"),
-                "loss_norm": ("token", "conversation")}
-
-
 def validate_sft(r: Recipe) -> None:
-    """The [sft] table, before any work: the fields the pipeline sets are not given, the loop's settings
-    (``lmforge.train.trainer.check_config``'s rules that apply to every stage: a bound, choices, sizes),
-    SFT's own choices and ranges, every data source (a file that exists or a known generator; weight,
-    cap, n), a sequence length the model holds, and LoRA target patterns that match the model."""
-    s, fresh = r.sft, SFTConfig()
+    """The [sft] table, before any work: the fields the pipeline sets are not given, every setting SFT
+    checks itself (``lmforge.align.sft.check_config``: bounds, choices, shares, LoRA's), every data source
+    (the rules of ``lmforge.align.data``; a generator that exists; a JSONL file that exists and reads, every
+    line checked), a sequence length the model holds and LoRA target patterns that select some layer of it."""
+    import re
+    from dataclasses import fields, replace
+
+    from ..align.sft import SFTConfig as _C, check_config
+
+    s, fresh = r.sft, _C()
     for k in SFT_PIPELINE_FIELDS:
         if getattr(s, k) != getattr(fresh, k):
             raise ValueError(f"sft.{k} is set by the pipeline (base: the pretrain stage's model, out: <run>/sft, "
                              f"data_dir: the run's shards); remove it from the recipe (got {getattr(s, k)!r})")
-    if not (s.max_steps or s.max_tokens or s.max_time):
-        raise ValueError("sft: give a bound (max_steps, max_tokens or max_time)")
-    for k in ("max_steps", "max_tokens"):
-        if getattr(s, k) < 0:
-            raise ValueError(f"sft.{k}: expected >= 0 (0: no such bound), got {getattr(s, k)}")
-    if s.max_time < 0:
-        raise ValueError(f"sft.max_time: expected >= 0 seconds (0: no such bound), got {s.max_time}")
-    for k in ("batch_size", "seq_len", "grad_accum"):
-        if getattr(s, k) < 1:
-            raise ValueError(f"sft.{k}: expected a positive integer, got {getattr(s, k)}")
-    from ..train.trainer import CHOICES
-
-    for k, ok in {**CHOICES, **_SFT_CHOICES}.items():
-        if hasattr(s, k) and getattr(s, k) not in ok:
-            raise ValueError(f"sft.{k}: expected one of {', '.join(ok)}, got {getattr(s, k)!r}")
-    if not 0.0 <= s.val_frac < 1.0:
-        raise ValueError(f"sft.val_frac: expected a share in [0, 1), got {s.val_frac}")
-    if s.lr <= 0:
-        raise ValueError(f"sft.lr: expected a learning rate > 0, got {s.lr}")
-    if s.neftune_alpha < 0:
-        raise ValueError(f"sft.neftune_alpha: expected >= 0 (0: off), got {s.neftune_alpha}")
-    if s.lora_r < 0:
-        raise ValueError(f"sft.lora_r: expected a rank >= 0 (0: full fine-tuning), got {s.lora_r}")
-    if s.lora_r and not 0.0 <= s.lora_dropout < 1.0:
-        raise ValueError(f"sft.lora_dropout: expected a probability in [0, 1), got {s.lora_dropout}")
-    validate_sources(s.sources, "sft.sources")
+    names = {f.name for f in fields(_C)}
+    try:
+        check_config(replace(s, base="<the pretrain stage's model>"))
+    except ValueError as e:
+        msg = str(e)
+        m = re.match(r"([a-z_0-9]+)[:\[ ]", msg)
+        raise ValueError(f"sft.{msg}" if m and m.group(1) in names else f"sft: {msg}") from None
+    validate_sources(s.sources, "sft.sources", s.on_error)
+    if s.test_sources:
+        validate_sources(s.test_sources, "sft.test_sources", s.on_error)
     if "pretrain" not in r.stages:
         return  # the model comes from an earlier run: checked when the stage loads it
     from ..train.trainer import model_config
@@ -250,64 +235,59 @@ def validate_sft(r: Recipe) -> None:
     except (TypeError, ValueError):
         return  # validate_model names the [train] problem
     if s.seq_len > mcfg.max_seq_len:
-        raise ValueError(f"sft.seq_len: {s.seq_len} is longer than the model's context (train.model "
-                         f"max_seq_len = {mcfg.max_seq_len})")
+        raise ValueError(f"sft.seq_len: {s.seq_len} is longer than the model's context (max_seq_len "
+                         f"{mcfg.max_seq_len} of the [train] model)")
     if s.lora_r:
         _check_lora_targets(mcfg, s)
 
 
-def validate_sources(sources, where: str) -> None:
-    """Each SFT data source: ``{"path": FILE}`` (a JSONL file that exists) or ``{"generator": NAME, "n": N}``
-    (a generator of ``lmforge.align.generators``), with an optional ``weight`` (> 0) and ``cap`` (>= 1)."""
+def validate_sources(sources, where: str, on_error: str = "raise") -> None:
+    """Each SFT data source by ``lmforge.align.data``'s rules (``{path = FILE}`` or ``{generator = NAME, n = N}``,
+    optional ``weight`` and ``cap``; every source weighted or none), its generator known, its file there and
+    readable (each line checked, as SFT will read it)."""
+    from ..align import data as D
     from ..align.generators import GENERATORS
 
     if not isinstance(sources, list) or not sources:
         raise ValueError(f"{where}: expected a non-empty list of sources ({{path = FILE}} or {{generator = NAME, "
                          f"n = N}}), got {sources!r}")
     for i, src in enumerate(sources):
-        w = f"{where}[{i}]"
-        if not isinstance(src, dict):
-            raise ValueError(f"{w}: expected a table ({{path = FILE}} or {{generator = NAME, n = N}}), got {src!r}")
-        if ("path" in src) == ("generator" in src):
-            raise ValueError(f"{w}: expected exactly one of 'path' (a JSONL file) or 'generator' (one of "
-                             f"{', '.join(GENERATORS)}), got {src!r}")
+        try:
+            D._check_source(src, i)
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(where + msg[len("sources"):] if msg.startswith("sources") else f"{where}[{i}]: {msg}") from None
+        if "generator" in src and src["generator"] not in GENERATORS:
+            import difflib
+
+            close = difflib.get_close_matches(str(src["generator"]), list(GENERATORS), n=1)
+            raise ValueError(f"{where}[{i}].generator: unknown generator {src['generator']!r}; known: "
+                             f"{', '.join(GENERATORS)}" + (f"; did you mean {close[0]!r}?" if close else ""))
         if "path" in src:
             if not isinstance(src["path"], str) or not Path(src["path"]).is_file():
-                raise ValueError(f"{w}.path: no such file {src['path']!r} (a JSONL file of conversations)")
-        else:
-            g = src["generator"]
-            if g not in GENERATORS:
-                import difflib
-
-                close = difflib.get_close_matches(str(g), list(GENERATORS), n=1)
-                raise ValueError(f"{w}.generator: unknown generator {g!r}; known: {', '.join(GENERATORS)}"
-                                 + (f"; did you mean {close[0]!r}?" if close else ""))
-            n = src.get("n")
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"{w}.n: expected a positive number of conversations, got {n!r}")
-        wt = src.get("weight", 1.0)
-        if isinstance(wt, bool) or not isinstance(wt, (int, float)) or not wt > 0:
-            raise ValueError(f"{w}.weight: expected a number > 0 (the source's relative share), got {wt!r}")
-        cap = src.get("cap")
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"{w}.cap: expected a positive number of conversations, got {cap!r}")
+                raise ValueError(f"{where}[{i}].path: no such file {src['path']!r} (a JSONL file of conversations)")
+            D.read_conversations(src["path"], on_error=src.get("on_error", on_error))
+    weighted = ["weight" in s for s in sources]
+    if any(weighted) and not all(weighted):
+        raise ValueError(f"{where}{[k for k, w in enumerate(weighted) if not w]}: no weight while other sources "
+                         "have one; give every source a weight (shares of the mixture) or none")
 
 
 def _check_lora_targets(mcfg, s) -> None:
     """LoRA's target patterns against the model the recipe trains, built on the meta device (no memory,
-    no time): a pattern that matches nothing is refused now, not after pre-training."""
+    no time): a pattern that selects nothing is refused now, not after pre-training."""
     import torch
 
-    from ..align.lora import LoRAConfig, apply_lora
+    from ..align.lora import apply_lora
+    from ..align.sft import _lora_config
     from ..model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(mcfg)
-    try:
-        apply_lora(model, LoRAConfig(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout,
-                                     targets=list(s.lora_targets), rslora=s.lora_rslora))
-    except ValueError as e:
-        raise ValueError(f"sft.lora_targets: {e}") from None
+        try:
+            apply_lora(model, _lora_config(s))
+        except ValueError as e:
+            raise ValueError(f"sft.lora_targets: {e}") from None
 
 
 def validate_model(r: Recipe) -> None:
