@@ -68,7 +68,8 @@ def test_sft_stage_end_to_end(finished, small_corpus, capsys):
     # the eval stage scored both models: bits per byte on plain text, each equal to `lmforge eval` on that model
     ev = json.loads((run / "eval.json").read_text())
     for d, bpb in (("model", ev["bits_per_byte"]), ("sft", ev["sft"]["bits_per_byte"])):
-        assert main(["eval", "--checkpoint", str(run / d), "--split", "test", "--seq-len", "32", "--json"]) == 0
+        assert main(["eval", "--checkpoint", str(run / d), "--data", str(run / "data"), "--split", "test",
+                     "--seq-len", "32", "--json"]) == 0
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)
     assert ev["sft"]["bits_per_byte"] != ev["bits_per_byte"]
     assert summary["sft_bits_per_byte"] == ev["sft"]["bits_per_byte"]
@@ -163,7 +164,8 @@ def test_interrupted_sft_resumes_to_the_uninterrupted_weights(small_corpus, tmp_
                 raise KeyboardInterrupt
         return real(cfg, on_step=die, **kw)
 
-    r = recipe(small_corpus, steps=4)
+    # (the stages up to sft: what follows is tested above)
+    r = recipe(small_corpus, 'stages=["fetch", "clean", "tokenizer", "shards", "pretrain", "sft"]', steps=4)
     monkeypatch.setattr(sft_mod, "sft", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(r, run, quiet=True)

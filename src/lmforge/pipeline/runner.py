@@ -226,6 +226,8 @@ class Runner:
                             "(with the same --set options) to continue")
         keys = ("step", "tokens", "trained_tokens", "train_loss", "val_loss", "test_loss", "elapsed")
         summary = {k: final[k] for k in keys if final.get(k) is not None}
+        st = final.get("sft") or {}
+        summary.update({k: st[k] for k in ("conversations", "epochs", "truncated", "skipped") if st.get(k) is not None})
         if cfg.lora_r:
             summary["lora_r"] = cfg.lora_r
         if final.get("resumed_from_step") is not None:
