@@ -302,7 +302,7 @@ class Runner:
         del model
         sft = "sft" in self.r.stages
         if sft:  # what SFT costs on plain text: the same measurement on the SFT model
-            res["sft"] = {"model": str(self.dir / "sft"), **self._bpb(self.dir / "sft")}
+            res["sft"] = {"model": "sft", **self._bpb(self.dir / "sft")}  # (relative: a run's files name no path)
         write_json(self.dir / "eval.json", res, indent=1)
         outs = {"eval": self.dir / "eval.json"}
         summary = {"test_bpb": res["bits_per_byte"], "test_loss": res["loss"], "val_bpb": res["val"]["bits_per_byte"]}
@@ -373,12 +373,12 @@ class Runner:
             rows[name] = {"base_fewshot": cell(fewshot, name, shots), "base_chat": cell(base_res, name, 0),
                           "sft_chat": cell(sft_res, name, 0)}
         table = {"tasks": rows, "split": "private",
-                 "bits_per_byte": {"split": "test", "base": ev["bits_per_byte"], "sft": ev["sft"]["bits_per_byte"]},
-                 "seconds": round(time.perf_counter() - t0, 2)}
-        write_json(self.dir / "sft_eval.json", table, indent=1)
+                 "bits_per_byte": {"split": "test", "base": ev["bits_per_byte"], "sft": ev["sft"]["bits_per_byte"]}}
+        write_json(self.dir / "sft_eval.json", table, indent=1)  # (no times in it: the same run, the same bytes)
+        seconds = round(time.perf_counter() - t0, 2)
         gains = [r["sft_chat"]["value"] - r["base_fewshot"]["value"] for r in rows.values()
                  if r["sft_chat"] and r["base_fewshot"] and None not in (r["sft_chat"]["value"], r["base_fewshot"]["value"])]
-        summary = {"sft_tasks": len(rows), "sft_tasks_s": table["seconds"]}
+        summary = {"sft_tasks": len(rows), "sft_tasks_s": seconds}
         if gains:
             summary["sft_mean_gain"] = round(sum(gains) / len(gains), 4)
         return ({"sft_eval": self.dir / "sft_eval.json", "sft_eval_result": sft_paths["result"],
@@ -470,7 +470,7 @@ class Runner:
             reply = lm.chat(fitted, max_tokens=max(1, min(self.r.demo.chat_max_tokens, room)), temperature=0.0)
             messages.append(reply.message)
             finish.append(reply.finish_reason)
-        write_json(self.dir / "chat.json", {"model": str(self.dir / "sft"), "messages": messages,
+        write_json(self.dir / "chat.json", {"model": "sft", "messages": messages,
                                             "finish_reasons": finish}, indent=1)
         return self.dir / "chat.json"
 
