@@ -61,9 +61,9 @@ class DemoStage:
     max_tokens: int = 60
     # with an sft stage: the user's turns of one conversation with the SFT model (greedy replies, each turn
     # seeing the ones before), shown in demo's chat.json and the report; [] for none
-    chat: list[str] = field(default_factory=lambda: ["Who are you?", "What is 25 + 17?",
-                                                     "Are these brackets balanced: ( [ ] ) ?"])
-    chat_max_tokens: int = 40
+    chat: list[str] = field(default_factory=lambda: ["Who are you?", "What is 25 + 17?", 'Is "( [ ] )" balanced?',
+                                                     'How many times does the letter "s" appear in "mississippi"?'])
+    chat_max_tokens: int = 48
 
 
 @dataclass
