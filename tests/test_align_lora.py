@@ -476,3 +476,71 @@ def test_save_load_round_trip_is_exact(adapter):
     assert {id(p) for p in m.parameters() if p.requires_grad} == {id(p) for p in lora_parameters(m)}
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         load_peft(m, adapter)
+
+
+def test_adapters_for_a_model_transformers_wrote(tmp_path):
+    """An HF model lmforge imports (not an lmforge export): PEFT's adapter loads, and lmforge's adapter
+    applies to the original directory in PEFT."""
+    peft = pytest.importorskip("peft")
+    from hf_fixtures import make_tiny_hf_chat_model
+
+    from lmforge.model import load
+
+    d = make_tiny_hf_chat_model(tmp_path, "qwen2")
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    pm = peft.get_peft_model(hf_model(d), peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL7))
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n], scale=0.05)
+    pm.eval().save_pretrained(tmp_path / "theirs")
+    ours, _ = load(d)
+    load_peft(ours.eval(), tmp_path / "theirs")
+    with torch.no_grad():
+        assert err(ours(x), pm(x).logits) < 1e-4
+    mine, _ = load(d)
+    apply_lora(mine.eval(), LoRAConfig(r=2, targets=["k", "up"]))
+    randomize(lora_parameters(mine))
+    save_peft(mine, tmp_path / "mine", base=str(d))
+    pm2 = peft.PeftModel.from_pretrained(hf_model(d), tmp_path / "mine").eval()
+    with torch.no_grad():
+        assert err(mine(x), pm2(x).logits) < 1e-4
+
+
+def test_a_model_that_exports_nowhere_by_default(tmp_path):
+    """hf_family "none": the natural split; save_peft for a family named, load_peft reads the keys."""
+    m = tiny("qwen3", arch="none")
+    apply_lora(m, LoRAConfig(r=2, targets=["k", "down"]))
+    randomize(lora_parameters(m))
+    with pytest.raises(ValueError, match="cannot export as llama"):
+        save_peft(m, tmp_path / "ad")  # (qk_norm: qwen3-shaped, the llama layout is only a layout)
+    save_peft(m, tmp_path / "ad", arch="qwen3")
+    back = tiny("qwen3", arch="none")
+    assert load_peft(back, tmp_path / "ad") == ["blocks.0.attn.qkv:k", "blocks.0.mlp.proj",
+                                                 "blocks.1.attn.qkv:k", "blocks.1.mlp.proj"]
+    with torch.no_grad():
+        assert torch.equal(back(tokens()), m(tokens()))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt2"])
+def test_gradients_equal_peft_s(name, tmp_path):
+    """Training is the same computation: the loss's gradient on every A and B equals PEFT's."""
+    peft = pytest.importorskip("peft")
+    m = tiny(name)
+    export_hf(m, tmp_path / "hf")
+    apply_lora(m, LoRAConfig(r=3, alpha=6))
+    randomize(lora_parameters(m))
+    save_peft(m, tmp_path / "ad")
+    pm = peft.PeftModel.from_pretrained(hf_model(tmp_path / "hf"), tmp_path / "ad", is_trainable=True)
+    x = tokens(3)
+    _, loss = m(x[:, :-1], targets=x[:, 1:])
+    loss.backward()
+    theirs = pm(x, labels=x).loss
+    theirs.backward()
+    assert abs(loss.item() - theirs.item()) < 1e-5
+    grads = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if "lora_" in n}
+    n_checked = 0
+    for mod in lora_modules(m).values():
+        for k, u in mod.units.items():
+            for ab, p in (("lora_A", mod.lora_A[k]), ("lora_B", mod.lora_B[k])):
+                g = grads[f"base_model.model.{u.hf[0]}.{ab}.weight"]
+                assert err(p.grad, g) < 1e-5 * max(1.0, g.abs().max().item()), (u.hf[0], ab)
+                n_checked += 1
+    assert n_checked == len(grads) and n_checked > 0

@@ -14,6 +14,14 @@ from lmforge.tokenize.chat import CHAT_SPECIAL_TOKENS, END, render
 WORDS = "to be or not that is the question whether tis nobler in the mind to suffer slings arrows".split()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared CPU: no oversubscription (and the same reductions every run)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok(corpus_files):
     from lmforge.tokenize import ByteBPE
@@ -251,7 +259,7 @@ def test_batches_hold_every_example_once_per_epoch_intact(examples, mode):
                 assert T == 96
             if mode == "padding_free":
                 assert R == 1 and (inp["attention_mask"] == 1).all()  # no padding at all
-            if mode == "none":
+            if mode in ("none", "grouped"):
                 assert R <= 4 and bool(inp["plain"])
             docs = unpack(b)
             assert sorted(docs) == list(range(len(docs)))
@@ -313,6 +321,37 @@ def test_batches_bad_input(examples):
         sb.load_state_dict({**sb.state_dict(), "seed": 2})
     with pytest.raises(ValueError, match="cursor"):
         sb.load_state_dict({**sb.state_dict(), "cursor": 10_000})
+    other = list(examples)
+    other[0] = Example(other[0].ids[:-1].copy(), other[0].mask[:-1].copy(), other[0].id)  # same count, other data
+    with pytest.raises(ValueError, match="fingerprint is"):
+        SFTBatches(other, 2, 96, seed=1).load_state_dict(sb.state_dict())
+    SFTBatches(list(examples), 2, 96, seed=1).load_state_dict(sb.state_dict())  # the same data: fine
+
+
+def test_grouped_batches_are_nearly_unpadded(tok):
+    ex, _ = encode(tok, make_convs(400, seed=4, long=True), 256)
+    pad = {}
+    for mode in ("none", "grouped"):
+        sb = SFTBatches(ex, 8, 256, mode=mode, seed=2)
+        cells = real = 0
+        for _ in range(len(sb)):
+            b = sb.next()
+            cells, real = cells + b.inputs["idx"].numel(), real + b.tokens
+            assert bool(b.inputs["plain"])
+        pad[mode] = 1 - real / cells
+    assert pad["grouped"] < 0.02 < 0.2 < pad["none"]
+    g = SFTBatches(ex, 8, 256, mode="grouped", seed=2)
+    p0, p1 = g.plan(0), g.plan(1)
+    assert p0 != p1 and sorted(g.order(1)) == list(range(len(ex)))
+    for rows in p0:  # each micro-batch: longest first
+        lens = [len(ex[r[0]]) for r in rows]
+        assert lens == sorted(lens, reverse=True)
+    from lmforge.align.packing import GROUP_SPAN
+
+    span = GROUP_SPAN * 2  # unshuffled: the examples' order, each span sorted longest first (ties: index)
+    want = [i for s in range(0, len(ex), span) for i in sorted(range(s, min(s + span, len(ex))),
+                                                                key=lambda i: (-len(ex[i]), i))]
+    assert len(ex) > 2 * span and SFTBatches(ex, 2, 256, mode="grouped", shuffle=False).order(0) == want
 
 
 def test_conversation_norm_counts_conversations(examples):
@@ -342,7 +381,7 @@ def test_packed_and_unpacked_give_the_same_losses_and_gradients(tok, examples, p
     results = {}
     for mode in MODES:
         for norm in ("token", "conversation"):
-            sb = SFTBatches(sub, 12 if mode != "bfd" else 4, 96, mode=mode, norm=norm, shuffle=False)
+            sb = SFTBatches(sub, {"bfd": 4, "grouped": 3}.get(mode, 12), 96, mode=mode, norm=norm, shuffle=False)
             model.zero_grad()
             per, total, n, bins = torch.zeros(len(sub)), 0.0, 0, 0
             for _ in range(len(sb)):
@@ -433,3 +472,23 @@ def test_neftune_equals_transformers(tok):
     h2.remove()
     torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=0)
     assert not torch.equal(ours, emb(idx))
+
+
+def test_moe_router_losses_join_the_sft_loss(tok, examples):
+    """A MoE model's SFT loss keeps its load-balancing and z-losses: one conversation alone gives the model's
+    own training loss (mean CE + weighted router losses) times n."""
+    from lmforge.model import preset
+    from lmforge.model.hf import HF_CLASSES
+    from lmforge.model.transformer import Transformer
+
+    over = {} if "mixtral" in HF_CLASSES else {"hf_family": "none"}
+    torch.manual_seed(0)
+    m = Transformer(preset("tiny-mixtral", vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32,
+                           max_seq_len=128, **{"moe.d_expert": 32, "moe.z_loss_coef": 1e-2}, **over))
+    m.train()
+    b = SFTBatches(examples[:1], 1, 96, mode="none", shuffle=False).next()
+    e = examples[0]
+    _, want = m(torch.from_numpy(e.ids)[None], torch.from_numpy(e.targets())[None])
+    got = sft_loss(m, b) / b.n
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.router_metrics["aux_loss"] > 0 and (got - m.router_metrics["ce"]).abs() > 1e-4

@@ -82,9 +82,11 @@ def add_parser(sub) -> None:
                    "its train split")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) bad conversations in --data files instead of stopping at the first")
-    p.add_argument("--packing", choices=["bfd", "none", "padding_free"], default=None,
-                   help="bfd (default): conversations packed into rows, attention kept within each; none: one "
-                   "conversation per row, padded; padding_free: a micro-batch as one unpadded row")
+    p.add_argument("--packing", choices=["bfd", "none", "padding_free", "grouped"], default=None,
+                   help="bfd (default): conversations packed into rows of seq_len, attention kept within each; "
+                   "none: one conversation per row, padded; grouped: as none, each micro-batch of similar lengths "
+                   "(little padding; the fastest on a CPU with a large batch_size); padding_free: a micro-batch as "
+                   "one unpadded row")
     p.add_argument("--lora-r", type=int, default=None, metavar="R", help="LoRA rank (default 0: a full fine-tune)")
     p.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="LoRA alpha (default 16)")
     p.add_argument("--lora-dropout", type=float, default=None, metavar="P", help="LoRA dropout (default 0)")

@@ -123,6 +123,9 @@ def conversation_messages(record, where: str) -> list[dict]:
                                 "content_not_string")
     head = [{"role": "system", "content": system}] if system is not None else []
     head_labels = ["system"] if head else []
+    if "messages" in record and ("prompt" in record or "completion" in record):
+        raise ConversationError(f"{where}: messages: given with prompt/completion; a record is one or the other",
+                                "bad_format")
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list):
@@ -264,8 +267,10 @@ def mixture_sizes(available: list[int], weights: list[float] | None) -> list[int
 
 def load_sources(sources: list[dict], *, seed: int, data_dir=None, on_error: str = "raise") -> tuple[list[dict], dict]:
     """A mixture of conversation sources (module docstring: formats, rules, how sizes are decided).
-    Returns the mixed conversations (seeded order) and ``{source: {"read", "used", "skipped", ...}}``
-    (``source``: the path or ``gen:<name>``, ``#2``... appended when a name repeats). ``on_error``
+    Returns the mixed conversations (seeded order) and ``{source: stats}`` (``source``: the path or
+    ``gen:<name>``, ``#2``... appended when a name repeats; ``stats``: ``read`` conversations (non-blank
+    lines, or generated), ``skipped`` with their ``reasons`` and first ``errors``, ``available`` after the
+    cap, ``used`` in the mixture, and a ``note`` for an optional source left out). ``on_error``
     applies to files (a source may set its own); generated conversations are always checked and a
     bad one is an error (a generator's bug)."""
     from . import generators as G

@@ -9,20 +9,23 @@ private items; knows nothing of tokens or training (``align.data`` mixes and che
 ``{"messages", "source": "gen:<name>", "id": "gen:<name>:<i>", "answer", "task", ...}`` where ``answer``
 is the checkable truth (an int for arithmetic and counting, a string otherwise; a list, one per
 assistant turn, for ``multiturn``); synthetic conversations also carry ``doc``, the evaluation item they
-come from, and ``prompt`` (0: the evaluation's own prompt, k > 0: paraphrase k).
+come from, and ``prompt`` (0: the evaluation's own zero-shot prompt; -1: its few-shot prompt, the
+YAML's ``num_fewshot`` other train items as worked examples, collapsed into one user turn as lm-eval's
+``--apply_chat_template`` renders it, those items in ``shots``; k > 0: paraphrase k).
 
 * **synthetic** (``addition``, ``subtraction``, ``letter_count``, ``reverse``, ``sort``, ``brackets``):
   the first ``n`` items of ``lmforge.evaluate.builtin.generate(name, "train", ...)`` (the public train
   share, whose content keys the split hash keeps out of dev and private: see ``evaluate/builtin/splits``)
   with the task YAML's ``generator_kwargs`` unless ``kw`` overrides them (``sort``'s ``kind="numbers"``
   is the ``sort_numbers`` task). The user turn is, with probability ``p_eval`` (default 0.5), exactly the
-  evaluation task's zero-shot prompt (its ``doc_to_text`` rendered: ``"Q: What is 12 + 34?\\nA:"``), else one
-  of several paraphrases; the assistant's reply is what the task's metric accepts (``"46"``; brackets
+  evaluation task's zero-shot prompt (its ``doc_to_text`` rendered: ``"Q: What is 12 + 34?\\nA:"``: what the
+  pipeline scores, ``num_fewshot=0`` through the chat template), with ``p_fewshot`` (0.1, at most what ``p_eval`` leaves) its few-shot
+  prompt (what ``lmforge eval --apply-chat-template`` scores by default), else one of several paraphrases; the assistant's reply is what the task's metric accepts (``"46"``; brackets
   ``"yes"``/``"no"`` as in its ``doc_to_choice``), bare, whatever the phrasing (a reply like "12 + 34 = 46"
   would make the evaluation's first-number filter read 12). A share ``system_frac`` (default 0.1) of the
-  paraphrased ones opens with a short system message. ``reverse``, ``letter_count`` and ``brackets`` have small item spaces
-  (``train_capacity``: 585, 510 and 1336 distinct train items at the evaluation's kwargs): past them the
-  items come round again, in other phrasings.
+  paraphrased ones opens with a short system message. ``reverse``, ``letter_count`` and ``brackets`` have
+  small item spaces (``train_capacity``: 585, 510 and 1336 distinct train items at the evaluation's
+  kwargs): past them the items come round again, in other phrasings.
 * **corpus** (``speaker``: who speaks next, the play's characters as choices; ``quote``: the line that
   follows two lines of a speech; ``play``: which play a line is from, play titles as choices): from the
   ``train`` split of a ``lmforge data prepare`` directory (``data_dir``) only, parsed as
@@ -231,34 +234,53 @@ def _frac(name: str, v) -> float:
 
 
 def _synthetic(gen: str):
-    def make(n: int, seed: int = 0, data_dir=None, p_eval: float = 0.5, system_frac: float = 0.1, **kw) -> list[dict]:
+    def make(n: int, seed: int = 0, data_dir=None, p_eval: float = 0.5, p_fewshot: float = 0.1,
+             system_frac: float = 0.1, **kw) -> list[dict]:
         n = _check_n(n)
-        p_eval, system_frac = _frac("p_eval", p_eval), _frac("system_frac", system_frac)
+        p_eval, p_fewshot = _frac("p_eval", p_eval), _frac("p_fewshot", p_fewshot)
+        system_frac = _frac("system_frac", system_frac)
+        p_fewshot = min(p_fewshot, 1.0 - p_eval)  # of what p_eval leaves
         task_name = _task_name(gen, kw)
         t = eval_task(task_name)
         args = {**(t.config.get("generator_kwargs") or {}), **kw}
         items = _train_items(gen, n, args)
         r = random.Random(f"lmforge-sft-gen|{gen}|{seed}")
         para = PARAPHRASES[task_name]
+        shots_k = t.num_fewshot
+        distinct = {content_key(gen, d): d for d in items}
         out = []
         for i, doc in enumerate(items):
-            k = 0 if r.random() < p_eval else 1 + r.randrange(len(para))
-            user = t.text(doc) if k == 0 else para[k - 1].format(**doc)
-            msgs = []
-            if k and r.random() < system_frac:
-                msgs.append({"role": "system", "content": r.choice(SYSTEM_PROMPTS)})
-            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": _reply(task_name, doc)}]
-            out.append({"messages": msgs, "source": f"gen:{gen}", "id": f"gen:{gen}:{i}", "task": task_name,
-                        "answer": doc["answer"], "doc": dict(doc), "prompt": k})
+            u = r.random()
+            k = 0 if u < p_eval else (-1 if u < p_eval + p_fewshot else 1 + r.randrange(len(para)))
+            shots = []
+            if k == -1:
+                pool = [d for key, d in distinct.items() if key != content_key(gen, doc)]
+                if shots_k < 1 or len(pool) < shots_k:
+                    k = 0  # too few other items for the examples: the zero-shot prompt
+                else:
+                    shots = r.sample(pool, shots_k)
+            if k == -1:  # lm-eval's --apply_chat_template: the examples and the question in one user turn
+                msgs = [dict(m) for m in t.context(doc, shots, chat=lambda m: m)]
+            elif k == 0:
+                msgs = [{"role": "user", "content": t.text(doc)}]
+            else:
+                msgs = [{"role": "user", "content": para[k - 1].format(**doc)}]
+                if r.random() < system_frac:
+                    msgs.insert(0, {"role": "system", "content": r.choice(SYSTEM_PROMPTS)})
+            msgs.append({"role": "assistant", "content": _reply(task_name, doc)})
+            c = {"messages": msgs, "source": f"gen:{gen}", "id": f"gen:{gen}:{i}", "task": task_name,
+                 "answer": doc["answer"], "doc": dict(doc), "prompt": k}
+            if shots:
+                c["shots"] = [dict(d) for d in shots]
+            out.append(c)
         return out
 
     make.__name__ = gen
-    make.__doc__ = f"{n_doc(gen)} (see the module docstring)"
+    make.__doc__ = (f"``n`` {gen} conversations from the evaluation's train items; ``p_eval``: the share asked in "
+                    "the evaluation's own zero-shot prompt, ``p_fewshot`` in its few-shot prompt (as lm-eval's "
+                    "--apply_chat_template renders it); ``system_frac``: the share of the paraphrased ones with a "
+                    "system message; ``kw``: the generator's arguments (default: the task YAML's)")
     return make
-
-
-def n_doc(gen: str) -> str:
-    return f"``n`` {gen} conversations from the evaluation's train items"
 
 
 # ---- corpus -------------------------------------------------------------------------------------------
@@ -638,7 +660,8 @@ def _conv_lines(conv: dict) -> set[str]:
 
 def check_disjoint(convs, tasks=None, data_dir=None, detail: bool = False) -> dict:
     """Coincidences of generated conversations with the evaluation's dev and private items of the same
-    tasks (``EVAL_TASKS``), per generator task: synthetic (and multi-turn's first question) by content key,
+    tasks (``EVAL_TASKS``), per generator task: synthetic (and multi-turn's first question) by content key
+    (of the item and of any worked examples in its prompt),
     counting exact coincidences with the items the harness draws (default ``n``) and keys the split hash
     owns for dev or private (any ``n``); corpus by the line text of every line shown (the items need
     ``data_dir``; without it corpus conversations are not checked and not counted). ``tasks``: only these
@@ -651,6 +674,16 @@ def check_disjoint(convs, tasks=None, data_dir=None, detail: bool = False) -> di
         t = "sort" if t == "sort_numbers" else t
         if t in EVAL_TASKS and (tasks is None or t in tasks):
             by_task.setdefault(t, []).append(c)
+    from ..evaluate import builtin
+    from ..evaluate.task import load_task
+
+    fresh: dict = {}  # the evaluation's tasks loaded anew: their documents as the harness draws them now
+
+    def task(name):
+        if name not in fresh:
+            fresh[name] = load_task(builtin.task_path(name))[0]
+        return fresh[name]
+
     out: dict[str, dict] = {}
     for t, cs in sorted(by_task.items()):
         row = {"checked": 0, "dev": 0, "private": 0, "outside_train": 0}
@@ -660,7 +693,7 @@ def check_disjoint(convs, tasks=None, data_dir=None, detail: bool = False) -> di
             for split in ("dev", "private"):
                 lines: set[str] = set()
                 for et in EVAL_TASKS[t]:
-                    for d in eval_task(et).docs(split, data_dir):
+                    for d in task(et).docs(split, data_dir):
                         lines |= _speech_lines(_eval_lines(d))
                 row[split] = sum(1 for c in cs if _conv_lines(c) & lines)
             row["checked"] = len(cs)
@@ -668,16 +701,21 @@ def check_disjoint(convs, tasks=None, data_dir=None, detail: bool = False) -> di
             for split in ("dev", "private"):
                 keys = set()
                 for et in EVAL_TASKS[t]:
-                    gen = eval_task(et).config["generator"]
-                    keys |= {(gen, content_key(gen, d)) for d in eval_task(et).docs(split)}
-                row[split] = sum(1 for c in cs if (_gen_of(c), content_key(_gen_of(c), c["doc"])) in keys)
-            row["outside_train"] = sum(1 for c in cs
-                                       if splits.bucket(_gen_of(c), content_key(_gen_of(c), c["doc"])) != "train")
+                    gen = task(et).config["generator"]
+                    keys |= {(gen, content_key(gen, d)) for d in task(et).docs(split)}
+                row[split] = sum(1 for c in cs if any((_gen_of(c), k) in keys for k in _keys(c)))
+            row["outside_train"] = sum(1 for c in cs if any(splits.bucket(_gen_of(c), k) != "train" for k in _keys(c)))
             row["checked"] = len(cs)
         out[t] = row
     if detail:
         return out
     return {t: row["dev"] + row["private"] + row["outside_train"] for t, row in out.items()}
+
+
+def _keys(c: dict) -> list[str]:
+    """The content keys of a synthetic conversation: its item's and its worked examples'."""
+    gen = _gen_of(c)
+    return [content_key(gen, d) for d in [c["doc"], *c.get("shots", [])]]
 
 
 def _gen_of(c: dict) -> str:

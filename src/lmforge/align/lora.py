@@ -15,11 +15,11 @@ mixtral, qwen2_moe): ``attn.qkv`` = units q, k, v (rows H*D, K*D, K*D); ``attn.p
 gate, up (SwiGLU; for ReLU², exported as gate_proj = up_proj = fc, one unit ``fc`` written as both);
 ``mlp.proj`` = down. GPT-2 (Conv1D modules, PEFT's ``fan_in_fan_out``): ``c_attn`` is one module, so
 ``attn.qkv`` is ONE unit ``qkv`` (targeting q, k or v adapts all three, as PEFT on GPT-2 does);
-``c_proj`` = o, ``c_fc`` = up, ``mlp.c_proj`` = down. The layout follows ``LoRAConfig.arch`` (default
-the model's ``hf_family``; a model that exports nowhere gets the Llama layout, or Qwen2-MoE's with MoE
-layers). MoE experts are 3-D parameters, not linears, and transformers 5's routers are not linears
-PEFT can wrap: neither is adapted (a shared expert's linears and gate are). The output head is never
-adapted.
+``c_proj`` = o, ``c_fc`` = up, ``mlp.c_proj`` = down. The layout follows ``LoRAConfig.arch``
+(default the model's ``hf_family``; a model that exports nowhere as configured gets the closest:
+Qwen2-MoE's with MoE layers, else Llama's for a gated MLP, else GPT-2's). MoE experts are 3-D
+parameters, not linears, and transformers 5's routers are not linears PEFT can wrap: neither is
+adapted (a shared expert's linears and gate are). The output head is never adapted.
 
 **Target patterns** (``LoRAConfig.targets``; a unit is adapted when any pattern selects it; a pattern
 that selects nothing is an error naming it):
@@ -35,14 +35,16 @@ that selects nothing is an error naming it):
 Init as PEFT: A kaiming-uniform (a = sqrt(5)), B zeros (the adapted model starts equal to the base).
 Only adapter parameters require grad after ``apply_lora``. ``merge`` adds s B A into the base rows and
 ``unmerge`` subtracts the same product (exact to float rounding); ``merge_and_unload`` leaves plain
-``nn.Linear``s holding the merged weights, every parameter trainable again.
+``nn.Linear``s holding the merged weights, every parameter trainable again. A wrapped model's state
+dict keeps the base keys (``blocks.0.attn.qkv.weight``) and adds ``blocks.0.attn.qkv.lora_A.q`` /
+``lora_B.q`` per unit. ``save_peft`` writes ``target_modules`` as the HF leaf names (``["q_proj",
+"v_proj"]``) when those select exactly the adapted modules, else as a regex of their full names.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,9 +104,7 @@ class Unit:
 
 
 def _layout_arch(cfg, arch: str | None) -> str:
-    from ..model.hf import FAMILIES
-
-    from ..model.hf import check_exportable
+    from ..model.hf import FAMILIES, check_exportable
 
     if arch is not None:
         if arch not in FAMILIES:
@@ -113,8 +113,10 @@ def _layout_arch(cfg, arch: str | None) -> str:
     try:
         check_exportable(cfg, cfg.hf_family)
         return cfg.hf_family
-    except ValueError:  # exports nowhere as configured: the natural split (save_peft then says why not)
-        return "qwen2_moe" if cfg.moe is not None else "llama"
+    except ValueError:  # exports nowhere as configured: the closest layout (save_peft then says why not)
+        if cfg.moe is not None:
+            return "qwen2_moe"
+        return "llama" if cfg.ffn.activation in ("swiglu", "relu2") else "gpt2"
 
 
 def _leaf_part(path: str) -> str:
@@ -433,7 +435,8 @@ def save_peft(model, out_dir, arch: str | None = None, base: str = "") -> Path:
     every = sorted({h for us in full.values() for u in us for h in u.hf if h.rsplit(".", 1)[-1] in leaves})
     # the module names PEFT's suffix rule would select, unless that selects more (some layers only; a MoE,
     # whose experts transformers 4 keeps as per-expert gate_proj/... linears): then the exact names
-    targets = leaves if every == names and model.cfg.moe is None else "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    exact = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    targets = leaves if every == names and model.cfg.moe is None else exact
     conf = _peft_config(r, alpha, rank_pattern, alpha_pattern, targets, max(drop), rslora, fifo, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Knows the chat format's output (``lmforge.tokenize.chat.render``: ids and an assistant-only mask that
 includes each closing ``<|end|>``), how over-long conversations are cut or skipped, best-fit-decreasing
-packing, the three row layouts, the SFT loss (per trained token or per conversation) and NEFTune
+packing, the four row layouts, the SFT loss (per trained token or per conversation) and NEFTune
 noise. Knows nothing about files, the optimizer or the training loop (it hands the loop
 ``lmforge.train.loop.Batch`` objects and a loss; the loop owns steps, accumulation and checkpoints).
 
@@ -18,6 +18,17 @@ Row layouts (``SFTBatches(mode=...)``), all giving the same per-conversation los
   the padding).
 * ``"padding_free"``: a micro-batch's conversations concatenated into one row ``(1, sum of lengths)``,
   with ``doc_ids``/``position_ids`` as in ``"bfd"``.
+* ``"grouped"``: rows as ``"none"``, but each micro-batch holds conversations of similar length (the
+  epoch's order cut into spans of ``GROUP_SPAN`` micro-batches, each span sorted by length, the
+  micro-batches then shuffled): almost no padding and plain causal attention, the fastest layout on a
+  CPU. (Measured, the demo model (4 x 96, V 2048), 1 thread, conversations of 72 tokens on average,
+  forward + backward: grouped B16 3.5k trained tokens/s, bfd B4 (rows of 256) 3.0k, padding_free B4
+  2.3k, none B16 2.1k: the masks cost the fast causal kernel, padding costs its share.)
+
+When every row holds one conversation from position 0 (``"none"``, ``"grouped"``, a batch of one-
+conversation ``"bfd"`` rows) the loss calls the model without masks or positions: causal attention
+never reaches right padding, so the result is the same and the fast causal kernel applies. The loss
+computes the head's logits only at trained positions.
 
 Padding has ``doc_ids`` -1, ``position_ids`` 0, ``attention_mask`` 0 and targets -100. ``doc_ids``
 number the conversations of a micro-batch 0..k-1 across all its rows (distinct per conversation).
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-MODES = ("bfd", "none", "padding_free")
+MODES = ("bfd", "none", "padding_free", "grouped")
+GROUP_SPAN = 64  # "grouped": conversations are sorted by length within spans of GROUP_SPAN micro-batches
 NORMS = ("token", "conversation")
 TRUNCATION = ("truncate", "skip")
 
@@ -170,7 +183,7 @@ class SFTBatches:
     (``"conversation"``); ``tokens``: non-pad tokens; ``trained``: trained tokens.
 
     Batches per epoch: ``ceil(rows / batch_size)`` (``"bfd"``: rows = bins; the last batch may be
-    smaller) for ``"bfd"``; ``ceil(examples / batch_size)`` for ``"none"`` and ``"padding_free"``.
+    smaller) for ``"bfd"``; ``ceil(examples / batch_size)`` for the other modes.
     ``shuffle=False`` keeps the examples' order in every epoch (``"bfd"`` then packs them once, in
     ``pack_bfd``'s order)."""
 
@@ -206,10 +219,12 @@ class SFTBatches:
         if (self._trained == 0).any():
             bad = examples[int(np.argmax(self._trained == 0))].id
             raise ValueError(f"example {bad}: no trained token (encode skips such conversations)")
+        # what resume checks it is given the same examples: their lengths, tokens and masks
+        self.fingerprint = zlib.crc32(self._tgt.tobytes(), zlib.crc32(self._ids.tobytes(), zlib.crc32(lens.tobytes())))
         self.epoch, self.cursor = 0, 0
-        self._plan_epoch = None
-        self._plan: list[list[list[int]]] = []  # batches -> rows -> example indices
-        self._n_batches = len(self._make_plan(0))
+        self._plan = self._make_plan(0)  # batches -> rows -> example indices, of epoch _plan_epoch
+        self._plan_epoch = 0
+        self._n_batches = len(self._plan)
 
     # -- the plan of one epoch: which examples go in which row of which batch --
     def _make_plan(self, epoch: int) -> list[list[list[int]]]:
@@ -224,8 +239,15 @@ class SFTBatches:
             if rng is not None:
                 rows = [rows[j] for j in rng.permutation(len(rows))]
             return [rows[s:s + self.B] for s in range(0, len(rows), self.B)]
+        if self.mode == "grouped":  # within each span: longest first, ties by index
+            span = np.arange(len(perm)) // (GROUP_SPAN * self.B)
+            perm = perm[np.lexsort((perm, -self._len[perm], span))]
         p = perm.tolist()
         chunks = [p[s:s + self.B] for s in range(0, len(p), self.B)]
+        if self.mode == "grouped":
+            if rng is not None:
+                chunks = [chunks[j] for j in rng.permutation(len(chunks))]
+            return [[[i] for i in c] for c in chunks]
         if self.mode == "none":
             return [[[i] for i in c] for c in chunks]
         return [[c] for c in chunks]  # padding_free: one row of all of them
@@ -303,11 +325,12 @@ class SFTBatches:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "mode": self.mode,
                 "batch_size": self.B, "seq_len": self.T, "examples": self.n_examples,
-                "shuffle": self.shuffle}
+                "shuffle": self.shuffle, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, d: dict) -> None:
         for k, mine in (("seed", self.seed), ("mode", self.mode), ("batch_size", self.B),
-                        ("seq_len", self.T), ("examples", self.n_examples), ("shuffle", self.shuffle)):
+                        ("seq_len", self.T), ("examples", self.n_examples), ("shuffle", self.shuffle),
+                        ("fingerprint", self.fingerprint)):
             if k in d and d[k] != mine:
                 raise ValueError(f"SFT batch state: {k} is {d[k]!r} in the checkpoint but {mine!r} now; "
                                  "resume needs the same data and batching")

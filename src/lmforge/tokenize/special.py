@@ -73,8 +73,8 @@ def default_special_tokens(kind: str) -> list[str]:
 
     A pad token that is no stop token comes last: ``<|pad|>`` for BPE, char and Unigram (WordPiece has
     ``[PAD]``). Last, so the tokens before it keep their order: a BPE of the same ``vocab_size`` has one
-    merge fewer and its special tokens one id lower (they take the last ids), a WordPiece or Unigram
-    (specials first) keeps every special id."""
+    merge fewer and its special tokens one id lower (they take the last ids); a char, WordPiece or
+    Unigram tokenizer keeps every special id (measured)."""
     from .chat import CHAT_SPECIAL_TOKENS
 
     family = {"bpe": ["<|endoftext|>"], "char": ["<|endoftext|>"],

@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -416,27 +416,41 @@ def _checkpointable(model):
     return model if hasattr(getattr(model, "cfg", None), "to_dict") else _PlainWeights(model)
 
 
-class _DeferInterrupt:
-    """Hold Ctrl-C (SIGINT) while the weights and the counters are updated: the update happens whole
-    or not at all, so a checkpoint written on Ctrl-C always describes one step boundary. The
-    KeyboardInterrupt is raised when the block ends. Outside the main thread (or under a custom
-    SIGINT handler) it does nothing."""
+class _InterruptGuard:
+    """Ctrl-C (SIGINT) held while the weights and the counters are updated: the update happens whole or
+    not at all, so a checkpoint written on Ctrl-C always describes a step boundary. One handler for
+    the whole run (installed by ``install``, removed by ``remove``): outside ``with guard:`` it raises
+    KeyboardInterrupt at once, as Python's own does; inside, the KeyboardInterrupt comes when the block
+    ends. Outside the main thread, or where another SIGINT handler is installed, it does nothing."""
 
-    def __enter__(self):
-        self.hit, self.old = False, None
+    def __init__(self):
+        self.holding, self.hit, self.old = False, False, None
+
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self.old = signal.signal(signal.SIGINT, self._hold)
-        return self
+            self.old = signal.signal(signal.SIGINT, self._handle)
 
-    def _hold(self, signum, frame):
-        self.hit = True
-
-    def __exit__(self, *exc):
+    def remove(self) -> None:
         if self.old is not None:
             signal.signal(signal.SIGINT, self.old)
-        if self.hit and exc[0] is None:
+            self.old = None
+
+    def _handle(self, signum, frame):
+        if not self.holding:
             raise KeyboardInterrupt
+        self.hit = True
+
+    def __enter__(self):
+        self.holding = True
+        return self
+
+    def __exit__(self, *exc):
+        self.holding = False
+        if self.hit:
+            self.hit = False
+            if exc[0] is None:
+                raise KeyboardInterrupt
         return False
 
 
@@ -547,6 +561,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
     autocast = autocast_for(device, cfg.dtype)
     flops_tok = stage.flops_per_token()
     peak = cfg.peak_flops or (measure_peak_flops(device) if flops_tok is not None else None)
+    has_val = stage.has_split("val")  # (a stage without one: no validation lines, val_loss null in final.json)
 
     def progress() -> float:
         q = bound_progress(bounds, step, tokens, elapsed)
@@ -578,6 +593,8 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
     t_window, tok_window = time.perf_counter(), 0
     before = None  # (batch source state, RNG) at the start of the step in progress; None between steps
     pending = None  # the step's metrics line until it is written
+    guard = _InterruptGuard()
+    guard.install()
     try:
         while progress() < 1.0:
             t0 = time.perf_counter()
@@ -613,7 +630,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
                 raise NaNLossError(f"loss became {loss_val} at step {step + 1}; stopped without writing a "
                                    "checkpoint (the last good one is kept). Try a lower lr or grad_clip.")
             gnorm = torch.nn.utils.clip_grad_norm_(trained_params, cfg.grad_clip or float("inf")).item()
-            with _DeferInterrupt():  # the update is whole or not at all (a Ctrl-C checkpoint is a step boundary)
+            with guard:  # the update is whole or not at all (a Ctrl-C checkpoint is a step boundary)
                 for opt in opts:
                     opt.step()
                 for opt in opts:
@@ -647,7 +664,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
                 t_window, tok_window = now, 0
                 rec.update(stage.log_metrics() or {})
                 bar.set_postfix(**post)
-            if cfg.eval_every and step % cfg.eval_every == 0:
+            if cfg.eval_every and step % cfg.eval_every == 0 and has_val:
                 te = time.perf_counter()
                 ev = _evaluate(stage, "val", cfg.eval_batches)
                 rec.update({f"val_{k}": round(v, 6) for k, v in ev.items()})
@@ -667,6 +684,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint()
     except KeyboardInterrupt as e:
+        guard.remove()  # (a second Ctrl-C now stops the checkpoint, as Python's own handler would)
         bar.close()
         if tb is not None:
             tb.close()
@@ -691,10 +709,12 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
         if tb is not None:
             tb.close()
         raise
+    finally:
+        guard.remove()
     bar.close()
     if ema is not None and ema.started():
         ema.copy_to_model()  # the run ends on the averaged weights: evaluated, checkpointed and saved
-    ev = _evaluate(stage, "val", cfg.final_eval_batches)
+    ev = _evaluate(stage, "val", cfg.final_eval_batches) if has_val else {"loss": None}
     # the reported number: the test split, read once the run is over
     ev_test = _evaluate(stage, "test", cfg.final_eval_batches) if stage.has_split("test") else None
     checkpoint()
@@ -703,9 +723,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
         final["trained_tokens"] = trained
     final["train_loss"] = last_loss
     final.update({f"val_{k}": v for k, v in ev.items()})
-    final.update({f"test_{k}": (ev_test.get(k) if ev_test else None) for k in ev})
-    if ev_test:
-        final.update({f"test_{k}": v for k, v in ev_test.items()})
+    final.update({f"test_{k}": v for k, v in (ev_test or dict.fromkeys(ev)).items()})
     params = model.num_params() if hasattr(model, "num_params") else \
         sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     final.update({"elapsed": round(elapsed, 2), "wall": round(time.perf_counter() - t_start, 2), "params": params,
@@ -716,7 +734,7 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
     final.update(extra)
     write_json(out / "final.json", final, indent=1)
     if tb is not None:
-        tb.add({f"val_{k}": v for k, v in ev.items()}, step)
+        tb.add({f"val_{k}": v for k, v in ev.items() if v is not None}, step)
         tb.close()
     try:
         plot_metrics(metrics_path, out / "loss.png", final=final)

@@ -33,7 +33,8 @@ import torch
 from .._io import write_json
 from ..model import PRESETS, ModelConfig, make_config, preset
 from ..model.transformer import Transformer
-from .checkpoint import latest_checkpoint  # noqa: F401  (re-exported: callers import it from here)
+# the loop's names that pre-training's callers (tests, the pipeline, older code) import from here, re-exported
+from .checkpoint import latest_checkpoint  # noqa: F401
 from .loop import (LOOP_CHOICES, PEAK_FLOPS_BF16, Batch, BaseStage, LoopConfig, NaNLossError,  # noqa: F401
                    _TensorBoard, _truncate_metrics, autocast_for, bound_progress, check_loop_config,
                    existing_run, keep_freed_memory, loss_series, measure_peak_flops, pick_device,
