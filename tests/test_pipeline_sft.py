@@ -250,3 +250,20 @@ def test_which_tasks_get_the_before_after_table(tmp_path):
     assert Runner(r, tmp_path / "a", quiet=True).sft_tasks() == ["addition", "sort"]
     r2, _ = load_recipe("default", ['stages=["fetch", "clean", "tokenizer", "shards", "pretrain", "eval"]'])
     assert "sft" not in r2.stages
+
+
+def test_a_failing_chat_evaluation_leaves_the_table_out_not_the_stage(tmp_path, monkeypatch, caplog):
+    from lmforge.evaluate import run as eval_run
+    from lmforge.pipeline.runner import Runner
+
+    def broken(checkpoint, tasks, **kw):
+        assert kw["apply_chat_template"] is True and kw["num_fewshot"] == 0 and kw["split"] == "test"
+        raise RuntimeError("the template broke")
+
+    monkeypatch.setattr(eval_run, "evaluate_checkpoint", broken)
+    r, _ = load_recipe("default", ['eval.tasks=["addition"]'])
+    run = Runner(r, tmp_path / "run", quiet=True)
+    outs, summary = run._eval_sft_tasks()
+    assert outs == {} and summary == {"sft_tasks": 0, "sft_tasks_error": "RuntimeError: the template broke"}
+    assert "the before/after table is left out" in caplog.text and not (tmp_path / "run" / "sft_eval.json").exists()
+    assert "RuntimeError: the template broke" in (tmp_path / "run" / "run.log").read_text()

@@ -96,6 +96,9 @@ def sft_markdown(st: dict, table: dict | None, ev: dict, chat: dict | None) -> l
             any_c = r.get("sft_chat") or r.get("base_chat") or r.get("base_fewshot") or {}
             lines.append(f"| {name} | {any_c.get('metric', '-')} | {any_c.get('n', '-')} | {_cell(r.get('base_fewshot'))} "
                          f"| {_cell(r.get('base_chat'))} | {_cell(r.get('sft_chat'))} |")
+    err = (st.get("eval", {}).get("summary") or {}).get("sft_tasks_error")
+    if not (table and table.get("tasks")) and err:
+        lines += ["", f"No before/after table: scoring the tasks through the chat template failed ({err}; see run.log)."]
     sft_ev = ev.get("sft")
     if sft_ev:
         d = sft_ev["bits_per_byte"] - ev["bits_per_byte"]
