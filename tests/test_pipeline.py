@@ -13,7 +13,14 @@ def tiny_sets(corpus_dir, steps=6):
             "tokenizer.vocab_size=300", f"train.max_steps={steps}", "train.max_time=0", "train.eval_every=0",
             "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=1", "train.peak_flops=1e11",
             'train.model={"mlp": "swiglu", "d_ff": 64, "arch": "qwen3", "d_model": 32, "n_head": 2, "n_layer": 1}',
-            "eval.sample_tokens=5", "eval.limit=3", "eval.bootstrap=20", "demo.max_tokens=4"]
+            "eval.sample_tokens=5", "eval.limit=3", "eval.bootstrap=20", "demo.max_tokens=4",
+            *TINY_SFT]
+
+
+# the sft stage in seconds: two trained synthetic tasks (addition is in the eval set), a few steps
+TINY_SFT = ['sft.sources=[{"generator": "addition", "n": 24}, {"generator": "brackets", "n": 24}]',
+            "sft.max_steps=3", "sft.max_time=0", "sft.batch_size=2", "sft.seq_len=64", "sft.eval_every=0",
+            "sft.eval_batches=1", "sft.checkpoint_every=1", "sft.warmup_steps=1", "demo.chat_max_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +34,8 @@ def small_corpus(tmp_path_factory, corpus_files):
 def digests(run):
     from lmforge._io import file_sha256
 
-    files = ["tokenizer/tokenizer.lmforge.json", "model/model.safetensors", "eval.json", "hf/model.safetensors",
-             "demo.json"]
+    files = ["tokenizer/tokenizer.lmforge.json", "model/model.safetensors", "sft/model.safetensors", "eval.json",
+             "sft_eval.json", "hf/model.safetensors", "demo.json", "chat.json"]
     shards = sorted(p.relative_to(run).as_posix() for p in (run / "data").glob("*-*.bin"))
     return {f: file_sha256(run / f) for f in files + shards}  # (the data manifest holds times and paths)
 
@@ -41,7 +48,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     for f in ("report.md", "summary.json", "run.json", "recipe.json", "run.log", "loss.png", "hf/config.json"):
         assert (run / f).exists(), f
     m = json.loads((run / "run.json").read_text())
-    assert [m["stages"][s]["status"] for s in r.stages] == ["done"] * 8
+    assert r.stages[5] == "sft" and [m["stages"][s]["status"] for s in r.stages] == ["done"] * 9
     report = (run / "report.md").read_text()
     assert "bits/byte" in report and "near-duplicate" not in report.split("## Data")[0]
     # the reported number is on test; validation (what settings are chosen on) is given next to it
@@ -52,7 +59,8 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
                                       f"(validation: {ev['val']['bits_per_byte']:.4f})")
     assert "Test split (held-out documents never used to choose settings" in report
     assert "Validation split" in report and "test:" in report.split("## Data")[1]
-    assert set(m["stages"]["eval"]["summary"]) == {"test_bpb", "test_loss", "val_bpb", "core", "tasks", "tasks_s"}
+    assert set(m["stages"]["eval"]["summary"]) >= {"test_bpb", "test_loss", "val_bpb", "core", "tasks", "tasks_s",
+                                                    "sft_test_bpb", "sft_tasks", "sft_tasks_s"}  # (tests/test_pipeline_sft.py)
     # the default task set: the private and dev splits, contamination against the run's training shards,
     # the scorecard in report.md and in eval/
     from lmforge.evaluate import builtin
@@ -84,7 +92,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bits_per_byte"] == summary["bits_per_byte"]
     log = (run / "run.log").read_text()
-    assert log.count("unchanged, skipped") == 8
+    assert log.count("unchanged, skipped") == 9
     m1 = json.loads((run / "run.json").read_text())
     assert m1["stages"]["pretrain"]["started"] == m["stages"]["pretrain"]["started"]
     run_recipe(r, run, from_stage="eval", quiet=True)

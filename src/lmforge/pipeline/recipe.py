@@ -1,10 +1,12 @@
 """Recipes: one TOML file naming the stages of a run and their settings.
 
-Knows the recipe's shape (a dataclass per stage; ``data`` and ``train`` are the
-same configs ``lmforge data prepare`` and ``lmforge pretrain`` take) and checks
+Knows the recipe's shape (a dataclass per stage; ``data``, ``train`` and ``sft`` are the
+same configs ``lmforge data prepare``, ``lmforge pretrain`` and ``lmforge sft`` take) and checks
 it completely before any work starts: an unknown stage or field, or a value
 of the wrong type, is an error naming it, and so is a model that the recipe
-exports but the HF family cannot express (``lmforge.model.hf.check_exportable``).
+exports but the HF family cannot express (``lmforge.model.hf.check_exportable``),
+and an ``[sft]`` setting that SFT would refuse (a choice, a bound, a data source, a LoRA
+target pattern that matches none of the model's layers). Knows nothing of how a stage runs.
 """
 from __future__ import annotations
 
@@ -13,9 +15,13 @@ from pathlib import Path
 
 from .._config import apply_overrides, from_dict, load_file
 from ..data.prepare import PrepareConfig, validate as validate_data
+from ..align.sft import SFTConfig
 from ..train.trainer import TrainConfig
 
-STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "eval", "export", "demo")
+STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "eval", "export", "demo")
+# [sft] fields the pipeline sets itself (the base is pretrain's model, out is <run>/sft, corpus generators
+# read the run's shards)
+SFT_PIPELINE_FIELDS = ("base", "out", "data_dir")
 
 
 @dataclass
@@ -53,6 +59,11 @@ class ExportStage:
 class DemoStage:
     conversation: list[str] = field(default_factory=lambda: ["HAMLET.\nWhat news?\n", "OPHELIA.\nMy lord,"])
     max_tokens: int = 60
+    # with an sft stage: the user's turns of one conversation with the SFT model (greedy replies, each turn
+    # seeing the ones before), shown in demo's chat.json and the report; [] for none
+    chat: list[str] = field(default_factory=lambda: ["Who are you?", "What is 25 + 17?", 'Is "( [ ] )" balanced?',
+                                                     'How many times does the letter "s" appear in "mississippi"?'])
+    chat_max_tokens: int = 48
 
 
 @dataclass
@@ -63,6 +74,7 @@ class Recipe:
     data: PrepareConfig = field(default_factory=PrepareConfig)
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalStage = field(default_factory=EvalStage)
     export: ExportStage = field(default_factory=ExportStage)
     demo: DemoStage = field(default_factory=DemoStage)
@@ -159,8 +171,12 @@ def validate(r: Recipe) -> None:
         raise ValueError(f"train.preset: unknown preset {t.preset!r}; known: {', '.join(sorted(PRESETS))}")
     if "pretrain" in r.stages or "export" in r.stages:
         validate_model(r)
+    if "sft" in r.stages:
+        validate_sft(r)
     if "eval" in r.stages:
         validate_eval(r.eval)
+    if "demo" in r.stages and r.demo.chat_max_tokens < 1:
+        raise ValueError(f"demo.chat_max_tokens: expected a positive number of tokens, got {r.demo.chat_max_tokens}")
 
 
 def validate_eval(e: EvalStage) -> None:
@@ -183,6 +199,95 @@ def validate_eval(e: EvalStage) -> None:
         raise ValueError(f"eval.tasks: unknown task {t!r} (not a built-in task nor a file; built-in: "
                          f"{', '.join(known)}; or 'default', 'all', [] for none)"
                          + (f"; did you mean {close[0]!r}?" if close else ""))
+
+
+def validate_sft(r: Recipe) -> None:
+    """The [sft] table, before any work: the fields the pipeline sets are not given, every setting SFT
+    checks itself (``lmforge.align.sft.check_config``: bounds, choices, shares, LoRA's), every data source
+    (the rules of ``lmforge.align.data``; a generator that exists; a JSONL file that exists and reads, every
+    line checked), a sequence length the model holds and LoRA target patterns that select some layer of it."""
+    import re
+    from dataclasses import fields, replace
+
+    from ..align.sft import SFTConfig as _C, check_config
+
+    s, fresh = r.sft, _C()
+    for k in SFT_PIPELINE_FIELDS:
+        if getattr(s, k) != getattr(fresh, k):
+            raise ValueError(f"sft.{k} is set by the pipeline (base: the pretrain stage's model, out: <run>/sft, "
+                             f"data_dir: the run's shards); remove it from the recipe (got {getattr(s, k)!r})")
+    names = {f.name for f in fields(_C)}
+    try:
+        check_config(replace(s, base="<the pretrain stage's model>"))
+    except ValueError as e:
+        msg = str(e)
+        m = re.match(r"([a-z_0-9]+)[:\[ ]", msg)
+        raise ValueError(f"sft.{msg}" if m and m.group(1) in names else f"sft: {msg}") from None
+    validate_sources(s.sources, "sft.sources", s.on_error)
+    if s.test_sources:
+        validate_sources(s.test_sources, "sft.test_sources", s.on_error)
+    if "pretrain" not in r.stages:
+        return  # the model comes from an earlier run: checked when the stage loads it
+    from ..train.trainer import model_config
+
+    try:
+        mcfg = model_config(r.train)
+    except (TypeError, ValueError):
+        return  # validate_model names the [train] problem
+    if s.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"sft.seq_len: {s.seq_len} is longer than the model's context (max_seq_len "
+                         f"{mcfg.max_seq_len} of the [train] model)")
+    if s.lora_r:
+        _check_lora_targets(mcfg, s)
+
+
+def validate_sources(sources, where: str, on_error: str = "raise") -> None:
+    """Each SFT data source by ``lmforge.align.data``'s rules (``{path = FILE}`` or ``{generator = NAME, n = N}``,
+    optional ``weight`` and ``cap``; every source weighted or none), its generator known, its file there and
+    readable (each line checked, as SFT will read it)."""
+    from ..align import data as D
+    from ..align.generators import GENERATORS
+
+    if not isinstance(sources, list) or not sources:
+        raise ValueError(f"{where}: expected a non-empty list of sources ({{path = FILE}} or {{generator = NAME, "
+                         f"n = N}}), got {sources!r}")
+    for i, src in enumerate(sources):
+        try:
+            D._check_source(src, i)
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(where + msg[len("sources"):] if msg.startswith("sources") else f"{where}[{i}]: {msg}") from None
+        if "generator" in src and src["generator"] not in GENERATORS:
+            import difflib
+
+            close = difflib.get_close_matches(str(src["generator"]), list(GENERATORS), n=1)
+            raise ValueError(f"{where}[{i}].generator: unknown generator {src['generator']!r}; known: "
+                             f"{', '.join(GENERATORS)}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if "path" in src:
+            if not isinstance(src["path"], str) or not Path(src["path"]).is_file():
+                raise ValueError(f"{where}[{i}].path: no such file {src['path']!r} (a JSONL file of conversations)")
+            D.read_conversations(src["path"], on_error=src.get("on_error", on_error))
+    weighted = ["weight" in s for s in sources]
+    if any(weighted) and not all(weighted):
+        raise ValueError(f"{where}{[k for k, w in enumerate(weighted) if not w]}: no weight while other sources "
+                         "have one; give every source a weight (shares of the mixture) or none")
+
+
+def _check_lora_targets(mcfg, s) -> None:
+    """LoRA's target patterns against the model the recipe trains, built on the meta device (no memory,
+    no time): a pattern that selects nothing is refused now, not after pre-training."""
+    import torch
+
+    from ..align.lora import apply_lora
+    from ..align.sft import _lora_config
+    from ..model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+        try:
+            apply_lora(model, _lora_config(s))
+        except ValueError as e:
+            raise ValueError(f"sft.lora_targets: {e}") from None
 
 
 def validate_model(r: Recipe) -> None:

@@ -6,6 +6,12 @@ bytes over the clean stage's and the shards stage's recorded seconds (run.json) 
 fetching and the tokenizer's training (its own row) are not in it. ``data prepare`` alone
 times the same work in one call (data/report.json); in a pipeline that call only makes the
 shards, so its own figure would leave the cleaning out.
+
+With an sft stage the report adds the SFT section: its training numbers (run.json), the
+before/after task table (``sft_eval.json``: each trained synthetic task on the private split, the base
+model few-shot on plain prompts and zero-shot through the chat template, the SFT model zero-shot through
+the chat template, 95% intervals), both models' test bits per byte on plain text (``eval.json``) and the
+demo's chat transcript (``chat.json``).
 """
 from __future__ import annotations
 
@@ -50,6 +56,61 @@ def _task_result(run_dir: Path, stages: dict) -> dict | None:
     from ..evaluate.report import load
 
     return load(p)
+
+
+def _stage_file(run_dir: Path, stages: dict, stage: str, name: str) -> dict | None:
+    """A JSON file a stage of this run wrote (listed in its outputs in run.json: not a stale one)."""
+    p = run_dir / name
+    if not p.exists() or str(p) not in (stages.get(stage, {}).get("outputs") or {}):
+        return None
+    return json.loads(p.read_text())
+
+
+def _cell(c: dict | None) -> str:
+    """``0.420 [0.330, 0.510]`` (a score and its 95% interval), ``-`` when not scored."""
+    if not c or c.get("value") is None:
+        return "-"
+    ci = f" [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}]" if c.get("ci") else ""
+    return f"{c['value']:.3f}{ci}"
+
+
+def sft_markdown(st: dict, table: dict | None, ev: dict, chat: dict | None) -> list[str]:
+    """The SFT section: training, the before/after table, bits per byte on plain text, the transcript."""
+    s = st.get("sft", {}).get("summary") or {}
+    lines = ["", "## Instruction tuning (SFT)", ""]
+    if s:
+        what = f"LoRA rank {s['lora_r']}" if s.get("lora_r") else "full fine-tuning"
+        lines += [f"{what} of the pretrained model on the [sft] mixture: " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items() if k != "lora_r")
+            + " (`sft/`: the model, metrics.jsonl, loss.png)"]
+    if table and table.get("tasks"):
+        shots = {r["base_fewshot"]["num_fewshot"] for r in table["tasks"].values() if r.get("base_fewshot")}
+        k = f"{shots.pop()}-shot" if len(shots) == 1 else "few-shot"
+        lines += ["", "### Before and after", "",
+                  f"The trained synthetic tasks on the private split (never trained on, never tuned on; "
+                  f"95% bootstrap intervals): the base model {k} on plain prompts (its best), the base model "
+                  f"and the SFT model zero-shot through the chat template (`eval/`, `eval-base-chat/`, `eval-sft/`).",
+                  "", f"| task | metric | n | base, {k} plain | base, chat 0-shot | SFT, chat 0-shot |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, r in table["tasks"].items():
+            any_c = r.get("sft_chat") or r.get("base_chat") or r.get("base_fewshot") or {}
+            lines.append(f"| {name} | {any_c.get('metric', '-')} | {any_c.get('n', '-')} | {_cell(r.get('base_fewshot'))} "
+                         f"| {_cell(r.get('base_chat'))} | {_cell(r.get('sft_chat'))} |")
+    err = (st.get("eval", {}).get("summary") or {}).get("sft_tasks_error")
+    if not (table and table.get("tasks")) and err:
+        lines += ["", f"No before/after table: scoring the tasks through the chat template failed ({err}; see run.log)."]
+    sft_ev = ev.get("sft")
+    if sft_ev:
+        d = sft_ev["bits_per_byte"] - ev["bits_per_byte"]
+        lines += ["", f"What SFT costs on plain text (test split, bits per byte): base **{ev['bits_per_byte']:.4f}**, "
+                      f"SFT **{sft_ev['bits_per_byte']:.4f}** ({d:+.4f}); validation {ev['val']['bits_per_byte']:.4f} "
+                      f"and {sft_ev['val']['bits_per_byte']:.4f}."]
+    if chat and chat.get("messages"):
+        lines += ["", "### Chat transcript (the SFT model, greedy)", "", "```"]
+        for m in chat["messages"]:
+            lines.append(f"{m['role']}: {m['content']}")
+        lines.append("```")
+    return lines
 
 
 def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
@@ -115,15 +176,32 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
         lines += ["", scorecard_markdown(tasks_res, chart="eval/scorecard.png" if png.exists() else None,
                                          chart_note=None if png.exists() else "no chart (matplotlib not installed)",
                                          heading=2, base="eval/").rstrip()]
+    sft_table = _stage_file(run_dir, st, "eval", "sft_eval.json")
+    chat = _stage_file(run_dir, st, "demo", "chat.json")
+    if "sft" in recipe.stages:
+        lines += sft_markdown(st, sft_table, ev, chat)
+        png = run_dir / "sft" / "loss.png"
+        if png.exists():
+            shutil.copyfile(png, run_dir / "sft_loss.png")
+            lines += ["", "![SFT loss curves](sft_loss.png)"]
+        if ev.get("sft"):
+            summary["sft_bits_per_byte"] = ev["sft"]["bits_per_byte"]
+        if sft_table:
+            summary["sft_tasks"] = {n: {k: (c or {}).get("value") for k, c in r.items()}
+                                    for n, r in sft_table["tasks"].items()}
     demo = run_dir / "demo.json"
     if demo.exists():
-        lines += ["", "## Demo (engine)", ""]
+        lines += ["", "## Demo (engine" + (", the SFT model on plain prompts)" if "sft" in recipe.stages else ")"), ""]
         for d in json.loads(demo.read_text()):
             lines += ["```", d["prompt"] + d["completion"], "```"]
     lines += ["", "## Artifacts", "",
               "- `data/`: shards, manifest, filter and dedup report", "- `tokenizer/`: the tokenizer",
               "- `model/`: checkpoints, metrics.jsonl, the final model (`lmforge eval --checkpoint`)",
-              "- `hf/`: the model for `transformers.AutoModelForCausalLM.from_pretrained`",
+              *(["- `sft/`: the SFT run (checkpoints, metrics.jsonl) and its model (`lmforge chat --checkpoint`); "
+                 "`eval-sft/`, `eval-base-chat/`: the chat-template scorecards; `sft_eval.json`: the before/after "
+                 "table; `chat.json`: the transcript"] if "sft" in recipe.stages else []),
+              "- `hf/`: the " + ("SFT model (with its chat template) " if "sft" in recipe.stages else "model ")
+              + "for `transformers.AutoModelForCausalLM.from_pretrained`",
               "- `eval.json`: bits per byte and samples; `eval/`: the tasks' result.json, scorecard.md, chart "
               "and per-sample logs (`lmforge eval compare` takes it)",
               "- `run.json`: stages, hashes, times; `run.log`: the log; `recipe.json`: the recipe used"]

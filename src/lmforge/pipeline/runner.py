@@ -6,17 +6,25 @@ records for every stage its key (a hash of its settings and of the previous
 stage's outputs), its outputs' hashes, its time, status and key numbers.
 Rerunning skips a stage whose key and outputs are unchanged; ``from_stage``
 forces a stage and everything after it; an interrupted run continues with the
-first unfinished stage (pre-training resumes from its last checkpoint).
+first unfinished stage (pre-training and SFT resume from their last checkpoint).
 
-A trained model is never deleted: when pre-training's settings (or its data) changed, the
-run in ``model/`` (finished or interrupted) is moved aside to ``model.prev-<its key>`` and
-listed in run.json's ``kept_runs``, then a new run starts (or, when the settings are back to
-a kept run's, that run moves back and continues). ``from_stage`` does not rerun an
+A trained model is never deleted: when pre-training's (or SFT's) settings (or its inputs) changed, the
+run in ``model/`` (``sft/``), finished or interrupted, is moved aside to ``model.prev-<its key>``
+(``sft.prev-<its key>``) and listed in run.json's ``kept_runs``, then a new run starts (or, when the
+settings are back to a kept run's, that run moves back and continues). ``from_stage`` does not rerun an
 earlier stage whose settings changed: it stops with an error naming the stage to rerun from.
 The log goes to ``run.log`` and to ``logging`` (logger ``lmforge.pipeline``); a Ctrl-C logs
 a warning saying how to continue. The eval stage measures bits per byte (``eval.json``) and scores
 the recipe's tasks (``lmforge eval --tasks``'s function) into ``eval/``; a task that fails is left
 out with a warning, the others are scored.
+
+With an ``sft`` stage (``lmforge sft``'s function on pretrain's model, into ``sft/``) the eval stage
+scores both models: the base model as above, the SFT model's bits per byte (``eval.json``'s ``"sft"``:
+what SFT costs on plain text), and, for every synthetic task of the eval set that SFT trained on
+(a generator source of the same name), the before/after table (``sft_eval.json``): the base model
+few-shot on plain prompts (its best, from ``eval/``), the base model and the SFT model zero-shot
+through the chat template (``eval-base-chat/``, ``eval-sft/``), on the private split with intervals.
+Export and demo then use the SFT model; the demo adds a chat transcript (``chat.json``).
 """
 from __future__ import annotations
 
@@ -160,27 +168,10 @@ class Runner:
         import copy
 
         from ..train import train
-        from ..train.checkpoint import latest_checkpoint
 
         cfg = copy.deepcopy(self.r.train)
         cfg.data, cfg.text, cfg.out = str(self.dir / "data"), "", str(self.dir / "model")
-        # the run in model/ continues only if it was started for this stage key (same settings, same data);
-        # any other run there (finished or interrupted) is moved aside, never deleted
-        stamp = Path(cfg.out) / "pipeline_key.txt"
-        mine = stamp.exists() and stamp.read_text().strip() == self._key
-        redo = self._forced  # --from pretrain (or earlier): train again, the run there kept aside
-        if (redo or not mine) and Path(cfg.out).exists() and (
-                latest_checkpoint(cfg.out) is not None or (Path(cfg.out) / "model.safetensors").exists()):
-            self._keep_aside(Path(cfg.out), stamp.read_text().strip() if stamp.exists() else "",
-                             "--from asked to train again" if redo and mine else "settings or data changed since it was trained")
-        if not Path(cfg.out).exists() and not redo:
-            self._restore_kept(Path(cfg.out))
-        ck = latest_checkpoint(cfg.out)
-        cfg.resume = ck is not None  # an interrupted run with these settings continues
-        if ck is not None:
-            self.log(f"pretrain: resuming the interrupted run in {cfg.out} from its checkpoint {ck.name}")
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        stamp.write_text(self._key + "\n")
+        cfg.resume = self._prepare_run_dir("pretrain", Path(cfg.out))  # an interrupted run with these settings continues
         final = train(cfg, quiet=self.quiet, resume_hint=f"rerun `{self.rerun_command()}` "
                       "(with the same --set options) to continue")
         keys = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "test_bpb", "params", "elapsed")
@@ -190,8 +181,70 @@ class Runner:
             keys += ("resumed_from_step", "steps_this_run")
         return {"model": Path(cfg.out) / "model.safetensors"}, {k: final[k] for k in keys}
 
-    def _keep_aside(self, model_dir: Path, old_key: str, reason: str) -> Path:
-        """Move a run of other settings out of ``model_dir`` to ``model.prev-<old key>`` (a numbered name
+    def _prepare_run_dir(self, stage: str, out: Path) -> bool:
+        """The training run in ``out`` (pretrain's ``model/``, sft's ``sft/``) continues only if it was started
+        for this stage key (same settings, same inputs); any other run there (finished or interrupted) is
+        moved aside, never deleted; a kept run of this key comes back. Returns whether to resume."""
+        from ..train.checkpoint import latest_checkpoint
+
+        stamp = out / "pipeline_key.txt"
+        mine = stamp.exists() and stamp.read_text().strip() == self._key
+        redo = self._forced  # --from this stage (or earlier): train again, the run there kept aside
+        if (redo or not mine) and out.exists() and (
+                latest_checkpoint(out) is not None or (out / "model.safetensors").exists()):
+            self._keep_aside(out, stamp.read_text().strip() if stamp.exists() else "",
+                             "--from asked to train again" if redo and mine else
+                             "settings or data changed since it was trained", stage)
+        if not out.exists() and not redo:
+            self._restore_kept(out, stage)
+        ck = latest_checkpoint(out)
+        if ck is not None:
+            self.log(f"{stage}: resuming the interrupted run in {out} from its checkpoint {ck.name}")
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(self._key + "\n")
+        return ck is not None
+
+    def sft_config(self):
+        """The [sft] settings with the pipeline's own: base = pretrain's model, out = <run>/sft, the corpus
+        generators reading the run's shards, no HF export of its own (the export stage makes it)."""
+        import copy
+
+        cfg = copy.deepcopy(self.r.sft)
+        cfg.base, cfg.out, cfg.data_dir = str(self.dir / "model"), str(self.dir / "sft"), str(self.dir / "data")
+        cfg.export_hf = False
+        return cfg
+
+    def stage_sft(self):
+        from ..align.sft import sft
+
+        cfg = self.sft_config()
+        if not (Path(cfg.base) / "model.safetensors").exists():
+            raise FileNotFoundError(f"sft: no base model in {cfg.base} (the pretrain stage makes it: add "
+                                    "'pretrain' to stages or run it first)")
+        cfg.resume = self._prepare_run_dir("sft", Path(cfg.out))
+        final = sft(cfg, quiet=self.quiet, resume_hint=f"rerun `{self.rerun_command()}` "
+                            "(with the same --set options) to continue")
+        keys = ("step", "tokens", "trained_tokens", "train_loss", "val_loss", "test_loss", "elapsed")
+        summary = {k: final[k] for k in keys if final.get(k) is not None}
+        st = final.get("sft") or {}
+        summary.update({k: st[k] for k in ("conversations", "epochs", "truncated", "skipped") if st.get(k) is not None})
+        if cfg.lora_r:
+            summary["lora_r"] = cfg.lora_r
+        if final.get("resumed_from_step") is not None:
+            self.log(f"sft: resumed from step {final['resumed_from_step']}, "
+                     f"ran {final.get('steps_this_run')} more steps")
+            summary.update(resumed_from_step=final["resumed_from_step"], steps_this_run=final.get("steps_this_run"))
+        outs = {"sft_model": Path(cfg.out) / "model.safetensors"}
+        if (Path(cfg.out) / "adapter" / "adapter_model.safetensors").exists():
+            outs["sft_adapter"] = Path(cfg.out) / "adapter" / "adapter_model.safetensors"
+        return outs, summary
+
+    def _final_model(self) -> Path:
+        """The model the stages after training use: the SFT model with an sft stage, else pretrain's."""
+        return self.dir / ("sft" if "sft" in self.r.stages else "model")
+
+    def _keep_aside(self, model_dir: Path, old_key: str, reason: str, stage: str = "pretrain") -> Path:
+        """Move a run of other settings out of ``model_dir`` to ``<its name>.prev-<old key>`` (a numbered name
         if that is taken), log it and list it in run.json's ``kept_runs``."""
         base = f"{model_dir.name}.prev-{old_key[:12] or 'unknown'}"
         dest, n = model_dir.with_name(base), 2
@@ -201,13 +254,14 @@ class Runner:
         model_dir.rename(dest)
         self.manifest.setdefault("kept_runs", []).append(
             {"path": str(dest), "key": old_key or None, "finished": finished,
-             "moved": time.strftime("%Y-%m-%dT%H:%M:%S"), "reason": reason})
+             "moved": time.strftime("%Y-%m-%dT%H:%M:%S"), "reason": reason,
+             **({"stage": stage} if stage != "pretrain" else {})})
         self.save_manifest()
-        self.log(f"pretrain: {reason}: the {'finished' if finished else 'interrupted'} run in {model_dir} "
+        self.log(f"{stage}: {reason}: the {'finished' if finished else 'interrupted'} run in {model_dir} "
                  f"is kept in {dest} (delete it when no longer needed); starting a new run in {model_dir}")
         return dest
 
-    def _restore_kept(self, model_dir: Path) -> None:
+    def _restore_kept(self, model_dir: Path, stage: str = "pretrain") -> None:
         """Settings switched back to a kept run's: that run (finished or interrupted) returns to
         ``model_dir`` and continues (a finished one only redoes its final evaluation)."""
         kept = self.manifest.get("kept_runs", [])
@@ -219,35 +273,124 @@ class Runner:
                 p.rename(model_dir)
                 del self.manifest["kept_runs"][i]
                 self.save_manifest()
-                self.log(f"pretrain: these settings' run was kept in {p}; moved back to {model_dir} to continue")
+                self.log(f"{stage}: these settings' run was kept in {p}; moved back to {model_dir} to continue")
                 return
 
-    def stage_eval(self):
+    def _bpb(self, model_dir: Path) -> dict:
         from ..evaluate.perplexity import evaluate_shards
         from ..infer.llm import load_with_tokenizer
-        from ..infer.loop import generate
 
-        model, tok, spec = load_with_tokenizer(self.dir / "model")
+        model, tok, spec = load_with_tokenizer(model_dir)
         # test is the reported number; validation is the one settings were chosen on
         ev = {sp: evaluate_shards(model, self.dir / "data", sp, self.r.train.seq_len, batch_size=8)
               for sp in ("test", "val")}
+        keys = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents")
+        return {"split": "test", **{k: ev["test"][k] for k in keys}, "val": {k: ev["val"][k] for k in keys}}
+
+    def stage_eval(self):
+        from ..infer.llm import load_with_tokenizer
+        from ..infer.loop import generate
+
+        res = self._bpb(self.dir / "model")
+        model, tok, spec = load_with_tokenizer(self.dir / "model")
         samples = []
         for i, p in enumerate(self.r.eval.prompts):
             out = generate(model, spec.encode_prompt(tok, p), self.r.eval.sample_tokens,
                            temperature=self.r.eval.temperature, seed=self.r.eval.seed + i, stop=spec.stop)
             samples.append({"prompt": p, "completion": tok.decode(out)})
-        keys = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents")
-        res = {"split": "test", **{k: ev["test"][k] for k in keys},
-               "val": {k: ev["val"][k] for k in keys}, "samples": samples}
+        res["samples"] = samples
+        del model
+        sft = "sft" in self.r.stages
+        if sft:  # what SFT costs on plain text: the same measurement on the SFT model
+            res["sft"] = {"model": "sft", **self._bpb(self.dir / "sft")}  # (relative: a run's files name no path)
         write_json(self.dir / "eval.json", res, indent=1)
         outs = {"eval": self.dir / "eval.json"}
         summary = {"test_bpb": res["bits_per_byte"], "test_loss": res["loss"], "val_bpb": res["val"]["bits_per_byte"]}
-        del model
+        if sft:
+            summary["sft_test_bpb"] = res["sft"]["bits_per_byte"]
         if self.r.eval.tasks:
             outs_t, summary_t = self._eval_tasks()
             outs.update(outs_t)
             summary.update(summary_t)
+            if sft:
+                outs_s, summary_s = self._eval_sft_tasks()
+                outs.update(outs_s)
+                summary.update(summary_s)
         return outs, summary
+
+    def sft_tasks(self) -> list[str]:
+        """The eval set's synthetic tasks that SFT trained on: a task whose built-in generator is a
+        synthetic one (not a corpus task, not a program task) that is also a generator source of [sft]."""
+        from ..evaluate import builtin
+        from ..evaluate.run import task_names
+        from ..evaluate.task import load_tasks
+
+        trained = {src.get("generator") for src in self.r.sft.sources if isinstance(src, dict)}
+        names = task_names(",".join(self.r.eval.tasks))
+        out = []
+        for t in load_tasks(names):
+            gen = (t.config or {}).get("generator")
+            if gen in builtin.GENERATORS and gen not in builtin.CORPUS and gen != "python" and gen in trained:
+                out.append(t.name)
+        return out
+
+    def _eval_sft_tasks(self):
+        """The before/after table (``sft_eval.json``): each trained synthetic task of the eval set on the private
+        split, the base model few-shot on plain prompts (``eval/``, already scored) and both models zero-shot
+        through the chat template (``eval-base-chat/``, ``eval-sft/``), with the intervals of each."""
+        from ..evaluate.run import evaluate_checkpoint
+
+        tasks = self.sft_tasks()
+        if not tasks:
+            self.log("eval: no synthetic task of the eval set is trained by [sft] (a generator source of the same "
+                     "name): no before/after table")
+            return {}, {}
+        e = self.r.eval
+        t0 = time.perf_counter()
+        kw = dict(limit=e.limit, split="test", num_fewshot=0, apply_chat_template=True, bootstrap=e.bootstrap,
+                  seed=e.seed, data_dir=self.dir / "data", progress=not self.quiet)
+        try:
+            sft_res, sft_paths = evaluate_checkpoint(self.dir / "sft", tasks, out=self.dir / "eval-sft", **kw)
+            base_res, base_paths = evaluate_checkpoint(self.dir / "model", tasks, out=self.dir / "eval-base-chat", **kw)
+        except Exception as err:  # the base model's scorecard and both bits per byte stand without the table
+            msg = f"eval: the before/after table is left out: scoring {', '.join(tasks)} through the chat template " \
+                  f"failed ({type(err).__name__}: {err})"
+            logger.warning(msg)
+            with open(self.log_path, "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {msg}\n{traceback.format_exc()}")
+            return {}, {"sft_tasks": 0, "sft_tasks_error": f"{type(err).__name__}: {err}"}
+        fewshot = json.loads((self.dir / "eval" / "result.json").read_text()) \
+            if (self.dir / "eval" / "result.json").exists() else {"tasks": {}}
+        ev = json.loads((self.dir / "eval.json").read_text())
+
+        def cell(res: dict, name: str, shots) -> dict | None:
+            t = res.get("tasks", {}).get(name)
+            if t is None:
+                return None
+            m = t["metrics"][t["primary"]]
+            return {"metric": t["primary"], "value": m.get("value"), "ci": m.get("ci"), "n": t["n"],
+                    "split": t.get("split"), "num_fewshot": shots}
+
+        rows = {}
+        for name in tasks:
+            shots = (fewshot.get("settings") or {}).get("num_fewshot")
+            if shots is None:
+                from ..evaluate.task import load_tasks
+
+                shots = load_tasks([name])[0].num_fewshot
+            rows[name] = {"base_fewshot": cell(fewshot, name, shots), "base_chat": cell(base_res, name, 0),
+                          "sft_chat": cell(sft_res, name, 0)}
+        table = {"tasks": rows, "split": "private",
+                 "bits_per_byte": {"split": "test", "base": ev["bits_per_byte"], "sft": ev["sft"]["bits_per_byte"]}}
+        write_json(self.dir / "sft_eval.json", table, indent=1)  # (no times in it: the same run, the same bytes)
+        seconds = round(time.perf_counter() - t0, 2)
+        gains = [r["sft_chat"]["value"] - r["base_fewshot"]["value"] for r in rows.values()
+                 if r["sft_chat"] and r["base_fewshot"] and None not in (r["sft_chat"]["value"], r["base_fewshot"]["value"])]
+        summary = {"sft_tasks": len(rows), "sft_tasks_s": seconds}
+        if gains:
+            summary["sft_mean_gain"] = round(sum(gains) / len(gains), 4)
+        return ({"sft_eval": self.dir / "sft_eval.json", "sft_eval_result": sft_paths["result"],
+                 "base_chat_result": base_paths["result"]}, summary)
 
     def _eval_tasks(self):
         """The [eval] tasks on the run's model (``lmforge eval --tasks``'s function): split both, contamination
@@ -297,7 +440,7 @@ class Runner:
 
         if self.r.export.arch == "none":
             return {}, {"skipped": "export.arch = none"}
-        model, tok, spec = load_with_tokenizer(self.dir / "model")
+        model, tok, spec = load_with_tokenizer(self._final_model())
         out = export_hf(model, self.dir / "hf", arch=self.r.export.arch or None, tokenizer=tok, tokens=spec)
         return {"hf_weights": out / "model.safetensors"}, {"hf_dir": str(out), "arch": self.r.export.arch or model.cfg.hf_family}
 
@@ -306,7 +449,7 @@ class Runner:
         from ..infer.llm import load_with_tokenizer
         from ..infer.sampling import SamplingParams
 
-        model, tok, spec = load_with_tokenizer(self.dir / "model")
+        model, tok, spec = load_with_tokenizer(self._final_model())
         eng = Engine(model)
         prompts = [spec.encode_prompt(tok, p) for p in self.r.demo.conversation]
         outs = eng.generate(prompts, SamplingParams(max_tokens=self.r.demo.max_tokens, temperature=0.8, seed=1,
@@ -314,7 +457,30 @@ class Runner:
         demo = [{"prompt": p, "completion": tok.decode([t for t in o if t not in spec.stop])}
                 for p, o in zip(self.r.demo.conversation, outs)]
         write_json(self.dir / "demo.json", demo, indent=1)
-        return {"demo": self.dir / "demo.json"}, {"replies": len(demo)}
+        outs_, summary = {"demo": self.dir / "demo.json"}, {"replies": len(demo)}
+        if "sft" in self.r.stages and self.r.demo.chat:
+            outs_["chat"] = self._chat_transcript()
+            summary["chat_turns"] = len(self.r.demo.chat)
+        return outs_, summary
+
+    def _chat_transcript(self) -> Path:
+        """One conversation with the SFT model (``lmforge chat``'s Python API): each of [demo] chat's user turns,
+        then the model's greedy reply, every turn seeing the ones before (trimmed to the context)."""
+        from ..infer.llm import load
+
+        lm = load(self.dir / "sft")
+        messages: list[dict] = []
+        finish = []
+        for turn in self.r.demo.chat:
+            messages.append({"role": "user", "content": turn})
+            fitted, _ = lm.fit_messages(messages, reserve=max(1, min(self.r.demo.chat_max_tokens, lm.max_context - 1)))
+            room = lm.max_context - len(lm.encode_chat(fitted))
+            reply = lm.chat(fitted, max_tokens=max(1, min(self.r.demo.chat_max_tokens, room)), temperature=0.0)
+            messages.append(reply.message)
+            finish.append(reply.finish_reason)
+        write_json(self.dir / "chat.json", {"model": "sft", "messages": messages,
+                                            "finish_reasons": finish}, indent=1)
+        return self.dir / "chat.json"
 
     # ---- the loop ----
     def run(self, from_stage: str | None = None) -> dict:
@@ -378,9 +544,17 @@ class Runner:
 
         settings = {"fetch": asdict(self.r.fetch), "clean": data,
                     "tokenizer": asdict(self.r.tokenizer), "shards": data,
-                    "pretrain": asdict(self.r.train), "eval": asdict(self.r.eval),
+                    "pretrain": asdict(self.r.train), "sft": self._sft_settings(), "eval": asdict(self.r.eval),
                     "export": asdict(self.r.export), "demo": asdict(self.r.demo)}[name]
         return _hash([name, settings, prev, __version__])  # a new lmforge reruns what it would do differently
+
+    def _sft_settings(self) -> dict:
+        """[sft]'s settings and the contents of its data files (a changed JSONL reruns SFT)."""
+        files = {}
+        for src in self.r.sft.sources:
+            if isinstance(src, dict) and isinstance(src.get("path"), str) and Path(src["path"]).is_file():
+                files[src["path"]] = file_sha256(src["path"])
+        return {"settings": asdict(self.r.sft), "files": files}
 
     @staticmethod
     def _outputs_ok(old: dict) -> bool:
