@@ -14,6 +14,7 @@ The server examples run in ``tests/test_docs_server.py`` and the Python API bloc
 from __future__ import annotations
 
 import io
+import json
 import os
 import shlex
 import shutil
@@ -27,6 +28,9 @@ from lmforge.cli import main
 from test_docs import DOCS, ROOT, lmforge_snippets
 
 SMALL_PRETRAIN = ["--set", "final_eval_batches=2", "--set", "eval_batches=2", "--quiet"]
+# an SFT command made small: three steps on the docs' own tiny model and data
+SFT_SMALL = {"runs/default/model": ["runs/pt"], "runs/default/data": ["runs/data"],
+             "--base": ["--max-steps", "3", "-q", "--base"]}
 
 # page -> [(the command as the doc writes it, {word: replacement words} to make it small)], in the page's order
 RUN: dict[str, list[tuple[str, dict]]] = {
@@ -95,6 +99,21 @@ RUN: dict[str, list[tuple[str, dict]]] = {
         ("lmforge eval --checkpoint runs/hf --tasks cloze,addition --limit 50 --data runs/data", {"50": ["8"]}),
         ("lmforge eval compare eval-pt eval-hf", {}),
     ],
+    "docs/sft.md": [  # on docs/training.md's runs/pt and docs/data.md's runs/data, a few steps each
+        ("lmforge run", {"run": ["run", "--print-config"]}),
+        ("lmforge sft --base runs/default/model --data-dir runs/default/data --out runs/sft-mine", SFT_SMALL),
+        ("lmforge sft --base runs/default/model --out runs/sft-mine --data my_chats.jsonl",
+         {**SFT_SMALL, "runs/sft-mine": ["runs/sft-own"]}),
+        ("lmforge chat --checkpoint runs/sft-mine", {}),
+        ("lmforge sft --base runs/default/model --out runs/sft-mine --data my_chats.jsonl --generators --data-dir "
+         "runs/default/data", {**SFT_SMALL, "runs/sft-mine": ["runs/sft-mix"]}),
+        ("lmforge sft --base runs/default/model --out runs/sft-lora --data my_chats.jsonl --lora-r 8 --lora-alpha 16",
+         SFT_SMALL),
+        ("lmforge sft --config runs/sft-lora/train_config.json --resume", {}),
+        ("lmforge run --set sft.max_steps=600 --set sft.lr=5e-4", {"run": ["run", "--print-config"]}),
+        ("lmforge run --set sft.lora_r=8", {"run": ["run", "--print-config"]}),
+        ("lmforge run --from sft", {"run": ["run", "--print-config"]}),
+    ],
     "docs/pipeline.md": [  # --print-config: the recipe and its overrides resolve (the run itself takes minutes)
         ("lmforge run", {"run": ["run", "--print-config"]}),
         ("lmforge run --set train.max_tokens=1000000", {"run": ["run", "--print-config"]}),
@@ -110,9 +129,13 @@ NEEDS = {"docs/training.md": [("docs/data.md", ["runs/tok", "runs/data"])],
          "README.md": [("docs/training.md", ["runs/pt"])], "docs/model.md": [("docs/training.md", ["runs/pt"])],
          "docs/inference.md": [("docs/training.md", ["runs/pt"])],
          "docs/evaluation.md": [("docs/data.md", ["runs/tok", "runs/data"]), ("docs/training.md", ["runs/pt"]),
-                                ("docs/model.md", ["runs/hf"])]}
+                                ("docs/model.md", ["runs/hf"])],
+         "docs/sft.md": [("docs/data.md", ["runs/tok", "runs/data"]), ("docs/training.md", ["runs/pt"])]}
 # the command as the doc writes it -> why it is not run here
 NOT_RUN = {
+    "lmforge sft --base runs/default/model --out runs/sft-lora --lora-r 8 --max-steps 300":
+        "docs/sft.md: the LoRA run further down the page, which is run (a few steps)",
+    "lmforge chat --checkpoint runs/default/sft": "needs `make demo`'s run; docs/sft.md chats with its own SFT run",
     "lmforge pretrain --data runs/data --preset tiny --max-time 300 --out runs/pt":
         "README.md: the same run as docs/training.md's, which is run",
     "lmforge eval --checkpoint runs/pt --json": "the whole validation split of the corpus (tens of seconds here)",
@@ -186,6 +209,7 @@ def _run_page(page: str, ws: dict, capsys, monkeypatch) -> Path:
     (d / "my.txt").write_text(ws["hamlet"][:120_000])
     (d / "some.txt").write_text(ws["hamlet"][120_000:124_000])
     (d / "other.txt").write_text(ws["hamlet"][130_000:136_000])
+    (d / "my_chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in MY_CHATS))
     for dep, paths in NEEDS.get(page, []):
         src = _run_page(dep, ws, capsys, monkeypatch)
         for p in paths:
@@ -207,6 +231,12 @@ def _run_page(page: str, ws: dict, capsys, monkeypatch) -> Path:
 
 
 TIMES: list[tuple[float, str]] = []
+# docs/sft.md's "your own conversations": both formats the page shows
+MY_CHATS = [{"messages": [{"role": "user", "content": "Who wrote Hamlet?"},
+                          {"role": "assistant", "content": "William Shakespeare."}]},
+            {"prompt": "Name a play with a ghost.", "completion": "Hamlet."},
+            {"messages": [{"role": "system", "content": "Answer in one word."},
+                          {"role": "user", "content": "Where is Elsinore?"}, {"role": "assistant", "content": "Denmark."}]}]
 
 
 @pytest.mark.parametrize("page", list(RUN))

@@ -23,14 +23,22 @@ def _usage(msg: str):
 
 
 def run_data_dir(checkpoint) -> str | None:
-    """The shards a checkpoint was trained on, from its train_config.json (None when there is none). A
+    """The shards a checkpoint was trained on, from its train_config.json (None when there is none; an SFT
+    run's: its ``data_dir``, else its base model's). A
     relative path there is relative to where training ran; when it is not found from here, the run's
     own ``data/`` beside the checkpoint (a pipeline run: <run>/model, <run>/data) is taken if it exists."""
     tc = Path(checkpoint) / "train_config.json"
     if not tc.exists():
         return None
-    t = json.loads(tc.read_text())["train"]
-    data = t["data"] or str(Path(checkpoint) / "data")
+    rec = json.loads(tc.read_text())
+    if "sft" in rec and "train" not in rec:  # an SFT run: its data_dir, else the data of the model it tuned
+        s = rec["sft"]
+        if s.get("data_dir"):
+            data = s["data_dir"]
+        else:
+            return run_data_dir(s["base"]) if s.get("base") and Path(s["base"]).is_dir() else None
+    else:
+        data = rec["train"]["data"] or str(Path(checkpoint) / "data")
     if not Path(data).exists() and not Path(data).is_absolute() and (Path(checkpoint).parent / "data").is_dir():
         return str(Path(checkpoint).parent / "data")
     return data

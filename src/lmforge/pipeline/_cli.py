@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     ru = sub.add_parser("run", help="the whole chain from a recipe: data, tokenizer, training, eval, export, demo",
                         description="Run a recipe (a path, or a name: ./recipes/NAME.toml, else the recipes shipped with "
                         "lmforge: default, gpt2-124m; default: default) into "
-                        "runs/NAME: fetch -> clean/filter/dedup -> tokenizer -> shards -> pretrain -> eval -> export "
+                        "runs/NAME: fetch -> clean/filter/dedup -> tokenizer -> shards -> pretrain -> sft -> eval -> export "
                         "-> demo, with a report. Unchanged stages are skipped on a rerun; an interrupted run "
                         "continues where it stopped.")
     ru.add_argument("recipe", nargs="?", default="default")
