@@ -435,3 +435,32 @@ def test_packing_choices_are_the_batch_source_modes():
     from lmforge.align.sft import PACKING
 
     assert set(PACKING) == set(packing.MODES)
+
+
+def test_generated_sources_are_checked_against_the_evaluation(base, tmp_path):
+    """Generator sources: final.json counts coincidences with the evaluation's dev/private items (0), and a
+    planted private item is counted (the check can fail)."""
+    from lmforge.align.sft import sft
+    from lmforge.evaluate import builtin
+
+    sources = [{"generator": "addition", "n": 40}, {"generator": "brackets", "n": 40}]
+    cfg = cfg_for(base, tmp_path / "unused.jsonl", tmp_path / "run", sources=sources, max_steps=1)
+    final = sft(cfg, quiet=True)
+    assert final["sft"]["eval_overlap"] == {"addition": 0, "brackets": 0}
+
+    import lmforge.align.generators as gen
+
+    real = gen.GENERATORS["addition"]
+    doc = builtin.generate("addition", "private", 1, digits=3)[0]
+
+    def planted(n, seed=0, data_dir=None, **kw):
+        convs = real(n, seed=seed, data_dir=data_dir, **kw)
+        convs[0] = {**convs[0], "doc": doc}
+        return convs
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setitem(gen.GENERATORS, "addition", planted)
+        cfg = cfg_for(base, tmp_path / "unused.jsonl", tmp_path / "run2", sources=sources[:1], max_steps=1)
+        assert sft(cfg, quiet=True)["sft"]["eval_overlap"]["addition"] >= 1

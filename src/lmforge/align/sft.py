@@ -88,6 +88,8 @@ class SFTConfig(LoopConfig):
     lora_targets: list[str] = field(default_factory=list)  # []: align.lora.LoRAConfig's default
     lora_rslora: bool = False
     export_hf: bool = True  # also write <out>/hf/ (the HF export, with the chat template)
+    check_overlap: bool = True  # count generated conversations that coincide with the evaluation's dev or
+    # private items (align.generators.check_disjoint; expected 0, in final.json's sft.eval_overlap)
 
 
 CHOICES = {"packing": PACKING, "truncation": TRUNCATION, "loss_norm": LOSS_NORM, "on_error": ON_ERROR}
@@ -231,6 +233,15 @@ class SFTStage:
         convs, self.source_stats = _load_conversations(cfg.sources, cfg, "sources")
         if not convs:
             raise ValueError(f"sources: no conversations left to train on (per source: {self.source_stats})")
+        self.eval_overlap = None
+        if cfg.check_overlap and any("generator" in src for src in cfg.sources):
+            from .generators import check_disjoint
+
+            self.eval_overlap = check_disjoint(convs, data_dir=cfg.data_dir or None)
+            if any(self.eval_overlap.values()):
+                logger.warning(f"sft: generated conversations coincide with evaluation items (dev or private): "
+                               f"{ {k: v for k, v in self.eval_overlap.items() if v} }; scores on those tasks "
+                               "are not held-out")
         train, val = split_validation(convs, cfg.val_frac, cfg.seed) if cfg.val_frac else (convs, [])
         train = _unique_ids(train)
         self.train_ex, self.train_stats = encode(tok, train, cfg.seq_len, cfg.truncation)
@@ -366,6 +377,7 @@ class SFTStage:
              "trained_tokens": self.train_stats["trained_tokens"], "val_conversations": len(self.val_ex),
              "batches_per_epoch": per_epoch, "epochs": round(self.micro_batches / per_epoch, 4),
              "packing": self.cfg.packing, "loss_norm": self.cfg.loss_norm, "sources": self.source_stats,
+             "eval_overlap": self.eval_overlap,
              "lora": ({"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha, "rslora": self.cfg.lora_rslora,
                        "adapted": len(self.lora_names),
                        "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
