@@ -268,10 +268,10 @@ def main(argv=None) -> None:
           f"{repeats} x {window}; batch: {args.batch} rows of {args.seq_len} (packed) or {conv_batch} "
           f"conversations (unpacked); {args.threads} threads", flush=True)
 
-    ours_layouts = [("bfd", args.batch), ("padding_free", conv_batch), ("none", conv_batch)]
+    ours_layouts = [("bfd", args.batch), ("grouped", conv_batch), ("padding_free", conv_batch), ("none", conv_batch)]
     ref_layouts = [("packed", args.batch), ("padding_free", conv_batch), ("padded", conv_batch)]
     if q:
-        ours_layouts, ref_layouts = ours_layouts[:2], ref_layouts[:2]
+        ours_layouts, ref_layouts = ours_layouts[:2], ref_layouts[:2]  # lmforge bfd, grouped; TRL packed, padding_free
     compiles = [False, True] if args.compile else [False]
     rows, notes = [], []
     for name, mcfg in cfgs.items():
