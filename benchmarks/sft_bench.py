@@ -8,7 +8,7 @@ The conversations are the default SFT mixture's offline generators (``align.gene
 the corpus ones left out: no data directory needed), every one of them fed to both sides.
 
 The batch: ``--batch`` rows of ``--seq-len`` tokens for the packed layouts (lmforge ``bfd``, TRL
-``packing=True`` with its ``bfd`` strategy); for the unpacked layouts (lmforge ``none``/``padding_free``, TRL
+``packing=True`` with its ``bfd`` strategy); for the unpacked layouts (lmforge ``none``/``grouped``/``padding_free``, TRL
 padded/``padding_free``) as many conversations as fill the same tokens on average, so every variant sees about
 the same tokens per step. Each side tries its layouts (``--compile``: also ``torch.compile``) and its best
 is the row; TRL runs fp32 (bf16 off: on CPU its default bf16 autocast is slower), no gradient
