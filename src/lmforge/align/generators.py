@@ -634,6 +634,11 @@ DEFAULT_MIXTURE: list[dict] = [
 
 # ---- disjointness ---------------------------------------------------------------------------------------------
 
+# a shared line shorter than this is not a coinciding item: a verse line's wrapped tail ("here.", "my lord.")
+# recurs across plays; an item shows several lines, and any of its lines this long shared is counted
+MIN_SHARED_LINE = 20
+
+
 def _eval_lines(doc: dict) -> set[str]:
     """Every line an evaluation corpus item shows (passage, context, choices, names, line)."""
     out: set[str] = set()
@@ -664,7 +669,8 @@ def check_disjoint(convs, tasks=None, data_dir=None, detail: bool = False) -> di
     (of the item and of any worked examples in its prompt),
     counting exact coincidences with the items the harness draws (default ``n``) and keys the split hash
     owns for dev or private (any ``n``); corpus by the line text of every line shown (the items need
-    ``data_dir``; without it corpus conversations are not checked and not counted). ``tasks``: only these
+    ``data_dir``; without it corpus conversations are not checked and not counted; lines shorter than
+    ``MIN_SHARED_LINE`` characters, a verse line's wrapped tail, are not compared). ``tasks``: only these
     generator tasks. Expected: 0 each. ``detail``: ``{task: {"checked", "dev", "private", "outside_train"}}``."""
     from ..evaluate.builtin import splits
 
@@ -695,6 +701,7 @@ def check_disjoint(convs, tasks=None, data_dir=None, detail: bool = False) -> di
                 for et in EVAL_TASKS[t]:
                     for d in task(et).docs(split, data_dir):
                         lines |= _speech_lines(_eval_lines(d))
+                lines = {l for l in lines if len(l) >= MIN_SHARED_LINE}
                 row[split] = sum(1 for c in cs if _conv_lines(c) & lines)
             row["checked"] = len(cs)
         else:

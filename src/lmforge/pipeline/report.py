@@ -191,7 +191,8 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
                                     for n, r in sft_table["tasks"].items()}
     demo = run_dir / "demo.json"
     if demo.exists():
-        lines += ["", "## Demo (engine" + (", the SFT model on plain prompts)" if "sft" in recipe.stages else ")"), ""]
+        lines += ["", "## Demo (engine" + (", the base model on plain prompts; the SFT model chats above)"
+                                         if "sft" in recipe.stages else ")"), ""]
         for d in json.loads(demo.read_text()):
             lines += ["```", d["prompt"] + d["completion"], "```"]
     lines += ["", "## Artifacts", "",

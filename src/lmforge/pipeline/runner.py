@@ -449,7 +449,9 @@ class Runner:
         from ..infer.llm import load_with_tokenizer
         from ..infer.sampling import SamplingParams
 
-        model, tok, spec = load_with_tokenizer(self._final_model())
+        # plain prompts continue text: the base (pretrained) model's job (SFT trades some of it away, as the
+        # report's bits per byte show); the chat transcript below is the SFT model's
+        model, tok, spec = load_with_tokenizer(self.dir / "model")
         eng = Engine(model)
         prompts = [spec.encode_prompt(tok, p) for p in self.r.demo.conversation]
         outs = eng.generate(prompts, SamplingParams(max_tokens=self.r.demo.max_tokens, temperature=0.8, seed=1,
