@@ -298,37 +298,10 @@ def _title(doc_id: str, text: str) -> str:
 
 
 def _read_documents(data_dir: Path, split: str) -> list[tuple[str, str]]:
-    """(document id, text) of a split of a shard directory, decoded with the tokenizer saved in it (as
-    ``evaluate.builtin.corpus.read_test_documents`` reads the test split)."""
-    import json
+    """(document id, text) of a split of a shard directory (the evaluation's reader, on another split)."""
+    from ..evaluate.builtin.corpus import read_documents
 
-    from ..data.loader import TokenStream
-    from ..data.shards import check_shards_tokenizer
-    from ..tokenize import load
-
-    stream = TokenStream(data_dir, split)
-    m = stream.manifest
-    rec = m.get("tokenizer") or {}
-    tok_path = data_dir / rec.get("file", "tokenizer")
-    if not tok_path.exists():
-        raise FileNotFoundError(f"{data_dir}: the manifest names the tokenizer {rec.get('file')!r}, which is missing")
-    tok = load(tok_path)
-    check_shards_tokenizer(m, data_dir, tok, f"the tokenizer saved in {data_dir}")
-    doc_token = rec.get("doc_token_id")
-    ids: list[str] = []
-    for sh in m["splits"][split]["shards"]:
-        ids += json.loads((data_dir / sh["index"]).read_text())["ids"]
-    starts, lengths = stream.doc_lengths()
-    if len(ids) != len(starts):
-        raise ValueError(f"{data_dir}: the {split} index files list {len(ids)} document ids for {len(starts)} "
-                         "document starts")
-    out = []
-    for doc_id, s, n in zip(ids, starts, lengths):
-        toks = stream.read(int(s), int(n)).tolist()
-        if toks and doc_token is not None and toks[0] == doc_token:
-            toks = toks[1:]
-        out.append((doc_id, tok.decode(toks)))
-    return out
+    return read_documents(data_dir, split)
 
 
 @functools.lru_cache(maxsize=4)

@@ -118,14 +118,20 @@ def parse_play(text: str) -> list[list[Speech]]:
 
 
 def read_test_documents(data_dir: str | Path) -> list[tuple[str, str]]:
-    """(document id, text) of every document of the directory's ``test`` split, decoded with the
-    tokenizer saved in it (its document token dropped)."""
+    """(document id, text) of every document of the directory's ``test`` split (``read_documents``)."""
+    return read_documents(data_dir, "test")
+
+
+def read_documents(data_dir: str | Path, split: str) -> list[tuple[str, str]]:
+    """(document id, text) of every document of a split of the directory, decoded with the tokenizer
+    saved in it (its document token dropped). The evaluation reads ``test``; SFT's corpus generators
+    (``lmforge.align.generators``) read ``train``."""
     from ...data.loader import TokenStream
     from ...data.shards import check_shards_tokenizer
     from ...tokenize import load
 
     data_dir = Path(data_dir)
-    stream = TokenStream(data_dir, "test")
+    stream = TokenStream(data_dir, split)
     m = stream.manifest
     rec = m.get("tokenizer") or {}
     tok_path = data_dir / rec.get("file", "tokenizer")
@@ -135,13 +141,13 @@ def read_test_documents(data_dir: str | Path) -> list[tuple[str, str]]:
     check_shards_tokenizer(m, data_dir, tok, f"the tokenizer saved in {data_dir}")
     doc_token = rec.get("doc_token_id")
     ids: list[str] = []
-    for sh in m["splits"]["test"]["shards"]:
+    for sh in m["splits"][split]["shards"]:
         import json
 
         ids += json.loads((data_dir / sh["index"]).read_text())["ids"]
     starts, lengths = stream.doc_lengths()
     if len(ids) != len(starts):
-        raise ValueError(f"{data_dir}: the test index files list {len(ids)} document ids for {len(starts)} "
+        raise ValueError(f"{data_dir}: the {split} index files list {len(ids)} document ids for {len(starts)} "
                          "document starts")
     out = []
     for doc_id, s, n in zip(ids, starts, lengths):
