@@ -289,12 +289,8 @@ def test_trl_equals_lmforge_sft_batches_and_loss(exported, data, trl_run, mode):
 
 
 def _sft_or_skip():
-    try:
-        from lmforge.align.sft import SFTConfig, sft
-    except ImportError:
-        if in_ci():
-            raise
-        pytest.skip("lmforge.align.sft is not on this branch yet")
+    from lmforge.align.sft import SFTConfig, sft
+
     return SFTConfig, sft
 
 
