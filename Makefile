@@ -31,7 +31,7 @@ test-all: install
 
 # every benchmark at its default (documented) settings, each ending with its JSON line; one that
 # fails (an error, or greedy tokens that differ from HF's) fails the target; an unmet goal is
-# reported in the rows, not a failure. Alone on 2 cores: ~25 min.
+# reported in the rows, not a failure. Alone on 2 cores: roughly 45 min (sft_bench.py alone 16).
 bench: install
 	$(VENV)/bin/lmforge data fetch shakespeare
 	$(PY) benchmarks/tokenizer_bench.py
