@@ -136,6 +136,8 @@ NOT_RUN = {
     "lmforge sft --base runs/default/model --out runs/sft-lora --lora-r 8 --max-steps 300":
         "docs/sft.md: the LoRA run further down the page, which is run (a few steps)",
     "lmforge chat --checkpoint runs/default/sft": "needs `make demo`'s run; docs/sft.md chats with its own SFT run",
+    "lmforge sft --base runs/default/model --out runs/sft-lora --data my_chats.jsonl --lora-r 8":
+        "README.md: docs/sft.md runs the same LoRA run (with --lora-alpha 16)",
     "lmforge pretrain --data runs/data --preset tiny --max-time 300 --out runs/pt":
         "README.md: the same run as docs/training.md's, which is run",
     "lmforge eval --checkpoint runs/pt --json": "the whole validation split of the corpus (tens of seconds here)",
