@@ -213,8 +213,8 @@ def test_an_error_inside_the_stream_is_shown(browser, model):
     with live(*model, model_name="slow", request_timeout_s=1.0, num_blocks=64) as (base, app):
         step = app.state.engine.step
 
-        def slow_step():  # ~20 tokens a second: a 256-token reply cannot finish in 1 s
-            time.sleep(0.05)
+        def slow_step():  # ~4 tokens a second: the 1 s timeout cuts the reply after a few tokens, before
+            time.sleep(0.25)  # a sampled stop token is likely to end it (at 20/s one sometimes did, in CI)
             return step()
 
         app.state.engine.step = slow_step
