@@ -706,7 +706,8 @@ def plot_margins(metrics_path: Path, png: Path, final: dict | None = None) -> di
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
