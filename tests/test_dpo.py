@@ -339,11 +339,11 @@ def test_cli_help_and_flags(base, data, tmp_path, capsys):
         assert flag in h, flag
     from lmforge.align._cli import _dpo_config
 
-    a = parser().parse_args(["dpo", "--base", str(base), "--data", str(data), "--loss", "sigmoid", "--loss", "ipo",
+    a = parser().parse_args(["dpo", "--base", str(base), "--data", str(data), "--loss", "robust", "--loss", "ipo",
                              "--loss-weights", "0.8,0.2", "--beta", "0.2", "--label-smoothing", "0.1",
                              "--max-steps", "2", "--out", str(tmp_path / "c"), "--set", "threads=1"])
     cfg = _dpo_config(a)
-    assert cfg.loss_type == ["sigmoid", "ipo"] and cfg.loss_weights == [0.8, 0.2] and cfg.beta == 0.2
+    assert cfg.loss_type == ["robust", "ipo"] and cfg.loss_weights == [0.8, 0.2] and cfg.beta == 0.2
     assert cfg.label_smoothing == 0.1 and cfg.data == [str(data)]
     from lmforge._config import UsageError
 

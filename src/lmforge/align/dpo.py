@@ -16,9 +16,13 @@ when the micro-batches are equal). Dropout is off in policy and reference (TRL's
 ``disable_dropout``): every ``nn.Dropout``, the attention's dropout, the model config's and the LoRA
 adapter's.
 
-Until ``align.pref_loss`` (h19-loss) and ``align.pref_data`` (h19-pdata) are in the tree, the stage
-runs on the small private stand-ins at the end of this file (the contract's API, a subset of the
-losses); once they are, it uses them.
+Reference log-probs: "precomputed" scores every train and val example once, before step 1, with the
+reference (the base: the policy itself before it moves, LoRA adapters disabled), stores them in the
+examples and ``<out>/ref_logps.json`` (a resumed run reads them back) and keeps no reference model;
+"copy" keeps a frozen deep copy (eval mode, no grad); "lora" runs the policy under
+``lora.adapters_disabled``. KTO's KL term scores each prompt with another example's completion of the
+same micro-batch, so its reference cannot be precomputed per example: KTO with ``kto_kl`` and
+"precomputed" uses "copy" (final.json says which reference ran).
 """
 from __future__ import annotations
 
@@ -26,7 +30,6 @@ import json
 import logging
 import math
 import time
-import types
 import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -107,22 +110,16 @@ class DPOConfig(LoopConfig):
     export_hf: bool = True
 
 
-# ---- the parts this stage codes against: the real modules, or the stand-ins below ----
-
 def _loss_api():
-    try:
-        from . import pref_loss
-        return pref_loss
-    except ImportError:
-        return _FALLBACK_LOSS
+    from . import pref_loss
+
+    return pref_loss
 
 
 def _data_api():
-    try:
-        from . import pref_data
-        return pref_data
-    except ImportError:
-        return _FALLBACK_DATA
+    from . import pref_data
+
+    return pref_data
 
 
 def loss_config(cfg: DPOConfig):
@@ -319,7 +316,7 @@ class DPOStage:
         kind = "unpaired" if unpaired else "paired"
         wrong = sum(r["kind"] != kind for r in rows)
         if unpaired and wrong:  # pairs for kto: each pair gives a desirable and an undesirable example
-            rows = _unpair(rows)
+            rows = self.dapi.unpair_preferences(rows)
         elif wrong:
             raise ValueError(f"data: method {cfg.method!r} trains on pairs (prompt/chosen/rejected); {wrong} of "
                              f"{len(rows)} rows are unpaired (prompt/completion/label: method kto)")
@@ -329,7 +326,7 @@ class DPOStage:
                       else (rows, []))
         max_prompt = cfg.max_prompt_len or cfg.seq_len
         enc = lambda rs: self.dapi.encode_preferences(tok, rs, cfg.seq_len, max_prompt_len=max_prompt,  # noqa: E731
-                                                      truncation=cfg.truncation)
+                                                      truncation=cfg.truncation, tokens=self.tokens)
         self.train_ex, st = enc(train)
         self.data_stats["train"] = st
         if not self.train_ex:
@@ -360,15 +357,17 @@ class DPOStage:
             for p in ref_model.parameters():
                 p.requires_grad_(False)
             self.ref_model = ref_model
-        self.batches = self.dapi.PrefBatches(self.train_ex, cfg.batch_size, mode=cfg.packing, pad_id=self.pad_id,
-                                             seed=cfg.seed, shuffle=cfg.shuffle, device=str(self.device),
-                                             kl=unpaired and cfg.kto_kl)
+        self.batches = self._batches(self.train_ex, seed=cfg.seed, shuffle=cfg.shuffle, kl=unpaired and cfg.kto_kl)
         self.micro_batches = 0
         self._acc: dict[str, list[float]] = {}  # the metrics since the last log line: name -> [sum, count]
         self.quiet = False
         self.ref_seconds = 0.0
 
     # ---- data ----
+    def _batches(self, ex, seed: int = 0, shuffle: bool = False, kl: bool = False):
+        return self.dapi.PrefBatches(ex, self.cfg.batch_size, mode=self.cfg.packing, pad_id=self.pad_id, seed=seed,
+                                     shuffle=shuffle, device=str(self.device), kl=kl, seq_len=self.cfg.seq_len)
+
     def _read_rows(self, model, tok) -> list[dict]:
         cfg = self.cfg
         paths = [Path(p) for p in cfg.data]
@@ -423,101 +422,97 @@ class DPOStage:
 
     def precompute(self) -> None:
         """The reference's log-probs of every train and val example, stored in the examples and in
-        ``<out>/ref_logps.json`` (a resumed run reads them back); the reference model is then dropped."""
+        ``<out>/ref_logps.json`` (a resumed run reads them back); no reference model is kept. Examples whose
+        data file carried them (``ref_chosen_logps`` / ``ref_rejected_logps``, ``ref_logps``) keep those
+        when every example has them."""
+        from contextlib import nullcontext
+
+        from .._io import write_json
+
         path = Path(self.cfg.out) / "ref_logps.json"
         sets = {"train": self.train_ex, "val": self.val_ex}
         key = {k: _fingerprint(ex) for k, ex in sets.items()}
+        who = str(self.cfg.ref or self.cfg.base)
+        has = lambda e: e.ref_chosen is not None and (e.rejected is None or e.ref_rejected is not None)  # noqa: E731
+        self.ref_source = "computed"
         if path.exists():
             d = json.loads(path.read_text())
-            if d.get("fingerprint") == key and d.get("base") == str(self.cfg.ref or self.cfg.base):
+            if d.get("fingerprint") == key and d.get("reference") == who:
                 for k, ex in sets.items():
                     for e, (c, r) in zip(ex, d[k]):
                         e.ref_chosen, e.ref_rejected = c, r
-                self.ref_model = None
+                self.ref_model, self.ref_source = None, f"read from {path.name}"
                 return
         t0 = time.perf_counter()
-        if self.ref_model is None:  # ref = the base: the policy itself before its first step
-            import copy
-
-            self.ref_model = self.model
-            if self.lora_names:  # (a fresh LoRA adapter adds 0, but say so exactly)
+        if all(has(e) for ex in sets.values() for e in ex):
+            self.ref_source = "from the data"
+        else:
+            # the reference: the one given, else the base = the policy before its first step (adapters off)
+            ref = self.ref_model if self.ref_model is not None else self.model
+            if ref is self.model and self.lora_names:
                 from .lora import adapters_disabled
+
                 ctx = adapters_disabled(self.model)
             else:
-                ctx = None
-        else:
-            ctx = None
-        was = self.model.training
-        self.model.eval()
-        stored = {}
-        try:
-            if ctx is not None:
-                ctx.__enter__()
-            for k, ex in sets.items():
-                if not ex:
-                    stored[k] = []
-                    continue
-                src = self.dapi.PrefBatches(ex, self.cfg.batch_size, mode=self.cfg.packing, pad_id=self.pad_id,
-                                            seed=0, shuffle=False, device=str(self.device))
-                for _ in range(len(src)):
-                    b = src.next()
-                    with torch.no_grad():
-                        lp = self._logps(self.ref_model, b)["logps"].double().cpu()
-                    idx = b.inputs["index"].cpu().tolist()
-                    B = len(idx)
-                    for j, i in enumerate(idx):
-                        ex[i].ref_chosen = float(lp[j])
-                        ex[i].ref_rejected = float(lp[B + j]) if ex[i].rejected is not None else None
-                stored[k] = [[e.ref_chosen, e.ref_rejected] for e in ex]
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-            self.model.train(was)
+                ctx = nullcontext()
+            was = self.model.training
+            ref.eval()
+            try:
+                with ctx, torch.no_grad():
+                    for ex in sets.values():
+                        if not ex:
+                            continue
+                        src = self._batches(ex)
+                        for _ in range(len(src)):
+                            b = src.next()
+                            lp = self._logps(ref, b)["logps"].double().cpu().tolist()
+                            idx = b.inputs["index"].cpu().tolist()
+                            for j, i in enumerate(idx):
+                                ex[i].ref_chosen = lp[j]
+                                if ex[i].rejected is not None:
+                                    ex[i].ref_rejected = lp[len(idx) + j]
+            finally:
+                self.model.train(was)
         self.ref_model = None
-        from .._io import write_json
-
-        write_json(path, {"base": str(self.cfg.ref or self.cfg.base), "fingerprint": key, **stored})
+        write_json(path, {"reference": who, "fingerprint": key,
+                          **{k: [[e.ref_chosen, e.ref_rejected] for e in ex] for k, ex in sets.items()}})
         self.ref_seconds = time.perf_counter() - t0
 
     # ---- the loss ----
-    def _pair_loss(self, fwd, batch, ref: bool = True) -> tuple[torch.Tensor, dict]:
+    def _pair_loss(self, fwd, batch) -> tuple[torch.Tensor, dict]:
+        """(per pair / example loss (B,), metrics) of one micro-batch: the policy's forward through ``fwd``,
+        the reference's log-probs from the batch (precomputed) or from the reference model."""
         out = self._logps(fwd, batch)
-        api, cfg = self.lapi, self.lcfg
+        api, cfg, inp = self.lapi, self.lcfg, batch.inputs
         if self.method == "kto":
             ref_lp = ref_kl = None
-            if self.reference != "none":
-                if self.reference == "precomputed":
-                    idx = batch.inputs["index"].tolist()
-                    ref_lp = torch.tensor([self.train_or_val(batch)[i].ref_chosen for i in idx],
-                                          dtype=torch.float32, device=out["logps"].device)
-                else:
-                    r, rk = self._ref_logps(batch)
-                    ref_lp, ref_kl = r, rk
+            if self.reference == "precomputed":
+                ref_lp = self._stored(inp, "ref_logps")
+            else:
+                ref_lp, ref_kl = self._ref_logps(batch)
             kl = out.get("kl_logps")
-            lp = api.KTOLogps(logps=out["logps"], label=batch.inputs["label"].bool(),
-                              kl_logps=kl.detach() if kl is not None else None,
-                              ref_logps=ref_lp, ref_kl_logps=ref_kl)
+            lp = api.KTOLogps(logps=out["logps"], label=inp["label"].bool(),
+                              kl_logps=kl.detach() if kl is not None else None, ref_logps=ref_lp,
+                              ref_kl_logps=ref_kl)
             return api.kto_loss(cfg, lp)
-        logps, tokens = out["logps"], out["tokens"].float()
-        c, r = logps.chunk(2)
-        ct, rt = tokens.chunk(2)
+        c, r = out["logps"].chunk(2)
+        ct, rt = out["tokens"].float().chunk(2)
         kw = {}
         if self.reference == "precomputed":
-            ex = self.train_or_val(batch)
-            idx = batch.inputs["index"].tolist()
-            kw["ref_chosen"] = torch.tensor([ex[i].ref_chosen for i in idx], dtype=torch.float32, device=c.device)
-            kw["ref_rejected"] = torch.tensor([ex[i].ref_rejected for i in idx], dtype=torch.float32,
-                                              device=c.device)
+            kw["ref_chosen"], kw["ref_rejected"] = self._stored(inp, "ref_chosen"), self._stored(inp, "ref_rejected")
         elif self.reference in ("copy", "lora"):
             rl, _ = self._ref_logps(batch)
             kw["ref_chosen"], kw["ref_rejected"] = rl.float().chunk(2)
-        if self.cfg.use_weighting and "weight" in out:
+        if self.cfg.use_weighting:
             kw["chosen_weight"], kw["rejected_weight"] = out["weight"].chunk(2)
-        lp = api.PairLogps(chosen=c.float(), rejected=r.float(), chosen_tokens=ct, rejected_tokens=rt, **kw)
+        lp = api.PairLogps(chosen=c, rejected=r, chosen_tokens=ct, rejected_tokens=rt, **kw)
         return api.preference_loss(cfg, lp)
 
-    def train_or_val(self, batch):
-        return self.val_ex if batch.inputs.get("split") == "val" else self.train_ex
+    @staticmethod
+    def _stored(inp: dict, key: str) -> torch.Tensor:
+        if key not in inp:  # (precompute fills every example before step 1; a batch without them is a bug)
+            raise RuntimeError(f"dpo: a batch without its precomputed {key} (examples {inp['index'].tolist()})")
+        return inp[key].float()
 
     def _accumulate(self, acc: dict, metrics: dict) -> None:
         for k, v in metrics.items():
@@ -555,8 +550,7 @@ class DPOStage:
         if split != "val" or not self.val_ex:
             return {"loss": float("nan")}
         cfg = self.cfg
-        src = self.dapi.PrefBatches(self.val_ex, cfg.batch_size, mode=cfg.packing, pad_id=self.pad_id, seed=0,
-                                    shuffle=False, device=str(self.device), kl=self.method == "kto" and cfg.kto_kl)
+        src = self._batches(self.val_ex, kl=self.method == "kto" and cfg.kto_kl)
         k = len(src) if not max_batches else min(max_batches, len(src))
         was = self.model.training
         self.model.eval()
@@ -564,7 +558,6 @@ class DPOStage:
         try:
             for _ in range(k):
                 b = src.next()
-                b.inputs["split"] = "val"
                 per, metrics = self._pair_loss(self.model, b)
                 total += float(per.sum())
                 n += per.numel()
@@ -611,7 +604,7 @@ class DPOStage:
         return {"data": self.data_stats, "pairs": len(self.train_ex), "val_pairs": len(self.val_ex),
                 "reference": self.reference, "method": self.method, "loss_type": list(self.cfg.loss_type),
                 "beta": self.cfg.beta, "epochs": round(self.micro_batches / per_epoch, 4),
-                "ref_seconds": round(self.ref_seconds, 3), "dropout_disabled": self.dropout_disabled,
+                "ref_seconds": round(self.ref_seconds, 3), "ref_logps": getattr(self, "ref_source", None), "dropout_disabled": self.dropout_disabled,
                 "lora": ({"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha, "adapted": len(self.lora_names)}
                          if self.cfg.lora_r else None)}
 
@@ -660,19 +653,6 @@ def _fingerprint(ex) -> int:
         h = zlib.crc32(np.asarray(list(e.prompt) + [-1] + list(e.chosen) + [-2] + list(e.rejected or []),
                                   dtype=np.int64).tobytes(), h)
     return h
-
-
-def _unpair(rows: list[dict]) -> list[dict]:
-    """Paired rows as KTO's unpaired ones: the chosen desirable, the rejected undesirable."""
-    out = []
-    for r in rows:
-        if r["kind"] == "unpaired":
-            out.append(r)
-            continue
-        for which, label in (("chosen", True), ("rejected", False)):
-            out.append({"id": f"{r['id']}:{which}", "kind": "unpaired", "conversational": r["conversational"],
-                        "prompt": r["prompt"], "completion": r[which], "label": label, "meta": r.get("meta", {})})
-    return out
 
 
 def margin_series(metrics_path: Path, final: dict | None = None) -> dict:
@@ -742,276 +722,6 @@ def dpo(cfg: DPOConfig, *, on_step=None, quiet: bool = False, resume_hint: str |
     record = {"dpo": asdict(cfg), "model": stage.model.cfg.to_dict()}
     return loop.run(cfg, stage, on_step=on_step, quiet=quiet, resume_hint=resume_hint, config_record=record,
                     command=resume_command(cfg))
-
-
-# ==== stand-ins for align.pref_loss / align.pref_data (the contract's API; used only while those are absent) ====
-
-def _fb_check_loss_config(cfg) -> None:
-    ok = {"dpo": ("sigmoid", "hinge", "ipo"), "kto": ("kto",), "orpo": ("sigmoid",), "cpo": ("sigmoid", "simpo"),
-          "simpo": ("simpo",)}[cfg.method]
-    bad = [t for t in cfg.loss_type if t not in ok]
-    if bad:
-        raise ValueError(f"loss_type: {bad} not available for method {cfg.method!r} here (expected {ok})")
-    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_type):
-        raise ValueError(f"loss_weights: {len(cfg.loss_weights)} weights for {len(cfg.loss_type)} loss types")
-
-
-@dataclass
-class _FbPrefLossConfig:
-    method: str = "dpo"
-    loss_type: list = field(default_factory=lambda: ["sigmoid"])
-    loss_weights: list | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    cpo_alpha: float = 1.0
-    simpo_gamma: float = 0.5
-    ld_alpha: float | None = None
-    use_weighting: bool = False
-
-
-@dataclass
-class _FbPairLogps:
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    ref_chosen: torch.Tensor | None = None
-    ref_rejected: torch.Tensor | None = None
-    chosen_weight: torch.Tensor | None = None
-    rejected_weight: torch.Tensor | None = None
-
-
-@dataclass
-class _FbKTOLogps:
-    logps: torch.Tensor
-    label: torch.Tensor
-    kl_logps: torch.Tensor | None
-    ref_logps: torch.Tensor | None = None
-    ref_kl_logps: torch.Tensor | None = None
-
-
-def _fb_preference_loss(cfg, lp):
-    b, ls = cfg.beta, cfg.label_smoothing
-    c, r = lp.chosen, lp.rejected
-    m = {"logps/chosen": c.detach(), "logps/rejected": r.detach()}
-    if cfg.method == "dpo":
-        cl, rl = c - lp.ref_chosen, r - lp.ref_rejected
-        delta = cl - rl
-        per = torch.zeros_like(c)
-        for t, w in zip(cfg.loss_type, cfg.loss_weights or [1.0] * len(cfg.loss_type)):
-            if t == "sigmoid":
-                x = -F.logsigmoid(b * delta) * (1 - ls) - F.logsigmoid(-b * delta) * ls
-            elif t == "hinge":
-                x = torch.relu(1 - b * delta)
-            else:  # ipo, length-normalized
-                d = cl / lp.chosen_tokens.clamp(min=1) - rl / lp.rejected_tokens.clamp(min=1)
-                x = (d - 1 / (2 * b)) ** 2
-            per = per + w * x
-        rc, rr = b * cl.detach(), b * rl.detach()
-    else:
-        nll = -c.sum() / lp.chosen_tokens.sum()  # the chosen NLL, token mean over the batch
-        if cfg.method == "orpo":
-            ca, ra = c / lp.chosen_tokens, r / lp.rejected_tokens
-            lor = (ca - ra) - (torch.log1p(-torch.exp(ca)) - torch.log1p(-torch.exp(ra)))
-            per = nll - b * F.logsigmoid(lor)
-            rc, rr = b * ca.detach(), b * ra.detach()
-            m["log_odds_ratio"] = lor.detach()
-        else:
-            ca, ra = c / lp.chosen_tokens, r / lp.rejected_tokens
-            t = cfg.loss_type[0]
-            alpha = 0.0 if cfg.method == "simpo" else cfg.cpo_alpha
-            if t == "simpo":
-                x = b * (ca - ra) - cfg.simpo_gamma
-                rc, rr = b * ca.detach(), b * ra.detach()
-            else:
-                x = b * (c - r)
-                rc, rr = b * c.detach(), b * r.detach()
-            per = -F.logsigmoid(x) * (1 - ls) - F.logsigmoid(-x) * ls + alpha * nll
-        m["nll_loss"] = nll.detach().expand_as(c)
-    m.update({"rewards/chosen": rc, "rewards/rejected": rr, "rewards/margins": rc - rr,
-              "rewards/accuracies": (rc > rr).float()})
-    return per, m
-
-
-def _fb_kto_loss(cfg, lp):
-    b = cfg.beta
-    ratio = lp.logps - (lp.ref_logps if lp.ref_logps is not None else 0)
-    if lp.kl_logps is not None and lp.ref_kl_logps is not None:
-        kl = (lp.kl_logps - lp.ref_kl_logps).mean().detach().clamp(min=0)
-    else:
-        kl = torch.zeros((), device=ratio.device)
-    lab = lp.label
-    per = torch.where(lab, cfg.desirable_weight * (1 - torch.sigmoid(b * (ratio - kl))),
-                      cfg.undesirable_weight * (1 - torch.sigmoid(b * (kl - ratio))))
-    rew = b * ratio.detach()
-    m = {"kl": kl}
-    if lab.any():
-        m["rewards/chosen"] = rew[lab].mean()
-        m["logps/chosen"] = lp.logps.detach()[lab].mean()
-    if (~lab).any():
-        m["rewards/rejected"] = rew[~lab].mean()
-        m["logps/rejected"] = lp.logps.detach()[~lab].mean()
-    return per, m
-
-
-_FALLBACK_LOSS = types.SimpleNamespace(PrefLossConfig=_FbPrefLossConfig, check_loss_config=_fb_check_loss_config,
-                                       PairLogps=_FbPairLogps, KTOLogps=_FbKTOLogps,
-                                       preference_loss=_fb_preference_loss, kto_loss=_fb_kto_loss)
-
-
-def _fb_read_preferences(path, *, on_error="raise"):
-    rows, st = [], {"read": 0, "kept": 0, "skipped": {}}
-    for ln, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        st["read"] += 1
-        try:
-            d = json.loads(line)
-            if "completion" in d:
-                row = {"kind": "unpaired", "prompt": d["prompt"], "completion": d["completion"],
-                       "label": bool(d["label"])}
-            else:
-                row = {"kind": "paired", "prompt": d["prompt"], "chosen": d["chosen"], "rejected": d["rejected"]}
-        except (ValueError, KeyError) as e:
-            if on_error == "raise":
-                raise ValueError(f"{path}:{ln}: {e}") from None
-            st["skipped"]["bad"] = st["skipped"].get("bad", 0) + 1
-            continue
-        row["id"] = str(d.get("id", f"{Path(path).name}:{ln}"))
-        row["conversational"] = isinstance(d["prompt"], list)
-        rows.append(row)
-        st["kept"] += 1
-    return rows, st
-
-
-def _fb_split(rows, frac, seed):
-    train, val = [], []
-    for r in rows:
-        h = zlib.crc32(f"{seed}:{json.dumps(r['prompt'], sort_keys=True)}".encode()) / 2 ** 32
-        (val if h < frac else train).append(r)
-    return train, val
-
-
-@dataclass
-class _FbPrefExample:
-    id: str
-    prompt: list
-    chosen: list
-    rejected: list | None
-    label: bool | None = None
-    ref_chosen: float | None = None
-    ref_rejected: float | None = None
-
-
-def _fb_encode(tok, rows, max_len, *, max_prompt_len=None, truncation="keep_start"):
-    from ..tokenize.chat import END, render
-
-    st = {"pairs": 0, "identical": 0, "empty_completion": 0, "prompt_too_long": 0, "truncated": 0, "kept": 0}
-    out = []
-    end = tok.special_tokens[END]
-    for r in rows:
-        st["pairs"] += 1
-        if r["conversational"]:
-            p = render(tok, r["prompt"], add_generation_prompt=True)[0]
-            comp = lambda m: render(tok, r["prompt"] + m)[0][len(p):]  # noqa: E731
-        else:
-            p = tok.encode(r["prompt"])
-            comp = lambda s: tok.encode(s) + [end]  # noqa: E731
-        if len(p) >= min(max_len, max_prompt_len or max_len):
-            st["prompt_too_long"] += 1
-            continue
-        ch = comp(r["chosen"] if r["kind"] == "paired" else r["completion"])
-        rj = comp(r["rejected"]) if r["kind"] == "paired" else None
-        room = max_len - len(p)
-        cut = len(ch) > room or (rj is not None and len(rj) > room)
-        ch, rj = ch[:room], (rj[:room] if rj is not None else None)
-        if not ch or (rj is not None and not rj):
-            st["empty_completion"] += 1
-            continue
-        if rj is not None and ch == rj:
-            st["identical"] += 1
-            continue
-        st["truncated"] += cut
-        out.append(_FbPrefExample(r["id"], p, ch, rj, r.get("label")))
-        st["kept"] += 1
-    return out, st
-
-
-class _FbPrefBatches:
-    def __init__(self, examples, batch_size, *, mode="padded", pad_id=0, seed=0, shuffle=True, device="cpu",
-                 kl=False):
-        if not examples:
-            raise ValueError("no examples to batch")
-        self.ex, self.B, self.pad, self.seed, self.shuffle = list(examples), batch_size, pad_id, seed, shuffle
-        self.device, self.kl = torch.device(device), kl
-        self.epoch, self.cursor = 0, 0
-
-    def __len__(self):
-        return math.ceil(len(self.ex) / self.B)
-
-    def order(self, epoch):
-        if not self.shuffle:
-            return list(range(len(self.ex)))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ex)).tolist()
-
-    def next(self):
-        o = self.order(self.epoch)
-        idx = o[self.cursor * self.B:(self.cursor + 1) * self.B]
-        self.cursor += 1
-        if self.cursor >= len(self):
-            self.epoch, self.cursor = self.epoch + 1, 0
-        ex = [self.ex[i] for i in idx]
-        if ex[0].rejected is not None:
-            seqs = [(e.prompt, e.chosen) for e in ex] + [(e.prompt, e.rejected) for e in ex]
-        else:
-            seqs = [(e.prompt, e.chosen) for e in ex]
-            if self.kl:
-                seqs += [(e.prompt, ex[(j + 1) % len(ex)].chosen) for j, e in enumerate(ex)]
-        T = max(len(p) + len(c) for p, c in seqs)
-        ids = torch.full((len(seqs), T), self.pad, dtype=torch.long)
-        comp = torch.zeros((len(seqs), T), dtype=torch.bool)
-        att = torch.zeros((len(seqs), T), dtype=torch.long)
-        for k, (p, c) in enumerate(seqs):
-            ids[k, :len(p) + len(c)] = torch.tensor(p + c)
-            comp[k, len(p):len(p) + len(c)] = True
-            att[k, :len(p) + len(c)] = 1
-        inputs = {"idx": ids.to(self.device), "completion_mask": comp.to(self.device),
-                  "attention_mask": att.to(self.device), "index": torch.tensor(idx)}
-        if ex[0].rejected is None:
-            inputs["label"] = torch.tensor([bool(e.label) for e in ex])
-        return Batch(inputs=inputs, n=len(ex), tokens=int(att.sum()), trained=int(comp.sum()))
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor, "examples": len(self.ex)}
-
-    def load_state_dict(self, d):
-        self.epoch, self.cursor = d["epoch"], d["cursor"]
-
-
-def _fb_completion_logps(fwd, batch, *, ld_alpha=None, weighting=False):
-    inp = batch.inputs
-    idx, comp = inp["idx"], inp["completion_mask"]
-    tgt_mask = comp[:, 1:]  # position t predicts token t+1
-    pos = tgt_mask.reshape(-1).nonzero().squeeze(1)
-    row = pos // tgt_mask.shape[1]
-    col = pos % tgt_mask.shape[1]
-    if hasattr(fwd, "hidden_states"):
-        h = fwd.hidden_states(idx)  # right padding: plain causal attention never reaches it
-        logits = fwd.compute_logits(h[row, col])
-    else:
-        out = fwd(idx)
-        logits = (out[0] if isinstance(out, tuple) else out)[row, col]
-    lp = torch.log_softmax(logits.float(), -1).gather(1, idx[row, col + 1][:, None]).squeeze(1)
-    n = idx.shape[0]
-    s = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, row, lp)
-    return {"logps": s, "tokens": comp.sum(1).float()}
-
-
-_FALLBACK_DATA = types.SimpleNamespace(read_preferences=_fb_read_preferences, split_validation_pairs=_fb_split,
-                                       encode_preferences=_fb_encode, PrefBatches=_FbPrefBatches,
-                                       completion_logps=_fb_completion_logps)
 
 
 class _CallableModule(type(json)):
