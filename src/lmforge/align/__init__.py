@@ -16,6 +16,7 @@ _WHERE = {
     "sft_loss": "packing", "add_neftune": "packing",
     "LoRAConfig": "lora", "apply_lora": "lora", "lora_parameters": "lora", "merge": "lora", "unmerge": "lora",
     "merge_and_unload": "lora", "save_peft": "lora", "load_peft": "lora",
+    "DPOConfig": "dpo", "DPOStage": "dpo", "dpo": "dpo", "adapters_disabled": "lora",
 }
 __all__ = sorted(_WHERE)
 

@@ -148,9 +148,6 @@ def _dpo_config(a):
             cfg.loss_weights = [float(w) for w in a.loss_weights.split(",") if w.strip()]
         except ValueError:
             raise ValueError(f"--loss-weights {a.loss_weights!r}: expected comma-separated numbers, e.g. 0.8,0.2")
-    if a.pairs_from_tasks:
-        tasks = [t.strip() for t in a.pairs_from_tasks.split(",") if t.strip()]
-        cfg.pairs = {**cfg.pairs, "tasks": tasks}
     if a.lora_targets is not None:
         cfg.lora_targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     if a.skip_bad:
@@ -160,6 +157,8 @@ def _dpo_config(a):
     if a.resume:
         cfg.resume = True
     apply_overrides(cfg, a.set)
+    if a.pairs_from_tasks:  # (after --set, so a --set pairs={...} table keeps the flag's tasks)
+        cfg.pairs = {**cfg.pairs, "tasks": [t.strip() for t in a.pairs_from_tasks.split(",") if t.strip()]}
     check_config(cfg)
     return cfg
 
@@ -231,7 +230,8 @@ def add_dpo_parser(sub) -> None:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(fn=cmd_dpo)
     try:
-        from .pairs import add_parser as add_pairs  # h19-pairs: `lmforge dpo pairs ...`
+        from .pairs import add_pairs_parser  # `lmforge dpo pairs ...` (align.pairs' own subcommand; light import)
     except ImportError:
         return
-    add_pairs(p.add_subparsers(dest="dpo_command", required=False, metavar="{pairs}"))
+    add_pairs_parser(p.add_subparsers(dest="dpo_command", required=False, metavar="{pairs}",
+                                      title="subcommand (optional)"))

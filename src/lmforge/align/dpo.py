@@ -321,7 +321,11 @@ class DPOStage:
             raise ValueError(f"data: method {cfg.method!r} trains on pairs (prompt/chosen/rejected); {wrong} of "
                              f"{len(rows)} rows are unpaired (prompt/completion/label: method kto)")
         if not rows:
-            raise ValueError(f"data: no preference rows to train on ({self.data_stats.get('read')})")
+            made = self.data_stats.get("pairs")
+            raise ValueError("data: no preference rows to train on (per file: " + str(self.data_stats.get("read"))
+                             + (f"; generated pairs per task: { {t: v.get('pairs') for t, v in made.items()} }: the "
+                                "model's answers were all right or all wrong; more samples (pairs.k), other tasks or "
+                                "a higher temperature give pairs" if made else "") + ")")
         train, val = (self.dapi.split_validation_pairs(rows, cfg.val_frac, cfg.seed) if cfg.val_frac
                       else (rows, []))
         max_prompt = cfg.max_prompt_len or cfg.seq_len
