@@ -71,8 +71,8 @@ def data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("dpodata") / "pairs.jsonl", pair_rows())
 
 
-def cfg_for(base, data, out, **kw):
-    c = dict(base=str(base), out=str(out), data=[str(data)], val_frac=0.0, batch_size=4, seq_len=CTX, max_steps=3,
+def cfg_for(base, data_file, out, **kw):
+    c = dict(base=str(base), out=str(out), data=[str(data_file)], val_frac=0.0, batch_size=4, seq_len=CTX, max_steps=3,
              lr=1e-3, warmup_steps=0, eval_every=0, log_every=1, threads=1, device="cpu", export_hf=False, seed=3,
              shuffle=False)
     c.update(kw)
@@ -356,3 +356,79 @@ def dpo_mod_cmd(a):
     from lmforge.align._cli import cmd_dpo
 
     return cmd_dpo(a)
+
+
+# ---- the reference's log-probs enter the loss; KTO precomputed; packed rows; generated pairs ----------------
+
+def test_a_separate_reference_gives_the_sigmoid_loss_of_both_models(base, data, tok, tmp_path):
+    """With a reference of other weights (same tokenizer), step 1's loss, rewards and margins are
+    -logsigmoid(beta ((c - c_ref) - (r - r_ref))) from both models' full logits, computed here."""
+    rd = tmp_path / "ref"
+    save(tiny(tok, seed=5), rd, tokenizer=tok)
+    pol, _ = load(base)
+    ref, _ = load(rd)
+    for m in (pol, ref):
+        m.eval()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+    rows, beta = pair_rows()[:4], 0.3
+    lc = torch.tensor([seq_logp(pol, tok, r["prompt"], r["chosen"]) for r in rows])
+    lr = torch.tensor([seq_logp(pol, tok, r["prompt"], r["rejected"]) for r in rows])
+    rc = torch.tensor([seq_logp(ref, tok, r["prompt"], r["chosen"]) for r in rows])
+    rr = torch.tensor([seq_logp(ref, tok, r["prompt"], r["rejected"]) for r in rows])
+    want = -F.logsigmoid(beta * ((lc - rc) - (lr - rr))).mean()
+    for reference in ("precomputed", "copy"):
+        out = tmp_path / reference
+        dpo(cfg_for(base, data, out, ref=str(rd), reference=reference, beta=beta, max_steps=1), quiet=True)
+        rec = step_lines(out)[0]
+        assert rec["loss"] == pytest.approx(float(want), abs=1e-5), reference
+        assert rec["rewards/chosen"] == pytest.approx(float(beta * (lc - rc).mean()), abs=1e-5)
+        assert rec["rewards/margins"] == pytest.approx(float(beta * ((lc - rc) - (lr - rr)).mean()), abs=1e-5)
+    assert json.loads((tmp_path / "precomputed" / "ref_logps.json").read_text())["reference"] == str(rd)
+
+
+def test_kto_with_a_precomputed_reference_and_no_kl(base, data, tmp_path):
+    a, b = tmp_path / "pre", tmp_path / "copy"
+    kw = dict(method="kto", loss_type=["kto"], kto_kl=False, batch_size=6, max_steps=3, beta=0.5)
+    fa = dpo(cfg_for(base, data, a, reference="precomputed", **kw), quiet=True)
+    fb = dpo(cfg_for(base, data, b, reference="copy", **kw), quiet=True)
+    assert fa["dpo"]["reference"] == "precomputed" and fb["dpo"]["reference"] == "copy"
+    assert fa["dpo"]["pairs"] == 2 * len(QS)  # (each pair: a desirable and an undesirable example)
+    for ra, rb in zip(step_lines(a), step_lines(b)):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+        assert ra["kl"] == 0.0
+    assert step_lines(a)[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # policy == reference: 1 - sigmoid(0)
+
+
+def test_packed_rows_give_the_padded_losses(base, data, tmp_path):
+    runs = {}
+    for packing in ("padded", "packed"):
+        out = tmp_path / packing
+        dpo(cfg_for(base, data, out, packing=packing, reference="copy", max_steps=3), quiet=True)
+        runs[packing] = step_lines(out)
+    for a, b in zip(runs["padded"], runs["packed"]):
+        for k in ("loss", "rewards/margins", "logps/chosen"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), k
+
+
+def test_pairs_generated_first(base, tmp_path, monkeypatch):
+    import lmforge.align.pairs as pairs
+
+    seen = {}
+
+    def planted(model, tok, tokens, tasks=(), **kw):
+        seen.update(tasks=list(tasks), kw=kw, training=model.training)
+        return pair_rows(), [], {"planted": {"prompts": len(QS), "pairs": len(QS)}}
+
+    monkeypatch.setattr(pairs, "make_pairs", planted)
+    out = tmp_path / "gen"
+    final = dpo(cfg_for(base, tmp_path / "unused", out, data=[], pairs={"tasks": ["letter_count"], "n": 5},
+                        max_steps=1), quiet=True)
+    assert seen["tasks"] == ["letter_count"] and seen["kw"] == {"n": 5}
+    assert final["dpo"]["data"]["pairs"]["planted"]["pairs"] == len(QS)
+    assert len((out / "pairs.jsonl").read_text().splitlines()) == len(QS) and final["dpo"]["pairs"] == len(QS)
+    monkeypatch.setattr(pairs, "make_pairs", lambda *a, **k: ([], [], {"letter_count": {"pairs": 0}}))
+    with pytest.raises(ValueError, match="generated pairs per task"):
+        dpo(cfg_for(base, tmp_path / "unused", tmp_path / "none", data=[], pairs={"tasks": ["letter_count"]},
+                    max_steps=1), quiet=True)
