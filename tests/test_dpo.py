@@ -432,3 +432,25 @@ def test_pairs_generated_first(base, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="generated pairs per task"):
         dpo(cfg_for(base, tmp_path / "unused", tmp_path / "none", data=[], pairs={"tasks": ["letter_count"]},
                     max_steps=1), quiet=True)
+
+
+@pytest.mark.parametrize("packing", ["padded", "packed"])
+def test_orpo_nll_covers_the_chosen_prompt_and_completion(base, data, tok, tmp_path, packing):
+    """TRL's ORPO NLL: the token mean of the chosen rows' every token after the first (prompt included)."""
+    pol, _ = load(base)
+    pol.eval()
+    for mod in pol.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    total, n = 0.0, 0
+    for r in pair_rows()[:4]:
+        ids = render(tok, r["prompt"] + r["chosen"])[0]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(pol(x)[0].double(), -1)
+        total += sum(float(lp[t - 1, ids[t]]) for t in range(1, len(ids)))
+        n += len(ids) - 1
+    out = tmp_path / "orpo"
+    dpo(cfg_for(base, data, out, method="orpo", loss_type=["sigmoid"], max_steps=1, packing=packing), quiet=True)
+    rec = step_lines(out)[0]
+    assert rec["nll_loss"] == pytest.approx(-total / n, abs=1e-5)

@@ -414,7 +414,10 @@ class DPOStage:
 
     def _logps(self, fwd, batch) -> dict:
         kw = {"ld_alpha": self.cfg.ld_alpha, "weighting": self.cfg.use_weighting}
-        out = self.dapi.completion_logps(fwd, batch, **kw)
+        tap = _Tap(fwd) if self.method == "orpo" and _Tap.applies(fwd) else None
+        out = self.dapi.completion_logps(tap or fwd, batch, **kw)
+        if tap is not None and tap.h is not None:  # ORPO's NLL (TRL): the chosen rows' prompt tokens too
+            out = {**out, **_prompt_logps(fwd, tap.h, batch)}
         if "kl_logps" not in out and self.method == "kto" and self.cfg.kto_kl:
             B = int(batch.n)
             out = dict(out)
@@ -509,6 +512,8 @@ class DPOStage:
             kw["ref_chosen"], kw["ref_rejected"] = rl.float().chunk(2)
         if self.cfg.use_weighting:
             kw["chosen_weight"], kw["rejected_weight"] = out["weight"].chunk(2)
+        if "prompt_logps" in out:  # ORPO: the NLL over the chosen rows' prompt and completion (TRL)
+            kw["nll_logps"], kw["nll_tokens"] = out["prompt_logps"] + c, out["prompt_tokens"] + ct
         lp = api.PairLogps(chosen=c, rejected=r, chosen_tokens=ct, rejected_tokens=rt, **kw)
         return api.preference_loss(cfg, lp)
 
@@ -645,6 +650,46 @@ class DPOStage:
         (logger.debug if self.quiet else logger.info)(
             f"saved the preference-tuned model to {out} (chat with it: lmforge chat --checkpoint {out})")
         return {"dpo": d, **extra}
+
+
+class _Tap:
+    """An lmforge model as ``completion_logps`` calls it, keeping the hidden states of the forward (ORPO
+    reads the chosen prompts' log-probs from the same forward)."""
+
+    def __init__(self, model):
+        self.m, self.h = model, None
+        self.cfg = model.cfg
+
+    @staticmethod
+    def applies(fwd) -> bool:
+        from .packing import _module
+
+        return _module(fwd) is not None
+
+    def hidden_states(self, *a, **kw):
+        self.h = self.m.hidden_states(*a, **kw)
+        return self.h
+
+    def compute_logits(self, h):
+        return self.m.compute_logits(h)
+
+
+def _prompt_logps(model, h, batch) -> dict:
+    """``nll_logps`` / ``nll_tokens`` (B,): the summed log-probs and the count of every token after a
+    sequence's first in the B chosen sequences, prompt and completion (TRL ORPO's NLL, the chosen rows'
+    attended tokens), from the hidden states ``h`` (R, T, C) of the batch's forward."""
+    inp = batch.inputs
+    B = int(batch.n)
+    doc, pos, cm, idx = inp["doc_ids"], inp["position_ids"], inp["completion_mask"], inp["idx"]
+    sel = (doc >= 0) & (doc < B) & (cm == 0) & (pos >= 1)  # prompt tokens with a prediction, chosen rows
+    flat = sel.reshape(-1).nonzero().squeeze(1)
+    seq = doc.reshape(-1).index_select(0, flat)
+    tgt = idx.reshape(-1).index_select(0, flat)
+    logits = model.compute_logits(h.reshape(-1, h.shape[-1]).index_select(0, flat - 1)).float()
+    lp = torch.log_softmax(logits, -1).gather(1, tgt[:, None]).squeeze(1)
+    s = torch.zeros(B, dtype=torch.float32, device=lp.device).index_add(0, seq, lp)
+    n = torch.zeros(B, dtype=torch.float32, device=lp.device).index_add(0, seq, torch.ones_like(lp))
+    return {"prompt_logps": s, "prompt_tokens": n}
 
 
 VAL_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
