@@ -454,3 +454,22 @@ def test_orpo_nll_covers_the_chosen_prompt_and_completion(base, data, tok, tmp_p
     dpo(cfg_for(base, data, out, method="orpo", loss_type=["sigmoid"], max_steps=1, packing=packing), quiet=True)
     rec = step_lines(out)[0]
     assert rec["nll_loss"] == pytest.approx(-total / n, abs=1e-5)
+
+
+def test_cli_runs_and_resumes_from_its_config(base, data, tmp_path, capsys):
+    from lmforge.align._cli import cmd_dpo
+
+    out = tmp_path / "cli"
+    a = parser().parse_args(["dpo", "--base", str(base), "--data", str(data), "--loss", "sigmoid,sft",
+                             "--loss-weights", "1,0.5", "--max-steps", "2", "--out", str(out), "--no-export",
+                             "--batch-size", "4", "--seq-len", str(CTX), "--set", "threads=1", "--set", "val_frac=0",
+                             "--quiet"])
+    assert cmd_dpo(a) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["step"] == 2 and first["dpo"]["loss_type"] == ["sigmoid", "sft"]
+    a = parser().parse_args(["dpo", "--config", str(out / "train_config.json"), "--resume", "--max-steps", "3",
+                             "--quiet"])
+    assert cmd_dpo(a) == 0
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["step"] == 3 and final["resumed_from_step"] == 2 and final["steps_this_run"] == 1
+    assert final["dpo"]["ref_logps"] == "read from ref_logps.json"
