@@ -473,3 +473,14 @@ def test_cli_runs_and_resumes_from_its_config(base, data, tmp_path, capsys):
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert final["step"] == 3 and final["resumed_from_step"] == 2 and final["steps_this_run"] == 1
     assert final["dpo"]["ref_logps"] == "read from ref_logps.json"
+
+
+def test_empty_completion_names_the_line_or_is_counted(base, tmp_path):
+    rows = pair_rows()[:5]
+    rows[2] = {**rows[2], "chosen": [{"role": "assistant", "content": ""}]}
+    f = write_jsonl(tmp_path / "e.jsonl", rows)
+    with pytest.raises(ValueError, match=r"e\.jsonl:3: chosen\[0\]\.content: empty completion"):
+        dpo(cfg_for(base, f, tmp_path / "r", max_steps=1), quiet=True)
+    final = dpo(cfg_for(base, f, tmp_path / "s", max_steps=1, on_error="skip"), quiet=True)
+    assert final["dpo"]["data"]["read"][str(f)]["skipped"] == {"empty_completion": 1}
+    assert final["dpo"]["pairs"] == 4
