@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -36,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..train.loop import Batch, LoopConfig, check_loop_config
 
@@ -259,12 +257,8 @@ class DPOStage:
         if model is not None and ref_model is not None and model is ref_model:
             raise ValueError("ref_model: the same object as model; the reference must be a separate frozen model "
                              "(pass a copy, or no ref_model: reference 'precomputed' / 'copy' / 'lora' builds one)")
-        if model is not None:
-            tok = getattr(model, "tokenizer", None)
-            _, tok, spec = load_base(cfg.base) if tok is None else (None, tok, None)
-            if spec is None:
-                from ..model import load_tokens
-                spec = load_tokens(cfg.base, tok)
+        if model is not None:  # the policy given: cfg.base still names its tokenizer and tokens
+            _, tok, spec = load_base(cfg.base)
         else:
             model, tok, spec = load_base(cfg.base)
         mc = model.cfg
@@ -611,9 +605,10 @@ class DPOStage:
     def stats(self) -> dict:
         per_epoch = max(len(self.batches), 1)
         return {"data": self.data_stats, "pairs": len(self.train_ex), "val_pairs": len(self.val_ex),
-                "reference": self.reference, "method": self.method, "loss_type": list(self.cfg.loss_type),
+                "reference": self.reference, "method": self.method, "loss_type": list(self.lcfg.loss_type),
                 "beta": self.cfg.beta, "epochs": round(self.micro_batches / per_epoch, 4),
-                "ref_seconds": round(self.ref_seconds, 3), "ref_logps": getattr(self, "ref_source", None), "dropout_disabled": self.dropout_disabled,
+                "ref_seconds": round(self.ref_seconds, 3), "ref_logps": getattr(self, "ref_source", None),
+                "dropout_disabled": self.dropout_disabled,
                 "lora": ({"r": self.cfg.lora_r, "alpha": self.cfg.lora_alpha, "adapted": len(self.lora_names)}
                          if self.cfg.lora_r else None)}
 
@@ -632,7 +627,7 @@ class DPOStage:
             self.model = model
         model = model.cpu().eval()
         trained = {"steps": final.get("step"), "tokens": final.get("tokens"), "dpo": {
-            "base": str(self.cfg.base), "method": self.method, "loss_type": list(self.cfg.loss_type),
+            "base": str(self.cfg.base), "method": self.method, "loss_type": list(self.lcfg.loss_type),
             "beta": self.cfg.beta, "pairs": len(self.train_ex)}}
         save(model, out, tokenizer=self.tokenizer, extra={"trained": trained}, tokens=self.tokens)
         if self.cfg.export_hf:
