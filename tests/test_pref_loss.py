@@ -402,6 +402,7 @@ def test_orpo_against_trl():
     assert abs(float(per2.mean().detach()) - float(loss_t.detach())) > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated")
 @pytest.mark.parametrize("loss_type", CPO_LOSSES)
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_cpo_against_trl(loss_type, alpha):
@@ -411,7 +412,8 @@ def test_cpo_against_trl(loss_type, alpha):
     cfg = PrefLossConfig(method="cpo", loss_type=[loss_type], beta=0.2, label_smoothing=ls, cpo_alpha=0.7,
                          simpo_gamma=0.4, alpha=alpha)
     targs = CPOConfig(output_dir="/tmp/unused-cpo", loss_type=loss_type, beta=cfg.beta, cpo_alpha=cfg.cpo_alpha,
-                      simpo_gamma=cfg.simpo_gamma, alpha=alpha, label_smoothing=ls, report_to=[], bf16=False, use_cpu=True)
+                      simpo_gamma=cfg.simpo_gamma, alpha=alpha, label_smoothing=ls, report_to=[], bf16=False,
+                      use_cpu=True)
     rows, logits0 = _pref_batch(31 + CPO_LOSSES.index(loss_type))
     lt = logits0.clone().requires_grad_()
     me = _trainer_self(trl_cpo.CPOTrainer, cfg, loss_type=targs.loss_type, cpo_alpha=targs.cpo_alpha,
@@ -430,6 +432,12 @@ def test_cpo_against_trl(loss_type, alpha):
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
               "logps/rejected", "nll_loss"):
         _close(met_o[k].mean(), met_t[k], f"{what} metric {k}")
+
+
+def test_lmforge_align_exports():
+    import lmforge.align as align
+
+    assert align.preference_loss is preference_loss and align.DPO_LOSSES is DPO_LOSSES
 
 
 def test_simpo_method_is_cpo_simpo_without_nll():
