@@ -17,6 +17,8 @@ _WHERE = {
     "LoRAConfig": "lora", "apply_lora": "lora", "lora_parameters": "lora", "merge": "lora", "unmerge": "lora",
     "merge_and_unload": "lora", "save_peft": "lora", "load_peft": "lora",
     "DPOConfig": "dpo", "DPOStage": "dpo", "dpo": "dpo", "adapters_disabled": "lora",
+    **dict.fromkeys("PrefLossConfig check_loss_config PairLogps preference_loss KTOLogps kto_loss ld_sum".split()
+                    + ["wpo_weight", "DPO_LOSSES", "KTO_LOSSES", "CPO_LOSSES", "F_DIVERGENCES"], "pref_loss"),
 }
 __all__ = sorted(_WHERE)
 

@@ -29,8 +29,10 @@ per-pair loss is exactly TRL's micro-batch loss; sums over several micro-batches
 TRL version notes (read in 1.16.0): DPO's ``sigmoid`` no longer takes label smoothing (0.x's
 ``dpo_loss`` made it cDPO, ``-(1-e) logsig(b d) - e logsig(-b d)``); label smoothing now acts in
 ``robust``, ``exo_pair`` (required > 0), ``aot``/``aot_unpaired`` and CPO's ``sigmoid``/``simpo``;
-a setting it cannot reach is refused here rather than ignored. ``ipo`` divides by the completion
-length (0.x's docstring described it as a sum). 0.x's ``rpo_alpha`` (an NLL on chosen) is gone: use
+a setting it cannot reach is refused here rather than ignored (DPOConfig's docstring names only
+robust and EXO for it; the code, followed here, also reads it in ``aot``/``aot_unpaired``). ``ipo`` and
+``sigmoid_norm`` divide the scores by the completion length (0.x averaged the log-probs for ipo in the
+forward instead, the same thing for reverse KL). 0.x's ``rpo_alpha`` (an NLL on chosen) is gone: use
 ``loss_type=["sigmoid", "sft"]`` with ``loss_weights``. ``loss_type`` is a list with weights (MPO).
 ORPO and CPO moved to ``trl.experimental``; their NLL is a token mean (cross-entropy). In TRL's
 alpha-divergence the clamp table has no float64 entry (it raises there); float64 is clamped as
