@@ -150,7 +150,7 @@ BAD = [  # (line, reason, the message's field and problem)
     ({"chosen": [U("a"), A("b")], "rejected": [U("x"), A("b")]}, "bad_prompt", ":1: chosen/rejected: no common first"),
     ({"chosen": [U("a"), A("b")], "rejected": [U("a"), A("b")]}, "bad_completion",
      ":1: chosen/rejected: one conversation is the start of the other"),
-    ({"chosen": "same text", "rejected": "same text plus"}, "empty_completion", ":1: chosen: empty completion once"),
+    ({"chosen": "q  ", "rejected": "q  x"}, "empty_completion", ":1: chosen: empty completion once"),
     ({"prompt": "q", "completion": "a", "label": 1}, "bad_label", ":1: label: expected true or false, got int 1"),
     ({"prompt": "q", "completion": "a"}, "missing_field", ":1: label: missing"),
     ({"prompt": "q", "completion": "", "label": True}, "empty_completion", ":1: completion: empty completion"),
@@ -265,9 +265,10 @@ def test_truncation_and_drops_as_trl(exported):
     same = {"prompt": "to be", "chosen": " or not", "rejected": " or not<|end|>"}  # equal once TRL's eos is added
     huge = {"prompt": " ".join(["nobler"] * 40), "chosen": " a", "rejected": " b"}
     tail_same = {"prompt": [U("x")], "chosen": [A("the mind to suffer a")], "rejected": [A("the mind to suffer b")]}
-    rows = [long, same, huge, tail_same, *conv_pairs(2)]
+    short = [{"prompt": [U("be")], "chosen": [A("or")], "rejected": [A("not")]}]
+    rows = [long, same, huge, tail_same, *short * 2]
     ex, st = encode_preferences(tok, rows, 16, tokens=spec)
-    assert st == {"pairs": 6, "identical": 2, "empty_completion": 0, "prompt_too_long": 1, "truncated": 3,
+    assert st == {"pairs": 6, "identical": 2, "empty_completion": 0, "prompt_too_long": 1, "truncated": 2,
                   "skipped_long": 0, "prompt_not_prefix": 0, "kept": 3, "tokens": st["tokens"]}
     assert all(len(e.prompt) + max(len(e.chosen), len(e.rejected)) <= 16 for e in ex)
     ref, _ = trl_tokenized(hf, [long], max_length=16)  # TRL drops no pair here; its collator cuts to 16
@@ -275,7 +276,7 @@ def test_truncation_and_drops_as_trl(exported):
     assert ex[0].prompt + ex[0].chosen == (r["prompt_ids"] + r["chosen_ids"])[:16]
     assert ex[0].prompt + ex[0].rejected == (r["prompt_ids"] + r["rejected_ids"])[:16]
     ex2, st2 = encode_preferences(tok, rows, 16, tokens=spec, truncation="skip")
-    assert st2["skipped_long"] == 3 and st2["kept"] == 2 and st2["identical"] == 1
+    assert st2["skipped_long"] == 2 and st2["kept"] == 2 and st2["identical"] == 1
     ex3, st3 = encode_preferences(tok, rows, 10_000, tokens=spec, max_prompt_len=6)
     assert st3["prompt_too_long"] >= 2 and all(len(e.prompt) <= 6 for e in ex3)
     with pytest.raises(ValueError, match="truncation"):
@@ -308,7 +309,7 @@ def brute_logps(model, prompt, comp):
     """Sum of log p(completion token | everything before it), one sequence alone, full logits."""
     ids = torch.tensor([prompt + comp])
     with torch.no_grad():
-        lp = torch.log_softmax(model(ids)[0].float(), -1)[0]
+        lp = torch.log_softmax(model(ids).float(), -1)[0]
     return sum(float(lp[len(prompt) + j - 1, t]) for j, t in enumerate(comp) if len(prompt) + j >= 1)
 
 
@@ -339,7 +340,7 @@ def test_logps_equal_a_forward_per_sequence(exported, pairs, mode):
             ex = [pairs[i] for i in batch.inputs["index"].tolist()]
             want = [brute_logps(model, e.prompt, e.chosen) for e in ex] + \
                    [brute_logps(model, e.prompt, e.rejected) for e in ex]
-            torch.testing.assert_close(out["logps"], torch.tensor(want), atol=1e-5, rtol=0)
+            torch.testing.assert_close(out["logps"], torch.tensor(want), atol=1e-5, rtol=1e-6)
             assert out["logps"].dtype == torch.float32
             assert out["tokens"].tolist() == [len(e.chosen) for e in ex] + [len(e.rejected) for e in ex]
     if mode == "packed":
@@ -359,7 +360,7 @@ def test_packed_equals_padded_with_gradients_and_any_callable(exported, pairs):
         (lp * torch.linspace(0.5, 1.5, lp.numel())).sum().backward()
         grads.append((lp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     for lp, g in grads[1:]:
-        torch.testing.assert_close(lp, grads[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lp, grads[0][0], atol=1e-5, rtol=1e-6)
         torch.testing.assert_close(g, grads[0][1], atol=1e-5, rtol=1e-4)
     model.zero_grad()
 
@@ -376,14 +377,14 @@ def test_prompt_tokens_are_never_scored(exported, pairs):
     idx = inp["idx"].clone()
     with torch.no_grad():
         a = completion_logps(model, batch)["logps"]
-        logits = model(idx)[0] if isinstance(model(idx), tuple) else model(idx)
+        logits = model(idx)
         lp = torch.log_softmax(logits.float(), -1).reshape(-1, logits.shape[-1])
         flat_t = idx.flatten()
         per_tok = lp[torch.arange(lp.shape[0] - 1), flat_t[1:]]
         keep = inp["completion_mask"].flatten()[1:].bool() & (torch.arange(lp.shape[0] - 1) % T != T - 1)
         seq = torch.arange(lp.shape[0] - 1) // T
         want = torch.zeros(8).index_add(0, seq[keep], per_tok[keep])
-    torch.testing.assert_close(a, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a, want, atol=1e-5, rtol=1e-6)
 
 
 def test_ld_alpha_and_wpo_weights_are_their_definitions(exported, pairs):
@@ -399,13 +400,13 @@ def test_ld_alpha_and_wpo_weights_are_their_definitions(exported, pairs):
                 comp = getattr(e, which)
                 shared = min(len(e.chosen), len(e.rejected))
                 ids = torch.tensor([e.prompt + comp])
-                lp = torch.log_softmax(model(ids)[0].float(), -1)[0]
+                lp = torch.log_softmax(model(ids).float(), -1)[0]
                 toks = [float(lp[len(e.prompt) + j - 1, t]) for j, t in enumerate(comp)]
                 want.append(sum(x if j < shared else alpha * x for j, x in enumerate(toks)))
                 sq = torch.logsumexp(2 * lp, -1)
                 wts.append(float(np.exp(np.mean([toks[j] - float(sq[len(e.prompt) + j - 1])
                                                  for j in range(len(comp))]))))
-    torch.testing.assert_close(out["logps"], torch.tensor(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["logps"], torch.tensor(want), atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(out["weight"], torch.tensor(wts), atol=1e-6, rtol=1e-5)
     assert not out["weight"].requires_grad
 
@@ -454,7 +455,7 @@ def test_kl_rows_are_trls_rotation(exported):
         with torch.no_grad():
             lp = completion_logps(model, batch)["logps"]
         assert lp.shape == (2 * k,)
-        assert abs(float(lp[k]) - brute_logps(model, *seqs[k])) < 1e-5
+        assert abs(float(lp[k]) - brute_logps(model, *seqs[k])) < 1e-5 + 1e-6 * abs(float(lp[k]))
         start += k
     with pytest.raises(ValueError, match="ld_alpha"):
         completion_logps(model, batch, ld_alpha=0.5)

@@ -281,14 +281,14 @@ def read_preferences(path, *, on_error: str = "raise") -> tuple[list[dict], dict
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{p}:{lineno}"
+            if not raw.strip():
+                continue
+            st["read"] += 1
             try:
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise PreferenceError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})", "bad_text") from None
-                if not line.strip():
-                    continue
-                st["read"] += 1
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
