@@ -393,8 +393,8 @@ def test_ld_alpha_and_wpo_weights_are_their_definitions(exported, pairs):
     ex = [pairs[i] for i in batch.inputs["index"].tolist()]
     alpha = 0.3
     with torch.no_grad():
-        out = completion_logps(model, batch, ld_alpha=alpha, weighting=True)
-        want, wts = [], []
+        out = completion_logps(model, batch, ld_alpha=alpha, weighting=True, token_stats=True)
+        want, wts, ent, ml, top = [], [], [], [], []
         for which in ("chosen", "rejected"):
             for e in ex:
                 comp = getattr(e, which)
@@ -403,12 +403,20 @@ def test_ld_alpha_and_wpo_weights_are_their_definitions(exported, pairs):
                 lp = torch.log_softmax(model(ids).float(), -1)[0]
                 toks = [float(lp[len(e.prompt) + j - 1, t]) for j, t in enumerate(comp)]
                 want.append(sum(x if j < shared else alpha * x for j, x in enumerate(toks)))
+                logits = model(ids).float()[0]
+                at = [len(e.prompt) + j - 1 for j in range(len(comp))]
+                ent.append(float(sum(-(lp[t].exp() * lp[t]).sum() for t in at)))
+                ml.append(float(sum(logits[t].mean() for t in at)))
+                top.append(sum(int(logits[t].argmax()) == y for t, y in zip(at, comp)))
                 sq = torch.logsumexp(2 * lp, -1)
                 wts.append(float(np.exp(np.mean([toks[j] - float(sq[len(e.prompt) + j - 1])
                                                  for j in range(len(comp))]))))
     torch.testing.assert_close(out["logps"], torch.tensor(want), atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(out["weight"], torch.tensor(wts), atol=1e-6, rtol=1e-5)
     assert not out["weight"].requires_grad
+    torch.testing.assert_close(out["entropy"], torch.tensor(ent), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out["mean_logits"], torch.tensor(ml), atol=1e-4, rtol=1e-5)
+    assert out["top1"].tolist() == top and 0 < sum(top) < sum(out["tokens"].tolist())
 
 
 def test_resume_mid_epoch_gives_the_same_batches(pairs):
@@ -475,3 +483,12 @@ def test_bad_batch_inputs_are_refused(pairs):
         PrefBatches(pairs, 2, seq_len=4)
     with pytest.raises(ValueError, match="batch_size"):
         PrefBatches(pairs, 0)
+
+
+def test_names_through_the_package():
+    import lmforge.align as align
+    from lmforge.align import pref_data
+
+    for name in ("read_preferences", "split_validation_pairs", "PrefExample", "encode_preferences", "PrefBatches",
+                 "completion_logps", "unpair_preferences"):
+        assert getattr(align, name) is getattr(pref_data, name) and name in align.__all__

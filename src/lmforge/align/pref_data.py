@@ -668,11 +668,16 @@ def ld_weights(rank: torch.Tensor, seq: torch.Tensor, seq_tokens: torch.Tensor, 
                        torch.full((), float(ld_alpha), dtype=torch.float32, device=rank.device))
 
 
-def completion_logps(fwd, batch: Batch, *, ld_alpha: float | None = None, weighting: bool = False) -> dict:
+def completion_logps(fwd, batch: Batch, *, ld_alpha: float | None = None, weighting: bool = False,
+                     token_stats: bool = False) -> dict:
     """One forward over the batch's rows: per sequence (S,) ``"logps"`` (the SUM of its completion tokens'
     log-probs, fp32; with ``ld_alpha`` the tokens past the shorter completion of the pair weighted by it),
     ``"tokens"`` (scored completion tokens, fp32) and with ``weighting`` ``"weight"`` (WPO: exp of the mean
     over the completion of log p(y_t) - log sum_v p(v)^2, detached, as TRL's ``use_weighting``).
+    ``token_stats``: also per sequence, detached, SUMS over its scored tokens of what TRL's metrics average
+    (divide by ``"tokens"``): ``"entropy"`` (of the next-token distribution), ``"mean_logits"`` (the logits'
+    mean over the vocabulary; TRL's ``logits/chosen``) and ``"top1"`` (1 where the token is the argmax;
+    TRL's ``mean_token_accuracy`` over the chosen).
     ``fwd``: the lmforge model (logits at completion positions only), or any callable
     ``fwd(idx, attention_mask=, position_ids=, doc_ids=)`` returning logits (or a tuple / an output object
     holding them as ``.logits``); a plain batch is passed ``idx`` alone."""
@@ -714,4 +719,10 @@ def completion_logps(fwd, batch: Batch, *, ld_alpha: float | None = None, weight
             aligned = tok_lp - torch.logsumexp(2 * lsm, dim=-1)
             mean = torch.zeros(S, dtype=torch.float32, device=tok_lp.device).index_add(0, seq, aligned) / ntok.clamp(min=1)
             res["weight"] = torch.exp(mean)
+    if token_stats:
+        with torch.no_grad():
+            z = torch.zeros(S, dtype=torch.float32, device=tok_lp.device)
+            res["entropy"] = z.index_add(0, seq, -(lsm.exp() * lsm).sum(-1))
+            res["mean_logits"] = z.index_add(0, seq, logits.float().mean(-1))
+            res["top1"] = z.index_add(0, seq, (logits.argmax(-1) == tgt).float())
     return res
