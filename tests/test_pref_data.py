@@ -285,6 +285,25 @@ def test_truncation_and_drops_as_trl(exported):
         encode_preferences(tok, rows, 1)
 
 
+def test_a_template_whose_prompt_is_no_prefix_is_cut_where_they_diverge(exported):
+    """A foreign template that ends the generation prompt with a token the full conversation lacks (as Gemma's
+    empty thought block): TRL's rule, the prompt cut at the common prefix, and the case counted."""
+    import dataclasses
+
+    from lmforge.tokenize.chat import CHAT_TEMPLATE
+
+    tok, spec, _, _ = exported
+    odd = dataclasses.replace(spec, template="hf", chat_template=CHAT_TEMPLATE.replace(
+        "{{- '<|assistant|>' -}}{%- endif -%}", "{{- '<|assistant|><|bos|>' -}}{%- endif -%}"))
+    rows = conv_pairs(3, seed=4)
+    ex, st = encode_preferences(tok, rows, 10_000, tokens=odd)
+    good, _ = encode_preferences(tok, rows, 10_000, tokens=spec)
+    assert st["prompt_not_prefix"] == 3 and st["kept"] == 3
+    for e, g, r in zip(ex, good, rows):
+        assert odd.encode_chat(tok, r["prompt"])[-1] == tok.special_tokens["<|bos|>"]
+        assert (e.prompt, e.chosen, e.rejected) == (g.prompt, g.chosen, g.rejected)
+
+
 def test_raw_rows_are_checked_and_precomputed_refs_read(exported):
     tok, spec, _, _ = exported
     ex, _ = encode_preferences(tok, [{"prompt": "a", "chosen": " b", "rejected": " c",
@@ -492,3 +511,21 @@ def test_names_through_the_package():
     for name in ("read_preferences", "split_validation_pairs", "PrefExample", "encode_preferences", "PrefBatches",
                  "completion_logps", "unpair_preferences"):
         assert getattr(align, name) is getattr(pref_data, name) and name in align.__all__
+
+
+def test_a_completion_at_position_zero_is_scored_from_its_second_token(exported):
+    """No BOS and an empty prompt (a plain row): nothing predicts the first token, so TRL (its shifted mask) and
+    lmforge score the completion from its second token; a completion left with none is dropped."""
+    import dataclasses
+
+    tok, spec, model, _ = exported
+    bare = dataclasses.replace(spec, add_bos=False, stop=[])
+    ex, st = encode_preferences(tok, [{"prompt": "", "chosen": "to be or not", "rejected": "that is the question"},
+                                      {"prompt": "", "chosen": "a", "rejected": "that"}], 64, tokens=bare)
+    assert st["kept"] == 1 and st["empty_completion"] == 1 and ex[0].prompt == []
+    batch = PrefBatches(ex, 1).next()
+    with torch.no_grad():
+        out = completion_logps(model, batch)
+    assert out["tokens"].tolist() == [len(ex[0].chosen) - 1, len(ex[0].rejected) - 1]
+    want = [brute_logps(model, [], ex[0].chosen), brute_logps(model, [], ex[0].rejected)]
+    torch.testing.assert_close(out["logps"], torch.tensor(want), atol=1e-5, rtol=1e-6)

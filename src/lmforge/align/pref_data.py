@@ -452,7 +452,7 @@ def encode_preferences(tok, rows, max_len: int, *, max_prompt_len: int | None = 
             st["prompt_not_prefix"] += 1
         prompt = p_ids[:plen]
         comps = [f[plen:] for f in full]
-        if any(not c for c in comps):
+        if any(len(c) < (1 if prompt else 2) for c in comps):  # no token to score (position 0 predicts nothing)
             st["empty_completion"] += 1
             continue
         if len(prompt) >= max_len or (max_prompt_len is not None and len(prompt) > max_prompt_len):
