@@ -50,8 +50,17 @@ best-fit into rows (``align.packing.pack_bfd``) of at most ``seq_len`` tokens, `
 attention inside a sequence and ``position_ids`` restarting (no padding compute but the rows' tails).
 Unpaired: B rows, and with ``kl=True`` B more: prompt i with the completion of batch item (i-1) mod B
 (TRL's KTO: completions rotated by one within the batch, ``[y_B, y_1, ..., y_{B-1}]``), cut to
-``seq_len``. A sequence's first token has no prediction, so a completion starting at position 0 (a
-plain row with an empty prompt and no BOS) is scored from its second token, as TRL does.
+``seq_len``. (TRL's rotation gives prompt i the completion of item i-1; the KL estimate is a batch mean,
+so the direction changes no loss, and this one makes the rows equal TRL's ``KL_completion_ids``.) A
+sequence's first token has no prediction, so a completion starting at position 0 (a plain row with an
+empty prompt and no BOS) is scored from its second token, as TRL does.
+
+Log-probs (``completion_logps``): an lmforge model computes its head only at the scored positions
+(``hidden_states`` then ``compute_logits`` on the gathered rows), log-softmax in fp32; any other callable
+gives full logits and they are gathered. A MoE's router losses are not part of what it returns (the
+caller owns the loss). Measured (the demo's SFT model, 4 x 96, V 2048, one thread, 64 addition pairs
+of 57 tokens a pair on average, B 8, forward + backward of the summed log-probs): padded 23.6 pairs/s,
+packed (rows of 256) 28.1 pairs/s; the two agree to 2e-7 relative (fp32 sums of about -100).
 """
 from __future__ import annotations
 
