@@ -204,6 +204,9 @@ def test_split_keeps_a_prompts_pairs_together_and_is_stable():
     assert {key(r) for r in v2} == {key(r) for r in val}
     assert {key(r) for r in split_validation_pairs(rows, 0.25, seed=4)[1]} != {key(r) for r in val}
     assert split_validation_pairs(rows[:2], 0.01, 0)[1]  # tiny fractions still give one
+    raw = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in conv_pairs(40)]
+    assert [len(x) for x in split_validation_pairs(raw, 0.25, 3)] == [len(x) for x in  # raw rows: the same split
+                                                                     split_validation_pairs(conv_pairs(40), 0.25, 3)]
     with pytest.raises(ValueError, match="val_frac"):
         split_validation_pairs(rows, 1.0, 0)
 

@@ -348,7 +348,8 @@ def split_validation_pairs(rows, frac: float, seed: int) -> tuple[list, list]:
     the prompt of lowest hash and ``train`` at least one prompt."""
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
         raise ValueError(f"val_frac={frac!r}: expected a number in [0, 1)")
-    hs = [prompt_hash(r["prompt"], seed) for r in rows]
+    hs = [prompt_hash((r if "kind" in r else normalize_preference(r, f"rows[{k}]"))["prompt"], seed)
+          for k, r in enumerate(rows)]
     cut = float(frac)
     distinct = sorted(set(hs))
     if frac > 0 and len(distinct) >= 2:
