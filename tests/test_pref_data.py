@@ -131,6 +131,8 @@ BAD = [  # (line, reason, the message's field and problem)
     ({"prompt": "a", "chosen": [1], "rejected": "c"}, "bad_type", ":1: chosen: expected a string or a list"),
     ({"prompt": "a", "chosen": "b", "rejected": [A("c")]}, "mixed_format", ":1: chosen/rejected: mixed formats"),
     ({"prompt": [U("a")], "chosen": "b", "rejected": "c"}, "mixed_format", ":1: prompt/chosen: mixed formats"),
+    ({"prompt": "a", "chosen": [A("b")], "rejected": [A("c")]}, "mixed_format",
+     ":1: prompt/chosen: mixed formats (prompt is a string"),
     ({"prompt": "a", "chosen": "  ", "rejected": "c"}, "empty_completion", ":1: chosen: empty completion"),
     ({"prompt": [U("a")], "chosen": [A("b")], "rejected": [A("")]}, "empty_completion",
      ":1: rejected[0].content: empty completion"),
@@ -172,7 +174,7 @@ def test_bad_line_names_file_line_and_field(tmp_path, line, reason, msg):
 
 def test_skips_are_counted_per_reason_and_good_lines_kept(tmp_path):
     good = {"prompt": "a", "chosen": "b", "rejected": "c"}
-    lines = [good, BAD[0][0], good, BAD[21][0], BAD[21][0], "", good, BAD[9][0]]
+    lines = [good, BAD[0][0], good, BAD[22][0], BAD[22][0], "", good, BAD[10][0]]
     p = tmp_path / "mix.jsonl"
     p.write_bytes(b"".join((l if isinstance(l, str) else json.dumps(l)).encode() + b"\n" for l in lines) + b"\xff\xfe\n")
     rows, st = read_preferences(p, on_error="skip")

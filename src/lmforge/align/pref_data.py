@@ -258,6 +258,10 @@ def normalize_preference(record, where: str, rid: str | None = None) -> dict:
     if kp == "str":  # TRL's maybe_extract_prompt: a string prompt beside whole conversations is ignored
         meta["prompt_text"] = record["prompt"]
     if conv:
+        if kp == "str" and not (record["chosen"] and _msg_key(record["chosen"][0]) == _msg_key(record["rejected"][0])):
+            raise PreferenceError(f"{where}: prompt/chosen: mixed formats (prompt is a string, chosen and rejected are "
+                                  "message lists that share no prompt to read it from, as TRL would); give the prompt "
+                                  "as messages", "mixed_format")
         p, ch, rj = _extract_conv_prompt(record["chosen"], record["rejected"], where)
         p, c = _conversation(p, {"chosen": ch, "rejected": rj}, where)
         return {"id": rid, "kind": "paired", "conversational": True, "prompt": p, "chosen": c["chosen"],
