@@ -19,6 +19,7 @@ _WHERE = {
     "DPOConfig": "dpo", "DPOStage": "dpo", "dpo": "dpo", "adapters_disabled": "lora",
     **dict.fromkeys("PrefLossConfig check_loss_config PairLogps preference_loss KTOLogps kto_loss ld_sum".split()
                     + ["wpo_weight", "DPO_LOSSES", "KTO_LOSSES", "CPO_LOSSES", "F_DIVERGENCES"], "pref_loss"),
+    **dict.fromkeys(("read_preferences", "unpair_preferences", "split_validation_pairs", "PrefExample", "encode_preferences", "PrefBatches", "completion_logps"), "pref_data"),
 }
 __all__ = sorted(_WHERE)
 

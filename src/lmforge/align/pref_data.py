@@ -50,8 +50,17 @@ best-fit into rows (``align.packing.pack_bfd``) of at most ``seq_len`` tokens, `
 attention inside a sequence and ``position_ids`` restarting (no padding compute but the rows' tails).
 Unpaired: B rows, and with ``kl=True`` B more: prompt i with the completion of batch item (i-1) mod B
 (TRL's KTO: completions rotated by one within the batch, ``[y_B, y_1, ..., y_{B-1}]``), cut to
-``seq_len``. A sequence's first token has no prediction, so a completion starting at position 0 (a
-plain row with an empty prompt and no BOS) is scored from its second token, as TRL does.
+``seq_len``. (TRL's rotation gives prompt i the completion of item i-1; the KL estimate is a batch mean,
+so the direction changes no loss, and this one makes the rows equal TRL's ``KL_completion_ids``.) A
+sequence's first token has no prediction, so a completion starting at position 0 (a plain row with an
+empty prompt and no BOS) is scored from its second token, as TRL does.
+
+Log-probs (``completion_logps``): an lmforge model computes its head only at the scored positions
+(``hidden_states`` then ``compute_logits`` on the gathered rows), log-softmax in fp32; any other callable
+gives full logits and they are gathered. A MoE's router losses are not part of what it returns (the
+caller owns the loss). Measured (the demo's SFT model, 4 x 96, V 2048, one thread, 64 addition pairs
+of 57 tokens a pair on average, B 8, forward + backward of the summed log-probs): padded 23.6 pairs/s,
+packed (rows of 256) 28.1 pairs/s; the two agree to 2e-7 relative (fp32 sums of about -100).
 """
 from __future__ import annotations
 
@@ -249,6 +258,10 @@ def normalize_preference(record, where: str, rid: str | None = None) -> dict:
     if kp == "str":  # TRL's maybe_extract_prompt: a string prompt beside whole conversations is ignored
         meta["prompt_text"] = record["prompt"]
     if conv:
+        if kp == "str" and not (record["chosen"] and _msg_key(record["chosen"][0]) == _msg_key(record["rejected"][0])):
+            raise PreferenceError(f"{where}: prompt/chosen: mixed formats (prompt is a string, chosen and rejected are "
+                                  "message lists that share no prompt to read it from, as TRL would); give the prompt "
+                                  "as messages", "mixed_format")
         p, ch, rj = _extract_conv_prompt(record["chosen"], record["rejected"], where)
         p, c = _conversation(p, {"chosen": ch, "rejected": rj}, where)
         return {"id": rid, "kind": "paired", "conversational": True, "prompt": p, "chosen": c["chosen"],
@@ -281,14 +294,14 @@ def read_preferences(path, *, on_error: str = "raise") -> tuple[list[dict], dict
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{p}:{lineno}"
+            if not raw.strip():
+                continue
+            st["read"] += 1
             try:
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise PreferenceError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})", "bad_text") from None
-                if not line.strip():
-                    continue
-                st["read"] += 1
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -339,7 +352,8 @@ def split_validation_pairs(rows, frac: float, seed: int) -> tuple[list, list]:
     the prompt of lowest hash and ``train`` at least one prompt."""
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac < 1:
         raise ValueError(f"val_frac={frac!r}: expected a number in [0, 1)")
-    hs = [prompt_hash(r["prompt"], seed) for r in rows]
+    hs = [prompt_hash((r if "kind" in r else normalize_preference(r, f"rows[{k}]"))["prompt"], seed)
+          for k, r in enumerate(rows)]
     cut = float(frac)
     distinct = sorted(set(hs))
     if frac > 0 and len(distinct) >= 2:
@@ -452,7 +466,7 @@ def encode_preferences(tok, rows, max_len: int, *, max_prompt_len: int | None = 
             st["prompt_not_prefix"] += 1
         prompt = p_ids[:plen]
         comps = [f[plen:] for f in full]
-        if any(not c for c in comps):
+        if any(len(c) < (1 if prompt else 2) for c in comps):  # no token to score (position 0 predicts nothing)
             st["empty_completion"] += 1
             continue
         if len(prompt) >= max_len or (max_prompt_len is not None and len(prompt) > max_prompt_len):
@@ -668,11 +682,16 @@ def ld_weights(rank: torch.Tensor, seq: torch.Tensor, seq_tokens: torch.Tensor, 
                        torch.full((), float(ld_alpha), dtype=torch.float32, device=rank.device))
 
 
-def completion_logps(fwd, batch: Batch, *, ld_alpha: float | None = None, weighting: bool = False) -> dict:
+def completion_logps(fwd, batch: Batch, *, ld_alpha: float | None = None, weighting: bool = False,
+                     token_stats: bool = False) -> dict:
     """One forward over the batch's rows: per sequence (S,) ``"logps"`` (the SUM of its completion tokens'
     log-probs, fp32; with ``ld_alpha`` the tokens past the shorter completion of the pair weighted by it),
     ``"tokens"`` (scored completion tokens, fp32) and with ``weighting`` ``"weight"`` (WPO: exp of the mean
     over the completion of log p(y_t) - log sum_v p(v)^2, detached, as TRL's ``use_weighting``).
+    ``token_stats``: also per sequence, detached, SUMS over its scored tokens of what TRL's metrics average
+    (divide by ``"tokens"``): ``"entropy"`` (of the next-token distribution), ``"mean_logits"`` (the logits'
+    mean over the vocabulary; TRL's ``logits/chosen``) and ``"top1"`` (1 where the token is the argmax;
+    TRL's ``mean_token_accuracy`` over the chosen).
     ``fwd``: the lmforge model (logits at completion positions only), or any callable
     ``fwd(idx, attention_mask=, position_ids=, doc_ids=)`` returning logits (or a tuple / an output object
     holding them as ``.logits``); a plain batch is passed ``idx`` alone."""
@@ -714,4 +733,10 @@ def completion_logps(fwd, batch: Batch, *, ld_alpha: float | None = None, weight
             aligned = tok_lp - torch.logsumexp(2 * lsm, dim=-1)
             mean = torch.zeros(S, dtype=torch.float32, device=tok_lp.device).index_add(0, seq, aligned) / ntok.clamp(min=1)
             res["weight"] = torch.exp(mean)
+    if token_stats:
+        with torch.no_grad():
+            z = torch.zeros(S, dtype=torch.float32, device=tok_lp.device)
+            res["entropy"] = z.index_add(0, seq, -(lsm.exp() * lsm).sum(-1))
+            res["mean_logits"] = z.index_add(0, seq, logits.float().mean(-1))
+            res["top1"] = z.index_add(0, seq, (logits.argmax(-1) == tgt).float())
     return res
