@@ -86,13 +86,17 @@ class Scripted(LocalLM):
         return out
 
 
-@pytest.mark.parametrize("name", ["addition", "letter_count", "sort_numbers", "reverse"])
-def test_checker_is_the_evaluations(name, model, tok, tokens):
+@pytest.mark.parametrize("name,shots", [("addition", 0), ("letter_count", 0), ("sort_numbers", 0), ("reverse", 0),
+                                        ("subtraction", None)])
+def test_checker_is_the_evaluations(name, shots, model, tok, tokens):
     """The harness, scoring answers through the chat template, agrees with ``score_answer`` on every
-    document; the contexts it sent are the rows' prompts rendered (the ids too)."""
+    document; the contexts it sent are the rows' prompts rendered (the ids too). ``shots`` None: the
+    task's own few-shot prompt (``lmforge eval --apply-chat-template``'s default)."""
     n = 12
     lm0 = LocalLM(model, tok, tokens=tokens)
-    task, prompts = P.eval_prompts(lm0, name, "dev", n)
+    task, prompts = P.eval_prompts(lm0, name, "dev", n, num_fewshot=shots)
+    if shots is None:
+        assert all(p.messages[-1]["content"].count("Q: ") == task.num_fewshot + 1 for p in prompts)
     by_ctx = {}
     r = random.Random(0)
     for p in prompts:
@@ -100,7 +104,7 @@ def test_checker_is_the_evaluations(name, model, tok, tokens):
         g = _gold(task, p)
         by_ctx[ctx] = r.choice([g, _wrong(task, p), g + "\nQ: more", "x" + g, g + " " + g])
     lm = Scripted(model, tok, tokens=tokens, script=lambda c: by_ctx[c])
-    res = score_split(lm, P._fresh_task(name, n), "dev", limit=n, num_fewshot=0, apply_chat_template=True,
+    res = score_split(lm, P._fresh_task(name, n), "dev", limit=n, num_fewshot=shots, apply_chat_template=True,
                       bootstrap=10)
     assert len(res["lines"]) == len(prompts) == n
     scores = set()
@@ -143,6 +147,12 @@ def test_identity_rule(model, tok, tokens):
     assert P.score_answer("identity", browse, "No. I cannot browse the web.", ended=True)[0] == 2.0
     assert P.score_answer("identity", browse, "Yes, gladly.", ended=True)[0] == 1.0
     assert P.score_answer("identity", browse, "Nothing", ended=True)[0] == 1.0  # "no" as a word, not a prefix
+    assert P.score_answer("identity", browse, "NO! I can't.", ended=True)[0] == 2.0
+    now, can = ps["now"], ps["abilities"]
+    assert P.score_answer("identity", now, "I don't know; there is no clock here.", ended=True)[0] == 2.0
+    assert P.score_answer("identity", now, "It is Tuesday.", ended=True)[0] == 1.0
+    assert P.score_answer("identity", can, "Small sums and sorting words.", ended=True)[0] == 2.0
+    assert P.score_answer("identity", can, "I am trained on Shakespeare.", ended=True)[0] == 1.0
 
 
 # ------------------------------------------------------------------------------------------- pairing

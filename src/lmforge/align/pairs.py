@@ -21,8 +21,9 @@ Scoring (``score_answer``), per kind of task:
   (``Task.choices`` / ``Task.gold``), wrong when it is another choice or anything else.
 * the style task ``identity`` (questions about the model itself, ``align.generators.IDENTITY``, asked in a
   phrasing and greeting drawn with a seed of its own): the rule scores 0-2, one point for **stating the
-  topic's fact** (``IDENTITY_FACTS``: who / name / maker mention "lmforge"; browse / now say it cannot;
-  abilities name something it can do) and one for **ending cleanly** (the ``<|end|>`` within
+  topic's fact** (``IDENTITY_FACTS``, a word or phrase of the topic's list, case-insensitive: who / name / maker
+  mention "lmforge" (who: or "language model" / "Shakespeare"); browse / now say it cannot; abilities name
+  one of the tasks it was taught) and one for **ending cleanly** (the ``<|end|>`` within
   ``max_new_tokens``); correct = 2. Its prompts are not evaluation items (there is no split to leak).
 * ``clean_pairs`` (on by default) adds a style rule to the verifiable tasks: a prompt whose answers are
   all correct still yields a pair when one answer is **clean** (it ended with ``<|end|>`` and holds
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import zlib
 from pathlib import Path
@@ -64,9 +66,10 @@ IDENTITY_FACTS = {
     "who": ("lmforge", "language model", "shakespeare"),
     "name": ("lmforge",),
     "maker": ("lmforge",),
-    "browse": ("no", "cannot", "can't", "not"),
-    "now": ("cannot", "can't", "don't", "do not", "no"),
-    "abilities": ("sum", "arithmetic", "count", "letter", "sort", "bracket", "shakespeare", "spell"),
+    "browse": ("no", "cannot", "can't"),
+    "now": ("cannot", "can't", "don't know", "do not know", "no clock", "no internet"),
+    "abilities": ("sum", "sums", "arithmetic", "count", "counting", "letter", "letters", "sort", "sorting",
+                  "bracket", "brackets", "backwards"),
 }
 
 
@@ -193,8 +196,8 @@ def score_answer(task, prompt, text: str, *, ended: bool = True, view: str | Non
     ``max_gen_toks``). Correct means ``score == best_score(task)``."""
     if task == "identity":
         facts = IDENTITY_FACTS[prompt.topic]
-        low = " " + " ".join(text.lower().replace(".", " ").replace(",", " ").replace(":", " ").split()) + " "
-        stated = any((f" {f} " in low) if " " not in f and "'" not in f else (f in low) for f in facts)
+        low = " " + " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower().replace("\u2019", "'")).split()) + " "
+        stated = any(f" {f} " in low for f in facts)  # whole words (a phrase: its words in a row)
         return float(stated) + float(bool(ended)), text
     if task.output_type == "multiple_choice":
         ch = task.choices(prompt.doc)
