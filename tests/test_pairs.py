@@ -104,7 +104,10 @@ def test_checker_is_the_evaluations(name, shots, model, tok, tokens):
         g = _gold(task, p)
         by_ctx[ctx] = r.choice([g, _wrong(task, p), g + "\nQ: more", "x" + g, g + " " + g])
     lm = Scripted(model, tok, tokens=tokens, script=lambda c: by_ctx[c])
-    res = score_split(lm, P._fresh_task(name, n), "dev", limit=n, num_fewshot=shots, apply_chat_template=True,
+    from lmforge.evaluate.task import load_task
+
+    ev = load_task(builtin.task_path(name))[0]  # the evaluation's own definition (its default n, its few-shot pool)
+    res = score_split(lm, ev, "dev", limit=n, num_fewshot=shots, apply_chat_template=True,
                       bootstrap=10)
     assert len(res["lines"]) == len(prompts) == n
     scores = set()
@@ -248,6 +251,12 @@ def test_make_pairs_yield_matches_the_scores(monkeypatch, model, tok, tokens, tm
 
 
 # ------------------------------------------------------------------------------------------- the engine, seeds, splits
+
+def test_small_split_gives_what_it_has(model, tok, tokens):
+    lm = LocalLM(model, tok, tokens=tokens)
+    task, prompts = P.eval_prompts(lm, "reverse", "dev", 100000)
+    assert 0 < len(prompts) < 100000 and len({p.key for p in prompts}) == len(prompts)
+
 
 def test_dev_split_only(model, tok, tokens):
     for bad in ("test", "private"):

@@ -134,10 +134,19 @@ def _fresh_task(name: str, n: int):
 
 def eval_prompts(lm, task_name: str, split: str, n: int, num_fewshot=0, data_dir=None) -> tuple[object, list]:
     """(task, [_Prompt]): the first ``n`` documents of ``split`` asked as ``lmforge eval --apply-chat-template``
-    asks them (``Task.requests`` with ``chat=lm.apply_chat_template``; the messages it renders are kept)."""
+    asks them (``Task.requests`` with ``chat=lm.apply_chat_template``; the messages it renders are kept; few-shot
+    examples, with ``num_fewshot`` None or > 0, drawn from the task's default train pool as the evaluation
+    draws them). A split with fewer than ``n`` items (reverse's dev split has 275) gives all it has."""
     from .generators import content_key
 
     task = _fresh_task(task_name, n)
+    k = task.num_fewshot if num_fewshot is None else num_fewshot
+    if k > 0:  # the examples drawn as the evaluation draws them: from its default pool, whatever n is here
+        from ..evaluate import builtin
+        from ..evaluate.task import load_task
+
+        pool = load_task(builtin.task_path(task_name))[0]
+        task.fewshot_samples = list(pool.docs(pool.fewshot_split, data_dir))
     if split == task.test_split:
         raise ValueError(f"split={split!r} is task {task_name!r}'s test split: never sampled here")
     rendered: dict = {}  # the chat text -> the messages it renders (what the row's prompt is)
@@ -150,7 +159,10 @@ def eval_prompts(lm, task_name: str, split: str, n: int, num_fewshot=0, data_dir
     try:
         drs = task.requests(task.split_for(split), limit=n, num_fewshot=num_fewshot, data_dir=data_dir, chat=chat)
     except ValueError as e:
-        raise ValueError(f"task {task_name!r}: {n} documents of split {split!r}: {e}") from e
+        m = re.search(r"ask for at most (\d+)", str(e))
+        if m is None or int(m.group(1)) < 1:
+            raise ValueError(f"task {task_name!r}: {n} documents of split {split!r}: {e}") from e
+        return eval_prompts(lm, task_name, split, int(m.group(1)), num_fewshot, data_dir)  # all the split has
     gen = task.config["generator"]
     out = []
     for dr in drs:
