@@ -240,14 +240,18 @@ def test_make_pairs_yield_matches_the_scores(monkeypatch, model, tok, tokens, tm
         assert [m["role"] for m in x["chosen"]] == ["assistant"] == [m["role"] for m in x["rejected"]]
     for u in unpaired:
         assert isinstance(u["label"], bool) and [m["role"] for m in u["completion"]] == ["assistant"]
-    try:
-        from lmforge.align.pref_data import read_preferences
-    except ImportError:  # h19-pdata not merged in this branch: the format keys above are the contract
-        return
+    from lmforge.align.pref_data import encode_preferences, read_preferences
+
     rows, st = read_preferences(f)
     assert st["kept"] == len(paired) and all(r["kind"] == "paired" and r["conversational"] for r in rows)
-    rows, st = read_preferences(g)
-    assert st["kept"] == len(unpaired) and all(r["kind"] == "unpaired" for r in rows)
+    assert [r["meta"]["task"] for r in rows] == [x["meta"]["task"] for x in paired]
+    exs, est = encode_preferences(tok, rows, CTX)
+    assert est["kept"] == len(paired)
+    for ex, x in zip(exs, paired):  # the prompt the DPO stage trains on is the one the engine was given
+        assert ex.prompt == render(tok, x["prompt"], add_generation_prompt=True)[0]
+    urows, st = read_preferences(g)
+    assert st["kept"] == len(unpaired) and all(r["kind"] == "unpaired" for r in urows)
+    assert [r["label"] for r in urows] == [u["label"] for u in unpaired]
 
 
 # ------------------------------------------------------------------------------------------- the engine, seeds, splits
