@@ -277,8 +277,9 @@ def test_dev_split_only(model, tok, tokens):
         assert len(prompts) == 30
         for p in prompts:
             assert p.key in dev and splits.bucket(gen, p.key) == "dev", (name, p.key)
-        with pytest.raises(ValueError, match="test split"):
-            P.eval_prompts(lm, name, "private", 3)
+        for bad in ("private", "test"):
+            with pytest.raises(ValueError, match="dev split only"):
+                P.eval_prompts(lm, name, bad, 3)
 
 
 def test_engine_run_is_seeded(model, tok, tokens):

@@ -53,7 +53,7 @@ import zlib
 from pathlib import Path
 
 __all__ = ["PAIR_TASKS", "STYLE_TASKS", "IDENTITY_FACTS", "make_pairs", "write_pairs", "score_answer",
-           "pick_pairs", "yield_table", "add_pairs_parser"]
+           "pick_pairs", "eval_prompts", "identity_prompts", "yield_table", "add_pairs_parser"]
 
 # the evaluation generators the SFT mixture trains (align.generators.EVAL_TASKS), then the style task
 VERIFIABLE_TASKS = ("addition", "subtraction", "letter_count", "reverse", "sort", "sort_numbers", "brackets")
@@ -139,6 +139,7 @@ def eval_prompts(lm, task_name: str, split: str, n: int, num_fewshot=0, data_dir
     draws them). A split with fewer than ``n`` items (reverse's dev split has 275) gives all it has."""
     from .generators import content_key
 
+    _check_split(split)
     task = _fresh_task(task_name, n)
     k = task.num_fewshot if num_fewshot is None else num_fewshot
     if k > 0:  # the examples drawn as the evaluation draws them: from its default pool, whatever n is here
@@ -147,7 +148,7 @@ def eval_prompts(lm, task_name: str, split: str, n: int, num_fewshot=0, data_dir
 
         pool = load_task(builtin.task_path(task_name))[0]
         task.fewshot_samples = list(pool.docs(pool.fewshot_split, data_dir))
-    if split == task.test_split:
+    if task.split_for(split) == task.test_split:
         raise ValueError(f"split={split!r} is task {task_name!r}'s test split: never sampled here")
     rendered: dict = {}  # the chat text -> the messages it renders (what the row's prompt is)
 
