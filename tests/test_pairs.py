@@ -86,13 +86,17 @@ class Scripted(LocalLM):
         return out
 
 
-@pytest.mark.parametrize("name", ["addition", "letter_count", "sort_numbers", "reverse"])
-def test_checker_is_the_evaluations(name, model, tok, tokens):
+@pytest.mark.parametrize("name,shots", [("addition", 0), ("letter_count", 0), ("sort_numbers", 0), ("reverse", 0),
+                                        ("subtraction", None)])
+def test_checker_is_the_evaluations(name, shots, model, tok, tokens):
     """The harness, scoring answers through the chat template, agrees with ``score_answer`` on every
-    document; the contexts it sent are the rows' prompts rendered (the ids too)."""
+    document; the contexts it sent are the rows' prompts rendered (the ids too). ``shots`` None: the
+    task's own few-shot prompt (``lmforge eval --apply-chat-template``'s default)."""
     n = 12
     lm0 = LocalLM(model, tok, tokens=tokens)
-    task, prompts = P.eval_prompts(lm0, name, "dev", n)
+    task, prompts = P.eval_prompts(lm0, name, "dev", n, num_fewshot=shots)
+    if shots is None:
+        assert all(p.messages[-1]["content"].count("Q: ") == task.num_fewshot + 1 for p in prompts)
     by_ctx = {}
     r = random.Random(0)
     for p in prompts:
@@ -100,7 +104,10 @@ def test_checker_is_the_evaluations(name, model, tok, tokens):
         g = _gold(task, p)
         by_ctx[ctx] = r.choice([g, _wrong(task, p), g + "\nQ: more", "x" + g, g + " " + g])
     lm = Scripted(model, tok, tokens=tokens, script=lambda c: by_ctx[c])
-    res = score_split(lm, P._fresh_task(name, n), "dev", limit=n, num_fewshot=0, apply_chat_template=True,
+    from lmforge.evaluate.task import load_task
+
+    ev = load_task(builtin.task_path(name))[0]  # the evaluation's own definition (its default n, its few-shot pool)
+    res = score_split(lm, ev, "dev", limit=n, num_fewshot=shots, apply_chat_template=True,
                       bootstrap=10)
     assert len(res["lines"]) == len(prompts) == n
     scores = set()
@@ -143,6 +150,12 @@ def test_identity_rule(model, tok, tokens):
     assert P.score_answer("identity", browse, "No. I cannot browse the web.", ended=True)[0] == 2.0
     assert P.score_answer("identity", browse, "Yes, gladly.", ended=True)[0] == 1.0
     assert P.score_answer("identity", browse, "Nothing", ended=True)[0] == 1.0  # "no" as a word, not a prefix
+    assert P.score_answer("identity", browse, "NO! I can't.", ended=True)[0] == 2.0
+    now, can = ps["now"], ps["abilities"]
+    assert P.score_answer("identity", now, "I don't know; there is no clock here.", ended=True)[0] == 2.0
+    assert P.score_answer("identity", now, "It is Tuesday.", ended=True)[0] == 1.0
+    assert P.score_answer("identity", can, "Small sums and sorting words.", ended=True)[0] == 2.0
+    assert P.score_answer("identity", can, "I am trained on Shakespeare.", ended=True)[0] == 1.0
 
 
 # ------------------------------------------------------------------------------------------- pairing
@@ -227,17 +240,27 @@ def test_make_pairs_yield_matches_the_scores(monkeypatch, model, tok, tokens, tm
         assert [m["role"] for m in x["chosen"]] == ["assistant"] == [m["role"] for m in x["rejected"]]
     for u in unpaired:
         assert isinstance(u["label"], bool) and [m["role"] for m in u["completion"]] == ["assistant"]
-    try:
-        from lmforge.align.pref_data import read_preferences
-    except ImportError:  # h19-pdata not merged in this branch: the format keys above are the contract
-        return
+    from lmforge.align.pref_data import encode_preferences, read_preferences
+
     rows, st = read_preferences(f)
     assert st["kept"] == len(paired) and all(r["kind"] == "paired" and r["conversational"] for r in rows)
-    rows, st = read_preferences(g)
-    assert st["kept"] == len(unpaired) and all(r["kind"] == "unpaired" for r in rows)
+    assert [r["meta"]["task"] for r in rows] == [x["meta"]["task"] for x in paired]
+    exs, est = encode_preferences(tok, rows, CTX)
+    assert est["kept"] == len(paired)
+    for ex, x in zip(exs, paired):  # the prompt the DPO stage trains on is the one the engine was given
+        assert ex.prompt == render(tok, x["prompt"], add_generation_prompt=True)[0]
+    urows, st = read_preferences(g)
+    assert st["kept"] == len(unpaired) and all(r["kind"] == "unpaired" for r in urows)
+    assert [r["label"] for r in urows] == [u["label"] for u in unpaired]
 
 
 # ------------------------------------------------------------------------------------------- the engine, seeds, splits
+
+def test_small_split_gives_what_it_has(model, tok, tokens):
+    lm = LocalLM(model, tok, tokens=tokens)
+    task, prompts = P.eval_prompts(lm, "reverse", "dev", 100000)
+    assert 0 < len(prompts) < 100000 and len({p.key for p in prompts}) == len(prompts)
+
 
 def test_dev_split_only(model, tok, tokens):
     for bad in ("test", "private"):
@@ -254,8 +277,9 @@ def test_dev_split_only(model, tok, tokens):
         assert len(prompts) == 30
         for p in prompts:
             assert p.key in dev and splits.bucket(gen, p.key) == "dev", (name, p.key)
-        with pytest.raises(ValueError, match="test split"):
-            P.eval_prompts(lm, name, "private", 3)
+        for bad in ("private", "test"):
+            with pytest.raises(ValueError, match="dev split only"):
+                P.eval_prompts(lm, name, bad, 3)
 
 
 def test_engine_run_is_seeded(model, tok, tokens):

@@ -21,8 +21,9 @@ Scoring (``score_answer``), per kind of task:
   (``Task.choices`` / ``Task.gold``), wrong when it is another choice or anything else.
 * the style task ``identity`` (questions about the model itself, ``align.generators.IDENTITY``, asked in a
   phrasing and greeting drawn with a seed of its own): the rule scores 0-2, one point for **stating the
-  topic's fact** (``IDENTITY_FACTS``: who / name / maker mention "lmforge"; browse / now say it cannot;
-  abilities name something it can do) and one for **ending cleanly** (the ``<|end|>`` within
+  topic's fact** (``IDENTITY_FACTS``, a word or phrase of the topic's list, case-insensitive: who / name / maker
+  mention "lmforge" (who: or "language model" / "Shakespeare"); browse / now say it cannot; abilities name
+  one of the tasks it was taught) and one for **ending cleanly** (the ``<|end|>`` within
   ``max_new_tokens``); correct = 2. Its prompts are not evaluation items (there is no split to leak).
 * ``clean_pairs`` (on by default) adds a style rule to the verifiable tasks: a prompt whose answers are
   all correct still yields a pair when one answer is **clean** (it ended with ``<|end|>`` and holds
@@ -46,12 +47,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import zlib
 from pathlib import Path
 
 __all__ = ["PAIR_TASKS", "STYLE_TASKS", "IDENTITY_FACTS", "make_pairs", "write_pairs", "score_answer",
-           "pick_pairs", "yield_table", "add_pairs_parser"]
+           "pick_pairs", "eval_prompts", "identity_prompts", "yield_table", "add_pairs_parser"]
 
 # the evaluation generators the SFT mixture trains (align.generators.EVAL_TASKS), then the style task
 VERIFIABLE_TASKS = ("addition", "subtraction", "letter_count", "reverse", "sort", "sort_numbers", "brackets")
@@ -64,9 +66,10 @@ IDENTITY_FACTS = {
     "who": ("lmforge", "language model", "shakespeare"),
     "name": ("lmforge",),
     "maker": ("lmforge",),
-    "browse": ("no", "cannot", "can't", "not"),
-    "now": ("cannot", "can't", "don't", "do not", "no"),
-    "abilities": ("sum", "arithmetic", "count", "letter", "sort", "bracket", "shakespeare", "spell"),
+    "browse": ("no", "cannot", "can't"),
+    "now": ("cannot", "can't", "don't know", "do not know", "no clock", "no internet"),
+    "abilities": ("sum", "sums", "arithmetic", "count", "counting", "letter", "letters", "sort", "sorting",
+                  "bracket", "brackets", "backwards"),
 }
 
 
@@ -131,11 +134,21 @@ def _fresh_task(name: str, n: int):
 
 def eval_prompts(lm, task_name: str, split: str, n: int, num_fewshot=0, data_dir=None) -> tuple[object, list]:
     """(task, [_Prompt]): the first ``n`` documents of ``split`` asked as ``lmforge eval --apply-chat-template``
-    asks them (``Task.requests`` with ``chat=lm.apply_chat_template``; the messages it renders are kept)."""
+    asks them (``Task.requests`` with ``chat=lm.apply_chat_template``; the messages it renders are kept; few-shot
+    examples, with ``num_fewshot`` None or > 0, drawn from the task's default train pool as the evaluation
+    draws them). A split with fewer than ``n`` items (reverse's dev split has 275) gives all it has."""
     from .generators import content_key
 
+    _check_split(split)
     task = _fresh_task(task_name, n)
-    if split == task.test_split:
+    k = task.num_fewshot if num_fewshot is None else num_fewshot
+    if k > 0:  # the examples drawn as the evaluation draws them: from its default pool, whatever n is here
+        from ..evaluate import builtin
+        from ..evaluate.task import load_task
+
+        pool = load_task(builtin.task_path(task_name))[0]
+        task.fewshot_samples = list(pool.docs(pool.fewshot_split, data_dir))
+    if task.split_for(split) == task.test_split:
         raise ValueError(f"split={split!r} is task {task_name!r}'s test split: never sampled here")
     rendered: dict = {}  # the chat text -> the messages it renders (what the row's prompt is)
 
@@ -147,7 +160,10 @@ def eval_prompts(lm, task_name: str, split: str, n: int, num_fewshot=0, data_dir
     try:
         drs = task.requests(task.split_for(split), limit=n, num_fewshot=num_fewshot, data_dir=data_dir, chat=chat)
     except ValueError as e:
-        raise ValueError(f"task {task_name!r}: {n} documents of split {split!r}: {e}") from e
+        m = re.search(r"ask for at most (\d+)", str(e))
+        if m is None or int(m.group(1)) < 1:
+            raise ValueError(f"task {task_name!r}: {n} documents of split {split!r}: {e}") from e
+        return eval_prompts(lm, task_name, split, int(m.group(1)), num_fewshot, data_dir)  # all the split has
     gen = task.config["generator"]
     out = []
     for dr in drs:
@@ -193,8 +209,8 @@ def score_answer(task, prompt, text: str, *, ended: bool = True, view: str | Non
     ``max_gen_toks``). Correct means ``score == best_score(task)``."""
     if task == "identity":
         facts = IDENTITY_FACTS[prompt.topic]
-        low = " " + " ".join(text.lower().replace(".", " ").replace(",", " ").replace(":", " ").split()) + " "
-        stated = any((f" {f} " in low) if " " not in f and "'" not in f else (f in low) for f in facts)
+        low = " " + " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower().replace("\u2019", "'")).split()) + " "
+        stated = any(f" {f} " in low for f in facts)  # whole words (a phrase: its words in a row)
         return float(stated) + float(bool(ended)), text
     if task.output_type == "multiple_choice":
         ch = task.choices(prompt.doc)
