@@ -275,6 +275,8 @@ def test_output_directory_loads_and_chats(base, data, tok, tmp_path):
     (dict(data=[]), "data: no preference data"),
     (dict(base=""), "base: give the model"),
     (dict(loss_type=[]), "loss_type"),
+    (dict(loss_type=["sigmod"]), "did you mean 'sigmoid'"),
+    (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), "loss_weights"),
 ])
 def test_bad_settings_name_the_field(base, data, tmp_path, kw, msg):
     c = cfg_for(base, data, tmp_path / "x")

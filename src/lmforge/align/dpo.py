@@ -174,7 +174,10 @@ def check_config(cfg: DPOConfig) -> None:
     if not cfg.data and not cfg.pairs:
         raise ValueError("data: no preference data: give --data FILE.jsonl (TRL's prompt/chosen/rejected or "
                          "prompt/completion/label format) or --pairs-from-tasks TASKS to generate pairs first")
-    _loss_api().check_loss_config(loss_config(cfg))
+    try:
+        _loss_api().check_loss_config(loss_config(cfg))
+    except ValueError as e:  # (its fields are DPOConfig's own, flat: name them as the user wrote them)
+        raise ValueError(str(e).replace("PrefLossConfig.", "")) from None
 
 
 def resolved_lr(cfg: DPOConfig) -> float:
