@@ -23,6 +23,10 @@ examples and ``<out>/ref_logps.json`` (a resumed run reads them back) and keeps 
 ``lora.adapters_disabled``. KTO's KL term scores each prompt with another example's completion of the
 same micro-batch, so its reference cannot be precomputed per example: KTO with ``kto_kl`` and
 "precomputed" uses "copy" (final.json says which reference ran).
+
+ORPO's NLL is TRL's: the token mean over the chosen sequences' every token after the first, prompt
+included, read from the same forward as the completion log-probs (``_Tap``); CPO's and DPO's ``sft``
+NLL cover the completion only, as TRL's.
 """
 from __future__ import annotations
 
@@ -301,7 +305,7 @@ class DPOStage:
             raise ValueError("reference: 'lora' uses the policy's own weights with the adapters disabled; it takes "
                              "no ref / ref_model (use 'copy' or 'precomputed' for a separate reference)")
         if cfg.method == "kto" and self.reference == "precomputed" and cfg.kto_kl:
-            # KTO's KL term pairs each prompt with the next example's completion within the micro-batch: the
+            # KTO's KL term pairs each prompt with another example's completion within the micro-batch: the
             # reference's KL log-probs depend on the batching, so a reference model must stay in memory
             self.reference = "copy"
             logger.info("dpo: kto's KL term needs the reference on each micro-batch; reference 'copy' instead of "
