@@ -158,7 +158,7 @@ def _stages():
     from .train import _cli as train
 
     return (data.add_parser, tokenize.add_parser, model.add_parser, train.add_parser, align.add_parser,
-            evaluate.add_parser,
+            align.add_dpo_parser, evaluate.add_parser,
             model.add_export_parser, infer.add_parser, pipeline.add_parser)
 
 
