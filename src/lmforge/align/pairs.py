@@ -310,7 +310,8 @@ def make_pairs(model, tok, tokens, tasks=PAIR_TASKS, *, n: int = 200, k: int = 8
     """Preference rows from the model's own answers to ``n`` prompts per task of ``tasks`` (``PAIR_TASKS``),
     ``k`` samples each (the module's docstring has the scoring and pairing rules). Returns
     ``(paired rows, unpaired rows, stats)``, stats per task ``{prompts, samples, distinct, correct,
-    correct_share, pairs, clean_pairs, all_correct, all_wrong, too_long, seconds}``.
+    correct_share, pairs, clean_pairs, all_correct, all_wrong, empty (distinct empty replies, left out of
+    the rows), too_long, seconds}``.
 
     ``num_fewshot``: 0 (the pipeline's zero-shot chat prompt) or None (the task's own few-shot prompt, as
     ``lmforge eval --apply-chat-template`` asks by default); ``running``: requests in flight in the engine.
@@ -355,7 +356,8 @@ def make_pairs(model, tok, tokens, tasks=PAIR_TASKS, *, n: int = 200, k: int = 8
                 task, prompts = eval_prompts(lm, name, split, n, num_fewshot=num_fewshot, data_dir=data_dir)
             fits = [p for p in prompts if len(p.ids) + max_new_tokens <= L]
             st = {"prompts": len(fits), "samples": 0, "distinct": 0, "correct": 0, "correct_share": 0.0, "pairs": 0,
-                  "clean_pairs": 0, "all_correct": 0, "all_wrong": 0, "too_long": len(prompts) - len(fits)}
+                  "clean_pairs": 0, "all_correct": 0, "all_wrong": 0, "empty": 0,
+                  "too_long": len(prompts) - len(fits)}
             samples = _sample(lm, fits, k, params_for, seed)
             _progress(progress, name, len(fits), len(prompts), t0)
             max_gen = None if task == "identity" or task.output_type == "multiple_choice" else \
@@ -372,6 +374,10 @@ def make_pairs(model, tok, tokens, tasks=PAIR_TASKS, *, n: int = 200, k: int = 8
                     st["correct"] += int(correct)
                     if smp["text"] in by_text:
                         continue
+                    if not smp["text"].strip():  # an empty reply (the model ended at once): no preference row
+                        st["empty"] += 1  # can hold it (pref_data refuses empty completions); scored, counted
+                        by_text[smp["text"]] = None
+                        continue
                     full = smp["text"] if task == "identity" or task.output_type == "multiple_choice" else seen
                     a = {"text": smp["text"], "score": score, "correct": correct, "view": seen,
                          "ended": smp["ended"], "clean": smp["ended"] and smp["text"].strip() == str(full).strip(),
@@ -380,7 +386,7 @@ def make_pairs(model, tok, tokens, tasks=PAIR_TASKS, *, n: int = 200, k: int = 8
                     answers.append(a)
                 st["distinct"] += len(answers)
                 n_good = sum(a["correct"] for a in answers)
-                if n_good == len(answers):
+                if answers and n_good == len(answers):
                     st["all_correct"] += 1
                 elif n_good == 0:
                     st["all_wrong"] += 1
@@ -419,7 +425,8 @@ def make_pairs(model, tok, tokens, tasks=PAIR_TASKS, *, n: int = 200, k: int = 8
 
 def yield_table(stats: dict) -> str:
     """The per-task yield as a plain text table (what the CLI prints)."""
-    cols = ("prompts", "samples", "correct_share", "pairs", "clean_pairs", "all_correct", "all_wrong", "seconds")
+    cols = ("prompts", "samples", "correct_share", "pairs", "clean_pairs", "all_correct", "all_wrong", "empty",
+            "seconds")
     lines = ["task          " + " ".join(f"{c:>13}" for c in cols)]
     for name, st in stats.items():
         lines.append(f"{name:<14}" + " ".join(f"{st.get(c, ''):>13}" for c in cols))
