@@ -21,7 +21,9 @@ The data: ``B * GA`` pairs, one optimizer step per epoch, ``STEPS`` epochs: ever
 loss, the mean rewards and the gradient do not depend on the order either side draws them in (the order-sensitive
 part, the per-pair token ids, is asserted separately). Step 1's rewards are 0 on both sides (policy = reference);
 steps 2 and 3 move them. Compared per step: loss, ``rewards/chosen``, ``rewards/rejected`` and the pre-clip
-gradient norm, within 1e-5.
+gradient norm, within 1e-5 (relative above 1: ipo's gradient norms are 5-30). Measured: sigmoid <= 1.1e-6, ipo
+<= 1e-5 absolute (7e-7 relative on its norms): the two sides differ in kernels (attention, TRL's chunked fused
+log-probabilities, summation order), and Adam amplifies such differences in small gradient entries from step 2.
 
 Three lmforge sides: a hand-written loop (``chat.render`` ids, padded rows, summed completion log-probs, the loss
 written out, lmforge's AdamW) that checks the TRL settings; lmforge's ``align.pref_data`` ids; and
@@ -38,7 +40,7 @@ import torch
 from conftest import in_ci, perturbed
 
 B, GA, STEPS = 4, 1, 3
-LR, BETAS, EPS, CLIP = 3e-3, (0.9, 0.95), 1e-8, 1.0
+LR, BETAS, EPS, CLIP = 3e-3, (0.9, 0.95), 1e-8, 1.0  # (eps: lmforge's AdamW default; LoopConfig has no eps knob)
 BETA = {"sigmoid": 0.1, "ipo": 0.5}  # ipo: target margin 1 / (2 beta) = 1 (at 0.1 it is 5: gradient norms ~100)
 TOL = 1e-5
 SEQ, SEED = 128, 0
@@ -238,7 +240,9 @@ def reference_loop(lm_dir, tok, loss_type: str) -> dict:
 
 
 def assert_close(ours: list[float], theirs: list[float], what: str, tol: float = TOL) -> None:
-    diffs = [abs(a - b) for a, b in zip(ours, theirs)]
+    """Each step within ``tol``, relative for values above 1 (an ipo gradient norm of 30 is a sum of ~10^5 squares
+    whose fp32 summation order alone moves it by ~1e-6 relative)."""
+    diffs = [abs(a - b) / max(1.0, abs(b)) for a, b in zip(ours, theirs)]
     print(f"{what}: largest difference {max(diffs):.2e} over {len(diffs)} steps")  # (pytest -s shows it)
     assert len(ours) == len(theirs) and max(diffs) <= tol, (
         f"{what}: lmforge {ours} vs TRL {theirs} (largest difference {max(diffs):.2e}, tolerance {tol})")
@@ -309,7 +313,7 @@ def run_lmforge_dpo(lm_dir, data, out, loss_type: str, monkeypatch, **overrides)
                     seq_len=SEQ, max_steps=STEPS, optimizer="adamw", lr=LR, weight_decay=0.0, beta1=BETAS[0],
                     beta2=BETAS[1], grad_clip=CLIP, schedule="constant", warmup_steps=0, eval_every=0,
                     sample_every=0, log_every=1, checkpoint_every=0, seed=SEED, ema=0.0, dtype="fp32",
-                    device="cpu", export_hf=False, method="dpo", loss_type=[loss_type], beta=BETA, lora_r=0)
+                    device="cpu", export_hf=False, method="dpo", loss_type=[loss_type], beta=BETA[loss_type], lora_r=0)
     settings.update(overrides)
     dpo_mod.dpo(dpo_mod.DPOConfig(**settings), quiet=True)
     monkeypatch.undo()
