@@ -336,3 +336,14 @@ def test_trl_equals_lmforge_dpo(exported, trl_run, tmp_path, monkeypatch, refere
                            packing=packing)
     for k in COMPARED:
         assert_close(ours[k], t[k], f"{loss_type} {k} (lmforge dpo, reference={reference}, packing={packing})")
+
+
+def test_trl_equals_lmforge_dpo_with_accumulation(exported, tmp_path, monkeypatch):
+    """Gradient accumulation: 2 micro-batches of 2 pairs a step. TRL divides each micro-batch's mean by
+    ``gradient_accumulation_steps`` and logs the mean of the micro-batches' metrics; lmforge's loop divides the
+    summed per-pair losses by the step's pairs. Equal micro-batches: the same loss, rewards and gradient norm."""
+    lm_dir, hf_dir, _, f = exported
+    t = run_trl(hf_dir, pairs(), tmp_path / "trl", "sigmoid", ga=2)
+    ours = run_lmforge_dpo(lm_dir, f, tmp_path / "dpo", "sigmoid", monkeypatch, batch_size=B // 2, grad_accum=2)
+    for k in COMPARED:
+        assert_close(ours[k], t[k], f"sigmoid {k} (lmforge dpo, 2 x 2 pairs accumulated)")
