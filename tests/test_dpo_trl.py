@@ -263,6 +263,22 @@ def test_trl_run_trains(trl_run):
     assert min(abs(t["rewards/chosen"][-1]), abs(t["rewards/rejected"][-1])) > 1e-4
 
 
+def test_lmforge_directory_has_live_dropout(exported):
+    """The lmforge side's model directory says dropout 0.1 and, in train mode, two forwards differ: a stage that
+    left it on could not match TRL (whose export has none)."""
+    from lmforge.model import load
+
+    lm_dir, _, tok, _ = exported
+    model, _ = load(lm_dir)
+    assert model.cfg.dropout == 0.1
+    rows = [render_pair(tok, p) for p in pairs()]
+    model.train()
+    with torch.no_grad():
+        a, _ = seq_logps(model, tok, rows)
+        b, _ = seq_logps(model, tok, rows)
+    assert (a - b).abs().max() > 1e-3
+
+
 def test_trl_equals_the_reference_loop(exported, trl_run):
     """TRL's tokenization is ``chat.render``'s, and its per-step loss, rewards and gradient norm are the written-out
     DPO loop's (1e-5)."""
