@@ -39,6 +39,8 @@ import pytest
 import torch
 from conftest import in_ci, perturbed
 
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # (TRL's call)
+
 B, GA, STEPS = 4, 1, 3
 LR, BETAS, EPS, CLIP = 3e-3, (0.9, 0.95), 1e-8, 1.0  # (eps: lmforge's AdamW default; LoopConfig has no eps knob)
 BETA = {"sigmoid": 0.1, "ipo": 0.5}  # ipo: target margin 1 / (2 beta) = 1 (at 0.1 it is 5: gradient norms ~100)
