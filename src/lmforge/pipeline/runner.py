@@ -316,7 +316,17 @@ class Runner:
             raise FileNotFoundError(f"dpo: no SFT model in {self.dir / 'sft'} (the sft stage makes it: add 'sft' to "
                                     "stages or run it first)")
         files, pstats = self.make_pairs() if self.r.dpo.pairs else ([], None)
-        cfg = self.dpo_config(files)
+        made = pstats is not None and pstats["unpaired" if self.r.dpo.method == "kto" else "paired"] > 0
+        if pstats is not None and not made:
+            per = ", ".join(f"{t}: {s.get('pairs', 0)} of {s.get('prompts', 0)} prompts ({s.get('all_correct', 0)} "
+                            f"all correct, {s.get('all_wrong', 0)} all wrong)"
+                            for t, s in pstats["tasks"].items() if isinstance(s, dict))
+            if not self.r.dpo.data:
+                raise ValueError(f"dpo: the SFT model made no preference pairs ({per}): a pair needs a correct and an "
+                                 "incorrect answer to one prompt; raise dpo.pairs.k or n (or the temperature), train "
+                                 "the SFT model longer, or give preference files in dpo.data")
+            self.log(f"dpo: the SFT model made no pairs ({per}); training on dpo.data only")
+        cfg = self.dpo_config(files if made else [])
         cfg.resume = self._prepare_run_dir("dpo", Path(cfg.out))
         final = dpo(cfg, quiet=self.quiet, resume_hint=f"rerun `{self.rerun_command()}` "
                             "(with the same --set options) to continue")
@@ -336,6 +346,7 @@ class Runner:
         outs = {"dpo_model": Path(cfg.out) / "model.safetensors", "dpo_final": Path(cfg.out) / "final.json"}
         if pstats is not None:
             outs["dpo_pairs"] = Path(files[0])
+            outs["dpo_pairs_stats"] = self.dir / "dpo_pairs" / "stats.json"
         return outs, summary
 
     def _keep_aside(self, model_dir: Path, old_key: str, reason: str, stage: str = "pretrain") -> Path:
