@@ -16,6 +16,7 @@ _WHERE = {
     "sft_loss": "packing", "add_neftune": "packing",
     "LoRAConfig": "lora", "apply_lora": "lora", "lora_parameters": "lora", "merge": "lora", "unmerge": "lora",
     "merge_and_unload": "lora", "save_peft": "lora", "load_peft": "lora",
+    **dict.fromkeys(("read_preferences", "unpair_preferences", "split_validation_pairs", "PrefExample", "encode_preferences", "PrefBatches", "completion_logps"), "pref_data"),
 }
 __all__ = sorted(_WHERE)
 
