@@ -17,6 +17,7 @@ _WHERE = {
     "LoRAConfig": "lora", "apply_lora": "lora", "lora_parameters": "lora", "merge": "lora", "unmerge": "lora",
     "merge_and_unload": "lora", "save_peft": "lora", "load_peft": "lora",
     **dict.fromkeys(("read_preferences", "unpair_preferences", "split_validation_pairs", "PrefExample", "encode_preferences", "PrefBatches", "completion_logps"), "pref_data"),
+    "DPOConfig": "dpo", "DPOStage": "dpo", "dpo": "dpo", "adapters_disabled": "lora",
 }
 __all__ = sorted(_WHERE)
 

@@ -580,3 +580,33 @@ def load_peft(model, adapter_dir, arch: str | None = None) -> list[str]:
                 mods[n].lora_B[label].copy_(B)
     return names
 
+
+
+# ---- the adapters switched off (DPO's "lora" reference) ------------------------------------------
+
+class adapters_disabled:
+    """``with adapters_disabled(model):`` the model computes as its base (every ``LoRALinear`` gives
+    ``x W^T + b`` alone); on exit the adapters are back as they were. The preference stage's LoRA
+    reference: the policy's own weights without its adapters, no second model in memory. A merged
+    adapter is unmerged for the block and merged again after it (its weights then differ from before
+    by the rounding of one subtract-and-add)."""
+
+    def __init__(self, model):
+        self.mods = list(lora_modules(model).values())
+        self.remerge: list = []
+
+    def __enter__(self):
+        for m in self.mods:
+            if m.merged:
+                m.unmerge()
+                self.remerge.append(m)
+            m.merged = True  # (forward returns the base's output without the adapter's term)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.merged = False
+        for m in self.remerge:
+            m.merge()
+        self.remerge = []
+        return False
