@@ -308,7 +308,7 @@ def test_which_tasks_get_pairs(tmp_path):
 
     srcs = 'sft.sources=[{"generator": "sort", "n": 5}, {"generator": "identity", "n": 5}, {"generator": "addition", "n": 5}]'
     r, _ = load_recipe("default", [srcs, 'eval.tasks=["addition", "reverse", "sort"]'])
-    assert pair_tasks(r) == ["sort", "addition"]
+    assert pair_tasks(r) == ["sort", "sort_numbers", "identity", "addition"]
     assert Runner(r, tmp_path / "a", quiet=True).dpo_tasks() == ["addition", "sort"]
     r2, _ = load_recipe("default", [srcs, 'dpo.pairs={"n": 4, "k": 3, "tasks": ["reverse"]}'])
     assert pair_tasks(r2) == ["reverse"]

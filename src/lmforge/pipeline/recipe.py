@@ -310,7 +310,7 @@ def validate_dpo(r: Recipe) -> None:
     try:
         check_config(replace(d, base="<the sft stage's model>"))
     except ValueError as e:
-        msg = str(e)
+        msg = re.sub(r"^PrefLossConfig\.", "", str(e))  # (the loss fields are [dpo]'s own, flat)
         m = re.match(r"([a-z_0-9]+)[:\[ .]", msg)
         raise ValueError(f"dpo.{msg}" if m and m.group(1) in names else f"dpo: {msg}") from None
     if d.pairs:
@@ -376,14 +376,16 @@ def validate_dpo(r: Recipe) -> None:
 
 
 def pair_tasks(r: Recipe) -> list[str]:
-    """The tasks the dpo stage makes pairs for: [dpo] pairs' own ``tasks``, else every generator [sft] trains
-    that is a pair task (``lmforge.align.pairs.PAIR_TASKS``), in [sft]'s order."""
+    """The tasks the dpo stage makes pairs for: [dpo] pairs' own ``tasks``, else every pair task
+    (``lmforge.align.pairs.PAIR_TASKS``) that a generator of [sft] trains (``align.generators.EVAL_TASKS``: sort
+    trains sort and sort_numbers, multiturn addition and reverse; identity is the style task), in [sft]'s order."""
+    from ..align.generators import EVAL_TASKS
     from ..align.pairs import PAIR_TASKS
 
     if r.dpo.pairs.get("tasks"):
         return list(r.dpo.pairs["tasks"])
     gens = [s.get("generator") for s in r.sft.sources if isinstance(s, dict)]
-    return list(dict.fromkeys(g for g in gens if g in PAIR_TASKS))
+    return list(dict.fromkeys(t for g in gens for t in EVAL_TASKS.get(g, [g]) if t in PAIR_TASKS))
 
 
 def _check_lora_targets(mcfg, s) -> None:

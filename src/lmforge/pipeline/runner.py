@@ -518,17 +518,14 @@ class Runner:
         return outs, summary
 
     def dpo_tasks(self) -> list[str]:
-        """The eval set's tasks the dpo stage made pairs for: a synthetic task whose generator is one of the
-        pair tasks (``recipe.pair_tasks``), when [dpo] makes pairs."""
+        """The eval set's tasks the dpo stage made pairs for (``recipe.pair_tasks``), when [dpo] makes pairs."""
         from ..evaluate.run import task_names
-        from ..evaluate.task import load_tasks
         from .recipe import pair_tasks
 
         if not self.r.dpo.pairs:
             return []
         trained = set(pair_tasks(self.r))
-        return [t.name for t in load_tasks(task_names(",".join(self.r.eval.tasks)))
-                if (t.config or {}).get("generator") in trained]
+        return [t for t in task_names(",".join(self.r.eval.tasks)) if t in trained]
 
     def _eval_tasks(self):
         """The [eval] tasks on the run's model (``lmforge eval --tasks``'s function): split both, contamination
