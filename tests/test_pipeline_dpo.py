@@ -3,6 +3,7 @@ split of the tasks [sft] trains, training from the SFT model, the eval stage sco
 SFT one, export and demo using the DPO model, the report's SFT vs DPO section), a rerun skips it, a changed
 [dpo] setting reruns dpo and the later stages only (the pairs reused, the old DPO run kept aside), an
 interrupted dpo resumes from its checkpoint, and a bad [dpo] field is refused before any work, naming it."""
+import functools
 import json
 
 import pytest
@@ -55,6 +56,7 @@ def finished(small_corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("dporun") / "run"
     calls, real = [], P.make_pairs
 
+    @functools.wraps(real)  # (the recipe check reads make_pairs' signature)
     def spy(model, tok, tokens, tasks=P.PAIR_TASKS, **kw):
         calls.append({"weights": {k: v.clone() for k, v in model.state_dict().items()}, "tasks": list(tasks), **kw})
         return real(model, tok, tokens, tasks, **kw)
@@ -95,7 +97,9 @@ def test_dpo_stage_end_to_end(finished, small_corpus, capsys):
     # training: from the SFT model, into dpo/ (stamped with the stage's key), its weights moved away from SFT's
     st = m["stages"]["dpo"]["summary"]
     assert st["step"] == 2 and st["method"] == "dpo" and st["loss_type"] == "sigmoid"
-    assert st["pairs"] == stats["paired"]
+    assert st["pairs_made"] == stats["paired"]
+    # what it trained on: the made pairs and the recipe's file (8 pairs), split by prompt into train and val
+    assert st["pairs"] + st["val_pairs"] == stats["paired"] + 8 and st["val_pairs"] >= 1
     final = json.loads((run / "dpo" / "final.json").read_text())
     assert final["step"] == 2 and (run / "dpo" / "pipeline_key.txt").read_text().strip() == m["stages"]["dpo"]["key"]
     assert final["dpo"]["method"] == "dpo" and final["dpo"]["loss_type"] == ["sigmoid"]
@@ -231,6 +235,7 @@ def test_no_pairs_made_and_no_files_is_a_clear_error(small_corpus, tmp_path, mon
     from lmforge.align import pairs as P
     from lmforge.pipeline import StageError
 
+    @functools.wraps(P.make_pairs)
     def none_made(model, tok, tokens, tasks=P.PAIR_TASKS, **kw):
         return [], [], {t: {"prompts": 4, "samples": 12, "correct": 0, "pairs": 0, "all_correct": 0, "all_wrong": 4,
                             "seconds": 0.0} for t in tasks}
@@ -242,6 +247,37 @@ def test_no_pairs_made_and_no_files_is_a_clear_error(small_corpus, tmp_path, mon
                                          r"pairs \(addition: 0 of 4 prompts \(0 all correct, 4 all wrong\)"):
         run_recipe(r, tmp_path / "run", quiet=True)
     assert manifest(tmp_path / "run")["stages"]["sft"]["status"] == "done"
+
+
+def test_the_pairs_made_are_what_dpo_trains_on(small_corpus, tmp_path, monkeypatch):
+    """A barely trained tiny model makes no pairs (the end-to-end test trains on the recipe's file): here
+    make_pairs gives six, and they, alone, are the run's data, split into train and held-out pairs."""
+    from lmforge.align import pairs as P
+
+    rows = [{"id": f"addition:dev:{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+             "chosen": [{"role": "assistant", "content": str(2 * i)}],
+             "rejected": [{"role": "assistant", "content": str(2 * i + 1)}], "meta": {"task": "addition"}}
+            for i in range(1, 7)]
+
+    @functools.wraps(P.make_pairs)
+    def six(model, tok, tokens, tasks=P.PAIR_TASKS, **kw):
+        st = {t: {"prompts": 4, "samples": 12, "correct": 3, "pairs": 3 if t == "addition" else 0, "all_correct": 0,
+                  "all_wrong": 1, "seconds": 0.0} for t in tasks}
+        return rows, [], st
+
+    monkeypatch.setattr(P, "make_pairs", six)
+    r = recipe(small_corpus, 'stages=["fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo"]',
+               "dpo.data=[]", "sft.max_steps=1", "dpo.val_frac=0.34")
+    run_recipe(r, tmp_path / "run", quiet=True)
+    run = tmp_path / "run"
+    st = manifest(run)["stages"]["dpo"]["summary"]
+    assert st["pairs_made"] == 6 and st["pairs"] + st["val_pairs"] == 6 and st["val_pairs"] >= 1
+    final = json.loads((run / "dpo" / "final.json").read_text())
+    assert list(final["dpo"]["data"]["read"]) == [str(run / "dpo_pairs" / "pairs.jsonl")]
+    from lmforge.align.pref_data import read_preferences
+
+    back, _ = read_preferences(run / "dpo_pairs" / "pairs.jsonl")
+    assert [b["id"] for b in back] == [x["id"] for x in rows]
 
 
 @pytest.mark.parametrize("sets,msg", [

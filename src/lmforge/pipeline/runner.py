@@ -333,9 +333,11 @@ class Runner:
         keys = ("step", "train_loss", "val_loss", "elapsed")
         summary = {k: final[k] for k in keys if final.get(k) is not None}
         summary.update({k: v for k, v in heldout(final).items() if v is not None})
-        if pstats is not None:
-            summary["pairs"] = pstats["paired"] if self.r.dpo.method != "kto" else pstats["unpaired"]
+        if pstats is not None:  # made by the SFT model (paired; kto: every labelled answer)
+            summary["pairs_made"] = pstats["paired"] if self.r.dpo.method != "kto" else pstats["unpaired"]
             summary["pairs_s"] = pstats["seconds"]
+        d = final.get("dpo") or {}
+        summary.update({k: d[k] for k in ("pairs", "val_pairs", "ref_seconds") if d.get(k) is not None})  # trained on
         summary["method"] = self.r.dpo.method
         if self.r.dpo.method == "dpo":
             summary["loss_type"] = ",".join(self.r.dpo.loss_type)
