@@ -277,7 +277,8 @@ def test_the_pairs_made_are_what_dpo_trains_on(small_corpus, tmp_path, monkeypat
     from lmforge.align.pref_data import read_preferences
 
     back, _ = read_preferences(run / "dpo_pairs" / "pairs.jsonl")
-    assert [b["id"] for b in back] == [x["id"] for x in rows]
+    assert [(b["prompt"], b["chosen"], b["rejected"]) for b in back] == [(x["prompt"], x["chosen"], x["rejected"])
+                                                                          for x in rows]
 
 
 @pytest.mark.parametrize("sets,msg", [
