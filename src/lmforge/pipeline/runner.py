@@ -408,7 +408,7 @@ class Runner:
             samples.append({"prompt": p, "completion": tok.decode(out)})
         res["samples"] = samples
         del model
-        sft = "sft" in self.r.stages
+        sft = "sft" in self.r.stages or "dpo" in self.r.stages  # (dpo: on an SFT model an earlier run made)
         if sft:  # what SFT costs on plain text: the same measurement on the SFT model
             res["sft"] = {"model": "sft", **self._bpb(self.dir / "sft")}  # (relative: a run's files name no path)
         if "dpo" in self.r.stages:  # and on the DPO model
@@ -424,7 +424,7 @@ class Runner:
             outs_t, summary_t = self._eval_tasks()
             outs.update(outs_t)
             summary.update(summary_t)
-            if sft or "dpo" in self.r.stages:
+            if sft:
                 outs_s, summary_s = self._eval_sft_tasks()
                 outs.update(outs_s)
                 summary.update(summary_s)
