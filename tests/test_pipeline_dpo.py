@@ -344,11 +344,13 @@ def test_which_tasks_get_pairs(tmp_path):
     from lmforge.pipeline.runner import Runner
 
     srcs = 'sft.sources=[{"generator": "sort", "n": 5}, {"generator": "identity", "n": 5}, {"generator": "addition", "n": 5}]'
-    r, _ = load_recipe("default", [srcs, 'eval.tasks=["addition", "reverse", "sort"]'])
+    r, _ = load_recipe("default", [srcs, 'eval.tasks=["addition", "reverse", "sort"]', 'dpo.pairs={"n": 4, "k": 3}'])
     assert pair_tasks(r) == ["sort", "sort_numbers", "identity", "addition"]
     assert Runner(r, tmp_path / "a", quiet=True).dpo_tasks() == ["addition", "sort"]
     r2, _ = load_recipe("default", [srcs, 'dpo.pairs={"n": 4, "k": 3, "tasks": ["reverse"]}'])
     assert pair_tasks(r2) == ["reverse"]
+    r4, _ = load_recipe("default")  # the default recipe names the tasks that yield pairs at its size
+    assert pair_tasks(r4) == ["brackets", "letter_count", "identity"]
     r3, _ = load_recipe("default", [srcs, "dpo.pairs={}", f'dpo.data=["{_prefs(tmp_path)}"]'])
     assert Runner(r3, tmp_path / "b", quiet=True).dpo_tasks() == []  # (files only: no task is DPO's own)
 
