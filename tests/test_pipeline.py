@@ -1,6 +1,7 @@
 """The end-to-end pipeline: a tiny recipe in seconds and recipe validation (a killed run that
 resumes to the same artifacts: tests/test_resume.py)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ def tiny_sets(corpus_dir, steps=6):
             "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=1", "train.peak_flops=1e11",
             'train.model={"mlp": "swiglu", "d_ff": 64, "arch": "qwen3", "d_model": 32, "n_head": 2, "n_layer": 1}',
             "eval.sample_tokens=5", "eval.limit=3", "eval.bootstrap=20", "demo.max_tokens=4",
-            *TINY_SFT]
+            *TINY_SFT, *tiny_dpo(Path(corpus_dir).parent)]
 
 
 # the sft stage in seconds: two trained synthetic tasks (addition is in the eval set), a few steps
@@ -24,6 +25,22 @@ TINY_SFT = ['sft.sources=[{"generator": "addition", "n": 24}, {"generator": "bra
             # a float sum depends on the thread count: an in-process run inherits whatever an earlier test set,
             # a subprocess starts at the machine's (results compared across the two must fix it)
             "sft.threads=2"]
+
+
+# the dpo stage in seconds: pairs the SFT model makes (a barely trained model may make none: the small
+# preference file beside the corpus keeps the stage training), a few steps
+def tiny_dpo(where: Path, name: str = "tiny_prefs.jsonl") -> list[str]:
+    f = where / name
+    if not f.exists():
+        rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                 "chosen": [{"role": "assistant", "content": str(a + b)}],
+                 "rejected": [{"role": "assistant", "content": str(a + b + 1 + a % 3)}]}
+                for a, b in [(3, 4), (12, 7), (25, 17), (8, 8), (40, 2), (6, 19), (31, 30), (9, 14)]]
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ['dpo.pairs={"n": 4, "k": 3, "max_new_tokens": 4, "seed": 0}', f'dpo.data={json.dumps([str(f)])}',
+            "dpo.max_steps=2", "dpo.max_time=0", "dpo.batch_size=2", "dpo.seq_len=64", "dpo.eval_every=0",
+            "dpo.eval_batches=1", "dpo.checkpoint_every=1", "dpo.warmup_steps=1", "dpo.val_frac=0.25",
+            "dpo.threads=2"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +55,8 @@ def digests(run):
     from lmforge._io import file_sha256
 
     files = ["tokenizer/tokenizer.lmforge.json", "model/model.safetensors", "sft/model.safetensors", "eval.json",
-             "sft_eval.json", "hf/model.safetensors", "demo.json", "chat.json"]
+             "sft_eval.json", "dpo/model.safetensors", "dpo_pairs/pairs.jsonl", "hf/model.safetensors", "demo.json",
+             "chat.json"]
     shards = sorted(p.relative_to(run).as_posix() for p in (run / "data").glob("*-*.bin"))
     return {f: file_sha256(run / f) for f in files + shards}  # (the data manifest holds times and paths)
 
@@ -51,7 +69,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     for f in ("report.md", "summary.json", "run.json", "recipe.json", "run.log", "loss.png", "hf/config.json"):
         assert (run / f).exists(), f
     m = json.loads((run / "run.json").read_text())
-    assert r.stages[5] == "sft" and [m["stages"][s]["status"] for s in r.stages] == ["done"] * 9
+    assert r.stages[5:7] == ["sft", "dpo"] and [m["stages"][s]["status"] for s in r.stages] == ["done"] * 10
     report = (run / "report.md").read_text()
     assert "bits/byte" in report and "near-duplicate" not in report.split("## Data")[0]
     # the reported number is on test; validation (what settings are chosen on) is given next to it
@@ -63,7 +81,8 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     assert "Test split (held-out documents never used to choose settings" in report
     assert "Validation split" in report and "test:" in report.split("## Data")[1]
     assert set(m["stages"]["eval"]["summary"]) >= {"test_bpb", "test_loss", "val_bpb", "core", "tasks", "tasks_s",
-                                                    "sft_test_bpb", "sft_tasks", "sft_tasks_s"}  # (tests/test_pipeline_sft.py)
+                                                    "sft_test_bpb", "sft_tasks", "sft_tasks_s",
+                                                    "dpo_test_bpb"}  # (tests/test_pipeline_sft.py, _dpo.py)
     # the default task set and letter_count (a task [sft] trains): the private and dev splits, contamination against the run's training shards,
     # the scorecard in report.md and in eval/
     from lmforge.evaluate import builtin
@@ -95,7 +114,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bits_per_byte"] == summary["bits_per_byte"]
     log = (run / "run.log").read_text()
-    assert log.count("unchanged, skipped") == 9
+    assert log.count("unchanged, skipped") == 10
     m1 = json.loads((run / "run.json").read_text())
     assert m1["stages"]["pretrain"]["started"] == m["stages"]["pretrain"]["started"]
     run_recipe(r, run, from_stage="eval", quiet=True)

@@ -13,6 +13,7 @@ from lmforge.pipeline import load_recipe, run_recipe
 from test_pipeline import tiny_sets
 
 AFTER_PRETRAIN = ["sft", "eval", "export", "demo"]
+SFT_STAGES = ["fetch", "clean", "tokenizer", "shards", "pretrain", *AFTER_PRETRAIN]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,9 @@ def small_corpus(tmp_path_factory, corpus_files):
 
 def recipe(corpus, *more, steps=3):
     # the eval set: addition (trained by TINY_SFT's sources) and reverse (synthetic, not trained: not in the table)
+    # (no dpo stage: the sft-only chain, whose export and demo use the SFT model; with dpo: test_pipeline_dpo.py)
     r, _ = load_recipe("default", tiny_sets(corpus) + ['eval.tasks=["addition", "reverse"]', "train.final_eval_batches=2",
-                                                       f"sft.max_steps={steps}", *more])
+                                                       f"sft.max_steps={steps}", f"stages={json.dumps(SFT_STAGES)}", *more])
     return r
 
 

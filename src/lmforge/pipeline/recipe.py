@@ -1,12 +1,14 @@
 """Recipes: one TOML file naming the stages of a run and their settings.
 
-Knows the recipe's shape (a dataclass per stage; ``data``, ``train`` and ``sft`` are the
-same configs ``lmforge data prepare``, ``lmforge pretrain`` and ``lmforge sft`` take) and checks
+Knows the recipe's shape (a dataclass per stage; ``data``, ``train``, ``sft`` and ``dpo`` are the
+same configs ``lmforge data prepare``, ``lmforge pretrain``, ``lmforge sft`` and ``lmforge dpo`` take) and checks
 it completely before any work starts: an unknown stage or field, or a value
 of the wrong type, is an error naming it, and so is a model that the recipe
 exports but the HF family cannot express (``lmforge.model.hf.check_exportable``),
 and an ``[sft]`` setting that SFT would refuse (a choice, a bound, a data source, a LoRA
-target pattern that matches none of the model's layers). Knows nothing of how a stage runs.
+target pattern that matches none of the model's layers), and a ``[dpo]`` setting that the preference stage
+would refuse (its own check, the pair generator's arguments, its preference files line by line, a sequence
+length the model holds). Knows nothing of how a stage runs.
 """
 from __future__ import annotations
 
@@ -15,13 +17,18 @@ from pathlib import Path
 
 from .._config import apply_overrides, from_dict, load_file
 from ..data.prepare import PrepareConfig, validate as validate_data
+from ..align.dpo import DPOConfig
 from ..align.sft import SFTConfig
 from ..train.trainer import TrainConfig
 
-STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "eval", "export", "demo")
+STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval", "export", "demo")
 # [sft] fields the pipeline sets itself (the base is pretrain's model, out is <run>/sft, corpus generators
 # read the run's shards)
 SFT_PIPELINE_FIELDS = ("base", "out", "data_dir")
+# [dpo] fields the pipeline sets itself (the base is the SFT model, out is <run>/dpo), and the make_pairs
+# arguments of [dpo] pairs it gives (the SFT model, its tokenizer and tokens, the run's shards)
+DPO_PIPELINE_FIELDS = ("base", "out")
+PAIRS_PIPELINE_ARGS = ("model", "tok", "tokens", "data_dir", "progress")
 
 
 @dataclass
@@ -75,6 +82,7 @@ class Recipe:
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalStage = field(default_factory=EvalStage)
     export: ExportStage = field(default_factory=ExportStage)
     demo: DemoStage = field(default_factory=DemoStage)
@@ -173,6 +181,8 @@ def validate(r: Recipe) -> None:
         validate_model(r)
     if "sft" in r.stages:
         validate_sft(r)
+    if "dpo" in r.stages:
+        validate_dpo(r)
     if "eval" in r.stages:
         validate_eval(r.eval)
     if "demo" in r.stages and r.demo.chat_max_tokens < 1:
@@ -271,6 +281,111 @@ def validate_sources(sources, where: str, on_error: str = "raise") -> None:
     if any(weighted) and not all(weighted):
         raise ValueError(f"{where}{[k for k, w in enumerate(weighted) if not w]}: no weight while other sources "
                          "have one; give every source a weight (shares of the mixture) or none")
+
+
+def validate_dpo(r: Recipe) -> None:
+    """The [dpo] table, before any work: the fields the pipeline sets are not given, every setting the stage
+    checks itself (``lmforge.align.dpo.check_config``: loss types, beta, label smoothing, reference, LoRA's,
+    ...), the arguments of ``pairs`` (``lmforge.align.pairs.make_pairs``'s own, its tasks known, the dev split
+    only: the private test split scores the result), every preference file (``lmforge.align.pref_data`` reads
+    it, each line checked), some preference data (generated pairs or files), a sequence length the model holds."""
+    import inspect
+    import re
+    from dataclasses import fields, replace
+
+    from ..align.dpo import DPOConfig as _C, check_config
+
+    d, fresh = r.dpo, _C()
+    for k in DPO_PIPELINE_FIELDS:
+        if getattr(d, k) != getattr(fresh, k):
+            raise ValueError(f"dpo.{k} is set by the pipeline (base: the sft stage's model, out: <run>/dpo); "
+                             f"remove it from the recipe (got {getattr(d, k)!r})")
+    if not isinstance(d.pairs, dict):
+        raise ValueError(f"dpo.pairs: expected a table of lmforge.align.pairs.make_pairs arguments (e.g. "
+                         f"{{n = 64, k = 4}}; {{}} for none), got {d.pairs!r}")
+    if not d.pairs and not d.data:
+        raise ValueError("dpo: no preference data: give dpo.pairs (pairs the SFT model makes itself, e.g. "
+                         "{n = 64, k = 4}) or dpo.data (preference JSONL files), or leave dpo out of stages")
+    names = {f.name for f in fields(_C)}
+    try:
+        check_config(replace(d, base="<the sft stage's model>"))
+    except ValueError as e:
+        msg = re.sub(r"^PrefLossConfig\.", "", str(e))  # (the loss fields are [dpo]'s own, flat)
+        m = re.match(r"([a-z_0-9]+)[:\[ .]", msg)
+        raise ValueError(f"dpo.{msg}" if m and m.group(1) in names else f"dpo: {msg}") from None
+    if d.pairs:
+        from ..align import pairs as P
+
+        params = inspect.signature(P.make_pairs).parameters
+        for k, v in d.pairs.items():
+            if k in PAIRS_PIPELINE_ARGS:
+                raise ValueError(f"dpo.pairs.{k} is set by the pipeline (the sft stage's model, its tokenizer and "
+                                 f"tokens, the run's shards); remove it from the recipe")
+            if k not in params:
+                import difflib
+
+                known = [p for p in params if p not in PAIRS_PIPELINE_ARGS]
+                close = difflib.get_close_matches(k, known, n=1)
+                raise ValueError(f"dpo.pairs: unknown argument {k!r} of make_pairs; known: {', '.join(known)}"
+                                 + (f"; did you mean {close[0]!r}?" if close else ""))
+        split = d.pairs.get("split", "dev")
+        if split != "dev":
+            raise ValueError(f"dpo.pairs.split: expected 'dev' (pairs come from the evaluation generators' dev split; "
+                             f"the private test split scores the result and is never trained on), got {split!r}")
+        for k in ("n", "k", "max_new_tokens"):
+            v = d.pairs.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"dpo.pairs.{k}: expected a positive integer, got {v!r}")
+        if "k" in d.pairs and d.pairs["k"] < 2:
+            raise ValueError(f"dpo.pairs.k: expected at least 2 answers a prompt (a pair needs a correct and an "
+                             f"incorrect one), got {d.pairs['k']}")
+        tasks = d.pairs.get("tasks")
+        if tasks is not None:
+            if isinstance(tasks, str) or not isinstance(tasks, list) or not tasks:
+                raise ValueError(f"dpo.pairs.tasks: expected a non-empty list of task names (of "
+                                 f"{', '.join(P.PAIR_TASKS)}), or leave it out for the tasks [sft] trains, got {tasks!r}")
+            for t in tasks:
+                if t not in P.PAIR_TASKS:
+                    import difflib
+
+                    close = difflib.get_close_matches(str(t), list(P.PAIR_TASKS), n=1)
+                    raise ValueError(f"dpo.pairs.tasks: unknown task {t!r}; known: {', '.join(P.PAIR_TASKS)}"
+                                     + (f"; did you mean {close[0]!r}?" if close else ""))
+        elif not pair_tasks(r):
+            raise ValueError(f"dpo.pairs: none of the generators [sft] trains is a pair task ({', '.join(P.PAIR_TASKS)}); "
+                             "name them in dpo.pairs.tasks")
+    if not isinstance(d.data, list):
+        raise ValueError(f"dpo.data: expected a list of preference JSONL files, got {d.data!r}")
+    for i, p in enumerate(d.data):
+        if not isinstance(p, str) or not Path(p).is_file():
+            raise ValueError(f"dpo.data[{i}]: no such file {p!r} (a JSONL file of preference pairs)")
+        from ..align.pref_data import read_preferences
+
+        read_preferences(p)  # a bad line: "FILE:LINE: FIELD: problem"
+    if "pretrain" not in r.stages:
+        return
+    from ..train.trainer import model_config
+
+    try:
+        mcfg = model_config(r.train)
+    except (TypeError, ValueError):
+        return
+    if d.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"dpo.seq_len: {d.seq_len} is longer than the model's context (max_seq_len "
+                         f"{mcfg.max_seq_len} of the [train] model)")
+
+
+def pair_tasks(r: Recipe) -> list[str]:
+    """The tasks the dpo stage makes pairs for: [dpo] pairs' own ``tasks``, else every pair task
+    (``lmforge.align.pairs.PAIR_TASKS``) that a generator of [sft] trains (``align.generators.EVAL_TASKS``: sort
+    trains sort and sort_numbers, multiturn addition and reverse; identity is the style task), in [sft]'s order."""
+    from ..align.generators import EVAL_TASKS
+    from ..align.pairs import PAIR_TASKS
+
+    if r.dpo.pairs.get("tasks"):
+        return list(r.dpo.pairs["tasks"])
+    gens = [s.get("generator") for s in r.sft.sources if isinstance(s, dict)]
+    return list(dict.fromkeys(t for g in gens for t in EVAL_TASKS.get(g, [g]) if t in PAIR_TASKS))
 
 
 def _check_lora_targets(mcfg, s) -> None:

@@ -12,6 +12,13 @@ before/after task table (``sft_eval.json``: each trained synthetic task on the p
 model few-shot on plain prompts and zero-shot through the chat template, the SFT model zero-shot through
 the chat template, 95% intervals), both models' test bits per byte on plain text (``eval.json``) and the
 demo's chat transcript (``chat.json``).
+
+With a dpo stage it adds the preference section: the pairs' yield per task (``dpo_pairs/stats.json``: dev
+prompts, sampled answers, correct ones, prompts that gave a pair, all-correct and all-wrong prompts), the
+run's training numbers and its held-out pairs' reward margin and accuracy (``dpo/final.json``), the SFT vs
+DPO table (``sft_eval.json``'s ``sft_chat`` and ``dpo_chat`` cells: the private split, 95% intervals, the
+tasks DPO trained marked) and the SFT and DPO models' test bits per byte; the chat transcript is then the
+DPO model's.
 """
 from __future__ import annotations
 
@@ -113,6 +120,81 @@ def sft_markdown(st: dict, table: dict | None, ev: dict, chat: dict | None) -> l
     return lines
 
 
+def _pairs_stats(run_dir: Path, stages: dict) -> dict | None:
+    """``dpo_pairs/stats.json`` when this run's dpo stage used the pairs (its pairs file is in its outputs)."""
+    p = run_dir / "dpo_pairs" / "stats.json"
+    outs = stages.get("dpo", {}).get("outputs") or {}
+    if not p.exists() or not any(str(run_dir / "dpo_pairs") in k for k in outs):
+        return None
+    return json.loads(p.read_text())
+
+
+def dpo_markdown(st: dict, table: dict | None, ev: dict, pairs: dict | None, recipe) -> list[str]:
+    """The preference section: the pairs' yield, training and held-out pairs, SFT vs DPO, bits per byte."""
+    s = st.get("dpo", {}).get("summary") or {}
+    d = recipe.dpo
+    what = f"{d.method}" + (f" (loss {' + '.join(d.loss_type)}, beta {d.beta:g})" if d.method == "dpo" else f" (beta {d.beta:g})")
+    lines = ["", "## Preference optimization (DPO)", "",
+             f"{what} on the SFT model, reference {d.reference!r}"
+             + (f", LoRA rank {d.lora_r}" if d.lora_r else ", full fine-tuning") + " (`dpo/`: the model, metrics.jsonl, "
+             "loss.png, margins.png; docs/preference.md)."]
+    if pairs and isinstance(pairs.get("tasks"), dict):
+        args = pairs.get("args") or {}
+        lines += ["", "### Pairs the SFT model made (dev split)", "",
+                  f"For each dev prompt {args.get('k', '?')} sampled answers (temperature {args.get('temperature', 1.0)}), "
+                  "scored by the task's checker; a prompt with a correct and an incorrect answer gives a pair "
+                  f"(`dpo_pairs/`, made in {pairs.get('seconds', '-')} s).", "",
+                  "| task | prompts | answers | correct | pairs | yield | all correct | all wrong |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        tot = {k: 0 for k in ("prompts", "samples", "correct", "pairs", "all_correct", "all_wrong")}
+        for name, t in pairs["tasks"].items():
+            if not isinstance(t, dict):
+                continue
+            for k in tot:
+                tot[k] += t.get(k) or 0
+            y = f"{t['pairs'] / t['prompts']:.2f}" if t.get("prompts") else "-"
+            lines.append(f"| {name} | {t.get('prompts', '-')} | {t.get('samples', '-')} | {t.get('correct', '-')} | "
+                         f"{t.get('pairs', '-')} | {y} | {t.get('all_correct', '-')} | {t.get('all_wrong', '-')} |")
+        y = f"{tot['pairs'] / tot['prompts']:.2f}" if tot["prompts"] else "-"
+        lines.append(f"| all | {tot['prompts']} | {tot['samples']} | {tot['correct']} | {tot['pairs']} | {y} | "
+                     f"{tot['all_correct']} | {tot['all_wrong']} |")
+    if s:
+        train = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()
+                          if k not in ("val_margin", "val_accuracy", "val_chosen", "val_rejected", "method", "loss_type"))
+        lines += ["", f"Training: {train}."]
+        if s.get("val_margin") is not None or s.get("val_accuracy") is not None:
+            parts = []
+            if s.get("val_margin") is not None:
+                parts.append(f"reward margin **{s['val_margin']:.4f}**")
+            if s.get("val_accuracy") is not None:
+                parts.append(f"accuracy **{s['val_accuracy']:.3f}**")
+            if s.get("val_chosen") is not None and s.get("val_rejected") is not None:
+                parts.append(f"rewards chosen {s['val_chosen']:.4f}, rejected {s['val_rejected']:.4f}")
+            lines += ["", "Held-out pairs (the prompts kept out of training, `val_frac`): " + ", ".join(parts)
+                      + " (implicit reward: beta times the log-ratio of policy to reference; an accuracy of 0.5 and a "
+                        "margin of 0 are chance)."]
+    rows = (table or {}).get("tasks") or {}
+    if rows and any("dpo_chat" in r for r in rows.values()):
+        trained = set(table.get("dpo_trained") or [])
+        lines += ["", "### SFT vs DPO", "",
+                  "The synthetic tasks [sft] trained, on the private split (never trained on, never tuned on; 95% "
+                  "bootstrap intervals), both models zero-shot through the chat template (`eval-sft/`, `eval-dpo/`); "
+                  "DPO made pairs for the tasks marked *.", "",
+                  "| task | metric | n | SFT, chat 0-shot | DPO, chat 0-shot | change |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, r in rows.items():
+            a, b = r.get("sft_chat"), r.get("dpo_chat")
+            c = a or b or {}
+            delta = f"{b['value'] - a['value']:+.3f}" if a and b and None not in (a.get("value"), b.get("value")) else "-"
+            lines.append(f"| {name}{' *' if name in trained else ''} | {c.get('metric', '-')} | {c.get('n', '-')} "
+                         f"| {_cell(a)} | {_cell(b)} | {delta} |")
+    if ev.get("dpo") and ev.get("sft"):
+        a, b = ev["sft"], ev["dpo"]
+        lines += ["", f"Plain text (test split, bits per byte): SFT **{a['bits_per_byte']:.4f}**, DPO "
+                      f"**{b['bits_per_byte']:.4f}** ({b['bits_per_byte'] - a['bits_per_byte']:+.4f}); validation "
+                      f"{a['val']['bits_per_byte']:.4f} and {b['val']['bits_per_byte']:.4f}."]
+    return lines
+
+
 def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
     st = manifest["stages"]
     ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
@@ -178,8 +260,9 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
                                          heading=2, base="eval/").rstrip()]
     sft_table = _stage_file(run_dir, st, "eval", "sft_eval.json")
     chat = _stage_file(run_dir, st, "demo", "chat.json")
+    dpo = "dpo" in recipe.stages
     if "sft" in recipe.stages:
-        lines += sft_markdown(st, sft_table, ev, chat)
+        lines += sft_markdown(st, sft_table, ev, None if dpo else chat)
         png = run_dir / "sft" / "loss.png"
         if png.exists():
             shutil.copyfile(png, run_dir / "sft_loss.png")
@@ -189,10 +272,27 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
         if sft_table:
             summary["sft_tasks"] = {n: {k: (c or {}).get("value") for k, c in r.items()}
                                     for n, r in sft_table["tasks"].items()}
+    if dpo:
+        lines += dpo_markdown(st, sft_table, ev, _pairs_stats(run_dir, st), recipe)
+        for name, title in (("loss", "DPO loss curves"), ("margins", "DPO reward margin and accuracy")):
+            png = run_dir / "dpo" / f"{name}.png"
+            if png.exists():
+                shutil.copyfile(png, run_dir / f"dpo_{name}.png")
+                lines += ["", f"![{title}](dpo_{name}.png)"]
+        if ev.get("dpo"):
+            summary["dpo_bits_per_byte"] = ev["dpo"]["bits_per_byte"]
+        s = st.get("dpo", {}).get("summary") or {}
+        for k in ("val_margin", "val_accuracy"):
+            if s.get(k) is not None:
+                summary[f"dpo_{k}"] = s[k]
+        if chat and chat.get("messages"):
+            lines += ["", f"### Chat transcript (the {chat.get('model', 'DPO').upper()} model, greedy)", "", "```"]
+            lines += [f"{m['role']}: {m['content']}" for m in chat["messages"]] + ["```"]
     demo = run_dir / "demo.json"
     if demo.exists():
-        lines += ["", "## Demo (engine" + (", the base model on plain prompts; the SFT model chats above)"
-                                         if "sft" in recipe.stages else ")"), ""]
+        chatter = "DPO" if dpo else "SFT"
+        lines += ["", "## Demo (engine" + (f", the base model on plain prompts; the {chatter} model chats above)"
+                                         if "sft" in recipe.stages or dpo else ")"), ""]
         for d in json.loads(demo.read_text()):
             lines += ["```", d["prompt"] + d["completion"], "```"]
     lines += ["", "## Artifacts", "",
@@ -201,7 +301,11 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
               *(["- `sft/`: the SFT run (checkpoints, metrics.jsonl) and its model (`lmforge chat --checkpoint`); "
                  "`eval-sft/`, `eval-base-chat/`: the chat-template scorecards; `sft_eval.json`: the before/after "
                  "table; `chat.json`: the transcript"] if "sft" in recipe.stages else []),
-              "- `hf/`: the " + ("SFT model (with its chat template) " if "sft" in recipe.stages else "model ")
+              *(["- `dpo/`: the preference run (checkpoints, metrics.jsonl with TRL's metric names, margins.png) and "
+                 "its model; `dpo_pairs/`: the pairs the SFT model made (pairs.jsonl, unpaired.jsonl, stats.json); "
+                 "`eval-dpo/`: its chat-template scorecard"] if dpo else []),
+              "- `hf/`: the " + ("DPO model (with its chat template) " if dpo else
+                                 "SFT model (with its chat template) " if "sft" in recipe.stages else "model ")
               + "for `transformers.AutoModelForCausalLM.from_pretrained`",
               "- `eval.json`: bits per byte and samples; `eval/`: the tasks' result.json, scorecard.md, chart "
               "and per-sample logs (`lmforge eval compare` takes it)",

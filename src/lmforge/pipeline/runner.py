@@ -25,6 +25,14 @@ what SFT costs on plain text), and, for every synthetic task of the eval set tha
 few-shot on plain prompts (its best, from ``eval/``), the base model and the SFT model zero-shot
 through the chat template (``eval-base-chat/``, ``eval-sft/``), on the private split with intervals.
 Export and demo then use the SFT model; the demo adds a chat transcript (``chat.json``).
+
+With a ``dpo`` stage (``lmforge dpo``'s function on the SFT model, into ``dpo/``) the stage first makes its
+preference pairs (``[dpo] pairs``: ``lmforge.align.pairs.make_pairs`` on the SFT model, the dev split of the
+tasks [sft] trains, into ``dpo_pairs/``; reused while the SFT model and those arguments are unchanged, so a
+changed loss setting or an interrupted run does not sample them again), then trains (``[dpo] data`` files
+are added to the pairs; an interrupted run resumes from its checkpoint). The eval stage then also scores the
+DPO model: its bits per byte (``eval.json``'s ``"dpo"``) and the trained tasks zero-shot through the chat
+template (``eval-dpo/``: a ``dpo_chat`` cell in ``sft_eval.json``'s rows). Export and demo use the DPO model.
 """
 from __future__ import annotations
 
@@ -240,8 +248,108 @@ class Runner:
         return outs, summary
 
     def _final_model(self) -> Path:
-        """The model the stages after training use: the SFT model with an sft stage, else pretrain's."""
-        return self.dir / ("sft" if "sft" in self.r.stages else "model")
+        """The model the stages after training use: the DPO model with a dpo stage, else the SFT model with an
+        sft stage, else pretrain's."""
+        return self.dir / ("dpo" if "dpo" in self.r.stages else "sft" if "sft" in self.r.stages else "model")
+
+    def dpo_config(self, data: list[str] | None = None):
+        """The [dpo] settings with the pipeline's own: base = the SFT model, out = <run>/dpo, the preference
+        files (the generated pairs, then [dpo] data's), no pairs of its own to make (the stage made them), no HF
+        export of its own (the export stage makes it)."""
+        import copy
+
+        cfg = copy.deepcopy(self.r.dpo)
+        cfg.base, cfg.out = str(self.dir / "sft"), str(self.dir / "dpo")
+        cfg.data = list(data if data is not None else []) + list(self.r.dpo.data)
+        cfg.pairs, cfg.export_hf = {}, False
+        return cfg
+
+    def _pairs_key(self) -> str:
+        """What the generated pairs depend on: the make_pairs arguments, the tasks and the SFT model's weights."""
+        from .. import __version__
+        from .recipe import pair_tasks
+
+        sft_w = self.dir / "sft" / "model.safetensors"
+        return _hash(["pairs", self.r.dpo.pairs, pair_tasks(self.r), file_sha256(sft_w) if sft_w.exists() else None,
+                      __version__])
+
+    def make_pairs(self) -> tuple[list[str], dict]:
+        """[dpo] pairs from the SFT model (``lmforge.align.pairs.make_pairs``; the dev split only) into
+        ``dpo_pairs/``: ``pairs.jsonl`` (paired, for DPO and the reference-free methods) or ``unpaired.jsonl``
+        (KTO), ``stats.json``. Pairs made under the same key (arguments, tasks, SFT weights) are reused.
+        Returns the preference files for the stage and the pairs' stats."""
+        from ..align import pairs as P
+        from .recipe import pair_tasks
+
+        d = self.dir / "dpo_pairs"
+        key = self._pairs_key()
+        kind = "unpaired" if self.r.dpo.method == "kto" else "pairs"
+        stamp, stats_p = d / "key.txt", d / "stats.json"
+        if stamp.exists() and stamp.read_text().strip() == key and stats_p.exists() and (d / f"{kind}.jsonl").exists():
+            self.log(f"dpo: the pairs in {d} were made from this SFT model with these settings: reused")
+            return [str(d / f"{kind}.jsonl")], json.loads(stats_p.read_text())
+        from ..infer.llm import load_with_tokenizer
+
+        model, tok, spec = load_with_tokenizer(self.dir / "sft")
+        model.eval()
+        kw = {k: v for k, v in self.r.dpo.pairs.items() if k != "tasks"}
+        kw.setdefault("split", "dev")
+        t0 = time.perf_counter()
+        paired, unpaired, stats = P.make_pairs(model, tok, spec, pair_tasks(self.r), data_dir=self.dir / "data", **kw)
+        seconds = round(time.perf_counter() - t0, 2)
+        d.mkdir(parents=True, exist_ok=True)
+        stamp.unlink(missing_ok=True)  # (a half-written set is never taken for a finished one)
+        P.write_pairs(paired, d / "pairs.jsonl")
+        P.write_pairs(unpaired, d / "unpaired.jsonl")
+        record = {"tasks": stats, "seconds": seconds, "paired": len(paired), "unpaired": len(unpaired),
+                  "args": {**self.r.dpo.pairs, "tasks": pair_tasks(self.r), "split": kw["split"]}}
+        write_json(stats_p, record, indent=1)
+        stamp.write_text(key + "\n")
+        self.log(f"dpo: {len(paired)} pairs ({len(unpaired)} unpaired answers) from "
+                 f"{sum(t.get('prompts', 0) for t in stats.values() if isinstance(t, dict))} dev prompts in {seconds}s")
+        return [str(d / f"{kind}.jsonl")], record
+
+    def stage_dpo(self):
+        from ..align.dpo import dpo
+
+        if not (self.dir / "sft" / "model.safetensors").exists():
+            raise FileNotFoundError(f"dpo: no SFT model in {self.dir / 'sft'} (the sft stage makes it: add 'sft' to "
+                                    "stages or run it first)")
+        files, pstats = self.make_pairs() if self.r.dpo.pairs else ([], None)
+        made = pstats is not None and pstats["unpaired" if self.r.dpo.method == "kto" else "paired"] > 0
+        if pstats is not None and not made:
+            per = ", ".join(f"{t}: {s.get('pairs', 0)} of {s.get('prompts', 0)} prompts ({s.get('all_correct', 0)} "
+                            f"all correct, {s.get('all_wrong', 0)} all wrong)"
+                            for t, s in pstats["tasks"].items() if isinstance(s, dict))
+            if not self.r.dpo.data:
+                raise ValueError(f"dpo: the SFT model made no preference pairs ({per}): a pair needs a correct and an "
+                                 "incorrect answer to one prompt; raise dpo.pairs.k or n (or the temperature), train "
+                                 "the SFT model longer, or give preference files in dpo.data")
+            self.log(f"dpo: the SFT model made no pairs ({per}); training on dpo.data only")
+        cfg = self.dpo_config(files if made else [])
+        cfg.resume = self._prepare_run_dir("dpo", Path(cfg.out))
+        final = dpo(cfg, quiet=self.quiet, resume_hint=f"rerun `{self.rerun_command()}` "
+                            "(with the same --set options) to continue")
+        keys = ("step", "train_loss", "val_loss", "elapsed")
+        summary = {k: final[k] for k in keys if final.get(k) is not None}
+        summary.update({k: v for k, v in heldout(final).items() if v is not None})
+        if pstats is not None:  # made by the SFT model (paired; kto: every labelled answer)
+            summary["pairs_made"] = pstats["paired"] if self.r.dpo.method != "kto" else pstats["unpaired"]
+            summary["pairs_s"] = pstats["seconds"]
+        d = final.get("dpo") or {}
+        summary.update({k: d[k] for k in ("pairs", "val_pairs", "ref_seconds") if d.get(k) is not None})  # trained on
+        summary["method"] = self.r.dpo.method
+        if self.r.dpo.method == "dpo":
+            summary["loss_type"] = ",".join(self.r.dpo.loss_type)
+        if final.get("resumed_from_step") is not None:
+            self.log(f"dpo: resumed from step {final['resumed_from_step']}, "
+                     f"ran {final.get('steps_this_run')} more steps")
+            summary.update(resumed_from_step=final["resumed_from_step"], steps_this_run=final.get("steps_this_run"))
+        outs = {"dpo_model": Path(cfg.out) / "model.safetensors", "dpo_final": Path(cfg.out) / "final.json"}
+        if pstats is not None:
+            outs["dpo_pairs"] = Path(files[0])
+            outs["dpo_pairs_stats"] = self.dir / "dpo_pairs" / "stats.json"
+        return outs, summary
 
     def _keep_aside(self, model_dir: Path, old_key: str, reason: str, stage: str = "pretrain") -> Path:
         """Move a run of other settings out of ``model_dir`` to ``<its name>.prev-<old key>`` (a numbered name
@@ -300,14 +408,18 @@ class Runner:
             samples.append({"prompt": p, "completion": tok.decode(out)})
         res["samples"] = samples
         del model
-        sft = "sft" in self.r.stages
+        sft = "sft" in self.r.stages or "dpo" in self.r.stages  # (dpo: on an SFT model an earlier run made)
         if sft:  # what SFT costs on plain text: the same measurement on the SFT model
             res["sft"] = {"model": "sft", **self._bpb(self.dir / "sft")}  # (relative: a run's files name no path)
+        if "dpo" in self.r.stages:  # and on the DPO model
+            res["dpo"] = {"model": "dpo", **self._bpb(self.dir / "dpo")}
         write_json(self.dir / "eval.json", res, indent=1)
         outs = {"eval": self.dir / "eval.json"}
         summary = {"test_bpb": res["bits_per_byte"], "test_loss": res["loss"], "val_bpb": res["val"]["bits_per_byte"]}
         if sft:
             summary["sft_test_bpb"] = res["sft"]["bits_per_byte"]
+        if "dpo" in res:
+            summary["dpo_test_bpb"] = res["dpo"]["bits_per_byte"]
         if self.r.eval.tasks:
             outs_t, summary_t = self._eval_tasks()
             outs.update(outs_t)
@@ -349,9 +461,12 @@ class Runner:
         t0 = time.perf_counter()
         kw = dict(limit=e.limit, split="test", num_fewshot=0, apply_chat_template=True, bootstrap=e.bootstrap,
                   seed=e.seed, data_dir=self.dir / "data", progress=not self.quiet)
+        dpo = "dpo" in self.r.stages
         try:
             sft_res, sft_paths = evaluate_checkpoint(self.dir / "sft", tasks, out=self.dir / "eval-sft", **kw)
             base_res, base_paths = evaluate_checkpoint(self.dir / "model", tasks, out=self.dir / "eval-base-chat", **kw)
+            if dpo:
+                dpo_res, dpo_paths = evaluate_checkpoint(self.dir / "dpo", tasks, out=self.dir / "eval-dpo", **kw)
         except Exception as err:  # the base model's scorecard and both bits per byte stand without the table
             msg = f"eval: the before/after table is left out: scoring {', '.join(tasks)} through the chat template " \
                   f"failed ({type(err).__name__}: {err})"
@@ -380,8 +495,13 @@ class Runner:
                 shots = load_tasks([name])[0].num_fewshot
             rows[name] = {"base_fewshot": cell(fewshot, name, shots), "base_chat": cell(base_res, name, 0),
                           "sft_chat": cell(sft_res, name, 0)}
+            if dpo:
+                rows[name]["dpo_chat"] = cell(dpo_res, name, 0)
         table = {"tasks": rows, "split": "private",
                  "bits_per_byte": {"split": "test", "base": ev["bits_per_byte"], "sft": ev["sft"]["bits_per_byte"]}}
+        if dpo:  # the tasks DPO made pairs for (the others are scored too: what DPO did to them)
+            table["dpo_trained"] = [n for n in tasks if n in self.dpo_tasks()]
+            table["bits_per_byte"]["dpo"] = ev["dpo"]["bits_per_byte"]
         write_json(self.dir / "sft_eval.json", table, indent=1)  # (no times in it: the same run, the same bytes)
         seconds = round(time.perf_counter() - t0, 2)
         gains = [r["sft_chat"]["value"] - r["base_fewshot"]["value"] for r in rows.values()
@@ -389,8 +509,25 @@ class Runner:
         summary = {"sft_tasks": len(rows), "sft_tasks_s": seconds}
         if gains:
             summary["sft_mean_gain"] = round(sum(gains) / len(gains), 4)
-        return ({"sft_eval": self.dir / "sft_eval.json", "sft_eval_result": sft_paths["result"],
-                 "base_chat_result": base_paths["result"]}, summary)
+        outs = {"sft_eval": self.dir / "sft_eval.json", "sft_eval_result": sft_paths["result"],
+                "base_chat_result": base_paths["result"]}
+        if dpo:
+            outs["dpo_eval_result"] = dpo_paths["result"]
+            dg = [r["dpo_chat"]["value"] - r["sft_chat"]["value"] for n, r in rows.items() if n in table["dpo_trained"]
+                  and r["dpo_chat"] and r["sft_chat"] and None not in (r["dpo_chat"]["value"], r["sft_chat"]["value"])]
+            if dg:
+                summary["dpo_mean_gain"] = round(sum(dg) / len(dg), 4)
+        return outs, summary
+
+    def dpo_tasks(self) -> list[str]:
+        """The eval set's tasks the dpo stage made pairs for (``recipe.pair_tasks``), when [dpo] makes pairs."""
+        from ..evaluate.run import task_names
+        from .recipe import pair_tasks
+
+        if not self.r.dpo.pairs:
+            return []
+        trained = set(pair_tasks(self.r))
+        return [t for t in task_names(",".join(self.r.eval.tasks)) if t in trained]
 
     def _eval_tasks(self):
         """The [eval] tasks on the run's model (``lmforge eval --tasks``'s function): split both, contamination
@@ -460,17 +597,19 @@ class Runner:
                 for p, o in zip(self.r.demo.conversation, outs)]
         write_json(self.dir / "demo.json", demo, indent=1)
         outs_, summary = {"demo": self.dir / "demo.json"}, {"replies": len(demo)}
-        if "sft" in self.r.stages and self.r.demo.chat:
+        if ("sft" in self.r.stages or "dpo" in self.r.stages) and self.r.demo.chat:
             outs_["chat"] = self._chat_transcript()
             summary["chat_turns"] = len(self.r.demo.chat)
         return outs_, summary
 
     def _chat_transcript(self) -> Path:
-        """One conversation with the SFT model (``lmforge chat``'s Python API): each of [demo] chat's user turns,
-        then the model's greedy reply, every turn seeing the ones before (trimmed to the context)."""
+        """One conversation with the final model (the DPO model with a dpo stage, else the SFT model; ``lmforge
+        chat``'s Python API): each of [demo] chat's user turns, then the model's greedy reply, every turn seeing
+        the ones before (trimmed to the context)."""
         from ..infer.llm import load
 
-        lm = load(self.dir / "sft")
+        which = self._final_model().name
+        lm = load(self.dir / which)
         messages: list[dict] = []
         finish = []
         for turn in self.r.demo.chat:
@@ -480,7 +619,7 @@ class Runner:
             reply = lm.chat(fitted, max_tokens=max(1, min(self.r.demo.chat_max_tokens, room)), temperature=0.0)
             messages.append(reply.message)
             finish.append(reply.finish_reason)
-        write_json(self.dir / "chat.json", {"model": "sft", "messages": messages,
+        write_json(self.dir / "chat.json", {"model": which, "messages": messages,
                                             "finish_reasons": finish}, indent=1)
         return self.dir / "chat.json"
 
@@ -546,7 +685,8 @@ class Runner:
 
         settings = {"fetch": asdict(self.r.fetch), "clean": data,
                     "tokenizer": asdict(self.r.tokenizer), "shards": data,
-                    "pretrain": asdict(self.r.train), "sft": self._sft_settings(), "eval": asdict(self.r.eval),
+                    "pretrain": asdict(self.r.train), "sft": self._sft_settings(), "dpo": self._dpo_settings(),
+                    "eval": asdict(self.r.eval),
                     "export": asdict(self.r.export), "demo": asdict(self.r.demo)}[name]
         return _hash([name, settings, prev, __version__])  # a new lmforge reruns what it would do differently
 
@@ -557,6 +697,11 @@ class Runner:
             if isinstance(src, dict) and isinstance(src.get("path"), str) and Path(src["path"]).is_file():
                 files[src["path"]] = file_sha256(src["path"])
         return {"settings": asdict(self.r.sft), "files": files}
+
+    def _dpo_settings(self) -> dict:
+        """[dpo]'s settings and the contents of its preference files (a changed JSONL reruns DPO)."""
+        files = {p: file_sha256(p) for p in self.r.dpo.data if isinstance(p, str) and Path(p).is_file()}
+        return {"settings": asdict(self.r.dpo), "files": files}
 
     @staticmethod
     def _outputs_ok(old: dict) -> bool:
@@ -582,6 +727,22 @@ class Runner:
                     f"{from_stage} would redo it{' (retrain the model)' if name == 'pretrain' else ''} "
                     f"first; rerun with --from {name} (or without --from) to redo it and what follows")
             prev = _hash([key, old["outputs"]])
+
+
+def heldout(final: dict) -> dict:
+    """The DPO run's held-out pairs from its final.json: reward margin, accuracy, loss, chosen and rejected
+    rewards (TRL's metric names under ``val_``); None where the run did not report one."""
+    d = final.get("dpo") or {}
+    val = d.get("val") if isinstance(d.get("val"), dict) else {}
+
+    def pick(name):
+        for src, k in ((val, name), (d, f"val_{name}"), (final, f"val_{name}"), (val, f"val_{name}")):
+            if isinstance(src.get(k), (int, float)):
+                return float(src[k])
+        return None
+
+    return {"val_margin": pick("rewards/margins"), "val_accuracy": pick("rewards/accuracies"),
+            "val_chosen": pick("rewards/chosen"), "val_rejected": pick("rewards/rejected")}
 
 
 def run_recipe(recipe: Recipe, run_dir, from_stage=None, quiet=False) -> dict:
