@@ -157,10 +157,11 @@ def check_dpo(cfg, seed=0, dtype=torch.float64, weighting=False):
     return per_pair
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("loss_type", DPO_LOSSES)
-def test_dpo_every_loss_type(loss_type):
+def test_dpo_every_loss_type(loss_type, dtype):
     ls = 1e-3 if loss_type == "exo_pair" else 0.0
-    check_dpo(PrefLossConfig(loss_type=[loss_type], beta=0.2, label_smoothing=ls))
+    check_dpo(PrefLossConfig(loss_type=[loss_type], beta=0.2, label_smoothing=ls), dtype=dtype)
 
 
 @pytest.mark.parametrize("loss_type", ["robust", "exo_pair", "aot", "aot_unpaired"])

@@ -265,9 +265,10 @@ class PairLogps:
     ref_rejected: Tensor | None = None
     chosen_weight: Tensor | None = None
     rejected_weight: Tensor | None = None
-    # additive (not in the contract's first draft): the sums/counts the NLL term covers, per pair.
-    # ORPO in TRL: the chosen rows' prompt + completion tokens; DPO 'sft' with ld_alpha: the chosen
-    # completion's unweighted sum. None: chosen / chosen_tokens.
+    # additive (not in the contract's first draft): per pair, the log-prob sum and token count of what
+    # the NLL term covers (ORPO's, CPO's, DPO 'sft''s token mean over the micro-batch). To match TRL:
+    # ORPO: every attended token of the chosen row but its first (prompt AND completion); DPO 'sft'
+    # with ld_alpha: the chosen completion's unweighted sum. None: chosen / chosen_tokens.
     nll_logps: Tensor | None = None
     nll_tokens: Tensor | None = None
 
