@@ -40,6 +40,11 @@ Rows are TRL's conversational formats (``{"prompt": [messages], "chosen": [assis
 [assistant]}`` and ``{"prompt", "completion", "label"}``) plus ``"id"`` and ``"meta"`` (task, split,
 doc_id, content_key, scores, the evaluation's view of each answer, whether it ended).
 
+Speed: every prompt's ``k`` samples of a task go into the engine at once (``running`` = 256 in flight; the
+``k`` samples of a prompt share its cached prefix). Measured on the demo's 0.8M-parameter SFT model, one
+thread on two shared cores (load 3.5-4): 400 prompts (50 of each of the 8 tasks) x k=8 in 15.9-18.5 s
+(``running=64``: 36 s; 512: 20 s).
+
 Never the private split: ``split`` must be ``"dev"`` (or ``"train"``); ``"test"``, ``"private"`` or any
 task's test split is a ValueError before anything is sampled.
 """
