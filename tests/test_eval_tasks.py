@@ -334,18 +334,3 @@ def test_bad_template_list_literal_and_missing_file(tmp_path):
         load_task(p)[0].docs("test")
     with pytest.raises(TaskError, match="task file not found"):
         load_task(tmp_path / "nope.yaml")
-
-
-def test_generator_n_sets_the_documents_per_split(tmp_path):
-    """``generator_n`` draws that many documents of a generator task's split; the first ones are the
-    default draw's (a bigger held-out set extends the same one), and a bad value is refused by name."""
-    src = (Path(__file__).resolve().parent.parent / "src/lmforge/evaluate/tasks/addition.yaml").read_text()
-    (tmp_path / "big.yaml").write_text(src.replace("task: addition", "task: addition_big") + "generator_n: 150\n")
-    big = load_task(tmp_path / "big.yaml")[0]
-    base = load_task(Path(__file__).resolve().parent.parent / "src/lmforge/evaluate/tasks/addition.yaml")[0]
-    docs, base_docs = big.docs("private"), base.docs("private")
-    assert len(docs) == 150 and len(base_docs) == 100
-    assert docs[:100] == base_docs
-    (tmp_path / "bad.yaml").write_text(src + "generator_n: 0\n")
-    with pytest.raises(TaskError, match="generator_n"):
-        load_task(tmp_path / "bad.yaml")

@@ -61,7 +61,7 @@ _LMEVAL_KEYS = {
     "metric_list", "output_type", "generation_kwargs", "repeats", "filter_list", "should_decontaminate",
     "doc_to_decontamination_query", "gen_prefix", "metadata", "include", "custom_dataset",
 }
-_LMFORGE_KEYS = {"generator", "generator_kwargs", "generator_n", "docs", "random_baseline", "primary_metric", "code", "bootstrap_unit"}
+_LMFORGE_KEYS = {"generator", "generator_kwargs", "docs", "random_baseline", "primary_metric", "code", "bootstrap_unit"}
 # ``code`` keys: where the program's parts are, and the sandbox's limits (``sandbox.Limits`` fields;
 # ``timeout_s`` is the wall-clock limit, and the CPU limit unless ``cpu_s`` is given)
 CODE_FIELDS = ("test_field", "entry_point_field", "prompt_field")
@@ -241,7 +241,7 @@ class Task:
             from . import builtin  # another helper's module; imported when a generator task runs
             kwargs = dict(cfg.get("generator_kwargs") or {})
             try:
-                docs = builtin.generate(cfg["generator"], split, cfg.get("generator_n"), data_dir=data_dir, **kwargs)
+                docs = builtin.generate(cfg["generator"], split, data_dir=data_dir, **kwargs)
             except TaskError:
                 raise
             except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
@@ -834,10 +834,6 @@ def _from_definition(cfg: dict, source: str, base_dir: str, skip_bad: bool = Fal
         if k in cfg and cfg[k] is not None and not isinstance(cfg[k], str):
             raise TaskError(f"{where}field {k!r}: expected a split name, got {cfg[k]!r}")
     generator = "generator" in cfg
-    gn = cfg.get("generator_n")
-    if gn is not None and (not generator or isinstance(gn, bool) or not isinstance(gn, int) or gn < 1):
-        raise TaskError(f"{where}field 'generator_n': expected a positive number of documents per split of a "
-                        f"'generator' task, got {gn!r}" + ("" if generator else " (this task has no generator)"))
     for k in ("doc_to_text", "doc_to_target", "doc_to_choice"):
         v = cfg.get(k)
         if v is not None and not isinstance(v, (str, int, list, dict)) or isinstance(v, bool):
