@@ -162,6 +162,24 @@ NOT_RUN = {
     "lmforge eval lm-eval -- --model lmforge --model_args checkpoint=runs/default/model --tasks lmf_choice "
     "--include_path tests/data/lm_eval_tasks":
         "lm-eval indexes its thousands of tasks first (tens of seconds); tests/test_eval_lm_eval.py runs this route",
+    # docs/preference.md: every route runs in tests/test_dpo.py (the CLI on a tiny model, with pairs it writes:
+    # a tiny SFT model answers nothing right, so `dpo pairs` on it yields no pair) and test_pairs.py (`dpo pairs`)
+    "lmforge dpo pairs --model runs/default/sft --tasks brackets,letter_count --n 200 --k 8 --out pairs.jsonl "
+    "--unpaired-out unpaired.jsonl": "needs `make demo`'s SFT model; tests/test_pairs.py runs the CLI on a tiny model",
+    "lmforge dpo --base runs/default/sft --data pairs.jsonl --loss sigmoid --beta 0.1 --out runs/dpo":
+        "needs `make demo`'s SFT model and pairs; tests/test_dpo.py runs the CLI (sigmoid, resume)",
+    "lmforge dpo --base runs/default/sft --data pairs.jsonl --loss ipo --beta 0.5": "as above (tests/test_dpo.py: ipo)",
+    "lmforge dpo --base runs/default/sft --data unpaired.jsonl --method kto": "as above (tests/test_dpo.py: kto)",
+    "lmforge dpo --base runs/default/sft --data pairs.jsonl --method simpo --beta 2.0 --set simpo_gamma=0.5":
+        "as above (tests/test_dpo.py: simpo)",
+    "lmforge dpo --base runs/default/sft --data pairs.jsonl --loss sigmoid,bco_pair,sft --loss-weights 0.8,0.2,1.0":
+        "as above (tests/test_pref_loss.py: weighted combinations equal TRL's)",
+    "lmforge dpo --base runs/default/sft --pairs-from-tasks brackets,letter_count --set 'pairs={\"n\": 100, \"k\": 8}'":
+        "as above (tests/test_dpo.py: generated pairs through a stand-in make_pairs)",
+    "lmforge dpo --base runs/default/sft --data pairs.jsonl --lora-r 8 --reference lora":
+        "as above (tests/test_dpo.py: the LoRA reference)",
+    "lmforge chat --checkpoint runs/dpo": "needs the DPO run above; tests/test_dpo.py chats with its output",
+    "lmforge run --set dpo.beta=0.2": "the whole pipeline (minutes); tests/test_pipeline_dpo.py runs a tiny one",
 }
 SHELL_VARS = "$h"  # pipeline.md's sweep loops: lines with the loop's shell variables are the loop's, not run
 
