@@ -44,6 +44,7 @@ bench: install
 	$(PY) benchmarks/cpu_recipe.py
 	$(PY) benchmarks/eval_bench.py
 	$(PY) benchmarks/sft_bench.py
+	$(PY) benchmarks/dpo_bench.py
 
 clean:
 	rm -rf build src/lmforge/tokenize/*.so .pytest_cache
