@@ -255,7 +255,7 @@ class DPOStage:
     name = "dpo"
 
     def __init__(self, cfg: DPOConfig, device: torch.device | str = "cpu", *, model=None, ref_model=None):
-        from .sft import chat_spec, load_base
+        from .sft import chat_spec, check_base_fits, load_base
 
         self.cfg, self.device = cfg, torch.device(device)
         self.lcfg = loss_config(cfg)
@@ -269,17 +269,7 @@ class DPOStage:
         else:
             model, tok, spec = load_base(cfg.base)
         mc = model.cfg
-        if cfg.seq_len > mc.max_seq_len:
-            raise ValueError(f"seq_len: {cfg.seq_len} is longer than the base model's context (max_seq_len "
-                             f"{mc.max_seq_len} in {cfg.base}); set seq_len <= {mc.max_seq_len}")
-        if cfg.export_hf:
-            from ..model.hf import check_exportable
-
-            try:
-                check_exportable(mc, mc.hf_family)
-            except ValueError as e:
-                raise ValueError(f"export_hf: the base {cfg.base} cannot be exported to HF ({e}); "
-                                 "set export_hf = false") from None
+        check_base_fits(cfg, mc)
         self.tokenizer = tok
         self.tokens = chat_spec(spec, tok)
         self.pad_id = self.tokens.pad if self.tokens.pad is not None else 0

@@ -168,6 +168,22 @@ def load_base(base: str, device="cpu"):
     return model, tok, load_tokens(d, tok)
 
 
+def check_base_fits(cfg, mc) -> None:
+    """A fine-tuning run's ``seq_len`` within the base's context, and (``export_hf``) the base exportable to HF:
+    refused before any work, naming the field (SFT's and the preference stage's check)."""
+    if cfg.seq_len > mc.max_seq_len:
+        raise ValueError(f"seq_len: {cfg.seq_len} is longer than the base model's context (max_seq_len "
+                         f"{mc.max_seq_len} in {cfg.base}); set seq_len <= {mc.max_seq_len}")
+    if cfg.export_hf:
+        from ..model.hf import check_exportable
+
+        try:
+            check_exportable(mc, mc.hf_family)
+        except ValueError as e:
+            raise ValueError(f"export_hf: the base {cfg.base} cannot be exported to HF ({e}); "
+                             "set export_hf = false") from None
+
+
 def chat_spec(spec, tok):
     """The fine-tuned model's TokenSpec: the base's, with lmforge's chat template and ``<|end|>`` the first stop
     id (a reply ends there); the pad token never one of the stop tokens (None when the tokenizer has no other)."""
@@ -216,17 +232,7 @@ class SFTStage:
         self.cfg, self.device = cfg, torch.device(device)
         model, tok, spec = load_base(cfg.base)
         mc = model.cfg
-        if cfg.seq_len > mc.max_seq_len:
-            raise ValueError(f"seq_len: {cfg.seq_len} is longer than the base model's context (max_seq_len "
-                             f"{mc.max_seq_len} in {cfg.base}); set seq_len <= {mc.max_seq_len}")
-        if cfg.export_hf:
-            from ..model.hf import check_exportable
-
-            try:
-                check_exportable(mc, mc.hf_family)
-            except ValueError as e:
-                raise ValueError(f"export_hf: the base {cfg.base} cannot be exported to HF ({e}); "
-                                 "set export_hf = false") from None
+        check_base_fits(cfg, mc)
         self.tokenizer, self.base_tokens = tok, spec
         self.tokens = chat_spec(spec, tok)
         # conversations: the mixture, then the validation share by conversation
