@@ -166,6 +166,8 @@ NOT_RUN = {
     # a tiny SFT model answers nothing right, so `dpo pairs` on it yields no pair) and test_pairs.py (`dpo pairs`)
     "lmforge dpo pairs --model runs/default/sft --tasks brackets,letter_count --n 200 --k 8 --out pairs.jsonl "
     "--unpaired-out unpaired.jsonl": "needs `make demo`'s SFT model; tests/test_pairs.py runs the CLI on a tiny model",
+    "lmforge dpo pairs --model runs/default/sft --tasks brackets,letter_count --n 200 --k 8 --out pairs.jsonl":
+        "README.md: needs `make demo`'s SFT model; tests/test_pairs.py runs the CLI on a tiny model",
     "lmforge dpo --base runs/default/sft --data pairs.jsonl --loss sigmoid --beta 0.1 --out runs/dpo":
         "needs `make demo`'s SFT model and pairs; tests/test_dpo.py runs the CLI (sigmoid, resume)",
     "lmforge dpo --base runs/default/sft --data pairs.jsonl --loss ipo --beta 0.5": "as above (tests/test_dpo.py: ipo)",

@@ -359,3 +359,22 @@ def _prefs(d):
     f = d / "p.jsonl"
     f.write_text(json.dumps({"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}) + "\n")
     return f
+
+
+def test_a_recipe_without_preference_settings_makes_pairs_with_the_defaults(tmp_path):
+    """A recipe with no [dpo] table, or one that names neither pairs nor data, still runs the dpo stage: the SFT
+    model makes pairs with recipe.DEFAULT_PAIRS; one that names pairs keeps its own."""
+    from lmforge.pipeline.recipe import DEFAULT_PAIRS
+
+    bare = tmp_path / "bare.toml"
+    bare.write_text('[train]\npreset = "shakespeare-cpu"\nmax_steps = 5\n')
+    r, _ = load_recipe(str(bare))
+    assert "dpo" in r.stages and r.dpo.pairs == DEFAULT_PAIRS
+    table = tmp_path / "table.toml"
+    table.write_text('[train]\npreset = "shakespeare-cpu"\nmax_steps = 5\n[dpo]\nbeta = 0.2\n')
+    r, _ = load_recipe(str(table))
+    assert r.dpo.beta == 0.2 and r.dpo.pairs == DEFAULT_PAIRS
+    own = tmp_path / "own.toml"
+    own.write_text('[train]\npreset = "shakespeare-cpu"\nmax_steps = 5\n[dpo]\npairs = { n = 8, k = 3 }\n')
+    r, _ = load_recipe(str(own))
+    assert r.dpo.pairs == {"n": 8, "k": 3}

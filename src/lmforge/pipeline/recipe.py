@@ -21,6 +21,8 @@ from ..align.dpo import DPOConfig
 from ..align.sft import SFTConfig
 from ..train.trainer import TrainConfig
 
+# a recipe whose [dpo] names neither pairs nor data: the SFT model makes pairs (the tasks [sft] trains)
+DEFAULT_PAIRS = {"n": 64, "k": 6, "max_new_tokens": 24}
 STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval", "export", "demo")
 # [sft] fields the pipeline sets itself (the base is pretrain's model, out is <run>/sft, corpus generators
 # read the run's shards)
@@ -82,7 +84,7 @@ class Recipe:
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    dpo: DPOConfig = field(default_factory=DPOConfig)
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(pairs=dict(DEFAULT_PAIRS)))
     eval: EvalStage = field(default_factory=EvalStage)
     export: ExportStage = field(default_factory=ExportStage)
     demo: DemoStage = field(default_factory=DemoStage)
@@ -125,6 +127,8 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     path = find_recipe(name_or_path)
     d = load_file(path)
     recipe = from_dict(Recipe, d)
+    if isinstance(d.get("dpo"), dict) and not {"pairs", "data"} & set(d["dpo"]):
+        recipe.dpo.pairs = dict(DEFAULT_PAIRS)
     apply_overrides(recipe, overrides)
     # the preset's training recipe for every [train] field neither the file nor --set named (as pretrain)
     from ..train.trainer import apply_preset_recipe
