@@ -270,6 +270,7 @@ def test_output_directory_loads_and_chats(base, data, tok, tmp_path):
     (dict(label_smoothing=0.5), "label_smoothing: expected a value in [0, 0.5)"),
     (dict(label_smoothing=-0.1), "label_smoothing"),
     (dict(reference="lora"), "needs a LoRA run: set lora_r > 0"),
+    (dict(lora_r=8, lora_dropout=1.5), "lora_dropout: expected a probability in [0, 1), got 1.5"),
     (dict(reference="frozen"), "reference: expected one of precomputed, copy, lora, got 'frozen'"),
     (dict(method="ppo"), "method: expected one of"),
     (dict(data=[]), "data: no preference data"),

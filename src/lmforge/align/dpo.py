@@ -139,6 +139,8 @@ def loss_config(cfg: DPOConfig):
 
 def check_config(cfg: DPOConfig) -> None:
     """Every setting checked before any work; errors name the field, the value and what was expected."""
+    from .sft import check_tuning
+
     check_loop_config(cfg)
     if not cfg.base:
         raise ValueError("base: give the model to train (the SFT model: an lmforge model directory or an HF one), "
@@ -160,19 +162,9 @@ def check_config(cfg: DPOConfig) -> None:
                          "(e.g. --lora-r 8), or use --reference precomputed / copy")
     if cfg.ref and cfg.method in REFERENCE_FREE:
         raise ValueError(f"ref: method {cfg.method!r} uses no reference model; drop ref = {cfg.ref!r}")
-    if not 0.0 <= cfg.val_frac < 1.0:
-        raise ValueError(f"val_frac: expected a share in [0, 1), got {cfg.val_frac}")
-    if cfg.lr < 0:
-        raise ValueError(f"lr: must be >= 0 (0: the default for the run's kind), got {cfg.lr}")
+    check_tuning(cfg)
     if cfg.max_prompt_len < 0:
         raise ValueError(f"max_prompt_len: must be >= 0 (0: seq_len), got {cfg.max_prompt_len}")
-    if cfg.lora_r < 0:
-        raise ValueError(f"lora_r: must be >= 0 (0: a full fine-tune), got {cfg.lora_r}")
-    if cfg.lora_r:
-        if cfg.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha: must be > 0, got {cfg.lora_alpha}")
-        if cfg.optimizer != "adamw":
-            raise ValueError(f"optimizer: a LoRA run trains its adapter with adamw, got {cfg.optimizer!r}")
     if not isinstance(cfg.data, list) or not all(isinstance(p, str) for p in cfg.data):
         raise ValueError(f"data: expected a list of JSONL paths, got {cfg.data!r}")
     if not isinstance(cfg.pairs, dict):

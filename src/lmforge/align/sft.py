@@ -104,12 +104,25 @@ def check_config(cfg: SFTConfig) -> None:
     for k, ok in CHOICES.items():
         if getattr(cfg, k) not in ok:
             raise ValueError(f"{k}: expected one of {', '.join(ok)}, got {getattr(cfg, k)!r}")
+    check_tuning(cfg)
+    if cfg.neftune_alpha < 0:
+        raise ValueError(f"neftune_alpha: must be >= 0 (0: off), got {cfg.neftune_alpha}")
+    for name in ("sources", "test_sources"):
+        v = getattr(cfg, name)
+        if not isinstance(v, list) or not all(isinstance(s, dict) for s in v):
+            raise ValueError(f"{name}: expected a list of source tables ({{path = FILE}} or "
+                             f"{{generator = NAME, n = N}}), got {v!r}")
+    if not cfg.sources:
+        raise ValueError("sources: no conversations to train on (give --data FILE.jsonl or --generators)")
+
+
+def check_tuning(cfg) -> None:
+    """The fine-tuning fields SFT and the preference stage share: the validation share, the rate, LoRA's rank,
+    alpha, dropout and optimizer; errors name the field."""
     if not 0.0 <= cfg.val_frac < 1.0:
         raise ValueError(f"val_frac: expected a share in [0, 1), got {cfg.val_frac}")
     if cfg.lr < 0:
         raise ValueError(f"lr: must be >= 0 (0: the default for the run's kind), got {cfg.lr}")
-    if cfg.neftune_alpha < 0:
-        raise ValueError(f"neftune_alpha: must be >= 0 (0: off), got {cfg.neftune_alpha}")
     if cfg.lora_r < 0:
         raise ValueError(f"lora_r: must be >= 0 (0: a full fine-tune), got {cfg.lora_r}")
     if cfg.lora_r:
@@ -120,13 +133,6 @@ def check_config(cfg: SFTConfig) -> None:
         if cfg.optimizer != "adamw":
             raise ValueError(f"optimizer: a LoRA run (lora_r = {cfg.lora_r}) trains its adapter with adamw, "
                              f"got {cfg.optimizer!r}")
-    for name in ("sources", "test_sources"):
-        v = getattr(cfg, name)
-        if not isinstance(v, list) or not all(isinstance(s, dict) for s in v):
-            raise ValueError(f"{name}: expected a list of source tables ({{path = FILE}} or "
-                             f"{{generator = NAME, n = N}}), got {v!r}")
-    if not cfg.sources:
-        raise ValueError("sources: no conversations to train on (give --data FILE.jsonl or --generators)")
 
 
 def resolved_lr(cfg: SFTConfig) -> float:
