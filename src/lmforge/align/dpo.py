@@ -605,26 +605,13 @@ class DPOStage:
 
     def finish(self, out: Path, final: dict) -> dict:
         """``out/`` an lmforge model directory (LoRA: merged), ``out/adapter/``, ``out/hf/``, ``margins.png``."""
-        from ..model import save
+        from .sft import save_tuned
 
         out = Path(out)
-        model = self.model
-        extra = {"adapter": None, "hf": None}
-        if self.cfg.lora_r:
-            from .lora import merge_and_unload, save_peft
-
-            extra["adapter"] = str(save_peft(model, out / "adapter", base=str(self.cfg.base)))
-            model = merge_and_unload(model)
-            self.model = model
-        model = model.cpu().eval()
         trained = {"steps": final.get("step"), "tokens": final.get("tokens"), "dpo": {
             "base": str(self.cfg.base), "method": self.method, "loss_type": list(self.lcfg.loss_type),
             "beta": self.cfg.beta, "pairs": len(self.train_ex)}}
-        save(model, out, tokenizer=self.tokenizer, extra={"trained": trained}, tokens=self.tokens)
-        if self.cfg.export_hf:
-            from ..model.hf import export_hf
-
-            extra["hf"] = str(export_hf(model, out / "hf", tokenizer=self.tokenizer, tokens=self.tokens))
+        self.model, extra = save_tuned(self.model, out, self.cfg, self.tokenizer, self.tokens, trained)
         d = self.stats()
         d["val"] = {k[4:]: v for k, v in final.items() if k.startswith("val_") and k[4:] in VAL_KEYS}
         try:

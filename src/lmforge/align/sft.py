@@ -190,6 +190,27 @@ def check_base_fits(cfg, mc) -> None:
                              "set export_hf = false") from None
 
 
+def save_tuned(model, out: Path, cfg, tokenizer, tokens, trained: dict):
+    """Write a fine-tuning run's result: ``out/adapter/`` (PEFT format) and the merged weights for a LoRA run,
+    ``out/`` an lmforge model directory (``trained`` recorded in its config), ``out/hf/`` with ``export_hf``.
+    Returns (the saved model, {"adapter": path | None, "hf": path | None}). SFT's and the preference stage's."""
+    from ..model import save
+
+    extra = {"adapter": None, "hf": None}
+    if cfg.lora_r:
+        from .lora import merge_and_unload, save_peft
+
+        extra["adapter"] = str(save_peft(model, out / "adapter", base=str(cfg.base)))
+        model = merge_and_unload(model)
+    model = model.cpu().eval()
+    save(model, out, tokenizer=tokenizer, extra={"trained": trained}, tokens=tokens)
+    if cfg.export_hf:
+        from ..model.hf import export_hf
+
+        extra["hf"] = str(export_hf(model, out / "hf", tokenizer=tokenizer, tokens=tokens))
+    return model, extra
+
+
 def chat_spec(spec, tok):
     """The fine-tuned model's TokenSpec: the base's, with lmforge's chat template and ``<|end|>`` the first stop
     id (a reply ends there); the pad token never one of the stop tokens (None when the tokenizer has no other)."""
@@ -403,28 +424,13 @@ class SFTStage:
     def finish(self, out: Path, final: dict) -> dict:
         """Write ``out/`` as an lmforge model directory (LoRA: the merged weights), ``out/adapter/`` (LoRA) and
         ``out/hf/`` (export_hf); returns final.json's extra keys."""
-        from ..model import save
-
         out = Path(out)
         if self._neftune is not None:
             self._neftune.remove()
             self._neftune = None
-        model = self.model
-        extra = {"adapter": None, "hf": None}
-        if self.cfg.lora_r:
-            from .lora import merge_and_unload, save_peft
-
-            extra["adapter"] = str(save_peft(model, out / "adapter", base=str(self.cfg.base)))
-            model = merge_and_unload(model)
-            self.model = model
-        model = model.cpu().eval()
         trained = {"steps": final.get("step"), "tokens": final.get("tokens"), "sft": {
             "base": str(self.cfg.base), "lora_r": self.cfg.lora_r, "conversations": self.train_stats["conversations"]}}
-        save(model, out, tokenizer=self.tokenizer, extra={"trained": trained}, tokens=self.tokens)
-        if self.cfg.export_hf:
-            from ..model.hf import export_hf
-
-            extra["hf"] = str(export_hf(model, out / "hf", tokenizer=self.tokenizer, tokens=self.tokens))
+        self.model, extra = save_tuned(self.model, out, self.cfg, self.tokenizer, self.tokens, trained)
         (logger.debug if self.quiet else logger.info)(
             f"saved the fine-tuned model to {out} (chat with it: lmforge chat --checkpoint {out})"
             + (f"; the adapter in {extra['adapter']}" if extra["adapter"] else "")
