@@ -5,7 +5,13 @@ Names are imported on first use (the ``_WHERE`` map), so importing the package (
 outside through ``lmforge.model.surgery.replace_linear``.
 """
 
-_WHERE: dict[str, str] = {}
+_WHERE = {
+    **dict.fromkeys(("QuantConfig", "check_config", "METHODS"), "config"),
+    **dict.fromkeys(("quantize", "model_bytes"), "api"),
+    **dict.fromkeys(("QuantLinear", "IntLinear", "FP8Linear", "FORMATS", "register_format", "format_class"), "linear"),
+    **dict.fromkeys(("save_quantized", "load_quantized", "is_quantized"), "checkpoint"),
+    **dict.fromkeys(("rtn_quantize", "dequantize_codes", "pack_nibbles", "unpack_nibbles", "fp8_quantize"), "formats"),
+}
 __all__ = sorted(_WHERE)
 
 
