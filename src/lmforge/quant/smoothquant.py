@@ -41,7 +41,6 @@ from .linear import QuantLinear, register_format
 from .llm_int8 import _rel_err, int8_matmul, quantize_weight, targets, vectorwise_quant
 
 NEEDS_CALIBRATION = True
-_CAPTURE_BYTES = 256 << 20  # captured activations held at once (names are captured in chunks under this)
 
 
 @register_format("w8a8")
@@ -176,34 +175,27 @@ def smoothing_plan(model: nn.Module, names=None) -> tuple[list[dict], list[dict]
 
 def activation_absmax(model: nn.Module, tokens: torch.Tensor, names: list[str], batch_size: int = 8,
                       keep_rows: int = 0) -> tuple[dict, dict]:
-    """Per named linear, the largest |input| of each input channel over ``tokens`` (``calib.capture_inputs``,
-    a few names at a time so the captured rows stay under ~256 MB), and up to ``keep_rows`` evenly spaced
-    input rows (for error reports). Returns ``({name: (I,)}, {name: (<=keep_rows, I)})``."""
+    """Per named linear, the largest |input| of each input channel over ``tokens`` (S, T), and up to
+    ``keep_rows`` input rows spread evenly over the batches (for error reports). One pass of the model:
+    ``calib.capture_inputs`` on one batch at a time, reduced at once (memory: one batch's rows).
+    Returns ``({name: (I,)}, {name: (<=keep_rows, I)})``."""
     from .calib import capture_inputs
 
-    mods = dict(model.named_modules())
-    rows = tokens.numel()
-    amax, kept = {}, {}
-    chunk, size = [], 0
-    groups = []
-    for n in names:
-        b = rows * mods[n].in_features * 4
-        if chunk and size + b > _CAPTURE_BYTES:
-            groups.append(chunk)
-            chunk, size = [], 0
-        chunk.append(n)
-        size += b
-    if chunk:
-        groups.append(chunk)
-    for g in groups:
-        got = capture_inputs(model, tokens, g, batch_size=batch_size)
+    amax: dict[str, torch.Tensor] = {}
+    kept: dict[str, list] = {n: [] for n in names}
+    n_batches = -(-tokens.shape[0] // batch_size)
+    per = -(-keep_rows // n_batches) if keep_rows else 0
+    for start in range(0, tokens.shape[0], batch_size):
+        got = capture_inputs(model, tokens[start:start + batch_size], names, batch_size=batch_size)
         for n, x in got.items():
-            amax[n] = x.abs().amax(0)
-            if keep_rows:
-                idx = torch.linspace(0, x.shape[0] - 1, min(keep_rows, x.shape[0])).round().long()
-                kept[n] = x.index_select(0, idx).clone()
+            m = x.abs().amax(0)
+            amax[n] = m if n not in amax else torch.maximum(amax[n], m)
+            if per:
+                idx = torch.linspace(0, x.shape[0] - 1, min(per, x.shape[0])).round().long()
+                kept[n].append(x.index_select(0, idx))
         del got
-    return amax, kept
+    rows = {n: torch.cat(v)[:keep_rows] for n, v in kept.items() if v}
+    return amax, rows
 
 
 def smoothing_scales(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
