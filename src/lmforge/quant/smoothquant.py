@@ -294,7 +294,7 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
     """SmoothQuant W8A8, in place: the smoothing (``cfg.alpha``) folded where exact, then every ``nn.Linear``
     not matched by ``cfg.skip`` swapped for a ``W8A8Linear``.
 
-    Report: {"method", "alpha", "layers": {name: {"err", "err_unsmoothed", "smoothed", "act_max",
+    Report: {"method", "alpha", "layers": {name: {"shape", "err", "err_unsmoothed", "smoothed", "act_max",
     "act_max_smoothed", "bytes"}}, "folds", "skipped"}; ``err`` is the relative output error
     ||Y_q - Y||/||Y|| of the quantized layer against the same (smoothed) layer in fp32 on up to 1024
     calibration rows (in-sample), ``err_unsmoothed`` the same for plain W8A8 of the original weight.
@@ -312,6 +312,9 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
     mods = dict(model.named_modules())
     orig = {n: (mods[n].weight.detach().clone(), None if mods[n].bias is None else mods[n].bias.detach().clone())
             for n in names}
+    if progress:
+        print(f"  smoothquant: activation maxima of {len(names)} linears over {calib.shape[0]} x {calib.shape[1]} "
+              "calibration tokens", flush=True)
     act_max, rows = activation_absmax(model, calib, names, keep_rows=1024)
     scales = fold_smoothing(model, folds, act_max, alpha)
     if progress:
@@ -328,13 +331,10 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
         xs = x / s if s is not None else x  # its inputs now (the folds divide them by s)
         plain = W8A8Linear.from_weight(w0, b0)
         # each against its own fp32 layer (a fold into this linear's rows changes its output on purpose)
-        layers[name] = {"err": _rel_err(q(xs), lin(xs)), "err_unsmoothed": _rel_err(plain(x), _fp32(x, w0, b0)),
+        layers[name] = {"shape": [q.out_features, q.in_features], "err": _rel_err(q(xs), lin(xs)), "err_unsmoothed": _rel_err(plain(x), _fp32(x, w0, b0)),
                         "smoothed": s is not None, "act_max": float(act_max[name].max()),
                         "act_max_smoothed": float((act_max[name] / s).max()) if s is not None
                         else float(act_max[name].max()), "bytes": q.weight_bytes()}
-        if progress:
-            L = layers[name]
-            print(f"  w8a8 {name}: err {L['err']:.2e} (unsmoothed {L['err_unsmoothed']:.2e})", flush=True)
         return q
 
     replace_linear(model, make, lambda n, _m: n in keep)
