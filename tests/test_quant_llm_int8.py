@@ -241,14 +241,19 @@ def test_llm_int8_costs_no_more_than_weight_only_on_a_planted_outlier_model():
     assert e_w8 > 1.5 * e_li, (e_li, e_w8)
 
 
-def test_checkpoint_round_trip(tmp_path):
-    ck = pytest.importorskip("lmforge.quant.checkpoint")
+def test_quantize_entry_point_and_checkpoint_round_trip(tmp_path):
+    from lmforge.quant.api import quantize
+    from lmforge.quant.checkpoint import load_quantized, save_quantized
+
     model = _tiny(seed=2)
     toks = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
-    apply(model, QuantConfig(method="llm_int8", threshold=4.0), None, progress=False)
-    model.quant_config = QuantConfig(method="llm_int8", threshold=4.0)
-    ck.save_quantized(model, tmp_path / "q")
-    back, _ = ck.load_quantized(tmp_path / "q")
+    with pytest.raises(ValueError, match="threshold"):
+        quantize(copy.deepcopy(model), QuantConfig(method="llm_int8", threshold=0), progress=False)
+    rep = quantize(model, QuantConfig(method="llm_int8", threshold=4.0), progress=False)  # no calibration needed
+    assert rep["method"] == "llm_int8" and rep["bytes"]["after"] < rep["bytes"]["before"]
+    assert model.quant_config.threshold == 4.0
+    save_quantized(model, tmp_path / "q")
+    back, _ = load_quantized(tmp_path / "q")
     assert isinstance(back.blocks[0].mlp.fc, LLMInt8Linear) and back.blocks[0].mlp.fc.threshold == 4.0
     with torch.no_grad():
         assert torch.equal(back(toks), model(toks))

@@ -225,13 +225,17 @@ def test_plan_respects_already_swapped_linears():
     assert "qkv" in why["blocks.0.attn.proj"]
 
 
-def test_checkpoint_round_trip(tmp_path):
-    ck = pytest.importorskip("lmforge.quant.checkpoint")
+def test_quantize_entry_point_and_checkpoint_round_trip(tmp_path):
+    from lmforge.quant.api import quantize
+    from lmforge.quant.checkpoint import load_quantized, save_quantized
+
     model = plant_outliers(_model("tiny-llama"))
-    apply(model, QuantConfig(method="smoothquant"), _tokens(0), progress=False)
-    model.quant_config = QuantConfig(method="smoothquant")
-    ck.save_quantized(model, tmp_path / "q")
-    back, _ = ck.load_quantized(tmp_path / "q")
+    with pytest.raises(ValueError, match="calibration"):
+        quantize(copy.deepcopy(model), QuantConfig(method="smoothquant"), progress=False)
+    rep = quantize(model, QuantConfig(method="smoothquant", alpha=0.6), calib=_tokens(0), progress=False)
+    assert rep["alpha"] == 0.6 and rep["bytes"]["after"] < rep["bytes"]["before"]
+    save_quantized(model, tmp_path / "q")
+    back, _ = load_quantized(tmp_path / "q")
     assert isinstance(back.blocks[0].attn.qkv, W8A8Linear)
     toks = _tokens(3, n=2)
     with torch.no_grad():
