@@ -85,6 +85,12 @@ def test_int8_matmul_is_exact_where_fp32_is_not():
     # with steps: the exact integer sum rescaled once
     sx, sw = torch.rand(8, 1) + 0.5, torch.rand(16, 1) + 0.5
     assert torch.equal(int8_matmul(cx, sx, qw, sw), exact.float() * (sx * sw.t()))
+    # one slice (1024 * 127**2 < 2**24) and slices summed in int32, at the extreme codes
+    for I in (1024, 3000):
+        c1, q1 = torch.full((4, I), 127, dtype=torch.int8), torch.full((6, I), -127, dtype=torch.int8)
+        c1[:, 1::2] = 126
+        want = (c1.long() @ q1.long().t()).float()
+        assert torch.equal(int8_matmul(c1, torch.ones(4, 1), q1, torch.ones(6, 1)), want)
 
 
 def test_no_outliers_equals_plain_vectorwise_w8a8():
