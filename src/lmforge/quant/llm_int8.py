@@ -113,7 +113,7 @@ class LLMInt8Linear(QuantLinear):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold=6.0):
         O, I = weight.shape
-        m = cls(I, O, threshold, bias=bias)
+        m = cls(I, O, threshold, bias=bias).to(weight.device)
         q, s = quantize_weight(weight)
         m.qweight.copy_(q)
         m.scales.copy_(s)
