@@ -193,7 +193,7 @@ def test_apply_swaps_every_linear_but_the_skipped():
     kinds = {n: type(m) for n, m in q.named_modules() if isinstance(m, (nn.Linear, LLMInt8Linear))}
     assert kinds.pop("lm_head") is nn.Linear
     assert set(kinds.values()) == {LLMInt8Linear} and len(kinds) == 8
-    assert set(rep["layers"]) == set(kinds) and rep["skipped"] == ["lm_head"]
+    assert set(rep["layers"]) == set(kinds) and rep["unquantized"] == ["lm_head"]
     assert all(0 < L["err"] < 0.01 for L in rep["layers"].values())
     # the planted feature shows in the calibration counts of the linear it feeds, and nowhere in block 0
     assert rep["layers"]["blocks.1.mlp.fc"]["outlier_cols_max"] >= 1

@@ -201,14 +201,15 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None = None, progress: bo
     tokens, the report also counts each layer's outlier columns on them (before the swap, fp32 model).
 
     Report: {"method", "threshold", "layers": {name: {"shape": [O, I], "err": ||W - deq(W)||/||W||, "bytes",
-    and with calib "outlier_cols_mean", "outlier_cols_max", "outlier_cols_frac"}}, "skipped": [unquantized]}."""
+    and with calib "outlier_cols_mean", "outlier_cols_max", "outlier_cols_frac"}}, "unquantized": [the linears cfg.skip
+    left in fp32]}."""
     from ..model.surgery import replace_linear
 
     if cfg.bits != 8:
         raise ValueError(f"llm_int8: bits: got {cfg.bits!r}, expected 8 (LLM.int8() is an int8 method)")
     threshold = _check_threshold(cfg.threshold)
     names = targets(model, cfg.skip)
-    skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
+    unquantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
     stats = _outlier_stats(model, names, calib, threshold) if calib is not None and names else {}
     layers: dict[str, dict] = {}
 
@@ -220,4 +221,4 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None = None, progress: bo
 
     keep = set(names)
     replace_linear(model, make, lambda n, _m: n in keep)
-    return {"method": "llm_int8", "threshold": threshold, "layers": layers, "skipped": skipped}
+    return {"method": "llm_int8", "threshold": threshold, "layers": layers, "unquantized": unquantized}
