@@ -15,10 +15,10 @@ The algorithm, as bitsandbytes' ``Linear8bitLt`` (inference, ``has_fp16_weights=
   outlier column is a column holding at least one. The row scale is the absmax of the row's remaining
   (non-outlier) elements, ``c = round(x * (127 / absmax_n))``, and the outlier columns are zeroed in c;
 - output ``Y = (c @ q^T) * sx_n * sw_o  +  X[:, outl] @ (q[:, outl] * sw)^T  + bias``: the int8 part
-  accumulates exactly (int32 in bitsandbytes; here fp32 products of the integer codes over slices of
-  1024 columns, exact since every partial sum is an integer below 2**24, added in int32), the outlier part is an fp32 matmul against the
-  dequantized weight columns (bitsandbytes dequantizes the int8 weight columns too: the weight is stored
-  once, in int8).
+  accumulates exactly (int32 in bitsandbytes; here fp32 products of the integer codes over slices of 1024
+  columns, exact since every partial sum is an integer below 2**24, added in int32); the outlier part is
+  an fp32 matmul against the dequantized weight columns (bitsandbytes dequantizes the int8 weight columns
+  too: the weight is stored once, in int8).
 
 Rounding: ``torch.round`` (half to even), as bitsandbytes' CPU path. A row (of W or X) that is all zero
 gets scale 0 and codes 0 (bitsandbytes would divide by zero). Differences from bitsandbytes: fp32 instead

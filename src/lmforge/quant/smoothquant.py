@@ -333,10 +333,11 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
         xs = x / s if s is not None else x  # its inputs now (the folds divide them by s)
         plain = W8A8Linear.from_weight(w0, b0)
         # each against its own fp32 layer (a fold into this linear's rows changes its output on purpose)
-        layers[name] = {"shape": [q.out_features, q.in_features], "err": _rel_err(q(xs), lin(xs)), "err_unsmoothed": _rel_err(plain(x), _fp32(x, w0, b0)),
-                        "smoothed": s is not None, "act_max": float(act_max[name].max()),
-                        "act_max_smoothed": float((act_max[name] / s).max()) if s is not None
-                        else float(act_max[name].max()), "bytes": q.weight_bytes()}
+        am = act_max[name].to(w0.device)
+        layers[name] = {"shape": [q.out_features, q.in_features], "err": _rel_err(q(xs), lin(xs)),
+                        "err_unsmoothed": _rel_err(plain(x), _fp32(x, w0, b0)), "smoothed": s is not None,
+                        "act_max": float(am.max()), "act_max_smoothed": float((am if s is None else am / s).max()),
+                        "bytes": q.weight_bytes()}
         return q
 
     replace_linear(model, make, lambda n, _m: n in keep)
