@@ -33,7 +33,6 @@ exactly this format.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
