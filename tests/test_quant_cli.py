@@ -48,7 +48,8 @@ def test_quantize_end_to_end(ckpt, tmp_path, capsys):
     assert _run("--checkpoint", str(ckpt), "--out", str(out), "--bits", "4", "--granularity", "group",
                 "--group-size", "16", "--asym", "--quiet") == 0
     text = capsys.readouterr().out
-    assert "blocks.0.attn.qkv" in text and "96x32" in text and "size:" in text and "smaller" in text
+    assert "blocks.0.attn.qkv" in text and "96x32" in text and "model:" in text and "smaller" in text
+    assert "8.00 bits per weight" in text  # 4 + (scale + zero point) * 32 bits / 16 columns
     assert is_quantized(out)
     m, tok = load_quantized(out)
     ref, _ = load(ckpt)

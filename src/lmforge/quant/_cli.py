@@ -47,11 +47,17 @@ def summary(report: dict) -> str:
         err = st.get("err")
         rows.append(f"{name:<28} {shape:>12} {err if err is None else format(err, '9.2e'):>9} "
                     f"{st.get('bytes', ''):>10}")
+    layers = report.get("layers", {})
+    lin_fp32 = sum(4 * st["shape"][0] * st["shape"][1] for st in layers.values() if len(st.get("shape", [])) == 2)
+    lin_q = sum(st.get("bytes", 0) for st in layers.values())
+    if lin_fp32 and lin_q:
+        rows.append(f"quantized linears: {_mb(lin_fp32)} fp32 -> {_mb(lin_q)} ({lin_q * 8 / (lin_fp32 / 4):.2f} "
+                    "bits per weight, scales and zero points included)")
     b = report.get("bytes", {})
     if b:
         ratio = b["before"] / max(b["after"], 1)
-        rows.append(f"size: {_mb(b['before'])} -> {_mb(b['after'])} ({ratio:.2f}x smaller), "
-                    f"{len(report.get('layers', {}))} linears quantized with {report.get('method')}")
+        rows.append(f"model: {_mb(b['before'])} -> {_mb(b['after'])} ({ratio:.2f}x smaller), "
+                    f"{len(layers)} linears quantized with {report.get('method')}")
     return "\n".join(rows)
 
 
