@@ -243,7 +243,8 @@ def test_llm_int8_costs_no_more_than_weight_only_on_a_planted_outlier_model():
         wo = copy.deepcopy(model)
         replace_linear(wo, lambda n, m: _WeightOnly(m), not_head)
         e_li, e_w8, e_wo = (float((m(toks) - ref).norm() / ref.norm()) for m in (li, w8, wo))
-    assert e_li < 1.15 * e_wo, (e_li, e_wo)
+    # (over model seeds 0-4: e_li / e_wo 0.98-1.11, e_w8 / e_li 1.97-2.18)
+    assert e_li < 1.2 * e_wo, (e_li, e_wo)
     assert e_w8 > 1.5 * e_li, (e_li, e_w8)
 
 
