@@ -11,6 +11,7 @@ _WHERE = {
     **dict.fromkeys(("QuantLinear", "IntLinear", "FP8Linear", "FORMATS", "register_format", "format_class"), "linear"),
     **dict.fromkeys(("save_quantized", "load_quantized", "is_quantized"), "checkpoint"),
     **dict.fromkeys(("rtn_quantize", "dequantize_codes", "pack_nibbles", "unpack_nibbles", "fp8_quantize"), "formats"),
+    "LLMInt8Linear": "llm_int8", "W8A8Linear": "smoothquant", "smooth_model": "smoothquant",
 }
 __all__ = sorted(_WHERE)
 
