@@ -304,6 +304,7 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     best = _seq_sum(w * (diff * diff))
     best_min = vmin.copy()
     for step in range(nstep + 1):
+        # the reference's steps use the current best min (it updates `min` in place), not the data's
         iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / rng
         la = np.clip(_nearest(iscale * xm), 0, nmax)
         laf = la.astype(np.float32)
@@ -328,6 +329,8 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             best_min = np.where(better, this_min, best_min)
+            rng = np.where(flat, f(1), vmax - best_min)
+            xm = x - best_min
     L = np.where(flat, 0, L)
     scale = np.where(flat, f(0), scale).astype(np.float32)
     return L.astype(np.uint8), scale, (-best_min).astype(np.float32)
