@@ -647,3 +647,59 @@ def test_block_sizes_match_gguf_py(gg):
             continue
         assert G.BLOCK[t] == tuple(gg.GGML_QUANT_SIZES[gg.GGMLQuantizationType(int(t))]), t.name
         assert gg.GGMLQuantizationType(int(t)).name == t.name
+
+
+# ---- llama.cpp's own ggml (from llama-cpp-python): its quantizer and dequantizers ----
+
+@pytest.fixture(scope="module")
+def ggml():
+    """libggml-base from llama-cpp-python: ggml_quantize_chunk (what llama_model_quantize runs per tensor,
+    here without an importance matrix) and the dequantize_row_* functions."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    names = [n for n in os.listdir(libdir) if n.startswith("libggml-base.")] if os.path.isdir(libdir) else []
+    if not names:
+        pytest.skip(f"no libggml-base in {libdir}")
+    lib = ctypes.CDLL(os.path.join(libdir, sorted(names)[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+
+    def quantize(a: np.ndarray, t: GGMLType) -> bytes:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        out = np.zeros(G.tensor_bytes(t, a.shape), dtype=np.uint8)
+        lib.ggml_quantize_init(int(t))
+        n = lib.ggml_quantize_chunk(int(t), a.ctypes.data, out.ctypes.data, 0, a.shape[0], a.shape[1], None)
+        assert n == out.size
+        return out.tobytes()
+
+    def dequantize(b: bytes, t: GGMLType, count: int) -> np.ndarray:
+        fn = getattr(lib, f"dequantize_row_{t.name.lower().replace('_k', '_K')}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        src = np.frombuffer(b, dtype=np.uint8).copy()
+        out = np.zeros(count, dtype=np.float32)
+        fn(src.ctypes.data, out.ctypes.data, count)
+        return out
+
+    return quantize, dequantize
+
+
+@pytest.mark.parametrize("t", ["Q8_0", "Q4_0", "Q4_K", "F16", "BF16"])
+def test_quantize_bytes_equal_llama_cpp(ggml, t):
+    quantize, _ = ggml
+    t = GGMLType[t]
+    a = _rows(seed=11, rows=64, n=1024)
+    assert G.quantize(a, t) == quantize(a, t)
+
+
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_dequantize_equals_llama_cpp(ggml, t):
+    quantize, dequantize = ggml
+    t = GGMLType[t]
+    a = _rows(seed=12, rows=16, n=1024)
+    b = quantize(a, t)  # llama.cpp's own blocks of this type
+    np.testing.assert_array_equal(G.dequantize(b, t, a.shape).reshape(-1), dequantize(b, t, a.size))
