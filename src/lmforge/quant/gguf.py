@@ -129,6 +129,9 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
 }
 
 
+_TYPE_IDS = frozenset(int(t) for t in GGMLType)
+
+
 class GGUFValueType(IntEnum):
     UINT8 = 0
     INT8 = 1
@@ -571,7 +574,7 @@ _DEQUANTIZE = {
 }
 QUANTIZE_TYPES = tuple(_QUANTIZE)
 DEQUANTIZE_TYPES = tuple(_DEQUANTIZE)
-_CHUNK_BLOCKS = {GGMLType.Q4_K: 256}  # super-blocks per step: bounds the search's temporaries
+_CHUNK_BLOCKS = {GGMLType.Q4_K: 1024}  # super-blocks per step: bounds the search's temporaries
 
 
 def _blocks_per_chunk(t: GGMLType) -> int:
@@ -982,9 +985,9 @@ class GGUFFile:
         for i in range(n_tensors):
             name = c.string(f"tensor info {i} (name)")
             (nd,) = c.unpack("<I", f"tensor info {name!r} (n_dims)")
-            if not 1 <= nd <= MAX_DIMS:
-                raise ValueError(f"{self.path}: tensor {name!r}: n_dims {nd}, expected 1 to {MAX_DIMS}")
-            ne = c.unpack(f"<{nd}Q", f"tensor info {name!r} (dims)")
+            if nd > MAX_DIMS:
+                raise ValueError(f"{self.path}: tensor {name!r}: n_dims {nd}, expected 0 to {MAX_DIMS}")
+            ne = c.unpack(f"<{nd}Q", f"tensor info {name!r} (dims)") if nd else ()
             t, off = c.unpack("<IQ", f"tensor info {name!r} (type, offset)")
             infos.append((name, ne, t, off))
         self.data_offset = _pad(c.pos, self.alignment)
@@ -992,13 +995,14 @@ class GGUFFile:
         for name, ne, t, off in infos:
             if name in self.tensors:
                 raise ValueError(f"{self.path}: tensor {name!r} appears twice")
-            if t not in BLOCK.keys() or t not in set(int(x) for x in GGMLType):
+            if t not in _TYPE_IDS:
                 raise ValueError(f"{self.path}: tensor {name!r}: unknown ggml type {t}; known: "
                                  f"{', '.join(f'{x.name}={int(x)}' for x in GGMLType)}")
             t = GGMLType(t)
             blk = BLOCK[t][0]
-            if ne[0] % blk:
-                raise ValueError(f"{self.path}: tensor {name!r}: row length {ne[0]} is not a multiple of the "
+            n0 = ne[0] if ne else 1  # n_dims 0: one value
+            if n0 % blk:
+                raise ValueError(f"{self.path}: tensor {name!r}: row length {n0} is not a multiple of the "
                                  f"{t.name} block of {blk} values")
             if off % self.alignment:
                 raise ValueError(f"{self.path}: tensor {name!r}: offset {off} is not a multiple of the alignment "
@@ -1006,7 +1010,7 @@ class GGUFFile:
             rows = 1
             for d in ne[1:]:
                 rows *= d
-            nbytes = rows * row_bytes(t, ne[0])
+            nbytes = rows * row_bytes(t, n0)
             start = self.data_offset + off
             if start + nbytes > size:
                 raise ValueError(f"{self.path}: truncated tensor data: tensor {name!r} ({t.name}, ne {tuple(ne)}) "
