@@ -548,6 +548,14 @@ def test_bad_metadata(tmp_path):
     d = bytearray(p2.read_bytes())
     d[at + 4:at + 12] = struct.pack("<Q", 10 ** 6)
     _expect_error(tmp_path, d, r"truncated metadata 'arr' \(array of 1000000 UINT32\)")
+    # a string array cut short, and one with bytes that are not UTF-8
+    G.write_gguf(p2, {"toks": ["abc", "defg"]}, [])
+    d = bytearray(p2.read_bytes())
+    at = d.index(b"defg")
+    _expect_error(tmp_path, d[:at + 2], r"truncated metadata 'toks'\[1\] \(string\)")
+    _expect_error(tmp_path, d[:at - 3], r"truncated metadata 'toks'\[1\] \(string length\)")
+    d[d.index(b"defg")] = 0xFF
+    _expect_error(tmp_path, d, r"metadata 'toks'\[1\]: not valid UTF-8 \(byte 0\)")
     # a duplicate key
     p3 = tmp_path / "dup.gguf"
     G.write_gguf(p3, {"aa": 1, "bb": 2}, [])

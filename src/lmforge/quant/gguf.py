@@ -1177,6 +1177,8 @@ class GGUFFile:
             if n > len(c.buf) - c.pos:
                 raise ValueError(f"{self.path}: truncated metadata {key!r}: an array of {n} {et.name} "
                                  "cannot fit in the rest of the file")
+            if et == GGUFValueType.STRING:
+                return self._strings(c, key, n), (GGUFValueType.ARRAY, et)
             vals, sub = [], None
             for j in range(n):
                 v, sub = self._value(c, f"{key}[{j}]", et, True)
@@ -1185,6 +1187,29 @@ class GGUFFile:
         dt = _VALUE_DTYPE[t]
         (v,) = np.frombuffer(c.take(dt.itemsize, f"metadata {key!r} ({t.name})"), dtype=dt).tolist()
         return (bool(v) if t == GGUFValueType.BOOL else v), t
+
+    def _strings(self, c: _Cursor, key: str, n: int) -> list[str]:
+        """An array of n strings (a vocabulary: 10**5 of them), read straight from the map."""
+        mm, pos, end = self._mm, c.pos, len(c.buf)
+        unpack = struct.Struct("<Q").unpack_from
+        out = []
+        append = out.append
+        for j in range(n):
+            if pos + 8 > end:
+                raise ValueError(f"{self.path}: truncated metadata {key!r}[{j}] (string length): needs bytes "
+                                 f"[{pos}, {pos + 8}) but the file has {end}")
+            (ln,) = unpack(mm, pos)
+            pos += 8
+            if pos + ln > end:
+                raise ValueError(f"{self.path}: truncated metadata {key!r}[{j}] (string): needs bytes "
+                                 f"[{pos}, {pos + ln}) but the file has {end}")
+            try:
+                append(mm[pos:pos + ln].decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{self.path}: metadata {key!r}[{j}]: not valid UTF-8 (byte {e.start})") from None
+            pos += ln
+        c.pos = pos
+        return out
 
     def raw(self, name: str) -> memoryview:
         ti = self._info(name)
