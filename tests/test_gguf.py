@@ -279,6 +279,10 @@ def test_quantize_errors():
         G.dequantize(bytes(66), GGMLType.IQ2_XXS, (256,))
     with pytest.raises(ValueError, match=r"row length 40 .*Q4_0"):
         G.dequantize(bytes(36), GGMLType.Q4_0, (2, 40))
+    # no rows: no bytes, and back
+    for t in G.QUANTIZE_TYPES:
+        assert G.quantize(np.zeros((0, 256), np.float32), t) == b""
+        assert G.dequantize(b"", t, (0, 256)).shape == (0, 256)
 
 
 # ---- the container ----

@@ -739,6 +739,8 @@ def quantize(a: np.ndarray, t) -> bytes:
         bad = int(np.flatnonzero(~np.isfinite(flat.reshape(-1)))[0])
         raise ValueError(f"quantize: {t.name} needs finite values; value {bad} (flat index) is "
                          f"{flat.reshape(-1)[bad]}")
+    if flat.shape[0] == 0:
+        return b""
     fn = _QUANTIZE[t]
     step = _blocks_per_chunk(t)
     if flat.shape[0] <= step:
@@ -764,6 +766,8 @@ def dequantize(b, t, shape) -> np.ndarray:
     if raw.size != need:
         raise ValueError(f"dequantize: {t.name} shape {shape} needs {need} bytes, got {raw.size}")
     blk, size = BLOCK[t]
+    if need == 0:
+        return np.zeros(shape, dtype=np.float32)
     raw = raw.reshape(-1, size)
     fn = _DEQUANTIZE[t]
     step = 1 << 15 if blk > 1 else 1 << 62
