@@ -621,8 +621,9 @@ def test_writer_refusals(tmp_path):
     w = np.zeros((2, 64), np.float32)
 
     def refuse(pattern, metadata=None, tensors=(), **kw):
-        with pytest.raises(ValueError, match=pattern):
+        with pytest.raises(ValueError, match=pattern) as e:
             G.write_gguf(p, metadata or {}, list(tensors), **kw)
+        assert str(e.value).startswith(f"write_gguf: {p}: ")
         assert not p.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(".x.gguf")]
 
     refuse(r"tensor 'odd': row length 48 \(shape \(2, 48\)\) is not a multiple of the Q8_0 block of 32",

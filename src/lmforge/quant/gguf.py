@@ -946,7 +946,10 @@ def write_gguf(path, metadata: dict[str, Any], tensors, alignment: int = DEFAULT
         metadata["general.alignment"] = (GGUFValueType.UINT32, alignment)
     else:
         metadata["general.alignment"] = (GGUFValueType.UINT32, alignment)
-    kv = [_pack_kv(k, v) for k, v in metadata.items()]
+    try:
+        kv = [_pack_kv(k, v) for k, v in metadata.items()]
+    except ValueError as e:  # name the file too
+        raise ValueError(f"write_gguf: {path}: {str(e).removeprefix('write_gguf: ')}") from None
 
     plan = []  # (name, data, type, numpy shape, nbytes, offset)
     names = set()
