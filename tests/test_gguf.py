@@ -519,8 +519,10 @@ def test_bad_header(tmp_path):
     d = bytearray(data)
     d[16:24] = struct.pack("<Q", 1 << 40)  # more keys than the file holds
     _expect_error(tmp_path, d, r"truncated metadata key \d+")
-    with pytest.raises(ValueError, match=r"cannot open GGUF file"):
+    with pytest.raises(ValueError, match=r"missing.gguf: cannot open GGUF file \(No such file"):
         G.read_gguf(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match=r"cannot open GGUF file \(Is a directory"):
+        G.read_gguf(tmp_path)
 
 
 def test_version_2_reads(tmp_path):

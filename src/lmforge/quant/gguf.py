@@ -1079,15 +1079,16 @@ class GGUFFile:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._mm = self._buf = None
         try:
-            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 4:
+                    raise ValueError(f"{self.path}: truncated header: {size} bytes, expected the magic 'GGUF' "
+                                     "and the header (24 bytes)")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
-            raise ValueError(f"{self.path}: cannot open GGUF file ({e.strerror})") from None
-        if size < 4:
-            raise ValueError(f"{self.path}: truncated header: {size} bytes, expected the magic 'GGUF' "
-                             "and the header (24 bytes)")
-        with open(self.path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            raise ValueError(f"{self.path}: cannot open GGUF file ({e.strerror or e})") from None
         self._buf = memoryview(self._mm)
         try:
             self._parse(size)
