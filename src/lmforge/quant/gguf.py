@@ -169,13 +169,6 @@ _INT_RANGE = {t: (int(np.iinfo(d).min), int(np.iinfo(d).max)) for t, d in _VALUE
               if d.kind in "iu" and t != GGUFValueType.BOOL}
 
 
-def _type_name(t: int) -> str:
-    try:
-        return GGMLType(t).name
-    except ValueError:
-        return str(t)
-
-
 def _ggml_type(t) -> GGMLType:
     if isinstance(t, str):
         key = t.upper()
@@ -1161,7 +1154,7 @@ class GGUFFile:
                                  f"needs bytes [{start}, {start + nbytes}) but the file has {size}")
             self.tensors[name] = TensorInfo(name, t, tuple(int(d) for d in ne), start, nbytes)
 
-    def _value(self, c: _Cursor, key: str, t: int, in_array: bool = False):
+    def _value(self, c: _Cursor, key: str, t: int):
         try:
             t = GGUFValueType(t)
         except ValueError:
@@ -1189,7 +1182,7 @@ class GGUFFile:
                 return self._strings(c, key, n), (GGUFValueType.ARRAY, et)
             vals, sub = [], None
             for j in range(n):
-                v, sub = self._value(c, f"{key}[{j}]", et, True)
+                v, sub = self._value(c, f"{key}[{j}]", et)
                 vals.append(v)
             return vals, (GGUFValueType.ARRAY, et if et != GGUFValueType.ARRAY or sub is None else sub)
         dt = _VALUE_DTYPE[t]
