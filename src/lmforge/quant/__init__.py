@@ -12,6 +12,7 @@ _WHERE = {
     **dict.fromkeys(("save_quantized", "load_quantized", "is_quantized"), "checkpoint"),
     **dict.fromkeys(("rtn_quantize", "dequantize_codes", "pack_nibbles", "unpack_nibbles", "fp8_quantize"), "formats"),
     "LLMInt8Linear": "llm_int8", "W8A8Linear": "smoothquant", "smooth_model": "smoothquant",
+    **dict.fromkeys(("GGMLType", "GGUFValueType", "read_gguf", "write_gguf"), "gguf"),
 }
 __all__ = sorted(_WHERE)
 
