@@ -359,3 +359,19 @@ def test_cli_export_gguf(tok, tmp_path, capsys):
     assert not (tmp_path / "g.gguf").exists()
     assert main(["export", "--checkpoint", str(tmp_path / "ck"), "--type", "q8_0", "--out", str(tmp_path / "h")]) != 0
     assert "--type applies to --format gguf" in capsys.readouterr().err
+
+
+def test_cli_exports_a_quantized_checkpoint(tok, tmp_path):
+    """`lmforge quantize` output (save_quantized) exports too: its dequantized weights, as --type."""
+    from lmforge.cli import main
+    from lmforge.quant.api import quantize
+    from lmforge.quant.checkpoint import save_quantized
+    from lmforge.quant.config import QuantConfig
+
+    m = tiny("llama")
+    quantize(m, QuantConfig(method="rtn", bits=8, granularity="group", group_size=32), progress=False)
+    save_quantized(m, tmp_path / "q", tokenizer=tok)
+    out = tmp_path / "q.gguf"
+    assert main(["export", "--checkpoint", str(tmp_path / "q"), "--format", "gguf", "--out", str(out)]) == 0
+    back, _, _ = gm.import_gguf(out)
+    assert torch.equal(back.blocks[1].mlp.proj.weight, m.blocks[1].mlp.proj.dequantize())
