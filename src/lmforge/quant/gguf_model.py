@@ -49,7 +49,8 @@ regex is lmforge's pattern and whose ``ignore_merges`` is lmforge's ``whole_word
 llama.cpp twin, an NFC normalizer or a non-BPE tokenizer is refused. Special ids:
 bos = ``TokenSpec.bos``, ``add_bos_token`` = ``TokenSpec.add_bos``, eos = stop[0],
 eot = stop[1] (llama.cpp also ends a generation at tokens it recognizes by text:
-``<|end|>``, ``<|endoftext|>``, ...), pad; ``tokenizer.chat_template``. The full
+``<|end|>``, ``<|endoftext|>``, ...; a third stop id has no key), pad; ``tokenizer.chat_template``.
+(A spec without bos or stop ids leaves the key out, and llama.cpp then assumes id 11 for it.) The full
 ``TokenSpec`` and ``ModelConfig`` travel as JSON in ``lmforge.token_spec`` and
 ``lmforge.model`` (llama.cpp ignores unknown keys), so an lmforge export imports
 back exactly; a GGUF without them imports from the standard keys alone.
