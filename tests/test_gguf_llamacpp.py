@@ -259,6 +259,6 @@ def test_llama_cpp_quantized_files_import(arch, ftype, tok, files, tmp_path):
     within(cpp_logits(llama(q), ids), ref, "q4_k" if "K" in ftype else ftype.lower(), arch)
     kept, _, _ = gm.import_gguf(q, dequantize=False)
     n = sum(isinstance(m, IntLinear) for m in kept.modules())
-    if ftype in ("Q8_0", "Q4_0"):
-        assert n >= 4 * model.cfg.n_layer - (1 if ftype == "Q4_0" else 0)
+    # Q8_0 / Q4_0 files: every linear (llama.cpp wrote the tied qwen2's token_embd Q6_K); Q4_K_M: none
+    assert n == (4 * model.cfg.n_layer + (not model.cfg.tie_embeddings) if ftype in ("Q8_0", "Q4_0") else 0)
     assert np.abs(ours_logits(kept, ids) - ref).max() < 1e-4
