@@ -387,8 +387,9 @@ def export_gguf(model, path, tokenizer, tokens=None, type: str = "f32", arch: st
     types = [tensor_type(n, tuple(t.shape), type) for n, t in named]  # all checks before any work
     fallback = [n for (n, t), ty in zip(named, types) if type == "q4_k" and t.dim() == 2 and ty != G.GGMLType.Q4_K]
     if fallback:
-        log.warning("export_gguf: %d tensor(s) with rows not a multiple of 256 are Q4_0 in the q4_k file: %s",
-                    len(fallback), ", ".join(fallback))
+        log.warning("export_gguf: %d tensor(s) with rows not a multiple of 256 are Q4_0 in the q4_k file: %s%s "
+                    "(all listed in its lmforge.fallback key)", len(fallback), ", ".join(fallback[:4]),
+                    ", ..." if len(fallback) > 4 else "")
         md["lmforge.fallback"] = fallback
     tensors = [(name, np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32), ty, tuple(t.shape))
                for (name, t), ty in zip(named, types)]
