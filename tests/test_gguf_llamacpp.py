@@ -37,12 +37,13 @@ llama_cpp = pytest.importorskip("llama_cpp")
 torch.set_num_threads(1)
 
 ARCHS = {
-    # every bias (permuted with its rows) and Llama-3 rope scaling (rope_freqs): bands below, inside and above
-    "llama": dict(qkv_bias=True, out_bias=True, mlp_bias=True,
+    # every bias (permuted with its rows), heads of 32 (n_head * head_dim = 128 != d_model) and Llama-3 rope
+    # scaling (rope_freqs): frequency bands below, inside and above the interpolated one
+    "llama": dict(qkv_bias=True, out_bias=True, mlp_bias=True, head_dim=32, rope_theta=500000.0,
                   rope_scaling={"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                 "original_max_position_embeddings": 64}),
     "qwen2": dict(qkv_bias=True, tie_embeddings=True),
-    "qwen3": dict(qk_norm=True, head_dim=32),  # n_head * head_dim = 128 != d_model (attn_output rows: 128)
+    "qwen3": dict(qk_norm=True, qkv_bias=True),  # (llama.cpp's qwen3 reads q/k/v biases when a file has them)
 }
 # (max, mean) |lmforge logits - llama.cpp logits| / (the logits' standard deviation) per type, llama.cpp running
 # the file and lmforge the same file's dequantized weights: llama.cpp's activation rounding (about 2x measured)
@@ -61,7 +62,7 @@ def tok(corpus_files):
 def tiny(arch, vocab):
     kw = dict(vocab_size=vocab, n_layer=2, d_model=256, n_head=4, n_kv_head=2, d_ff=512, max_seq_len=128,
               norm="rmsnorm", norm_bias=False, pos="rope", mlp="swiglu", mlp_bias=False, out_bias=False,
-              tie_embeddings=False, rope_theta=10000.0, arch=arch)
+              tie_embeddings=False, arch=arch)
     kw.update(ARCHS[arch])
     torch.manual_seed(0)
     m = Transformer(make_config(**kw)).eval()
