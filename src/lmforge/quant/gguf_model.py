@@ -99,7 +99,12 @@ def _pre_table():
 
 
 # names llama.cpp reads as one of the above (import): name -> the name of _pre_table
-PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "smaug-bpe": "dbrx", "deepseek-r1-qwen": "qwen2"}
+PRE_ALIASES = {**dict.fromkeys(("llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+                                "llama-bpe"),
+               "smaug-bpe": "dbrx", **dict.fromkeys(("deepseek-r1-qwen", "kormo", "f2llmv2"), "qwen2"),
+               **dict.fromkeys(("phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+                                "mellum", "modern-bert"), "gpt-2"),
+               **dict.fromkeys(("llama4", "kanana2", "talkie"), "gpt-4o")}
 
 
 def _gguf():
