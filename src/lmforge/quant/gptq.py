@@ -50,7 +50,11 @@ the inputs of block i being the outputs of the already quantized blocks < i; ins
 (in the order the forward reaches them: qkv, attn proj, fc, mlp proj) gets its Hessian from the block with the
 linears before it already quantized. The fused qkv and fc (gate, up) weights are one matrix each (their rows
 share the same inputs). The head (``lm_head``) is quantized last, on the final-normed hidden states, when
-``cfg.skip`` does not leave it out.
+``cfg.skip`` does not leave it out. A MoE block's router is an ``nn.Linear`` and is quantized like the
+others unless skipped (``"*.router"``; a quantized router can flip a near-tie top-k choice, which moves
+that token's output a lot: the reference leaves Mixtral's gate unquantized); batched expert weights are not
+``nn.Linear`` modules and stay fp32. Other linears outside the blocks (none in today's models) are left
+alone and listed in the report's ``"unquantized"``.
 """
 from __future__ import annotations
 
