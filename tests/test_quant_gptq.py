@@ -270,3 +270,13 @@ def test_quantize_from_shards_saves_and_loads_back_exactly(tiny, data, tmp_path)
     with pytest.raises(ValueError, match=r"fewer than the 6400"):
         quantize(copy.deepcopy(tiny), QuantConfig(method="gptq", bits=4, calib_samples=100, calib_seq_len=64),
                  data_dir=data, progress=False)
+
+
+def test_bad_settings_refused_before_anything_changes(tiny, data):
+    model = copy.deepcopy(tiny)
+    calib = calibration_tokens(data, n_samples=4, seq_len=32)
+    for cfg, msg in ((QuantConfig(method="gptq", bits=9), "bits: got 9"),
+                     (QuantConfig(method="gptq", bits=4, block_size=0), "block_size: got 0")):
+        with pytest.raises(ValueError, match=msg):
+            apply(model, cfg, calib, progress=False)
+        assert not any(isinstance(m, IntLinear) for m in model.modules())

@@ -253,7 +253,10 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
     others = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("blocks.")]
     head = [(n, m) for n, m in others if n == "lm_head" and not _skipped(n, skip)]
     unquantized = [n for n, m in others if not _skipped(n, skip) and n != "lm_head"]
-    # every shape checked before anything changes
+    # every setting and shape checked before anything changes
+    fm.code_range(cfg.bits, cfg.sym)
+    if isinstance(cfg.block_size, bool) or not isinstance(cfg.block_size, int) or cfg.block_size < 1:
+        raise ValueError(f"gptq: block_size: got {cfg.block_size!r}, expected an integer >= 1")
     for n, m in [x for lst in per_block for x in lst] + head:
         fm.n_groups(m.in_features, cfg.granularity, cfg.group_size, n, m.out_features)
     t_all = time.perf_counter()
@@ -285,7 +288,6 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
         with torch.no_grad():
             hs = block_inputs(model, calib)
             for i, lst in enumerate(per_block):
-                blk = model.blocks[i]
                 done: set[str] = set()
                 while len(done) < len(lst):
                     # the next linear the forward reaches (its inputs depend on the ones quantized so far)
