@@ -231,9 +231,11 @@ def _skipped(name: str, skip) -> bool:
 def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = True) -> dict:
     """Quantize every ``nn.Linear`` of ``model`` not matched by ``cfg.skip`` with GPTQ, in place, from the
     calibration tokens ``calib`` (S, T). Returns ``{"method": "gptq", "layers": {name: {"err", "rtn_err",
-    "damp", "dead", "shape", "seconds"}}, "calib": {...}, "unquantized": [...], "seconds"}`` where ``err`` /
-    ``rtn_err`` are the relative output errors (``output_error``) of GPTQ's and RTN's weights on the
-    calibration inputs that linear saw."""
+    "weight_err", "bytes", "damp", "dead", "shape", "seconds"}}, "calib": {...}, "unquantized": [...],
+    "seconds", "err": <what err means>}`` where ``err`` / ``rtn_err`` are the relative output errors
+    (``output_error``) of GPTQ's and RTN's weights on the calibration inputs that linear saw, and
+    ``weight_err`` is ``||W - Q|| / ||W||`` (what RTN's report calls ``err``; GPTQ trades a larger weight
+    error for a smaller output error)."""
     from . import formats as fm
     from .calib import _Stop, block_inputs, run_block
     from .._progress import bar
@@ -275,9 +277,12 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
         new = _linear_from(res, cfg, mod.bias).to(dev)
         rc, rs, rz = fm.rtn_quantize(w, cfg.bits, cfg.granularity, cfg.group_size, cfg.sym, name=name)
         Hc = H.cpu()
+        wq = new.dequantize().cpu()
         layers[name] = {"shape": [mod.out_features, mod.in_features],
-                        "err": output_error(w, new.dequantize().cpu(), Hc),
+                        "err": output_error(w, wq, Hc),
                         "rtn_err": output_error(w, fm.dequantize_codes(rc, rs, rz), Hc),
+                        "weight_err": float((w - wq).norm() / w.norm().clamp_min(1e-30)),
+                        "bytes": int(new.weight_bytes()),
                         "damp": res["damp"], "dead": res["dead"], "act_order": bool(cfg.act_order),
                         "seconds": round(time.perf_counter() - t0, 3)}
         replace_linear(model, lambda _n, _m: new, where=[name])
@@ -334,4 +339,5 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
         model.train(was)
     return {"method": "gptq", "layers": layers,
             "calib": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
-            "unquantized": unquantized, "seconds": round(time.perf_counter() - t_all, 3)}
+            "unquantized": unquantized, "seconds": round(time.perf_counter() - t_all, 3),
+            "err": "relative output error ||WX - QX||^2 / ||WX||^2 on the calibration inputs"}
