@@ -13,6 +13,8 @@ _WHERE = {
     **dict.fromkeys(("rtn_quantize", "dequantize_codes", "pack_nibbles", "unpack_nibbles", "fp8_quantize"), "formats"),
     "LLMInt8Linear": "llm_int8", "W8A8Linear": "smoothquant", "smooth_model": "smoothquant",
     **dict.fromkeys(("GGMLType", "GGUFValueType", "read_gguf", "write_gguf"), "gguf"),
+    **dict.fromkeys(("calibration_tokens", "capture_inputs", "block_inputs", "run_block"), "calib"),
+    "gptq_quantize": "gptq",
     "export_gguf": "gguf_model", "import_gguf": "gguf_model",
 }
 __all__ = sorted(_WHERE)

@@ -33,7 +33,9 @@ class QuantConfig:
     calib_samples: int = 128       # calibration windows (gptq, awq, smoothquant)
     calib_seq_len: int = 256
     seed: int = 0
-    skip: list[str] = field(default_factory=lambda: ["lm_head"])  # globs of linears left unquantized
+    # globs of linears left unquantized: the output head, and MoE routers and shared-expert gates (tiny; a
+    # rounded router can flip a near-tie top-k choice, so GPTQ/AutoGPTQ leave Mixtral's gate in full precision)
+    skip: list[str] = field(default_factory=lambda: ["lm_head", "*.router", "*.shared_gate"])
 
     def to_dict(self) -> dict:
         return asdict(self)
