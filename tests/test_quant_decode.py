@@ -27,6 +27,16 @@ pytestmark = pytest.mark.skipif(not fastpath.AVAILABLE and os.environ.get("LMFOR
 V = 97
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """PyTorch's reference forwards on one thread (tiny models; OpenMP's spinning costs more than it gives on a
+    busy machine). The C step's thread counts are set per test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def model_for(d_model=64, n_head=4, **over):
     cfg = dict(vocab_size=V, n_layer=2, n_head=n_head, d_model=d_model, max_seq_len=64, norm="rmsnorm",
                mlp="swiglu", pos="rope", n_kv_head=2, qk_norm=True, qkv_bias=False, out_bias=False, mlp_bias=False,
