@@ -10,8 +10,11 @@
  * KV cache through a block table, no allocation.
  *
  * It knows the math of lmforge.model.Transformer in eval mode (every variant of
- * ModelConfig) and raw float32 buffers; it knows nothing about tensors, sampling
- * or scheduling. `infer/fastpath.py` is the bridge: it hands over the weights'
+ * ModelConfig) and raw buffers: float32, and for each linear (the four of a block,
+ * the output head) optionally integer codes with scales as lmforge.quant's IntLinear
+ * stores them (int8; 2..4 bits two per byte, symmetric or with zero points; see Lin),
+ * dequantized in registers against float32 activations. It knows nothing about
+ * tensors, sampling or scheduling. `infer/fastpath.py` is the bridge: it hands over the weights'
  * addresses and the cache layout, and checks the result against PyTorch in the tests.
  *
  * B rows decode one token each; row b's token goes to position pos[b] (its number of
