@@ -91,6 +91,30 @@ def test_quantized_step_matches_intlinear_forward(name, qc, over):
             assert int(lg.argmax()) == int(full[t].argmax())
 
 
+@pytest.mark.skipif(not fastpath.AVAILABLE, reason="the C extension is not built")
+def test_plain_c_kernels_match_too():
+    """The baseline build of the kernels (what runs on a CPU without AVX2) against the same reference."""
+    from lmforge.infer import _decode
+
+    was = _decode.simd()
+    try:
+        _decode.simd(0)
+        assert _decode.simd() is False
+        for qc in (dict(bits=8, granularity="group", group_size=16), dict(bits=4, granularity="group", group_size=64,
+                                                                           sym=False)):
+            m = quantized(qc)
+            ids = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(5))
+            with torch.no_grad():
+                full = m(ids)[0]
+                cache = KVCache(m.cfg, 1, 16)
+                fd = FastDecoder(m)
+                fd.bind(cache.k, cache.v)
+                lg = fd.step(ids[0].tolist(), list(range(10)), [[0]] * 10)
+            assert ((lg - full).abs().amax(1) <= 1e-4 * full.abs().amax(1)).all(), qc
+    finally:
+        _decode.simd(int(was))
+
+
 def test_act_order_permutation_is_gathered():
     """An IntLinear with in_perm (GPTQ act-order: stored column j is input column in_perm[j]) runs in the C step
     and equals the PyTorch forward; without the gather the result would be far off."""

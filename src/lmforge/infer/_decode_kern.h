@@ -139,7 +139,7 @@ ATTR static void SUF(swiglu)(const float *g, const float *u, float *o, int n) {
 
 /* ---- quantized weights: integer codes dequantized in registers, fp32 activations ----
  * One row against one activation row. A row is G-column groups with one scale each (G = I:
- * one scale per row); a group's products sum into four vector partials (8 lanes each, in a
+ * one scale per row); a group's products sum into two vector partials (8 lanes each, in a
  * fixed pattern), which are added and scaled into the row's vector accumulator:
  *     y = lanes of sum_g s_g * (sum_{i in g} q_i x_i), the lanes summed as hsum sums them.
  * Every (row, activation row) pair runs this one function whatever the batch or the row split,
