@@ -124,7 +124,7 @@ def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_nibbles: codes must be in 0..15, got {int(u.min())}..{int(u.max())}")
     u = u.to(torch.uint8)
     if u.shape[1] % 2:
-        u = torch.cat([u, torch.zeros(u.shape[0], 1, dtype=torch.uint8)], dim=1)
+        u = torch.cat([u, torch.zeros(u.shape[0], 1, dtype=torch.uint8, device=u.device)], dim=1)
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
