@@ -649,20 +649,20 @@ class Runner:
 
     def _measure(self, model, tok, spec, model_dir: Path, bpb: dict | None = None) -> dict:
         """One model's row of quant.json: test bits per byte (the eval stage's code: the whole test split at
-        [train] seq_len), the weights' bytes (every tensor of the state dict; model.safetensors on disk), and one
+        [train] seq_len), the weights' bytes (every tensor of the state dict, a tied one once: ``quant.api.model_bytes``; model.safetensors on disk), and one
         greedy decode through the engine (tokens/s, whether its C step ran, the tokens)."""
         from ..evaluate.perplexity import evaluate_shards
         from ..infer.engine import Engine
         from ..infer.fastpath import FastDecoder
         from ..infer.sampling import SamplingParams
+        from ..quant.api import model_bytes
 
         if bpb is None:
             t0 = time.perf_counter()
             ev = evaluate_shards(model, self.dir / "data", "test", self.r.train.seq_len, batch_size=8)
             bpb = {"test_bpb": ev["bits_per_byte"], "test_loss": ev["loss"],
                    "seconds": round(time.perf_counter() - t0, 2)}
-        sd = model.state_dict()
-        weight_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+        weight_bytes = model_bytes(model)
         q = self.r.quantize
         prompt = spec.encode_prompt(tok, q.prompt)
         n = max(1, min(q.decode_tokens, model.cfg.max_seq_len - len(prompt)))
