@@ -38,6 +38,8 @@
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef int8_t v8b __attribute__((vector_size(8)));   /* 8 int8 codes */
+typedef uint8_t v8ub __attribute__((vector_size(8))); /* 8 bytes of 4-bit codes */
 
 static inline __attribute__((always_inline)) v8 LOAD(const float *p) {
     v8 v;
@@ -228,6 +230,7 @@ static int has_avx2(void) {
 #define matmul_rows_avx2 matmul_rows_plain
 #define swiglu_avx2 swiglu_plain
 #define matvec_rows_avx2 matvec_rows_plain
+#define qmat_rows_avx2 qmat_rows_plain
 #define attend_avx2 attend_plain
 static int has_avx2(void) { return 0; }
 #endif
@@ -238,10 +241,26 @@ enum { NORM_LAYER = 0, NORM_RMS = 1 };
 enum { MLP_GELU_TANH = 0, MLP_GELU = 1, MLP_SWIGLU = 2, MLP_RELU2 = 3 };
 enum { POS_LEARNED = 0, POS_ROPE = 1 };
 
+/* A linear layer's weight: float32 rows, or integer codes with scales (see _decode_kern.h):
+ *   W_F32: w float (O, I)
+ *   W_I8:  w int8 (O, I) signed codes, w = q * s
+ *   W_Q4:  w uint8 (O, I/2), column 2j in the low nibble, 2j+1 in the high one; w = (u - z) * s with
+ *          z = zeros[o, g] (asymmetric) or 8 (symmetric, zeros NULL)
+ * scales (and zeros) are (O, I/G): one per group of G consecutive stored columns (G = I: one per row).
+ * perm (int64, I) or NULL: stored column j multiplies input column perm[j]. */
+enum { W_F32 = 0, W_I8 = 1, W_Q4 = 2 };
+typedef struct {
+    int kind, G;
+    const void *w;
+    const float *scales, *zeros, *bias;
+    const int64_t *perm;
+} Lin;
+
 typedef struct { /* one block's weights (NULL where the config has none) */
     const float *attn_norm_w, *attn_norm_b, *qkv_w, *qkv_b, *q_norm_w, *k_norm_w, *proj_w, *proj_b;
     const float *mlp_norm_w, *mlp_norm_b, *fc_w, *fc_b, *mlp_proj_w, *mlp_proj_b;
     float *k_cache, *v_cache; /* the cache's first block of this layer */
+    Lin qkv, proj, fc, mlp_proj; /* the four linears (float32: the pointers above) */
 } Layer;
 
 typedef struct {
@@ -250,11 +269,13 @@ typedef struct {
     const float *tok_emb, *pos_emb, *norm_w, *norm_b, *head_w, *rope_cos, *rope_sin;
     int rope_len, max_pos;
     Layer *layers;
+    Lin head; /* the output head (no bias) */
     long bstride; /* floats from one block to the next in the cache; heads are bs * D apart */
     int bs;
     /* scratch, for up to cap rows */
     int cap, score_cap;
     float *x, *h, *qkv, *att, *ff, *act, *scores; /* act: SwiGLU output; scores: one row per thread */
+    float *xq; /* a quantized linear's input rows, gathered and reordered (cap rows of the widest input) */
 } Model;
 
 static void norm_rows(const Model *m, const float *x, float *out, const float *w, const float *b, int B, int C) {
@@ -318,6 +339,50 @@ static void matmul(const float *W, const float *bias, const float *X, float *Y, 
     MatJob j = {W, bias, X, Y, B, I, O};
     if ((size_t)O * I * (B > 0 ? B : 1) < 16384) mat_task(&j, 0, 1); /* too small to share */
     else parallel(mat_task, &j);
+}
+
+typedef struct {
+    const Lin *L;
+    const float *X;
+    float *Y;
+    int B, I, O;
+} QJob;
+
+static void qmat_task(void *p, int t, int n) {
+    QJob *j = (QJob *)p;
+    int per = ((j->O + n - 1) / n + 3) & ~3;
+    int r0 = t * per, r1 = r0 + per < j->O ? r0 + per : j->O;
+    if (r0 >= r1) return;
+    const Lin *L = j->L;
+    if (use_avx2) qmat_rows_avx2(L->kind, L->w, L->scales, L->zeros, L->bias, j->X, j->Y, j->B, j->I, j->O, L->G, r0, r1);
+    else qmat_rows_plain(L->kind, L->w, L->scales, L->zeros, L->bias, j->X, j->Y, j->B, j->I, j->O, L->G, r0, r1);
+}
+
+/* Y (B, O) = X (B, I) W^T + bias for any kind of weight; a quantized one first gathers each input row
+ * by perm and, for 4-bit codes, puts each 16 columns evens first (into m->xq) */
+static void lin_matmul(const Model *m, const Lin *L, const float *X, float *Y, int B, int I, int O) {
+    if (L->kind == W_F32) {
+        matmul((const float *)L->w, L->bias, X, Y, B, I, O);
+        return;
+    }
+    float *xq = m->xq;
+    for (int b = 0; b < B; b++) {
+        const float *x = X + (size_t)b * I;
+        float *o = xq + (size_t)b * I;
+        if (L->kind == W_Q4) {
+            for (int j = 0; j < I; j++) {
+                int d = (j & ~15) + ((j & 1) ? 8 + ((j & 15) >> 1) : (j & 15) >> 1);
+                o[d] = x[L->perm ? L->perm[j] : j];
+            }
+        } else if (L->perm) {
+            for (int j = 0; j < I; j++) o[j] = x[L->perm[j]];
+        } else {
+            memcpy(o, x, sizeof(float) * I);
+        }
+    }
+    QJob j = {L, xq, Y, B, I, O};
+    if ((size_t)O * I * (B > 0 ? B : 1) < 16384 || pool.n == 1) qmat_task(&j, 0, 1);
+    else parallel(qmat_task, &j);
 }
 
 typedef struct {
@@ -398,7 +463,7 @@ static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, con
     for (int l = 0; l < m->L; l++) {
         const Layer *ly = &m->layers[l];
         norm_rows(m, m->x, m->h, ly->attn_norm_w, ly->attn_norm_b, B, C);
-        matmul(ly->qkv_w, ly->qkv_b, m->h, m->qkv, B, C, QKV);
+        lin_matmul(m, &ly->qkv, m->h, m->qkv, B, C, QKV);
         for (int b = 0; b < B; b++) {
             float *q = m->qkv + (size_t)b * QKV, *k = q + H * D, *v = k + K * D;
             int p = pos[b];
@@ -417,14 +482,14 @@ static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, con
         AttJob aj = {m, ly, pos, tables, B, max_blocks};
         if (B * H > 1 && pool.n > 1) parallel(att_task, &aj);
         else att_task(&aj, 0, 1);
-        matmul(ly->proj_w, ly->proj_b, m->att, m->h, B, H * D, C);
+        lin_matmul(m, &ly->proj, m->att, m->h, B, H * D, C);
         for (size_t i = 0; i < (size_t)B * C; i++) m->x[i] += m->h[i];
         norm_rows(m, m->x, m->h, ly->mlp_norm_w, ly->mlp_norm_b, B, C);
-        matmul(ly->fc_w, ly->fc_b, m->h, m->ff, B, C, FC);
+        lin_matmul(m, &ly->fc, m->h, m->ff, B, C, FC);
         ActJob acj = {m, B};
         if ((size_t)B * F >= 4096 && pool.n > 1) parallel(act_task, &acj);
         else act_task(&acj, 0, 1);
-        matmul(ly->mlp_proj_w, ly->mlp_proj_b, m->mlp == MLP_SWIGLU ? m->act : m->ff, m->h, B, F, C);
+        lin_matmul(m, &ly->mlp_proj, m->mlp == MLP_SWIGLU ? m->act : m->ff, m->h, B, F, C);
         for (size_t i = 0; i < (size_t)B * C; i++) m->x[i] += m->h[i];
     }
     if (heads) { /* the head only at the rows asked for (a prefill's last position), packed in that order */
@@ -434,7 +499,7 @@ static void step(Model *m, int B, const int64_t *tokens, const int32_t *pos, con
     } else {
         norm_rows(m, m->x, m->h, m->norm_w, m->norm_b, B, C);
     }
-    matmul(m->head_w, NULL, m->h, logits, B, C, m->V);
+    lin_matmul(m, &m->head, m->h, logits, B, C, m->V);
     if (m->softcap > 0.f) {
         float c = m->softcap;
         for (size_t i = 0; i < (size_t)B * m->V; i++) logits[i] = c * tanhf(logits[i] / c);
@@ -452,6 +517,7 @@ static void model_free(Model *m) {
     free(m->ff);
     free(m->act);
     free(m->scores);
+    free(m->xq);
     free(m);
 }
 
@@ -461,15 +527,18 @@ static int grow(Model *m, int B, int L) {
     int H = m->H, K = m->K, D = m->D, FC = m->mlp == MLP_SWIGLU ? 2 * m->F : m->F;
     if (B > m->cap) {
         int c = B > 2 * m->cap ? B : 2 * m->cap;
-        free(m->x), free(m->h), free(m->qkv), free(m->att), free(m->ff), free(m->act);
+        free(m->x), free(m->h), free(m->qkv), free(m->att), free(m->ff), free(m->act), free(m->xq);
         m->x = malloc(sizeof(float) * c * m->C);
         m->h = malloc(sizeof(float) * c * m->C);
         m->qkv = malloc(sizeof(float) * c * (H + 2 * K) * D);
         m->att = malloc(sizeof(float) * c * H * D);
         m->ff = malloc(sizeof(float) * c * FC);
         m->act = malloc(sizeof(float) * c * m->F);
+        int wide = m->C > H * D ? m->C : H * D;
+        wide = wide > m->F ? wide : m->F;
+        m->xq = malloc(sizeof(float) * c * wide);
         m->cap = c;
-        if (!m->x || !m->h || !m->qkv || !m->att || !m->ff || !m->act) return -1;
+        if (!m->x || !m->h || !m->qkv || !m->att || !m->ff || !m->act || !m->xq) return -1;
     }
     if (L > m->score_cap) {
         int c = L > 2 * m->score_cap ? L : 2 * m->score_cap;
@@ -483,15 +552,47 @@ static int grow(Model *m, int B, int L) {
 
 #define PTR(o) ((const float *)(uintptr_t)PyLong_AsUnsignedLongLong(o))
 
+/* a quantized weight (kind, G, w, scales, zeros, perm, bias) for an input width I, checked */
+static int lin_parse(PyObject *e, Lin *L, int I, const char *where) {
+    if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 7) {
+        PyErr_Format(PyExc_ValueError, "%s: a quantized weight is (kind, group, w, scales, zeros, perm, bias)", where);
+        return -1;
+    }
+    int kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(e, 0)), G = (int)PyLong_AsLong(PyTuple_GET_ITEM(e, 1));
+    if (PyErr_Occurred()) return -1;
+    int step = kind == W_Q4 ? 16 : 8;
+    if ((kind != W_I8 && kind != W_Q4) || G <= 0 || G % step || I % G) {
+        PyErr_Format(PyExc_ValueError, "%s: weight kind %d with groups of %d columns over %d inputs: expected kind 1 "
+                     "(int8) or 2 (4-bit) and a group that divides the inputs, a multiple of %d", where, kind, G, I, step);
+        return -1;
+    }
+    L->kind = kind;
+    L->G = G;
+    L->w = PTR(PyTuple_GET_ITEM(e, 2));
+    L->scales = PTR(PyTuple_GET_ITEM(e, 3));
+    L->zeros = kind == W_Q4 ? PTR(PyTuple_GET_ITEM(e, 4)) : NULL;
+    L->perm = (const int64_t *)PTR(PyTuple_GET_ITEM(e, 5));
+    L->bias = PTR(PyTuple_GET_ITEM(e, 6));
+    if (PyErr_Occurred()) return -1;
+    if (!L->w || !L->scales) {
+        PyErr_Format(PyExc_ValueError, "%s: a quantized weight needs its codes and scales", where);
+        return -1;
+    }
+    return 0;
+}
+
 /* new(ints, floats, globals, layers) -> capsule
  *   ints = (V, C, L, H, K, D, F, norm, mlp, pos, window, rope_len, max_pos)
  *   floats = (eps, softcap)
  *   globals = (tok_emb, pos_emb, norm_w, norm_b, head_w, rope_cos, rope_sin): addresses, 0 = none
- *   layers = one 14-tuple of addresses per block (see Layer) */
+ *   layers = one 14-tuple of addresses per block (see Layer)
+ *   quant (optional) = 4 * L + 1 entries, per layer qkv, proj, fc, mlp proj, then the head: None (the float32
+ *       weight in layers/globals) or (kind, group, w, scales, zeros, perm, bias) addresses (see Lin; 0 = none;
+ *       the head's bias is ignored) */
 static PyObject *py_new(PyObject *mod, PyObject *args) {
-    PyObject *ints, *floats, *globs, *layers;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!", &PyTuple_Type, &ints, &PyTuple_Type, &floats, &PyTuple_Type, &globs,
-                          &PyTuple_Type, &layers))
+    PyObject *ints, *floats, *globs, *layers, *quant = NULL;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!|O!", &PyTuple_Type, &ints, &PyTuple_Type, &floats, &PyTuple_Type, &globs,
+                          &PyTuple_Type, &layers, &PyTuple_Type, &quant))
         return NULL;
     if (PyTuple_GET_SIZE(ints) != 13 || PyTuple_GET_SIZE(floats) != 2 || PyTuple_GET_SIZE(globs) != 7) {
         PyErr_SetString(PyExc_ValueError, "_decode.new: wrong tuple sizes");
@@ -521,6 +622,33 @@ static PyObject *py_new(PyObject *mod, PyObject *args) {
         }
         const float **p = (const float **)&m->layers[l];
         for (int i = 0; i < 14; i++) p[i] = PTR(PyTuple_GET_ITEM(t, i));
+        Layer *ly = &m->layers[l];
+        ly->qkv = (Lin){W_F32, 0, ly->qkv_w, NULL, NULL, ly->qkv_b, NULL};
+        ly->proj = (Lin){W_F32, 0, ly->proj_w, NULL, NULL, ly->proj_b, NULL};
+        ly->fc = (Lin){W_F32, 0, ly->fc_w, NULL, NULL, ly->fc_b, NULL};
+        ly->mlp_proj = (Lin){W_F32, 0, ly->mlp_proj_w, NULL, NULL, ly->mlp_proj_b, NULL};
+    }
+    m->head = (Lin){W_F32, 0, m->head_w, NULL, NULL, NULL, NULL};
+    if (quant && !PyErr_Occurred()) { /* per layer qkv, proj, fc, mlp proj, then the head: None or a quantized weight */
+        const int FC = m->mlp == MLP_SWIGLU ? 2 * m->F : m->F, HD = m->H * m->D;
+        if (PyTuple_GET_SIZE(quant) != 4 * m->L + 1) {
+            model_free(m);
+            PyErr_SetString(PyExc_ValueError, "_decode.new: quant is one entry per linear (4 per layer, then the head)");
+            return NULL;
+        }
+        for (int i = 0; i < 4 * m->L + 1; i++) {
+            PyObject *e = PyTuple_GET_ITEM(quant, i);
+            if (e == Py_None) continue;
+            Lin *L = i == 4 * m->L ? &m->head : i % 4 == 0 ? &m->layers[i / 4].qkv : i % 4 == 1 ? &m->layers[i / 4].proj
+                     : i % 4 == 2 ? &m->layers[i / 4].fc : &m->layers[i / 4].mlp_proj;
+            int I = i == 4 * m->L ? m->C : i % 4 == 0 ? m->C : i % 4 == 1 ? HD : i % 4 == 2 ? m->C : m->F;
+            (void)FC;
+            if (lin_parse(e, L, I, "_decode.new")) {
+                model_free(m);
+                return NULL;
+            }
+            if (i == 4 * m->L) L->bias = NULL;
+        }
     }
     if (PyErr_Occurred() || grow(m, 1, 256)) {
         model_free(m);
@@ -618,7 +746,33 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* qmatmul((kind, group, w, scales, zeros, perm, bias), X, Y, B, I, O, threads): Y = X W^T + bias for a quantized
+ * weight, through the kernels of the step (addresses) */
+static PyObject *py_qmatmul(PyObject *mod, PyObject *args) {
+    PyObject *e;
+    unsigned long long x, y;
+    int B, I, O, threads;
+    if (!PyArg_ParseTuple(args, "OKKiiii", &e, &x, &y, &B, &I, &O, &threads)) return NULL;
+    Lin L;
+    if (lin_parse(e, &L, I, "_decode.qmatmul")) return NULL;
+    if (use_avx2 < 0) use_avx2 = has_avx2();
+    Model m;
+    memset(&m, 0, sizeof m);
+    m.xq = malloc(sizeof(float) * (size_t)(B > 0 ? B : 1) * I);
+    if (!m.xq) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&step_mu);
+    pool_start(threads);
+    lin_matmul(&m, &L, (const float *)(uintptr_t)x, (float *)(uintptr_t)y, B, I, O);
+    pthread_mutex_unlock(&step_mu);
+    Py_END_ALLOW_THREADS
+    free(m.xq);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"qmatmul", py_qmatmul, METH_VARARGS,
+     "qmatmul((kind, group, w, scales, zeros, perm, bias), X, Y, B, I, O, threads): Y = X W^T + bias (addresses)"},
 
     {"new", py_new, METH_VARARGS, "new(ints, floats, globals, layers) -> model capsule"},
     {"set_cache", py_set_cache, METH_VARARGS, "set_cache(model, k_addrs, v_addrs, block_stride, block_size)"},

@@ -136,3 +136,81 @@ ATTR static void SUF(swiglu)(const float *g, const float *u, float *o, int n) {
     }
     for (int i = n8; i < n; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
+
+/* ---- quantized weights: integer codes dequantized in registers, fp32 activations ----
+ * One row against one activation row. A row is G-column groups with one scale each (G = I:
+ * one scale per row); a group's products sum into two vector partials (columns i..i+7 and
+ * i+8..i+15 of each 16), which are added and scaled into the row's vector accumulator:
+ *     y = lanes of sum_g s_g * (sum_{i in g} q_i x_i), the lanes summed as hsum sums them.
+ * Every (row, activation row) pair runs this one function whatever the batch or the row split,
+ * so a result does not depend on either. */
+
+/* int8 codes q (signed): w = q * s. I and G multiples of 8. */
+ATTR static float SUF(dot_i8)(const int8_t *restrict w, const float *restrict s, const float *restrict x, int I,
+                              int G) {
+    v8 acc = {0};
+    for (int g0 = 0, k = 0; g0 < I; g0 += G, k++) {
+        v8 a = {0}, b = {0};
+        int i = g0, end = g0 + G;
+        for (; i + 16 <= end; i += 16) {
+            v8b c0, c1;
+            memcpy(&c0, w + i, 8);
+            memcpy(&c1, w + i + 8, 8);
+            a += __builtin_convertvector(__builtin_convertvector(c0, v8i), v8) * LOAD(x + i);
+            b += __builtin_convertvector(__builtin_convertvector(c1, v8i), v8) * LOAD(x + i + 8);
+        }
+        if (i < end) {
+            v8b c0;
+            memcpy(&c0, w + i, 8);
+            a += __builtin_convertvector(__builtin_convertvector(c0, v8i), v8) * LOAD(x + i);
+        }
+        float sk = s[k];
+        v8 sv = {sk, sk, sk, sk, sk, sk, sk, sk};
+        acc += (a + b) * sv;
+    }
+    return hsum(acc);
+}
+
+/* 4-bit codes u, two per byte (column 2j in the low nibble, 2j+1 in the high one): w = (u - z) * s,
+ * z = zeros[g] (asymmetric) or 8 (symmetric: q = u - 8). x is the activation row with each 16
+ * columns reordered evens first (x0 x2 .. x14 x1 x3 .. x15), so that a byte's low nibble meets
+ * lane j of the first half and its high nibble lane j of the second. I and G multiples of 16. */
+ATTR static float SUF(dot_q4)(const uint8_t *restrict w, const float *restrict s, const float *restrict z,
+                              const float *restrict x, int I, int G) {
+    v8 acc = {0};
+    const v8i lo4 = {15, 15, 15, 15, 15, 15, 15, 15};
+    for (int g0 = 0, k = 0; g0 < I; g0 += G, k++) {
+        float zk = z ? z[k] : 8.0f;
+        v8 zv = {zk, zk, zk, zk, zk, zk, zk, zk};
+        v8 a = {0}, b = {0};
+        for (int i = g0; i < g0 + G; i += 16) {
+            v8ub c;
+            memcpy(&c, w + i / 2, 8);
+            v8i u = __builtin_convertvector(c, v8i);
+            a += (__builtin_convertvector(u & lo4, v8) - zv) * LOAD(x + i);
+            b += (__builtin_convertvector(u >> 4, v8) - zv) * LOAD(x + i + 8);
+        }
+        float sk = s[k];
+        v8 sv = {sk, sk, sk, sk, sk, sk, sk, sk};
+        acc += (a + b) * sv;
+    }
+    return hsum(acc);
+}
+
+/* rows o in [r0, r1) of a quantized linear for activation rows b in [0, B) (X already gathered and,
+ * for 4-bit, reordered: see dot_q4); a row's weights stay in L1 across the activation rows */
+ATTR static void SUF(qmat_rows)(int kind, const void *W, const float *S, const float *Z, const float *bias,
+                                const float *X, float *Y, int B, int I, int O, int G, int r0, int r1) {
+    const int ng = I / G;
+    for (int o = r0; o < r1; o++) {
+        const float *s = S + (size_t)o * ng, *z = Z ? Z + (size_t)o * ng : NULL;
+        float bo = bias ? bias[o] : 0.0f;
+        if (kind == 1) {
+            const int8_t *w = (const int8_t *)W + (size_t)o * I;
+            for (int b = 0; b < B; b++) Y[(size_t)b * O + o] = SUF(dot_i8)(w, s, X + (size_t)b * I, I, G) + bo;
+        } else {
+            const uint8_t *w = (const uint8_t *)W + (size_t)o * (I / 2);
+            for (int b = 0; b < B; b++) Y[(size_t)b * O + o] = SUF(dot_q4)(w, s, z, X + (size_t)b * I, I, G) + bo;
+        }
+    }
+}
