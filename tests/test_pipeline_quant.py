@@ -162,12 +162,13 @@ def test_rerun_skips_and_a_changed_setting_reruns_quantize_and_after(finished, s
     (["quantize.granularity=row"], "quantize.granularity: got 'row'"),
     (["quantize.group_size=48"], "quantize.group_size: 48 does not divide the rows of blocks.0.attn.qkv"),
     (["quantize.gguf=q5_k"], "quantize.gguf: unknown GGUF type 'q5_k'"),
-    (["quantize.gguf=q4_k"], "quantize.gguf: q4_k blocks hold 256 values, and a row of"),
+    (['train.model={"mlp": "swiglu", "d_ff": 64, "arch": "qwen3", "d_model": 48, "n_head": 2, "n_layer": 1}',
+      "quantize.granularity=channel"], "quantize.gguf: export_gguf: tensor token_embd.weight has rows of 48 values"),
     (["quantize.calib_seq_len=4096"], "quantize.calib_seq_len: 4096 is longer than the model's context"),
     (["quantize.decode_tokens=0"], "quantize.decode_tokens: expected a positive number"),
     (["quantize.bitz=4"], "unknown field 'quantize.bitz'"),
     (['train.model={"mlp": "swiglu", "d_ff": 64, "arch": "none", "d_model": 32, "n_head": 2, "n_layer": 1}',
-      "export.arch=none"], "quantize.gguf: the model's family 'none'"),
+      "export.arch=none"], "quantize.gguf: export_gguf: ModelConfig.hf_family: 'none'"),
 ])
 def test_bad_quantize_field_is_refused_before_any_work(small_corpus, tmp_path, sets, msg):
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(".", r"\.")) as e:

@@ -62,18 +62,12 @@ class EvalStage:
     bootstrap: int = 1000  # resamples for the 95% intervals
 
 
-# the GGUF types the quantize stage can write (``lmforge export --format gguf --type``) and the row length each
-# type's blocks take (a row of every tensor must fill whole blocks); "none" writes no GGUF
-GGUF_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32, "q4_0": 32, "q4_k": 256}
-GGUF_ARCHS = ("llama", "qwen2", "qwen3")
-
-
 @dataclass
 class QuantizeStage(QuantConfig):
     """``lmforge quantize``'s settings (``lmforge.quant.QuantConfig``: method, bits, granularity, group_size, ...;
     calibration from the run's train split) and the stage's own: the GGUF type written beside the HF export and
     the decode-speed measurement (one greedy generation of ``decode_tokens`` tokens from ``prompt``)."""
-    gguf: str = "q8_0"  # f32 | f16 | q8_0 | q4_0 | q4_k | none
+    gguf: str = "q8_0"  # quant.gguf_model.TYPES (f32 | f16 | q8_0 | q4_0 | q4_k) or "none" (no GGUF)
     prompt: str = "ROMEO.\n"
     decode_tokens: int = 128
 
@@ -228,7 +222,8 @@ def validate_quantize(r: Recipe) -> None:
     method, bits, granularity, group size, fp8 format, alpha, damp, ...), the stage's own (a GGUF type it can
     write, a positive decode length, a prompt), and against the model the recipe trains (built on the meta
     device): a calibration window the model holds, a group size that divides the rows of every linear it
-    quantizes, rows that fill the GGUF type's blocks and an architecture GGUF has."""
+    quantizes, and what the GGUF exporter checks (``quant.gguf_model``: an architecture llama.cpp runs, rows
+    its type's blocks divide)."""
     import re
 
     from ..quant.config import check_config
@@ -240,11 +235,13 @@ def validate_quantize(r: Recipe) -> None:
         msg = re.sub(r"^quantize: ", "", str(e))
         m = re.match(r"([a-z_0-9]+)(:|\b)", msg)
         raise ValueError(f"quantize.{msg}" if m and hasattr(q, m.group(1)) else f"quantize: {msg}") from None
-    if q.gguf not in (*GGUF_BLOCK, "none"):
+    from ..quant.gguf_model import TYPES as GGUF_TYPES  # (`lmforge export --format gguf --type`'s)
+
+    if q.gguf not in (*GGUF_TYPES, "none"):
         import difflib
 
-        close = difflib.get_close_matches(str(q.gguf), list(GGUF_BLOCK), n=1)
-        raise ValueError(f"quantize.gguf: unknown GGUF type {q.gguf!r}; expected one of {', '.join(GGUF_BLOCK)} "
+        close = difflib.get_close_matches(str(q.gguf), list(GGUF_TYPES), n=1)
+        raise ValueError(f"quantize.gguf: unknown GGUF type {q.gguf!r}; expected one of {', '.join(GGUF_TYPES)} "
                          "or 'none' (no GGUF)" + (f"; did you mean {close[0]!r}?" if close else ""))
     if isinstance(q.decode_tokens, bool) or not isinstance(q.decode_tokens, int) or q.decode_tokens < 1:
         raise ValueError(f"quantize.decode_tokens: expected a positive number of tokens, got {q.decode_tokens!r}")
@@ -285,16 +282,15 @@ def check_quantizable(mcfg, q: QuantizeStage) -> None:
                                  f"{m.in_features} or skip the layer (quantize.skip)")
     if q.gguf == "none":
         return
-    arch = mcfg.hf_family
-    if arch not in GGUF_ARCHS:
-        raise ValueError(f"quantize.gguf: the model's family {arch!r} (train.model.arch) has no GGUF architecture "
-                         f"here (expected {', '.join(GGUF_ARCHS)}); set quantize.gguf = 'none' to write no GGUF")
-    block = GGUF_BLOCK[q.gguf]
-    for n, p in model.named_parameters():
-        if p.dim() == 2 and p.shape[-1] % block:
-            raise ValueError(f"quantize.gguf: {q.gguf} blocks hold {block} values, and a row of {n} (shape "
-                             f"{tuple(p.shape)}) has {p.shape[-1]}; choose a type whose block divides it "
-                             f"({', '.join(t for t, b in GGUF_BLOCK.items() if p.shape[-1] % b == 0)}) or 'none'")
+    from ..quant import gguf_model as G
+
+    try:  # the exporter's own checks: an architecture llama.cpp runs, rows its blocks divide
+        arch = G.resolve_arch(mcfg)
+        G.check_gguf_exportable(mcfg, arch)
+        for n, t in G.gguf_tensors(model, arch):
+            G.tensor_type(n, tuple(t.shape), q.gguf)
+    except ValueError as e:
+        raise ValueError(f"quantize.gguf: {e} (set quantize.gguf = 'none' to write no GGUF)") from None
 
 
 def validate_eval(e: EvalStage) -> None:
