@@ -19,7 +19,13 @@ def method_module(method: str):
     """The module implementing ``method`` (``config.METHODS``)."""
     if method not in METHODS:
         check_config(QuantConfig(method=method))  # the error with the nearest name
-    return importlib.import_module(METHODS[method])
+    try:
+        return importlib.import_module(METHODS[method])
+    except ModuleNotFoundError as e:
+        if e.name != METHODS[method]:
+            raise
+        raise ValueError(f"quantize: method {method!r}: its module {METHODS[method]} is not part of this "
+                         "installation") from None
 
 
 def model_bytes(model: torch.nn.Module) -> int:

@@ -187,4 +187,7 @@ def load_quantized(directory, device: str = "cpu"):
         from ..tokenize import load as load_tok
 
         tok = load_tok(d / "tokenizer.lmforge.json")
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{d}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                             f"{cfg.vocab_size} embeddings")
     return model.to(device), tok
