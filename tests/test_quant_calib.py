@@ -11,6 +11,15 @@ from lmforge.model.transformer import Transformer
 from lmforge.quant.calib import block_inputs, calibration_tokens, capture_inputs, run_block
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared CPU: no oversubscription (and the same reductions every run)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def write_shards(d, splits: dict[str, np.ndarray], shard_tokens: int = 1000):
     """A shards directory in the format ``lmforge data prepare`` writes (manifest, .bin, .idx.json)."""
     d.mkdir(parents=True, exist_ok=True)
