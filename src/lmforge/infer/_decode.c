@@ -213,15 +213,19 @@ static inline __attribute__((always_inline)) v8 vexp(v8 x) { /* exp on [-87, 88]
 
 #define SUF(name) name##_plain
 #define ATTR
+#define KERN_AVX2 0
 #include "_decode_kern.h"
 #undef SUF
 #undef ATTR
+#undef KERN_AVX2
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SUF(name) name##_avx2
 #define ATTR __attribute__((target("avx2,fma")))
+#define KERN_AVX2 1
 #include "_decode_kern.h"
 #undef SUF
 #undef ATTR
+#undef KERN_AVX2
 static int has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -231,6 +235,7 @@ static int has_avx2(void) {
 #define swiglu_avx2 swiglu_plain
 #define matvec_rows_avx2 matvec_rows_plain
 #define qmat_rows_avx2 qmat_rows_plain
+#define lane_sums_avx2 lane_sums_plain
 #define attend_avx2 attend_plain
 static int has_avx2(void) { return 0; }
 #endif
@@ -244,8 +249,8 @@ enum { POS_LEARNED = 0, POS_ROPE = 1 };
 /* A linear layer's weight: float32 rows, or integer codes with scales (see _decode_kern.h):
  *   W_F32: w float (O, I)
  *   W_I8:  w int8 (O, I) signed codes, w = q * s
- *   W_Q4:  w uint8 (O, I/2), column 2j in the low nibble, 2j+1 in the high one; w = (u - z) * s with
- *          z = zeros[o, g] (asymmetric) or 8 (symmetric, zeros NULL)
+ *   W_Q4:  w uint8 (O, I/2), codes of <= 4 bits, column 2j in the low nibble, 2j+1 in the high one;
+ *          w = (u - z) * s with z = zeros[o, g] (asymmetric) or zc (symmetric, zeros NULL: 8 at 4 bits)
  * scales (and zeros) are (O, I/G): one per group of G consecutive stored columns (G = I: one per row).
  * perm (int64, I) or NULL: stored column j multiplies input column perm[j]. */
 enum { W_F32 = 0, W_I8 = 1, W_Q4 = 2 };
@@ -254,6 +259,7 @@ typedef struct {
     const void *w;
     const float *scales, *zeros, *bias;
     const int64_t *perm;
+    float zc; /* W_Q4 without zeros: the zero point of every group (2 ** (bits - 1): q = u - zc) */
 } Lin;
 
 typedef struct { /* one block's weights (NULL where the config has none) */
@@ -343,7 +349,7 @@ static void matmul(const float *W, const float *bias, const float *X, float *Y, 
 
 typedef struct {
     const Lin *L;
-    const float *X;
+    const float *X, *XS;
     float *Y;
     int B, I, O;
 } QJob;
@@ -354,18 +360,21 @@ static void qmat_task(void *p, int t, int n) {
     int r0 = t * per, r1 = r0 + per < j->O ? r0 + per : j->O;
     if (r0 >= r1) return;
     const Lin *L = j->L;
-    if (use_avx2) qmat_rows_avx2(L->kind, L->w, L->scales, L->zeros, L->bias, j->X, j->Y, j->B, j->I, j->O, L->G, r0, r1);
-    else qmat_rows_plain(L->kind, L->w, L->scales, L->zeros, L->bias, j->X, j->Y, j->B, j->I, j->O, L->G, r0, r1);
+    if (use_avx2)
+        qmat_rows_avx2(L->kind, L->w, L->scales, L->zeros, L->zc, L->bias, j->X, j->XS, j->Y, j->B, j->I, j->O, L->G, r0, r1);
+    else
+        qmat_rows_plain(L->kind, L->w, L->scales, L->zeros, L->zc, L->bias, j->X, j->XS, j->Y, j->B, j->I, j->O, L->G, r0, r1);
 }
 
 /* Y (B, O) = X (B, I) W^T + bias for any kind of weight; a quantized one first gathers each input row
- * by perm and, for 4-bit codes, puts each 16 columns evens first (into m->xq) */
+ * by perm and, for 4-bit codes, puts each 16 columns evens first and sums x's lanes per group (into
+ * m->xq: B rows of I, then B rows of I / G * 8 lane sums) */
 static void lin_matmul(const Model *m, const Lin *L, const float *X, float *Y, int B, int I, int O) {
     if (L->kind == W_F32) {
         matmul((const float *)L->w, L->bias, X, Y, B, I, O);
         return;
     }
-    float *xq = m->xq;
+    float *xq = m->xq, *xs = xq + (size_t)B * I;
     for (int b = 0; b < B; b++) {
         const float *x = X + (size_t)b * I;
         float *o = xq + (size_t)b * I;
@@ -374,14 +383,16 @@ static void lin_matmul(const Model *m, const Lin *L, const float *X, float *Y, i
                 int d = (j & ~15) + ((j & 1) ? 8 + ((j & 15) >> 1) : (j & 15) >> 1);
                 o[d] = x[L->perm ? L->perm[j] : j];
             }
+            if (use_avx2) lane_sums_avx2(o, xs + (size_t)b * (I / L->G) * 8, I, L->G);
+            else lane_sums_plain(o, xs + (size_t)b * (I / L->G) * 8, I, L->G);
         } else if (L->perm) {
             for (int j = 0; j < I; j++) o[j] = x[L->perm[j]];
         } else {
             memcpy(o, x, sizeof(float) * I);
         }
     }
-    QJob j = {L, xq, Y, B, I, O};
-    if ((size_t)O * I * (B > 0 ? B : 1) < 16384 || pool.n == 1) qmat_task(&j, 0, 1);
+    QJob j = {L, xq, xs, Y, B, I, O};
+    if ((size_t)O * I * (B > 0 ? B : 1) < 16384) qmat_task(&j, 0, 1);
     else parallel(qmat_task, &j);
 }
 
@@ -536,7 +547,7 @@ static int grow(Model *m, int B, int L) {
         m->act = malloc(sizeof(float) * c * m->F);
         int wide = m->C > H * D ? m->C : H * D;
         wide = wide > m->F ? wide : m->F;
-        m->xq = malloc(sizeof(float) * c * wide);
+        m->xq = malloc(sizeof(float) * c * wide * 2); /* rows, then (for 4-bit) lane sums: at most I / 4 per row */
         m->cap = c;
         if (!m->x || !m->h || !m->qkv || !m->att || !m->ff || !m->act || !m->xq) return -1;
     }
@@ -552,15 +563,16 @@ static int grow(Model *m, int B, int L) {
 
 #define PTR(o) ((const float *)(uintptr_t)PyLong_AsUnsignedLongLong(o))
 
-/* a quantized weight (kind, G, w, scales, zeros, perm, bias) for an input width I, checked */
+/* a quantized weight (kind, G, w, scales, zeros, perm, bias, zc) for an input width I, checked */
 static int lin_parse(PyObject *e, Lin *L, int I, const char *where) {
-    if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 7) {
-        PyErr_Format(PyExc_ValueError, "%s: a quantized weight is (kind, group, w, scales, zeros, perm, bias)", where);
+    if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 8) {
+        PyErr_Format(PyExc_ValueError, "%s: a quantized weight is (kind, group, w, scales, zeros, perm, bias, zc)",
+                     where);
         return -1;
     }
     int kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(e, 0)), G = (int)PyLong_AsLong(PyTuple_GET_ITEM(e, 1));
     if (PyErr_Occurred()) return -1;
-    int step = kind == W_Q4 ? 16 : 8;
+    int step = kind == W_Q4 ? 32 : 8;
     if ((kind != W_I8 && kind != W_Q4) || G <= 0 || G % step || I % G) {
         PyErr_Format(PyExc_ValueError, "%s: weight kind %d with groups of %d columns over %d inputs: expected kind 1 "
                      "(int8) or 2 (4-bit) and a group that divides the inputs, a multiple of %d", where, kind, G, I, step);
@@ -573,6 +585,7 @@ static int lin_parse(PyObject *e, Lin *L, int I, const char *where) {
     L->zeros = kind == W_Q4 ? PTR(PyTuple_GET_ITEM(e, 4)) : NULL;
     L->perm = (const int64_t *)PTR(PyTuple_GET_ITEM(e, 5));
     L->bias = PTR(PyTuple_GET_ITEM(e, 6));
+    L->zc = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(e, 7));
     if (PyErr_Occurred()) return -1;
     if (!L->w || !L->scales) {
         PyErr_Format(PyExc_ValueError, "%s: a quantized weight needs its codes and scales", where);
@@ -587,7 +600,7 @@ static int lin_parse(PyObject *e, Lin *L, int I, const char *where) {
  *   globals = (tok_emb, pos_emb, norm_w, norm_b, head_w, rope_cos, rope_sin): addresses, 0 = none
  *   layers = one 14-tuple of addresses per block (see Layer)
  *   quant (optional) = 4 * L + 1 entries, per layer qkv, proj, fc, mlp proj, then the head: None (the float32
- *       weight in layers/globals) or (kind, group, w, scales, zeros, perm, bias) addresses (see Lin; 0 = none;
+ *       weight in layers/globals) or (kind, group, w, scales, zeros, perm, bias, zc): addresses but zc (see Lin; 0 = none;
  *       the head's bias is ignored) */
 static PyObject *py_new(PyObject *mod, PyObject *args) {
     PyObject *ints, *floats, *globs, *layers, *quant = NULL;
@@ -623,12 +636,12 @@ static PyObject *py_new(PyObject *mod, PyObject *args) {
         const float **p = (const float **)&m->layers[l];
         for (int i = 0; i < 14; i++) p[i] = PTR(PyTuple_GET_ITEM(t, i));
         Layer *ly = &m->layers[l];
-        ly->qkv = (Lin){W_F32, 0, ly->qkv_w, NULL, NULL, ly->qkv_b, NULL};
-        ly->proj = (Lin){W_F32, 0, ly->proj_w, NULL, NULL, ly->proj_b, NULL};
-        ly->fc = (Lin){W_F32, 0, ly->fc_w, NULL, NULL, ly->fc_b, NULL};
-        ly->mlp_proj = (Lin){W_F32, 0, ly->mlp_proj_w, NULL, NULL, ly->mlp_proj_b, NULL};
+        ly->qkv = (Lin){W_F32, 0, ly->qkv_w, NULL, NULL, ly->qkv_b, NULL, 0.f};
+        ly->proj = (Lin){W_F32, 0, ly->proj_w, NULL, NULL, ly->proj_b, NULL, 0.f};
+        ly->fc = (Lin){W_F32, 0, ly->fc_w, NULL, NULL, ly->fc_b, NULL, 0.f};
+        ly->mlp_proj = (Lin){W_F32, 0, ly->mlp_proj_w, NULL, NULL, ly->mlp_proj_b, NULL, 0.f};
     }
-    m->head = (Lin){W_F32, 0, m->head_w, NULL, NULL, NULL, NULL};
+    m->head = (Lin){W_F32, 0, m->head_w, NULL, NULL, NULL, NULL, 0.f};
     if (quant && !PyErr_Occurred()) { /* per layer qkv, proj, fc, mlp proj, then the head: None or a quantized weight */
         const int FC = m->mlp == MLP_SWIGLU ? 2 * m->F : m->F, HD = m->H * m->D;
         if (PyTuple_GET_SIZE(quant) != 4 * m->L + 1) {
@@ -746,7 +759,7 @@ static PyObject *py_matmul(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* qmatmul((kind, group, w, scales, zeros, perm, bias), X, Y, B, I, O, threads): Y = X W^T + bias for a quantized
+/* qmatmul((kind, group, w, scales, zeros, perm, bias, zc), X, Y, B, I, O, threads): Y = X W^T + bias for a quantized
  * weight, through the kernels of the step (addresses) */
 static PyObject *py_qmatmul(PyObject *mod, PyObject *args) {
     PyObject *e;
@@ -758,7 +771,7 @@ static PyObject *py_qmatmul(PyObject *mod, PyObject *args) {
     if (use_avx2 < 0) use_avx2 = has_avx2();
     Model m;
     memset(&m, 0, sizeof m);
-    m.xq = malloc(sizeof(float) * (size_t)(B > 0 ? B : 1) * I);
+    m.xq = malloc(sizeof(float) * (size_t)(B > 0 ? B : 1) * I * 2);
     if (!m.xq) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&step_mu);
@@ -772,7 +785,7 @@ static PyObject *py_qmatmul(PyObject *mod, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"qmatmul", py_qmatmul, METH_VARARGS,
-     "qmatmul((kind, group, w, scales, zeros, perm, bias), X, Y, B, I, O, threads): Y = X W^T + bias (addresses)"},
+     "qmatmul((kind, group, w, scales, zeros, perm, bias, zc), X, Y, B, I, O, threads): Y = X W^T + bias (addresses)"},
 
     {"new", py_new, METH_VARARGS, "new(ints, floats, globals, layers) -> model capsule"},
     {"set_cache", py_set_cache, METH_VARARGS, "set_cache(model, k_addrs, v_addrs, block_stride, block_size)"},

@@ -139,68 +139,125 @@ ATTR static void SUF(swiglu)(const float *g, const float *u, float *o, int n) {
 
 /* ---- quantized weights: integer codes dequantized in registers, fp32 activations ----
  * One row against one activation row. A row is G-column groups with one scale each (G = I:
- * one scale per row); a group's products sum into two vector partials (columns i..i+7 and
- * i+8..i+15 of each 16), which are added and scaled into the row's vector accumulator:
+ * one scale per row); a group's products sum into four vector partials (8 lanes each, in a
+ * fixed pattern), which are added and scaled into the row's vector accumulator:
  *     y = lanes of sum_g s_g * (sum_{i in g} q_i x_i), the lanes summed as hsum sums them.
  * Every (row, activation row) pair runs this one function whatever the batch or the row split,
  * so a result does not depend on either. */
 
-/* int8 codes q (signed): w = q * s. I and G multiples of 8. */
+/* 8 codes widened to int32 lanes (one vpmovsxbd / vpmovzxbd with AVX2) */
+ATTR static inline __attribute__((always_inline)) v8i SUF(widen_s8)(const int8_t *p) {
+#if KERN_AVX2
+    return (v8i)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    v8i v = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
+    return v;
+#endif
+}
+ATTR static inline __attribute__((always_inline)) v8i SUF(widen_u8)(const uint8_t *p) {
+#if KERN_AVX2
+    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    v8i v = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
+    return v;
+#endif
+}
+
+/* int8 codes q (signed): w = q * s. I and G multiples of 8. A group's products go into four partials
+ * (columns 32k + 0..7, 8..15, 16..23, 24..31), summed ((p0 + p1) + (p2 + p3)). */
+#define I8_32(wp, xp)                                                             \
+    a += __builtin_convertvector(SUF(widen_s8)(wp), v8) * LOAD(xp);              \
+    b += __builtin_convertvector(SUF(widen_s8)((wp) + 8), v8) * LOAD((xp) + 8);  \
+    c += __builtin_convertvector(SUF(widen_s8)((wp) + 16), v8) * LOAD((xp) + 16); \
+    d += __builtin_convertvector(SUF(widen_s8)((wp) + 24), v8) * LOAD((xp) + 24);
 ATTR static float SUF(dot_i8)(const int8_t *restrict w, const float *restrict s, const float *restrict x, int I,
                               int G) {
     v8 acc = {0};
-    for (int g0 = 0, k = 0; g0 < I; g0 += G, k++) {
-        v8 a = {0}, b = {0};
-        int i = g0, end = g0 + G;
-        for (; i + 16 <= end; i += 16) {
-            v8b c0, c1;
-            memcpy(&c0, w + i, 8);
-            memcpy(&c1, w + i + 8, 8);
-            a += __builtin_convertvector(__builtin_convertvector(c0, v8i), v8) * LOAD(x + i);
-            b += __builtin_convertvector(__builtin_convertvector(c1, v8i), v8) * LOAD(x + i + 8);
+    if (G == 32) { /* the common case, one step per group */
+        for (int g0 = 0; g0 < I; g0 += 32, s++) {
+            v8 a = {0}, b = {0}, c = {0}, d = {0};
+            I8_32(w + g0, x + g0)
+            v8 sv = {*s, *s, *s, *s, *s, *s, *s, *s};
+            acc += ((a + b) + (c + d)) * sv;
         }
-        if (i < end) {
-            v8b c0;
-            memcpy(&c0, w + i, 8);
-            a += __builtin_convertvector(__builtin_convertvector(c0, v8i), v8) * LOAD(x + i);
+        return hsum(acc);
+    }
+    for (int g0 = 0; g0 < I; g0 += G, s++) {
+        v8 a = {0}, b = {0}, c = {0}, d = {0};
+        const int8_t *wp = w + g0, *we = wp + G;
+        const float *xp = x + g0;
+        for (; wp + 32 <= we; wp += 32, xp += 32) {
+            I8_32(wp, xp)
         }
-        float sk = s[k];
-        v8 sv = {sk, sk, sk, sk, sk, sk, sk, sk};
-        acc += (a + b) * sv;
+        if (wp + 16 <= we) {
+            a += __builtin_convertvector(SUF(widen_s8)(wp), v8) * LOAD(xp);
+            b += __builtin_convertvector(SUF(widen_s8)(wp + 8), v8) * LOAD(xp + 8);
+            wp += 16, xp += 16;
+        }
+        if (wp < we) a += __builtin_convertvector(SUF(widen_s8)(wp), v8) * LOAD(xp);
+        v8 sv = {*s, *s, *s, *s, *s, *s, *s, *s};
+        acc += ((a + b) + (c + d)) * sv;
     }
     return hsum(acc);
 }
+#undef I8_32
 
-/* 4-bit codes u, two per byte (column 2j in the low nibble, 2j+1 in the high one): w = (u - z) * s,
- * z = zeros[g] (asymmetric) or 8 (symmetric: q = u - 8). x is the activation row with each 16
+/* codes u of <= 4 bits, two per byte (column 2j in the low nibble, 2j+1 in the high one): w = (u - z) * s,
+ * z = zeros[g] (asymmetric) or zc (symmetric: q = u - zc, zc = 8 at 4 bits). x is the activation row with each 16
  * columns reordered evens first (x0 x2 .. x14 x1 x3 .. x15), so that a byte's low nibble meets
- * lane j of the first half and its high nibble lane j of the second. I and G multiples of 16. */
-ATTR static float SUF(dot_q4)(const uint8_t *restrict w, const float *restrict s, const float *restrict z,
-                              const float *restrict x, int I, int G) {
+ * lane j of the first half and its high nibble lane j of the second. The zero point comes out of
+ * the sum: sum_i (u_i - z) x_i = sum_i u_i x_i - z sum_i x_i per lane, xs holding the group's lane
+ * sums of x (8 per group, summed in the same pattern as the products; see lin_matmul). I and G
+ * multiples of 32. */
+#define Q4_32(wp, xp)                                                       \
+    {                                                                       \
+        v8i u = SUF(widen_u8)(wp), v = SUF(widen_u8)((wp) + 8);             \
+        a += __builtin_convertvector(u & lo4, v8) * LOAD(xp);               \
+        b += __builtin_convertvector(u >> 4, v8) * LOAD((xp) + 8);          \
+        c += __builtin_convertvector(v & lo4, v8) * LOAD((xp) + 16);        \
+        d += __builtin_convertvector(v >> 4, v8) * LOAD((xp) + 24);         \
+    }
+ATTR static float SUF(dot_q4)(const uint8_t *restrict w, const float *restrict s, const float *restrict z, float zc,
+                              const float *restrict x, const float *restrict xs, int I, int G) {
     v8 acc = {0};
     const v8i lo4 = {15, 15, 15, 15, 15, 15, 15, 15};
-    for (int g0 = 0, k = 0; g0 < I; g0 += G, k++) {
-        float zk = z ? z[k] : 8.0f;
+    for (int g0 = 0; g0 < I; g0 += G, s++, xs += 8) {
+        float zk = z ? *z++ : zc;
         v8 zv = {zk, zk, zk, zk, zk, zk, zk, zk};
-        v8 a = {0}, b = {0};
-        for (int i = g0; i < g0 + G; i += 16) {
-            v8ub c;
-            memcpy(&c, w + i / 2, 8);
-            v8i u = __builtin_convertvector(c, v8i);
-            a += (__builtin_convertvector(u & lo4, v8) - zv) * LOAD(x + i);
-            b += (__builtin_convertvector(u >> 4, v8) - zv) * LOAD(x + i + 8);
+        v8 a = {0}, b = {0}, c = {0}, d = {0};
+        if (G == 32) {
+            Q4_32(w + g0 / 2, x + g0)
+        } else {
+            const uint8_t *wp = w + g0 / 2, *we = wp + G / 2;
+            const float *xp = x + g0;
+            for (; wp < we; wp += 16, xp += 32) Q4_32(wp, xp)
         }
-        float sk = s[k];
-        v8 sv = {sk, sk, sk, sk, sk, sk, sk, sk};
-        acc += (a + b) * sv;
+        v8 sv = {*s, *s, *s, *s, *s, *s, *s, *s};
+        v8 gv = ((a + b) + (c + d)) - zv * LOAD(xs);
+        acc += gv * sv;
     }
     return hsum(acc);
+}
+#undef Q4_32
+
+/* the lane sums of x for dot_q4: 8 per group of G columns (x already reordered) */
+ATTR static void SUF(lane_sums)(const float *restrict x, float *restrict xs, int I, int G) {
+    for (int g0 = 0; g0 < I; g0 += G, xs += 8) {
+        v8 a = {0}, b = {0}, c = {0}, d = {0};
+        for (int i = g0; i < g0 + G; i += 32) {
+            a += LOAD(x + i);
+            b += LOAD(x + i + 8);
+            c += LOAD(x + i + 16);
+            d += LOAD(x + i + 24);
+        }
+        STORE(xs, (a + b) + (c + d));
+    }
 }
 
 /* rows o in [r0, r1) of a quantized linear for activation rows b in [0, B) (X already gathered and,
  * for 4-bit, reordered: see dot_q4); a row's weights stay in L1 across the activation rows */
-ATTR static void SUF(qmat_rows)(int kind, const void *W, const float *S, const float *Z, const float *bias,
-                                const float *X, float *Y, int B, int I, int O, int G, int r0, int r1) {
+ATTR static void SUF(qmat_rows)(int kind, const void *W, const float *S, const float *Z, float zc, const float *bias,
+                                const float *X, const float *XS, float *Y, int B, int I, int O, int G, int r0, int r1) {
     const int ng = I / G;
     for (int o = r0; o < r1; o++) {
         const float *s = S + (size_t)o * ng, *z = Z ? Z + (size_t)o * ng : NULL;
@@ -210,7 +267,8 @@ ATTR static void SUF(qmat_rows)(int kind, const void *W, const float *S, const f
             for (int b = 0; b < B; b++) Y[(size_t)b * O + o] = SUF(dot_i8)(w, s, X + (size_t)b * I, I, G) + bo;
         } else {
             const uint8_t *w = (const uint8_t *)W + (size_t)o * (I / 2);
-            for (int b = 0; b < B; b++) Y[(size_t)b * O + o] = SUF(dot_q4)(w, s, z, X + (size_t)b * I, I, G) + bo;
+            for (int b = 0; b < B; b++)
+                Y[(size_t)b * O + o] = SUF(dot_q4)(w, s, z, zc, X + (size_t)b * I, XS + (size_t)b * (I / G) * 8, I, G) + bo;
         }
     }
 }

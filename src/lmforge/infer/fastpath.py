@@ -15,6 +15,15 @@ Both caches have the same shape per layer, ``(N, K, S, D)``: a contiguous
 S = block_size positions. A sequence is a list of those (its block table); a
 contiguous row ``b`` is the one-entry table ``[b]``.
 
+Quantized linears (``lmforge.quant.linear.IntLinear``, swapped in by ``lmforge.quant``)
+run in the same step: int8 codes (symmetric; one scale per row, per group of a multiple
+of 8 columns, or per tensor) and codes of 2..4 bits packed two per byte (symmetric or
+with zero points; groups of a multiple of 32 columns, or one per row or tensor), with or
+without an input permutation (GPTQ act-order). The codes are dequantized in registers
+against float32 activations, so the logits equal ``IntLinear``'s PyTorch forward within
+float32 rounding; any other quantized layout (5..7 bits, 8-bit asymmetric, fp8,
+LLM.int8, W8A8) declines with the layer's name and why.
+
 ``FastDecoder.why_not(model)`` says why the fast path does not apply (None: it
 does; ``supported(model)`` is ``why_not(model) is None``; ``LMFORGE_NO_NATIVE=1``
 turns it off). It fails closed: anything it does not know exactly (another
@@ -145,6 +154,11 @@ def _why_not(model) -> str | None:
         return (f"the layers' sliding windows differ ({sorted(windows, key=lambda w: (w is not None, w or 0))}): "
                 "the C step takes one window for every layer")
     for name, mod, cls, shape in exact:
+        if cls is torch.nn.Linear and type(mod) is not cls:
+            why = _quant_why_not(name, mod, shape)
+            if why is not None:
+                return why
+            continue
         if type(mod) is not cls:
             return f"{name} is a {type(mod).__name__}, not exactly a {cls.__name__}"
         got = tuple(getattr(mod.weight, "shape", ()))
@@ -155,6 +169,66 @@ def _why_not(model) -> str | None:
     return None
 
 
+_KIND_I8, _KIND_Q4 = 1, 2  # the C step's weight kinds (W_I8, W_Q4 in _decode.c)
+
+
+def _int_linear_class():
+    """``lmforge.quant.linear.IntLinear`` (imported only when a model holds a module of that name)."""
+    from ..quant.linear import IntLinear
+
+    return IntLinear
+
+
+def _quant_layout(mod) -> tuple[int, int]:
+    """(kind, group width) of an IntLinear the C step implements; ValueError (the reason) otherwise."""
+    I = mod.in_features
+    bits, sym, gran = mod.bits, mod.sym, mod.granularity
+    G = I if gran in ("tensor", "channel") else mod.group_size
+    if bits == 8 and sym:
+        kind, step = _KIND_I8, 8
+    elif 2 <= bits <= 4:
+        kind, step = _KIND_Q4, 32
+    else:
+        raise ValueError(f"{bits}-bit {'symmetric' if sym else 'asymmetric'} codes: the C step implements 8-bit "
+                         "symmetric codes and codes of 2..4 bits (symmetric or asymmetric)")
+    if G % step or I % G:
+        what = f"groups of {G} columns" if gran == "group" else f"{I} input columns ({gran} scales)"
+        raise ValueError(f"{bits}-bit codes in {what}: the C step needs a group width that is a multiple of {step} "
+                         f"and divides the {I} inputs")
+    return kind, G
+
+
+def _quant_why_not(name, mod, shape) -> str | None:
+    """None when ``mod`` (in place of the nn.Linear of shape (out, in)) is an IntLinear the C step runs."""
+    IntLinear = _int_linear_class() if type(mod).__name__ == "IntLinear" else None
+    if IntLinear is None or type(mod) is not IntLinear:
+        return (f"{name} is a {type(mod).__name__}, not exactly a Linear or an IntLinear (the quantized linears "
+                "the C step implements)")
+    if (mod.out_features, mod.in_features) != shape:
+        return f"{name} is {(mod.out_features, mod.in_features)}, expected {shape}"
+    try:
+        _quant_layout(mod)
+    except ValueError as e:
+        return f"{name}: {e}"
+    O, I = shape
+    want = {"qweight": ((O, I) if mod.bits == 8 else (O, (I + 1) // 2), torch.int8 if mod.bits == 8 else torch.uint8),
+            "scales": ((1, 1) if mod.granularity == "tensor" else (O, I // (I if mod.granularity == "channel"
+                                                                          else mod.group_size)), torch.float32)}
+    if not mod.sym:
+        want["zeros"] = want["scales"]
+    if mod.in_perm is not None:
+        want["in_perm"] = ((I,), torch.int64)
+    for buf, (shp, dt) in want.items():
+        t = getattr(mod, buf, None)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shp or t.dtype != dt:
+            got = "none" if not isinstance(t, torch.Tensor) else f"{t.dtype} {tuple(t.shape)}"
+            return f"{name}.{buf} is {got}, expected {dt} {shp}"
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return f"{name}.{buf} is {'not contiguous' if t.device.type == 'cpu' else f'on {t.device}'}: the C step " \
+                   "reads contiguous CPU buffers"
+    return None
+
+
 class FastDecoder:
     @staticmethod
     def why_not(model) -> str | None:
@@ -162,7 +236,8 @@ class FastDecoder:
 
         It fails closed: the model must be an eval-mode lmforge ``Transformer`` on CPU in float32 whose
         every module is exactly the class the C step mirrors (``Block``, ``CausalSelfAttention``,
-        ``DenseMLP``, ``nn.Linear``, the configured norm; no hooks), every layer's spec attention
+        ``DenseMLP``, ``nn.Linear`` or an ``IntLinear`` of a layout it implements (see the module
+        docstring), the configured norm; no hooks), every layer's spec attention
         "causal" + feed-forward "dense" with the same sliding window (the C step takes one), known
         norms, activations, positions and RoPE scaling (none or Llama-3: in the tables), no MoE, and
         no other config field away from its default."""
@@ -206,19 +281,40 @@ class FastDecoder:
                 cfg.max_seq_len if cfg.pos == "learned" else 1 << 30)
         floats = (float(cfg.norm_eps), float(cfg.logit_softcap or 0.0))
         nf = m.norm_f
+
+        def w(lin):  # a float32 weight's address (0 for a quantized one: its codes go in ``quant``)
+            return a(lin.weight) if type(lin) is torch.nn.Linear else 0
+
+        def q(lin):  # None (float32) or the C step's description of a quantized weight
+            if type(lin) is torch.nn.Linear:
+                return None
+            kind, G = _quant_layout(lin)
+            O = lin.out_features
+            scales, zeros = lin.scales, lin.zeros
+            if lin.granularity == "tensor":  # one scale (and zero) for every row
+                scales = scales.detach().reshape(1, 1).expand(O, 1).contiguous()
+                zeros = None if zeros is None else zeros.detach().reshape(1, 1).expand(O, 1).contiguous()
+            zc = float(2 ** (lin.bits - 1))  # symmetric codes <= 4 bits are stored u = q + 2 ** (bits - 1)
+            return (kind, G, a(lin.qweight), a(scales), a(zeros), a(lin.in_perm), a(lin.bias), zc)
+
         glob = (a(m.tok_emb.weight), a(m.pos_emb.weight) if cfg.pos == "learned" else 0, a(nf.weight),
-                a(getattr(nf, "bias", None)), a(m.lm_head.weight), a(cos), a(sin))
-        layers = []
+                a(getattr(nf, "bias", None)), w(m.lm_head), a(cos), a(sin))
+        layers, quant = [], []
         for b in m.blocks:
             at, mlp = b.attn, b.mlp
-            layers.append((a(b.attn_norm.weight), a(getattr(b.attn_norm, "bias", None)), a(at.qkv.weight),
+            layers.append((a(b.attn_norm.weight), a(getattr(b.attn_norm, "bias", None)), w(at.qkv),
                            a(at.qkv.bias), a(at.q_norm.weight) if cfg.attn.qk_norm else 0,
-                           a(at.k_norm.weight) if cfg.attn.qk_norm else 0, a(at.proj.weight), a(at.proj.bias),
-                           a(b.mlp_norm.weight), a(getattr(b.mlp_norm, "bias", None)), a(mlp.fc.weight),
-                           a(mlp.fc.bias), a(mlp.proj.weight), a(mlp.proj.bias)))
+                           a(at.k_norm.weight) if cfg.attn.qk_norm else 0, w(at.proj), a(at.proj.bias),
+                           a(b.mlp_norm.weight), a(getattr(b.mlp_norm, "bias", None)), w(mlp.fc),
+                           a(mlp.fc.bias), w(mlp.proj), a(mlp.proj.bias)))
+            quant += [q(at.qkv), q(at.proj), q(mlp.fc), q(mlp.proj)]
+        quant.append(q(m.lm_head))
         self._keep = keep
         self.rope_len = rope_len
-        self._model = _decode.new(ints, floats, glob, tuple(layers))
+        if any(e is not None for e in quant):
+            self._model = _decode.new(ints, floats, glob, tuple(layers), tuple(quant))
+        else:
+            self._model = _decode.new(ints, floats, glob, tuple(layers))
         if self._binding is not None:
             self.bind(*self._binding)
 

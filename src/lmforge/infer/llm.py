@@ -325,11 +325,13 @@ def _messages(messages) -> list[dict]:
 
 
 def load_with_tokenizer(path: str | os.PathLike, device: str = "cpu"):
-    """(model, tokenizer, ``TokenSpec``) of an lmforge or HF model directory; one without a tokenizer is a
+    """(model, tokenizer, ``TokenSpec``) of an lmforge or HF model directory, or of a quantized one
+    (``lmforge quantize``'s output: ``quant.checkpoint.load_quantized``); one without a tokenizer is a
     ValueError (what generates text needs one)."""
     from ..model import load as load_model, load_tokens
+    from ..quant.checkpoint import is_quantized, load_quantized
 
-    model, tok = load_model(path, device=device)
+    model, tok = (load_quantized if is_quantized(path) else load_model)(path, device=device)
     if tok is None:
         raise ValueError(f"{path}: no tokenizer in the model directory")
     return model, tok, load_tokens(path, tok)
