@@ -1,8 +1,9 @@
 """The ``lmforge model info`` and ``lmforge export`` subcommands.
 
 Knows their arguments, help texts and how they print a model's sizes and HF
-family, or write its HF export; knows nothing of the model's code or file formats
-(``config``, ``hf``), nor of the other stages' subcommands.
+family, or write its HF or GGUF export; knows nothing of the model's code or file
+formats (``config``, ``hf``, ``lmforge.quant.gguf_model``, imported only by
+``export --format gguf``), nor of the other stages' subcommands.
 """
 from __future__ import annotations
 
@@ -80,13 +81,46 @@ def cmd_model_info(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from . import export_hf, load, load_tokens
+    from .._config import UsageError
 
     _checkpoint(a.checkpoint)
+    if a.format == "hf" and a.type is not None:
+        raise UsageError("--type applies to --format gguf (an HF export is float32 safetensors)")
+    if a.format == "gguf":
+        return _export_gguf(a)
+    from . import export_hf, load, load_tokens
+
     model, tok = load(a.checkpoint)
     out = export_hf(model, a.out, arch=a.arch, tokenizer=tok,
                     tokens=load_tokens(a.checkpoint, tok) if tok is not None else None)
     print(f"wrote {out} ({a.arch or model.cfg.hf_family}; load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _export_gguf(a) -> int:
+    """``--format gguf``: one GGUF file (a quantized checkpoint is dequantized, then written as ``--type``)."""
+    from .._config import UsageError
+    from . import load, load_tokens
+
+    if Path(a.out).is_dir():
+        raise UsageError(f"--out {a.out} is a directory; a GGUF export is one file (e.g. {Path(a.out) / 'model.gguf'})")
+    from ..quant import gguf_model
+
+    try:
+        from ..quant.checkpoint import is_quantized, load_quantized
+    except ImportError:  # (the quantized checkpoint format not installed)
+        is_quantized = None
+    if is_quantized is not None and is_quantized(a.checkpoint):
+        model, tok = load_quantized(a.checkpoint)
+    else:
+        model, tok = load(a.checkpoint)
+    if tok is None:
+        raise UsageError(f"{a.checkpoint}: no tokenizer; a GGUF for llama.cpp carries the model's tokenizer")
+    kind = a.type or "f32"
+    out = gguf_model.export_gguf(model, a.out, tok, tokens=load_tokens(a.checkpoint, tok), type=kind, arch=a.arch)
+    size = out.stat().st_size
+    print(f"wrote {out} ({gguf_model.resolve_arch(model.cfg, a.arch)}, {kind}, {size / 1e6:,.1f} MB; run it with "
+          f"llama.cpp: llama-cli -m {out} -p 'Hello', or llama_cpp.Llama(model_path='{out}'))")
     return 0
 
 
@@ -104,12 +138,17 @@ def add_parser(sub) -> None:
 
 
 def add_export_parser(sub) -> None:
-    xp = sub.add_parser("export", help="write a checkpoint as an HF transformers directory",
+    xp = sub.add_parser("export", help="write a checkpoint as an HF transformers directory or a GGUF file",
                         description="Export a model directory to HF format (config.json, model.safetensors, "
-                        "tokenizer.json) that transformers.AutoModelForCausalLM loads.")
+                        "tokenizer.json) that transformers.AutoModelForCausalLM loads, or (--format gguf) to one "
+                        "GGUF file that llama.cpp runs (architectures llama, qwen2, qwen3; --type f32, f16, q8_0, "
+                        "q4_0 or q4_k).")
     xp.add_argument("--checkpoint", required=True)
-    xp.add_argument("--format", choices=["hf"], default="hf")
+    xp.add_argument("--format", choices=["hf", "gguf"], default="hf")
     xp.add_argument("--arch", default=None, choices=["gpt2", "llama", "mistral", "qwen2", "qwen3"],
-                    help="HF family (default: the config's arch)")
-    xp.add_argument("--out", "-o", required=True)
+                    help="HF family, or GGUF architecture (llama, qwen2, qwen3) (default: the config's arch)")
+    xp.add_argument("--type", default=None, choices=["f32", "f16", "q8_0", "q4_0", "q4_k"],
+                    help="--format gguf: the 2-D weights' tensor type (default f32; norms stay f32; q4_k rows "
+                         "that are not a multiple of 256 are written q4_0)")
+    xp.add_argument("--out", "-o", required=True, help="the HF directory, or the .gguf file")
     xp.set_defaults(fn=cmd_export)
