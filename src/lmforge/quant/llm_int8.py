@@ -189,7 +189,8 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None = None, progress: bo
     ``cfg.threshold``), in place. No calibration is needed (outliers are found per call); given ``calib``
     tokens, the report also counts each layer's outlier columns on them (before the swap, fp32 model).
 
-    Report: {"method", "threshold", "layers": {name: {"err": ||W - deq(W)||/||W||, "bytes", ...}}, "skipped"}."""
+    Report: {"method", "threshold", "layers": {name: {"shape": [O, I], "err": ||W - deq(W)||/||W||, "bytes",
+    and with calib "outlier_cols_mean", "outlier_cols_max", "outlier_cols_frac"}}, "skipped": [unquantized]}."""
     from ..model.surgery import replace_linear
 
     if cfg.bits != 8:
@@ -202,10 +203,8 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None = None, progress: bo
 
     def make(name, lin):
         q = LLMInt8Linear.from_linear(lin, threshold)
-        layers[name] = {"err": _rel_err(q.dequantize(), lin.weight.detach()), "bytes": q.weight_bytes(),
-                        **stats.get(name, {})}
-        if progress:
-            print(f"  llm_int8 {name}: weight err {layers[name]['err']:.2e}", flush=True)
+        layers[name] = {"shape": [q.out_features, q.in_features], "err": _rel_err(q.dequantize(), lin.weight.detach()),
+                        "bytes": q.weight_bytes(), **stats.get(name, {})}
         return q
 
     keep = set(names)

@@ -41,7 +41,6 @@ from .linear import QuantLinear, register_format
 from .llm_int8 import _rel_err, int8_matmul, quantize_weight, targets, vectorwise_quant
 
 NEEDS_CALIBRATION = True
-_CAPTURE_BYTES = 256 << 20  # captured activations held at once (names are captured in chunks under this)
 
 
 @register_format("w8a8")
@@ -176,34 +175,27 @@ def smoothing_plan(model: nn.Module, names=None) -> tuple[list[dict], list[dict]
 
 def activation_absmax(model: nn.Module, tokens: torch.Tensor, names: list[str], batch_size: int = 8,
                       keep_rows: int = 0) -> tuple[dict, dict]:
-    """Per named linear, the largest |input| of each input channel over ``tokens`` (``calib.capture_inputs``,
-    a few names at a time so the captured rows stay under ~256 MB), and up to ``keep_rows`` evenly spaced
-    input rows (for error reports). Returns ``({name: (I,)}, {name: (<=keep_rows, I)})``."""
+    """Per named linear, the largest |input| of each input channel over ``tokens`` (S, T), and up to
+    ``keep_rows`` input rows spread evenly over the batches (for error reports). One pass of the model:
+    ``calib.capture_inputs`` on one batch at a time, reduced at once (memory: one batch's rows).
+    Returns ``({name: (I,)}, {name: (<=keep_rows, I)})``."""
     from .calib import capture_inputs
 
-    mods = dict(model.named_modules())
-    rows = tokens.numel()
-    amax, kept = {}, {}
-    chunk, size = [], 0
-    groups = []
-    for n in names:
-        b = rows * mods[n].in_features * 4
-        if chunk and size + b > _CAPTURE_BYTES:
-            groups.append(chunk)
-            chunk, size = [], 0
-        chunk.append(n)
-        size += b
-    if chunk:
-        groups.append(chunk)
-    for g in groups:
-        got = capture_inputs(model, tokens, g, batch_size=batch_size)
+    amax: dict[str, torch.Tensor] = {}
+    kept: dict[str, list] = {n: [] for n in names}
+    n_batches = -(-tokens.shape[0] // batch_size)
+    per = -(-keep_rows // n_batches) if keep_rows else 0
+    for start in range(0, tokens.shape[0], batch_size):
+        got = capture_inputs(model, tokens[start:start + batch_size], names, batch_size=batch_size)
         for n, x in got.items():
-            amax[n] = x.abs().amax(0)
-            if keep_rows:
-                idx = torch.linspace(0, x.shape[0] - 1, min(keep_rows, x.shape[0])).round().long()
-                kept[n] = x.index_select(0, idx).clone()
+            m = x.abs().amax(0)
+            amax[n] = m if n not in amax else torch.maximum(amax[n], m)
+            if per:
+                idx = torch.linspace(0, x.shape[0] - 1, min(per, x.shape[0])).round().long()
+                kept[n].append(x.index_select(0, idx))
         del got
-    return amax, kept
+    rows = {n: torch.cat(v)[:keep_rows] for n, v in kept.items() if v}
+    return amax, rows
 
 
 def smoothing_scales(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -302,7 +294,7 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
     """SmoothQuant W8A8, in place: the smoothing (``cfg.alpha``) folded where exact, then every ``nn.Linear``
     not matched by ``cfg.skip`` swapped for a ``W8A8Linear``.
 
-    Report: {"method", "alpha", "layers": {name: {"err", "err_unsmoothed", "smoothed", "act_max",
+    Report: {"method", "alpha", "layers": {name: {"shape", "err", "err_unsmoothed", "smoothed", "act_max",
     "act_max_smoothed", "bytes"}}, "folds", "skipped"}; ``err`` is the relative output error
     ||Y_q - Y||/||Y|| of the quantized layer against the same (smoothed) layer in fp32 on up to 1024
     calibration rows (in-sample), ``err_unsmoothed`` the same for plain W8A8 of the original weight.
@@ -320,6 +312,9 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
     mods = dict(model.named_modules())
     orig = {n: (mods[n].weight.detach().clone(), None if mods[n].bias is None else mods[n].bias.detach().clone())
             for n in names}
+    if progress:
+        print(f"  smoothquant: activation maxima of {len(names)} linears over {calib.shape[0]} x {calib.shape[1]} "
+              "calibration tokens", flush=True)
     act_max, rows = activation_absmax(model, calib, names, keep_rows=1024)
     scales = fold_smoothing(model, folds, act_max, alpha)
     if progress:
@@ -336,13 +331,10 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
         xs = x / s if s is not None else x  # its inputs now (the folds divide them by s)
         plain = W8A8Linear.from_weight(w0, b0)
         # each against its own fp32 layer (a fold into this linear's rows changes its output on purpose)
-        layers[name] = {"err": _rel_err(q(xs), lin(xs)), "err_unsmoothed": _rel_err(plain(x), _fp32(x, w0, b0)),
+        layers[name] = {"shape": [q.out_features, q.in_features], "err": _rel_err(q(xs), lin(xs)), "err_unsmoothed": _rel_err(plain(x), _fp32(x, w0, b0)),
                         "smoothed": s is not None, "act_max": float(act_max[name].max()),
                         "act_max_smoothed": float((act_max[name] / s).max()) if s is not None
                         else float(act_max[name].max()), "bytes": q.weight_bytes()}
-        if progress:
-            L = layers[name]
-            print(f"  w8a8 {name}: err {L['err']:.2e} (unsmoothed {L['err_unsmoothed']:.2e})", flush=True)
         return q
 
     replace_linear(model, make, lambda n, _m: n in keep)
