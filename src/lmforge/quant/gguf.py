@@ -276,64 +276,88 @@ def _q4_0(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _seq_sum(a: np.ndarray) -> np.ndarray:
+def _seq_sum(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Sum over axis 0 in index order (the reference's ``for`` loop), float32."""
-    s = a[0].copy()
-    for i in range(1, a.shape[0]):
-        s += a[i]
-    return s
+    out = np.add(a[0], a[1], out=out)
+    for i in range(2, a.shape[0]):
+        out += a[i]
+    return out
 
 
 def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants (use_mad false) on M sub-blocks at once; x, w: float32 (n, M), values along axis 0.
-    Returns (codes uint8 (n, M), scale float32 (M,), min float32 (M,) >= 0 (the value subtracted))."""
+    """make_qkx2_quants (use_mad false) on M sub-blocks at once; x, w: float32 (n, M), the n values of
+    each sub-block along axis 0 so that sums run in the reference's order.
+    Returns (codes float32 (n, M) in 0..nmax, scale float32 (M,), min float32 (M,) >= 0, the value
+    subtracted). Every float32 operation is the reference's, in its order. The winning codes are not
+    carried through the steps: the step's (iscale, min subtracted) are, and the codes re-derived once."""
     f = np.float32
-    vmin = x.min(axis=0)
     vmax = x.max(axis=0)
+    vmin = np.minimum(x.min(axis=0), f(0))
     sum_w = _seq_sum(w)
-    sum_x = _seq_sum(w * x)
-    vmin = np.minimum(vmin, f(0))
-    flat = vmax == vmin
+    t = np.multiply(w, x)
+    sum_x = _seq_sum(t)
+    flat = vmax == vmin  # the reference returns at once: codes 0, scale 0
     rng = np.where(flat, f(1), vmax - vmin)
-    xm = x - vmin  # x - min, as the reference computes it in every step
+    xm = np.subtract(x, vmin)  # x - min
     iscale = f(nmax) / rng
     scale = f(1) / iscale
-    L = np.clip(_nearest(iscale * xm), 0, nmax)
-    Lf = L.astype(np.float32)
-    diff = scale * Lf + vmin - x
-    best = _seq_sum(w * (diff * diff))
-    best_min = vmin.copy()
+    best_iscale, best_shift = iscale, vmin
+    la = np.multiply(xm, iscale)
+    np.rint(la, out=la)  # nearest_int rounds half to even
+    np.clip(la, 0, nmax, out=la)
+    np.multiply(la, scale, out=t)
+    t += vmin
+    t -= x
+    np.square(t, out=t)
+    t *= w
+    best = _seq_sum(t)
+    best_min = vmin
+    wl = np.empty_like(x)
+    sums = np.empty((4,) + x.shape[1:], dtype=np.float32)
     for step in range(nstep + 1):
-        # the reference's steps use the current best min (it updates `min` in place), not the data's
+        # the steps use the current best min: the reference updates `min` in place
         iscale = (f(rmin) + f(rdelta) * f(step) + f(nmax)) / rng
-        la = np.clip(_nearest(iscale * xm), 0, nmax)
-        laf = la.astype(np.float32)
-        wl = w * laf
-        sum_l = _seq_sum(wl)
-        sum_l2 = _seq_sum(wl * laf)
-        sum_xl = _seq_sum(wl * x)
+        np.multiply(xm, iscale, out=la)
+        np.rint(la, out=la)
+        np.clip(la, 0, nmax, out=la)
+        np.multiply(w, la, out=wl)
+        sum_l = _seq_sum(wl, sums[0])
+        np.multiply(wl, la, out=t)
+        sum_l2 = _seq_sum(t, sums[1])
+        np.multiply(wl, x, out=t)
+        sum_xl = _seq_sum(t, sums[2])
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = np.where(ok, D, f(1))
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
         pos = this_min > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-        this_min = np.where(pos, f(0), this_min)
-        diff = this_scale * laf + this_min - x
-        cur = _seq_sum(w * (diff * diff))
+        if pos.any():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            this_min = np.where(pos, f(0), this_min)
+        np.multiply(la, this_scale, out=t)
+        t += this_min
+        t -= x
+        np.square(t, out=t)
+        t *= w
+        cur = _seq_sum(t, sums[3])
         better = ok & (cur < best)
         if better.any():
-            L = np.where(better, la, L)
+            best_iscale = np.where(better, iscale, best_iscale)
+            best_shift = np.where(better, best_min, best_shift)
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             best_min = np.where(better, this_min, best_min)
             rng = np.where(flat, f(1), vmax - best_min)
-            xm = x - best_min
-    L = np.where(flat, 0, L)
+            np.subtract(x, best_min, out=xm)
+    L = np.subtract(x, best_shift, out=xm)
+    L *= best_iscale
+    np.rint(L, out=L)
+    np.clip(L, 0, nmax, out=L)
+    L[:, flat] = 0
     scale = np.where(flat, f(0), scale).astype(np.float32)
-    return L.astype(np.uint8), scale, (-best_min).astype(np.float32)
+    return L, scale, (-best_min).astype(np.float32)
 
 
 def _pack_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -382,7 +406,7 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
     nz = dj != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         lq = np.clip(_nearest(np.where(nz, (x + dmj) / np.where(nz, dj, f(1)), f(0))), 0, 15).astype(np.uint8)
-    L = np.where(nz, lq, L)  # a zero sub-block scale keeps the search's codes (as the reference does)
+    L = np.where(nz, lq, L.astype(np.uint8))  # a zero sub-block scale keeps the search's codes (as the reference)
     codes = L.T.reshape(n, 4, 2, 32)  # (N, chunk of 64, half, 32)
     qs = codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)
     out = np.empty((n, 144), dtype=np.uint8)
@@ -547,11 +571,11 @@ _DEQUANTIZE = {
 }
 QUANTIZE_TYPES = tuple(_QUANTIZE)
 DEQUANTIZE_TYPES = tuple(_DEQUANTIZE)
-_CHUNK_BLOCKS = {GGMLType.Q4_K: 2048}  # super-blocks per step: bounds the search's temporaries
+_CHUNK_BLOCKS = {GGMLType.Q4_K: 256}  # super-blocks per step: bounds the search's temporaries
 
 
 def _blocks_per_chunk(t: GGMLType) -> int:
-    return _CHUNK_BLOCKS.get(t, 1 << 16)
+    return _CHUNK_BLOCKS.get(t, 1 << 16 if BLOCK[t][0] > 1 else 1 << 62)
 
 
 def quantize(a: np.ndarray, t) -> bytes:
@@ -603,7 +627,7 @@ def dequantize(b, t, shape) -> np.ndarray:
     blk, size = BLOCK[t]
     raw = raw.reshape(-1, size)
     fn = _DEQUANTIZE[t]
-    step = 1 << 15
+    step = 1 << 15 if blk > 1 else 1 << 62
     if raw.shape[0] <= step:
         out = fn(raw)
     else:
@@ -742,7 +766,7 @@ def _pack_kv(key: str, value) -> bytes:
             body = _pack_array(key, t, v)
         else:
             body = struct.pack("<I", t) + _pack_scalar(key, t, v)
-    elif isinstance(value, (list, np.ndarray)):
+    elif isinstance(value, (list, tuple, np.ndarray)):
         body = _pack_array(key, None, value)
     else:
         t = _scalar_type(key, value)
@@ -843,7 +867,8 @@ def write_gguf(path, metadata: dict[str, Any], tensors, alignment: int = DEFAULT
     head = b"".join([header, *kv, *infos])
     with atomic_open(path, "wb") as f:
         f.write(head)
-        f.write(b"\0" * (_pad(len(head), alignment) - len(head)))
+        if plan:  # as llama.cpp: the data section (and its padding) only when there are tensors
+            f.write(b"\0" * (_pad(len(head), alignment) - len(head)))
         pos = 0
         for name, data, t, shape, nbytes, off in plan:
             assert pos == off
@@ -937,10 +962,7 @@ class GGUFFile:
                              f"{', '.join(map(str, READ_VERSIONS))}")
         self.version = version
         n_tensors, n_kv = c.unpack("<QQ", "header (tensor and key counts)")
-        # every kv takes >= 12 bytes and every tensor info >= 24: counts beyond the file are corrupt
-        if n_kv * 12 > size or n_tensors * 24 > size:
-            raise ValueError(f"{self.path}: header: {n_kv} keys and {n_tensors} tensors cannot fit in {size} bytes "
-                             "(truncated or corrupt file)")
+        # counts beyond the file stop at the first item that runs past its end (a truncation error)
         self.metadata: dict[str, Any] = {}
         self.types: dict[str, Any] = {}
         for i in range(n_kv):
