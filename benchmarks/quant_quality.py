@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     rows = []
     for r in table:
         if "bpb" not in r:
-            rows.append({**row(f"{r['name']} bits/byte", None, fp["bpb"], "bits/byte"), "error": r["error"]})
+            rows.append({**row(f"{r['name']} bits/byte", None, None, "bits/byte"), "error": r["error"]})
             continue
         rows.append({**row(f"{r['name']} bits/byte", r["bpb"], fp["bpb"], "bits/byte", higher_is_better=False),
                      "split": a.split, "file_bytes": r["file_bytes"], "gguf_bytes": r["gguf_bytes"],
