@@ -129,15 +129,27 @@ def test_quantize_stage_end_to_end(finished, small_corpus):
     assert "`quantized/`" in report.split("## Artifacts")[1]
 
 
-def test_rerun_skips_and_a_changed_setting_reruns_quantize_and_after(finished, small_corpus):
+def test_rerun_skips_and_a_changed_setting_reruns_quantize_and_after(finished, small_corpus, monkeypatch):
+    from lmforge.quant import calib as C
+
     run = finished[0]
     m0 = manifest(run)
     run_recipe(recipe(small_corpus), run, quiet=True)
     assert (run / "run.log").read_text().count("quantize: unchanged, skipped") == 1
     assert manifest(run)["stages"] == m0["stages"]
 
+    # GPTQ, 4 bits with zero points: calibrated on the run's train split, [quantize]'s window count and length
     old = file_sha256(run / "quantized" / "model.safetensors")
-    run_recipe(recipe(small_corpus, "quantize.bits=4", "quantize.sym=false", "quantize.gguf=q4_0"), run, quiet=True)
+    calls, real = [], C.calibration_tokens
+
+    def spy(data_dir, n_samples=128, seq_len=256, seed=0, split="train"):
+        calls.append((str(data_dir), n_samples, seq_len, split))
+        return real(data_dir, n_samples, seq_len, seed, split)
+
+    monkeypatch.setattr(C, "calibration_tokens", spy)
+    run_recipe(recipe(small_corpus, "quantize.method=gptq", "quantize.bits=4", "quantize.sym=false",
+                      "quantize.gguf=q4_0"), run, quiet=True)
+    assert calls == [(str(run / "data"), 4, 32, "train")]
     m1 = manifest(run)
     for name, s in m1["stages"].items():
         if name in ("quantize", "export"):
@@ -145,7 +157,7 @@ def test_rerun_skips_and_a_changed_setting_reruns_quantize_and_after(finished, s
         else:
             assert s == m0["stages"][name], name
     q = json.loads((run / "quant.json").read_text())
-    assert (q["config"]["bits"], q["config"]["sym"], q["gguf"]["type"]) == (4, False, "q4_0")
+    assert (q["config"]["method"], q["config"]["bits"], q["config"]["sym"], q["gguf"]["type"]) == ("gptq", 4, False, "q4_0")
     assert file_sha256(run / "quantized" / "model.safetensors") != old
     from lmforge.quant.linear import IntLinear
     from lmforge.quant.checkpoint import load_quantized
