@@ -176,7 +176,8 @@ def test_rerun_skips_and_a_changed_setting_reruns_quantize_and_after(finished, s
     (["quantize.gguf=q5_k"], "quantize.gguf: unknown GGUF type 'q5_k'"),
     (['train.model={"mlp": "swiglu", "d_ff": 64, "arch": "qwen3", "d_model": 48, "n_head": 2, "n_layer": 1}',
       "quantize.granularity=channel"], "quantize.gguf: export_gguf: tensor token_embd.weight has rows of 48 values"),
-    (["quantize.calib_seq_len=4096"], "quantize.calib_seq_len: 4096 is longer than the model's context"),
+    (["quantize.method=gptq", "quantize.calib_seq_len=4096"],
+     "quantize.calib_seq_len: 4096 is longer than the model's context"),
     (["quantize.decode_tokens=0"], "quantize.decode_tokens: expected a positive number"),
     (["quantize.bitz=4"], "unknown field 'quantize.bitz'"),
     (['train.model={"mlp": "swiglu", "d_ff": 64, "arch": "none", "d_model": 32, "n_head": 2, "n_layer": 1}',
@@ -195,3 +196,21 @@ def test_quantize_without_a_model_names_the_stage(small_corpus, tmp_path):
     with pytest.raises(StageError, match=r"quantize: no model in .*model \(the pretrain stage makes it"):
         run_recipe(r, tmp_path / "run", quiet=True)
     assert manifest(tmp_path / "run")["stages"]["quantize"]["status"] == "failed"
+
+
+def test_gguf_auto_writes_q8_0_where_the_model_fits_and_explicit_types_are_checked(small_corpus):
+    from lmforge.pipeline.recipe import resolve_gguf
+    from lmforge.train.trainer import model_config
+
+    fits = model_config(recipe(small_corpus).train)  # qwen3-shaped, rows of 32 and 64
+    assert resolve_gguf(fits, "auto") == ("q8_0", None) and resolve_gguf(fits, "q4_0") == ("q4_0", None)
+    assert resolve_gguf(fits, "none") == (None, "quantize.gguf = 'none'")
+    gelu = 'train.model={"d_model": 32, "n_head": 2, "n_layer": 1}'  # the preset's own feed-forward (not swiglu)
+    r = recipe(small_corpus, gelu, "quantize.gguf=auto")  # (not refused: auto writes what fits)
+    t, why = resolve_gguf(model_config(r.train), "auto")
+    assert t is None and "ModelConfig.ffn.activation must be 'swiglu'" in why and r.quantize.gguf == "auto"
+    with pytest.raises(ValueError, match="quantize.gguf: export_gguf: cannot export as GGUF qwen3: "
+                                         "ModelConfig.ffn.activation"):
+        recipe(small_corpus, gelu, "quantize.gguf=q8_0")
+    # a calibration window longer than the context matters only to a method that calibrates
+    assert recipe(small_corpus, "quantize.calib_seq_len=4096").quantize.calib_seq_len == 4096

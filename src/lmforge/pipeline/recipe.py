@@ -67,7 +67,10 @@ class QuantizeStage(QuantConfig):
     """``lmforge quantize``'s settings (``lmforge.quant.QuantConfig``: method, bits, granularity, group_size, ...;
     calibration from the run's train split) and the stage's own: the GGUF type written beside the HF export and
     the decode-speed measurement (one greedy generation of ``decode_tokens`` tokens from ``prompt``)."""
-    gguf: str = "q8_0"  # quant.gguf_model.TYPES (f32 | f16 | q8_0 | q4_0 | q4_k) or "none" (no GGUF)
+    # quant.gguf_model.TYPES (f32 | f16 | q8_0 | q4_0 | q4_k), checked against the model before any work;
+    # "none": no GGUF; "auto": q8_0 when llama.cpp runs the model and Q8_0's blocks divide its rows, else none
+    # (a recipe that does not name it: the stage runs for any model, the report says why there is no GGUF)
+    gguf: str = "auto"
     prompt: str = "ROMEO.\n"
     decode_tokens: int = 128
 
@@ -237,12 +240,13 @@ def validate_quantize(r: Recipe) -> None:
         raise ValueError(f"quantize.{msg}" if m and hasattr(q, m.group(1)) else f"quantize: {msg}") from None
     from ..quant.gguf_model import TYPES as GGUF_TYPES  # (`lmforge export --format gguf --type`'s)
 
-    if q.gguf not in (*GGUF_TYPES, "none"):
+    if q.gguf not in (*GGUF_TYPES, "none", "auto"):
         import difflib
 
         close = difflib.get_close_matches(str(q.gguf), list(GGUF_TYPES), n=1)
         raise ValueError(f"quantize.gguf: unknown GGUF type {q.gguf!r}; expected one of {', '.join(GGUF_TYPES)} "
-                         "or 'none' (no GGUF)" + (f"; did you mean {close[0]!r}?" if close else ""))
+                         "or 'none' (no GGUF) or 'auto' (q8_0 where the model fits)"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
     if isinstance(q.decode_tokens, bool) or not isinstance(q.decode_tokens, int) or q.decode_tokens < 1:
         raise ValueError(f"quantize.decode_tokens: expected a positive number of tokens, got {q.decode_tokens!r}")
     if not isinstance(q.prompt, str) or not q.prompt:
@@ -268,7 +272,9 @@ def check_quantizable(mcfg, q: QuantizeStage) -> None:
 
     from ..model.transformer import Transformer
 
-    if q.calib_seq_len > mcfg.max_seq_len:
+    from ..quant.api import method_module
+
+    if getattr(method_module(q.method), "NEEDS_CALIBRATION", False) and q.calib_seq_len > mcfg.max_seq_len:
         raise ValueError(f"quantize.calib_seq_len: {q.calib_seq_len} is longer than the model's context "
                          f"(max_seq_len {mcfg.max_seq_len})")
     with torch.device("meta"):
@@ -280,17 +286,43 @@ def check_quantizable(mcfg, q: QuantizeStage) -> None:
                 raise ValueError(f"quantize.group_size: {q.group_size} does not divide the rows of {n} (weight "
                                  f"{tuple(m.weight.shape)}: {m.in_features} input columns); choose a divisor of "
                                  f"{m.in_features} or skip the layer (quantize.skip)")
-    if q.gguf == "none":
+    if q.gguf in ("none", "auto"):
         return
+    why = gguf_problem(mcfg, q.gguf, model)
+    if why:
+        raise ValueError(f"quantize.gguf: {why} (set quantize.gguf = 'none' to write no GGUF)")
+
+
+def gguf_problem(mcfg, gguf: str, model=None) -> str | None:
+    """Why ``lmforge.quant.gguf_model.export_gguf`` would refuse a model of config ``mcfg`` as GGUF ``gguf``
+    (the exporter's own checks: an architecture llama.cpp runs, rows the type's blocks divide), or None."""
     from ..quant import gguf_model as G
 
-    try:  # the exporter's own checks: an architecture llama.cpp runs, rows its blocks divide
+    if model is None:
+        import torch
+
+        from ..model.transformer import Transformer
+
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+    try:
         arch = G.resolve_arch(mcfg)
         G.check_gguf_exportable(mcfg, arch)
         for n, t in G.gguf_tensors(model, arch):
-            G.tensor_type(n, tuple(t.shape), q.gguf)
+            G.tensor_type(n, tuple(t.shape), gguf)
     except ValueError as e:
-        raise ValueError(f"quantize.gguf: {e} (set quantize.gguf = 'none' to write no GGUF)") from None
+        return str(e)
+    return None
+
+
+def resolve_gguf(mcfg, gguf: str) -> tuple[str | None, str | None]:
+    """(the GGUF type the quantize stage writes or None, why none): [quantize] gguf with "auto" resolved."""
+    if gguf == "none":
+        return None, "quantize.gguf = 'none'"
+    if gguf == "auto":
+        why = gguf_problem(mcfg, "q8_0")
+        return (None, f"quantize.gguf = 'auto' and the model does not fit q8_0: {why}") if why else ("q8_0", None)
+    return gguf, None
 
 
 def validate_eval(e: EvalStage) -> None:

@@ -244,6 +244,8 @@ def quant_markdown(q: dict, run_dir: Path) -> list[str]:
              f"| {z['decode_tok_s']:.0f} ({z['decode_tok_s'] / f['decode_tok_s']:.2f}x) | {fast(z)} |"]
     if g:
         lines.append(f"| GGUF {g['type']} (`{g['path']}`) | - | - | - | {_mb(g['bytes'])} (the .gguf) | - | - |")
+    if not g and q.get("no_gguf"):
+        lines += ["", f"No GGUF file: {q['no_gguf']}."]
     if d.get("same_greedy_prefix") is not None:
         lines += ["", f"The quantized model's greedy tokens equal the fp32 model's for the first "
                       f"{d['same_greedy_prefix']} of {min(f.get('decode_tokens', 0), z.get('decode_tokens', 0))}."]

@@ -583,7 +583,7 @@ class Runner:
         from ..infer.llm import load_with_tokenizer
         from ..quant.api import quantize
         from ..quant.checkpoint import load_quantized, save_quantized
-        from .recipe import quant_config
+        from .recipe import quant_config, resolve_gguf
 
         src = self._final_model()
         if not (src / "model.safetensors").exists():
@@ -594,13 +594,15 @@ class Runner:
         model, tok, spec = load_with_tokenizer(src)
         model.eval()
         fp32 = self._measure(model, tok, spec, src, bpb=self._eval_bpb(src.name))
-        gguf = None
-        if q.gguf != "none":  # from the fp32 weights (llama.cpp's types quantize them their own way)
+        gguf, gtype, no_gguf = None, *resolve_gguf(model.cfg, q.gguf)
+        if gtype is None:
+            self.log(f"quantize: no GGUF ({no_gguf})")
+        else:  # from the fp32 weights (llama.cpp's types quantize them their own way)
             from ..quant.gguf_model import export_gguf
 
             t0 = time.perf_counter()
-            path = Path(export_gguf(model, self.dir / "export" / f"model-{q.gguf}.gguf", tok, tokens=spec, type=q.gguf))
-            gguf = {"type": q.gguf, "path": str(path.relative_to(self.dir)), "bytes": path.stat().st_size,
+            path = Path(export_gguf(model, self.dir / "export" / f"model-{gtype}.gguf", tok, tokens=spec, type=gtype))
+            gguf = {"type": gtype, "path": str(path.relative_to(self.dir)), "bytes": path.stat().st_size,
                     "seconds": round(time.perf_counter() - t0, 2)}
         t0 = time.perf_counter()
         qreport = quantize(model, cfg, data_dir=self.dir / "data", progress=not self.quiet)
@@ -615,7 +617,7 @@ class Runner:
         errs = [v["err"] for v in layers.values() if isinstance(v, dict) and isinstance(v.get("err"), (int, float))]
         record = {"source": src.name, "config": cfg.to_dict(), "quantize_s": q_seconds, "quantized_layers": len(layers),
                   "mean_layer_err": None if not errs else sum(errs) / len(errs),
-                  "fp32": fp32, "quantized": quant, "gguf": gguf,
+                  "fp32": fp32, "quantized": quant, "gguf": gguf, **({"no_gguf": no_gguf} if gguf is None else {}),
                   "decode": {"prompt": q.prompt, "max_tokens": q.decode_tokens, "greedy": True, "runs": 1,
                              "threads": torch_threads(), "same_greedy_prefix": same},
                   "report": qreport}
