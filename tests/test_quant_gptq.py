@@ -244,3 +244,39 @@ def test_bad_input(tiny, data):
         gptq_quantize(torch.randn(4, 8), torch.eye(8), 9)
     with pytest.raises(ValueError, match=r"Hessian shape \(7, 7\)"):
         gptq_quantize(torch.randn(4, 8), torch.eye(7), 4, "channel")
+
+
+def test_quantize_from_shards_saves_and_loads_back_exactly(tiny, data, tmp_path):
+    """The public path: ``quantize`` with a data directory (train windows), act-order groups (stored with
+    ``in_perm``), then the checkpoint round trip gives the same logits."""
+    from lmforge.quant.api import quantize
+    from lmforge.quant.checkpoint import load_quantized, save_quantized
+
+    model = copy.deepcopy(tiny)
+    cfg = QuantConfig(method="gptq", bits=4, granularity="group", group_size=16, act_order=True,
+                      calib_samples=8, calib_seq_len=32, seed=5)
+    rep = quantize(model, cfg, data_dir=data, progress=False)
+    assert rep["calib"] == {"samples": 8, "seq_len": 32} and rep["bytes"]["after"] < rep["bytes"]["before"]
+    assert model.blocks[0].mlp.fc.in_perm is not None
+    # the same windows given directly: the same model
+    again = copy.deepcopy(tiny)
+    apply(again, cfg, calibration_tokens(data, 8, 32, seed=5), progress=False)
+    assert torch.equal(again.blocks[1].mlp.proj.dequantize(), model.blocks[1].mlp.proj.dequantize())
+    save_quantized(model, tmp_path / "q")
+    loaded, _ = load_quantized(tmp_path / "q")
+    x = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match=r"fewer than the 6400"):
+        quantize(copy.deepcopy(tiny), QuantConfig(method="gptq", bits=4, calib_samples=100, calib_seq_len=64),
+                 data_dir=data, progress=False)
+
+
+def test_bad_settings_refused_before_anything_changes(tiny, data):
+    model = copy.deepcopy(tiny)
+    calib = calibration_tokens(data, n_samples=4, seq_len=32)
+    for cfg, msg in ((QuantConfig(method="gptq", bits=9), "bits: got 9"),
+                     (QuantConfig(method="gptq", bits=4, block_size=0), "block_size: got 0")):
+        with pytest.raises(ValueError, match=msg):
+            apply(model, cfg, calib, progress=False)
+        assert not any(isinstance(m, IntLinear) for m in model.modules())
