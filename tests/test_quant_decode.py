@@ -27,6 +27,16 @@ pytestmark = pytest.mark.skipif(not fastpath.AVAILABLE and os.environ.get("LMFOR
 V = 97
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """PyTorch's reference forwards on one thread (tiny models; OpenMP's spinning costs more than it gives on a
+    busy machine). The C step's thread counts are set per test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def model_for(d_model=64, n_head=4, **over):
     cfg = dict(vocab_size=V, n_layer=2, n_head=n_head, d_model=d_model, max_seq_len=64, norm="rmsnorm",
                mlp="swiglu", pos="rope", n_kv_head=2, qk_norm=True, qkv_bias=False, out_bias=False, mlp_bias=False,
@@ -79,6 +89,30 @@ def test_quantized_step_matches_intlinear_forward(name, qc, over):
             lg = fd.step([int(ids[0, t])], [t], [[0]])[0]
             assert (lg - full[t]).abs().max() <= 1e-4 * full[t].abs().max(), (name, t)
             assert int(lg.argmax()) == int(full[t].argmax())
+
+
+@pytest.mark.skipif(not fastpath.AVAILABLE, reason="the C extension is not built")
+def test_plain_c_kernels_match_too():
+    """The baseline build of the kernels (what runs on a CPU without AVX2) against the same reference."""
+    from lmforge.infer import _decode
+
+    was = _decode.simd()
+    try:
+        _decode.simd(0)
+        assert _decode.simd() is False
+        for qc in (dict(bits=8, granularity="group", group_size=16), dict(bits=4, granularity="group", group_size=64,
+                                                                           sym=False)):
+            m = quantized(qc)
+            ids = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(5))
+            with torch.no_grad():
+                full = m(ids)[0]
+                cache = KVCache(m.cfg, 1, 16)
+                fd = FastDecoder(m)
+                fd.bind(cache.k, cache.v)
+                lg = fd.step(ids[0].tolist(), list(range(10)), [[0]] * 10)
+            assert ((lg - full).abs().amax(1) <= 1e-4 * full.abs().amax(1)).all(), qc
+    finally:
+        _decode.simd(int(was))
 
 
 def test_act_order_permutation_is_gathered():

@@ -10,8 +10,11 @@
  * KV cache through a block table, no allocation.
  *
  * It knows the math of lmforge.model.Transformer in eval mode (every variant of
- * ModelConfig) and raw float32 buffers; it knows nothing about tensors, sampling
- * or scheduling. `infer/fastpath.py` is the bridge: it hands over the weights'
+ * ModelConfig) and raw buffers: float32, and for each linear (the four of a block,
+ * the output head) optionally integer codes with scales as lmforge.quant's IntLinear
+ * stores them (int8; 2..4 bits two per byte, symmetric or with zero points; see Lin),
+ * dequantized in registers against float32 activations. It knows nothing about
+ * tensors, sampling or scheduling. `infer/fastpath.py` is the bridge: it hands over the weights'
  * addresses and the cache layout, and checks the result against PyTorch in the tests.
  *
  * B rows decode one token each; row b's token goes to position pos[b] (its number of
@@ -783,7 +786,22 @@ static PyObject *py_qmatmul(PyObject *mod, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* simd(flag=-1) -> bool: whether the AVX2+FMA kernels run; flag 0/1 switches to the plain / AVX2 ones (1 only
+ * where the CPU has them), for the tests that check the plain build against the same references */
+static PyObject *py_simd(PyObject *mod, PyObject *args) {
+    int flag = -1;
+    if (!PyArg_ParseTuple(args, "|i", &flag)) return NULL;
+    pthread_mutex_lock(&step_mu);
+    if (use_avx2 < 0) use_avx2 = has_avx2();
+    if (flag == 0) use_avx2 = 0;
+    else if (flag > 0) use_avx2 = has_avx2();
+    int now = use_avx2;
+    pthread_mutex_unlock(&step_mu);
+    return PyBool_FromLong(now);
+}
+
 static PyMethodDef methods[] = {
+    {"simd", py_simd, METH_VARARGS, "simd(flag=-1) -> bool: the AVX2 kernels in use (0: plain C, 1: AVX2 if present)"},
     {"qmatmul", py_qmatmul, METH_VARARGS,
      "qmatmul((kind, group, w, scales, zeros, perm, bias, zc), X, Y, B, I, O, threads): Y = X W^T + bias (addresses)"},
 

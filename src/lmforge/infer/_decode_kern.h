@@ -139,7 +139,7 @@ ATTR static void SUF(swiglu)(const float *g, const float *u, float *o, int n) {
 
 /* ---- quantized weights: integer codes dequantized in registers, fp32 activations ----
  * One row against one activation row. A row is G-column groups with one scale each (G = I:
- * one scale per row); a group's products sum into four vector partials (8 lanes each, in a
+ * one scale per row); a group's products sum into two vector partials (8 lanes each, in a
  * fixed pattern), which are added and scaled into the row's vector accumulator:
  *     y = lanes of sum_g s_g * (sum_{i in g} q_i x_i), the lanes summed as hsum sums them.
  * Every (row, activation row) pair runs this one function whatever the batch or the row split,
@@ -163,82 +163,94 @@ ATTR static inline __attribute__((always_inline)) v8i SUF(widen_u8)(const uint8_
 #endif
 }
 
-/* int8 codes q (signed): w = q * s. I and G multiples of 8. A group's products go into four partials
- * (columns 32k + 0..7, 8..15, 16..23, 24..31), summed ((p0 + p1) + (p2 + p3)). */
-#define I8_32(wp, xp)                                                             \
-    a += __builtin_convertvector(SUF(widen_s8)(wp), v8) * LOAD(xp);              \
-    b += __builtin_convertvector(SUF(widen_s8)((wp) + 8), v8) * LOAD((xp) + 8);  \
-    c += __builtin_convertvector(SUF(widen_s8)((wp) + 16), v8) * LOAD((xp) + 16); \
-    d += __builtin_convertvector(SUF(widen_s8)((wp) + 24), v8) * LOAD((xp) + 24);
+/* int8 codes q (signed): w = q * s. I and G multiples of 8. A group's products go into two partials,
+ * p0 over columns 32k + 0..7 and 16..23, p1 over 8..15 and 24..31 (a tail of 8: p0), summed p0 + p1. */
 ATTR static float SUF(dot_i8)(const int8_t *restrict w, const float *restrict s, const float *restrict x, int I,
                               int G) {
     v8 acc = {0};
-    if (G == 32) { /* the common case, one step per group */
+    if (G == 32) { /* the common case (Q8_0's layout): one straight step per group */
         for (int g0 = 0; g0 < I; g0 += 32, s++) {
-            v8 a = {0}, b = {0}, c = {0}, d = {0};
-            I8_32(w + g0, x + g0)
+            const int8_t *wp = w + g0;
+            const float *xp = x + g0;
+            v8 a = __builtin_convertvector(SUF(widen_s8)(wp), v8) * LOAD(xp);
+            v8 b = __builtin_convertvector(SUF(widen_s8)(wp + 8), v8) * LOAD(xp + 8);
+            a += __builtin_convertvector(SUF(widen_s8)(wp + 16), v8) * LOAD(xp + 16);
+            b += __builtin_convertvector(SUF(widen_s8)(wp + 24), v8) * LOAD(xp + 24);
             v8 sv = {*s, *s, *s, *s, *s, *s, *s, *s};
-            acc += ((a + b) + (c + d)) * sv;
+            acc += (a + b) * sv;
         }
         return hsum(acc);
     }
     for (int g0 = 0; g0 < I; g0 += G, s++) {
-        v8 a = {0}, b = {0}, c = {0}, d = {0};
+        v8 a = {0}, b = {0};
         const int8_t *wp = w + g0, *we = wp + G;
         const float *xp = x + g0;
-        for (; wp + 32 <= we; wp += 32, xp += 32) {
-            I8_32(wp, xp)
-        }
-        if (wp + 16 <= we) {
+        for (; wp + 16 <= we; wp += 16, xp += 16) {
             a += __builtin_convertvector(SUF(widen_s8)(wp), v8) * LOAD(xp);
             b += __builtin_convertvector(SUF(widen_s8)(wp + 8), v8) * LOAD(xp + 8);
-            wp += 16, xp += 16;
         }
         if (wp < we) a += __builtin_convertvector(SUF(widen_s8)(wp), v8) * LOAD(xp);
         v8 sv = {*s, *s, *s, *s, *s, *s, *s, *s};
-        acc += ((a + b) + (c + d)) * sv;
+        acc += (a + b) * sv;
     }
     return hsum(acc);
 }
-#undef I8_32
 
 /* codes u of <= 4 bits, two per byte (column 2j in the low nibble, 2j+1 in the high one): w = (u - z) * s,
- * z = zeros[g] (asymmetric) or zc (symmetric: q = u - zc, zc = 8 at 4 bits). x is the activation row with each 16
- * columns reordered evens first (x0 x2 .. x14 x1 x3 .. x15), so that a byte's low nibble meets
- * lane j of the first half and its high nibble lane j of the second. The zero point comes out of
- * the sum: sum_i (u_i - z) x_i = sum_i u_i x_i - z sum_i x_i per lane, xs holding the group's lane
- * sums of x (8 per group, summed in the same pattern as the products; see lin_matmul). I and G
- * multiples of 32. */
-#define Q4_32(wp, xp)                                                       \
-    {                                                                       \
-        v8i u = SUF(widen_u8)(wp), v = SUF(widen_u8)((wp) + 8);             \
-        a += __builtin_convertvector(u & lo4, v8) * LOAD(xp);               \
-        b += __builtin_convertvector(u >> 4, v8) * LOAD((xp) + 8);          \
-        c += __builtin_convertvector(v & lo4, v8) * LOAD((xp) + 16);        \
-        d += __builtin_convertvector(v >> 4, v8) * LOAD((xp) + 24);         \
+ * z = zeros[g] (asymmetric) or zc (symmetric: q = u - zc, zc = 8 at 4 bits). x is the activation row with
+ * each 16 columns reordered evens first (x0 x2 .. x14 x1 x3 .. x15), so that a byte's low nibble meets
+ * lane j of the first half and its high nibble lane j of the second. The zero point comes out of the sum:
+ * sum_i (u_i - z) x_i = sum_i u_i x_i - z sum_i x_i per lane, xs holding the group's lane sums of x (8 per
+ * group; see lane_sums). A group's products go into two partials (low nibbles, high nibbles), summed.
+ * I and G multiples of 32. */
+#define Q4_GROUP(ZK)                                                                   \
+    {                                                                                  \
+        v8 a = {0}, b = {0};                                                           \
+        for (const uint8_t *we = wp + G / 2; wp < we; wp += 16, xp += 32) {            \
+            v8i u = SUF(widen_u8)(wp), v = SUF(widen_u8)(wp + 8);                      \
+            a += __builtin_convertvector(u & lo4, v8) * LOAD(xp);                      \
+            b += __builtin_convertvector(u >> 4, v8) * LOAD(xp + 8);                   \
+            a += __builtin_convertvector(v & lo4, v8) * LOAD(xp + 16);                 \
+            b += __builtin_convertvector(v >> 4, v8) * LOAD(xp + 24);                  \
+        }                                                                              \
+        float zk = (ZK);                                                               \
+        v8 zv = {zk, zk, zk, zk, zk, zk, zk, zk}, sv = {*s, *s, *s, *s, *s, *s, *s, *s}; \
+        acc += ((a + b) - zv * LOAD(xs)) * sv;                                         \
+    }
+#define Q4_GROUP32(ZK)                                                                 \
+    {                                                                                  \
+        v8i u = SUF(widen_u8)(wp), v = SUF(widen_u8)(wp + 8);                          \
+        v8 a = __builtin_convertvector(u & lo4, v8) * LOAD(xp);                        \
+        v8 b = __builtin_convertvector(u >> 4, v8) * LOAD(xp + 8);                     \
+        a += __builtin_convertvector(v & lo4, v8) * LOAD(xp + 16);                     \
+        b += __builtin_convertvector(v >> 4, v8) * LOAD(xp + 24);                      \
+        float zk = (ZK);                                                               \
+        v8 zv = {zk, zk, zk, zk, zk, zk, zk, zk}, sv = {*s, *s, *s, *s, *s, *s, *s, *s}; \
+        acc += ((a + b) - zv * LOAD(xs)) * sv;                                         \
+        wp += 16, xp += 32;                                                            \
     }
 ATTR static float SUF(dot_q4)(const uint8_t *restrict w, const float *restrict s, const float *restrict z, float zc,
                               const float *restrict x, const float *restrict xs, int I, int G) {
     v8 acc = {0};
     const v8i lo4 = {15, 15, 15, 15, 15, 15, 15, 15};
-    for (int g0 = 0; g0 < I; g0 += G, s++, xs += 8) {
-        float zk = z ? *z++ : zc;
-        v8 zv = {zk, zk, zk, zk, zk, zk, zk, zk};
-        v8 a = {0}, b = {0}, c = {0}, d = {0};
-        if (G == 32) {
-            Q4_32(w + g0 / 2, x + g0)
-        } else {
-            const uint8_t *wp = w + g0 / 2, *we = wp + G / 2;
-            const float *xp = x + g0;
-            for (; wp < we; wp += 16, xp += 32) Q4_32(wp, xp)
-        }
-        v8 sv = {*s, *s, *s, *s, *s, *s, *s, *s};
-        v8 gv = ((a + b) + (c + d)) - zv * LOAD(xs);
-        acc += gv * sv;
+    const uint8_t *wp = w;
+    const float *xp = x;
+    const int ng = I / G;
+    if (G == 32) { /* the common case (Q4_0's layout) */
+        if (z)
+            for (int k = 0; k < ng; k++, s++, xs += 8) Q4_GROUP32(z[k])
+        else
+            for (int k = 0; k < ng; k++, s++, xs += 8) Q4_GROUP32(zc)
+    } else {
+        if (z)
+            for (int k = 0; k < ng; k++, s++, xs += 8) Q4_GROUP(z[k])
+        else
+            for (int k = 0; k < ng; k++, s++, xs += 8) Q4_GROUP(zc)
     }
     return hsum(acc);
 }
-#undef Q4_32
+#undef Q4_GROUP
+#undef Q4_GROUP32
 
 /* the lane sums of x for dot_q4: 8 per group of G columns (x already reordered) */
 ATTR static void SUF(lane_sums)(const float *restrict x, float *restrict xs, int I, int G) {
