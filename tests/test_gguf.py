@@ -41,7 +41,7 @@ def _rows(seed=0, rows=48, n=512):
 
 # ---- block codecs against gguf-py ----
 
-@pytest.mark.parametrize("t", ["Q8_0", "Q4_0", "F16", "BF16", "F32"])
+@pytest.mark.parametrize("t", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"])
 def test_quantize_bytes_equal_gguf_py(gg, t):
     a = _rows()
     mine = G.quantize(a, GGMLType[t])
@@ -90,11 +90,12 @@ def test_dequantize_equals_gguf_py_on_its_quantized_blocks(gg, t):
     assert (err <= span / (15 if t in ("Q4_0", "Q4_1") else 31 if t in ("Q5_0", "Q5_1") else 127) + 1e-6).all()
 
 
-def test_q4_k_layout_read_by_gguf_py(gg):
+@pytest.mark.parametrize("t", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_layout_read_by_gguf_py(gg, t):
     a = _rows(seed=4, rows=16, n=512)
-    q = G.quantize(a, GGMLType.Q4_K)
-    ref = gg.quants.dequantize(np.frombuffer(q, dtype=np.uint8).reshape(16, -1), gg.GGMLQuantizationType.Q4_K)
-    np.testing.assert_array_equal(G.dequantize(q, GGMLType.Q4_K, a.shape), ref)
+    q = G.quantize(a, GGMLType[t])
+    ref = gg.quants.dequantize(np.frombuffer(q, dtype=np.uint8).reshape(16, -1), gg.GGMLQuantizationType[t])
+    np.testing.assert_array_equal(G.dequantize(q, GGMLType[t], a.shape), ref)
 
 
 # ---- Q4_K against a scalar transliteration of ggml's quantize_row_q4_K_ref ----
@@ -234,14 +235,37 @@ def test_q4_k_error_within_the_format():
     assert err_k.mean() < err_0.mean()
 
 
+# relative RMSE (to the row's sigma) on Gaussian rows: measured 2.2e-4, 1.7e-3, 5.6e-3, 0.091, 0.082, 0.045,
+# 0.039, 0.074, 0.038, 0.019 at most; the bounds leave ~20%
+_RMSE_BOUND = {"F16": 3e-4, "BF16": 2.2e-3, "Q8_0": 7e-3, "Q4_0": 0.11, "Q4_1": 0.1, "Q5_0": 0.055, "Q5_1": 0.05,
+               "Q4_K": 0.085, "Q5_K": 0.045, "Q6_K": 0.024}
+
+
+def test_every_quantizer_round_trips_within_its_bound():
+    a = np.random.default_rng(5).standard_normal((32, 1024)).astype(np.float32)
+    rel = {}
+    for t in G.QUANTIZE_TYPES:
+        b = G.quantize(a, t)
+        assert len(b) == G.tensor_bytes(t, a.shape)
+        back = G.dequantize(b, t, a.shape)
+        rel[t.name] = (np.sqrt(((back - a) ** 2).mean(axis=1)) / a.std(axis=1)).max()
+    assert rel.pop("F32") == 0
+    assert set(rel) == set(_RMSE_BOUND)
+    for name, r in rel.items():
+        assert r < _RMSE_BOUND[name], (name, r)
+    # a K-quant beats the legacy block type of the same bits; more bits, less error
+    assert rel["Q4_K"] < rel["Q4_1"] < rel["Q4_0"] and rel["Q5_K"] < rel["Q5_1"] < rel["Q5_0"]
+    assert rel["Q8_0"] < rel["Q6_K"] < rel["Q5_K"] < rel["Q4_K"]
+
+
 def test_quantize_errors():
     a = np.zeros((2, 48), np.float32)
     with pytest.raises(ValueError, match=r"row length 48 .*Q8_0 block of 32"):
         G.quantize(a, GGMLType.Q8_0)
     with pytest.raises(ValueError, match=r"row length 48 .*Q4_K block of 256"):
         G.quantize(a, GGMLType.Q4_K)
-    with pytest.raises(ValueError, match=r"no quantizer for Q6_K"):
-        G.quantize(np.zeros((1, 256), np.float32), GGMLType.Q6_K)
+    with pytest.raises(ValueError, match=r"no quantizer for Q2_K"):
+        G.quantize(np.zeros((1, 256), np.float32), GGMLType.Q2_K)
     with pytest.raises(ValueError, match=r"unknown ggml type 'q9_9'"):
         G.quantize(a, "q9_9")
     b = np.zeros((1, 64), np.float32)
@@ -255,6 +279,10 @@ def test_quantize_errors():
         G.dequantize(bytes(66), GGMLType.IQ2_XXS, (256,))
     with pytest.raises(ValueError, match=r"row length 40 .*Q4_0"):
         G.dequantize(bytes(36), GGMLType.Q4_0, (2, 40))
+    # no rows: no bytes, and back
+    for t in G.QUANTIZE_TYPES:
+        assert G.quantize(np.zeros((0, 256), np.float32), t) == b""
+        assert G.dequantize(b"", t, (0, 256)).shape == (0, 256)
 
 
 # ---- the container ----
@@ -388,6 +416,11 @@ def test_round_trip_own_reader(tmp_path):
         assert f.array("w.raw_q6_k").shape == (8, 256)
         with pytest.raises(ValueError, match=r"no tensor 'nope'"):
             f.raw("nope")
+        view = np.frombuffer(f.raw("w.f32"), dtype=np.float32)  # zero-copy, from the memory map
+        kept = f.array("w.f32")
+    # closing with a view still alive keeps the map until the view goes; arrays are copies
+    np.testing.assert_array_equal(view.reshape(w.shape), w)
+    np.testing.assert_array_equal(kept, w)
     with pytest.raises(ValueError, match=r"closed"):
         f.array("w.f32")
 
@@ -486,8 +519,10 @@ def test_bad_header(tmp_path):
     d = bytearray(data)
     d[16:24] = struct.pack("<Q", 1 << 40)  # more keys than the file holds
     _expect_error(tmp_path, d, r"truncated metadata key \d+")
-    with pytest.raises(ValueError, match=r"cannot open GGUF file"):
+    with pytest.raises(ValueError, match=r"missing.gguf: cannot open GGUF file \(No such file"):
         G.read_gguf(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match=r"cannot open GGUF file \(Is a directory"):
+        G.read_gguf(tmp_path)
 
 
 def test_version_2_reads(tmp_path):
@@ -519,6 +554,14 @@ def test_bad_metadata(tmp_path):
     d = bytearray(p2.read_bytes())
     d[at + 4:at + 12] = struct.pack("<Q", 10 ** 6)
     _expect_error(tmp_path, d, r"truncated metadata 'arr' \(array of 1000000 UINT32\)")
+    # a string array cut short, and one with bytes that are not UTF-8
+    G.write_gguf(p2, {"toks": ["abc", "defg"]}, [])
+    d = bytearray(p2.read_bytes())
+    at = d.index(b"defg")
+    _expect_error(tmp_path, d[:at + 2], r"truncated metadata 'toks'\[1\] \(string\)")
+    _expect_error(tmp_path, d[:at - 3], r"truncated metadata 'toks'\[1\] \(string length\)")
+    d[d.index(b"defg")] = 0xFF
+    _expect_error(tmp_path, d, r"metadata 'toks'\[1\]: not valid UTF-8 \(byte 0\)")
     # a duplicate key
     p3 = tmp_path / "dup.gguf"
     G.write_gguf(p3, {"aa": 1, "bb": 2}, [])
@@ -539,7 +582,7 @@ def test_bad_tensor_infos_and_data(tmp_path):
     _expect_error(tmp_path, data[:at + 4 + 8], r"truncated tensor info 'second' \(dims\)")
     d = bytearray(data)
     d[at:at + 4] = struct.pack("<I", 5)
-    _expect_error(tmp_path, d, r"tensor 'second': n_dims 5, expected 1 to 4")
+    _expect_error(tmp_path, d, r"tensor 'second': n_dims 5, expected 0 to 4")
     type_at = at + 4 + 16
     for bad in (4, 31, 99):
         d = bytearray(data)
@@ -580,8 +623,9 @@ def test_writer_refusals(tmp_path):
     w = np.zeros((2, 64), np.float32)
 
     def refuse(pattern, metadata=None, tensors=(), **kw):
-        with pytest.raises(ValueError, match=pattern):
+        with pytest.raises(ValueError, match=pattern) as e:
             G.write_gguf(p, metadata or {}, list(tensors), **kw)
+        assert str(e.value).startswith(f"write_gguf: {p}: ")
         assert not p.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(".x.gguf")]
 
     refuse(r"tensor 'odd': row length 48 \(shape \(2, 48\)\) is not a multiple of the Q8_0 block of 32",
@@ -593,7 +637,7 @@ def test_writer_refusals(tmp_path):
            tensors=[("w", w, GGMLType.F32, (64, 2))])
     refuse(r"tensor 'w' appears twice", tensors=[("w", w, GGMLType.F32, None)] * 2)
     refuse(r"longer than 63 bytes", tensors=[("n" * 64, w, GGMLType.F32, None)])
-    refuse(r"tensor 'w': no quantizer for Q6_K", tensors=[("w", np.zeros((1, 256)), GGMLType.Q6_K, None)])
+    refuse(r"tensor 'w': no quantizer for Q3_K", tensors=[("w", np.zeros((1, 256)), GGMLType.Q3_K, None)])
     refuse(r"tensor 'w': unknown ggml type 'q3'", tensors=[("w", w, "q3", None)])
     refuse(r"shape \(\) must have 1 to 4", tensors=[("s", np.float32(1), GGMLType.F32, None)])
     refuse(r"non-finite values cannot be quantized to Q4_0",
@@ -647,3 +691,59 @@ def test_block_sizes_match_gguf_py(gg):
             continue
         assert G.BLOCK[t] == tuple(gg.GGML_QUANT_SIZES[gg.GGMLQuantizationType(int(t))]), t.name
         assert gg.GGMLQuantizationType(int(t)).name == t.name
+
+
+# ---- llama.cpp's own ggml (from llama-cpp-python): its quantizer and dequantizers ----
+
+@pytest.fixture(scope="module")
+def ggml():
+    """libggml-base from llama-cpp-python: ggml_quantize_chunk (what llama_model_quantize runs per tensor,
+    here without an importance matrix) and the dequantize_row_* functions."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    names = [n for n in os.listdir(libdir) if n.startswith("libggml-base.")] if os.path.isdir(libdir) else []
+    if not names:
+        pytest.skip(f"no libggml-base in {libdir}")
+    lib = ctypes.CDLL(os.path.join(libdir, sorted(names)[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+
+    def quantize(a: np.ndarray, t: GGMLType) -> bytes:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        out = np.zeros(G.tensor_bytes(t, a.shape), dtype=np.uint8)
+        lib.ggml_quantize_init(int(t))
+        n = lib.ggml_quantize_chunk(int(t), a.ctypes.data, out.ctypes.data, 0, a.shape[0], a.shape[1], None)
+        assert n == out.size
+        return out.tobytes()
+
+    def dequantize(b: bytes, t: GGMLType, count: int) -> np.ndarray:
+        fn = getattr(lib, f"dequantize_row_{t.name.lower().replace('_k', '_K')}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        src = np.frombuffer(b, dtype=np.uint8).copy()
+        out = np.zeros(count, dtype=np.float32)
+        fn(src.ctypes.data, out.ctypes.data, count)
+        return out
+
+    return quantize, dequantize
+
+
+@pytest.mark.parametrize("t", [t.name for t in G.QUANTIZE_TYPES if t != GGMLType.F32])
+def test_quantize_bytes_equal_llama_cpp(ggml, t):
+    quantize, _ = ggml
+    t = GGMLType[t]
+    a = _rows(seed=11, rows=64, n=1024)
+    assert G.quantize(a, t) == quantize(a, t)
+
+
+@pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_dequantize_equals_llama_cpp(ggml, t):
+    quantize, dequantize = ggml
+    t = GGMLType[t]
+    a = _rows(seed=12, rows=16, n=1024)
+    b = quantize(a, t)  # llama.cpp's own blocks of this type
+    np.testing.assert_array_equal(G.dequantize(b, t, a.shape).reshape(-1), dequantize(b, t, a.size))

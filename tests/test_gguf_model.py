@@ -224,6 +224,12 @@ def test_bad_arguments_and_no_partial_file(tok, tmp_path):
     with pytest.raises(ValueError, match="rows of 48"):
         gm.export_gguf(odd, out, tok, type="q4_k")
     assert out.read_bytes() == before  # a failed export leaves the old file alone
+    nan = tiny("qwen3")
+    with torch.no_grad():
+        nan.blocks[1].mlp.proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"tensor 'blk.1.ffn_down.weight': non-finite values"):
+        gm.export_gguf(nan, tmp_path / "nan.gguf", tok, type="q8_0")
+    assert not (tmp_path / "nan.gguf").exists()
     small = tiny("qwen3", vocab_size=300)
     with pytest.raises(ValueError, match="the tokenizer has 400 tokens but the model only 300 embeddings"):
         gm.export_gguf(small, out, tok)

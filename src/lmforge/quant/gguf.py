@@ -19,14 +19,17 @@ module (``write_gguf``'s tensor tuples, ``quantize``/``dequantize``, ``GGUFFile.
 order, rows first: a (out_features, in_features) weight is written with shape (out, in) and listed in
 the file as ne = (in, out).
 
-Codecs (numpy, vectorized over blocks; ggml's block structs in ggml-common.h, its reference
-quantizers in ggml-quants.c). Quantize: F32, F16, BF16, Q8_0, Q4_0 (byte-exact with
-``quantize_row_q8_0_ref`` / ``quantize_row_q4_0_ref``), Q4_K (``quantize_row_q4_K_ref``: the
-weighted least-squares search of ``make_qkx2_quants`` for each 32-value sub-block's scale and min,
-the 6-bit packing of the eight scales and eight mins into 12 bytes, then the codes re-derived from
-the fp16 super-block scales; sums are accumulated in the reference's sequential order, in float32, so
-results equal the reference's except where a C compiler fused a multiply-add). Dequantize: F32, F16,
-BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, in ggml's float32 operation order.
+Codecs (numpy, vectorized over blocks; ggml's block structs are in ggml-common.h, its reference
+quantizers in ggml-quants.c). Quantize: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (ggml's
+``quantize_row_*_ref``), Q4_K and Q5_K (``quantize_row_q4_K_ref`` / ``q5_K_ref``: the weighted
+least-squares search of ``make_qkx2_quants`` for each 32-value sub-block's scale and min, the 6-bit
+packing of the eight scales and eight mins into 12 bytes, then the codes re-derived from the fp16
+super-block scales) and Q6_K (``make_qx_quants`` per 16 values, int8 sub-block scales). What
+``llama_model_quantize`` writes without an importance matrix is these functions' output. Every float32
+operation is the reference's, in its order (sums run sequentially over a block's values, as the C loops
+do), so the bytes equal ggml's: checked against llama-cpp-python's libggml, byte for byte, on every type.
+A C build that fuses multiply-adds (-ffp-contract) could differ in the K-quants' searches on rare ties.
+Dequantize: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
 """
 from __future__ import annotations
 
@@ -129,6 +132,9 @@ BLOCK: dict[GGMLType, tuple[int, int]] = {
 }
 
 
+_TYPE_IDS = frozenset(int(t) for t in GGMLType)
+
+
 class GGUFValueType(IntEnum):
     UINT8 = 0
     INT8 = 1
@@ -161,13 +167,6 @@ _VALUE_DTYPE = {
 }
 _INT_RANGE = {t: (int(np.iinfo(d).min), int(np.iinfo(d).max)) for t, d in _VALUE_DTYPE.items()
               if d.kind in "iu" and t != GGUFValueType.BOOL}
-
-
-def _type_name(t: int) -> str:
-    try:
-        return GGMLType(t).name
-    except ValueError:
-        return str(t)
 
 
 def _ggml_type(t) -> GGMLType:
@@ -260,20 +259,61 @@ def _q8_0(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q4_0(blocks: np.ndarray) -> np.ndarray:
-    # quantize_row_q4_0_ref: d = (the value of largest magnitude, first one on ties) / -8,
-    # code = min(15, trunc(x / d + 8.5)); value j in the low nibble of byte j, value j+16 in its high nibble.
+def _q_sym(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_row_q4_0_ref / q5_0_ref: d = (the value of largest magnitude, the first on ties) / -2**(bits-1),
+    code = min(2**bits - 1, trunc(x / d + 2**(bits-1) + 0.5)) with 1/d multiplied. Returns (fp16 d bytes, codes)."""
     n = blocks.shape[0]
+    half = 1 << (bits - 1)
     idx = np.abs(blocks).argmax(axis=1)
     vmax = blocks[np.arange(n), idx][:, None]
-    d = vmax / _f32(-8)
+    d = vmax / _f32(-half)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, _f32(1) / d, _f32(0)).astype(np.float32)
-    q = np.minimum(np.trunc(blocks * inv + _f32(8.5)), _f32(15)).astype(np.uint8)
-    out = np.empty((n, 18), dtype=np.uint8)
-    out[:, :2] = _fp16_bytes(d[:, 0])
-    out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)
-    return out
+    q = np.minimum(np.trunc(blocks * inv + _f32(half + 0.5)), _f32(2 * half - 1)).astype(np.uint8)
+    return _fp16_bytes(d[:, 0]), q
+
+
+def _q_asym(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_row_q4_1_ref / q5_1_ref: d = (max - min) / (2**bits - 1), m = min,
+    code = min(2**bits - 1, trunc((x - min) / d + 0.5)). Returns (fp16 d bytes, fp16 m bytes, codes)."""
+    top = (1 << bits) - 1
+    vmin = blocks.min(axis=1, keepdims=True)
+    vmax = blocks.max(axis=1, keepdims=True)
+    d = (vmax - vmin) / _f32(top)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, _f32(1) / d, _f32(0)).astype(np.float32)
+    q = np.minimum(np.trunc((blocks - vmin) * inv + _f32(0.5)), _f32(top)).astype(np.uint8)
+    return _fp16_bytes(d[:, 0]), _fp16_bytes(vmin[:, 0]), q
+
+
+def _low_nibbles(q: np.ndarray) -> np.ndarray:
+    """(N, 32) codes -> (N, 16) bytes: value j in the low nibble of byte j, value j+16 in its high nibble."""
+    return (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
+
+
+def _fifth_bits(q: np.ndarray) -> np.ndarray:
+    """(N, 32) 5-bit codes -> (N, 4) bytes: a little-endian u32 whose bit j is bit 4 of value j."""
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    d, q = _q_sym(blocks, 4)
+    return np.concatenate([d, _low_nibbles(q)], axis=1)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    d, q = _q_sym(blocks, 5)
+    return np.concatenate([d, _fifth_bits(q), _low_nibbles(q)], axis=1)
+
+
+def _q4_1(blocks: np.ndarray) -> np.ndarray:
+    d, m, q = _q_asym(blocks, 4)
+    return np.concatenate([d, m, _low_nibbles(q)], axis=1)
+
+
+def _q5_1(blocks: np.ndarray) -> np.ndarray:
+    d, m, q = _q_asym(blocks, 5)
+    return np.concatenate([d, m, _fifth_bits(q), _low_nibbles(q)], axis=1)
 
 
 def _seq_sum(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -379,15 +419,15 @@ def _unpack_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _q4_k(blocks: np.ndarray) -> np.ndarray:
-    # quantize_row_q4_K_ref. blocks (N, 256) = 8 sub-blocks of 32.
+def _qk_k(blocks: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """The scale/min part of quantize_row_q4_K_ref (nmax 15, rmin -1, 20 steps) and q5_K_ref (31, -0.5, 15):
+    blocks (N, 256) = 8 sub-blocks of 32. Returns (d fp16 bytes, dmin fp16 bytes, 12 scale bytes, codes (N, 256))."""
     f = np.float32
     n = blocks.shape[0]
-    # values along axis 0 for the sequential sums: x (32, N*8)
-    x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)
+    x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)  # (32, N*8): each sub-block's values along axis 0
     av = np.sqrt(_seq_sum(x * x) / f(32))
     w = av + np.abs(x)
-    L, scale, mins = _qkx2(x, w, 15, -1.0, 0.1, 20)
+    L, scale, mins = _qkx2(x, w, nmax, rmin, 0.1, nstep)
     scale = scale.reshape(n, 8)
     mins = mins.reshape(n, 8)
     max_scale = np.maximum(scale.max(axis=1), f(0))
@@ -399,22 +439,109 @@ def _q4_k(blocks: np.ndarray) -> np.ndarray:
     lm = np.minimum(_nearest(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
     d16 = _fp16_bytes(max_scale / f(63))
     m16 = _fp16_bytes(max_min / f(63))
-    d = _fp16_value(d16)  # (N, 1)
-    dmin = _fp16_value(m16)
-    dj = (d * ls.astype(np.float32)).reshape(n * 8)  # (N*8,)
-    dmj = (dmin * lm.astype(np.float32)).reshape(n * 8)
+    dj = (_fp16_value(d16) * ls.astype(np.float32)).reshape(n * 8)  # (N*8,)
+    dmj = (_fp16_value(m16) * lm.astype(np.float32)).reshape(n * 8)
     nz = dj != 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        lq = np.clip(_nearest(np.where(nz, (x + dmj) / np.where(nz, dj, f(1)), f(0))), 0, 15).astype(np.uint8)
+        lq = np.clip(_nearest(np.where(nz, (x + dmj) / np.where(nz, dj, f(1)), f(0))), 0, nmax).astype(np.uint8)
     L = np.where(nz, lq, L.astype(np.uint8))  # a zero sub-block scale keeps the search's codes (as the reference)
-    codes = L.T.reshape(n, 4, 2, 32)  # (N, chunk of 64, half, 32)
+    return d16, m16, _pack_k_scales(ls, lm), L.T.reshape(n, 256)
+
+
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    # 144 bytes: d, dmin, 12 scale bytes, 128 bytes of nibbles: in each 64 values, value l (l < 32) in the
+    # low nibble of byte l and value 32 + l in its high nibble
+    n = blocks.shape[0]
+    d16, m16, sc, L = _qk_k(blocks, 15, -1.0, 20)
+    codes = L.reshape(n, 4, 2, 32)
     qs = codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)
-    out = np.empty((n, 144), dtype=np.uint8)
-    out[:, 0:2] = d16
-    out[:, 2:4] = m16
-    out[:, 4:16] = _pack_k_scales(ls, lm)
-    out[:, 16:] = qs.reshape(n, 128)
-    return out
+    return np.concatenate([d16, m16, sc, qs.reshape(n, 128)], axis=1)
+
+
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    # 176 bytes: d, dmin, 12 scale bytes, qh[32] (bit k of byte l: the fifth bit of value l of sub-block k),
+    # then the low nibbles as Q4_K's
+    n = blocks.shape[0]
+    d16, m16, sc, L = _qk_k(blocks, 31, -0.5, 15)
+    sub = L.reshape(n, 8, 32)
+    qh = np.zeros((n, 32), dtype=np.uint8)
+    for k in range(8):
+        qh |= ((sub[:, k, :] >> 4) & 1) << k
+    codes = (L & 0xF).reshape(n, 4, 2, 32)
+    qs = codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)
+    return np.concatenate([d16, m16, sc, qh, qs.reshape(n, 128)], axis=1)
+
+
+def _qx(x: np.ndarray, nmax: int):
+    """make_qx_quants with rmse_type 1 (weights x**2, no importance matrix) on M groups at once; x float32
+    (n, M), values along axis 0. Returns (codes uint8 (n, M) in 0..2*nmax-1, scale float32 (M,))."""
+    f = np.float32
+    m = x.shape[1]
+    idx = np.abs(x).argmax(axis=0)
+    vmax = x[idx, np.arange(m)]
+    zero = np.abs(vmax) < f(1e-15)  # GROUP_MAX_EPS
+    vmax_s = np.where(zero, f(1), vmax)
+    w = x * x
+    wx = w * x
+
+    def sums(iscale):
+        l = np.rint(x * iscale)
+        np.clip(l, -nmax, nmax - 1, out=l)
+        sumlx = _seq_sum(wx * l)
+        suml2 = _seq_sum((w * l) * l)
+        return sumlx, suml2
+
+    iscale = f(-nmax) / vmax_s
+    best_iscale = iscale
+    sumlx, suml2 = sums(iscale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, f(1)), f(0)).astype(np.float32)
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(f(nmax) + f(0.1) * f(step)) / vmax_s
+        sumlx, suml2 = sums(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        if better.any():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sc = sumlx / np.where(better, suml2, f(1))
+            scale = np.where(better, sc, scale).astype(np.float32)
+            best = np.where(better, scale * sumlx, best).astype(np.float32)
+            best_iscale = np.where(better, iscale, best_iscale)
+    L = np.rint(x * best_iscale)
+    np.clip(L, -nmax, nmax - 1, out=L)
+    L = (L + nmax).astype(np.uint8)
+    L[:, zero] = 0
+    return L, np.where(zero, f(0), scale).astype(np.float32)
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    # quantize_row_q6_K_ref. 210 bytes: ql[128], qh[64], 16 int8 scales (one per 16 values), d.
+    f = np.float32
+    n = blocks.shape[0]
+    x = np.ascontiguousarray(blocks.reshape(n * 16, 16).T)  # (16, N*16)
+    L, scale = _qx(x, 32)
+    scale = scale.reshape(n, 16)
+    idx = np.abs(scale).argmax(axis=1)
+    max_scale = scale[np.arange(n), idx]
+    empty = np.abs(max_scale) < f(1e-15)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(empty, f(0), f(-128) / np.where(empty, f(1), max_scale)).astype(np.float32)
+        d16 = _fp16_bytes(np.where(empty, f(0), f(1) / np.where(empty, f(1), iscale)))
+    sc = np.minimum(_nearest(iscale[:, None] * scale), 127).astype(np.int8)
+    sc[empty] = 0
+    dj = (_fp16_value(d16) * sc.astype(np.float32)).reshape(n * 16)
+    nz = dj != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lq = (np.clip(_nearest(np.where(nz, x / np.where(nz, dj, f(1)), f(0))), -32, 31) + 32).astype(np.uint8)
+    L = np.where(nz, lq, L).T.reshape(n, 256)
+    L[empty] = 0
+    h = L.reshape(n, 2, 4, 32)  # (half, quarter, l): values 0-31, 32-63, 64-95, 96-127 of each half
+    ql = np.concatenate([(h[:, :, 0] & 0xF) | ((h[:, :, 2] & 0xF) << 4),
+                         (h[:, :, 1] & 0xF) | ((h[:, :, 3] & 0xF) << 4)], axis=2)  # (N, 2, 64)
+    qh = (h[:, :, 0] >> 4) | ((h[:, :, 1] >> 4) << 2) | ((h[:, :, 2] >> 4) << 4) | ((h[:, :, 3] >> 4) << 6)
+    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d16], axis=1)
 
 
 def _d_f32(raw: np.ndarray) -> np.ndarray:
@@ -552,7 +679,12 @@ _QUANTIZE = {
     GGMLType.BF16: _q_bf16,
     GGMLType.Q8_0: _q8_0,
     GGMLType.Q4_0: _q4_0,
+    GGMLType.Q4_1: _q4_1,
+    GGMLType.Q5_0: _q5_0,
+    GGMLType.Q5_1: _q5_1,
     GGMLType.Q4_K: _q4_k,
+    GGMLType.Q5_K: _q5_k,
+    GGMLType.Q6_K: _q6_k,
 }
 _DEQUANTIZE = {
     GGMLType.F32: _d_f32,
@@ -571,7 +703,7 @@ _DEQUANTIZE = {
 }
 QUANTIZE_TYPES = tuple(_QUANTIZE)
 DEQUANTIZE_TYPES = tuple(_DEQUANTIZE)
-_CHUNK_BLOCKS = {GGMLType.Q4_K: 256}  # super-blocks per step: bounds the search's temporaries
+_CHUNK_BLOCKS = {GGMLType.Q4_K: 1024, GGMLType.Q5_K: 1024, GGMLType.Q6_K: 1024}  # super-blocks per step: bounds the search's temporaries
 
 
 def _blocks_per_chunk(t: GGMLType) -> int:
@@ -600,6 +732,8 @@ def quantize(a: np.ndarray, t) -> bytes:
         bad = int(np.flatnonzero(~np.isfinite(flat.reshape(-1)))[0])
         raise ValueError(f"quantize: {t.name} needs finite values; value {bad} (flat index) is "
                          f"{flat.reshape(-1)[bad]}")
+    if flat.shape[0] == 0:
+        return b""
     fn = _QUANTIZE[t]
     step = _blocks_per_chunk(t)
     if flat.shape[0] <= step:
@@ -625,6 +759,8 @@ def dequantize(b, t, shape) -> np.ndarray:
     if raw.size != need:
         raise ValueError(f"dequantize: {t.name} shape {shape} needs {need} bytes, got {raw.size}")
     blk, size = BLOCK[t]
+    if need == 0:
+        return np.zeros(shape, dtype=np.float32)
     raw = raw.reshape(-1, size)
     fn = _DEQUANTIZE[t]
     step = 1 << 15 if blk > 1 else 1 << 62
@@ -803,7 +939,10 @@ def write_gguf(path, metadata: dict[str, Any], tensors, alignment: int = DEFAULT
         metadata["general.alignment"] = (GGUFValueType.UINT32, alignment)
     else:
         metadata["general.alignment"] = (GGUFValueType.UINT32, alignment)
-    kv = [_pack_kv(k, v) for k, v in metadata.items()]
+    try:
+        kv = [_pack_kv(k, v) for k, v in metadata.items()]
+    except ValueError as e:  # name the file too
+        raise ValueError(f"write_gguf: {path}: {str(e).removeprefix('write_gguf: ')}") from None
 
     plan = []  # (name, data, type, numpy shape, nbytes, offset)
     names = set()
@@ -854,7 +993,7 @@ def write_gguf(path, metadata: dict[str, Any], tensors, alignment: int = DEFAULT
             if got != nbytes:
                 raise ValueError(f"write_gguf: {path}: tensor {name!r}: {got} bytes given, {t.name} shape {shape} "
                                  f"needs {nbytes}")
-        elif t in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_K) and data.size and not np.isfinite(data).all():
+        elif BLOCK[t][0] > 1 and data.size and not np.isfinite(data).all():
             raise ValueError(f"write_gguf: {path}: tensor {name!r}: non-finite values cannot be quantized to {t.name}")
         plan.append((name, data, t, shape, nbytes, offset))
         offset = _pad(offset + nbytes, alignment)
@@ -933,15 +1072,16 @@ class GGUFFile:
 
     def __init__(self, path):
         self.path = Path(path)
+        self._mm = self._buf = None
         try:
-            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < 4:
+                    raise ValueError(f"{self.path}: truncated header: {size} bytes, expected the magic 'GGUF' "
+                                     "and the header (24 bytes)")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
-            raise ValueError(f"{self.path}: cannot open GGUF file ({e.strerror})") from None
-        if size < 4:
-            raise ValueError(f"{self.path}: truncated header: {size} bytes, expected the magic 'GGUF' "
-                             "and the header (24 bytes)")
-        with open(self.path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            raise ValueError(f"{self.path}: cannot open GGUF file ({e.strerror or e})") from None
         self._buf = memoryview(self._mm)
         try:
             self._parse(size)
@@ -982,9 +1122,9 @@ class GGUFFile:
         for i in range(n_tensors):
             name = c.string(f"tensor info {i} (name)")
             (nd,) = c.unpack("<I", f"tensor info {name!r} (n_dims)")
-            if not 1 <= nd <= MAX_DIMS:
-                raise ValueError(f"{self.path}: tensor {name!r}: n_dims {nd}, expected 1 to {MAX_DIMS}")
-            ne = c.unpack(f"<{nd}Q", f"tensor info {name!r} (dims)")
+            if nd > MAX_DIMS:
+                raise ValueError(f"{self.path}: tensor {name!r}: n_dims {nd}, expected 0 to {MAX_DIMS}")
+            ne = c.unpack(f"<{nd}Q", f"tensor info {name!r} (dims)") if nd else ()
             t, off = c.unpack("<IQ", f"tensor info {name!r} (type, offset)")
             infos.append((name, ne, t, off))
         self.data_offset = _pad(c.pos, self.alignment)
@@ -992,13 +1132,14 @@ class GGUFFile:
         for name, ne, t, off in infos:
             if name in self.tensors:
                 raise ValueError(f"{self.path}: tensor {name!r} appears twice")
-            if t not in BLOCK.keys() or t not in set(int(x) for x in GGMLType):
+            if t not in _TYPE_IDS:
                 raise ValueError(f"{self.path}: tensor {name!r}: unknown ggml type {t}; known: "
                                  f"{', '.join(f'{x.name}={int(x)}' for x in GGMLType)}")
             t = GGMLType(t)
             blk = BLOCK[t][0]
-            if ne[0] % blk:
-                raise ValueError(f"{self.path}: tensor {name!r}: row length {ne[0]} is not a multiple of the "
+            n0 = ne[0] if ne else 1  # n_dims 0: one value
+            if n0 % blk:
+                raise ValueError(f"{self.path}: tensor {name!r}: row length {n0} is not a multiple of the "
                                  f"{t.name} block of {blk} values")
             if off % self.alignment:
                 raise ValueError(f"{self.path}: tensor {name!r}: offset {off} is not a multiple of the alignment "
@@ -1006,14 +1147,14 @@ class GGUFFile:
             rows = 1
             for d in ne[1:]:
                 rows *= d
-            nbytes = rows * row_bytes(t, ne[0])
+            nbytes = rows * row_bytes(t, n0)
             start = self.data_offset + off
             if start + nbytes > size:
                 raise ValueError(f"{self.path}: truncated tensor data: tensor {name!r} ({t.name}, ne {tuple(ne)}) "
                                  f"needs bytes [{start}, {start + nbytes}) but the file has {size}")
             self.tensors[name] = TensorInfo(name, t, tuple(int(d) for d in ne), start, nbytes)
 
-    def _value(self, c: _Cursor, key: str, t: int, in_array: bool = False):
+    def _value(self, c: _Cursor, key: str, t: int):
         try:
             t = GGUFValueType(t)
         except ValueError:
@@ -1037,14 +1178,39 @@ class GGUFFile:
             if n > len(c.buf) - c.pos:
                 raise ValueError(f"{self.path}: truncated metadata {key!r}: an array of {n} {et.name} "
                                  "cannot fit in the rest of the file")
+            if et == GGUFValueType.STRING:
+                return self._strings(c, key, n), (GGUFValueType.ARRAY, et)
             vals, sub = [], None
             for j in range(n):
-                v, sub = self._value(c, f"{key}[{j}]", et, True)
+                v, sub = self._value(c, f"{key}[{j}]", et)
                 vals.append(v)
             return vals, (GGUFValueType.ARRAY, et if et != GGUFValueType.ARRAY or sub is None else sub)
         dt = _VALUE_DTYPE[t]
         (v,) = np.frombuffer(c.take(dt.itemsize, f"metadata {key!r} ({t.name})"), dtype=dt).tolist()
         return (bool(v) if t == GGUFValueType.BOOL else v), t
+
+    def _strings(self, c: _Cursor, key: str, n: int) -> list[str]:
+        """An array of n strings (a vocabulary: 10**5 of them), read straight from the map."""
+        mm, pos, end = self._mm, c.pos, len(c.buf)
+        unpack = struct.Struct("<Q").unpack_from
+        out = []
+        append = out.append
+        for j in range(n):
+            if pos + 8 > end:
+                raise ValueError(f"{self.path}: truncated metadata {key!r}[{j}] (string length): needs bytes "
+                                 f"[{pos}, {pos + 8}) but the file has {end}")
+            (ln,) = unpack(mm, pos)
+            pos += 8
+            if pos + ln > end:
+                raise ValueError(f"{self.path}: truncated metadata {key!r}[{j}] (string): needs bytes "
+                                 f"[{pos}, {pos + ln}) but the file has {end}")
+            try:
+                append(mm[pos:pos + ln].decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{self.path}: metadata {key!r}[{j}]: not valid UTF-8 (byte {e.start})") from None
+            pos += ln
+        c.pos = pos
+        return out
 
     def raw(self, name: str) -> memoryview:
         ti = self._info(name)

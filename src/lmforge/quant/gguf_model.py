@@ -49,7 +49,8 @@ regex is lmforge's pattern and whose ``ignore_merges`` is lmforge's ``whole_word
 llama.cpp twin, an NFC normalizer or a non-BPE tokenizer is refused. Special ids:
 bos = ``TokenSpec.bos``, ``add_bos_token`` = ``TokenSpec.add_bos``, eos = stop[0],
 eot = stop[1] (llama.cpp also ends a generation at tokens it recognizes by text:
-``<|end|>``, ``<|endoftext|>``, ...), pad; ``tokenizer.chat_template``. The full
+``<|end|>``, ``<|endoftext|>``, ...; a third stop id has no key), pad; ``tokenizer.chat_template``.
+(A spec without bos or stop ids leaves the key out, and llama.cpp then assumes id 11 for it.) The full
 ``TokenSpec`` and ``ModelConfig`` travel as JSON in ``lmforge.token_spec`` and
 ``lmforge.model`` (llama.cpp ignores unknown keys), so an lmforge export imports
 back exactly; a GGUF without them imports from the standard keys alone.
@@ -98,7 +99,12 @@ def _pre_table():
 
 
 # names llama.cpp reads as one of the above (import): name -> the name of _pre_table
-PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "smaug-bpe": "dbrx", "deepseek-r1-qwen": "qwen2"}
+PRE_ALIASES = {**dict.fromkeys(("llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+                                "llama-bpe"),
+               "smaug-bpe": "dbrx", **dict.fromkeys(("deepseek-r1-qwen", "kormo", "f2llmv2"), "qwen2"),
+               **dict.fromkeys(("phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+                                "mellum", "modern-bert"), "gpt-2"),
+               **dict.fromkeys(("llama4", "kanana2", "talkie"), "gpt-4o")}
 
 
 def _gguf():
@@ -386,8 +392,9 @@ def export_gguf(model, path, tokenizer, tokens=None, type: str = "f32", arch: st
     types = [tensor_type(n, tuple(t.shape), type) for n, t in named]  # all checks before any work
     fallback = [n for (n, t), ty in zip(named, types) if type == "q4_k" and t.dim() == 2 and ty != G.GGMLType.Q4_K]
     if fallback:
-        log.warning("export_gguf: %d tensor(s) with rows not a multiple of 256 are Q4_0 in the q4_k file: %s",
-                    len(fallback), ", ".join(fallback))
+        log.warning("export_gguf: %d tensor(s) with rows not a multiple of 256 are Q4_0 in the q4_k file: %s%s "
+                    "(all listed in its lmforge.fallback key)", len(fallback), ", ".join(fallback[:4]),
+                    ", ..." if len(fallback) > 4 else "")
         md["lmforge.fallback"] = fallback
     tensors = [(name, np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32), ty, tuple(t.shape))
                for (name, t), ty in zip(named, types)]
