@@ -242,7 +242,7 @@ def _search_scale(model, i, pair: Pair, x: torch.Tensor, hs, attn_ref, cfg, quan
             for lin, w, n in zip(lins, orig, pair.linears):
                 if n in quantized:
                     lin.weight.copy_(_fake_quant(w * s[None, :], cfg, n) / s[None, :])
-            loss = sum(float((a - b).double().pow(2).sum()) for a, b in zip(run(), ref)) / count
+            loss = sum(float((a - b).pow(2).sum()) for a, b in zip(run(), ref)) / count  # (fp32 sums: pairwise)
             if k == 0:
                 loss0 = loss
             if loss < best[0]:
