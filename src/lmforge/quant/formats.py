@@ -109,10 +109,14 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     """fp32 (O, I) weights from codes (O, I) (q units when ``zeros`` is None, else u units), scales (O, G) or
     (1, 1) and zeros like scales: ``q * s`` or ``(u - z) * s``."""
     O, I = codes.shape
-    c = codes.float()
-    if zeros is not None:
-        c = c - expand_groups(zeros.float(), O, I)
-    return c * expand_groups(scales.float(), O, I)
+    s = scales.float()
+    if s.shape == (1, 1) or (s.dim() == 2 and s.shape[0] == O and s.shape[1] > 0 and I % s.shape[1] == 0):
+        R, G = (1, 1) if s.shape == (1, 1) else (O, s.shape[1])
+        c = codes.float().reshape(R, G, -1)  # each group's columns side by side: broadcast, no repeat
+        if zeros is not None:
+            c = c - zeros.float().reshape(R, G, 1)
+        return (c * s.reshape(R, G, 1)).reshape(O, I)
+    raise ValueError(f"quantize: scales shape {tuple(scales.shape)} does not fit a ({O}, {I}) weight")
 
 
 def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
@@ -124,7 +128,7 @@ def pack_nibbles(u: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_nibbles: codes must be in 0..15, got {int(u.min())}..{int(u.max())}")
     u = u.to(torch.uint8)
     if u.shape[1] % 2:
-        u = torch.cat([u, torch.zeros(u.shape[0], 1, dtype=torch.uint8)], dim=1)
+        u = torch.cat([u, torch.zeros(u.shape[0], 1, dtype=torch.uint8, device=u.device)], dim=1)
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
