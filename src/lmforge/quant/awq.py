@@ -344,7 +344,8 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
         if cfg.awq_clip and clip_rows is not False:
             w_scaled, clip = _search_clip(w_scaled, xs, cfg, name, clip_rows)
         codes, sc, z = fm.rtn_quantize(w_scaled, cfg.bits, cfg.granularity, cfg.group_size, cfg.sym, name=name)
-        q = IntLinear.from_codes(codes, sc, z, cfg.bits, cfg.granularity, cfg.group_size, cfg.sym, bias=lin.bias)
+        q = IntLinear.from_codes(codes, sc, z, cfg.bits, cfg.granularity, cfg.group_size, cfg.sym,
+                                 bias=lin.bias).to(lin.weight.device)
         eff = q.dequantize()
         if s_in is not None:
             eff = eff / s_in[None, :]
