@@ -1,6 +1,7 @@
 """lmforge.quant.awq: the scaling pairs fold exactly, AWQ's per-layer error on held-out activations is below
 RTN's at the same bits and group size, and bad input is refused before anything changes."""
 import copy
+import json
 
 import pytest
 import torch
@@ -151,6 +152,7 @@ def test_per_layer_error_on_held_out_activations_is_below_rtn(bits, sym):
     for p in rep["pairs"].values():
         assert p["alpha"] in [k / cfg.awq_grid for k in range(cfg.awq_grid)] and p["loss"] <= p["loss_rtn"]
     assert all(0.55 - 1e-6 <= v["clip"] <= 1.0 for v in rep["layers"].values())
+    json.dumps(rep)  # JSON-able
 
 
 @pytest.mark.parametrize("granularity,bits", [("channel", 8), ("tensor", 4)])
