@@ -1,6 +1,7 @@
 """lmforge.quant.awq: the scaling pairs fold exactly, AWQ's per-layer error on held-out activations is below
 RTN's at the same bits and group size, and bad input is refused before anything changes."""
 import copy
+import json
 
 import pytest
 import torch
@@ -151,6 +152,7 @@ def test_per_layer_error_on_held_out_activations_is_below_rtn(bits, sym):
     for p in rep["pairs"].values():
         assert p["alpha"] in [k / cfg.awq_grid for k in range(cfg.awq_grid)] and p["loss"] <= p["loss_rtn"]
     assert all(0.55 - 1e-6 <= v["clip"] <= 1.0 for v in rep["layers"].values())
+    json.dumps(rep)  # JSON-able
 
 
 @pytest.mark.parametrize("granularity,bits", [("channel", 8), ("tensor", 4)])
@@ -187,3 +189,20 @@ def test_bad_input_is_refused_before_anything_changes():
     after = m.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before) and set(before) == set(after)
     assert all(isinstance(mod, nn.Linear) for n, mod in m.named_modules() if n.endswith(("qkv", "proj", "fc")))
+
+
+def test_quantize_api_and_checkpoint_round_trip(tmp_path):
+    from lmforge.quant.api import quantize
+    from lmforge.quant.checkpoint import load_quantized, save_quantized
+
+    m = _model(n_layer=1)
+    rep = quantize(m, QuantConfig(method="awq", bits=4, granularity="group", group_size=16), calib=_tokens(4, seed=3),
+                   progress=False)
+    assert rep["method"] == "awq" and rep["bytes"]["after"] < rep["bytes"]["before"]
+    save_quantized(m, tmp_path / "q")
+    back, _ = load_quantized(tmp_path / "q")
+    x = _tokens(2, seed=4)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))  # the folded norms travel with the codes
+    with pytest.raises(ValueError, match="needs calibration tokens"):
+        quantize(_model(n_layer=1), QuantConfig(method="awq", bits=4), progress=False)

@@ -242,7 +242,7 @@ def _search_scale(model, i, pair: Pair, x: torch.Tensor, hs, attn_ref, cfg, quan
             for lin, w, n in zip(lins, orig, pair.linears):
                 if n in quantized:
                     lin.weight.copy_(_fake_quant(w * s[None, :], cfg, n) / s[None, :])
-            loss = sum(float((a - b).double().pow(2).sum()) for a, b in zip(run(), ref)) / count
+            loss = sum(float((a - b).pow(2).sum()) for a, b in zip(run(), ref)) / count  # (fp32 sums: pairwise)
             if k == 0:
                 loss0 = loss
             if loss < best[0]:
@@ -344,7 +344,8 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
         if cfg.awq_clip and clip_rows is not False:
             w_scaled, clip = _search_clip(w_scaled, xs, cfg, name, clip_rows)
         codes, sc, z = fm.rtn_quantize(w_scaled, cfg.bits, cfg.granularity, cfg.group_size, cfg.sym, name=name)
-        q = IntLinear.from_codes(codes, sc, z, cfg.bits, cfg.granularity, cfg.group_size, cfg.sym, bias=lin.bias)
+        q = IntLinear.from_codes(codes, sc, z, cfg.bits, cfg.granularity, cfg.group_size, cfg.sym,
+                                 bias=lin.bias).to(lin.weight.device)
         eff = q.dequantize()
         if s_in is not None:
             eff = eff / s_in[None, :]
