@@ -77,14 +77,20 @@ def test_int8_matmul_is_exact_where_fp32_is_not():
     cx = torch.randint(90, 128, (8, I), generator=g, dtype=torch.int8)
     qw = torch.randint(90, 128, (16, I), generator=g, dtype=torch.int8)
     qw[::2] = -qw[::2]
-    cx[:, ::3] = -cx[:, ::3]
     exact = cx.long() @ qw.long().t()  # int64 reference
+    assert not torch.equal(cx.float() @ qw.float().t(), exact.float())  # (the data is hard: one fp32 matmul rounds)
     one_x, one_w = torch.ones(8, 1), torch.ones(16, 1)
     got = int8_matmul(cx, one_x, qw, one_w)
     assert torch.equal(got, exact.float())
     # with steps: the exact integer sum rescaled once
     sx, sw = torch.rand(8, 1) + 0.5, torch.rand(16, 1) + 0.5
     assert torch.equal(int8_matmul(cx, sx, qw, sw), exact.float() * (sx * sw.t()))
+    # one slice (1024 * 127**2 < 2**24) and slices summed in int32, at the extreme codes
+    for I in (1024, 3000):
+        c1, q1 = torch.full((4, I), 127, dtype=torch.int8), torch.full((6, I), -127, dtype=torch.int8)
+        c1[:, 1::2] = 126
+        want = (c1.long() @ q1.long().t()).float()
+        assert torch.equal(int8_matmul(c1, torch.ones(4, 1), q1, torch.ones(6, 1)), want)
 
 
 def test_no_outliers_equals_plain_vectorwise_w8a8():
@@ -187,7 +193,7 @@ def test_apply_swaps_every_linear_but_the_skipped():
     kinds = {n: type(m) for n, m in q.named_modules() if isinstance(m, (nn.Linear, LLMInt8Linear))}
     assert kinds.pop("lm_head") is nn.Linear
     assert set(kinds.values()) == {LLMInt8Linear} and len(kinds) == 8
-    assert set(rep["layers"]) == set(kinds) and rep["skipped"] == ["lm_head"]
+    assert set(rep["layers"]) == set(kinds) and rep["unquantized"] == ["lm_head"]
     assert all(0 < L["err"] < 0.01 for L in rep["layers"].values())
     # the planted feature shows in the calibration counts of the linear it feeds, and nowhere in block 0
     assert rep["layers"]["blocks.1.mlp.fc"]["outlier_cols_max"] >= 1
@@ -237,18 +243,24 @@ def test_llm_int8_costs_no_more_than_weight_only_on_a_planted_outlier_model():
         wo = copy.deepcopy(model)
         replace_linear(wo, lambda n, m: _WeightOnly(m), not_head)
         e_li, e_w8, e_wo = (float((m(toks) - ref).norm() / ref.norm()) for m in (li, w8, wo))
-    assert e_li < 1.15 * e_wo, (e_li, e_wo)
+    # (over model seeds 0-4: e_li / e_wo 0.98-1.11, e_w8 / e_li 1.97-2.18)
+    assert e_li < 1.2 * e_wo, (e_li, e_wo)
     assert e_w8 > 1.5 * e_li, (e_li, e_w8)
 
 
-def test_checkpoint_round_trip(tmp_path):
-    ck = pytest.importorskip("lmforge.quant.checkpoint")
+def test_quantize_entry_point_and_checkpoint_round_trip(tmp_path):
+    from lmforge.quant.api import quantize
+    from lmforge.quant.checkpoint import load_quantized, save_quantized
+
     model = _tiny(seed=2)
     toks = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
-    apply(model, QuantConfig(method="llm_int8", threshold=4.0), None, progress=False)
-    model.quant_config = QuantConfig(method="llm_int8", threshold=4.0)
-    ck.save_quantized(model, tmp_path / "q")
-    back, _ = ck.load_quantized(tmp_path / "q")
+    with pytest.raises(ValueError, match="threshold"):
+        quantize(copy.deepcopy(model), QuantConfig(method="llm_int8", threshold=0), progress=False)
+    rep = quantize(model, QuantConfig(method="llm_int8", threshold=4.0), progress=False)  # no calibration needed
+    assert rep["method"] == "llm_int8" and rep["bytes"]["after"] < rep["bytes"]["before"]
+    assert model.quant_config.threshold == 4.0
+    save_quantized(model, tmp_path / "q")
+    back, _ = load_quantized(tmp_path / "q")
     assert isinstance(back.blocks[0].mlp.fc, LLMInt8Linear) and back.blocks[0].mlp.fc.threshold == 4.0
     with torch.no_grad():
         assert torch.equal(back(toks), model(toks))

@@ -163,10 +163,11 @@ def test_smoothing_beats_plain_w8a8_on_held_out_windows():
     for n in names:
         e_plain, e_smooth = err(mo[n], xo[n]), err(ms[n], xs[n])
         ratios[n] = round(e_smooth / e_plain, 3)
-    # every layer gains; those right after the planted norms most
-    assert max(ratios.values()) < 0.8, ratios
-    assert ratios["blocks.0.attn.qkv"] < 0.4 and ratios["blocks.0.mlp.fc"] < 0.4, ratios
-    assert float(torch.tensor(list(ratios.values())).log().mean().exp()) < 0.6, ratios
+    # every layer gains, those right after the planted norms most (over model seeds 0-4: max ratio
+    # 0.53-0.75, block 0's qkv and fc 0.28-0.53, geometric mean 0.40-0.44)
+    assert max(ratios.values()) < 0.85, ratios
+    assert ratios["blocks.0.attn.qkv"] < 0.6 and ratios["blocks.0.mlp.fc"] < 0.6, ratios
+    assert float(torch.tensor(list(ratios.values())).log().mean().exp()) < 0.5, ratios
 
 
 def test_apply_quantizes_and_beats_plain_w8a8_end_to_end():
@@ -187,7 +188,7 @@ def test_apply_quantizes_and_beats_plain_w8a8_end_to_end():
     with torch.no_grad():
         e_sq = float((q(held) - ref).norm() / ref.norm())
         e_plain = float((plain(held) - ref).norm() / ref.norm())
-    assert e_sq < 0.7 * e_plain, (e_sq, e_plain)
+    assert e_sq < 0.7 * e_plain, (e_sq, e_plain)  # (over model seeds 0-4: 0.35-0.56)
     # skip globs leave those linears fp32 and unsmoothed
     q2 = copy.deepcopy(model)
     rep2 = apply(q2, QuantConfig(method="smoothquant", skip=["lm_head", "*.mlp.*"]), calib, progress=False)
@@ -225,13 +226,17 @@ def test_plan_respects_already_swapped_linears():
     assert "qkv" in why["blocks.0.attn.proj"]
 
 
-def test_checkpoint_round_trip(tmp_path):
-    ck = pytest.importorskip("lmforge.quant.checkpoint")
+def test_quantize_entry_point_and_checkpoint_round_trip(tmp_path):
+    from lmforge.quant.api import quantize
+    from lmforge.quant.checkpoint import load_quantized, save_quantized
+
     model = plant_outliers(_model("tiny-llama"))
-    apply(model, QuantConfig(method="smoothquant"), _tokens(0), progress=False)
-    model.quant_config = QuantConfig(method="smoothquant")
-    ck.save_quantized(model, tmp_path / "q")
-    back, _ = ck.load_quantized(tmp_path / "q")
+    with pytest.raises(ValueError, match="calibration"):
+        quantize(copy.deepcopy(model), QuantConfig(method="smoothquant"), progress=False)
+    rep = quantize(model, QuantConfig(method="smoothquant", alpha=0.6), calib=_tokens(0), progress=False)
+    assert rep["alpha"] == 0.6 and rep["bytes"]["after"] < rep["bytes"]["before"]
+    save_quantized(model, tmp_path / "q")
+    back, _ = load_quantized(tmp_path / "q")
     assert isinstance(back.blocks[0].attn.qkv, W8A8Linear)
     toks = _tokens(3, n=2)
     with torch.no_grad():

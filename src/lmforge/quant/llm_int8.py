@@ -15,10 +15,10 @@ The algorithm, as bitsandbytes' ``Linear8bitLt`` (inference, ``has_fp16_weights=
   outlier column is a column holding at least one. The row scale is the absmax of the row's remaining
   (non-outlier) elements, ``c = round(x * (127 / absmax_n))``, and the outlier columns are zeroed in c;
 - output ``Y = (c @ q^T) * sx_n * sw_o  +  X[:, outl] @ (q[:, outl] * sw)^T  + bias``: the int8 part
-  accumulates exactly (int32 in bitsandbytes; here a float64 product of the integer codes, exact since
-  every partial sum is an integer below 2**53), the outlier part is an fp32 matmul against the
-  dequantized weight columns (bitsandbytes dequantizes the int8 weight columns too: the weight is stored
-  once, in int8).
+  accumulates exactly (int32 in bitsandbytes; here fp32 products of the integer codes over slices of 1024
+  columns, exact since every partial sum is an integer below 2**24, added in int32); the outlier part is
+  an fp32 matmul against the dequantized weight columns (bitsandbytes dequantizes the int8 weight columns
+  too: the weight is stored once, in int8).
 
 Rounding: ``torch.round`` (half to even), as bitsandbytes' CPU path. A row (of W or X) that is all zero
 gets scale 0 and codes 0 (bitsandbytes would divide by zero). Differences from bitsandbytes: fp32 instead
@@ -35,6 +35,7 @@ import torch.nn as nn
 from .linear import QuantLinear, _need, register_format
 
 QMAX = 127
+_EXACT_COLS = 1024  # codes summed exactly in one fp32 matmul: 1024 * 127**2 < 2**24
 NEEDS_CALIBRATION = False
 
 
@@ -64,10 +65,20 @@ def vectorwise_quant(x: torch.Tensor, threshold: float | None = None):
 def int8_matmul(cx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """``(cx @ qw^T) * sx * sw^T``: int8 codes (N, I) x (O, I) with steps (N, 1) and (O, 1) -> fp32 (N, O).
 
-    The integer accumulation is exact: a float64 matmul of integer codes (|c q| <= 127**2, so every partial
-    sum is an integer far below 2**53 and no rounding happens, whatever the summation order), the same
-    numbers as an int32 accumulation; then one fp32 rescale."""
-    acc = cx.to(torch.float64) @ qw.to(torch.float64).t()
+    The integer accumulation is exact, the same numbers as an int32 accumulation: fp32 matmuls of the
+    integer codes over slices of at most ``_EXACT_COLS`` = 1024 input columns (|c q| <= 127**2, so every
+    partial sum is an integer of magnitude <= 1024 * 127**2 < 2**24: no rounding, whatever the summation
+    order), the slices' sums added in int32 (int64 past 2**31); then one fp32 rescale. (No float64: MPS
+    has none.)"""
+    I = cx.shape[-1]
+    if I <= _EXACT_COLS:
+        acc = cx.float() @ qw.float().t()
+    else:
+        it = torch.int32 if I * QMAX * QMAX < 2 ** 31 else torch.int64
+        acc = None
+        for a in range(0, I, _EXACT_COLS):
+            part = (cx[:, a:a + _EXACT_COLS].float() @ qw[:, a:a + _EXACT_COLS].float().t()).to(it)
+            acc = part if acc is None else acc.add_(part)
     return acc.float() * (sx * sw.reshape(1, -1))
 
 
@@ -102,7 +113,7 @@ class LLMInt8Linear(QuantLinear):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, threshold=6.0):
         O, I = weight.shape
-        m = cls(I, O, threshold, bias=bias)
+        m = cls(I, O, threshold, bias=bias).to(weight.device)
         q, s = quantize_weight(weight)
         m.qweight.copy_(q)
         m.scales.copy_(s)
@@ -190,14 +201,15 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None = None, progress: bo
     tokens, the report also counts each layer's outlier columns on them (before the swap, fp32 model).
 
     Report: {"method", "threshold", "layers": {name: {"shape": [O, I], "err": ||W - deq(W)||/||W||, "bytes",
-    and with calib "outlier_cols_mean", "outlier_cols_max", "outlier_cols_frac"}}, "skipped": [unquantized]}."""
+    and with calib "outlier_cols_mean", "outlier_cols_max", "outlier_cols_frac"}}, "unquantized": [the linears cfg.skip
+    left in fp32]}."""
     from ..model.surgery import replace_linear
 
     if cfg.bits != 8:
         raise ValueError(f"llm_int8: bits: got {cfg.bits!r}, expected 8 (LLM.int8() is an int8 method)")
     threshold = _check_threshold(cfg.threshold)
     names = targets(model, cfg.skip)
-    skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
+    unquantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names]
     stats = _outlier_stats(model, names, calib, threshold) if calib is not None and names else {}
     layers: dict[str, dict] = {}
 
@@ -209,4 +221,4 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None = None, progress: bo
 
     keep = set(names)
     replace_linear(model, make, lambda n, _m: n in keep)
-    return {"method": "llm_int8", "threshold": threshold, "layers": layers, "skipped": skipped}
+    return {"method": "llm_int8", "threshold": threshold, "layers": layers, "unquantized": unquantized}

@@ -33,7 +33,6 @@ exactly this format.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
@@ -57,7 +56,7 @@ class W8A8Linear(QuantLinear):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None):
         O, I = weight.shape
-        m = cls(I, O, bias=bias)
+        m = cls(I, O, bias=bias).to(weight.device)
         q, s = quantize_weight(weight)
         m.qweight.copy_(q)
         m.scales.copy_(s)
@@ -210,7 +209,7 @@ def _scales_for(model, fold, act_max, alpha) -> torch.Tensor:
     """The fold's scale vector over its linear's input columns (tied per kv group for "v")."""
     mods = dict(model.named_modules())
     w = mods[fold["linear"]].weight.detach().abs().amax(0)  # (I,) max |W_j| over output rows
-    x = act_max[fold["linear"]]
+    x = act_max[fold["linear"]].to(w.device)
     g = fold.get("tied")
     if fold["kind"] == "v" and g:
         attn = mods[fold["into"].rsplit(".", 1)[0]]
@@ -224,6 +223,7 @@ def _scales_for(model, fold, act_max, alpha) -> torch.Tensor:
 def _fold(model, fold, s: torch.Tensor) -> None:
     mods = dict(model.named_modules())
     target, into = mods[fold["linear"]], mods[fold["into"]]
+    s = s.to(target.weight.device)
     kind = fold["kind"]
     if kind == "norm":
         into.weight.div_(s)
@@ -326,15 +326,17 @@ def apply(model: nn.Module, cfg, calib: torch.Tensor | None, progress: bool = Tr
     def make(name, lin):
         q = W8A8Linear.from_linear(lin)
         w0, b0 = orig[name]
-        x = rows[name]  # the fp32 model's inputs of this linear, before smoothing
+        x = rows[name].to(w0.device)  # the fp32 model's inputs of this linear, before smoothing
         s = scales.get(name)
+        s = None if s is None else s.to(w0.device)
         xs = x / s if s is not None else x  # its inputs now (the folds divide them by s)
         plain = W8A8Linear.from_weight(w0, b0)
         # each against its own fp32 layer (a fold into this linear's rows changes its output on purpose)
-        layers[name] = {"shape": [q.out_features, q.in_features], "err": _rel_err(q(xs), lin(xs)), "err_unsmoothed": _rel_err(plain(x), _fp32(x, w0, b0)),
-                        "smoothed": s is not None, "act_max": float(act_max[name].max()),
-                        "act_max_smoothed": float((act_max[name] / s).max()) if s is not None
-                        else float(act_max[name].max()), "bytes": q.weight_bytes()}
+        am = act_max[name].to(w0.device)
+        layers[name] = {"shape": [q.out_features, q.in_features], "err": _rel_err(q(xs), lin(xs)),
+                        "err_unsmoothed": _rel_err(plain(x), _fp32(x, w0, b0)), "smoothed": s is not None,
+                        "act_max": float(am.max()), "act_max_smoothed": float((am if s is None else am / s).max()),
+                        "bytes": q.weight_bytes()}
         return q
 
     replace_linear(model, make, lambda n, _m: n in keep)
