@@ -252,8 +252,10 @@ def quant_markdown(q: dict, run_dir: Path) -> list[str]:
     if g:
         path = run_dir / g["path"]
         lines += ["", f"### Run the GGUF in llama.cpp", "",
-                  f"`{g['path']}` is the fp32 model as GGUF {g['type']} (lmforge's own writer): the tokenizer, "
-                  "its special tokens and chat template travel in the file.", "", "```bash",
+                  f"`{g['path']}` holds the same model's fp32 weights written as GGUF {g['type']} by lmforge's own "
+                  "writer (every 2-D tensor in that type, the embeddings and the output head included, which "
+                  "`quantized/` keeps in fp32; norms in f32); the tokenizer, its special tokens and the chat "
+                  "template travel in the file.", "", "```bash",
                   f"llama-cli -m {path} -p {json.dumps(d.get('prompt') or 'ROMEO.')} -n 60 --temp 0",
                   f"python -c \"import llama_cpp; m = llama_cpp.Llama('{path}', verbose=False); "
                   f"print(m('ROMEO.', max_tokens=60, temperature=0)['choices'][0]['text'])\"", "```"]
