@@ -14,7 +14,7 @@ and weights+activations; LLM.int8() (threshold 6); SmoothQuant W8A8 (alpha 0.5);
 g32 and per channel (GPTQ also with act-order); the GGUF files lmforge writes (Q8_0, Q4_0), read back by
 ``import_gguf(dequantize=False)``; with llama-cpp-python installed, llama.cpp's decode speed on the same GGUF.
 
-    python benchmarks/quant_quality.py --run runs/default [--quick] [--split test|val] [--threads 1]
+    python benchmarks/quant_quality.py --run runs/default [--quick] [--split test|val] [--threads 2]
         [--only gptq,awq] [--calib-samples 128] [--decode-tokens 128] [--json-out table.json]
 
 Prints the table, then the house rows (benchmarks/_report.py): per row lmforge = its bits/byte, reference =
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                     help="the split bits/byte is reported on (val: to choose settings)")
     ap.add_argument("--quick", action="store_true", help="a subset: one row of each method")
     ap.add_argument("--only", default="", help="comma-separated row-name prefixes (e.g. gptq,awq,rtn int4)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2: an idle 2-core machine; 1 on a busy one)")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=128)
