@@ -9,7 +9,8 @@ TRAIN split (``lmforge.quant.calib``; never the split it reports on), and measur
     and of the GGUF file where a GGUF type holds the row's format (Q8_0 = int8 g32 sym, Q4_0 = int4 g32 sym);
   - greedy decode tokens/s through the engine (the same prompt and length for every row, one run each after a
     two-token warm-up; "C" when the engine's C step runs the model).
-Rows: fp32; RTN sym/asym x channel/g32/g64 x 8/4/3 bits; FP8 E4M3/E5M2 x tensor/channel scales x weight-only
+Rows: fp32; RTN sym/asym x channel/g32/g64 x 8/4/3 bits (g16 instead of g64 where 64 does not divide the
+model's rows, as the demo model's 96); FP8 E4M3/E5M2 x tensor/channel scales x weight-only
 and weights+activations; LLM.int8() (threshold 6); SmoothQuant W8A8 (alpha 0.5); GPTQ and AWQ at 8/4/3 bits,
 g32 and per channel (GPTQ also with act-order); the GGUF files lmforge writes (Q8_0, Q4_0), read back by
 ``import_gguf(dequantize=False)``; with llama-cpp-python installed, llama.cpp's decode speed on the same GGUF.
@@ -37,13 +38,15 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def variants(quick: bool) -> list[tuple[str, dict]]:
-    """(row name, QuantConfig fields) of every row (``--quick``: a subset: one of each method)."""
+def variants(quick: bool, second_group: int = 64) -> list[tuple[str, dict]]:
+    """(row name, QuantConfig fields) of every row (``--quick``: a subset: one of each method). RTN's second
+    group size is 64, or ``second_group`` for a model whose rows 64 does not divide (the demo's 96)."""
+    g2 = f"g{second_group}"
     G = {"channel": {"granularity": "channel"}, "g32": {"granularity": "group", "group_size": 32},
-         "g64": {"granularity": "group", "group_size": 64}}
+         g2: {"granularity": "group", "group_size": second_group}}
     rows = []
     for bits in (8, 4, 3):
-        for g in ("channel", "g32", "g64"):
+        for g in ("channel", "g32", g2):
             for sym in (True, False):
                 if quick and (g != "g32" or not sym):
                     continue
@@ -173,7 +176,9 @@ def main(argv=None) -> int:
     fp = measure("fp32", model, (tmp / "fp32" / "model.safetensors").stat().st_size)
     want = [p.strip() for p in a.only.split(",") if p.strip()]
     gguf_done = {}
-    for name, fields in variants(a.quick):
+    widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    second = 64 if all(w % 64 == 0 for w in widths) else 16  # (the demo's rows of 96: 64 does not divide them)
+    for name, fields in variants(a.quick, second):
         if want and not any(name.startswith(p) for p in want):
             continue
         cfg = QuantConfig(**fields, calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len)
