@@ -651,8 +651,9 @@ class Runner:
 
     def _measure(self, model, tok, spec, model_dir: Path, bpb: dict | None = None) -> dict:
         """One model's row of quant.json: test bits per byte (the eval stage's code: the whole test split at
-        [train] seq_len), the weights' bytes (every tensor of the state dict, a tied one once: ``quant.api.model_bytes``; model.safetensors on disk), and one
-        greedy decode through the engine (tokens/s, whether its C step ran, the tokens)."""
+        [train] seq_len), the weights' bytes (every tensor of the state dict, a tied one once:
+        ``quant.api.model_bytes``; model.safetensors on disk), and one greedy decode through the engine
+        (tokens/s, whether its C step ran it and why not, the tokens)."""
         from ..evaluate.perplexity import evaluate_shards
         from ..infer.engine import Engine
         from ..infer.fastpath import FastDecoder
@@ -668,8 +669,8 @@ class Runner:
         q = self.r.quantize
         prompt = spec.encode_prompt(tok, q.prompt)
         n = max(1, min(q.decode_tokens, model.cfg.max_seq_len - len(prompt)))
-        why = FastDecoder.why_not(model)
         eng = Engine(model)
+        why = None if eng.fast is not None else (FastDecoder.why_not(model) or "the engine did not use it")
         eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # (not timed: warm-up)
         t0 = time.perf_counter()
         out = eng.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
