@@ -97,6 +97,8 @@ def test_quantize_stage_end_to_end(finished, small_corpus):
     assert q["quantized"]["weight_bytes"] == model_bytes(qmodel) and q["fp32"]["weight_bytes"] == model_bytes(fp32)
     assert q["quantized"]["weight_bytes"] < q["fp32"]["weight_bytes"]
     assert 0 <= q["decode"]["same_greedy_prefix"] <= 8 and q["decode"]["prompt"] == r.quantize.prompt
+    # int8 groups of 32 run in the engine's C step wherever fp32 does (the native extension built)
+    assert q["quantized"]["fast_decode"] == q["fp32"]["fast_decode"]
     assert q["report"]["layers"].keys() == swapped
 
     # the GGUF beside the HF export: the fp32 final model, Q8_0 where llama.cpp quantizes
