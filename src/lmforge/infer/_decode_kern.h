@@ -266,14 +266,24 @@ ATTR static void SUF(lane_sums)(const float *restrict x, float *restrict xs, int
     }
 }
 
+#ifndef PF_ROWS
+#define PF_ROWS 4
+#endif
 /* rows o in [r0, r1) of a quantized linear for activation rows b in [0, B) (X already gathered and,
  * for 4-bit, reordered: see dot_q4); a row's weights stay in L1 across the activation rows */
 ATTR static void SUF(qmat_rows)(int kind, const void *W, const float *S, const float *Z, float zc, const float *bias,
                                 const float *X, const float *XS, float *Y, int B, int I, int O, int G, int r0, int r1) {
     const int ng = I / G;
+    const size_t rowb = kind == 1 ? (size_t)I : (size_t)I / 2; /* bytes of codes per row */
     for (int o = r0; o < r1; o++) {
         const float *s = S + (size_t)o * ng, *z = Z ? Z + (size_t)o * ng : NULL;
         float bo = bias ? bias[o] : 0.0f;
+        if (o + PF_ROWS < r1) { /* the codes and scales of a row a few ahead: more misses in flight */
+            const char *pw = (const char *)W + (size_t)(o + PF_ROWS) * rowb;
+            for (size_t c = 0; c < rowb; c += 64) __builtin_prefetch(pw + c);
+            const char *ps = (const char *)(S + (size_t)(o + PF_ROWS) * ng);
+            for (size_t c = 0; c < (size_t)ng * 4; c += 64) __builtin_prefetch(ps + c);
+        }
         if (kind == 1) {
             const int8_t *w = (const int8_t *)W + (size_t)o * I;
             for (int b = 0; b < B; b++) Y[(size_t)b * O + o] = SUF(dot_i8)(w, s, X + (size_t)b * I, I, G) + bo;
