@@ -8,7 +8,9 @@ exports but the HF family cannot express (``lmforge.model.hf.check_exportable``)
 and an ``[sft]`` setting that SFT would refuse (a choice, a bound, a data source, a LoRA
 target pattern that matches none of the model's layers), and a ``[dpo]`` setting that the preference stage
 would refuse (its own check, the pair generator's arguments, its preference files line by line, a sequence
-length the model holds). Knows nothing of how a stage runs.
+length the model holds), and a ``[quantize]`` setting that quantization would refuse (``lmforge.quant``'s own
+check, a group size or GGUF block that a row of the model does not fill, a GGUF type or architecture the
+export cannot write). Knows nothing of how a stage runs.
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from .._config import apply_overrides, from_dict, load_file
 from ..data.prepare import PrepareConfig, validate as validate_data
 from ..align.dpo import DPOConfig
 from ..align.sft import SFTConfig
+from ..quant.config import QuantConfig
 from ..train.trainer import TrainConfig
 
 # a recipe whose [dpo] names neither pairs nor data: the SFT model makes pairs (the tasks [sft] trains)
 DEFAULT_PAIRS = {"n": 64, "k": 6, "max_new_tokens": 24}
-STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval", "export", "demo")
+STAGES = ("fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval", "quantize", "export", "demo")
 # [sft] fields the pipeline sets itself (the base is pretrain's model, out is <run>/sft, corpus generators
 # read the run's shards)
 SFT_PIPELINE_FIELDS = ("base", "out", "data_dir")
@@ -60,6 +63,27 @@ class EvalStage:
 
 
 @dataclass
+class QuantizeStage(QuantConfig):
+    """``lmforge quantize``'s settings (``lmforge.quant.QuantConfig``: method, bits, granularity, group_size, ...;
+    calibration from the run's train split) and the stage's own: the GGUF type written beside the HF export and
+    the decode-speed measurement (one greedy generation of ``decode_tokens`` tokens from ``prompt``)."""
+    # quant.gguf_model.TYPES (f32 | f16 | q8_0 | q4_0 | q4_k), checked against the model before any work;
+    # "none": no GGUF; "auto": q8_0 when llama.cpp runs the model and Q8_0's blocks divide its rows, else none
+    # (a recipe that does not name it: the stage runs for any model, the report says why there is no GGUF)
+    gguf: str = "auto"
+    prompt: str = "ROMEO.\n"
+    decode_tokens: int = 128
+
+
+def quant_config(s: QuantizeStage) -> QuantConfig:
+    """The QuantConfig part of [quantize] (what ``quantize`` and the checkpoint record), copied."""
+    import copy
+    from dataclasses import fields as _fields
+
+    return QuantConfig(**{f.name: copy.deepcopy(getattr(s, f.name)) for f in _fields(QuantConfig)})
+
+
+@dataclass
 class ExportStage:
     arch: str = ""  # "" = the model's own family; "none" skips the HF export
 
@@ -86,6 +110,7 @@ class Recipe:
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(pairs=dict(DEFAULT_PAIRS)))
     eval: EvalStage = field(default_factory=EvalStage)
+    quantize: QuantizeStage = field(default_factory=QuantizeStage)
     export: ExportStage = field(default_factory=ExportStage)
     demo: DemoStage = field(default_factory=DemoStage)
 
@@ -189,8 +214,115 @@ def validate(r: Recipe) -> None:
         validate_dpo(r)
     if "eval" in r.stages:
         validate_eval(r.eval)
+    if "quantize" in r.stages:
+        validate_quantize(r)
     if "demo" in r.stages and r.demo.chat_max_tokens < 1:
         raise ValueError(f"demo.chat_max_tokens: expected a positive number of tokens, got {r.demo.chat_max_tokens}")
+
+
+def validate_quantize(r: Recipe) -> None:
+    """The [quantize] table, before any work: every setting ``lmforge.quant`` checks itself (``check_config``:
+    method, bits, granularity, group size, fp8 format, alpha, damp, ...), the stage's own (a GGUF type it can
+    write, a positive decode length, a prompt), and against the model the recipe trains (built on the meta
+    device): a calibration window the model holds, a group size that divides the rows of every linear it
+    quantizes, and what the GGUF exporter checks (``quant.gguf_model``: an architecture llama.cpp runs, rows
+    its type's blocks divide)."""
+    import re
+
+    from ..quant.config import check_config
+
+    q = r.quantize
+    try:
+        check_config(quant_config(q))
+    except ValueError as e:
+        msg = re.sub(r"^quantize: ", "", str(e))
+        m = re.match(r"([a-z_0-9]+)(:|\b)", msg)
+        raise ValueError(f"quantize.{msg}" if m and hasattr(q, m.group(1)) else f"quantize: {msg}") from None
+    from ..quant.gguf_model import TYPES as GGUF_TYPES  # (`lmforge export --format gguf --type`'s)
+
+    if q.gguf not in (*GGUF_TYPES, "none", "auto"):
+        import difflib
+
+        close = difflib.get_close_matches(str(q.gguf), list(GGUF_TYPES), n=1)
+        raise ValueError(f"quantize.gguf: unknown GGUF type {q.gguf!r}; expected one of {', '.join(GGUF_TYPES)} "
+                         "or 'none' (no GGUF) or 'auto' (q8_0 where the model fits)"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
+    if isinstance(q.decode_tokens, bool) or not isinstance(q.decode_tokens, int) or q.decode_tokens < 1:
+        raise ValueError(f"quantize.decode_tokens: expected a positive number of tokens, got {q.decode_tokens!r}")
+    if not isinstance(q.prompt, str) or not q.prompt:
+        raise ValueError(f"quantize.prompt: expected a non-empty prompt (the decode-speed measurement's), got {q.prompt!r}")
+    if "pretrain" not in r.stages:
+        return  # the model comes from an earlier run: quantize checks it when the stage loads it
+    from ..train.trainer import model_config
+
+    try:
+        mcfg = model_config(r.train)
+    except (TypeError, ValueError):
+        return  # validate_model names the [train] problem
+    check_quantizable(mcfg, q)
+
+
+def check_quantizable(mcfg, q: QuantizeStage) -> None:
+    """[quantize] against a model config (the model built on the meta device: no memory, no time); ValueError
+    naming the field, the linear and its shape."""
+    import fnmatch
+
+    import torch
+    from torch import nn
+
+    from ..model.transformer import Transformer
+
+    from ..quant.api import method_module
+
+    if getattr(method_module(q.method), "NEEDS_CALIBRATION", False) and q.calib_seq_len > mcfg.max_seq_len:
+        raise ValueError(f"quantize.calib_seq_len: {q.calib_seq_len} is longer than the model's context "
+                         f"(max_seq_len {mcfg.max_seq_len})")
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if q.granularity == "group" and q.method in ("rtn", "gptq", "awq"):
+        for n, m in linears:
+            if not any(fnmatch.fnmatch(n, g) for g in q.skip) and m.in_features % q.group_size:
+                raise ValueError(f"quantize.group_size: {q.group_size} does not divide the rows of {n} (weight "
+                                 f"{tuple(m.weight.shape)}: {m.in_features} input columns); choose a divisor of "
+                                 f"{m.in_features} or skip the layer (quantize.skip)")
+    if q.gguf in ("none", "auto"):
+        return
+    why = gguf_problem(mcfg, q.gguf, model)
+    if why:
+        raise ValueError(f"quantize.gguf: {why} (set quantize.gguf = 'none' to write no GGUF)")
+
+
+def gguf_problem(mcfg, gguf: str, model=None) -> str | None:
+    """Why ``lmforge.quant.gguf_model.export_gguf`` would refuse a model of config ``mcfg`` as GGUF ``gguf``
+    (the exporter's own checks: an architecture llama.cpp runs, rows the type's blocks divide), or None."""
+    from ..quant import gguf_model as G
+
+    if model is None:
+        import torch
+
+        from ..model.transformer import Transformer
+
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+    try:
+        arch = G.resolve_arch(mcfg)
+        G.check_gguf_exportable(mcfg, arch)
+        for n, t in G.gguf_tensors(model, arch):
+            G.tensor_type(n, tuple(t.shape), gguf)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def resolve_gguf(mcfg, gguf: str) -> tuple[str | None, str | None]:
+    """(the GGUF type the quantize stage writes or None, why none): [quantize] gguf with "auto" resolved."""
+    if gguf == "none":
+        return None, "quantize.gguf = 'none'"
+    if gguf == "auto":
+        why = gguf_problem(mcfg, "q8_0")
+        return (None, f"quantize.gguf = 'auto' and the model does not fit q8_0: {why}") if why else ("q8_0", None)
+    return gguf, None
 
 
 def validate_eval(e: EvalStage) -> None:

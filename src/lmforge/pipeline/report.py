@@ -19,6 +19,11 @@ run's training numbers and its held-out pairs' reward margin and accuracy (``dpo
 DPO table (``sft_eval.json``'s ``sft_chat`` and ``dpo_chat`` cells: the private split, 95% intervals, the
 tasks DPO trained marked) and the SFT and DPO models' test bits per byte; the chat transcript is then the
 DPO model's.
+
+With a quantize stage it adds the quantization section (``quant.json``): the final fp32 model beside the
+quantized one (test bits per byte and the change, the weights' bytes in memory and on disk, greedy decode
+tokens/s through the engine and whether its C step ran), the GGUF file's size, and the commands that run the
+GGUF in llama.cpp (``llama-cli``, ``llama_cpp.Llama``).
 """
 from __future__ import annotations
 
@@ -195,6 +200,68 @@ def dpo_markdown(st: dict, table: dict | None, ev: dict, pairs: dict | None, rec
     return lines
 
 
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.3f} MB"
+
+
+def quant_label(c: dict) -> str:
+    """``rtn int8 g32 sym``, ``gptq int4 g32 asym act-order``, ``fp8 e4m3 channel w+a``: a QuantConfig in words."""
+    m = c.get("method", "?")
+    if m == "fp8":
+        return f"fp8 {c.get('fp8_format')} {c.get('fp8_scale')}" + (" w+a" if c.get("activations") else " weight-only")
+    if m == "llm_int8":
+        return f"llm_int8 int8 threshold {c.get('threshold')}"
+    if m == "smoothquant":
+        return f"smoothquant w8a8 alpha {c.get('alpha')}"
+    g = {"tensor": "tensor", "channel": "channel"}.get(c.get("granularity"), f"g{c.get('group_size')}")
+    extra = " act-order" if m == "gptq" and c.get("act_order") else ""
+    return f"{m} int{c.get('bits')} {g} {'sym' if c.get('sym', True) else 'asym'}{extra}"
+
+
+def quant_markdown(q: dict, run_dir: Path) -> list[str]:
+    """The quantization section: fp32 vs quantized, the GGUF, how to run it in llama.cpp."""
+    c, f, z, g, d = q["config"], q["fp32"], q["quantized"], q.get("gguf"), q.get("decode") or {}
+
+    def fast(r):
+        return "yes" if r.get("fast_decode") else f"no ({r.get('fast_decode_why_not', '?')})"
+
+    calib = c.get("method") in ("gptq", "awq", "smoothquant")
+    lines = ["", "## Quantization", "",
+             f"The {q['source'].upper() if q['source'] != 'model' else 'pretrained'} model quantized with "
+             f"`{quant_label(c)}` (`lmforge quantize`, [quantize]"
+             + (f"; calibration: {c.get('calib_samples')} windows of {c.get('calib_seq_len')} tokens from the train "
+                "split" if calib else "") + f") in {q.get('quantize_s', '-')} s: `quantized/` "
+             "(`lmforge generate --checkpoint` loads it). Test split bits per byte (the eval stage's code), the "
+             "weights' bytes (every tensor of the state dict, and model.safetensors on disk), and greedy decode "
+             f"through the engine ({d.get('max_tokens', '-')} tokens from {d.get('prompt', '')!r}, one run each, "
+             f"{d.get('threads', '-')} threads).", "",
+             "| model | test bits/byte | change | weights | model.safetensors | decode tok/s | C decode step |",
+             "| --- | --- | --- | --- | --- | --- | --- |",
+             f"| fp32 | {f['test_bpb']:.4f} | - | {_mb(f['weight_bytes'])} | {_mb(f['file_bytes'])} "
+             f"| {f['decode_tok_s']:.0f} | {fast(f)} |",
+             f"| {quant_label(c)} | {z['test_bpb']:.4f} | {z['test_bpb'] - f['test_bpb']:+.4f} | "
+             f"{_mb(z['weight_bytes'])} ({z['weight_bytes'] / f['weight_bytes']:.2f}x) | {_mb(z['file_bytes'])} "
+             f"| {z['decode_tok_s']:.0f} ({z['decode_tok_s'] / f['decode_tok_s']:.2f}x) | {fast(z)} |"]
+    if g:
+        lines.append(f"| GGUF {g['type']} (`{g['path']}`) | - | - | - | {_mb(g['bytes'])} (the .gguf) | - | - |")
+    if not g and q.get("no_gguf"):
+        lines += ["", f"No GGUF file: {q['no_gguf']}."]
+    if d.get("same_greedy_prefix") is not None:
+        lines += ["", f"The quantized model's greedy tokens equal the fp32 model's for the first "
+                      f"{d['same_greedy_prefix']} of {min(f.get('decode_tokens', 0), z.get('decode_tokens', 0))}."]
+    if g:
+        path = run_dir / g["path"]
+        lines += ["", f"### Run the GGUF in llama.cpp", "",
+                  f"`{g['path']}` holds the same model's fp32 weights written as GGUF {g['type']} by lmforge's own "
+                  "writer (every 2-D tensor in that type, the embeddings and the output head included, which "
+                  "`quantized/` keeps in fp32; norms in f32); the tokenizer, its special tokens and the chat "
+                  "template travel in the file.", "", "```bash",
+                  f"llama-cli -m {path} -p {json.dumps(d.get('prompt') or 'ROMEO.')} -n 60 --temp 0",
+                  f"python -c \"import llama_cpp; m = llama_cpp.Llama('{path}', verbose=False); "
+                  f"print(m('ROMEO.', max_tokens=60, temperature=0)['choices'][0]['text'])\"", "```"]
+    return lines
+
+
 def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
     st = manifest["stages"]
     ev = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else {}
@@ -288,6 +355,15 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
         if chat and chat.get("messages"):
             lines += ["", f"### Chat transcript (the {chat.get('model', 'DPO').upper()} model, greedy)", "", "```"]
             lines += [f"{m['role']}: {m['content']}" for m in chat["messages"]] + ["```"]
+    quant = _stage_file(run_dir, st, "quantize", "quant.json") if "quantize" in recipe.stages else None
+    if quant:
+        lines += quant_markdown(quant, run_dir)
+        summary.update(quant_method=quant_label(quant["config"]), quant_test_bpb=quant["quantized"]["test_bpb"],
+                       quant_weight_bytes=quant["quantized"]["weight_bytes"],
+                       quant_decode_tok_s=quant["quantized"]["decode_tok_s"],
+                       fp32_decode_tok_s=quant["fp32"]["decode_tok_s"])
+        if quant.get("gguf"):
+            summary["gguf"] = quant["gguf"]["path"]
     demo = run_dir / "demo.json"
     if demo.exists():
         chatter = "DPO" if dpo else "SFT"
@@ -307,6 +383,9 @@ def write_report(run_dir: Path, recipe, manifest: dict, seconds: float) -> dict:
               "- `hf/`: the " + ("DPO model (with its chat template) " if dpo else
                                  "SFT model (with its chat template) " if "sft" in recipe.stages else "model ")
               + "for `transformers.AutoModelForCausalLM.from_pretrained`",
+              *(["- `quantized/`: the quantized final model (`lmforge.quant.checkpoint.load_quantized`, `lmforge "
+                 "generate --checkpoint`); `export/`: its fp32 weights as GGUF for llama.cpp; `quant.json`: the "
+                 "fp32 vs quantized measurements"] if quant else []),
               "- `eval.json`: bits per byte and samples; `eval/`: the tasks' result.json, scorecard.md, chart "
               "and per-sample logs (`lmforge eval compare` takes it)",
               "- `run.json`: stages, hashes, times; `run.log`: the log; `recipe.json`: the recipe used"]

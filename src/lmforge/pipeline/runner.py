@@ -33,6 +33,14 @@ changed loss setting or an interrupted run does not sample them again), then tra
 are added to the pairs; an interrupted run resumes from its checkpoint). The eval stage then also scores the
 DPO model: its bits per byte (``eval.json``'s ``"dpo"``) and the trained tasks zero-shot through the chat
 template (``eval-dpo/``: a ``dpo_chat`` cell in ``sft_eval.json``'s rows). Export and demo use the DPO model.
+
+The quantize stage (``lmforge quantize``'s function, ``[quantize]``'s settings, calibration windows from the
+run's train split) quantizes the final model into ``quantized/`` (``lmforge.quant.checkpoint.save_quantized``)
+and writes the final fp32 model as GGUF (``export/model-<type>.gguf``, ``lmforge export --format gguf``'s
+function) for llama.cpp. It measures both models the same way (``quant.json``): test bits per byte (the eval
+stage's own code; the fp32 number is eval.json's when this run's eval stage scored the same model), the bytes
+of the weights (in memory and model.safetensors) and greedy decode tokens/s through the engine (one run each,
+the same prompt; whether the engine's C step ran it).
 """
 from __future__ import annotations
 
@@ -571,6 +579,106 @@ class Runner:
         outs = {"eval_result": paths["result"], "scorecard": paths["scorecard"]}
         return outs, summary
 
+    def stage_quantize(self):
+        from ..infer.llm import load_with_tokenizer
+        from ..quant.api import quantize
+        from ..quant.checkpoint import load_quantized, save_quantized
+        from .recipe import quant_config, resolve_gguf
+
+        src = self._final_model()
+        if not (src / "model.safetensors").exists():
+            raise FileNotFoundError(f"quantize: no model in {src} (the {src.name if src.name != 'model' else 'pretrain'} "
+                                    "stage makes it: add it to stages or run it first)")
+        q = self.r.quantize
+        cfg = quant_config(q)
+        model, tok, spec = load_with_tokenizer(src)
+        model.eval()
+        fp32 = self._measure(model, tok, spec, src, bpb=self._eval_bpb(src.name))
+        gguf, gtype, no_gguf = None, *resolve_gguf(model.cfg, q.gguf)
+        if gtype is None:
+            self.log(f"quantize: no GGUF ({no_gguf})")
+        else:  # from the fp32 weights (llama.cpp's types quantize them their own way)
+            from ..quant.gguf_model import export_gguf
+
+            t0 = time.perf_counter()
+            path = Path(export_gguf(model, self.dir / "export" / f"model-{gtype}.gguf", tok, tokens=spec, type=gtype))
+            gguf = {"type": gtype, "path": str(path.relative_to(self.dir)), "bytes": path.stat().st_size,
+                    "seconds": round(time.perf_counter() - t0, 2)}
+        t0 = time.perf_counter()
+        qreport = quantize(model, cfg, data_dir=self.dir / "data", progress=not self.quiet)
+        q_seconds = round(time.perf_counter() - t0, 2)
+        out = Path(save_quantized(model, self.dir / "quantized", tokenizer=tok, tokens=spec))
+        del model
+        qmodel, qtok = load_quantized(out)  # what the directory holds is what is measured
+        quant = self._measure(qmodel, qtok, spec, out)
+        fp32_out, q_out = fp32.pop("output"), quant.pop("output")
+        same = next((i for i, (a, b) in enumerate(zip(fp32_out, q_out)) if a != b), min(len(fp32_out), len(q_out)))
+        layers = (qreport or {}).get("layers") or {}
+        errs = [v["err"] for v in layers.values() if isinstance(v, dict) and isinstance(v.get("err"), (int, float))]
+        record = {"source": src.name, "config": cfg.to_dict(), "quantize_s": q_seconds, "quantized_layers": len(layers),
+                  "mean_layer_err": None if not errs else sum(errs) / len(errs),
+                  "fp32": fp32, "quantized": quant, "gguf": gguf, **({"no_gguf": no_gguf} if gguf is None else {}),
+                  "decode": {"prompt": q.prompt, "max_tokens": q.decode_tokens, "greedy": True, "runs": 1,
+                             "threads": torch_threads(), "same_greedy_prefix": same},
+                  "report": qreport}
+        write_json(self.dir / "quant.json", record, indent=1)
+        outs = {"quantized": out / "model.safetensors", "quantized_config": out / "config.json",
+                "quant": self.dir / "quant.json"}
+        if gguf:
+            outs["gguf"] = self.dir / gguf["path"]
+        summary = {"method": cfg.method, "bits": cfg.bits, "fp32_test_bpb": fp32["test_bpb"],
+                   "quant_test_bpb": quant["test_bpb"],
+                   "bpb_change": round(quant["test_bpb"] - fp32["test_bpb"], 6),
+                   "weight_bytes": quant["weight_bytes"], "fp32_weight_bytes": fp32["weight_bytes"],
+                   "decode_tok_s": quant["decode_tok_s"], "fp32_decode_tok_s": fp32["decode_tok_s"],
+                   "quantize_s": q_seconds}
+        if gguf:
+            summary["gguf_bytes"] = gguf["bytes"]
+        return outs, summary
+
+    def _eval_bpb(self, which: str) -> dict | None:
+        """This run's eval stage's test bits per byte of the model ``which`` (model, sft, dpo) from eval.json, when
+        the stage is in the recipe and finished (the quantize stage then need not measure the same thing twice)."""
+        p = self.dir / "eval.json"
+        st = self.manifest.get("stages", {}).get("eval", {})
+        if "eval" not in self.r.stages or st.get("status") != "done" or not p.exists():
+            return None
+        ev = json.loads(p.read_text())
+        ev = ev if which == "model" else ev.get(which)
+        if not ev or ev.get("split") != "test":
+            return None
+        return {"test_bpb": ev["bits_per_byte"], "test_loss": ev["loss"], "from": "eval.json"}
+
+    def _measure(self, model, tok, spec, model_dir: Path, bpb: dict | None = None) -> dict:
+        """One model's row of quant.json: test bits per byte (the eval stage's code: the whole test split at
+        [train] seq_len), the weights' bytes (every tensor of the state dict, a tied one once:
+        ``quant.api.model_bytes``; model.safetensors on disk), and one greedy decode through the engine
+        (tokens/s, whether its C step ran it and why not, the tokens)."""
+        from ..evaluate.perplexity import evaluate_shards
+        from ..infer.engine import Engine
+        from ..infer.fastpath import FastDecoder
+        from ..infer.sampling import SamplingParams
+        from ..quant.api import model_bytes
+
+        if bpb is None:
+            t0 = time.perf_counter()
+            ev = evaluate_shards(model, self.dir / "data", "test", self.r.train.seq_len, batch_size=8)
+            bpb = {"test_bpb": ev["bits_per_byte"], "test_loss": ev["loss"],
+                   "seconds": round(time.perf_counter() - t0, 2)}
+        weight_bytes = model_bytes(model)
+        q = self.r.quantize
+        prompt = spec.encode_prompt(tok, q.prompt)
+        n = max(1, min(q.decode_tokens, model.cfg.max_seq_len - len(prompt)))
+        eng = Engine(model)
+        why = None if eng.fast is not None else (FastDecoder.why_not(model) or "the engine did not use it")
+        eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # (not timed: warm-up)
+        t0 = time.perf_counter()
+        out = eng.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
+        dt = time.perf_counter() - t0
+        return {**bpb, "weight_bytes": weight_bytes, "file_bytes": (model_dir / "model.safetensors").stat().st_size,
+                "decode_tok_s": round(len(out) / dt, 1), "decode_tokens": len(out), "fast_decode": why is None,
+                **({"fast_decode_why_not": why} if why else {}), "output": list(out)}
+
     def stage_export(self):
         from ..infer.llm import load_with_tokenizer
         from ..model import export_hf
@@ -686,7 +794,7 @@ class Runner:
         settings = {"fetch": asdict(self.r.fetch), "clean": data,
                     "tokenizer": asdict(self.r.tokenizer), "shards": data,
                     "pretrain": asdict(self.r.train), "sft": self._sft_settings(), "dpo": self._dpo_settings(),
-                    "eval": asdict(self.r.eval),
+                    "eval": asdict(self.r.eval), "quantize": asdict(self.r.quantize),
                     "export": asdict(self.r.export), "demo": asdict(self.r.demo)}[name]
         return _hash([name, settings, prev, __version__])  # a new lmforge reruns what it would do differently
 
@@ -727,6 +835,12 @@ class Runner:
                     f"{from_stage} would redo it{' (retrain the model)' if name == 'pretrain' else ''} "
                     f"first; rerun with --from {name} (or without --from) to redo it and what follows")
             prev = _hash([key, old["outputs"]])
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def heldout(final: dict) -> dict:
