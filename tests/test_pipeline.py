@@ -69,7 +69,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     for f in ("report.md", "summary.json", "run.json", "recipe.json", "run.log", "loss.png", "hf/config.json"):
         assert (run / f).exists(), f
     m = json.loads((run / "run.json").read_text())
-    assert r.stages[5:7] == ["sft", "dpo"] and [m["stages"][s]["status"] for s in r.stages] == ["done"] * 10
+    assert r.stages[5:7] == ["sft", "dpo"] and [m["stages"][s]["status"] for s in r.stages] == ["done"] * 11
     report = (run / "report.md").read_text()
     assert "bits/byte" in report and "near-duplicate" not in report.split("## Data")[0]
     # the reported number is on test; validation (what settings are chosen on) is given next to it
@@ -114,7 +114,7 @@ def test_tiny_recipe_end_to_end_and_rerun(small_corpus, tmp_path, capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bits_per_byte"] == summary["bits_per_byte"]
     log = (run / "run.log").read_text()
-    assert log.count("unchanged, skipped") == 10
+    assert log.count("unchanged, skipped") == 11
     m1 = json.loads((run / "run.json").read_text())
     assert m1["stages"]["pretrain"]["started"] == m["stages"]["pretrain"]["started"]
     run_recipe(r, run, from_stage="eval", quiet=True)

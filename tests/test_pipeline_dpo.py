@@ -14,7 +14,7 @@ from lmforge.pipeline import load_recipe, run_recipe
 
 from test_pipeline import tiny_sets
 
-AFTER_SFT = ["dpo", "eval", "export", "demo"]
+AFTER_SFT = ["dpo", "eval", "quantize", "export", "demo"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def finished(small_corpus, tmp_path_factory):
 def test_dpo_stage_end_to_end(finished, small_corpus, capsys):
     run, summary, calls = finished
     m = manifest(run)
-    assert list(m["stages"]) == ["fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval", "export",
+    assert list(m["stages"]) == ["fetch", "clean", "tokenizer", "shards", "pretrain", "sft", "dpo", "eval", "quantize", "export",
                                  "demo"]
     assert all(s["status"] == "done" for s in m["stages"].values())
 
@@ -165,7 +165,7 @@ def test_rerun_skips_and_a_changed_dpo_setting_reruns_dpo_and_later_stages(finis
     run = finished[0]  # (after test_dpo_stage_end_to_end, which reads it as it was)
     m0 = manifest(run)
     run_recipe(recipe(small_corpus), run, quiet=True)
-    assert (run / "run.log").read_text().count("unchanged, skipped") == 10
+    assert (run / "run.log").read_text().count("unchanged, skipped") == 11
     assert manifest(run)["stages"] == m0["stages"]
 
     weights = file_sha256(run / "dpo" / "model.safetensors")
