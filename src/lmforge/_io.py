@@ -79,6 +79,18 @@ def read_text_file(path: str | os.PathLike) -> str:
         ) from None
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in a file; invalid JSON, bad UTF-8 or another JSON value is an error naming the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The JSON objects of a JSONL file, blank lines skipped; a line that is not a JSON object is an
     error naming ``file:line``."""

@@ -43,7 +43,6 @@ dict keeps the base keys (``blocks.0.attn.qkv.weight``) and adds ``blocks.0.attn
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -52,6 +51,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .._io import read_json_object
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "lora_parameters", "merge", "unmerge", "merge_and_unload",
            "save_peft", "load_peft", "lora_modules"]
@@ -487,12 +488,7 @@ def load_peft(model, adapter_dir, arch: str | None = None) -> list[str]:
     cpath, wpath = d / CONFIG_FILE, d / WEIGHTS_FILE
     if not cpath.exists():
         raise FileNotFoundError(f"{d}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        conf = json.loads(cpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
-    if not isinstance(conf, dict):
-        raise ValueError(f"{cpath}: expected a JSON object, got {type(conf).__name__}")
+    conf = read_json_object(cpath)
     for k in ("peft_type", "r", "lora_alpha"):
         if k not in conf:
             raise ValueError(f"{cpath}: missing field {k!r} (a PEFT LoRA config has peft_type, r, lora_alpha)")

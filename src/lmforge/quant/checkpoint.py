@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .._io import read_json_object
+
 QUANT_METHOD = "lmforge"
 
 
@@ -79,13 +81,7 @@ def _read_config(directory: Path) -> dict:
         raise FileNotFoundError(f"{directory}: no such model directory")
     if not p.exists():
         raise FileNotFoundError(f"{directory}: no config.json (not a model directory)")
-    try:
-        c = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(c, dict):
-        raise ValueError(f"{p}: expected a JSON object, got {type(c).__name__}")
-    return c
+    return read_json_object(p)
 
 
 def is_quantized(directory) -> bool:
