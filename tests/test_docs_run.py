@@ -182,6 +182,39 @@ NOT_RUN = {
         "as above (tests/test_dpo.py: the LoRA reference)",
     "lmforge chat --checkpoint runs/dpo": "needs the DPO run above; tests/test_dpo.py chats with its output",
     "lmforge run --set dpo.beta=0.2": "the whole pipeline (minutes); tests/test_pipeline_dpo.py runs a tiny one",
+    # docs/quantization.md and README.md's quantization section
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/gptq4 --method gptq --bits 4 --granularity group --group-size 32 --act-order --data runs/default/data':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge generate --checkpoint runs/gptq4 ROMEO. --max-tokens 40':
+        "needs the quantized run above; tests/test_quant_cli.py generates from each method's output",
+    'lmforge export --checkpoint runs/default/dpo --format gguf --type q8_0 --out model-q8_0.gguf':
+        "needs `make demo`'s DPO model; tests/test_gguf_model.py and test_quant_cli.py run the export CLI",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/q8 --method rtn --bits 8 --granularity group --group-size 32':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/gptq4 --method gptq --bits 4 --group-size 32 --granularity group --act-order --data runs/default/data':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge generate --checkpoint runs/q8 ROMEO. --max-tokens 40':
+        "needs the quantized run above; tests/test_quant_cli.py generates from each method's output",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/rtn8 --method rtn --bits 8 --granularity group --group-size 32':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/rtn4 --method rtn --bits 4 --granularity group --group-size 32 --asym':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/fp8 --method fp8 --fp8-format e4m3 --fp8-scale channel':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/int8 --method llm_int8 --threshold 6.0':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/sq --method smoothquant --alpha 0.5 --data runs/default/data':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/gptq --method gptq --bits 4 --granularity group --group-size 32 --act-order --data runs/default/data':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge quantize --checkpoint runs/default/dpo --out runs/awq --method awq --bits 4 --granularity group --group-size 32 --data runs/default/data':
+        "needs `make demo`'s DPO model and shards; tests/test_quant_cli.py runs this route (the same flags) on a tiny model",
+    'lmforge generate --checkpoint runs/gptq ROMEO. --max-tokens 40':
+        "needs the quantized run above; tests/test_quant_cli.py generates from each method's output",
+    'lmforge export --checkpoint runs/default/dpo --format gguf --type q4_0 --out model-q4_0.gguf':
+        "needs `make demo`'s DPO model; tests/test_gguf_model.py runs the export CLI",
+    'lmforge run --from quantize --set quantize.method=gptq --set quantize.bits=4 --set quantize.gguf=q4_0':
+        'the pipeline (minutes); tests/test_pipeline_quant.py runs the stage on a tiny recipe',
 }
 SHELL_VARS = "$h"  # pipeline.md's sweep loops: lines with the loop's shell variables are the loop's, not run
 

@@ -106,3 +106,40 @@ def test_refuses_quantized_input_and_same_dir(ckpt, tmp_path):
         _run("--checkpoint", str(ckpt), "--out", str(ckpt), "-q")
     with pytest.raises(UsageError, match="is a file"):
         _run("--checkpoint", str(ckpt / "config.json"), "--out", str(tmp_path / "y"), "-q")
+
+
+# the routes docs/quantization.md and README.md show, through `lmforge` itself (cli.main), on a tiny model:
+# every method (the calibrated ones reading --data's train split), then generate from and export the result
+DOC_ROUTES = {
+    "rtn8": ["--method", "rtn", "--bits", "8", "--granularity", "group", "--group-size", "32"],
+    "rtn4": ["--method", "rtn", "--bits", "4", "--granularity", "group", "--group-size", "32", "--asym"],
+    "fp8": ["--method", "fp8", "--fp8-format", "e4m3", "--fp8-scale", "channel"],
+    "int8": ["--method", "llm_int8", "--threshold", "6.0"],
+    "sq": ["--method", "smoothquant", "--alpha", "0.5", "--data", None],
+    "gptq": ["--method", "gptq", "--bits", "4", "--granularity", "group", "--group-size", "32", "--act-order",
+             "--data", None],
+    "awq": ["--method", "awq", "--bits", "4", "--granularity", "group", "--group-size", "32", "--data", None],
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOC_ROUTES))
+def test_documented_routes_through_the_command_line(ckpt, tmp_path, name, capsys):
+    import numpy as np
+    from test_quant_calib import write_shards
+
+    from lmforge.cli import main
+    from lmforge.model import load
+
+    _, tok = load(ckpt)
+    data = write_shards(tmp_path / "data", {s: np.random.default_rng(k).integers(0, tok.vocab_size, 9000)
+                                            for k, s in enumerate(("train", "val", "test"))})
+    argv = [str(data) if a is None else a for a in DOC_ROUTES[name]]
+    out = tmp_path / name
+    assert main(["quantize", "--checkpoint", str(ckpt), "--out", str(out), *argv, "--calib-samples", "8",
+                 "--calib-seq-len", "32", "-q"]) == 0
+    assert is_quantized(out)
+    assert main(["generate", "--checkpoint", str(out), "to be", "--max-tokens", "5"]) == 0
+    if name in ("rtn8", "gptq"):  # the GGUF export takes a quantized checkpoint too (dequantized, re-quantized)
+        gguf = tmp_path / f"{name}.gguf"
+        assert main(["export", "--checkpoint", str(out), "--format", "gguf", "--type", "q8_0", "--out", str(gguf)]) == 0
+        assert gguf.stat().st_size > 0
