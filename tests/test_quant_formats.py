@@ -85,8 +85,21 @@ def test_rtn_error_bound_and_code_range(bits, gran, sym):
     if z is not None:
         assert torch.equal(z, z.round()) and int(z.min()) >= qmin and int(z.max()) <= qmax
     deq = fm.dequantize_codes(codes, s, z)
-    step = fm.expand_groups(s, 12, 64)
-    assert torch.all((w - deq).abs() <= step / 2 * (1 + 1e-5) + 1e-7)
+    step = fm.expand_groups(s, 12, 64).abs()
+    err = (w - deq).abs()
+    if sym and bits < 8:  # Q4_0's rule: half a step inside [qmin - 1/2, qmax + 1/2] steps, one step beyond
+        inside = (w / fm.expand_groups(s, 12, 64) <= qmax + 0.5) & (w / fm.expand_groups(s, 12, 64) >= qmin - 0.5)
+        assert torch.all(err[inside] <= step[inside] / 2 * (1 + 1e-5) + 1e-7)
+        assert torch.all(err <= step * (1 + 1e-5) + 1e-7)
+        # the largest-magnitude weight of each group (and every group's sign convention) lands exactly on qmin
+        grp = w.reshape(1, 1, -1) if gran == "tensor" else w.reshape(12, -1, 64 if gran == "channel" else 16)
+        dq = deq.reshape(grp.shape)
+        i = grp.abs().argmax(-1, keepdim=True)
+        assert torch.allclose(dq.gather(-1, i), grp.gather(-1, i), rtol=1e-6, atol=1e-7)
+        cg = codes.reshape(grp.shape).gather(-1, i)
+        assert torch.all((cg == qmin) | (grp.gather(-1, i) == 0))
+    else:
+        assert torch.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
     assert not torch.isnan(deq).any()
     assert torch.all(deq[3] == 0.0)
     # the extremes of each group reach the end codes (the scale is no wider than needed)
@@ -99,9 +112,9 @@ def test_rtn_group_scales_cover_their_columns():
     w[0, :4] = 0.1
     w[0, 4:] = 10.0
     q, s, _ = fm.rtn_quantize(w, 4, "group", 4, True)
-    assert s[0, 0] * 7.5 == pytest.approx(0.1) and s[0, 1] * 7.5 == pytest.approx(10.0)
+    assert s[0, 0] * -8 == pytest.approx(0.1) and s[0, 1] * -8 == pytest.approx(10.0)  # Q4_0's d = max / -8
     err = (fm.dequantize_codes(q, s) - w).abs()
-    assert err[0, :4].max() <= 0.1 / 15 * (1 + 1e-6) and err[0, 4:].max() <= 10.0 / 15 * (1 + 1e-6)
+    assert err[0, :4].max() <= 1e-7 and err[0, 4:].max() <= 1e-6  # each group's largest weight is exact
     assert torch.all(q[1] == 0) and torch.all(fm.dequantize_codes(q, s)[1] == 0)
 
 
@@ -202,3 +215,21 @@ def test_fp8_bad_names():
         fm.fp8_quantize(torch.ones(2, 2), "e3m4")
     with pytest.raises(ValueError, match="fp8_scale: got 'group'"):
         fm.fp8_quantize(torch.ones(2, 2), "e4m3", "group")
+
+
+def test_int4_group32_symmetric_codes_are_q4_0s():
+    """lmforge's 4-bit g32 symmetric codes are llama.cpp's Q4_0 codes (lmforge.quant.gguf's quantizer is
+    byte-exact with ggml's quantize_row_q4_0_ref; tests/test_gguf.py), scales its d before the fp16 rounding."""
+    import numpy as np
+
+    from lmforge.quant import gguf
+
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 2.0, 256)
+    q, s, _ = fm.rtn_quantize(w, 4, "group", 32, True)
+    raw = np.frombuffer(gguf.quantize(w.numpy(), gguf.GGMLType.Q4_0), dtype=np.uint8).reshape(16, 8, 18)
+    d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    nib = raw[..., 2:]
+    ours = q.reshape(16, 8, 32).numpy() + 8
+    theirs = np.concatenate([nib & 15, nib >> 4], axis=-1)  # element j in the low nibble, j + 16 in the high
+    assert np.array_equal(ours, theirs)
+    assert np.allclose(s.numpy(), d, rtol=1e-3)  # fp16
