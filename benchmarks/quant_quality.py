@@ -77,7 +77,11 @@ def variants(quick: bool, second_group: int = 64) -> list[tuple[str, dict]]:
 GGUF_OF = {"rtn int8 g32 sym": "q8_0", "rtn int4 g32 sym": "q4_0"}
 
 
-def final_model(run: Path) -> Path:
+def final_model(run: Path, which: str = "final") -> Path:
+    if which != "final":
+        if not (run / which / "model.safetensors").exists():
+            raise SystemExit(f"{run / which}: no model.safetensors")
+        return run / which
     for name in ("dpo", "sft", "model"):
         if (run / name / "model.safetensors").exists():
             return run / name
@@ -116,6 +120,10 @@ def llama_cpp_decode(path: Path, prompt: list[int], n: int, threads: int) -> flo
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="runs/default", help="a finished pipeline run (default runs/default)")
+    ap.add_argument("--model", default="final", choices=["final", "model", "sft", "dpo"],
+                    help="which of the run's models: final (dpo, else sft, else model: what the pipeline quantizes) "
+                         "or model (the pretrained one: trained on the very text bits/byte scores, so fp32 is its "
+                         "optimum and a quantization error shows as a loss, not as noise)")
     ap.add_argument("--split", default="test", choices=["test", "val"],
                     help="the split bits/byte is reported on (val: to choose settings)")
     ap.add_argument("--quick", action="store_true", help="a subset: one row of each method")
@@ -142,7 +150,7 @@ def main(argv=None) -> int:
     from _report import report, row
 
     run = Path(a.run)
-    src = final_model(run)
+    src = final_model(run, a.model)
     data = run / "data"
     recipe = json.loads((run / "recipe.json").read_text()) if (run / "recipe.json").exists() else {}
     seq_len = (recipe.get("train") or {}).get("seq_len") or None
