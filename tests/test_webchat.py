@@ -8,6 +8,7 @@ message, the key field takes a key and the next send works); a message longer th
 context is an error bubble. Does not check the reply text itself (test_server.py compares
 the API's output with HF ``generate``).
 """
+import dataclasses
 import shutil
 import time
 
@@ -217,7 +218,15 @@ def test_an_error_inside_the_stream_is_shown(browser, model):
             time.sleep(0.25)  # a sampled stop token is likely to end it (at 20/s one sometimes did, in CI)
             return step()
 
+        add = app.state.engine.add_request
+
+        def never_stop(prompt, params=None):  # no sampled stop token can end the reply before the timeout
+            if params is not None:
+                params = dataclasses.replace(params, ignore_eos=True, stop_token_ids=[])
+            return add(prompt, params)
+
         app.state.engine.step = slow_step
+        app.state.engine.add_request = never_stop
         _open(browser, base + "/", "slow")
         text, err = _say(browser, "Hello", "reply-1")
         assert err, text

@@ -86,6 +86,18 @@ class LoopConfig:
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights (this decay per step) and end on it
     ema_start: float = 0.7  # ema: share of the run after which the average is kept
     report_to: str = "none"  # or "tensorboard": also write the metrics as event files under <out>/tensorboard/
+    # parallelism (lmforge.parallel; docs/distributed.md). batch_size is per data-parallel rank.
+    parallel: str = "none"  # none | ddp | fsdp | zero1 | zero2 | zero3 | tp | tp+fsdp
+    nproc: int = 1  # processes on this machine: `lmforge pretrain --nproc N` launches them through torchrun
+    nnodes: int = 1  # machines (torchrun's rendezvous; docs/distributed.md for Slurm)
+    tp_size: int = 0  # tp / tp+fsdp: the tensor-parallel degree (0: tp uses every rank; tp+fsdp needs it)
+    sequence_parallel: bool = False  # tp: norms and dropout on sequence shards (reduce-scatter / all-gather)
+    fsdp_mixed_precision: str = "none"  # fsdp: none | bf16 | fp16 (parameters and compute; gradients reduce in fp32)
+    cpu_offload: bool = False  # fsdp: parameters, gradients and optimizer state on the CPU (CPUOffloadPolicy)
+    dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    dist_timeout: float = 300.0  # seconds a collective or the rendezvous may wait before every rank fails
+    global_batch_size: int = 0  # > 0: batch_size = this / (data-parallel ranks x grad_accum), which must divide it
+    deepspeed: str = ""  # a DeepSpeed JSON config, mapped onto these settings (lmforge.parallel.deepspeed)
 
 
 LOOP_CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "constant"),
