@@ -47,9 +47,14 @@ class DDPStrategy(Strategy):
         from torch.nn.parallel import DistributedDataParallel
 
         moe = getattr(getattr(model, "cfg", None), "moe", None) is not None
+        import inspect
+
         dev = self.device
+        params = inspect.signature(DistributedDataParallel).parameters
+        # no buffer broadcast at each forward (newer torch names it forward_sync_buffers; both keep the sync at init)
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
         return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                       broadcast_buffers=False, find_unused_parameters=moe)
+                                       find_unused_parameters=moe, **sync)
 
     def micro_batch(self, fwd, last: bool):
         if last or not hasattr(fwd, "no_sync"):
