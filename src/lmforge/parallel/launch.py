@@ -4,9 +4,9 @@ Knows the command line torchrun takes (one node: ``--standalone``, a rendezvous 
 several: the static rendezvous at ``--master-addr:--master-port`` with this node's ``--node-rank``
 and a join timeout), how ``lmforge pretrain --nproc N ...`` becomes ``torchrun ... -m lmforge
 pretrain ...`` (the same arguments minus the launch flags), whether this process already runs
-under torchrun (``under_torchrun``), and the job's exit status: the worst rank's (the failure
-summary torchrun prints names each failed rank's ``exitcode``; a rank killed by signal S counts as
-128 + S). A rendezvous that times out (a node that never started, a wrong address) is reported
+under torchrun (``under_torchrun``), and the job's exit status: 0 when every rank succeeded, else
+the status of the rank that failed first (the "root cause" of the failure summary torchrun prints;
+the ranks torchrun then ends are its consequence), a rank killed by signal S counting as 128 + S. A rendezvous that times out (a node that never started, a wrong address) is reported
 naming ``dist_timeout``, the setting that bounds it. Knows nothing of training.
 
 torchrun passes Ctrl-C on to the ranks (they stop together at a step boundary with one checkpoint,
@@ -73,20 +73,25 @@ def torchrun_command(args: list[str], nproc: int, nnodes: int = 1, node_rank: in
     return cmd + ["-m", "lmforge", *args]
 
 
-def _worst(codes: list[int], status: int) -> int:
-    """The job's exit status: the worst rank's (signals as 128 + S), else torchrun's own."""
-    norm = [128 - c if c < 0 else c for c in codes if c != 0]
-    if norm:
-        return max(norm)
-    if status < 0:
-        return 128 - status
-    return status
+def _worst(codes: list[int], status: int, root: int | None = None) -> int:
+    """The job's exit status: the failed rank's that torchrun names the root cause (the first to fail:
+    the others are often only its consequence, ended by torchrun), else the worst of ``codes``, else
+    torchrun's own; a rank killed by signal S counts as 128 + S."""
+    def norm(c):
+        return 128 - c if c < 0 else c
+
+    if root is not None and root != 0:
+        return norm(root)
+    failed = [norm(c) for c in codes if c != 0]
+    if failed:
+        return max(failed)
+    return norm(status)
 
 
 def launch(args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
            master_port: int = 0, rdzv_timeout: float = 300, env: dict | None = None) -> int:
     """Run ``python -m lmforge <args>`` on ``nproc`` ranks here (of ``nnodes`` nodes) through torchrun;
-    return the job's exit status (0 when every rank succeeded, else the worst rank's). Collective
+    return the job's exit status (0 when every rank succeeded, else the first failed rank's). Collective
     over the nodes: every node runs this with its own ``node_rank`` and the same master address and
     port. torchrun's output passes through (stderr is also read for the failure summary)."""
     cmd = torchrun_command(args, nproc, nnodes, node_rank, master_addr, master_port, rdzv_timeout)
@@ -98,14 +103,18 @@ def launch(args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, mas
     e["PYTHONPATH"] = os.pathsep.join(p for p in (src, e.get("PYTHONPATH", "")) if p)  # the same lmforge
     proc = subprocess.Popen(cmd, env=e, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
     codes: list[int] = []
-    rdzv = []
+    rdzv, root = [], []
 
     def pump():
+        in_root = False
         for line in proc.stderr:
             sys.stderr.write(line)
+            in_root = in_root or "Root Cause" in line
             m = _EXITCODE.search(line)
             if m:
                 codes.append(int(m.group(1)))
+                if in_root and not root:
+                    root.append(int(m.group(1)))
             if _RDZV_FAILED.search(line):
                 rdzv.append(line.strip())
         sys.stderr.flush()
@@ -126,7 +135,7 @@ def launch(args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, mas
               f"dist_timeout = {rdzv_timeout:g} s (--set dist_timeout=SECONDS): start every node (the same "
               f"--nnodes, --master-addr and --master-port, each its own --node-rank) within that time",
               file=sys.stderr)
-    worst = _worst(codes, status)
+    worst = _worst(codes, status, root[0] if root else None)
     if interrupted and worst in (0, 1):
         return 130
     return worst
