@@ -215,7 +215,7 @@ def _dtensor_optim_case() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from lmforge.train.optim import AdamW, Muon
+    from lmforge.train.optim import AdamW, Muon, WeightEMA
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -246,7 +246,42 @@ def _dtensor_optim_case() -> dict:
         out[kind] = max((p.detach() - q.detach().full_tensor()).abs().max().item() for p, q in zip(plain, shard))
         out[kind + "_moved"] = max((p.detach() - t).abs().max().item() for p, t in zip(plain, full))
         out[kind + "_placements"] = [str(q.placements) for q in shard]
+        if kind == "adamw":  # the weight average over DTensors (WeightEMA: foreach lerp on the shards)
+            e1, e2 = WeightEMA(plain, 0.5), WeightEMA(shard, 0.5)
+            for _ in range(2):
+                for p, q in zip(plain, shard):
+                    p.data.mul_(1.5)
+                    q.data.mul_(1.5)
+                e1.step()
+                e2.step()
+            e1.copy_to_model()
+            e2.copy_to_model()
+            out["ema"] = max((p.detach() - q.detach().full_tensor()).abs().max().item() for p, q in zip(plain, shard))
+    out.update(_eval_forward(mesh))
     return out
+
+
+def _eval_forward(mesh) -> dict:
+    """A forward without gradients (evaluation) on the sharded model: the same logits as one process, and
+    every parameter a DTensor shard again afterwards (the root's gathered tensors freed)."""
+    from torch.distributed.tensor import DTensor
+
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.fsdp import shard_model
+
+    torch.manual_seed(0)
+    plain = Transformer(tiny_config(tie_embeddings=True))
+    net = Transformer(tiny_config(tie_embeddings=True))
+    net.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    shard_model(net, mesh)
+    net.eval()
+    with torch.no_grad():
+        got = net(x)
+        want = plain(x)
+    return {"eval_logits": (got - want).abs().max().item(),
+            "eval_all_sharded": all(isinstance(p, DTensor) for p in net.parameters()),
+            "eval_tied": net.tok_emb.weight is net.lm_head.weight}
 
 
 def test_muon_and_adamw_on_dtensors_equal_plain_tensors():
@@ -254,10 +289,19 @@ def test_muon_and_adamw_on_dtensors_equal_plain_tensors():
     and keeps its shard: the same update as on plain tensors; AdamW (foreach and fused) likewise."""
     res = run_ranks(2, "test_parallel_fsdp:_dtensor_optim_case", timeout=180)
     for r in res:
+        assert r["ema"] <= 1e-6
+        assert r["eval_logits"] <= 1e-5 and r["eval_all_sharded"] and r["eval_tied"]
         for kind in ("muon", "adamw", "adamw_fused"):
             assert r[kind + "_moved"] > 1e-3  # the optimizer did move the weights
             assert r[kind] <= 1e-6, (kind, r[kind])
             assert "Shard(dim=1)" in r[kind + "_placements"][1]  # the parameter stayed sharded
+
+
+def test_fsdp_on_one_process_equals_no_strategy():
+    """parallel = "fsdp" with WORLD_SIZE=1 (no process group from torchrun): a group of one is made, the
+    model is sharded into one piece, and training is the plain run's."""
+    got = run_ranks(1, "parallel_harness:mini_train", parallel="fsdp", optimizer="muon", grad_clip=CLIP)[0]
+    assert_same_training(mini_train("none", optimizer="muon", grad_clip=CLIP), got)
 
 
 def test_newton_schulz_of_a_shard_is_not_the_shard_of_the_whole():

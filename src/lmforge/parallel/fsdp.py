@@ -24,8 +24,9 @@ Knows the options torch offers and what they mean here:
   run without it (the setting is accepted and has no effect on memory there).
 * ``reshard_after_forward``: True (the default) frees each block's gathered parameters after its
   forward and all-gathers them again for its backward (ZeRO-3's memory); False keeps them from
-  forward to backward (one all-gather fewer per block, ZeRO-2-like memory). The root is never
-  resharded after forward: the head's backward starts at once.
+  forward to backward (one all-gather fewer per block, ZeRO-2-like memory). The root is not
+  resharded after a training forward (the head's backward starts at once; its parameters are
+  freed after the backward), but is after a forward without gradients (evaluation, sampling).
 * Recompute (``train.recompute.apply_recompute``) is applied to the blocks before sharding (the
   trainer does so when it builds the model); the checkpointed forward runs inside the block's
   FSDP unit, so the recompute in backward sees the block's gathered parameters.
@@ -48,7 +49,7 @@ from .base import Strategy
 
 logger = logging.getLogger("lmforge.parallel")
 
-MIXED_PRECISION = {"none": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED_PRECISION = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _mp_dtype(name: str):
@@ -81,7 +82,17 @@ def shard_model(model: torch.nn.Module, mesh=None, mixed_precision: str = "none"
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp,
                     offload_policy=offload)
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
+    model.register_forward_hook(_reshard_after_no_grad_forward)
     return model
+
+
+def _reshard_after_no_grad_forward(module, args, output):
+    """The root keeps its gathered parameters from forward to backward; a forward without gradients
+    (evaluation, sampling) has no backward to free them, and until freed the root's registered parameters
+    are the whole tensors, not its DTensor shards (a checkpoint or state dict taken then would see them):
+    free them now."""
+    if not torch.is_grad_enabled():
+        module.reshard()
 
 
 def data_parallel_mesh(device_type: str):
