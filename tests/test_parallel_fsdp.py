@@ -28,6 +28,11 @@ CASES = {
     # vocab 65: tok_emb and lm_head (65 rows) do not split evenly over 2 ranks (FSDP2 pads dim 0)
     "padded": dict(optimizer="adamw", model={"vocab_size": 65}, memory=True),
     "accum1": dict(optimizer="muon", accum=1, grad_clip=CLIP),
+    # experts' 3-D weights sharded on the expert dimension, Muon orthogonalizing each expert whole (the
+    # load-balancing loss off: it depends on each rank's batch as a whole, so it is not one process's)
+    "moe_muon": dict(optimizer="muon", grad_clip=CLIP, model={"moe.n_experts": 4, "moe.top_k": 2,
+                                                              "moe.d_expert": 16, "moe.aux_loss_coef": 0.0}),
+    "fp16": dict(optimizer="adamw", cfg={"fsdp_mixed_precision": "fp16"}),
 }
 
 _ATTN_CALLS: list = []
@@ -79,7 +84,9 @@ def _train(parallel: str, case: dict) -> dict:
 
 
 def _many(cases: dict) -> dict:
-    return {name: _train("fsdp", case) for name, case in cases.items()}
+    out = {name: _train("fsdp", case) for name, case in cases.items()}
+    out["_dtensor"] = _dtensor_optim_case()  # in the same processes (one start for the whole module)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +108,8 @@ def _ref(refs, name):
     return refs[name]
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon", "adamw_tied", "muon_tied", "accum1", "padded", "offload"])
+@pytest.mark.parametrize("name", ["adamw", "muon", "adamw_tied", "muon_tied", "accum1", "padded", "offload",
+                                  "moe_muon"])
 def test_fsdp_equals_one_process(fsdp_runs, refs, name):
     ref, got = _ref(refs, name), fsdp_runs[0][name]
     assert_same_training(ref, got)
@@ -176,6 +184,13 @@ def test_fsdp_collectives_per_step(fsdp_runs):
     assert b["all_gather_bytes"] * 2 == c["all_gather_bytes"] and b["reduce_scatter_bytes"] == c["reduce_scatter_bytes"]
 
 
+def test_fsdp_fp16_runs_close_to_fp32(fsdp_runs, refs):
+    ref, got = _ref(refs, "fp16"), fsdp_runs[0]["fp16"]
+    for a, b in zip(ref["losses"], got["losses"]):
+        assert 0 < abs(a - b) <= 1e-3 * abs(a), (ref["losses"], got["losses"])
+    assert all(t.dtype == torch.float32 for t in got["state"].values())
+
+
 def _model_numel(model_over: dict) -> list:
     from lmforge.model.transformer import Transformer
 
@@ -218,7 +233,8 @@ def _dtensor_optim_case() -> dict:
     from lmforge.train.optim import AdamW, Muon, WeightEMA
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (2,))
     g = torch.Generator().manual_seed(0)
     # (shape, placement): uneven rows (Shard(0), 13 rows), columns (Shard(1), tensor parallel's row-wise),
@@ -258,7 +274,45 @@ def _dtensor_optim_case() -> dict:
             e2.copy_to_model()
             out["ema"] = max((p.detach() - q.detach().full_tensor()).abs().max().item() for p, q in zip(plain, shard))
     out.update(_eval_forward(mesh))
+    out.update(_kept_after_forward(mesh))
     return out
+
+
+def _kept_after_forward(mesh) -> dict:
+    """``shard_model(reshard_after_forward=False)``: the blocks' parameters stay gathered from forward to
+    backward (3 all-gathers per step, none in backward); training equals the plain model's (both ranks
+    read the same batch here, so the averaged gradient is that batch's)."""
+    import torch.distributed as dist
+
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.fsdp import shard_model
+    from lmforge.train.optim import AdamW
+
+    torch.manual_seed(0)
+    plain = Transformer(tiny_config())
+    net = Transformer(tiny_config())
+    net.load_state_dict(plain.state_dict())
+    shard_model(net, mesh, reshard_after_forward=False)
+    o1, o2 = AdamW(plain.parameters(), lr=1e-2), AdamW(net.parameters(), lr=1e-2)
+    data = torch.randint(0, 64, (2, 4, 9), generator=torch.Generator().manual_seed(5))
+    gathers = [0]
+    saved = dist.all_gather_single
+
+    def count(*a, **kw):
+        gathers[0] += 1
+        return saved(*a, **kw)
+    dist.all_gather_single = count
+    try:
+        for x in data:
+            for m, o in ((plain, o1), (net, o2)):
+                m(x[:, :-1], x[:, 1:])[1].backward()
+                o.step()
+                o.zero_grad()
+    finally:
+        dist.all_gather_single = saved
+    sd = {k: v.full_tensor() for k, v in net.state_dict().items()}
+    return {"kept_err": max((sd[k] - v).abs().max().item() for k, v in plain.state_dict().items()),
+            "kept_gathers": gathers[0]}
 
 
 def _eval_forward(mesh) -> dict:
@@ -284,13 +338,13 @@ def _eval_forward(mesh) -> dict:
             "eval_tied": net.tok_emb.weight is net.lm_head.weight}
 
 
-def test_muon_and_adamw_on_dtensors_equal_plain_tensors():
+def test_muon_and_adamw_on_dtensors_equal_plain_tensors(fsdp_runs):
     """Muon on DTensors sharded on dim 0 (uneven) and dim 1 gathers each matrix, orthogonalizes it whole
     and keeps its shard: the same update as on plain tensors; AdamW (foreach and fused) likewise."""
-    res = run_ranks(2, "test_parallel_fsdp:_dtensor_optim_case", timeout=180)
-    for r in res:
+    for r in (run["_dtensor"] for run in fsdp_runs):
         assert r["ema"] <= 1e-6
         assert r["eval_logits"] <= 1e-5 and r["eval_all_sharded"] and r["eval_tied"]
+        assert r["kept_err"] <= 1e-5 and r["kept_gathers"] == 3 * 2
         for kind in ("muon", "adamw", "adamw_fused"):
             assert r[kind + "_moved"] > 1e-3  # the optimizer did move the weights
             assert r[kind] <= 1e-6, (kind, r[kind])

@@ -218,13 +218,16 @@ class FSDPStrategy(Strategy):
         grads = [p.grad for p in _unique_params(model) if p.requires_grad and p.grad is not None]
         if not grads:
             return 0.0
-        sq = None
+        sharded, plain = None, torch.zeros((), dtype=torch.float32, device=local_tensor(grads[0]).device)
         for g in grads:
             s = g.detach().float().pow(2).sum()  # DTensor: Partial(sum) over the mesh dims it is sharded on
-            sq = s if sq is None else sq + s
-        if hasattr(sq, "full_tensor"):
-            sq = sq.full_tensor()
-        norm = sq.sqrt()
+            if hasattr(s, "full_tensor"):
+                sharded = s if sharded is None else sharded + s
+            else:  # a parameter FSDP does not manage: the same whole tensor on every rank
+                plain = plain + s.to(plain.device)
+        if sharded is not None:
+            plain = plain + sharded.full_tensor().to(plain.device)  # the one all-reduce
+        norm = plain.sqrt()
         if max_norm and max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for g in grads:
