@@ -163,10 +163,11 @@ def fused_row_order(parts: list[int], tp: int) -> torch.Tensor:
 
 # ---- local views of replicated parameters ----
 
-def _local_view(module: nn.Module, names: list[str]) -> None:
-    """For the length of ``module``'s forward, ``module.<name>`` is the local tensor of its DTensor
-    parameter (differentiable: the gradient reaches the DTensor), so the module's math (and lmforge's C
-    kernels) run on plain tensors. Read at each call: FSDP2 swaps the unsharded parameter in before."""
+def _local_view(module: nn.Module, names: list[str], at: nn.Module | None = None) -> None:
+    """For the length of ``at``'s forward (``module``'s by default), ``module.<name>`` is the local
+    tensor of its DTensor parameter (differentiable: the gradient reaches the DTensor), so the module's
+    math (and lmforge's C kernels) run on plain tensors. Read at each call: FSDP2's pre-forward hook
+    (prepended) has swapped the unsharded parameter in by then."""
     from torch.distributed.tensor import DTensor
 
     def pre(mod, args):
@@ -178,8 +179,9 @@ def _local_view(module: nn.Module, names: list[str]) -> None:
         for n in names:
             mod.__dict__.pop(n, None)
 
-    module.register_forward_pre_hook(pre)
-    module.register_forward_hook(post, always_call=True)
+    at = module if at is None else at
+    at.register_forward_pre_hook(lambda m, args: pre(module, args))
+    at.register_forward_hook(lambda m, args, out: post(module, args, out), always_call=True)
 
 
 def _replicate_params(module: nn.Module, mesh, done: dict) -> None:
@@ -262,6 +264,8 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = False):
             names = [fqn]
         if kind == "replicate_partial":
             layout.partial += names
+    if getattr(model, "pos_emb", None) is not None:  # the model reads pos_emb.weight[p:p+T] in its own forward
+        _local_view(model.pos_emb, ["weight"], at=model)
     if model.cfg.tie_embeddings:  # one parameter, as before (the head was replicated through the same map)
         model.lm_head.weight = model.tok_emb.weight
     if sequence_parallel:
