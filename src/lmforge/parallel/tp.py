@@ -600,7 +600,9 @@ def clip_grad_norm(model, max_norm: float) -> float:
         if isinstance(g, DTensor):
             if any(pl.is_partial() for pl in g.placements):
                 g = g.redistribute(placements=[Replicate() if pl.is_partial() else pl for pl in g.placements])
-            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            # sharded on every dimension it is not replicated on (Shard, and FSDP2's _StridedShard under TP,
+            # which is not is_shard())
+            dims = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
             key = (id(g.device_mesh), dims)
             if key not in groups:
                 groups[key] = [g.device_mesh, dims, torch.zeros((), dtype=torch.float64)]
