@@ -470,8 +470,11 @@ def state_bytes(model, strategy: str, world: int, optimizer: str = "adamw", tp: 
         raise ValueError(f"tp {t} does not divide world {world}")
     dp = world // t
     dp_rank = rank // t if strategy == "tp+fsdp" else rank  # (the mesh is (dp, tp), tp varying fastest)
-    hidden, embed, vectors = param_groups(model)
-    muon = {id(p) for _, p in hidden} if optimizer == "muon" else set()
+    muon = set()
+    if optimizer == "muon":  # build_optimizers' grouping (a model without lmforge's facts: every matrix)
+        hidden = param_groups(model)[0] if hasattr(model, "adam_only") else \
+            [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
+        muon = {id(p) for _, p in hidden}
     kinds = _tp_kinds(model) if t > 1 else {}
     E = 4  # fp32
     out = {"params": 0, "grads": 0, "optim": 0}
