@@ -103,8 +103,11 @@ def _group_size(group) -> int:
             return int(size())
         except (TypeError, RuntimeError):
             pass
+    from torch._C._distributed_c10d import ProcessGroup
     from torch.distributed.distributed_c10d import _resolve_process_group
 
+    if isinstance(group, torch.ScriptObject):  # a c10d operator's argument: the group, boxed
+        return ProcessGroup.unbox(group).size()
     return _resolve_process_group(group).size()
 
 
