@@ -142,7 +142,7 @@ RECOMPUTE = {"recompute_full_sp": ("full", dict(grad_clip=0.3, cfg=dict(sequence
 
 def _cases() -> dict:
     """Every comparison's TP side, on this rank (one launch for all)."""
-    out = {name: mini_train("tp", **kw) for name, kw in TRAIN.items()}
+    out = {name: mini_train("tp", memory=True, **kw) for name, kw in TRAIN.items()}
     out.update({name: _with_recompute(pol, **kw) for name, (pol, kw) in RECOMPUTE.items()})
     out["logits"] = _logits("tp")
     out["logits_sp"] = _logits("tp", sequence_parallel=True)
@@ -172,6 +172,22 @@ def test_tp_training_equals_one_process(ranks, name):
     assert_same_training(ref, got)
     if name == "moe_muon":
         assert "blocks.0.mlp.w_in" in got["state"] and "blocks.0.mlp.shared.fc.weight" in got["state"]
+
+
+@pytest.mark.parametrize("name", ["gqa_adamw", "gqa_muon", "moe_muon", "sp_gpt2_adamw"])
+def test_tp_bytes_equal_the_planner(ranks, name):
+    """Per rank, the parameters', gradients' and optimizer states' bytes allocated (after the last backward)
+    equal ``parallel.plan.state_bytes`` for TP on 2 ranks, exactly."""
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.plan import state_bytes
+
+    kw = TRAIN[name]
+    net = Transformer(tiny_config(**kw.get("model", {})))
+    want = state_bytes(net, "tp", 2, optimizer=kw["optimizer"], tp=2)
+    full = state_bytes(net, "none", 1, optimizer=kw["optimizer"])
+    for r in ranks:
+        assert r[name]["memory"] == want, (r[name]["memory"], want)
+    assert want["params"] < full["params"]  # the split is real
 
 
 @pytest.mark.parametrize("name", list(RECOMPUTE))
