@@ -240,3 +240,16 @@ def test_plan_covers_every_parameter():
         assert plan["blocks.0.attn.qkv"] == "colwise_qkv" and plan["blocks.1.attn.proj"] == "rowwise"
     assert check_tp(Transformer(tiny_config(**MOE)), 2)["blocks.0.mlp.shared.fc"] == "colwise_gate_up"
     assert check_tp(Transformer(tiny_config()), 2, sequence_parallel=True)["norm_f"] == "replicate_partial"
+
+
+def _alone() -> dict:
+    """"tp" (with sequence parallel) and "tp+fsdp" on a single process: a mesh of one, the same numbers."""
+    return {"tp": mini_train("tp", grad_clip=0.3, cfg=dict(sequence_parallel=True)),
+            "tp+fsdp": mini_train("tp+fsdp", grad_clip=0.3, optimizer="muon", cfg=dict(tp_size=1))}
+
+
+def test_tp_on_one_process():
+    got = run_ranks(1, "test_parallel_tp:_alone", timeout=200)[0]
+    assert_same_training(mini_train("none", grad_clip=0.3), got["tp"])
+    assert_same_training(mini_train("none", grad_clip=0.3, optimizer="muon"), got["tp+fsdp"])
+    assert got["tp"]["describe"]["mesh"] == {"dp": 1, "tp": 1}

@@ -446,9 +446,13 @@ class TPStrategy(Strategy):
     @property
     def mesh(self):
         if self._mesh is None:
+            import torch.distributed as dist
             from torch.distributed.device_mesh import init_device_mesh
 
             dev = self.device.type
+            if not dist.is_initialized() and self.world_size == 1:  # alone: a group of one (legal, pointless)
+                dist.init_process_group("gloo" if dev == "cpu" else "nccl", store=dist.HashStore(), rank=0,
+                                        world_size=1)
             self._mesh = init_device_mesh(dev, (self.dp_size, self.tp_size), mesh_dim_names=("dp", "tp"))
         return self._mesh
 
