@@ -201,6 +201,26 @@ def _replicate_params(module: nn.Module, mesh, done: dict) -> None:
             _local_view(mod, names)
 
 
+def _rank_rng(module: nn.Module, tp_rank: int) -> None:
+    """Random numbers drawn in ``module``'s forward come from this rank's own stream: a seed drawn from
+    the run's stream (the same on every rank, so the ranks' streams stay in step) plus the rank, in a
+    forked RNG state (the run's state is restored after). For dropout on this rank's heads, or on its
+    sequence shard: one stream for all ranks would drop the same units of every shard (Megatron keeps a
+    separate tensor-parallel RNG for the same reason). The backward reuses the forward's masks; a
+    recomputed forward (``torch.utils.checkpoint`` restores the run's state) draws the same seed."""
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return inner(*args, **kwargs)
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + 7919 * (tp_rank + 1))
+            return inner(*args, **kwargs)
+    module.forward = forward
+
+
 class TPLayout:
     """What ``apply_tp`` did, for the strategy: the mesh, the regrouped rows ({parameter fqn: order})
     and the parameters whose gradients are partial per rank (summed over the group)."""
@@ -286,6 +306,12 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = False):
     for block in model.blocks:
         if hasattr(block.attn, "tp_local_heads"):
             block.attn.tp_local_heads(tp)
+    if model.cfg.dropout > 0:  # dropout on this rank's heads (and under SP its sequence shard): its own stream
+        r = tp_mesh.get_local_rank()
+        for block in model.blocks:
+            _rank_rng(block.attn, r)
+            if sequence_parallel:
+                _rank_rng(block.drop, r)
     model._tp_layout = layout
     return model
 
