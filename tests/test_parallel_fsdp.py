@@ -86,7 +86,25 @@ def _train(parallel: str, case: dict) -> dict:
 def _many(cases: dict) -> dict:
     out = {name: _train("fsdp", case) for name, case in cases.items()}
     out["_dtensor"] = _dtensor_optim_case()  # in the same processes (one start for the whole module)
+    out["_errors"] = _rank_errors()
     return out
+
+
+def _rank_errors() -> list:
+    """The errors ``check`` raises on this rank (of a 2-rank group) for bad settings."""
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel import make_strategy
+    from lmforge.train.loop import LoopConfig
+
+    errs = []
+    for bad in ({"fsdp_mixed_precision": "bf32"}, {"tp_size": 2}):
+        st = make_strategy(LoopConfig(parallel="fsdp", max_steps=1, **bad))
+        try:
+            st.check(Transformer(tiny_config()))
+            errs.append("no error")
+        except ValueError as e:
+            errs.append(str(e))
+    return errs
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +411,12 @@ def test_fsdp_check_names_bad_settings(caplog):
     with caplog.at_level("WARNING", logger="lmforge.parallel"):
         _strategy(fsdp_mixed_precision="bf16").check(net)
     assert "bf16" in caplog.text and "CPU" in caplog.text
+
+
+def test_fsdp_bad_settings_fail_alike_on_every_rank(fsdp_runs):
+    e0, e1 = fsdp_runs[0]["_errors"], fsdp_runs[1]["_errors"]
+    assert e0 == e1
+    assert "fsdp_mixed_precision" in e0[0] and "'bf32'" in e0[0] and "tp_size = 2" in e0[1]
 
 
 def test_shard_model_rejects_a_model_without_blocks():

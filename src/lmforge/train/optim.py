@@ -56,7 +56,11 @@ class Muon(torch.optim.Optimizer):
 
     Matrices of the same shape (the parts of every layer) are orthogonalized together,
     as one batched Newton-Schulz: a few large matrix products instead of hundreds of
-    small ones (on a small CPU model that was most of the optimizer's time)."""
+    small ones (on a small CPU model that was most of the optimizer's time).
+
+    DTensor parameters (FSDP2, tensor parallel): the full-matrix choice (the module's docstring):
+    the momentum stays sharded, the matrix is gathered whole for Newton-Schulz, and each rank
+    applies its own shard of the update. Every rank must step (the gathers are collectives)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, splits: dict | None = None):
