@@ -587,7 +587,9 @@ class _Zero(Strategy):
                         pc = names[id(p)][1]
                         sharded = pc is not None and p is pc.shard
                         sd_state[idx] = {k: (pc.mine(v) if sharded and torch.is_tensor(v) and v.dim()
-                                             and tuple(v.shape) == pc.shape else v) for k, v in st.items()}
+                                             and tuple(v.shape) == pc.shape else
+                                             v.detach().clone() if torch.is_tensor(v) else v)  # never alias
+                                         for k, v in st.items()}
                     ids.append(idx)
                     idx += 1
                 sd_groups.append({**saved, "params": ids})
