@@ -67,9 +67,12 @@ size; every rank materializes the whole model and optimizer state for it (fine a
 flat split is no DTensor placement of the original shapes, so it cannot be saved as pieces and
 still reshard by name).
 
-Limits: every rank must produce the same set of gradients in a backward (a parameter unused on one
-rank but used on another would pair ZeRO-2/3's per-parameter collectives wrongly; lmforge's MoE
-stacks its experts in one tensor, which always gets a gradient); ZeRO-3 parameters are only valid
+Limits: ZeRO-2/3 reduce each gradient when backward produces it, so every rank must produce the same
+set of gradients in a backward (a parameter unused on one rank but used on another would pair the
+per-parameter collectives wrongly; lmforge's MoE stacks its experts in one tensor, which always gets
+a gradient); ZeRO-1 reduces every trained parameter after backward in one order (a rank without a
+gradient sends zeros), so a parameter no rank used gets a zero gradient where one process would
+skip it; ZeRO-3 parameters are only valid
 inside their unit's forward and backward, so read the weights through ``full_state_dict`` (not
 ``model.state_dict()``) and do not move a wrapped model between devices.
 """
@@ -644,13 +647,9 @@ class Zero1Strategy(_ReplicatedParams):
     def _after_last_backward(self) -> None:
         if self._synced:
             return
-        has = torch.tensor([float(pc.param.grad is not None) for pc in self.pieces], device=self.device)
-        has = self.comm.sum_scalar(has)  # a parameter with a gradient on any rank is reduced on all
-        for pc, h in zip(self.pieces, has.tolist()):
-            if not h:
-                continue  # no gradient anywhere: the optimizer skips it, as in one process
+        for pc in self.pieces:  # every rank reduces every parameter, in one order: no rank can wait alone
             g = pc.param.grad
-            buf = pc.pad(g) if g is not None else pc.param.new_zeros(pc.padded)
+            buf = pc.pad(g) if g is not None else pc.param.new_zeros(pc.padded)  # (no gradient here: zeros)
             self.comm.all_reduce_mean(buf)
             pc.param.grad = pc.unpad(buf)  # the full averaged gradient, on every rank
             pc.shard.grad = buf[pc.lo:pc.hi]  # this rank's piece of it (a view)
