@@ -496,32 +496,12 @@ class _Zero(Strategy):
         return out
 
     @torch.no_grad()
-    def _init_state(self, opt) -> None:
-        """Fill an optimizer's empty state as ``get_state_dict`` does (one step with zero gradients at lr 0),
-        so that a checkpoint has every entry to load into."""
-        if opt.state or any(p.grad is not None for g in opt.param_groups for p in g["params"]):
-            return
-        for g in opt.param_groups:
-            for p in g["params"]:
-                if p.requires_grad:
-                    p.grad = torch.zeros_like(p)
-        lrs = [g.get("lr") for g in opt.param_groups]
-        for g in opt.param_groups:
-            if "lr" in g:
-                g["lr"] = 0.0
-        opt.step()
-        for g, lr in zip(opt.param_groups, lrs):
-            if lr is not None:
-                g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
     def dcp_state(self, model, opts: list) -> dict:
         """{"model": {name: full tensor}, "optim": {"state": {name: {key: full tensor | scalar}},
         "param_groups": [{..., "params": [names]}]}}: ``get_state_dict``'s form for the unwrapped model and
-        its optimizers (whole tensors on every rank; collective in ZeRO-3 and for gathered state)."""
-        from ..train.optim import WeightEMA
-
+        its optimizers, merged (whole tensors on every rank; collective in ZeRO-3 and for sharded state).
+        An optimizer without state (before its first step) gives no entries: it is not stepped at lr 0 to
+        make some, as ``get_state_dict`` does, which would count a step (AdamW's bias correction)."""
         model_sd = {}
         for name, t in model.state_dict(keep_vars=True).items():
             pc = self._by_param.get(id(t))
@@ -529,8 +509,6 @@ class _Zero(Strategy):
         names = self._names(model)
         osd = {"state": {}, "param_groups": []}
         for opt in opts:
-            if not isinstance(opt, WeightEMA):
-                self._init_state(opt)
             sd = opt.state_dict()
             flat = [p for g in opt.param_groups for p in g["params"]]
             for i, p in enumerate(flat):
@@ -568,6 +546,12 @@ class _Zero(Strategy):
         if not osd:
             return
         names = self._names(model)
+        if isinstance(osd, (list, tuple)):  # one {"state", "param_groups"} per optimizer: merge them
+            if len(osd) != len(opts):
+                raise ValueError(f"{self.name}: the checkpoint has {len(osd)} optimizer states, the run {len(opts)} "
+                                 "optimizers (another optimizer setting, or ema switched on or off?)")
+            osd = {"state": {k: v for o in osd for k, v in o.get("state", {}).items()},
+                   "param_groups": [g for o in osd for g in o.get("param_groups", [])]}
         groups = list(osd.get("param_groups", []))
         at = 0
         for opt in opts:
@@ -633,8 +617,9 @@ class _ReplicatedParams(_Zero):
             self.comm.all_gather(pc.buf, pc.buf[pc.lo:pc.hi].clone())
 
     def _load_param(self, pc: Piece, src: torch.Tensor) -> None:
-        pc.buf.zero_()
-        pc.buf[:pc.numel] = src.reshape(-1).to(pc.buf.device, pc.buf.dtype)
+        # (``src`` may be the parameter itself: dcp_state hands out the live tensors, which DCP fills in place)
+        pc.buf[:pc.numel].copy_(src.reshape(-1).to(pc.buf.device, pc.buf.dtype))
+        pc.buf[pc.numel:].zero_()
 
 
 class Zero1Strategy(_ReplicatedParams):
