@@ -29,12 +29,13 @@ OPTIMIZERS = ("adamw", "muon")
 
 def train(parallel: str = "none", optimizer: str = "adamw", steps: int = 2, start: int = 0, total: int = 4,
           global_b: int = 8, accum: int = 2, T: int = 16, lr: float = 1e-2, seed: int = 0, load: dict | None = None,
-          save: bool = False, roundtrip: bool = False) -> dict:
+          save: bool = False, roundtrip: bool = False, recompute: str = "none") -> dict:
     """Steps ``start .. start+steps-1`` of a ``total``-step run (the same batches as one run of ``total``
     steps), from ``load`` (``get_state_dict``'s form) when given; returns losses, gradient norms, the
     final full state (rank 0), with ``save`` the checkpoint state, and per-step collective counts.
     ``roundtrip``: before every step, the strategy's own ``dcp_state`` goes straight back into
-    ``load_dcp_state`` (the live tensors, as DCP fills them in place): the run must not change."""
+    ``load_dcp_state`` (the live tensors, as DCP fills them in place): the run must not change.
+    ``recompute``: ``train.recompute.apply_recompute``'s policy, applied before the wrap."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from lmforge.model.transformer import Transformer
@@ -50,6 +51,10 @@ def train(parallel: str = "none", optimizer: str = "adamw", steps: int = 2, star
     mcfg = tiny_config()
     torch.manual_seed(seed)
     net = Transformer(mcfg)
+    if recompute != "none":
+        from lmforge.train.recompute import apply_recompute
+
+        apply_recompute(net, recompute)
     strategy.check(net)
     fwd = strategy.wrap(net)
     opts = strategy.wrap_optimizers(net, build_optimizers(net, optimizer, lr=lr, weight_decay=0.1, muon_lr=lr,
@@ -180,6 +185,14 @@ CASES2 += [
     dict(fn="train", parallel="zero2", optimizer="muon", steps=1, total=1),                          # 11: comm
 ]
 CASES2 += [dict(fn="mini_train", parallel="ddp", optimizer=o, grad_clip=CLIP) for o in OPTIMIZERS]  # 12, 13
+MOE = {"moe.n_experts": 4, "moe.top_k": 2, "moe.d_expert": 16, "moe.aux_loss_coef": 0.0}  # (a balance loss is per rank)
+VARIANTS = {  # other models and wrappers, each equal to one process
+    "moe_muon_zero3": dict(fn="mini_train", parallel="zero3", optimizer="muon", grad_clip=CLIP, model=MOE),
+    "moe_adamw_zero2": dict(fn="mini_train", parallel="zero2", optimizer="adamw", grad_clip=CLIP, model=MOE),
+    "tied_zero3": dict(fn="mini_train", parallel="zero3", optimizer="adamw", grad_clip=CLIP,
+                       model={"tie_embeddings": True}),
+    "recompute_zero3": dict(fn="train", parallel="zero3", optimizer="muon", steps=2, total=2, recompute="full"),
+}
 
 
 
@@ -188,6 +201,7 @@ def two():
     ref_ckpt = train("none", "adamw", steps=2, total=4, save=True)["ckpt"]
     cases = CASES2 + [dict(fn="train", parallel="zero1", optimizer="adamw", start=2, steps=2, total=4,
                            load=ref_ckpt)]                                                            # 14: 1 proc -> 1
+    cases += list(VARIANTS.values())                                                                  # 15...: VARIANTS
     return run_ranks(2, "test_parallel_zero:many", timeout=400, cases=cases)
 
 
@@ -221,6 +235,26 @@ def test_zero_equals_ddp(two, stage, opt):
     assert ddp["describe"]["strategy"] == "ddp"
     got = two[0][CASES2.index(dict(fn="mini_train", parallel=stage, optimizer=opt, grad_clip=CLIP, memory=True, comm=True))]
     assert_same_training(ddp, got)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_zero_variants_equal_one_process(two, variant):
+    """A MoE (stacked experts, a router; Muon on the experts' matrices), tied embeddings (one parameter in two
+    ZeRO-3 units), activation recompute (blocks re-run their forward inside backward): equal to one process."""
+    c = dict(VARIANTS[variant])
+    got = two[0][len(CASES2) + 1 + list(VARIANTS).index(variant)]
+    fn = c.pop("fn")
+    c["parallel"] = "none"
+    if fn == "mini_train":
+        ref = mini_train(**c)
+        assert_same_training(ref, got)
+    else:
+        c.pop("recompute")
+        ref = train(**c)  # without recompute
+        for a, b in zip(ref["losses"], got["losses"]):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (ref["losses"], got["losses"])
+        for k, t in ref["state"].items():
+            assert (got["state"][k] - t).abs().max() <= 1e-5, k
 
 
 def test_zero_really_trains(refs):
