@@ -353,3 +353,35 @@ def test_export_consolidates_a_dist_checkpoint(tmp_path, ddp_ck):
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["architectures"] == ["LlamaForCausalLM"] and (tmp_path / "hf" / "model.safetensors").exists()
     assert sorted(p.name for p in ck.iterdir()) == ["config.json", "dcp", "trainer.json"]  # untouched
+
+
+def test_tied_embeddings_resume_and_consolidate(tmp_path):
+    import lmforge.model as lm
+    from lmforge.parallel.checkpoint import consolidate
+
+    tied = {"tie_embeddings": True}
+    whole = ck_train("none", save_at=2, run_dir=str(tmp_path / "run"), model=tied, tokenizer=True)
+    got = ck_train("none", resume=str(_ck(tmp_path / "run")), model=tied)
+    assert_restored(whole, got)
+    assert_resumed(whole, got, 2, tol=0.0)
+    out = consolidate(_ck(tmp_path / "run"), tmp_path / "model")
+    model, tok = lm.load(out)
+    assert model.lm_head.weight is model.tok_emb.weight and tok is not None
+    assert torch.equal(model.tok_emb.weight, whole["at_save"]["model.tok_emb.weight"])
+
+
+def test_bad_paths(tmp_path):
+    from lmforge.parallel.checkpoint import consolidate, is_dist_checkpoint, load_dist_checkpoint
+
+    ck_train("none", steps=2, save_at=2, run_dir=str(tmp_path / "run"))
+    ck = _ck(tmp_path / "run")
+    with pytest.raises(ValueError, match="not a distributed checkpoint"):
+        consolidate(tmp_path, tmp_path / "out")
+    (ck / "trainer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no trainer.json"):
+        ck_train("none", resume=str(ck), load_only=True)
+    assert is_dist_checkpoint(ck) and not is_dist_checkpoint(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "trainer.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither a distributed checkpoint"):
+        load_dist_checkpoint(tmp_path / "empty", None, None, [])

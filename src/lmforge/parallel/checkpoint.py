@@ -520,6 +520,8 @@ def save_dist_checkpoint(run_dir, strategy, model, opts: list, state: dict, toke
         old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
         for p in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(".tmp-step-*"):  # what an earlier save that died left
+            shutil.rmtree(p, ignore_errors=True)
     strategy.barrier()
     return final
 
