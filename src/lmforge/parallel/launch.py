@@ -173,6 +173,12 @@ def maybe_launch(a, cfg) -> int | None:
     """For a subcommand handler: when ``--nproc`` / ``--nnodes`` (or the config's ``nproc`` / ``nnodes``) ask
     for more than one process and this process is not already a rank, run the job under torchrun and
     return its exit status; else None (this process trains)."""
+    from .._config import UsageError
+
+    for k in ("nproc", "nnodes"):
+        v = getattr(a, k, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{k}: expected a positive integer, got {v}")
     if under_torchrun():
         return None
     nproc = a.nproc if getattr(a, "nproc", None) is not None else cfg.nproc
@@ -181,6 +187,11 @@ def maybe_launch(a, cfg) -> int | None:
         return None
     argv = getattr(a, "_argv", None)
     if argv is None:
-        raise ValueError("--nproc: the command line to launch is unknown (call lmforge.cli.main)")
+        raise UsageError("--nproc: the command line to launch is unknown (call lmforge.cli.main)")
+    try:  # the launch's own settings, checked before anything starts
+        torchrun_command([], nproc, nnodes, a.node_rank, a.master_addr, a.master_port, cfg.dist_timeout)
+    except ValueError as e:
+        raise UsageError(str(e).replace("master_port:", "--master-port:").replace("node_rank:", "--node-rank:")) \
+            from None
     return relaunch(argv, cfg, nproc, nnodes, a.node_rank, a.master_addr, a.master_port)
 
