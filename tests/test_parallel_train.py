@@ -1,7 +1,8 @@
 """Pre-training on 2 DDP ranks (gloo, this CPU) through ``lmforge.train.trainer.train``: equal to one
 process on the same global batch (the losses in metrics.jsonl and the saved model, 1e-5), with
-gradient accumulation and clipping, AdamW and Muon; global_batch_size; settings refused alike on every
-rank. The loader's sharding and resume across world sizes: tests/test_parallel_core.py."""
+gradient accumulation and clipping, AdamW and Muon (global_batch_size and settings refused alike on
+every rank: tests/test_parallel_train_settings.py; the loader's sharding and resume across world
+sizes: tests/test_parallel_core.py)."""
 import json
 from pathlib import Path
 
@@ -81,38 +82,3 @@ def test_ddp_pretrain_equals_one_process(text_file, tmp_path, optimizer):
     # rank 0 alone samples (every 2 steps) and writes the files
     assert [r["step"] for r in metrics(tmp_path / "ddp") if "sample" in r] == [2]
     assert (tmp_path / "ddp" / "loss.png").exists() and (tmp_path / "ddp" / "config.json").exists()
-
-
-def test_global_batch_size_sets_the_per_rank_batch(text_file, tmp_path):
-    """global_batch_size 16 = 2 ranks x grad_accum 2 x batch 4: the same run as batch 8 on one process
-    with grad_accum 2; one that does not divide is refused, naming both settings, on every rank."""
-    got = run_ranks(2, "test_parallel_train:train_rank",
-                    cfg=base_cfg(text_file, tmp_path / "g", parallel="ddp", batch_size=999, global_batch_size=16,
-                                 max_steps=2, sample_every=0))
-    tc = json.loads((tmp_path / "g" / "train_config.json").read_text())["train"]
-    assert tc["batch_size"] == 4 and tc["global_batch_size"] == 16 and got[1]["step"] == 2
-    with pytest.raises(AssertionError, match=r"global_batch_size = 10 is not a multiple .*grad_accum"):
-        run_ranks(2, "test_parallel_train:train_rank",
-                  cfg=base_cfg(text_file, tmp_path / "bad", parallel="ddp", global_batch_size=10))
-
-
-def bad_rank(cfg: dict) -> str:
-    """The error this rank raises for ``cfg`` (every rank must raise it, none may hang)."""
-    try:
-        train_rank(cfg)
-    except ValueError as e:
-        return str(e)
-    return "no error"
-
-
-def test_bad_settings_fail_alike_on_every_rank(text_file, tmp_path):
-    from lmforge.train import TrainConfig, train
-
-    with pytest.raises(ValueError, match="parallel: unknown strategy 'dpp'"):
-        train(TrainConfig(**base_cfg(text_file, tmp_path / "u", parallel="dpp")), quiet=True)
-    errs = run_ranks(2, "test_parallel_train:bad_rank", timeout=120,
-                     cfg=base_cfg(text_file, tmp_path / "n", parallel="none"))
-    assert all("parallel = 'none' but this process is one of WORLD_SIZE=2" in e for e in errs), errs
-    errs = run_ranks(2, "test_parallel_train:bad_rank", timeout=120,
-                     cfg=base_cfg(text_file, tmp_path / "t", parallel="ddp", tp_size=2))
-    assert all("tp_size = 2" in e for e in errs), errs
