@@ -107,10 +107,13 @@ def global_batches(steps: int, accum: int, global_b: int, T: int, vocab: int, se
 
 def mini_train(parallel: str = "none", steps: int = 3, global_b: int = 8, accum: int = 2, T: int = 16,
                optimizer: str = "adamw", grad_clip: float = 1.0, lr: float = 1e-2, model: dict | None = None,
-               cfg: dict | None = None, seed: int = 0, memory: bool = False) -> dict:
+               cfg: dict | None = None, seed: int = 0, memory: bool = False, comm: bool = False) -> dict:
     """Train the tiny model ``steps`` steps under ``parallel`` on this rank; returns {"losses", "gnorms",
     "state" (rank 0: the full final state dict, else None), "describe", and with ``memory`` the
-    strategy's ``memory_bytes`` after the last backward}."""
+    strategy's ``memory_bytes`` after the last backward}. With ``comm``, "comm" holds what the last step's
+    collectives moved on this rank (``lmforge.parallel.comm``): {"summary", "small" (the bookkeeping
+    collectives of at most comm.SMALL elements), "calls" [(kind, numel, group size)], "ddp_buckets" (the
+    elements a DDP communication hook saw, when the wrapped model is a DDP module)}."""
     from lmforge.model.transformer import Transformer
     from lmforge.parallel import make_strategy
     from lmforge.train.loop import LoopConfig
@@ -134,8 +137,17 @@ def mini_train(parallel: str = "none", steps: int = 3, global_b: int = 8, accum:
     opts = strategy.wrap_optimizers(net, build_optimizers(net, optimizer, lr=lr, weight_decay=0.1, muon_lr=lr,
                                                           fused=False))
     data = global_batches(steps, accum, global_b, T, mcfg.vocab_size, seed)
-    losses, gnorms, mem = [], [], None
+    losses, gnorms, mem, counter, comm_out = [], [], None, None, None
+    if comm:
+        from lmforge.parallel.comm import CommCounter, install_ddp_hook
+
+        counter = CommCounter()
+        if isinstance(fwd, torch.nn.parallel.DistributedDataParallel):
+            install_ddp_hook(fwd, counter)
     for s in range(steps):
+        if counter is not None and s == steps - 1:
+            counter.reset()
+            counter.__enter__()
         micro = data[s, :, dp_rank * B:(dp_rank + 1) * B]
         N = strategy.all_sum([micro[:, :, 1:].numel()])[0]
         loss_sum = 0.0
@@ -152,8 +164,16 @@ def mini_train(parallel: str = "none", steps: int = 3, global_b: int = 8, accum:
             mem = strategy.memory_bytes(net, opts)
         strategy.step(opts)
         strategy.zero_grad(opts)
-    return {"losses": losses, "gnorms": gnorms, "state": strategy.full_state_dict(net),
-            "describe": strategy.describe(), "memory": mem}
+        if counter is not None and s == steps - 1:
+            counter.__exit__(None, None, None)
+            comm_out = {"summary": counter.summary(), "small": counter.summary(small=True),
+                        "calls": [(c.kind, c.numel, c.group_size) for c in counter.calls],
+                        "ddp_buckets": list(counter.hook_buckets)}
+    out = {"losses": losses, "gnorms": gnorms, "state": strategy.full_state_dict(net),
+           "describe": strategy.describe(), "memory": mem}
+    if comm:
+        out["comm"] = comm_out
+    return out
 
 
 def assert_same_training(ref: dict, got: dict, atol: float = 1e-5) -> None:

@@ -153,6 +153,7 @@ def _stages():
     from .evaluate import _cli as evaluate
     from .infer import _cli as infer
     from .model import _cli as model
+    from .parallel import _cli as parallel
     from .pipeline import _cli as pipeline
     from .quant import _cli as quant
     from .tokenize import _cli as tokenize
@@ -160,7 +161,7 @@ def _stages():
 
     return (data.add_parser, tokenize.add_parser, model.add_parser, train.add_parser, align.add_parser,
             align.add_dpo_parser, evaluate.add_parser,
-            quant.add_parser, model.add_export_parser, infer.add_parser, pipeline.add_parser)
+            quant.add_parser, model.add_export_parser, infer.add_parser, parallel.add_parser, pipeline.add_parser)
 
 
 def main(argv: list[str] | None = None) -> int:
