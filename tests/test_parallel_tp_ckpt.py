@@ -32,12 +32,25 @@ def two(tmp_path_factory):
             dict(parallel="tp", save_at=2, run_dir=str(d / "tp_muon"), optimizer="muon", ema_start=None),  # 6
             dict(parallel="tp", resume=str(d / "tp_muon" / "checkpoints" / "step-0000002"), optimizer="muon",
                  ema_start=None)]  # 7
-    ranks = run_ranks(2, "test_parallel_ckpt:sequence", runs=runs, timeout=300)
+    ck_tp = str(d / "tp" / "checkpoints" / "step-0000002")
+    runs += [dict(parallel="tp+fsdp", save_at=2, run_dir=str(d / "tpfsdp")),  # 8: a (1, 2) mesh
+             dict(parallel="ddp", resume=str(d / "tpfsdp" / "checkpoints" / "step-0000002")),  # 9
+             dict(parallel="tp+fsdp", resume=ck_tp)]  # 10
+    ranks = run_ranks(2, "test_parallel_tp_ckpt:sequence", runs=runs, timeout=300)
     r = ranks[0]
     for i, kw in enumerate(runs):
-        if kw["parallel"] == "tp":
+        if kw["parallel"] in ("tp", "tp+fsdp"):
             _ema_in_model_order(r[i])
     return {"dir": d, "one": one, "one_muon": one_muon, "single": single, "r": r}
+
+
+def sequence(runs: list[dict], tp_size: int = 2) -> list:
+    """``test_parallel_ckpt.sequence`` with ``tp_size`` for "tp+fsdp" (``ck_train`` sets no tp_size)."""
+    from lmforge.parallel.tp import TPFSDPStrategy
+    from test_parallel_ckpt import sequence as seq
+
+    TPFSDPStrategy._tp_size = lambda self: tp_size
+    return seq(runs)
 
 
 def _ema_in_model_order(res: dict) -> None:
@@ -112,3 +125,13 @@ def test_tp_checkpoint_consolidates_to_the_model(two, tmp_path):
     at = two["r"][0]["at_save"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, at[f"model.{k}"]), k
+
+
+def test_tp_fsdp_checkpoints_cross_strategies(two):
+    """TP + FSDP2 (a (1, 2) mesh) saves the model's order too: DDP resumes it; it resumes a TP checkpoint."""
+    r = two["r"]
+    assert_resumed(two["one"], r[8], 0, tol=1e-5)  # the run itself equals one process
+    assert_restored(r[8]["at_save"], r[9]["loaded"])
+    assert_resumed(r[8], r[9], 2, tol=1e-5)
+    assert_restored(r[0]["at_save"], r[10]["loaded"])
+    assert_resumed(r[0], r[10], 2, tol=1e-5)
