@@ -509,6 +509,7 @@ class _InterruptGuard:
                 raise KeyboardInterrupt
         return False
 
+
 def _rng_state() -> tuple:
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), random.getstate(), cuda
