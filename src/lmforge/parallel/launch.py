@@ -6,8 +6,9 @@ and a join timeout), how ``lmforge pretrain --nproc N ...`` becomes ``torchrun .
 pretrain ...`` (the same arguments minus the launch flags), whether this process already runs
 under torchrun (``under_torchrun``), and the job's exit status: 0 when every rank succeeded, else
 the status of the rank that failed first (the "root cause" of the failure summary torchrun prints;
-the ranks torchrun then ends are its consequence), a rank killed by signal S counting as 128 + S. A rendezvous that times out (a node that never started, a wrong address) is reported
-naming ``dist_timeout``, the setting that bounds it. Knows nothing of training.
+the ranks torchrun then ends are its consequence), a rank killed by signal S counting as 128 + S.
+A rendezvous that times out (a node that never started, a wrong address) is reported naming
+``dist_timeout``, the setting that bounds it. Knows nothing of training.
 
 torchrun passes Ctrl-C on to the ranks (they stop together at a step boundary with one checkpoint,
 ``train.loop``) and, when one rank dies, ends the others (SIGTERM, then SIGKILL after its
