@@ -361,7 +361,8 @@ class DPOStage:
     def _batches(self, ex, seed: int = 0, shuffle: bool = False, kl: bool = False):
         # (the global batch size: training cuts it into the ranks' shares; evaluation reads it all on each rank)
         return self.dapi.PrefBatches(ex, self.cfg.batch_size * self.world, mode=self.cfg.packing,
-                                     pad_id=self.pad_id, seed=seed, shuffle=shuffle, device=str(self.device), kl=kl, seq_len=self.cfg.seq_len)
+                                     pad_id=self.pad_id, seed=seed, shuffle=shuffle, device=str(self.device), kl=kl,
+                                     seq_len=self.cfg.seq_len)
 
     def _read_rows(self, model, tok) -> list[dict]:
         cfg = self.cfg
