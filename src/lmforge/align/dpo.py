@@ -27,6 +27,11 @@ same micro-batch, so its reference cannot be precomputed per example: KTO with `
 ORPO's NLL is TRL's: the token mean over the chosen sequences' every token after the first, prompt
 included, read from the same forward as the completion log-probs (``_Tap``); CPO's and DPO's ``sft``
 NLL cover the completion only, as TRL's.
+
+On N data-parallel ranks each rank trains on its share of every global batch (``align.sft.RankShare``:
+the pairs of one global batch cut into disjoint shares), which equals one process on the same global
+batch, except KTO's KL term, whose mismatched pairs are drawn within each rank's share. The reference
+log-probs are computed on every rank alike; rank 0 writes ``ref_logps.json``.
 """
 from __future__ import annotations
 
