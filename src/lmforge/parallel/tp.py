@@ -348,19 +348,22 @@ def to_model_order(obj, row_order: dict, shapes: dict, path: str = ""):
 
 
 def from_model_order(obj, row_order: dict, params: dict, path: str = ""):
-    """The inverse of ``to_model_order``: full model-order tensors regrouped and distributed like their
-    parameter (each rank keeps its slice; no communication)."""
+    """The inverse of ``to_model_order``, for a state filled from a checkpoint: the tensors of regrouped
+    parameters (and their optimizer states) hold the model's row order, whether ``to_model_order``'s
+    whole tensors or DTensors the checkpoint's loader created like the parameter and filled by global
+    index (their global content is then the model's order too); each is regrouped and distributed like
+    its parameter. Collective where it meets such a DTensor (``full_tensor``): every rank calls it alike."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(obj, dict):
         return {k: from_model_order(v, row_order, params, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [from_model_order(v, row_order, params, f"{path}.{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, torch.Tensor) and not isinstance(obj, DTensor):
+    if isinstance(obj, torch.Tensor):
         fqn = _match(path, row_order)
         if fqn is not None and tuple(obj.shape) == tuple(params[fqn].shape):
             p = params[fqn]
-            x = obj[row_order[fqn]].to(p.dtype)
+            x = _full(obj)[row_order[fqn]].to(obj.dtype)
             return distribute_tensor(x, p.device_mesh, p.placements, src_data_rank=None) \
                 if isinstance(p, DTensor) else x
     return obj
