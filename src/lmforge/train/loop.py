@@ -624,22 +624,27 @@ def _run(cfg, stage, strategy, dist_run, main, say, *, on_step, quiet, resume_hi
     ck_model = _checkpointable(model)
     # cfg.parallel != "none": the distributed checkpoints (lmforge.parallel.checkpoint), which load at any
     # world size; "none": the single-process format, unchanged
-    pc = _dist_checkpoints() if cfg.parallel != "none" else None
+    dcp_mod = _dist_checkpoints()  # reads a distributed checkpoint whatever this run's strategy
+    pc = dcp_mod if cfg.parallel != "none" else None
     step, tokens, trained, elapsed = 0, 0, 0, 0.0
     resumed = None  # what this run restored, measured on the live objects (metrics.jsonl, final.json)
     bounds = {"max_steps": cfg.max_steps, "max_tokens": cfg.max_tokens, "max_time": cfg.max_time}
     remap = None  # (p0, q0) when a resumed run's bounds changed (below)
     if resume_ck is not None:
-        if pc is not None and pc.is_dist_checkpoint(resume_ck):
-            st = pc.load_dist_checkpoint(resume_ck, strategy, model, saved)
+        from_dcp = dcp_mod is not None and dcp_mod.is_dist_checkpoint(resume_ck)
+        if from_dcp:
+            st = dcp_mod.load_dist_checkpoint(resume_ck, strategy, model, saved)
         else:
             st = load_checkpoint(resume_ck, ck_model, saved)
         step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
         trained = st.get("trained_tokens", 0)
         stage.load_state_dict(st["loader"])
         pos = stage.state_dict()
+        # (a distributed run's summary is collective: the same digest whatever the world size holding it)
+        summary = dcp_mod.state_summary(strategy, model, saved) if (pc is not None or from_dcp) else \
+            state_summary(saved)
         resumed = {"event": "resumed", "step": step, "checkpoint": resume_ck.relative_to(out).as_posix(),
-                   "tokens": tokens, "loader_step": pos.get("step"), "optimizer_state": state_summary(saved),
+                   "tokens": tokens, "loader_step": pos.get("step"), "optimizer_state": summary,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if dist_run:
             resumed["world_size"] = strategy.world_size
