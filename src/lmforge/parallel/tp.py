@@ -596,6 +596,17 @@ class TPFSDPStrategy(TPStrategy):
                              "(the mesh is (world / tp_size, tp_size))")
         return tp
 
+    @contextlib.contextmanager
+    def micro_batch(self, fwd, last: bool):
+        """As FSDP2 alone (``parallel.fsdp``): the reduce-scatter over the data-parallel ranks runs only in
+        the last micro-batch's backward (earlier ones accumulate unsharded gradients); then the partial
+        gradients are summed over the tensor-parallel group."""
+        if hasattr(fwd, "set_requires_gradient_sync"):
+            fwd.set_requires_gradient_sync(last)
+        yield
+        if last:
+            self._sum_partial_grads(fwd)
+
     def wrap(self, model):
         super().wrap(model)
         try:
