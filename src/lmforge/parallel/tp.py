@@ -137,6 +137,12 @@ def check_tp(model, tp: int, sequence_parallel: bool = False) -> dict[str, str]:
             if n is not None and n % tp:
                 raise ValueError(f"tensor parallel: {setting}={n} is not divisible by tp_size={tp} (each rank "
                                  "computes whole heads): choose a tp_size that divides the heads")
+        for name, m in block.mlp.named_modules():  # the split MLPs' hidden units (the block's, a shared expert's)
+            hidden = getattr(m, "hidden", None)
+            if hidden is not None and hasattr(m, "tp_plan") and hidden % tp:
+                what = "d_ff" if not name else "the shared expert's hidden size (moe.n_shared x moe.d_shared)"
+                raise ValueError(f"tensor parallel: {what}={hidden} is not divisible by tp_size={tp} (each rank "
+                                 "computes d_ff / tp_size hidden units)")
     plan = tp_plan_of(model, sequence_parallel)
     mods = dict(model.named_modules())
     for fqn, kind in plan.items():
