@@ -166,6 +166,7 @@ def _stages():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # a usage error exits with status 2 here (and --help with 0)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # (--nproc N re-runs this command under torchrun)
     from ._config import UsageError
 
     try:

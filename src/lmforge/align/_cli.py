@@ -2,14 +2,16 @@
 
 Knows how the --config file, the flags and --set become one checked ``SFTConfig`` (``_sft_config``)
 or ``DPOConfig`` (``_dpo_config``) and hands it to ``align.sft.sft`` / ``align.dpo.dpo``; prints
-final.json as JSON. Knows nothing of the training itself, nor of the other stages' subcommands
+final.json as JSON; ``--nproc N`` re-runs the command under torchrun (``parallel.launch``). Knows nothing of the training itself, nor of the other stages' subcommands
 (``lmforge dpo pairs`` is ``align.pairs``' own ``add_parser``, attached under ``dpo`` when present).
 """
 from __future__ import annotations
 
 import json
+import os
 
 from .._cli_common import _settings
+from ..parallel.launch import add_launch_flags, maybe_launch
 
 
 def cmd_sft(a) -> int:
@@ -17,8 +19,12 @@ def cmd_sft(a) -> int:
 
     with _settings():
         cfg = _sft_config(a)
+    rc = maybe_launch(a, cfg)  # --nproc N (not yet under torchrun): the job's exit status
+    if rc is not None:
+        return rc
     final = sft(cfg, quiet=a.quiet)
-    print(json.dumps(final))
+    if os.environ.get("RANK", "0") == "0":  # (under torchrun: rank 0 prints the result)
+        print(json.dumps(final))
     return 0
 
 
@@ -107,6 +113,7 @@ def add_parser(sub) -> None:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--quiet", "-q", action="store_true")
+    add_launch_flags(p)
     p.set_defaults(fn=cmd_sft)
 
 
@@ -117,8 +124,12 @@ def cmd_dpo(a) -> int:
 
     with _settings():
         cfg = _dpo_config(a)
+    rc = maybe_launch(a, cfg)  # --nproc N (not yet under torchrun): the job's exit status
+    if rc is not None:
+        return rc
     final = dpo(cfg, quiet=a.quiet)
-    print(json.dumps(final))
+    if os.environ.get("RANK", "0") == "0":  # (under torchrun: rank 0 prints the result)
+        print(json.dumps(final))
     return 0
 
 
@@ -228,6 +239,7 @@ def add_dpo_parser(sub) -> None:
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--quiet", "-q", action="store_true")
+    add_launch_flags(p)
     p.set_defaults(fn=cmd_dpo)
     try:
         from .pairs import add_pairs_parser  # `lmforge dpo pairs ...` (align.pairs' own subcommand; light import)

@@ -248,10 +248,12 @@ class DPOStage:
 
     name = "dpo"
 
-    def __init__(self, cfg: DPOConfig, device: torch.device | str = "cpu", *, model=None, ref_model=None):
-        from .sft import chat_spec, check_base_fits, load_base
+    def __init__(self, cfg: DPOConfig, device: torch.device | str = "cpu", *, model=None, ref_model=None,
+                 strategy=None):
+        from .sft import RankShare, chat_spec, check_base_fits, load_base, rank_place
 
         self.cfg, self.device = cfg, torch.device(device)
+        rank, self.world, self.is_main = rank_place(strategy)
         self.lcfg = loss_config(cfg)
         self.lapi, self.dapi = _loss_api(), _data_api()
         self.method = cfg.method
@@ -346,7 +348,10 @@ class DPOStage:
             for p in ref_model.parameters():
                 p.requires_grad_(False)
             self.ref_model = ref_model
+        # N ranks: the source plans global batches (batch_size x ranks) and each rank builds its share
         self.batches = self._batches(self.train_ex, seed=cfg.seed, shuffle=cfg.shuffle, kl=unpaired and cfg.kto_kl)
+        if self.world > 1:
+            self.batches = RankShare(self.batches, rank, self.world)
         self.micro_batches = 0
         self._acc: dict[str, list[float]] = {}  # the metrics since the last log line: name -> [sum, count]
         self.quiet = False
@@ -354,7 +359,8 @@ class DPOStage:
 
     # ---- data ----
     def _batches(self, ex, seed: int = 0, shuffle: bool = False, kl: bool = False):
-        return self.dapi.PrefBatches(ex, self.cfg.batch_size, mode=self.cfg.packing, pad_id=self.pad_id, seed=seed,
+        # (the global batch size: training cuts it into the ranks' shares; evaluation reads it all on each rank)
+        return self.dapi.PrefBatches(ex, self.cfg.batch_size * self.world, mode=self.cfg.packing, pad_id=self.pad_id, seed=seed,
                                      shuffle=shuffle, device=str(self.device), kl=kl, seq_len=self.cfg.seq_len)
 
     def _read_rows(self, model, tok) -> list[dict]:
@@ -466,8 +472,9 @@ class DPOStage:
             finally:
                 self.model.train(was)
         self.ref_model = None
-        write_json(path, {"reference": who, "fingerprint": key,
-                          **{k: [[e.ref_chosen, e.ref_rejected] for e in ex] for k, ex in sets.items()}})
+        if self.is_main:  # (every rank computed the same: one writes)
+            write_json(path, {"reference": who, "fingerprint": key,
+                              **{k: [[e.ref_chosen, e.ref_rejected] for e in ex] for k, ex in sets.items()}})
         self.ref_seconds = time.perf_counter() - t0
 
     # ---- the loss ----
@@ -532,6 +539,8 @@ class DPOStage:
 
     def loss(self, fwd, batch) -> torch.Tensor:
         per, metrics = self._pair_loss(fwd, batch)
+        if "share_weight" in batch.inputs:  # an empty share's stand-in (align.sft.RankShare): no loss, no metrics
+            return per.sum() * batch.inputs["share_weight"]
         self._accumulate(self._acc, metrics)
         return per.sum()
 
@@ -737,13 +746,23 @@ def dpo(cfg: DPOConfig, *, on_step=None, quiet: bool = False, resume_hint: str |
     loop.existing_run(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = loop.pick_device(cfg.device)
+    from ..parallel import make_strategy
+
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    stage = DPOStage(cfg, device, model=model, ref_model=ref_model)
-    stage.started, stage.quiet = started, quiet
+    strategy = make_strategy(cfg)  # (one process: "none"; under torchrun: joins the group)
+    try:
+        if strategy.name == "none":
+            strategy.check(None)
+        cfg = loop.per_rank_batch(cfg, strategy)
+        device = strategy.device if strategy.world_size > 1 else loop.pick_device(cfg.device)
+        stage = DPOStage(cfg, device, model=model, ref_model=ref_model, strategy=strategy)
+    except BaseException:
+        strategy.close()
+        raise
+    stage.started, stage.quiet = started, quiet or not strategy.is_main
     record = {"dpo": asdict(cfg), "model": stage.model.cfg.to_dict()}
     return loop.run(cfg, stage, on_step=on_step, quiet=quiet, resume_hint=resume_hint, config_record=record,
-                    command=resume_command(cfg))
+                    command=resume_command(cfg), strategy=strategy)
 
 
 class _CallableModule(type(json)):

@@ -246,17 +246,78 @@ def _load_conversations(sources, cfg, what: str):
         raise ValueError(f"{what}: {e}") from None
 
 
+class RankShare:
+    """One data-parallel rank's share of a batch source that plans whole batches (``SFTBatches``,
+    ``PrefBatches``: ``_plan`` / ``epoch`` / ``cursor`` / ``build``). The source is made at the global
+    batch size (``batch_size`` x ranks); each global batch's rows (SFT) or examples (DPO) are cut into
+    ``world`` contiguous shares, the first ones one row longer when they do not divide, and this rank
+    builds its own: the ranks' shares are disjoint and together the one-process batch, and the state
+    (the source's, whose ``batch_size`` is the global one) resumes on any world size of the same global
+    batch. A rank whose share of a last, short batch is empty gets a stand-in (the batch's first row)
+    with ``n = tokens = trained = 0`` and ``inputs["share_weight"] = 0``: it still runs the forward and
+    backward a data-parallel step needs on every rank, and the stage's loss multiplies it by 0."""
+
+    def __init__(self, source, rank: int, world: int):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world})")
+        self.source, self.rank, self.world = source, rank, world
+
+    def share(self, items: list) -> list:
+        k, w = len(items), self.world
+        lo = self.rank * (k // w) + min(self.rank, k % w)
+        return items[lo:lo + k // w + (1 if self.rank < k % w else 0)]
+
+    def next(self):
+        import dataclasses
+
+        src = self.source
+        if src._plan_epoch != src.epoch:
+            src._plan, src._plan_epoch = src._make_plan(src.epoch), src.epoch
+        items = src._plan[src.cursor]
+        src.cursor += 1
+        if src.cursor >= len(src._plan):
+            src.epoch, src.cursor = src.epoch + 1, 0
+        mine = self.share(list(items))
+        if mine:
+            return src.build(mine)
+        b = src.build(list(items[:1]))
+        return dataclasses.replace(b, inputs={**b.inputs, "share_weight": 0.0}, n=0, tokens=0, trained=0)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.source.load_state_dict(d)
+
+    def __getattr__(self, name):  # order(), plan(), ...: the source's (the global batches)
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
+def rank_place(strategy) -> tuple[int, int, bool]:
+    """(dp_rank, dp_size, is_main) of ``strategy`` (None: one process)."""
+    if strategy is None:
+        return 0, 1, True
+    return strategy.dp_rank, strategy.dp_size, strategy.is_main
+
+
 class SFTStage:
     """The loop's Stage for SFT (``lmforge.train.loop.Stage``): conversations in, the assistant's tokens
     trained. Built from an ``SFTConfig``; everything is read and checked here, before step 1."""
 
     name = "sft"
 
-    def __init__(self, cfg: SFTConfig, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: SFTConfig, device: torch.device | str = "cpu", strategy=None):
         from .data import split_validation
         from .packing import SFTBatches, encode
 
         self.cfg, self.device = cfg, torch.device(device)
+        rank, world, _ = rank_place(strategy)
+        self.world = world
         model, tok, spec = load_base(cfg.base)
         mc = model.cfg
         check_base_fits(cfg, mc)
@@ -301,8 +362,12 @@ class SFTStage:
 
             self._neftune = add_neftune(self.model, cfg.neftune_alpha)
         self.pad_id = self.tokens.pad if self.tokens.pad is not None else 0  # (masked: its value is never seen)
-        self.batches = SFTBatches(self.train_ex, cfg.batch_size, cfg.seq_len, mode=cfg.packing, pad_id=self.pad_id,
-                                  seed=cfg.seed, norm=cfg.loss_norm, device=str(self.device), shuffle=cfg.shuffle)
+        # N ranks: the source plans global batches (batch_size x ranks) and each rank builds its share
+        self.batches = SFTBatches(self.train_ex, cfg.batch_size * world, cfg.seq_len, mode=cfg.packing,
+                                  pad_id=self.pad_id, seed=cfg.seed, norm=cfg.loss_norm, device=str(self.device),
+                                  shuffle=cfg.shuffle)
+        if world > 1:
+            self.batches = RankShare(self.batches, rank, world)
         self.micro_batches = 0  # consumed, for the epoch count (restored with the batch source)
         self.quiet = False  # (sft(quiet=True): the start's summary at debug level)
 
@@ -327,7 +392,8 @@ class SFTStage:
     def loss(self, fwd, batch) -> torch.Tensor:
         from .packing import sft_loss
 
-        return sft_loss(fwd, batch, self.cfg.loss_norm)
+        loss = sft_loss(fwd, batch, self.cfg.loss_norm)
+        return loss * batch.inputs["share_weight"] if "share_weight" in batch.inputs else loss
 
     def has_split(self, split: str) -> bool:
         return bool({"val": self.val_ex, "test": self.test_ex}.get(split))
@@ -342,8 +408,8 @@ class SFTStage:
         if not ex:  # (val_frac = 0: the loop still asks for the final validation loss)
             return {"loss": float("nan")}
         cfg = self.cfg
-        src = SFTBatches(ex, cfg.batch_size, cfg.seq_len, mode=cfg.packing, pad_id=self.pad_id, seed=cfg.seed,
-                         norm=cfg.loss_norm, device=str(self.device))
+        src = SFTBatches(ex, cfg.batch_size * self.world, cfg.seq_len, mode=cfg.packing, pad_id=self.pad_id,
+                         seed=cfg.seed, norm=cfg.loss_norm, device=str(self.device))  # (every rank: all of them)
         k = len(src) if not max_batches else min(max_batches, len(src))
         was = self.model.training
         self.model.eval()
@@ -452,18 +518,28 @@ def sft(cfg: SFTConfig, *, on_step=None, quiet: bool = False, resume_hint: str |
     add ``<out>/adapter/`` (PEFT format), ``export_hf`` adds ``<out>/hf/``."""
     from ..train import loop
 
+    from ..parallel import make_strategy
+
     started = time.perf_counter()
     check_config(cfg)
     cfg = replace(cfg, lr=resolved_lr(cfg))  # the rate the run uses, recorded in train_config.json
     loop.existing_run(cfg)  # a directory holding a run without --resume: refused before any work
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = loop.pick_device(cfg.device)
-    stage = SFTStage(cfg, device)
-    stage.started, stage.quiet = started, quiet
+    strategy = make_strategy(cfg)  # (one process: "none"; under torchrun: joins the group)
+    try:
+        if strategy.name == "none":
+            strategy.check(None)
+        cfg = loop.per_rank_batch(cfg, strategy)
+        device = strategy.device if strategy.world_size > 1 else loop.pick_device(cfg.device)
+        stage = SFTStage(cfg, device, strategy=strategy)
+    except BaseException:
+        strategy.close()
+        raise
+    stage.started, stage.quiet = started, quiet or not strategy.is_main
     record = {"sft": asdict(cfg), "model": stage.model.cfg.to_dict()}
     return loop.run(cfg, stage, on_step=on_step, quiet=quiet, resume_hint=resume_hint, config_record=record,
-                    command=resume_command(cfg))
+                    command=resume_command(cfg), strategy=strategy)
 
 
 class _CallableModule(type(json)):

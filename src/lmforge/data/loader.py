@@ -6,7 +6,9 @@ nothing about models (batches are numpy arrays; ``Batch.torch()`` moves them).
 Every row has a *global row index*; a batch for step ``s`` on rank ``r`` of
 ``world_size`` is the rows ``[(s * world_size + r) * B, ... + B)``, so ranks
 never overlap and never leave gaps, and the state is just the step number:
-``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch.
+``state_dict()`` / ``load_state_dict()`` resume at exactly the next batch, on
+any number of ranks that reads the same global rows per step
+(``world_size * B``; ``check_global_rows``).
 
 Two ways to cut rows (``T + 1`` tokens; ``x`` = the first ``T``, ``y`` = the last ``T``):
 
@@ -108,6 +110,19 @@ class TokenStream:
         return self.doc_starts, ends - self.doc_starts
 
 
+def check_global_rows(state: dict, batch_size: int, world_size: int) -> None:
+    """A loader state saved at ``world_size`` W x ``batch_size`` B rows per step loads into a loader of
+    ``batch_size`` B' on W' ranks only when W * B == W' * B'; a ValueError naming both otherwise."""
+    B = int(state.get("batch_size", batch_size))
+    W = int(state.get("world_size", 1 if "batch_size" in state else world_size))
+    if B * W != batch_size * world_size:
+        raise ValueError(f"loader state was saved with world_size={W} x batch_size={B} = {W * B} rows per step, "
+                         f"this run reads world_size={world_size} x batch_size={batch_size} = "
+                         f"{world_size * batch_size}: a resume needs the same global rows per step (set "
+                         f"batch_size = {W * B} / (data-parallel ranks), or global_batch_size = "
+                         f"{W * B} x grad_accum)")
+
+
 class ShardLoader:
     """Deterministic, resumable, rank-sharded batches from one shard directory."""
 
@@ -140,11 +155,14 @@ class ShardLoader:
                 "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "mode", "batch_size", "seq_len", "world_size"):
-            mine = {"seed": self.seed, "mode": self.mode, "batch_size": self.B, "seq_len": self.T,
-                    "world_size": self.world_size}[k]
+        """Resume at the state's step. The state may come from another world size: a loader saved by
+        ``world_size`` W ranks of ``batch_size`` B resumes on W' ranks of B' when W * B == W' * B' (the
+        same global rows per step, so step s covers the same rows); anything else is refused."""
+        for k in ("seed", "mode", "seq_len"):
+            mine = {"seed": self.seed, "mode": self.mode, "seq_len": self.T}[k]
             if k in state and state[k] != mine:
                 raise ValueError(f"loader state has {k}={state[k]!r} but this loader has {mine!r}")
+        check_global_rows(state, self.B, self.world_size)
         self.step = int(state["step"])
 
     # ---- rows ----
@@ -294,9 +312,19 @@ class MixtureLoader:
         self.cursors = [0] * len(loaders)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "cursors": list(self.cursors), "seed": self.seed}
+        return {"step": self.step, "cursors": list(self.cursors), "seed": self.seed, "batch_size": self.B,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """As ``ShardLoader.load_state_dict``: a state from W ranks of B rows resumes on W' ranks of B'
+        when W * B == W' * B' (each step draws the same global rows; the cursors count global rows)."""
+        if "seed" in state and state["seed"] != self.seed:
+            raise ValueError(f"mixture loader state has seed={state['seed']!r} but this loader has {self.seed!r}")
+        if len(state["cursors"]) != len(self.loaders):
+            raise ValueError(f"mixture loader state has {len(state['cursors'])} sources, this loader "
+                             f"{len(self.loaders)}")
+        if "batch_size" in state:
+            check_global_rows(state, self.B, self.world_size)
         self.step = int(state["step"])
         self.cursors = [int(c) for c in state["cursors"]]
 

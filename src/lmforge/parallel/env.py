@@ -3,7 +3,9 @@
 Knows how a process learns its place (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` / ``MASTER_PORT``, as torchrun sets them), how it joins the
 group (gloo on CPU, nccl on CUDA, with ``dist_timeout``), and how it leaves. A process with no
-such environment is rank 0 of 1 and joins nothing. Knows nothing of models or strategies.
+such environment is rank 0 of 1 and joins nothing. A rank that cannot meet the others within
+``dist_timeout`` seconds raises ``RendezvousError`` naming that setting (never a silent hang). On CUDA
+each rank takes the device of its ``LOCAL_RANK``. Knows nothing of models or strategies.
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+
+class RendezvousError(RuntimeError):
+    """The ranks did not all meet within ``dist_timeout`` (a node not started, a wrong address)."""
 
 
 @dataclass
@@ -67,8 +73,18 @@ def init_distributed(cfg) -> DistEnv:
         torch.cuda.set_device(dev)
     backend = cfg.dist_backend if cfg.dist_backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        if cfg.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout: must be > 0 seconds, got {cfg.dist_timeout}")
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        except (RuntimeError, TimeoutError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise RendezvousError(
+                f"rank {rank} of {world} could not join the process group at {where} within dist_timeout = "
+                f"{cfg.dist_timeout:g} s (--set dist_timeout=SECONDS): is every node started, and is "
+                f"MASTER_ADDR reachable from here? ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from e
     return DistEnv(rank, world, local_rank, local_world, backend if world > 1 or dist.is_initialized() else "", dev)
 
 

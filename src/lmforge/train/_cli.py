@@ -2,22 +2,29 @@
 
 Knows how the --config file, the flags and --set become one checked
 ``TrainConfig`` (``_pretrain_config``) and hands it to ``train``; knows nothing of
-the training loop itself, nor of the other stages' subcommands.
+the training loop itself, nor of the other stages' subcommands. ``--nproc N`` (``parallel.launch``)
+re-runs the same command under torchrun.
 """
 from __future__ import annotations
 
 import json
+import os
 
 from .._cli_common import _settings
 
 
 def cmd_pretrain(a) -> int:
+    from ..parallel.launch import maybe_launch
     from . import train
 
     with _settings():
         cfg = _pretrain_config(a)
+    rc = maybe_launch(a, cfg)  # --nproc N (not yet under torchrun): the job's exit status
+    if rc is not None:
+        return rc
     final = train(cfg, quiet=a.quiet)
-    print(json.dumps(final))
+    if os.environ.get("RANK", "0") == "0":  # (under torchrun: rank 0 prints the result)
+        print(json.dumps(final))
     return 0
 
 
@@ -92,4 +99,7 @@ def add_parser(sub) -> None:
                     help="write a checkpoint every N steps (default 0: at the end and on Ctrl-C only)")
     pt.add_argument("--device", default=None, help="auto (the default: CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     pt.add_argument("--quiet", "-q", action="store_true")
+    from ..parallel.launch import add_launch_flags
+
+    add_launch_flags(pt)
     pt.set_defaults(fn=cmd_pretrain)

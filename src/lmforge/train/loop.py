@@ -8,7 +8,10 @@ in metrics.jsonl, ``resumed_from_step`` / ``steps_this_run`` in final.json), Ctr
 and the command that continues), the NaN stop, the final validation and test evaluations,
 final.json, metrics.jsonl, TensorBoard, the progress bar and loss.png. Knows nothing of what the
 model computes, where batches come from or what the loss is: a ``Stage`` hands it those (its
-model, optimizers, batches, loss, evaluation, artifacts). It runs in one process on one device.
+model, optimizers, batches, loss, evaluation, artifacts), nor how the ranks of a distributed run
+share the work: a ``lmforge.parallel`` strategy wraps the model and its optimizers, sums across
+ranks, clips and steps (``parallel.base`` states the step it follows); one process is the
+strategy "none".
 
 ``LoopConfig`` holds the knobs every stage shares; a stage's config (``TrainConfig``,
 ``SFTConfig``) is a dataclass that extends it. ``BaseStage`` gives the optional parts of the
@@ -104,6 +107,12 @@ LOOP_CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd", "c
                 "dtype": ("auto", "fp32", "bf16", "fp16"), "report_to": ("none", "tensorboard")}
 
 
+def _strategy_names() -> tuple:
+    from ..parallel import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
 def check_loop_config(cfg: LoopConfig) -> None:
     """The generic settings, checked before any work: a bound, the choice strings, the weight
     average's range, positive sizes, no negative counts or periods. A stage's own check calls it
@@ -124,11 +133,36 @@ def check_loop_config(cfg: LoopConfig) -> None:
     for k in ("batch_size", "seq_len", "grad_accum", "log_every"):
         if getattr(cfg, k) < 1:
             raise ValueError(f"{k}: must be a positive integer, got {getattr(cfg, k)}")
-    for k in ("max_steps", "max_tokens", "max_time", "warmup_steps", "eval_every", "eval_batches",
+    if cfg.parallel not in _strategy_names():
+        raise ValueError(f"parallel: unknown strategy {cfg.parallel!r}; expected one of {', '.join(_strategy_names())}")
+    for k in ("nproc", "nnodes"):
+        if getattr(cfg, k) < 1:
+            raise ValueError(f"{k}: must be a positive integer, got {getattr(cfg, k)}")
+    if cfg.dist_timeout <= 0:
+        raise ValueError(f"dist_timeout: must be > 0 seconds, got {cfg.dist_timeout}")
+    for k in ("max_steps", "max_tokens", "max_time", "warmup_steps", "global_batch_size", "tp_size",
+              "eval_every", "eval_batches",
               "final_eval_batches", "sample_every", "checkpoint_every", "threads", "grad_clip", "peak_flops"):
         if getattr(cfg, k) < 0:
             raise ValueError(f"{k}: must be >= 0 (0: {'off' if k.endswith('_every') else 'none / the default'}), "
                              f"got {getattr(cfg, k)}")
+
+
+def per_rank_batch(cfg, strategy):
+    """``cfg`` with ``batch_size`` per data-parallel rank: ``global_batch_size`` (> 0) / (dp_size x
+    grad_accum), which must divide it (a ValueError naming both settings); with ``global_batch_size = 0``
+    ``cfg`` itself (its batch_size is already per rank). A copy: the caller's config is not changed."""
+    import dataclasses
+
+    g = cfg.global_batch_size
+    if not g:
+        return cfg
+    per = strategy.dp_size * cfg.grad_accum
+    if g % per:
+        raise ValueError(f"global_batch_size = {g} is not a multiple of the {strategy.dp_size} data-parallel rank(s) "
+                         f"x grad_accum = {cfg.grad_accum} (= {per}): each rank's micro-batch must be whole; choose a "
+                         f"global_batch_size divisible by {per}, or another grad_accum")
+    return dataclasses.replace(cfg, batch_size=g // per)
 
 
 @dataclass
@@ -434,10 +468,16 @@ class _InterruptGuard:
     not at all, so a checkpoint written on Ctrl-C always describes a step boundary. One handler for
     the whole run (installed by ``install``, removed by ``remove``): outside ``with guard:`` it raises
     KeyboardInterrupt at once, as Python's own does; inside, the KeyboardInterrupt comes when the block
-    ends. Outside the main thread, or where another SIGINT handler is installed, it does nothing."""
+    ends. Outside the main thread, or where another SIGINT handler is installed, it does nothing.
 
-    def __init__(self):
-        self.holding, self.hit, self.old = False, False, None
+    ``defer=True`` (a run on several ranks): the handler never raises, it only records the Ctrl-C
+    (``hit``); the loop sums that flag over the ranks with the step's loss, so every rank learns of a
+    Ctrl-C on any of them at the same step and they stop together, at the end of that step, with one
+    collective checkpoint (a KeyboardInterrupt raised at different points on different ranks would
+    leave one rank waiting in a collective the others never join)."""
+
+    def __init__(self, defer: bool = False):
+        self.holding, self.hit, self.old, self.defer = False, False, None, defer
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread() and \
@@ -450,6 +490,9 @@ class _InterruptGuard:
             self.old = None
 
     def _handle(self, signum, frame):
+        if self.defer:
+            self.hit = True
+            return
         if not self.holding:
             raise KeyboardInterrupt
         self.hit = True
@@ -460,12 +503,11 @@ class _InterruptGuard:
 
     def __exit__(self, *exc):
         self.holding = False
-        if self.hit:
+        if self.hit and not self.defer:
             self.hit = False
             if exc[0] is None:
                 raise KeyboardInterrupt
         return False
-
 
 def _rng_state() -> tuple:
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -501,45 +543,88 @@ def _evaluate(stage, split: str, max_batches: int) -> dict:
 
 # ---- the loop ----
 
+def _dist_checkpoints():
+    """``lmforge.parallel.checkpoint`` (the distributed checkpoints), or None where it is not there."""
+    try:
+        from ..parallel import checkpoint as pc
+    except ImportError:
+        return None
+    return pc if hasattr(pc, "save_dist_checkpoint") else None
+
+
 def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, resume_hint: str | None = None,
-        config_record: dict | None = None, command: str | None = None) -> dict:
+        config_record: dict | None = None, command: str | None = None, strategy=None) -> dict:
     """Run (or resume, with ``cfg.resume``) ``stage``'s training in ``cfg.out``; returns final.json's dict.
 
-    ``on_step(step, rec)`` sees each metrics line; ``config_record`` is written as
+    ``on_step(step, rec)`` sees each metrics line (on every rank); ``config_record`` is written as
     ``<out>/train_config.json`` (default ``{"train": asdict(cfg)}``); ``command`` is the command that
-    continues the run, shown on Ctrl-C (``resume_hint`` replaces the whole hint)."""
+    continues the run, shown on Ctrl-C (``resume_hint`` replaces the whole hint). ``strategy``: the
+    ``lmforge.parallel`` strategy of this process (None: ``make_strategy(cfg)``, which joins the process
+    group torchrun describes); the stage's batch source must already read this rank's share
+    (``strategy.dp_rank`` of ``strategy.dp_size``).
+
+    On N ranks: every rank runs this function alike. Rank 0 alone writes metrics.jsonl,
+    train_config.json, final.json, loss.png, TensorBoard, the progress bar and the log lines, and calls
+    ``stage.finish``; every rank evaluates (the same batches); only rank 0 samples, and not at all when
+    the strategy shards the parameters. Everything that decides the control flow is the same on every
+    rank: the step's normalizer, tokens and loss are summed over the ranks, the time bound is rank 0's
+    clock, a Ctrl-C on any rank is agreed on with the step's loss (``_InterruptGuard(defer=True)``)."""
+    check_loop_config(cfg)
+    if strategy is None:
+        from ..parallel import make_strategy
+
+        strategy = make_strategy(cfg)
+    dist_run = strategy.world_size > 1
+    main = strategy.is_main
+    say = logger.debug if (quiet or not main) else logger.info
+    quiet = quiet or not main  # (the progress bar: rank 0's)
+    try:
+        return _run(cfg, stage, strategy, dist_run, main, say, on_step=on_step, quiet=quiet,
+                    resume_hint=resume_hint, config_record=config_record, command=command)
+    finally:
+        if dist_run:
+            strategy.close()
+
+
+def _run(cfg, stage, strategy, dist_run, main, say, *, on_step, quiet, resume_hint, config_record, command):
     from .._progress import bar as tqdm
 
-    check_loop_config(cfg)
     t_start = getattr(stage, "started", None) or time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = strategy.device if dist_run else pick_device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()
     resume_ck = existing_run(cfg)
     model = stage.model
     if not cfg.compile:
         skip_dynamo_import()
-    opts = list(stage.optimizers(cfg))
+    strategy.check(model)  # the same ValueError on every rank, before any collective
+    stage.start(resume_ck is not None)  # (before the wrap: a bigram initialization writes whole tensors)
+    fwd = strategy.wrap(model)  # the optimizers are built over the wrapped model's parameters
+    opts = list(strategy.wrap_optimizers(model, list(stage.optimizers(cfg))))
     if not opts:
         raise ValueError(f"stage {stage.name!r}: optimizers() returned no optimizer")
     for opt in opts:
         for g in opt.param_groups:
             g.setdefault("base_lr", g["lr"])
-    trained_params = [p for p in model.parameters() if p.requires_grad]
-    ema = WeightEMA(trained_params, cfg.ema) if cfg.ema else None
+    ema = WeightEMA(strategy.ema_params(model), cfg.ema) if cfg.ema else None
     saved = opts + [ema] if ema is not None else opts  # what a checkpoint holds besides the model
     ck_model = _checkpointable(model)
-    stage.start(resume_ck is not None)
+    # cfg.parallel != "none": the distributed checkpoints (lmforge.parallel.checkpoint), which load at any
+    # world size; "none": the single-process format, unchanged
+    pc = _dist_checkpoints() if cfg.parallel != "none" else None
     step, tokens, trained, elapsed = 0, 0, 0, 0.0
     resumed = None  # what this run restored, measured on the live objects (metrics.jsonl, final.json)
     bounds = {"max_steps": cfg.max_steps, "max_tokens": cfg.max_tokens, "max_time": cfg.max_time}
     remap = None  # (p0, q0) when a resumed run's bounds changed (below)
     if resume_ck is not None:
-        st = load_checkpoint(resume_ck, ck_model, saved)
+        if pc is not None and pc.is_dist_checkpoint(resume_ck):
+            st = pc.load_dist_checkpoint(resume_ck, strategy, model, saved)
+        else:
+            st = load_checkpoint(resume_ck, ck_model, saved)
         step, tokens, elapsed = st["step"], st["tokens"], st["elapsed"]
         trained = st.get("trained_tokens", 0)
         stage.load_state_dict(st["loader"])
@@ -547,6 +632,8 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
         resumed = {"event": "resumed", "step": step, "checkpoint": resume_ck.relative_to(out).as_posix(),
                    "tokens": tokens, "loader_step": pos.get("step"), "optimizer_state": state_summary(saved),
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if dist_run:
+            resumed["world_size"] = strategy.world_size
         if trained:
             resumed["trained_tokens"] = trained
         # A resumed run whose bounds changed (e.g. a larger --max-time) continues its schedule from where
@@ -559,22 +646,26 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
             remap = (p0, q0)
             resumed["schedule"] = {"progress_at_checkpoint": round(p0, 6), "share_of_new_bounds": round(q0, 6)}
         n = sum(o["params_with_state"] for o in resumed["optimizer_state"])
-        (logger.debug if quiet else logger.info)(
-            f"resuming from {resume_ck}: step {step}, loader at batch {pos.get('step', '?')}, optimizer state of "
+        say(f"resuming from {resume_ck}: step {step}, loader at batch {pos.get('step', '?')}, optimizer state of "
             f"{n} parameters restored")
     start_step = step
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
-    if resumed is not None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(resumed) + "\n")
-    write_json(out / "train_config.json", config_record if config_record is not None else {"train": asdict(cfg)},
-               indent=1)
-    fwd = torch.compile(model) if cfg.compile else model
+    if main:
+        _truncate_metrics(metrics_path, step)
+        if resumed is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(resumed) + "\n")
+        write_json(out / "train_config.json", config_record if config_record is not None else {"train": asdict(cfg)},
+                   indent=1)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     autocast = autocast_for(device, cfg.dtype)
     flops_tok = stage.flops_per_token()
-    peak = cfg.peak_flops or (measure_peak_flops(device) if flops_tok is not None else None)
+    peak = cfg.peak_flops or (measure_peak_flops(device) if flops_tok is not None and main else None)
     has_val = stage.has_split("val")  # (a stage without one: no validation lines, val_loss null in final.json)
+    sync_time = dist_run and bool(cfg.max_time)  # the time bound is rank 0's clock: no rank steps alone
+
+    def agreed(seconds: float) -> float:
+        return strategy.broadcast([seconds])[0] if sync_time else seconds
 
     def progress() -> float:
         q = bound_progress(bounds, step, tokens, elapsed)
@@ -584,29 +675,42 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
         return p0 + (1 - p0) * (q - q0) / (1 - q0)
 
     def log(rec: dict):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
-    def checkpoint(position: dict | None = None):
+    def checkpoint(position: dict | None = None):  # collective on N ranks
         state = {"step": step, "tokens": tokens, "elapsed": elapsed,
                  "loader": stage.state_dict() if position is None else position, "config": asdict(cfg)}
         if trained:
             state["trained_tokens"] = trained
-        save_checkpoint(out, ck_model, saved, state, tokenizer=stage.tokenizer, keep=cfg.keep_checkpoints,
-                        tokens=stage.tokens)
+        if pc is not None:
+            pc.save_dist_checkpoint(out, strategy, model, saved, state, tokenizer=stage.tokenizer,
+                                    tokens=stage.tokens, keep=cfg.keep_checkpoints)
+            return
+        if dist_run and strategy.shards_params:
+            raise RuntimeError(f"parallel = {cfg.parallel!r} shards the parameters: its checkpoints need "
+                               "lmforge.parallel.checkpoint, which this installation lacks")
+        # one process, or (without parallel.checkpoint) ranks that all hold the same full state: rank 0
+        # writes the single-process format, the others wait for it
+        if main:
+            save_checkpoint(out, ck_model, saved, state, tokenizer=stage.tokenizer, keep=cfg.keep_checkpoints,
+                            tokens=stage.tokens)
+        strategy.barrier()
 
     # the bar counts steps when steps bound the run, else percent of the bound that ends it first (with an ETA)
     by_steps = bool(cfg.max_steps) and not (cfg.max_tokens or cfg.max_time)
     bar = tqdm(total=cfg.max_steps if by_steps else 100, initial=step if by_steps else 0, desc=stage.name,
                disable=quiet, file=sys.stderr, dynamic_ncols=True,
                bar_format=None if by_steps else "{desc}: {n:.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
-    tb = _TensorBoard(out, step) if cfg.report_to == "tensorboard" else None
+    tb = _TensorBoard(out, step) if cfg.report_to == "tensorboard" and main else None
     model.train()
     last_loss = float("nan")
     t_window, tok_window = time.perf_counter(), 0
     before = None  # (batch source state, RNG) at the start of the step in progress; None between steps
     pending = None  # the step's metrics line until it is written
-    guard = _InterruptGuard()
+    guard = _InterruptGuard(defer=dist_run)
+    stop_agreed = False  # N ranks: a Ctrl-C every rank learnt of at the same step
     guard.install()
     try:
         while progress() < 1.0:
@@ -621,43 +725,50 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
                 if not isinstance(b, Batch):
                     raise TypeError(f"stage {stage.name!r}: next_batch() returned {type(b).__name__}; expected "
                                     "lmforge.train.loop.Batch")
-            N = sum(b.n for b in batches)
+            # the global normalizer, tokens and trained tokens of the step (summed over the ranks' shares)
+            sums = strategy.all_sum([sum(b.n for b in batches), sum(b.tokens for b in batches),
+                                     sum(b.trained for b in batches)])
+            N, step_tokens, step_trained = sums[0], int(round(sums[1])), int(round(sums[2]))
+            if N == int(N):
+                N = int(N)
             if N <= 0:
                 raise ValueError(f"stage {stage.name!r}: step {step + 1}: its {cfg.grad_accum} micro-batch(es) have "
                                  f"n = {[b.n for b in batches]}; expected a positive total (the loss normalizer: "
                                  "units that carry loss)")
+            scale = strategy.grad_scale if dist_run else 1.0
             loss_sum = 0.0
-            for b in batches:
-                if autocast:
-                    with autocast():
+            for i, b in enumerate(batches):
+                with strategy.micro_batch(fwd, last=i == len(batches) - 1):
+                    if autocast:
+                        with autocast():
+                            loss = stage.loss(fwd, b)
+                    else:
                         loss = stage.loss(fwd, b)
-                else:
-                    loss = stage.loss(fwd, b)
-                if loss.dim() != 0:
-                    raise ValueError(f"stage {stage.name!r}: loss() returned shape {tuple(loss.shape)}; expected a "
-                                     "scalar (the SUM of the loss over the batch's n units)")
-                (loss / N).backward()
+                    if loss.dim() != 0:
+                        raise ValueError(f"stage {stage.name!r}: loss() returned shape {tuple(loss.shape)}; expected "
+                                         "a scalar (the SUM of the loss over the batch's n units)")
+                    (loss * scale / N if dist_run else loss / N).backward()
                 loss_sum += loss.item()
+            if dist_run:  # one all-reduce: the loss and whether any rank saw a Ctrl-C
+                loss_sum, votes = strategy.all_sum([loss_sum, 1.0 if guard.hit else 0.0])
+                stop_agreed = votes > 0
             loss_val = loss_sum / N
-            if not math.isfinite(loss_val):
+            if not math.isfinite(loss_val):  # (the summed loss: every rank raises alike)
                 raise NaNLossError(f"loss became {loss_val} at step {step + 1}; stopped without writing a "
                                    "checkpoint (the last good one is kept). Try a lower lr or grad_clip.")
-            gnorm = torch.nn.utils.clip_grad_norm_(trained_params, cfg.grad_clip or float("inf")).item()
+            gnorm = strategy.clip_grad_norm(model, cfg.grad_clip)
             with guard:  # the update is whole or not at all (a Ctrl-C checkpoint is a step boundary)
-                for opt in opts:
-                    opt.step()
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
+                strategy.step(opts)
+                strategy.zero_grad(opts)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                step_tokens = sum(b.tokens for b in batches)
                 step += 1
                 tokens += step_tokens
-                trained += sum(b.trained for b in batches)
+                trained += step_trained
+                dt = agreed(time.perf_counter() - t0)
+                elapsed += dt
                 if ema is not None and progress() >= cfg.ema_start:
                     ema.step()
-                dt = time.perf_counter() - t0
-                elapsed += dt
                 tok_window += step_tokens
                 last_loss = loss_val
                 rec = {"step": step, "loss": round(loss_val, 6), "lr": opts[0].param_groups[0]["lr"],
@@ -671,8 +782,8 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
                 tps = tok_window / max(now - t_window, 1e-9)
                 rec["tokens_per_s"] = round(tps, 1)
                 post = {"loss": f"{loss_val:.3f}", "tok_s": f"{tps:,.0f}"}
-                if flops_tok is not None:
-                    rec["mfu"] = round(tps * flops_tok / peak, 4)
+                if flops_tok is not None and peak:  # (the ranks' tokens over the ranks' peak)
+                    rec["mfu"] = round(tps * flops_tok / (peak * strategy.world_size), 4)
                     post["mfu"] = f"{100 * rec['mfu']:.0f}%"
                 t_window, tok_window = now, 0
                 rec.update(stage.log_metrics() or {})
@@ -681,8 +792,8 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
                 te = time.perf_counter()
                 ev = _evaluate(stage, "val", cfg.eval_batches)
                 rec.update({f"val_{k}": round(v, 6) for k, v in ev.items()})
-                elapsed += time.perf_counter() - te
-            if cfg.sample_every and step % cfg.sample_every == 0:
+                elapsed += agreed(time.perf_counter() - te)
+            if cfg.sample_every and step % cfg.sample_every == 0 and main and not strategy.shards_params:
                 sample = stage.sample(step)
                 model.train()
                 if sample is not None:
@@ -694,6 +805,8 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
             bar.update(1 if by_steps else max(0.0, min(100.0, 100 * progress()) - bar.n))
             if on_step is not None:
                 on_step(step, rec)
+            if stop_agreed:  # every rank is here, at this same step boundary
+                raise KeyboardInterrupt
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint()
     except KeyboardInterrupt as e:
@@ -703,6 +816,13 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
             tb.close()
         if pending is not None:  # the step ended; its line (without what was cut short) is kept
             log(pending)
+        hint = resume_hint or f"continue with: {command or resume_text(cfg)}"
+        if dist_run and not stop_agreed:  # raised here alone: a checkpoint on N ranks is collective or nothing
+            ck = latest_checkpoint(out)
+            logger.warning(f"rank {strategy.rank}: interrupted at step {step} outside the agreed stop: no checkpoint "
+                           f"written; the last is {ck if ck is not None else 'none'}; {hint}")
+            e.lmforge_told = True
+            raise
         if step > start_step:  # nothing lost: the run resumes from this step
             if before is not None:  # cut mid-step: the step's batches go back to the source, the RNG too
                 _set_rng_state(before[1])
@@ -710,8 +830,9 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
             else:
                 checkpoint()
         ck = latest_checkpoint(out)
-        hint = resume_hint or f"continue with: {command or resume_text(cfg)}"
-        if ck is None:
+        if not main:
+            pass
+        elif ck is None:
             logger.warning(f"interrupted at step {step}, before the first step ended: no checkpoint; "
                            f"{hint} (it starts from the beginning)")
         else:
@@ -737,24 +858,34 @@ def run(cfg: LoopConfig, stage: Stage, *, on_step=None, quiet: bool = False, res
     final["train_loss"] = last_loss
     final.update({f"val_{k}": v for k, v in ev.items()})
     final.update({f"test_{k}": v for k, v in (ev_test or dict.fromkeys(ev)).items()})
+    if dist_run:
+        full = strategy.full_state_dict(model)  # collective; the whole model on rank 0
+        if main and strategy.shards_params:  # the stage saves a plain model holding the full weights
+            plain = type(model)(model.cfg)
+            plain.load_state_dict(full)
+            stage.model = model = plain
     params = model.num_params() if hasattr(model, "num_params") else \
         sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     final.update({"elapsed": round(elapsed, 2), "wall": round(time.perf_counter() - t_start, 2), "params": params,
                   "peak_flops": peak, "ema": bool(ema is not None and ema.started()),
                   "resumed_from_step": None if resumed is None else resumed["step"],
                   "steps_this_run": step - start_step})
-    extra = stage.finish(out, dict(final)) or {}
-    final.update(extra)
-    write_json(out / "final.json", final, indent=1)
-    if tb is not None:
-        tb.add({f"val_{k}": v for k, v in ev.items() if v is not None}, step)
-        tb.close()
-    try:
-        plot_metrics(metrics_path, out / "loss.png", final=final)
-    except ImportError:
-        logger.warning("no loss.png: matplotlib is not installed; pip install 'lmforge[plot]'")
-    except Exception as e:  # a plot is a convenience, never a failure
-        logger.warning(f"no loss.png: {type(e).__name__}: {e}")
+    if dist_run or cfg.parallel != "none":
+        final["parallel"] = strategy.describe()
+    if main:
+        extra = stage.finish(out, dict(final)) or {}
+        final.update(extra)
+        write_json(out / "final.json", final, indent=1)
+        if tb is not None:
+            tb.add({f"val_{k}": v for k, v in ev.items() if v is not None}, step)
+            tb.close()
+        try:
+            plot_metrics(metrics_path, out / "loss.png", final=final)
+        except ImportError:
+            logger.warning("no loss.png: matplotlib is not installed; pip install 'lmforge[plot]'")
+        except Exception as e:  # a plot is a convenience, never a failure
+            logger.warning(f"no loss.png: {type(e).__name__}: {e}")
+    strategy.barrier()  # the model directory is written when run returns, on every rank
     return final
 
 

@@ -6,9 +6,10 @@ model built from a preset and overrides, its optimizers, the shard loader as the
 (its position is part of exact resume), the next-token loss, bits-per-byte evaluation, the
 bigram initialization, samples, MFU, a MoE model's router metrics, and the model directory it
 leaves in ``out``. The step, the schedule, checkpoints, resume, Ctrl-C, metrics and final.json
-are the loop's. It runs in one process on one device: there is no data or model parallelism yet
-(the loader already takes ``rank`` / ``world_size``; DDP/FSDP are to wrap the model from outside,
-not to live here).
+are the loop's. On N ranks (``parallel``: ``lmforge.parallel``) the strategy is made first, rank 0
+alone writes a --text run's shards (the others wait, then read them), each rank's loader reads its
+``dp_rank`` share of the global batch, and ``global_batch_size`` sets the per-rank ``batch_size``;
+the strategy wraps the model from outside (in the loop), never here.
 
 One ``TrainConfig`` (a ``LoopConfig`` plus pre-training's own fields) holds every knob;
 ``lmforge pretrain --set key=value`` sets them. Messages go through ``logging`` (logger
@@ -269,7 +270,7 @@ class PretrainStage(BaseStage):
 
     name = "pretrain"
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, strategy=None):
         from ..data.loader import ShardLoader
 
         check_config(cfg)  # before any tokenizer training or data reading
@@ -286,15 +287,21 @@ class PretrainStage(BaseStage):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.started = time.perf_counter()  # final.json's wall counts the data and tokenizer work too
-        device = self.device = pick_device(cfg.device)
+        device = self.device = strategy.device if strategy is not None else pick_device(cfg.device)
+        rank, world = (strategy.dp_rank, strategy.dp_size) if strategy is not None else (0, 1)
+        main = strategy is None or strategy.is_main
         resume_ck = existing_run(cfg)  # before --text writes its data into out
         # data and tokenizer
         if cfg.text:
             data_dir = out / "data"
             if resume_ck and (data_dir / "manifest.json").exists():
                 tok, _ = _load_tokenizer_of(data_dir)
-            else:
+            elif main:
                 tok = text_to_shards(cfg.text, cfg.tokenizer, data_dir, cfg.text_val_frac, cfg.text_test_frac)
+            if strategy is not None and not (resume_ck and (data_dir / "manifest.json").exists()):
+                strategy.barrier()  # rank 0 has written the shards (one writer; the others read them)
+                if not main:
+                    tok, _ = _load_tokenizer_of(data_dir)
         else:
             data_dir = Path(cfg.data)
             tok = _data_tokenizer(data_dir, cfg.tokenizer)
@@ -320,7 +327,9 @@ class PretrainStage(BaseStage):
         random.seed(cfg.seed)
         self.model = Transformer(mcfg).to(device)
         apply_recompute(self.model, cfg.recompute)
-        self.loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, mode=cfg.loader, seed=cfg.seed)
+        self.loader = ShardLoader(data_dir, "train", cfg.batch_size, cfg.seq_len, mode=cfg.loader, seed=cfg.seed,
+                                  rank=rank, world_size=world)
+        self.eval_batch = cfg.batch_size * world  # every rank evaluates the global batch's rows (as one process)
         self.autocast = autocast_for(device, cfg.dtype)
         self.router_log = _RouterLog() if mcfg.moe is not None else None  # MoE: each log line's router metrics
 
@@ -355,7 +364,7 @@ class PretrainStage(BaseStage):
     def evaluate(self, split: str, max_batches: int) -> dict:
         from ..evaluate.perplexity import evaluate_shards
 
-        ev = evaluate_shards(self.model, self.data_dir, split, self.cfg.seq_len, batch_size=self.cfg.batch_size,
+        ev = evaluate_shards(self.model, self.data_dir, split, self.cfg.seq_len, batch_size=self.eval_batch,
                              max_batches=max_batches, device=self.device, autocast=self.autocast)
         return {"loss": ev["loss"], "bpb": ev["bits_per_byte"]}
 
@@ -395,11 +404,23 @@ def train(cfg: TrainConfig, on_step=None, quiet: bool = False, resume_hint: str 
 
     On Ctrl-C the run writes a checkpoint and logs where it is and how to continue: ``resume_hint``
     (the pipeline's "rerun `lmforge run ...`"), else ``lmforge pretrain --config OUT/train_config.json --resume``."""
-    stage = PretrainStage(cfg)
+    from ..parallel import make_strategy
+    from .loop import per_rank_batch
+
+    check_config(cfg)  # before joining any process group: a bad setting fails alike on every rank
+    strategy = make_strategy(cfg)
+    try:
+        if strategy.name == "none":
+            strategy.check(None)  # (under torchrun with parallel = "none": the error, before any work)
+        cfg = per_rank_batch(cfg, strategy)
+        stage = PretrainStage(cfg, strategy=strategy)
+    except BaseException:
+        strategy.close()
+        raise
     final = run(cfg, stage, on_step=on_step, quiet=quiet, resume_hint=resume_hint,
-                config_record=stage.config_record(), command=resume_command(cfg))
+                config_record=stage.config_record(), command=resume_command(cfg), strategy=strategy)
     out = Path(cfg.out)
-    (logger.debug if quiet else logger.info)(
+    (logger.debug if quiet or not strategy.is_main else logger.info)(
         f"saved the model to {out} (load it with lmforge.load({str(out)!r}) / "
         f"lmforge generate --checkpoint {out})")
     return final
