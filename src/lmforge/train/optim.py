@@ -11,6 +11,18 @@ Knows which parameters get which treatment; knows nothing about the loop.
   the update then has the same size. Embeddings, the output head, norms and
   biases stay on AdamW. Fused matrices (our [q; k; v] and [gate; up]) are
   orthogonalized part by part, as if they were separate.
+
+Sharded parameters (``torch.distributed.tensor.DTensor``: FSDP2 shards dim 0 over the
+data-parallel ranks, tensor parallel dim 0 or 1 over its group). AdamW is elementwise: its
+``torch._foreach_*`` and fused updates run on the local shards as they are. Muon is not:
+Newton-Schulz needs the whole matrix, and orthogonalizing each shard alone would give a
+different (wrong) update. lmforge chooses the *full matrix*: the momentum stays sharded, each
+rank gathers the Nesterov-corrected momentum (``full_tensor()``, one all-gather per matrix),
+orthogonalizes it exactly as one process does (same batching by shape, same ``splits``, so the
+update equals one process's), and keeps only its own shard of the update (the rows or columns its
+placements name). Every rank computes every Newton-Schulz: compute and transient memory are
+those of one process, communication is one all-gather of each hidden matrix per step; a sharded
+Newton-Schulz (distributing the stacks over the ranks) is not implemented.
 """
 from __future__ import annotations
 
@@ -44,7 +56,11 @@ class Muon(torch.optim.Optimizer):
 
     Matrices of the same shape (the parts of every layer) are orthogonalized together,
     as one batched Newton-Schulz: a few large matrix products instead of hundreds of
-    small ones (on a small CPU model that was most of the optimizer's time)."""
+    small ones (on a small CPU model that was most of the optimizer's time).
+
+    DTensor parameters (FSDP2, tensor parallel): the full-matrix choice (the module's docstring):
+    the momentum stays sharded, the matrix is gathered whole for Newton-Schulz, and each rank
+    applies its own shard of the update. Every rank must step (the gathers are collectives)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0, splits: dict | None = None):
@@ -68,6 +84,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(g, 1 - mom)
                 g = g.lerp(buf, mom) if group["nesterov"] else buf
+                if _is_dtensor(g):  # sharded: Newton-Schulz sees the whole matrix (the "full matrix" choice)
+                    g = g.full_tensor()
                 sp = self.splits.get(p)
                 params.append(p)
                 mats = list(g.unbind(0)) if g.dim() == 3 else [g]  # stacked experts: one matrix each
@@ -85,8 +103,41 @@ class Muon(torch.optim.Optimizer):
                 if wd:
                     p.mul_(1 - lr * wd)
                 u = ps[0] if len(ps) == 1 else torch.cat(ps)
-                p.add_(u.view_as(p), alpha=-lr)
+                if _is_dtensor(p):
+                    _local(p).add_(_my_shard(u.view(p.shape), p), alpha=-lr)
+                else:
+                    p.add_(u.view_as(p), alpha=-lr)
         return loss
+
+
+def _is_dtensor(t) -> bool:
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:  # nothing can be a DTensor yet: no import
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the storage this rank updates in place)."""
+    return p._local_tensor
+
+
+def _my_shard(full: torch.Tensor, like) -> torch.Tensor:
+    """This rank's part of ``full`` (the global tensor of DTensor ``like``), placed as ``like`` is: a
+    Replicate -> Shard redistribution, which slices locally (torch.chunk's rule, FSDP2's and tensor
+    parallel's: uneven shards are smaller at the end) and moves nothing between ranks."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    rep = DTensor.from_local(full.to(like.dtype), mesh, [Replicate()] * mesh.ndim, run_check=False)
+    out = rep.redistribute(mesh, like.placements).to_local()
+    if out.shape != _local(like).shape:
+        raise RuntimeError(f"Muon: this rank's shard of the update is {tuple(out.shape)} but the parameter's "
+                           f"local shard is {tuple(_local(like).shape)} (placements {like.placements})")
+    return out
 
 
 class WeightEMA(torch.optim.Optimizer):
