@@ -58,9 +58,12 @@ activations: each device runs its own micro-batch.
   (4 bytes). Muon: a ``momentum_buffer`` per hidden matrix; the embeddings, head, norms and biases
   on AdamW (``param_groups``). A ``WeightEMA`` (``ema=True``) one fp32 copy of every parameter.
 * ZeRO-1/2/3 (``parallel/zero.py``): each parameter flattened and cut into N equal pieces of
-  ceil(numel / N) elements (the last padded with zeros); rank r holds piece r of the optimizer
-  states (ZeRO-1), of the gradients too (ZeRO-2), of the parameters too (ZeRO-3). The ``step``
-  tensors are 0-dim and whole on every rank.
+  s = ceil(numel / N) elements (the last padded with zeros); rank r holds piece r of the optimizer
+  states (ZeRO-1), of the gradients too (ZeRO-2), of the parameters too (ZeRO-3). ZeRO-1/2 keep
+  the whole parameters in padded flat buffers of N s elements (a piece is a view, updated in
+  place) and ZeRO-1 the whole averaged gradient in one too; the ``step`` tensors are 0-dim and
+  whole on every rank. A weight average follows ``ema_params``: the whole parameters (ZeRO-1/2,
+  unpadded copies), the pieces (ZeRO-3).
 * FSDP2 (``torch.distributed.fsdp.fully_shard``, read in ``_fsdp_param.py``): each parameter is
   chunked on dim 0 by ``torch.chunk`` into c = ceil(rows / N)-row pieces, and every rank's storage
   is padded to c rows (``padded_sharded_param_size``), so parameters and gradients (the
@@ -493,8 +496,10 @@ def state_bytes(model, strategy: str, world: int, optimizer: str = "adamw", tp: 
             out["optim"] += (n_states + n_ema) * n * E + step
         elif strategy in ("zero1", "zero2", "zero3"):
             n, piece = p.numel(), _zero_piece(p.numel(), world)
-            out["params"] += (piece if strategy == "zero3" else n) * E
-            out["grads"] += (n if strategy == "zero1" else piece) * E
+            # ZeRO-1/2 keep the whole parameter in a padded flat buffer (N pieces), ZeRO-1 its averaged
+            # gradient too; ZeRO-2/3 a rank's piece of the gradient, ZeRO-3 of the parameter
+            out["params"] += (piece if strategy == "zero3" else piece * world) * E
+            out["grads"] += (piece * world if strategy == "zero1" else piece) * E
             # the weight average follows this rank's parameters (ZeRO-3: its shards; ema_params)
             out["optim"] += (n_states * piece + n_ema * (piece if strategy == "zero3" else n)) * E + step
         else:  # fsdp, tp, tp+fsdp
