@@ -203,9 +203,10 @@ def test_exact_mode_sharding_rules():
     r1 = P.state_bytes(lin, "fsdp", 2, rank=1)
     assert r0["params"] == r1["params"] == 3 * 4 * 4
     assert r0["optim"] == 2 * 3 * 4 * 4 + 4 and r1["optim"] == 2 * 2 * 4 * 4 + 4
-    # ZeRO: 20 elements on 3 ranks -> pieces of 7 (padded), the step whole
+    # ZeRO: 20 elements on 3 ranks -> pieces of 7 (padded: ZeRO-1/2 hold the whole parameter, and ZeRO-1
+    # the whole gradient, in flat buffers of 3 x 7), the step whole
     z1 = P.state_bytes(lin, "zero1", 3)
-    assert z1 == {"params": 80, "grads": 80, "optim": 2 * 7 * 4 + 4}
+    assert z1 == {"params": 84, "grads": 84, "optim": 2 * 7 * 4 + 4}
     assert P.state_bytes(lin, "zero2", 3)["grads"] == 28
     assert P.state_bytes(lin, "zero3", 3)["params"] == 28
     with pytest.raises(ValueError, match="strategy"):
