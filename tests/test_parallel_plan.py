@@ -211,3 +211,18 @@ def test_exact_mode_sharding_rules():
     assert P.state_bytes(lin, "zero3", 3)["params"] == 28
     with pytest.raises(ValueError, match="strategy"):
         P.state_bytes(lin, "zero4", 2)
+
+
+def test_tp_rows_follow_lmforge_strategies():
+    sh = P.shape_of(preset="llama-1b")  # 32 heads, 8 key/value heads
+    assert sh.n_kv_head == 8
+    with pytest.raises(ValueError, match="key/value heads"):
+        P.plan(sh, 16, 80e9, tp=16)  # 16 divides the 32 heads but not the 8 key/value heads
+    rows = {r["strategy"]: r for r in P.plan(sh, 16, 80e9, seq_len=2048, tp=8)["rows"]}
+    assert (rows["tp+fsdp"]["tp"], rows["tp+fsdp"]["dp"]) == (8, 2)
+    assert rows["tp"]["tp"] == 16 and not rows["tp"]["fits"]  # "tp" splits over every device: 8 kv heads
+    assert any("do not divide" in n for n in rows["tp"]["notes"])
+    # sequence parallel divides every activation by t; TP alone only part of them
+    sp = P.plan(sh, 8, 80e9, seq_len=2048, tp=8, sequence_parallel=True, strategies=["tp"])["rows"][0]
+    no = P.plan(sh, 8, 80e9, seq_len=2048, tp=8, strategies=["tp"])["rows"][0]
+    assert sp["activations_gb"] < no["activations_gb"]

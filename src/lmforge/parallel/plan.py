@@ -171,6 +171,10 @@ class Shape:
     vocab_size: int = 0
     max_seq_len: int = 0
     name: str = ""
+    n_kv_head: int = 0  # key/value heads (GQA); TP splits them too
+
+    def heads_divide(self, t: int) -> bool:
+        return all(not h or h % t == 0 for h in (self.n_head, self.n_kv_head))
 
     @property
     def has_layers(self) -> bool:
@@ -210,7 +214,8 @@ def shape_of_config(cfg, name: str = "") -> Shape:
     hidden, _, _ = param_groups(m)
     return Shape(n_params=float(m.num_params()), tp_sharded=float(_tp_split_numel(m)),
                  muon_params=float(sum(p.numel() for _, p in hidden)), n_layer=cfg.n_layer, d_model=cfg.d_model,
-                 n_head=cfg.n_head, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, name=name)
+                 n_head=cfg.n_head, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, name=name,
+                 n_kv_head=cfg.kv_heads)
 
 
 def shape_of(preset: str | None = None, config: str | None = None, params: float | None = None, **layers) -> Shape:
@@ -295,7 +300,8 @@ def plan(shape: Shape, gpus: int, gpu_memory: float, strategies=("all",), seq_le
          recompute: str = "none", tp: int = 0, optimizer: str = "adamw", precision: str = "mixed",
          sequence_parallel: bool = False) -> dict:
     """The per-device memory of each strategy (``Row``s) and a recommendation. ``gpu_memory`` in
-    bytes; ``tp`` 0: the largest of 8, 4, 2 that divides ``gpus`` and the heads (tp strategies)."""
+    bytes. ``tp`` is tp+fsdp's tensor-parallel degree (0: the largest of 8, 4, 2 that divides
+    ``gpus`` and the heads); "tp" splits over every device, as ``parallel = "tp"`` does."""
     if gpus < 1:
         raise ValueError(f"--gpus {gpus}: expected >= 1")
     if micro_batch < 1:
@@ -314,10 +320,11 @@ def plan(shape: Shape, gpus: int, gpu_memory: float, strategies=("all",), seq_le
         raise ValueError(f"--tp {tp}: expected >= 1 (or 0: chosen)")
     if tp and gpus % tp:
         raise ValueError(f"--tp {tp} does not divide --gpus {gpus}")
-    if tp and shape.n_head and shape.n_head % tp:
-        raise ValueError(f"--tp {tp} does not divide the model's {shape.n_head} heads")
+    if tp and not shape.heads_divide(tp):
+        raise ValueError(f"--tp {tp} does not divide the model's {shape.n_head} heads and {shape.n_kv_head} "
+                         "key/value heads")
     if not tp:
-        tp = next((t for t in (8, 4, 2) if gpus % t == 0 and (not shape.n_head or shape.n_head % t == 0)), 1)
+        tp = next((t for t in (8, 4, 2) if gpus % t == 0 and shape.heads_divide(t)), 1)
     s = seq_len or shape.max_seq_len
     if shape.has_layers and not s:
         raise ValueError("plan: give --seq-len (the model has no max_seq_len)")
@@ -326,11 +333,17 @@ def plan(shape: Shape, gpus: int, gpu_memory: float, strategies=("all",), seq_le
         muon_share = 1.0  # a bare --params: every parameter a hidden matrix (an upper bound on Muon's saving)
     rows = []
     for name in names:
-        t = tp if name in ("tp", "tp+fsdp") else 1
+        # lmforge's "tp" splits the model over every rank; "tp+fsdp" over tp of them, FSDP2 across the rest
+        t = gpus if name == "tp" else (tp if name == "tp+fsdp" else 1)
         dp = gpus // t
         states = model_state_bytes(shape.n_params, name, gpus, precision, optimizer, t, shape.tp_sharded, muon_share)
         static = sum(states.values())
         notes = []
+        runnable = True
+        if name == "tp" and not shape.heads_divide(gpus):
+            runnable = False
+            notes.append(f"tp: over all {gpus} devices the heads ({shape.n_head}, {shape.n_kv_head} key/value) do "
+                         "not divide (use tp+fsdp with --tp)")
         if name in ("tp", "tp+fsdp") and t == 1:
             notes.append("tp = 1: no tensor parallelism (give --tp or more GPUs)")
         act = mb = total = None
@@ -343,9 +356,10 @@ def plan(shape: Shape, gpus: int, gpu_memory: float, strategies=("all",), seq_le
             total = static + act
             per_sample = act_at(1)
             mb = max(0, int((gpu_memory - static) // per_sample)) if gpu_memory > static else 0
-            fits = total <= gpu_memory
+            fits = total <= gpu_memory and runnable
+            mb = mb if runnable else 0
         else:
-            fits = static <= gpu_memory
+            fits = static <= gpu_memory and runnable
             notes.append("activations unknown (give --preset/--config, or --layers --hidden --heads)")
         if name == "zero3":
             notes.append("lmforge's readable ZeRO-3; fsdp (torch's) holds the same and overlaps its gathers")
