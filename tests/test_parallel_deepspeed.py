@@ -85,7 +85,8 @@ def test_stages_map():
 
 
 def test_batch_rule_two_give_the_third():
-    assert from_deepspeed({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, world_size=2)["grad_accum"] == 4
+    s = from_deepspeed({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, world_size=2)
+    assert s["grad_accum"] == 4
     s = from_deepspeed({"train_batch_size": 32, "gradient_accumulation_steps": 2}, world_size=4)
     assert (s["batch_size"], s["grad_accum"]) == (4, 2)
     s = from_deepspeed({"train_micro_batch_size_per_gpu": 3}, world_size=2)

@@ -17,7 +17,7 @@ def _cfg(name):
     return {"tp_size": 2} if name == "tp+fsdp" else None
 
 
-def survey(strategies, optimizer: str, accum: int = ACCUM) -> dict:
+def survey(strategies, optimizer: str, accum: int = ACCUM, model: dict | None = None) -> dict:
     """On each rank: for each strategy, two steps of the tiny model; the measured and planned bytes
     after the last backward, and the last step's collectives."""
     import traceback
@@ -31,9 +31,10 @@ def survey(strategies, optimizer: str, accum: int = ACCUM) -> dict:
     out = {}
     for name in strategies:
         try:
-            r = mini_train(name, steps=2, accum=accum, optimizer=optimizer, memory=True, comm=True, cfg=_cfg(name))
+            r = mini_train(name, steps=2, accum=accum, optimizer=optimizer, memory=True, comm=True, cfg=_cfg(name),
+                           model=model)
             world, rank = dist.get_world_size(), dist.get_rank()
-            want = state_bytes(Transformer(tiny_config()), name, world, optimizer, tp=2, rank=rank)
+            want = state_bytes(Transformer(tiny_config(**(model or {}))), name, world, optimizer, tp=2, rank=rank)
             out[name] = {"memory": {k: r["memory"][k] for k in ("params", "grads", "optim")}, "want": want,
                          "comm": r["comm"], "losses": r["losses"]}
         except Exception:
@@ -55,15 +56,23 @@ def _available():
     return ok
 
 
-@pytest.fixture(scope="module", params=["adamw", "muon"])
+# (optimizer, model overrides): the third ties the embeddings to the head (one tensor, counted once) and
+# gives the vocabulary an odd 65 rows, which FSDP2 pads to 66 (33 per rank)
+CASES = {"adamw": ("adamw", None), "muon": ("muon", None), "tied-odd": ("adamw", {"tie_embeddings": True,
+                                                                               "vocab_size": 65})}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
 def results(request):
-    got = run_ranks(2, "test_parallel_memory:survey", timeout=300, strategies=_available(), optimizer=request.param)
-    return request.param, got
+    optimizer, model = CASES[request.param]
+    got = run_ranks(2, "test_parallel_memory:survey", timeout=300, strategies=_available(), optimizer=optimizer,
+                    model=model)
+    return optimizer, model, got
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_measured_equals_planned(results, name):
-    optimizer, got = results
+    optimizer, model, got = results
     if name not in got[0]:
         pytest.skip(f"{name}: its strategy module is not on this branch")
     for rank, r in enumerate(got):
@@ -73,25 +82,25 @@ def test_measured_equals_planned(results, name):
                                              f"planned {res['want']}"
 
 
-def _theory(name: str, optimizer: str) -> dict:
+def _theory(name: str, optimizer: str, model: dict | None = None) -> dict:
     from lmforge.model.transformer import Transformer
     from lmforge.parallel.comm import padded_params, theoretical_volume
     from parallel_harness import tiny_config
 
-    cfg = tiny_config()
+    cfg = tiny_config(**(model or {}))
     pp = padded_params(Transformer(cfg), name, 2, tp=2, optimizer=optimizer)
     B = 8 if name in ("tp", "tp+fsdp") else 4  # TP ranks read the whole global batch of 8
     return theoretical_volume(name, pp["all"], 2, micro_batches=ACCUM, root_params=pp["root"],
                               act_elements=16 * B * cfg.d_model, n_layer=cfg.n_layer, muon_params=pp["muon"],
-                              n_tensors=pp["tensors"], tp=2)
+                              n_tensors=pp["tensors"], tp=2, shared_params=pp["shared"])
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_counted_volume_equals_theory(results, name):
-    optimizer, got = results
+    optimizer, model, got = results
     if name not in got[0]:
         pytest.skip(f"{name}: its strategy module is not on this branch")
-    want = _theory(name, optimizer)
+    want = _theory(name, optimizer, model)
     for rank, r in enumerate(got):
         res = r[name]
         assert "error" not in res, res.get("error")

@@ -32,7 +32,8 @@ gradients reduce-scattered). lmforge's, exactly (the default): DDP 2Ψ; ZeRO-1 2
 all-reduces as DDP does, then all-gathers the updated pieces: one Ψ more than the paper); ZeRO-2
 Ψ + Ψ; ZeRO-3 2aΨ + Ψ and FSDP2 2a(Ψ - Ψ_root) + aΨ_root + Ψ over a step of a micro-batches
 (parameters are gathered for every micro-batch, gradients reduced once, on the last; FSDP2's root
-unit stays gathered from its forward to its backward); Muon adds an all-gather of its hidden
+unit stays gathered from its forward to its backward; ZeRO-3 gathers a tied embedding once more per
+micro-batch, for the head's unit); Muon adds an all-gather of its hidden
 matrices (Newton-Schulz needs them whole); TP: per block and micro-batch two all-reduces of s·b·h
 activations forward and two backward. Ψ is padded as the strategy pads it (``padded_params``).
 
@@ -43,7 +44,6 @@ compare with the theory without them.
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -163,8 +163,6 @@ class CommCounter(TorchDispatchMode):
         super().__init__()
         self.calls: list[Call] = []
         self.hook_buckets: list[int] = []
-        self._hook_itemsize = 4
-        self._thread = threading.get_ident()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -217,7 +215,6 @@ def install_ddp_hook(ddp_module, counter: CommCounter) -> None:
     def hook(state, bucket):
         buf = bucket.buffer()
         counter.hook_buckets.append(buf.numel())
-        counter._hook_itemsize = buf.element_size()
         n = dist.get_world_size(group)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0].div_(n))
@@ -227,7 +224,7 @@ def install_ddp_hook(ddp_module, counter: CommCounter) -> None:
 
 def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches: int = 1, root_params: float = 0.0,
                        act_elements: float = 0.0, n_layer: int = 0, muon_params: float = 0.0, n_tensors: int = 0,
-                       tp: int = 1, paper: bool = False) -> dict:
+                       tp: int = 1, shared_params: float = 0.0, paper: bool = False) -> dict:
     """The per-rank elements one optimizer step should move, by kind (ring volumes: the module
     docstring), for lmforge's implementation of ``strategy`` (``paper=True``: the ZeRO paper's
     headline figures instead: DDP 2Ψ, ZeRO-1/2 Ψ + Ψ, ZeRO-3 3Ψ, times (N-1)/N).
@@ -238,7 +235,9 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
     gathered for every micro-batch); ``root_params`` (FSDP2): those outside the blocks, which the
     root keeps gathered from its forward to its backward (one all-gather per micro-batch, not
     two); ``muon_params``: the hidden matrices Muon orthogonalizes whole, all-gathered once per
-    step where they are sharded (ZeRO, FSDP2, TP); ``n_tensors`` (ZeRO-1): the trained tensors, whose
+    step where they are sharded (ZeRO, FSDP2, TP); ``shared_params`` (ZeRO-3): a tensor two units
+    share (tied embeddings: the embedding's unit and the head's) is gathered by each unit's forward
+    and once for both backwards, one gather more per micro-batch; ``n_tensors`` (ZeRO-1): the trained tensors, whose
     "has a gradient" flags are summed once per step; TP: ``act_elements`` = s·b·h of one
     micro-batch, ``n_layer`` blocks, two all-reduces per block forward and two backward, over the
     ``tp`` ranks of a tensor-parallel group (``tp`` = ``world`` for "tp")."""
@@ -267,7 +266,8 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
     if strategy == "zero2":
         return {"reduce_scatter": n_params * f, "all_gather": (n_params + muon_params) * f}
     if strategy == "zero3":
-        return {"reduce_scatter": n_params * f, "all_gather": (2 * a * n_params + muon_params) * f}
+        return {"reduce_scatter": n_params * f,
+                "all_gather": (2 * a * n_params + a * shared_params + muon_params) * f}
     if strategy == "fsdp":
         gathers = 2 * a * (n_params - root_params) + a * root_params
         return {"reduce_scatter": n_params * f, "all_gather": (gathers + muon_params) * f}
@@ -286,7 +286,8 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
 def padded_params(model, strategy: str, world: int, tp: int = 1, optimizer: str = "adamw") -> dict:
     """The trained parameter elements as ``strategy`` pads them for its collectives: {"all", "root"
     (those outside ``model.blocks``), "muon" (the hidden matrices, when ``optimizer`` is muon),
-    "tensors" (how many)}. ZeRO: each parameter to a multiple of ``world`` elements; FSDP2: each
+    "tensors" (how many), "shared" (those reached under several names: tied embeddings)}. ZeRO: each
+    parameter to a multiple of ``world`` elements; FSDP2: each
     parameter's dim 0 to a multiple of the data-parallel ranks' rows; TP: the local shards (TP+FSDP2:
     those, then FSDP2's rows); DDP: unpadded."""
     from .plan import _tp_kinds, _tp_local_shape
@@ -299,7 +300,10 @@ def padded_params(model, strategy: str, world: int, tp: int = 1, optimizer: str 
     t = world if strategy == "tp" else (tp if strategy == "tp+fsdp" else 1)
     dp = world // t
     kinds = _tp_kinds(model) if t > 1 else {}
-    out = {"all": 0, "root": 0, "muon": 0, "tensors": 0}
+    out = {"all": 0, "root": 0, "muon": 0, "tensors": 0, "shared": 0}
+    names: dict = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
     seen = set()
     for name, p in model.named_parameters():
         if id(p) in seen or not p.requires_grad:
@@ -320,4 +324,6 @@ def padded_params(model, strategy: str, world: int, tp: int = 1, optimizer: str 
             out["root"] += n
         if id(p) in hidden:
             out["muon"] += p.numel() if strategy in ("tp", "tp+fsdp") else n  # (TP gathers the whole matrix)
+        if names[id(p)] > 1:
+            out["shared"] += n
     return out

@@ -290,7 +290,8 @@ def deepspeed_warnings(path_or_dict, world_size: int | None = None, stage3: str 
             bad("scheduler.params", f"expected an object, got {sp!r}")
         for k in sp:
             if k not in SCHEDULER_PARAMS[typ]:
-                bad(f"scheduler.params.{k}", f"unknown for {typ} (its params: {', '.join(sorted(SCHEDULER_PARAMS[typ]))})")
+                known = ", ".join(sorted(SCHEDULER_PARAMS[typ]))
+                bad(f"scheduler.params.{k}", f"unknown for {typ} (its params: {known})")
         if "last_batch_iteration" in sp:
             warns.append("scheduler.params.last_batch_iteration: ignored (a resumed lmforge run continues its own "
                          "schedule)")

@@ -391,28 +391,34 @@ def recommend(rows: list[Row], gpus: int, recompute: str) -> str:
         mb = f"; micro-batch up to {best.max_micro_batch}" if best.max_micro_batch is not None else ""
         return f"{best.strategy}: {why}{mb}"
     hint = "" if recompute == "full" else " or --recompute full"
-    smallest = min(rows, key=lambda r: (r.total_gb if r.total_gb is not None else r.params_gb + r.grads_gb + r.optim_gb))
+    def size(r):
+        return r.total_gb if r.total_gb is not None else r.params_gb + r.grads_gb + r.optim_gb
+    smallest = min(rows, key=size)
     return (f"nothing fits on {gpus} device(s): the smallest is {smallest.strategy} "
-            f"({(smallest.total_gb or 0):.1f} GB); add devices, use --tp{hint}, or a smaller micro-batch")
+            f"({size(smallest):.1f} GB); add devices, use --tp{hint}, or a smaller micro-batch")
+
+
+COLUMNS = ("params", "grads", "optim", "states", "activ.", "total")
 
 
 def format_plan(p: dict) -> str:
     """The table ``lmforge plan`` prints."""
     lines = [f"{p['model']}: {p['n_params'] / 1e9:.3g}B parameters on {p['gpus']} device(s) of "
-             f"{p['gpu_memory_gb']:.4g} GB; {p['precision']} precision, {p['optimizer']}, seq_len {p['seq_len']}, "
+             f"{p['gpu_memory_gb']:.4g} GB; {p['precision']} precision, {p['optimizer']}, seq_len {p['seq_len'] or 'n/a'}, "
              f"micro-batch {p['micro_batch']}, recompute {p['recompute']}"
              + (", sequence parallel" if p["sequence_parallel"] else "")
              + "  (GB = 1e9 bytes, per device)",
-             f"{'strategy':<9} {'tp x dp':>8} {'params':>9} {'grads':>9} {'optim':>9} {'states':>9} {'activ.':>9} {'total':>9}  "
-             f"{'fits':<4} {'max micro-batch':>15}"]
+             "  ".join([f"{'strategy':<9}", f"{'tp x dp':>8}"] + [f"{h:>9}" for h in COLUMNS]
+                       + [f"{'fits':<4}", f"{'max micro-batch':>15}"])]
 
     def f(x):
         return "n/a" if x is None else f"{x:.2f}"
     for r in p["rows"]:
-        lines.append(f"{r['strategy']:<9} {str(r['tp']) + 'x' + str(r['dp']):>8} {f(r['params_gb']):>9} "
-                     f"{f(r['grads_gb']):>9} {f(r['optim_gb']):>9} {f(r['params_gb'] + r['grads_gb'] + r['optim_gb']):>9} "
-                     f"{f(r['activations_gb']):>9} {f(r['total_gb']):>9}  "
-                     f"{'yes' if r['fits'] else 'no':<4} {'n/a' if r['max_micro_batch'] is None else r['max_micro_batch']:>15}")
+        cells = [r["params_gb"], r["grads_gb"], r["optim_gb"], r["params_gb"] + r["grads_gb"] + r["optim_gb"],
+                 r["activations_gb"], r["total_gb"]]
+        mb = "n/a" if r["max_micro_batch"] is None else r["max_micro_batch"]
+        lines.append("  ".join([f"{r['strategy']:<9}", f"{str(r['tp']) + 'x' + str(r['dp']):>8}"]
+                               + [f"{f(c):>9}" for c in cells] + [f"{'yes' if r['fits'] else 'no':<4}", f"{mb:>15}"]))
     notes = sorted({n for r in p["rows"] for n in r["notes"]})
     lines += [f"  note: {n}" for n in notes]
     lines.append(f"recommendation: {p['recommendation']}")
