@@ -56,10 +56,13 @@ def _available():
     return ok
 
 
-# (optimizer, model overrides): the third ties the embeddings to the head (one tensor, counted once) and
-# gives the vocabulary an odd 65 rows, which FSDP2 pads to 66 (33 per rank)
-CASES = {"adamw": ("adamw", None), "muon": ("muon", None), "tied-odd": ("adamw", {"tie_embeddings": True,
-                                                                               "vocab_size": 65})}
+# (optimizer, model overrides). The third: the embeddings tied to the head (one tensor, counted once; ZeRO-3
+# gathers it once more per micro-batch), an odd vocabulary of 65 rows (FSDP2 pads them to 66, 33 per rank)
+# and a MoE feed-forward of 4 experts, top 2 (TP replicates the experts; DDP finds unused parameters and
+# all-reduces their "used" map)
+CASES = {"adamw": ("adamw", None), "muon": ("muon", None),
+         "tied-odd-moe": ("adamw", {"tie_embeddings": True, "vocab_size": 65,
+                                    "moe": {"n_experts": 4, "top_k": 2, "d_expert": 48}})}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -82,6 +85,13 @@ def test_measured_equals_planned(results, name):
                                              f"planned {res['want']}"
 
 
+def _model(model: dict | None):
+    from lmforge.model.transformer import Transformer
+    from parallel_harness import tiny_config
+
+    return Transformer(tiny_config(**(model or {})))
+
+
 def _theory(name: str, optimizer: str, model: dict | None = None) -> dict:
     from lmforge.model.transformer import Transformer
     from lmforge.parallel.comm import padded_params, theoretical_volume
@@ -92,7 +102,8 @@ def _theory(name: str, optimizer: str, model: dict | None = None) -> dict:
     B = 8 if name in ("tp", "tp+fsdp") else 4  # TP ranks read the whole global batch of 8
     return theoretical_volume(name, pp["all"], 2, micro_batches=ACCUM, root_params=pp["root"],
                               act_elements=16 * B * cfg.d_model, n_layer=cfg.n_layer, muon_params=pp["muon"],
-                              n_tensors=pp["tensors"], tp=2, shared_params=pp["shared"])
+                              n_tensors=pp["tensors"] if name == "zero1" or (name == "ddp" and cfg.moe) else 0, tp=2,
+                              shared_params=pp["shared"], tp_pairs=pp["tp_pairs"])
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -109,8 +120,10 @@ def test_counted_volume_equals_theory(results, name):
         if name == "ddp":  # DDP also broadcasts the model's buffers (rope's inv_freq) from rank 0 each step
             counted.pop("broadcast", None)
         assert counted == pytest.approx(want), f"{name} / {optimizer}, rank {rank}: counted {counted}, theory {want}"
-        if name == "ddp":  # the DDP hook saw the same gradient elements as the dispatch mode
-            assert sum(res["comm"]["ddp_buckets"]) == s["all_reduce"]["elements"]
+        if name == "ddp":  # the DDP hook saw every gradient element once, as the dispatch mode did
+            n = sum(p.numel() for p in _model(model).parameters())
+            assert sum(res["comm"]["ddp_buckets"]) == n
+            assert s["all_reduce"]["elements"] == n + (len(list(_model(model).parameters())) if model else 0)
 
 
 def test_headline_volumes_of_the_paper():

@@ -224,7 +224,8 @@ def install_ddp_hook(ddp_module, counter: CommCounter) -> None:
 
 def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches: int = 1, root_params: float = 0.0,
                        act_elements: float = 0.0, n_layer: int = 0, muon_params: float = 0.0, n_tensors: int = 0,
-                       tp: int = 1, shared_params: float = 0.0, paper: bool = False) -> dict:
+                       tp: int = 1, shared_params: float = 0.0, tp_pairs: int | None = None,
+                       paper: bool = False) -> dict:
     """The per-rank elements one optimizer step should move, by kind (ring volumes: the module
     docstring), for lmforge's implementation of ``strategy`` (``paper=True``: the ZeRO paper's
     headline figures instead: DDP 2Ψ, ZeRO-1/2 Ψ + Ψ, ZeRO-3 3Ψ, times (N-1)/N).
@@ -237,10 +238,13 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
     two); ``muon_params``: the hidden matrices Muon orthogonalizes whole, all-gathered once per
     step where they are sharded (ZeRO, FSDP2, TP); ``shared_params`` (ZeRO-3): a tensor two units
     share (tied embeddings: the embedding's unit and the head's) is gathered by each unit's forward
-    and once for both backwards, one gather more per micro-batch; ``n_tensors`` (ZeRO-1): the trained tensors, whose
-    "has a gradient" flags are summed once per step; TP: ``act_elements`` = s·b·h of one
-    micro-batch, ``n_layer`` blocks, two all-reduces per block forward and two backward, over the
-    ``tp`` ranks of a tensor-parallel group (``tp`` = ``world`` for "tp")."""
+    and once for both backwards, one gather more per micro-batch; ``n_tensors``: the trained tensors
+    whose flags are all-reduced once per step (ZeRO-1: "has a gradient"; DDP with
+    ``find_unused_parameters``, as lmforge runs a MoE model: its "was used" map; 0 otherwise).
+    TP: ``act_elements`` = s·b·h of one micro-batch; each column-wise / row-wise pair
+    (``tp_pairs``; default 2 per block of ``n_layer``: attention and MLP; a MoE's replicated experts
+    make none) all-reduces once forward and once backward, over the ``tp`` ranks of a
+    tensor-parallel group (``tp`` = ``world`` for "tp")."""
     a = micro_batches
     if strategy == "none":
         return {}
@@ -260,7 +264,7 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
             raise ValueError(f"theoretical_volume: the ZeRO paper has no figure for {strategy!r}")
         return table[strategy]
     if strategy == "ddp":
-        return {"all_reduce": 2 * n_params * f}
+        return {"all_reduce": 2 * (n_params + n_tensors) * f}
     if strategy == "zero1":  # lmforge's ZeRO-1 all-reduces as DDP, then gathers the updated pieces
         return {"all_reduce": 2 * (n_params + n_tensors) * f, "all_gather": (n_params + muon_params) * f}
     if strategy == "zero2":
@@ -272,7 +276,8 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
         gathers = 2 * a * (n_params - root_params) + a * root_params
         return {"reduce_scatter": n_params * f, "all_gather": (gathers + muon_params) * f}
     if strategy in ("tp", "tp+fsdp"):
-        out = {"all_reduce": 4 * n_layer * a * 2 * act_elements * ft}
+        pairs = 2 * n_layer if tp_pairs is None else tp_pairs
+        out = {"all_reduce": 2 * pairs * a * 2 * act_elements * ft}
         if muon_params:
             out["all_gather"] = muon_params * ft
         if strategy == "tp+fsdp" and dp > 1:
@@ -286,7 +291,8 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
 def padded_params(model, strategy: str, world: int, tp: int = 1, optimizer: str = "adamw") -> dict:
     """The trained parameter elements as ``strategy`` pads them for its collectives: {"all", "root"
     (those outside ``model.blocks``), "muon" (the hidden matrices, when ``optimizer`` is muon),
-    "tensors" (how many), "shared" (those reached under several names: tied embeddings)}. ZeRO: each
+    "tensors" (how many), "shared" (those reached under several names: tied embeddings), "tp_pairs"
+    (TP: the row-wise layers, each closing a column-wise / row-wise pair: attention's, the MLP's)}. ZeRO: each
     parameter to a multiple of ``world`` elements; FSDP2: each
     parameter's dim 0 to a multiple of the data-parallel ranks' rows; TP: the local shards (TP+FSDP2:
     those, then FSDP2's rows); DDP: unpadded."""
@@ -300,7 +306,8 @@ def padded_params(model, strategy: str, world: int, tp: int = 1, optimizer: str 
     t = world if strategy == "tp" else (tp if strategy == "tp+fsdp" else 1)
     dp = world // t
     kinds = _tp_kinds(model) if t > 1 else {}
-    out = {"all": 0, "root": 0, "muon": 0, "tensors": 0, "shared": 0}
+    out = {"all": 0, "root": 0, "muon": 0, "tensors": 0, "shared": 0,
+           "tp_pairs": len({n.rsplit(".", 1)[0] for n, k in kinds.items() if k == "rowwise"})}
     names: dict = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         names[id(p)] = names.get(id(p), 0) + 1
@@ -323,7 +330,10 @@ def padded_params(model, strategy: str, world: int, tp: int = 1, optimizer: str 
         if not name.startswith("blocks."):
             out["root"] += n
         if id(p) in hidden:
-            out["muon"] += p.numel() if strategy in ("tp", "tp+fsdp") else n  # (TP gathers the whole matrix)
+            if t > 1:  # TP gathers the matrices it splits, whole (a replicated one is whole already)
+                out["muon"] += p.numel() if kinds.get(name) else 0
+            else:
+                out["muon"] += n
         if names[id(p)] > 1:
             out["shared"] += n
     return out
