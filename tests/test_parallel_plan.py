@@ -226,3 +226,19 @@ def test_tp_rows_follow_lmforge_strategies():
     sp = P.plan(sh, 8, 80e9, seq_len=2048, tp=8, sequence_parallel=True, strategies=["tp"])["rows"][0]
     no = P.plan(sh, 8, 80e9, seq_len=2048, tp=8, strategies=["tp"])["rows"][0]
     assert sp["activations_gb"] < no["activations_gb"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3", "fsdp"])
+def test_analytic_fp32_agrees_with_exact_mode(strategy):
+    # tiny-llama's shapes divide by 2: no padding, so the two faces of the planner differ only by AdamW's
+    # 4-byte step per tensor (whole on every rank), which the analytic K leaves out
+    from lmforge.model import preset
+    from lmforge.model.transformer import Transformer
+
+    net = Transformer(preset("tiny-llama"))
+    n = sum(p.numel() for p in net.parameters())
+    tensors = len(list(net.parameters()))
+    exact = P.state_bytes(net, strategy, 2, "adamw")
+    approx = P.model_state_bytes(n, strategy, 2, precision="fp32")
+    assert exact["params"] == approx["params"] and exact["grads"] == approx["grads"]
+    assert exact["optim"] - 4 * tensors == approx["optim"]

@@ -43,7 +43,9 @@ tensor-parallel degree:
     full recompute                       2 s b h (each layer keeps only its 16-bit input)
 
 The 34 is the paper's count for a GPT layer (attention 11 sbh + 5 a s^2 b, MLP 19 sbh with a 4h
-GeLU, two layer norms 4 sbh). lmforge's Llama-shaped layers (SwiGLU, GQA, RMSNorm) differ by a
+GeLU, two layer norms 4 sbh; its equations 1-2 and 6 and Table 2; the paper itself was not in the
+reference library here, so these were checked against two independent public restatements of
+them, which agree term for term). lmforge's Llama-shaped layers (SwiGLU, GQA, RMSNorm) differ by a
 few sbh; the planner uses the paper's constants and says so. On top, the planner adds what the
 paper leaves to its section 4.3 and lmforge's loss keeps: the fp32 logits, 4 s b v bytes (the head
 is replicated under lmforge's TP, so not divided by t), and with full recompute one layer's
