@@ -17,7 +17,7 @@ def _cfg(name):
     return {"tp_size": 2} if name == "tp+fsdp" else None
 
 
-def survey(strategies, optimizer: str, accum: int = ACCUM, model: dict | None = None) -> dict:
+def survey(strategies, optimizer: str, accum: int = ACCUM, model: dict | None = None, freeze: tuple = ()) -> dict:
     """On each rank: for each strategy, two steps of the tiny model; the measured and planned bytes
     after the last backward, and the last step's collectives."""
     import traceback
@@ -32,9 +32,13 @@ def survey(strategies, optimizer: str, accum: int = ACCUM, model: dict | None = 
     for name in strategies:
         try:
             r = mini_train(name, steps=2, accum=accum, optimizer=optimizer, memory=True, comm=True, cfg=_cfg(name),
-                           model=model)
+                           model=model, freeze=freeze)
             world, rank = dist.get_world_size(), dist.get_rank()
-            want = state_bytes(Transformer(tiny_config(**(model or {}))), name, world, optimizer, tp=2, rank=rank)
+            net = Transformer(tiny_config(**(model or {})))
+            for pname, p in net.named_parameters():
+                if any(pname.startswith(f) for f in freeze):
+                    p.requires_grad_(False)
+            want = state_bytes(net, name, world, optimizer, tp=2, rank=rank)
             out[name] = {"memory": {k: r["memory"][k] for k in ("params", "grads", "optim")}, "want": want,
                          "comm": r["comm"], "losses": r["losses"]}
         except Exception:

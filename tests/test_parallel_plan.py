@@ -242,3 +242,25 @@ def test_analytic_fp32_agrees_with_exact_mode(strategy):
     approx = P.model_state_bytes(n, strategy, 2, precision="fp32")
     assert exact["params"] == approx["params"] and exact["grads"] == approx["grads"]
     assert exact["optim"] - 4 * tensors == approx["optim"]
+
+
+def test_frozen_parameters_count_as_weights_only():
+    import parallel_harness as H
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.optim import build_optimizers
+
+    net = Transformer(H.tiny_config())
+    for p in net.blocks[0].parameters():
+        p.requires_grad_(False)
+    opts = build_optimizers(net, "adamw", fused=False)
+    x = torch.randint(0, 64, (2, 9))
+    net(x[:, :-1], x[:, 1:])[1].backward()
+    for o in opts:
+        o.step()
+    net(x[:, :-1], x[:, 1:])[1].backward()
+    assert P.measured_bytes(net, opts) == P.state_bytes(net, "none", 1, "adamw")
+    frozen = sum(p.numel() for p in net.blocks[0].parameters())
+    full = P.state_bytes(Transformer(H.tiny_config()), "none", 1)
+    got = P.state_bytes(net, "none", 1)
+    assert got["params"] == full["params"] and got["grads"] == full["grads"] - 4 * frozen
+    assert P.state_bytes(net, "zero3", 2)["params"] == full["params"] // 2  # even shapes: halves

@@ -475,11 +475,26 @@ def _walk_plan(comp, prefix: str, out: dict) -> None:
                 out[f"{prefix}.{key}.{pn}"] = kind
 
 
+def _frozen_bytes(p, name, strategy, world, t, dp, dp_rank, kinds) -> int:
+    """Elements a rank holds of a frozen parameter: whole under DDP and ZeRO-1/2 (which cut only what
+    they step), a piece under ZeRO-3 (it gathers frozen weights too), FSDP2's and TP's shards."""
+    if strategy in ("none", "ddp", "zero1", "zero2"):
+        return p.numel()
+    if strategy == "zero3":
+        return _zero_piece(p.numel(), world)
+    shp = _tp_local_shape(p.shape, kinds.get(name), name.endswith(".bias"), t)
+    if strategy == "tp":
+        return math.prod(shp)
+    rest = math.prod(shp[1:]) if len(shp) > 1 else 1
+    return _fsdp_rows(shp[0], dp, dp_rank)[0] * rest
+
+
 def state_bytes(model, strategy: str, world: int, optimizer: str = "adamw", tp: int = 1, rank: int = 0,
                 ema: bool = False) -> dict:
     """The exact bytes {"params", "grads", "optim"} rank ``rank`` of ``world`` holds under ``strategy``
     for lmforge's fp32 training of ``model`` (an unwrapped model: its parameters' full shapes), with
-    gradients present (between backward and ``zero_grad``). The rules are the module docstring's."""
+    gradients present (between backward and ``zero_grad``). The rules are the module docstring's; a
+    frozen parameter (``requires_grad`` False) counts as weights only."""
     from ..train.optim import param_groups
 
     if strategy not in SHARDS:
@@ -505,9 +520,12 @@ def state_bytes(model, strategy: str, world: int, optimizer: str = "adamw", tp: 
     out = {"params": 0, "grads": 0, "optim": 0}
     seen = set()
     for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
+        if id(p) in seen:
             continue
         seen.add(id(p))
+        if not p.requires_grad:  # frozen (LoRA's base): held as the strategy holds weights, no gradient or state
+            out["params"] += _frozen_bytes(p, name, strategy, world, t, dp, dp_rank, kinds) * E
+            continue
         n_states = 1 if id(p) in muon else 2
         step = 0 if id(p) in muon else E  # AdamW's 0-dim step
         n_ema = 1 if ema else 0
