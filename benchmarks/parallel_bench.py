@@ -9,12 +9,13 @@ The same global batch (8 sequences of 128 tokens, grad_accum 1, AdamW, fp32, cli
 
 each for ``--warmup`` untimed steps then ``--steps`` timed ones (median reported). Two cores run both
 ranks, so a ratio below 1 is not expected here: the rows say what the collectives cost, not scaling.
-The communication rows give the elements ZeRO's collectives were handed per step (its own counter,
-``strategy.comm``) turned into the bytes a ring moves per rank: all-reduce 2 (N-1)/N n, reduce-scatter
-and all-gather (N-1)/N n, fp32. When ``lmforge.parallel.comm`` exists its own count is printed too.
+The communication rows give the bytes a ring implementation moves per rank in the last timed step
+(all-reduce 2 (N-1)/N n, reduce-scatter and all-gather (N-1)/N n, fp32), as ``lmforge.parallel.comm``'s
+counter sees every collective (the loss sums and the norm, at most 8 elements each, left out); ZeRO's
+own count (``strategy.comm``: the elements handed to each collective) is printed beside it.
 Every strategy's losses are checked against the one process's (printed: the largest difference).
 
-Run: python benchmarks/parallel_bench.py [--steps 5] [--warmup 2] [--strategies zero1 zero2 zero3]
+Run: python benchmarks/parallel_bench.py [--steps 4] [--warmup 1] [--strategies zero1 zero2 zero3]
 """
 from __future__ import annotations
 
@@ -60,11 +61,10 @@ def child(parallel: str, steps: int, warmup: int, out: str) -> None:
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, MODEL["vocab_size"], (steps + warmup, GLOBAL_B, T + 1), generator=g)
     counter = None
-    try:  # helper E's counter, when it exists
-        comm = importlib.import_module("lmforge.parallel.comm")
-        counter = getattr(comm, "CommCounter", None) or getattr(comm, "count_comm", None)
+    try:  # lmforge.parallel.comm's counter (a dispatch mode: every collective, whoever issues it)
+        counter = getattr(importlib.import_module("lmforge.parallel.comm"), "CommCounter", None)
     except ImportError:
-        comm = None
+        pass
     times, losses, moved, counted = [], [], [], []
     for s in range(steps + warmup):
         if hasattr(strategy, "comm"):
@@ -142,8 +142,8 @@ def main(argv=None) -> None:
     from _report import report, row
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--strategies", nargs="+", default=["ddp", "fsdp", "zero1", "zero2", "zero3"])
     ap.add_argument("--child")
     ap.add_argument("--out")
@@ -179,15 +179,21 @@ def main(argv=None) -> None:
         print(f"{s}: median step {t * 1e3:.0f} ms on 2 ranks x 1 thread; largest loss difference from one "
               f"process {diff:.2e}")
         rows.append(row(f"{s} step time, 2 ranks x 1 thread vs 1 x 2", t, t_ref, "s", higher_is_better=False))
+        counted = r["counted"][-1] if r["counted"] else None
+        if isinstance(counted, dict) and "total_volume_bytes" in counted:  # lmforge.parallel.comm: every path
+            kinds = ", ".join(f"{k} {v['volume'] / psi:.3g}Ψ" for k, v in counted.items() if isinstance(v, dict))
+            print(f"  lmforge.parallel.comm, per rank per step (ring volumes, Ψ = {psi}): {kinds}")
+            rows.append(row(f"{s} bytes moved per rank per step (ring, fp32)", counted["total_volume_bytes"] / 1e6,
+                            None, "MB"))
         if r["moved"]:
             N = r["world"]
             per = r["moved"][-1]
             ring = sum(RING[k](n, N) for k, n in per.items()) * 4
             kinds = ", ".join(f"{k} {n / psi:.3g}Ψ" for k, n in per.items() if n)
-            print(f"  handed to collectives per step: {kinds} (Ψ = {psi} elements; padding included)")
-            rows.append(row(f"{s} bytes moved per rank per step (ring, fp32)", ring / 1e6, None, "MB"))
-        if r["counted"]:
-            print(f"  lmforge.parallel.comm counted: {r['counted'][-1]}")
+            print(f"  the strategy's own count, handed to collectives per step: {kinds} (padding included); "
+                  f"ring bytes per rank {ring / 1e6:.2f} MB")
+            if not isinstance(counted, dict):
+                rows.append(row(f"{s} bytes moved per rank per step (ring, fp32)", ring / 1e6, None, "MB"))
     report("parallel", rows, note=f"reference: one process with 2 threads, same global batch; "
            f"{a.warmup} warm-up + {a.steps} timed steps per strategy; {time.time() - t0:.0f} s in all")
 

@@ -33,6 +33,7 @@ CASES = {
     "moe_muon": dict(optimizer="muon", grad_clip=CLIP, model={"moe.n_experts": 4, "moe.top_k": 2,
                                                               "moe.d_expert": 16, "moe.aux_loss_coef": 0.0}),
     "fp16": dict(optimizer="adamw", cfg={"fsdp_mixed_precision": "fp16"}),
+    "bf16_offload": dict(optimizer="adamw", cfg={"fsdp_mixed_precision": "bf16", "cpu_offload": True}),
 }
 
 _ATTN_CALLS: list = []
@@ -200,6 +201,14 @@ def test_fsdp_collectives_per_step(fsdp_runs):
     assert fsdp_runs[0]["recompute_full"]["comm"] == c  # recompute runs inside the gathered unit
     b = fsdp_runs[0]["bf16"]["comm"]
     assert b["all_gather_bytes"] * 2 == c["all_gather_bytes"] and b["reduce_scatter_bytes"] == c["reduce_scatter_bytes"]
+
+
+def test_fsdp_cpu_offload_changes_nothing_on_the_cpu(fsdp_runs):
+    """On a CPU-only run the offload path's copies are no-ops: bit-equal to the run without it."""
+    x, y = fsdp_runs[0]["bf16"], fsdp_runs[0]["bf16_offload"]
+    assert x["losses"] == y["losses"] and x["gnorms"] == y["gnorms"]
+    assert all(torch.equal(x["state"][k], y["state"][k]) for k in x["state"])
+    assert fsdp_runs[0]["offload"]["describe"]["cpu_offload"] is True
 
 
 def test_fsdp_fp16_runs_close_to_fp32(fsdp_runs, refs):

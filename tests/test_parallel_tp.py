@@ -118,6 +118,10 @@ def _state_order() -> dict:
     return out
 
 
+COMM = {"comm_tp": dict(optimizer="adamw"), "comm_sp": dict(optimizer="adamw", cfg=dict(sequence_parallel=True)),
+        "comm_muon_qknorm": dict(optimizer="muon", model=dict(qk_norm=True))}
+
+
 def _with_recompute(policy: str, **kw) -> dict:
     """``mini_train("tp", ...)`` with the blocks under activation recompute (``train.recompute``), applied
     before the split as a trainer would."""
@@ -142,8 +146,9 @@ RECOMPUTE = {"recompute_full_sp": ("full", dict(grad_clip=0.3, cfg=dict(sequence
 
 def _cases() -> dict:
     """Every comparison's TP side, on this rank (one launch for all)."""
-    out = {name: mini_train("tp", **kw) for name, kw in TRAIN.items()}
+    out = {name: mini_train("tp", memory=True, **kw) for name, kw in TRAIN.items()}
     out.update({name: _with_recompute(pol, **kw) for name, (pol, kw) in RECOMPUTE.items()})
+    out.update({name: mini_train("tp", comm=True, steps=1, **kw)["comm"] for name, kw in COMM.items()})
     out["logits"] = _logits("tp")
     out["logits_sp"] = _logits("tp", sequence_parallel=True)
     out["logits_gpt2_sp"] = _logits("tp", sequence_parallel=True, model=GPT2)
@@ -172,6 +177,50 @@ def test_tp_training_equals_one_process(ranks, name):
     assert_same_training(ref, got)
     if name == "moe_muon":
         assert "blocks.0.mlp.w_in" in got["state"] and "blocks.0.mlp.shared.fc.weight" in got["state"]
+
+
+@pytest.mark.parametrize("name", ["gqa_adamw", "gqa_muon", "moe_muon", "sp_gpt2_adamw"])
+def test_tp_bytes_equal_the_planner(ranks, name):
+    """Per rank, the parameters', gradients' and optimizer states' bytes allocated (after the last backward)
+    equal ``parallel.plan.state_bytes`` for TP on 2 ranks, exactly."""
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.plan import state_bytes
+
+    kw = TRAIN[name]
+    net = Transformer(tiny_config(**kw.get("model", {})))
+    want = state_bytes(net, "tp", 2, optimizer=kw["optimizer"], tp=2)
+    full = state_bytes(net, "none", 1, optimizer=kw["optimizer"])
+    for r in ranks:
+        assert r[name]["memory"] == want, (r[name]["memory"], want)
+    assert want["params"] < full["params"]  # the split is real
+
+
+def test_tp_communication_per_step(ranks):
+    """What one step's collectives move per rank (counted by ``parallel.comm``), against the arithmetic:
+    a = b·s·h activation elements of a micro-batch (8·16·32), L = 2 blocks, M = 2 micro-batches, f = 1/2.
+    TP: per block 2 all-reduces of a forward (the row-wise outputs) and 2 backward (the column-wise inputs'
+    gradients). SP: each all-reduce becomes a reduce-scatter + an all-gather (the same volume), plus the
+    head's gather of the final norm's output and the gather of the embedding's gradient; the norms'
+    partial gradients are summed once per step. Muon gathers each split matrix once per step; the per-head
+    norms' gradients are summed once per step."""
+    from lmforge.parallel.comm import theoretical_volume
+
+    a, L, M, f, C, D = 8 * 16 * 32, 2, 2, 0.5, 32, 8
+    tp = ranks[0]["comm_tp"]["summary"]
+    assert tp["all_reduce"]["calls"] == 4 * L * M and set(tp) == {"all_reduce", "total_volume", "total_volume_bytes"}
+    assert tp["all_reduce"]["volume"] == theoretical_volume("tp", 0, 2, micro_batches=M, act_elements=a,
+                                                            n_layer=L)["all_reduce"]
+    sp = ranks[0]["comm_sp"]["summary"]
+    assert sp["reduce_scatter"]["volume"] == 4 * L * a * f * M
+    assert sp["all_gather"]["volume"] == (4 * L + 2) * a * f * M
+    assert sp["all_reduce"] == {"calls": 1, "elements": (2 * L + 1) * C, "volume": 2 * (2 * L + 1) * C * f,
+                                "volume_bytes": 4 * 2 * (2 * L + 1) * C * f}
+    mu = ranks[0]["comm_muon_qknorm"]["summary"]
+    split = L * (64 * 32 + 32 * 32 + 128 * 32 + 32 * 64)  # qkv, attn proj, fc, mlp proj per block
+    assert mu["all_gather"]["volume"] == split * f
+    assert mu["all_reduce"]["volume"] == 8 * L * a * f * M + 2 * (2 * L * D) * f  # + the qk-norms' gradients
+    for r in ranks:
+        assert r["comm_tp"]["small"]["all_reduce"]["calls"] == 1  # the gradient norm
 
 
 @pytest.mark.parametrize("name", list(RECOMPUTE))
@@ -224,3 +273,4 @@ def test_plan_covers_every_parameter():
         assert plan["blocks.0.attn.qkv"] == "colwise_qkv" and plan["blocks.1.attn.proj"] == "rowwise"
     assert check_tp(Transformer(tiny_config(**MOE)), 2)["blocks.0.mlp.shared.fc"] == "colwise_gate_up"
     assert check_tp(Transformer(tiny_config()), 2, sequence_parallel=True)["norm_f"] == "replicate_partial"
+

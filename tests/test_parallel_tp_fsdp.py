@@ -23,7 +23,7 @@ def _cases(names: list[str]) -> dict:
     from test_parallel_tp_fsdp4 import CASES_4
 
     allc = {**CASES_2, **CASES_4}
-    return {n: mini_train("tp+fsdp", **allc[n]) for n in names}
+    return {n: mini_train("tp+fsdp", memory=True, **allc[n]) for n in names}
 
 
 def _check(name: str, kw: dict, got: dict, world: int) -> None:
@@ -36,6 +36,19 @@ def _check(name: str, kw: dict, got: dict, world: int) -> None:
     assert_same_training(ref, got)
 
 
+def _check_bytes(kw: dict, ranks: list, name: str) -> None:
+    """Every rank's allocated bytes (after the last backward) are the planner's, exactly."""
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.plan import state_bytes
+
+    from parallel_harness import tiny_config
+
+    net = Transformer(tiny_config())
+    for r, got in enumerate(ranks):
+        want = state_bytes(net, "tp+fsdp", len(ranks), optimizer=kw["optimizer"], tp=kw["cfg"]["tp_size"], rank=r)
+        assert got[name]["memory"] == want, (r, got[name]["memory"], want)
+
+
 @pytest.fixture(scope="module")
 def two():
     return run_ranks(2, "test_parallel_tp_fsdp:_cases", timeout=300, names=list(CASES_2))
@@ -44,4 +57,5 @@ def two():
 @pytest.mark.parametrize("name", list(CASES_2))
 def test_tp_fsdp_two_ranks_equal_one_process(two, name):
     _check(name, CASES_2[name], two[0][name], 2)
+    _check_bytes(CASES_2[name], two, name)
     assert two[1][name]["state"] is None and two[1][name]["losses"] == two[0][name]["losses"]

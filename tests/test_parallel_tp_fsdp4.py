@@ -14,9 +14,10 @@ CASES_4 = {
 
 
 def test_tp_fsdp_2x2_mesh_on_four_ranks():
-    from test_parallel_tp_fsdp import _check
+    from test_parallel_tp_fsdp import _check, _check_bytes
 
     got = run_ranks(4, "test_parallel_tp_fsdp:_cases", timeout=300, names=list(CASES_4))
     for name, kw in CASES_4.items():
         _check(name, kw, got[0][name], 4)
+        _check_bytes(kw, got, name)
         assert all(g[name]["losses"] == got[0][name]["losses"] for g in got)

@@ -3,12 +3,16 @@
 Knows their arguments, help texts and how they print a model's sizes and HF
 family, or write its HF or GGUF export; knows nothing of the model's code or file
 formats (``config``, ``hf``, ``lmforge.quant.gguf_model``, imported only by
-``export --format gguf``), nor of the other stages' subcommands.
+``export --format gguf``), nor of the other stages' subcommands. A distributed
+training checkpoint (``lmforge.parallel.checkpoint``) is consolidated to a
+temporary model directory first, then exported as any other.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import tempfile
 from pathlib import Path
 
 from .._cli_common import _checkpoint, _group
@@ -80,14 +84,31 @@ def cmd_model_info(a) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _model_dir(path):
+    """``path`` itself, or for a distributed training checkpoint (``dcp/`` shards) the model directory
+    it consolidates to (temporary, removed after the export)."""
+    from ..parallel.checkpoint import consolidate, is_dist_checkpoint
+
+    if not is_dist_checkpoint(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lmforge-consolidated-") as d:
+        yield str(consolidate(path, Path(d) / "model"))
+
+
 def cmd_export(a) -> int:
     from .._config import UsageError
 
     _checkpoint(a.checkpoint)
     if a.format == "hf" and a.type is not None:
         raise UsageError("--type applies to --format gguf (an HF export is float32 safetensors)")
-    if a.format == "gguf":
-        return _export_gguf(a)
+    with _model_dir(a.checkpoint) as ck:
+        a.checkpoint = ck
+        return _export_gguf(a) if a.format == "gguf" else _export_hf(a)
+
+
+def _export_hf(a) -> int:
     from . import export_hf, load, load_tokens
 
     model, tok = load(a.checkpoint)
@@ -143,7 +164,9 @@ def add_export_parser(sub) -> None:
                         "tokenizer.json) that transformers.AutoModelForCausalLM loads, or (--format gguf) to one "
                         "GGUF file that llama.cpp runs (architectures llama, qwen2, qwen3; --type f32, f16, q8_0, "
                         "q4_0 or q4_k).")
-    xp.add_argument("--checkpoint", required=True)
+    xp.add_argument("--checkpoint", required=True,
+                    help="a model directory, or a training checkpoint (checkpoints/step-N; a distributed one, "
+                    "with dcp/ shards, is consolidated first)")
     xp.add_argument("--format", choices=["hf", "gguf"], default="hf")
     xp.add_argument("--arch", default=None, choices=["gpt2", "llama", "mistral", "qwen2", "qwen3"],
                     help="HF family, or GGUF architecture (llama, qwen2, qwen3) (default: the config's arch)")

@@ -201,6 +201,26 @@ def _replicate_params(module: nn.Module, mesh, done: dict) -> None:
             _local_view(mod, names)
 
 
+def _rank_rng(module: nn.Module, tp_rank: int) -> None:
+    """Random numbers drawn in ``module``'s forward come from this rank's own stream: a seed drawn from
+    the run's stream (the same on every rank, so the ranks' streams stay in step) plus the rank, in a
+    forked RNG state (the run's state is restored after). For dropout on this rank's heads, or on its
+    sequence shard: one stream for all ranks would drop the same units of every shard (Megatron keeps a
+    separate tensor-parallel RNG for the same reason). The backward reuses the forward's masks; a
+    recomputed forward (``torch.utils.checkpoint`` restores the run's state) draws the same seed."""
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        if not (module.training and torch.is_grad_enabled()):
+            return inner(*args, **kwargs)
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + 7919 * (tp_rank + 1))
+            return inner(*args, **kwargs)
+    module.forward = forward
+
+
 class TPLayout:
     """What ``apply_tp`` did, for the strategy: the mesh, the regrouped rows ({parameter fqn: order})
     and the parameters whose gradients are partial per rank (summed over the group)."""
@@ -286,6 +306,12 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = False):
     for block in model.blocks:
         if hasattr(block.attn, "tp_local_heads"):
             block.attn.tp_local_heads(tp)
+    if model.cfg.dropout > 0:  # dropout on this rank's heads (and under SP its sequence shard): its own stream
+        r = tp_mesh.get_local_rank()
+        for block in model.blocks:
+            _rank_rng(block.attn, r)
+            if sequence_parallel:
+                _rank_rng(block.drop, r)
     model._tp_layout = layout
     return model
 
@@ -322,19 +348,22 @@ def to_model_order(obj, row_order: dict, shapes: dict, path: str = ""):
 
 
 def from_model_order(obj, row_order: dict, params: dict, path: str = ""):
-    """The inverse of ``to_model_order``: full model-order tensors regrouped and distributed like their
-    parameter (each rank keeps its slice; no communication)."""
+    """The inverse of ``to_model_order``, for a state filled from a checkpoint: the tensors of regrouped
+    parameters (and their optimizer states) hold the model's row order, whether ``to_model_order``'s
+    whole tensors or DTensors the checkpoint's loader created like the parameter and filled by global
+    index (their global content is then the model's order too); each is regrouped and distributed like
+    its parameter. Collective where it meets such a DTensor (``full_tensor``): every rank calls it alike."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(obj, dict):
         return {k: from_model_order(v, row_order, params, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [from_model_order(v, row_order, params, f"{path}.{i}") for i, v in enumerate(obj)]
-    if isinstance(obj, torch.Tensor) and not isinstance(obj, DTensor):
+    if isinstance(obj, torch.Tensor):
         fqn = _match(path, row_order)
         if fqn is not None and tuple(obj.shape) == tuple(params[fqn].shape):
             p = params[fqn]
-            x = obj[row_order[fqn]].to(p.dtype)
+            x = _full(obj)[row_order[fqn]].to(obj.dtype)
             return distribute_tensor(x, p.device_mesh, p.placements, src_data_rank=None) \
                 if isinstance(p, DTensor) else x
     return obj
@@ -446,9 +475,13 @@ class TPStrategy(Strategy):
     @property
     def mesh(self):
         if self._mesh is None:
+            import torch.distributed as dist
             from torch.distributed.device_mesh import init_device_mesh
 
             dev = self.device.type
+            if not dist.is_initialized() and self.world_size == 1:  # alone: a group of one (legal, pointless)
+                dist.init_process_group("gloo" if dev == "cpu" else "nccl", store=dist.HashStore(), rank=0,
+                                        world_size=1)
             self._mesh = init_device_mesh(dev, (self.dp_size, self.tp_size), mesh_dim_names=("dp", "tp"))
         return self._mesh
 

@@ -67,9 +67,12 @@ size; every rank materializes the whole model and optimizer state for it (fine a
 flat split is no DTensor placement of the original shapes, so it cannot be saved as pieces and
 still reshard by name).
 
-Limits: every rank must produce the same set of gradients in a backward (a parameter unused on one
-rank but used on another would pair ZeRO-2/3's per-parameter collectives wrongly; lmforge's MoE
-stacks its experts in one tensor, which always gets a gradient); ZeRO-3 parameters are only valid
+Limits: ZeRO-2/3 reduce each gradient when backward produces it, so every rank must produce the same
+set of gradients in a backward (a parameter unused on one rank but used on another would pair the
+per-parameter collectives wrongly; lmforge's MoE stacks its experts in one tensor, which always gets
+a gradient); ZeRO-1 reduces every trained parameter after backward in one order (a rank without a
+gradient sends zeros), so a parameter no rank used gets a zero gradient where one process would
+skip it; ZeRO-3 parameters are only valid
 inside their unit's forward and backward, so read the weights through ``full_state_dict`` (not
 ``model.state_dict()``) and do not move a wrapped model between devices.
 """
@@ -493,32 +496,12 @@ class _Zero(Strategy):
         return out
 
     @torch.no_grad()
-    def _init_state(self, opt) -> None:
-        """Fill an optimizer's empty state as ``get_state_dict`` does (one step with zero gradients at lr 0),
-        so that a checkpoint has every entry to load into."""
-        if opt.state or any(p.grad is not None for g in opt.param_groups for p in g["params"]):
-            return
-        for g in opt.param_groups:
-            for p in g["params"]:
-                if p.requires_grad:
-                    p.grad = torch.zeros_like(p)
-        lrs = [g.get("lr") for g in opt.param_groups]
-        for g in opt.param_groups:
-            if "lr" in g:
-                g["lr"] = 0.0
-        opt.step()
-        for g, lr in zip(opt.param_groups, lrs):
-            if lr is not None:
-                g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
     def dcp_state(self, model, opts: list) -> dict:
         """{"model": {name: full tensor}, "optim": {"state": {name: {key: full tensor | scalar}},
         "param_groups": [{..., "params": [names]}]}}: ``get_state_dict``'s form for the unwrapped model and
-        its optimizers (whole tensors on every rank; collective in ZeRO-3 and for gathered state)."""
-        from ..train.optim import WeightEMA
-
+        its optimizers, merged (whole tensors on every rank; collective in ZeRO-3 and for sharded state).
+        An optimizer without state (before its first step) gives no entries: it is not stepped at lr 0 to
+        make some, as ``get_state_dict`` does, which would count a step (AdamW's bias correction)."""
         model_sd = {}
         for name, t in model.state_dict(keep_vars=True).items():
             pc = self._by_param.get(id(t))
@@ -526,8 +509,6 @@ class _Zero(Strategy):
         names = self._names(model)
         osd = {"state": {}, "param_groups": []}
         for opt in opts:
-            if not isinstance(opt, WeightEMA):
-                self._init_state(opt)
             sd = opt.state_dict()
             flat = [p for g in opt.param_groups for p in g["params"]]
             for i, p in enumerate(flat):
@@ -565,6 +546,12 @@ class _Zero(Strategy):
         if not osd:
             return
         names = self._names(model)
+        if isinstance(osd, (list, tuple)):  # one {"state", "param_groups"} per optimizer: merge them
+            if len(osd) != len(opts):
+                raise ValueError(f"{self.name}: the checkpoint has {len(osd)} optimizer states, the run {len(opts)} "
+                                 "optimizers (another optimizer setting, or ema switched on or off?)")
+            osd = {"state": {k: v for o in osd for k, v in o.get("state", {}).items()},
+                   "param_groups": [g for o in osd for g in o.get("param_groups", [])]}
         groups = list(osd.get("param_groups", []))
         at = 0
         for opt in opts:
@@ -630,8 +617,9 @@ class _ReplicatedParams(_Zero):
             self.comm.all_gather(pc.buf, pc.buf[pc.lo:pc.hi].clone())
 
     def _load_param(self, pc: Piece, src: torch.Tensor) -> None:
-        pc.buf.zero_()
-        pc.buf[:pc.numel] = src.reshape(-1).to(pc.buf.device, pc.buf.dtype)
+        # (``src`` may be the parameter itself: dcp_state hands out the live tensors, which DCP fills in place)
+        pc.buf[:pc.numel].copy_(src.reshape(-1).to(pc.buf.device, pc.buf.dtype))
+        pc.buf[pc.numel:].zero_()
 
 
 class Zero1Strategy(_ReplicatedParams):
@@ -644,13 +632,9 @@ class Zero1Strategy(_ReplicatedParams):
     def _after_last_backward(self) -> None:
         if self._synced:
             return
-        has = torch.tensor([float(pc.param.grad is not None) for pc in self.pieces], device=self.device)
-        has = self.comm.sum_scalar(has)  # a parameter with a gradient on any rank is reduced on all
-        for pc, h in zip(self.pieces, has.tolist()):
-            if not h:
-                continue  # no gradient anywhere: the optimizer skips it, as in one process
+        for pc in self.pieces:  # every rank reduces every parameter, in one order: no rank can wait alone
             g = pc.param.grad
-            buf = pc.pad(g) if g is not None else pc.param.new_zeros(pc.padded)
+            buf = pc.pad(g) if g is not None else pc.param.new_zeros(pc.padded)  # (no gradient here: zeros)
             self.comm.all_reduce_mean(buf)
             pc.param.grad = pc.unpad(buf)  # the full averaged gradient, on every rank
             pc.shard.grad = buf[pc.lo:pc.hi]  # this rank's piece of it (a view)
