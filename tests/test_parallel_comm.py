@@ -24,8 +24,8 @@ def test_theoretical_volumes():
     f = 3 / 4
     assert C.theoretical_volume("ddp", psi, N) == {"all_reduce": 2 * psi * f}
     assert C.theoretical_volume("zero1", psi, N, paper=True) == {"reduce_scatter": psi * f, "all_gather": psi * f}
-    assert C.theoretical_volume("zero1", psi, N, n_tensors=3) == {"all_reduce": 2 * (psi + 3) * f,
-                                                                   "all_gather": psi * f}
+    assert C.theoretical_volume("zero1", psi, N) == {"all_reduce": 2 * psi * f, "all_gather": psi * f}
+    assert C.theoretical_volume("ddp", psi, N, n_tensors=3) == {"all_reduce": 2 * (psi + 3) * f}  # a used map
     # gradients reduce once per step; parameters gather for every micro-batch (ZeRO-3: forward and backward)
     assert C.theoretical_volume("zero2", psi, N, micro_batches=2) == {"reduce_scatter": psi * f, "all_gather": psi * f}
     assert C.theoretical_volume("zero3", psi, N, micro_batches=2) == {"reduce_scatter": psi * f,

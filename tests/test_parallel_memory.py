@@ -106,7 +106,7 @@ def _theory(name: str, optimizer: str, model: dict | None = None) -> dict:
     B = 8 if name in ("tp", "tp+fsdp") else 4  # TP ranks read the whole global batch of 8
     return theoretical_volume(name, pp["all"], 2, micro_batches=ACCUM, root_params=pp["root"],
                               act_elements=16 * B * cfg.d_model, n_layer=cfg.n_layer, muon_params=pp["muon"],
-                              n_tensors=pp["tensors"] if name == "zero1" or (name == "ddp" and cfg.moe) else 0, tp=2,
+                              n_tensors=pp["tensors"] if name == "ddp" and cfg.moe else 0, tp=2,
                               shared_params=pp["shared"], tp_pairs=pp["tp_pairs"])
 
 

@@ -238,9 +238,9 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
     two); ``muon_params``: the hidden matrices Muon orthogonalizes whole, all-gathered once per
     step where they are sharded (ZeRO, FSDP2, TP); ``shared_params`` (ZeRO-3): a tensor two units
     share (tied embeddings: the embedding's unit and the head's) is gathered by each unit's forward
-    and once for both backwards, one gather more per micro-batch; ``n_tensors``: the trained tensors
-    whose flags are all-reduced once per step (ZeRO-1: "has a gradient"; DDP with
-    ``find_unused_parameters``, as lmforge runs a MoE model: its "was used" map; 0 otherwise).
+    and once for both backwards, one gather more per micro-batch; ``n_tensors`` (DDP with
+    ``find_unused_parameters``, as lmforge runs a MoE model): the trained tensors, whose "was used"
+    map DDP all-reduces once per step (0 otherwise).
     TP: ``act_elements`` = s·b·h of one micro-batch; each column-wise / row-wise pair
     (``tp_pairs``; default 2 per block of ``n_layer``: attention and MLP; a MoE's replicated experts
     make none) all-reduces once forward and once backward, over the ``tp`` ranks of a
@@ -266,7 +266,7 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
     if strategy == "ddp":
         return {"all_reduce": 2 * (n_params + n_tensors) * f}
     if strategy == "zero1":  # lmforge's ZeRO-1 all-reduces as DDP, then gathers the updated pieces
-        return {"all_reduce": 2 * (n_params + n_tensors) * f, "all_gather": (n_params + muon_params) * f}
+        return {"all_reduce": 2 * n_params * f, "all_gather": (n_params + muon_params) * f}
     if strategy == "zero2":
         return {"reduce_scatter": n_params * f, "all_gather": (n_params + muon_params) * f}
     if strategy == "zero3":
