@@ -53,7 +53,7 @@ def ck_train(parallel: str = "none", steps: int = 4, save_at: int | None = None,
     (rank 0), the step it started at, and three draws of torch's RNG at the end."""
     from lmforge.model.transformer import Transformer
     from lmforge.parallel import make_strategy
-    from lmforge.parallel.checkpoint import load_dist_checkpoint, save_dist_checkpoint
+    from lmforge.parallel.checkpoint import load_dist_checkpoint, save_dist_checkpoint, state_summary
     from lmforge.train.checkpoint import save_checkpoint
     from lmforge.train.loop import LoopConfig
     from lmforge.train.optim import WeightEMA, build_optimizers
@@ -78,10 +78,11 @@ def ck_train(parallel: str = "none", steps: int = 4, save_at: int | None = None,
         info = load_dist_checkpoint(resume, strategy, net, saved)
         start = info["step"]
     loaded = full_training_state(strategy, net, saved) if resume is not None else None
+    summary = state_summary(strategy, net, saved) if resume is not None else None
     if load_only:
         return {"info": info, "loaded": loaded}
     data = global_batches(steps, accum, global_b, T, mcfg.vocab_size, seed)
-    losses, gnorms, at_save = [], [], None
+    losses, gnorms, at_save, summary_at_save = [], [], None, None
     for s in range(start, steps):
         micro = data[s, :, dp_rank * B:(dp_rank + 1) * B]
         N = strategy.all_sum([micro[:, :, 1:].numel()])[0]
@@ -108,17 +109,22 @@ def ck_train(parallel: str = "none", steps: int = 4, save_at: int | None = None,
             else:
                 save_dist_checkpoint(run_dir, strategy, net, saved, state, tokenizer=tok)
             at_save = full_training_state(strategy, net, saved)
+            summary_at_save = state_summary(strategy, net, saved)
     return {"losses": losses, "gnorms": gnorms, "state": strategy.full_state_dict(net),
             "final": full_training_state(strategy, net, saved),
             "start": start, "rng": torch.rand(3), "info": info, "at_save": at_save,
-            "loaded": loaded}
+            "loaded": loaded, "summary_at_save": summary_at_save, "summary": summary}
 
 
-def assert_restored(at_save: dict, loaded: dict) -> None:
-    """The state a run loaded is, tensor for tensor and bit for bit, the state the saving run held."""
+def assert_restored(saved: dict, got: dict) -> None:
+    """The state run ``got`` loaded is, tensor for tensor and bit for bit, the state run ``saved`` held
+    when it saved, and ``state_summary`` says so (the same digests at both world sizes)."""
+    at_save, loaded = saved["at_save"], got["loaded"]
     assert set(at_save) == set(loaded), sorted(set(at_save) ^ set(loaded))[:6]
     for k, t in at_save.items():
         assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t), f"{k}: restored differently"
+    assert saved["summary_at_save"] == got["summary"], (saved["summary_at_save"], got["summary"])
+    assert all(s["params_with_state"] > 0 for s in got["summary"][:1])
 
 
 def assert_resumed(ref: dict, got: dict, start: int, tol: float = TOL) -> float:
@@ -211,7 +217,7 @@ def test_layout_and_resume_one_process(tmp_path):
     assert tr["optimizers"][1]["params_with_state"] > 0
     got = ck_train("none", resume=str(ck))
     assert got["info"]["step"] == 2 and got["info"]["elapsed"] == 0.5
-    assert_restored(whole["at_save"], got["loaded"])
+    assert_restored(whole, got)
     assert_resumed(whole, got, 2, tol=0.0)  # the same process and world: bit for bit
 
 
@@ -260,7 +266,7 @@ def test_ddp_2_ranks_resumes_on_1(ddp_ck):
     tr = json.loads((ck / "trainer.json").read_text())
     assert tr["saved_by"]["strategy"] == "ddp" and tr["saved_by"]["world_size"] == 2
     on1 = ck_train("none", resume=str(ck))
-    assert_restored(whole["at_save"], on1["loaded"])
+    assert_restored(whole, on1)
     print(f"ddp 2 -> 1 process: max difference {assert_resumed(whole, on1, 2):.2g}")
 
 
@@ -270,7 +276,7 @@ def test_fsdp_2_ranks_resumes_on_1(fsdp_ck):
     tr = json.loads((ck / "trainer.json").read_text())
     assert tr["saved_by"]["strategy"] == "fsdp" and tr["saved_by"]["world_size"] == 2
     got = ck_train("none", resume=str(ck))
-    assert_restored(whole["at_save"], got["loaded"])
+    assert_restored(whole, got)
     print(f"fsdp 2 -> 1 process: max difference {assert_resumed(whole, got, 2):.2g}")
 
 
@@ -347,3 +353,35 @@ def test_export_consolidates_a_dist_checkpoint(tmp_path, ddp_ck):
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["architectures"] == ["LlamaForCausalLM"] and (tmp_path / "hf" / "model.safetensors").exists()
     assert sorted(p.name for p in ck.iterdir()) == ["config.json", "dcp", "trainer.json"]  # untouched
+
+
+def test_tied_embeddings_resume_and_consolidate(tmp_path):
+    import lmforge.model as lm
+    from lmforge.parallel.checkpoint import consolidate
+
+    tied = {"tie_embeddings": True}
+    whole = ck_train("none", save_at=2, run_dir=str(tmp_path / "run"), model=tied, tokenizer=True)
+    got = ck_train("none", resume=str(_ck(tmp_path / "run")), model=tied)
+    assert_restored(whole, got)
+    assert_resumed(whole, got, 2, tol=0.0)
+    out = consolidate(_ck(tmp_path / "run"), tmp_path / "model")
+    model, tok = lm.load(out)
+    assert model.lm_head.weight is model.tok_emb.weight and tok is not None
+    assert torch.equal(model.tok_emb.weight, whole["at_save"]["model.tok_emb.weight"])
+
+
+def test_bad_paths(tmp_path):
+    from lmforge.parallel.checkpoint import consolidate, is_dist_checkpoint, load_dist_checkpoint
+
+    ck_train("none", steps=2, save_at=2, run_dir=str(tmp_path / "run"))
+    ck = _ck(tmp_path / "run")
+    with pytest.raises(ValueError, match="not a distributed checkpoint"):
+        consolidate(tmp_path, tmp_path / "out")
+    (ck / "trainer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no trainer.json"):
+        ck_train("none", resume=str(ck), load_only=True)
+    assert is_dist_checkpoint(ck) and not is_dist_checkpoint(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "trainer.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither a distributed checkpoint"):
+        load_dist_checkpoint(tmp_path / "empty", None, None, [])

@@ -520,6 +520,8 @@ def save_dist_checkpoint(run_dir, strategy, model, opts: list, state: dict, toke
         old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
         for p in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(".tmp-step-*"):  # what an earlier save that died left
+            shutil.rmtree(p, ignore_errors=True)
     strategy.barrier()
     return final
 
@@ -575,3 +577,33 @@ def consolidate(ck, out) -> Path:
 
         tok = load_tok(ck / "tokenizer.lmforge.json")
     return save(model, out, tok, tokens=load_tokens(ck, tok) if tok is not None else None)
+
+
+# ---- what a run holds, comparable across world sizes ----
+
+def state_summary(strategy, model, opts: list) -> list[dict]:
+    """``lmforge.train.checkpoint.state_summary`` for a distributed run: per optimizer its class,
+    ``params_with_state``, ``step`` and a ``sha256`` of its whole state tensors by parameter name, the
+    same for one state whatever the strategy and world size that hold it (a resumed run on 4 ranks
+    shows the digest the 2-rank run saved). Collective: sharded tensors are gathered one at a time."""
+    import hashlib
+
+    from torch.distributed.tensor import DTensor
+
+    state, _ = _strategy_state(strategy, model, opts)
+    out = []
+    for opt, osd in zip(opts, state["optim"]):
+        h, steps = hashlib.sha256(), set()
+        for name in sorted(osd["state"]):
+            for key in sorted(osd["state"][name]):
+                v = osd["state"][name][key]
+                if torch.is_tensor(v):
+                    t = (v.full_tensor() if isinstance(v, DTensor) else v).detach().contiguous().cpu()
+                    h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+                    h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                    v = t.item() if t.numel() == 1 else None
+                if key == "step" and v is not None:
+                    steps.add(int(v))
+        out.append({"name": type(opt).__name__, "params_with_state": len(osd["state"]),
+                    "step": max(steps) if steps else None, "sha256": h.hexdigest()[:16]})
+    return out
