@@ -60,8 +60,8 @@ def _available():
     return ok
 
 
-# (optimizer, model overrides). The third: the embeddings tied to the head (one tensor, counted once; ZeRO-3
-# gathers it once more per micro-batch), an odd vocabulary of 65 rows (FSDP2 pads them to 66, 33 per rank)
+# (optimizer, model overrides). The third: the embeddings tied to the head (one tensor, counted and gathered
+# once), an odd vocabulary of 65 rows (FSDP2 pads them to 66, 33 per rank)
 # and a MoE feed-forward of 4 experts, top 2 (TP replicates the experts; DDP finds unused parameters and
 # all-reduces their "used" map)
 CASES = {"adamw": ("adamw", None), "muon": ("muon", None),
@@ -107,7 +107,7 @@ def _theory(name: str, optimizer: str, model: dict | None = None) -> dict:
     return theoretical_volume(name, pp["all"], 2, micro_batches=ACCUM, root_params=pp["root"],
                               act_elements=16 * B * cfg.d_model, n_layer=cfg.n_layer, muon_params=pp["muon"],
                               n_tensors=pp["tensors"] if name == "ddp" and cfg.moe else 0, tp=2,
-                              shared_params=pp["shared"], tp_pairs=pp["tp_pairs"])
+                              tp_pairs=pp["tp_pairs"])
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

@@ -32,8 +32,8 @@ gradients reduce-scattered). lmforge's, exactly (the default): DDP 2Ψ; ZeRO-1 2
 all-reduces as DDP does, then all-gathers the updated pieces: one Ψ more than the paper); ZeRO-2
 Ψ + Ψ; ZeRO-3 2aΨ + Ψ and FSDP2 2a(Ψ - Ψ_root) + aΨ_root + Ψ over a step of a micro-batches
 (parameters are gathered for every micro-batch, gradients reduced once, on the last; FSDP2's root
-unit stays gathered from its forward to its backward; ZeRO-3 gathers a tied embedding once more per
-micro-batch, for the head's unit); Muon adds an all-gather of its hidden
+unit stays gathered from its forward to its backward, while ZeRO-3's root unit is gathered for each);
+Muon adds an all-gather of its hidden
 matrices (Newton-Schulz needs them whole); TP: per block and micro-batch two all-reduces of s·b·h
 activations forward and two backward. Ψ is padded as the strategy pads it (``padded_params``).
 
@@ -224,7 +224,7 @@ def install_ddp_hook(ddp_module, counter: CommCounter) -> None:
 
 def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches: int = 1, root_params: float = 0.0,
                        act_elements: float = 0.0, n_layer: int = 0, muon_params: float = 0.0, n_tensors: int = 0,
-                       tp: int = 1, shared_params: float = 0.0, tp_pairs: int | None = None,
+                       tp: int = 1, tp_pairs: int | None = None,
                        paper: bool = False) -> dict:
     """The per-rank elements one optimizer step should move, by kind (ring volumes: the module
     docstring), for lmforge's implementation of ``strategy`` (``paper=True``: the ZeRO paper's
@@ -236,9 +236,7 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
     gathered for every micro-batch); ``root_params`` (FSDP2): those outside the blocks, which the
     root keeps gathered from its forward to its backward (one all-gather per micro-batch, not
     two); ``muon_params``: the hidden matrices Muon orthogonalizes whole, all-gathered once per
-    step where they are sharded (ZeRO, FSDP2, TP); ``shared_params`` (ZeRO-3): a tensor two units
-    share (tied embeddings: the embedding's unit and the head's) is gathered by each unit's forward
-    and once for both backwards, one gather more per micro-batch; ``n_tensors`` (DDP with
+    step where they are sharded (ZeRO, FSDP2, TP); ``n_tensors`` (DDP with
     ``find_unused_parameters``, as lmforge runs a MoE model): the trained tensors, whose "was used"
     map DDP all-reduces once per step (0 otherwise).
     TP: ``act_elements`` = s·b·h of one micro-batch; each column-wise / row-wise pair
@@ -270,8 +268,7 @@ def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches
     if strategy == "zero2":
         return {"reduce_scatter": n_params * f, "all_gather": (n_params + muon_params) * f}
     if strategy == "zero3":
-        return {"reduce_scatter": n_params * f,
-                "all_gather": (2 * a * n_params + a * shared_params + muon_params) * f}
+        return {"reduce_scatter": n_params * f, "all_gather": (2 * a * n_params + muon_params) * f}
     if strategy == "fsdp":
         gathers = 2 * a * (n_params - root_params) + a * root_params
         return {"reduce_scatter": n_params * f, "all_gather": (gathers + muon_params) * f}
