@@ -12,8 +12,10 @@ reducer (C++: its bucket all-reduces call ``c10d.allreduce_`` through the dispat
 gloo, 2 ranks: the mode sees one ``allreduce_`` per bucket). ``install_ddp_hook(ddp, counter)``
 counts DDP's buckets a second, independent way (a DDP communication hook that records each
 bucket, then averages it as DDP's default hook does), so a test can check the two agree. Only
-the calls made while the mode is active, on this thread, are seen (a collective issued from a
-thread of its own, such as an asynchronous checkpoint writer's, is not).
+the calls made while the mode is active are seen: on this thread, and in the backward, which on a
+CPU runs on the calling thread (on CUDA autograd's device threads inherit the mode with the rest
+of its thread-local state: not checked here, there was no GPU). A collective issued from a thread
+of its own (an asynchronous checkpoint writer's) is not.
 
 **The volume per rank** is what a ring implementation sends from each of the N ranks of the
 collective's group, in elements (bytes: times the element size):
@@ -32,14 +34,15 @@ gradients reduce-scattered). lmforge's, exactly (the default): DDP 2Ψ; ZeRO-1 2
 all-reduces as DDP does, then all-gathers the updated pieces: one Ψ more than the paper); ZeRO-2
 Ψ + Ψ; ZeRO-3 2aΨ + Ψ and FSDP2 2a(Ψ - Ψ_root) + aΨ_root + Ψ over a step of a micro-batches
 (parameters are gathered for every micro-batch, gradients reduced once, on the last; FSDP2's root
-unit stays gathered from its forward to its backward, while ZeRO-3's root unit is gathered for each);
-Muon adds an all-gather of its hidden
-matrices (Newton-Schulz needs them whole); TP: per block and micro-batch two all-reduces of s·b·h
-activations forward and two backward. Ψ is padded as the strategy pads it (``padded_params``).
+unit stays gathered from its forward to its backward, while ZeRO-3's root unit is gathered for
+each); Muon adds an all-gather of its hidden matrices (Newton-Schulz needs them whole); TP: per
+micro-batch, each column-wise / row-wise pair (attention's and the MLP's in a dense block) one
+all-reduce of s·b·h activations forward and one backward. Ψ is padded as the strategy pads it
+(``padded_params``).
 
 Collectives of at most ``SMALL = 8`` elements (the loop's loss sums and normalizer, a global
-gradient norm, DDP's broadcast of a rope table) are counted apart as ``small``, so the figures
-compare with the theory without them.
+gradient norm) are counted apart as ``small``, so the figures compare with the theory without
+them. DDP's broadcast of the model's buffers (16 elements for the tests' rope table) is not small.
 """
 from __future__ import annotations
 
