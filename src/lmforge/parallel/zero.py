@@ -37,11 +37,14 @@ keep the full parameters in padded flat buffers (so a piece is a view, updated i
   gradient freed; a rank keeps only its pieces' gradients. Then as ZeRO-1.
 * ZeRO-3: the parameters live as pieces (``nn.Parameter`` of s elements, what the optimizer steps);
   the model's own parameters keep their shapes but their storage is released (size 0). The units
-  are each of ``model.blocks`` and each other child of the root that holds parameters (embeddings,
-  final norm, head). Just before a unit's forward its parameters are all-gathered into their own
-  storage, after it they are released; a hook on the unit's output gathers them again when backward
-  reaches the unit, and each is released as soon as its gradient is accumulated (reduce-scattered
-  to the owners on the last micro-batch). No prefetch, no overlap: one unit at a time, readable.
+  are each of ``model.blocks`` and the root (every other parameter: embeddings, final norm, head).
+  Just before a block's forward its parameters are all-gathered into their own storage, after it
+  they are released; a hook on the block's output gathers them again when backward reaches it, and
+  each is released as soon as its gradient is accumulated (reduce-scattered to the owners on the
+  last micro-batch). The root's parameters are gathered from the entry to the exit of ``forward``,
+  ``hidden_states`` or ``compute_logits`` (callers use the latter two directly, and the model reads
+  ``pos_emb.weight`` without calling its module), so they stay whole across the blocks' forward,
+  as FSDP2's root does. No prefetch, no overlap: one unit at a time, readable.
 
 Gradient accumulation: gradients synchronize only on the last micro-batch (``micro_batch``); before
 it each rank sums its micro-batches' full gradients locally, so with grad_accum > 1 a ZeRO-2/3 rank
@@ -695,6 +698,7 @@ class Zero3Strategy(_Zero):
         self._held: dict[int, int] = {}  # id(Piece) -> how many open uses keep it gathered
         self._bwd_holds: dict[int, int] = {}  # id(Piece) -> holds taken for this backward, not yet released
         self._callback_queued = False
+        self._root_depth = 0  # nested calls of the root's methods in progress
 
     @torch.no_grad()
     def wrap(self, model):
@@ -709,31 +713,50 @@ class Zero3Strategy(_Zero):
             self._release_storage(pc)
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda _p, pc=pc: self._grad_ready(pc))
-        for module in self._unit_modules(model):
+        blocks = list(getattr(model, "blocks", []))
+        in_blocks = set()
+        for module in blocks:
             ps = list({id(self._by_param[id(p)]): self._by_param[id(p)] for p in module.parameters()}.values())
             self.units.append((module, ps))
+            in_blocks.update(id(pc) for pc in ps)
             module.register_forward_pre_hook(lambda m, args, ps=ps: self._acquire(ps))
             module.register_forward_hook(lambda m, args, out, ps=ps: self._after_forward(ps, out))
+        root = [pc for pc in self.pieces if id(pc) not in in_blocks]  # embeddings, final norm, head
+        if root:
+            self.units.append((model, root))
+            for name in self.ROOT_METHODS:  # entry points: forward, and the ones callers use directly
+                fn = getattr(model, name, None)
+                if callable(fn):
+                    setattr(model, name, self._root_method(fn, root))
         return model
 
-    @staticmethod
-    def _unit_modules(model) -> list[nn.Module]:
-        """Each of ``model.blocks``, each other child of the root holding parameters, and the root for
-        parameters of its own."""
-        blocks = list(getattr(model, "blocks", []))
-        units = list(blocks)
-        for name, child in model.named_children():
-            if child is getattr(model, "blocks", None):
-                continue
-            if any(True for _ in child.parameters()):
-                units.append(child)
-        if any(True for _ in model.parameters(recurse=False)):
-            units.append(model)
-        covered = {id(p) for m in units for p in m.parameters()}
-        left = [n for n, p in model.named_parameters() if id(p) not in covered]
-        if left:
-            raise ValueError(f"zero3: parameters {left[:3]} belong to no unit (model.blocks or a child of the root)")
-        return units
+    # the root's methods that gather its own parameters (the embeddings, final norm and head): a unit's
+    # module hooks would miss a caller of ``hidden_states`` / ``compute_logits`` and a parameter read
+    # directly (``pos_emb.weight[p:p + T]``), so the root's parameters are one unit, held from the
+    # entry to the exit of any of these (nested calls count once) and gathered again for backward
+    ROOT_METHODS = ("forward", "hidden_states", "compute_logits")
+
+    def _root_method(self, fn, pieces):
+        def method(*args, **kwargs):
+            self._acquire(pieces)
+            self._root_depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            except BaseException:
+                for pc in pieces:
+                    self._release(pc)
+                raise
+            finally:
+                self._root_depth -= 1
+            if self._root_depth:  # a nested call (forward -> hidden_states): the outermost one hooks backward
+                for pc in pieces:
+                    self._release(pc)
+            else:
+                self._after_forward(pieces, out)
+            return out
+        method.__wrapped__ = fn
+        method.__doc__ = fn.__doc__
+        return method
 
     # ---- gather / release ----
     @staticmethod
