@@ -64,9 +64,10 @@ is refused by name (a non-elementwise update needs its own sharded step, as Muon
 Gradient clipping takes the global norm: the sum of the squared norms of the rank's gradient pieces,
 all-reduced (ZeRO-1: every rank holds the whole averaged gradient, so its local norm is the global
 one, no collective). Checkpoints (``dcp_state``): full tensors keyed by parameter name, the form
-``torch.distributed.checkpoint.state_dict.get_state_dict`` gives for the unwrapped model and its
-optimizers, so a ZeRO checkpoint resumes under DDP, FSDP2, one process or another ZeRO and world
-size; every rank materializes the whole model and optimizer state for it (fine at this scale; a
+``torch.distributed.checkpoint.state_dict`` gives for the unwrapped model and each of its optimizers
+(``get_model_state_dict``; ``get_optimizer_state_dict``, one state per optimizer: a weight average
+and AdamW name the same parameter), so a ZeRO checkpoint resumes under DDP, FSDP2, one process or
+another ZeRO and world size; every rank materializes the whole model and optimizer state for it (fine at this scale; a
 flat split is no DTensor placement of the original shapes, so it cannot be saved as pieces and
 still reshard by name).
 
