@@ -533,3 +533,40 @@ def test_zero_partition_arithmetic():
     parts = [pc.mine(p) for pc in pieces]
     assert [x.tolist() for x in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]  # the last one padded
     assert torch.equal(pieces[0].unpad(torch.cat(parts)), p.detach())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_refuses_a_second_wrap_and_foreign_tensors(stage):
+    from lmforge.model.transformer import Transformer
+
+    s = _one_rank(stage)
+    net = Transformer(tiny_config())
+    s.wrap(net)
+    with pytest.raises(RuntimeError, match="wrap.. was already called"):
+        s.wrap(net)
+    stray = torch.nn.Parameter(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"shape \(3, 5\) that is not a trained parameter"):
+        s.wrap_optimizers(net, [torch.optim.AdamW([stray])])
+
+
+def test_zero3_model_without_blocks_is_one_unit():
+    """A model with no ``blocks``: the root is the only unit, gathered for forward and backward, released after."""
+    torch.manual_seed(0)
+    ref_net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    net.load_state_dict(ref_net.state_dict())
+    s = _one_rank("zero3")
+    s.wrap(net)
+    (opt,) = s.wrap_optimizers(net, [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)])
+    ref_opt = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for m, o, step in ((ref_net, ref_opt, lambda: ref_opt.step()), (net, opt, lambda: s.step([opt]))):
+            with s.micro_batch(m, last=True):
+                m(x).pow(2).sum().backward()
+            step()
+            s.zero_grad([opt]) if m is net else o.zero_grad()
+        assert all(p.untyped_storage().nbytes() == 0 for p in net.parameters())
+    full = s.full_state_dict(net)
+    for k, t in ref_net.state_dict().items():
+        assert torch.allclose(full[k], t, atol=1e-6), k
