@@ -129,3 +129,20 @@ def test_per_rank_batch_and_settings():
                      (dict(dist_timeout=0), "dist_timeout"), (dict(global_batch_size=-1), "global_batch_size")):
         with pytest.raises(ValueError, match=msg):
             check_loop_config(LoopConfig(max_steps=1, **bad))
+
+
+def test_bad_launch_flags_are_usage_errors(tmp_path, capsys):
+    """Refused before anything starts (exit status 2, the flag named)."""
+    from lmforge.cli import main
+
+    (tmp_path / "t.txt").write_text("x" * 2000)
+    base = ["pretrain", "--text", str(tmp_path / "t.txt"), "--max-steps", "1", "--out", str(tmp_path / "r")]
+    assert main([*base, "--nproc", "0"]) == 2
+    assert "--nproc: expected a positive integer, got 0" in capsys.readouterr().err
+    assert main([*base, "--nproc", "1", "--nnodes", "2"]) == 2
+    assert "--master-port: nnodes = 2 needs the port" in capsys.readouterr().err
+    assert main([*base, "--nproc", "1", "--nnodes", "2", "--node-rank", "2", "--master-port", "29999"]) == 2
+    assert "--node-rank: 2 is not in [0, nnodes=2)" in capsys.readouterr().err
+    assert main([*base, "--set", "parallel=zero9"]) == 2
+    assert "parallel: unknown strategy 'zero9'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -1,7 +1,8 @@
 """Pre-training on 2 DDP ranks (gloo, this CPU) through ``lmforge.train.trainer.train``: equal to one
 process on the same global batch (the losses in metrics.jsonl and the saved model, 1e-5), with
-gradient accumulation and clipping, AdamW and Muon; global_batch_size; settings refused alike on every
-rank. The loader's sharding and resume across world sizes: tests/test_parallel_core.py."""
+gradient accumulation and clipping, AdamW and Muon (global_batch_size and settings refused alike on
+every rank: tests/test_parallel_train_settings.py; the loader's sharding and resume across world
+sizes: tests/test_parallel_core.py)."""
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def text_file(tmp_path_factory, corpus_texts):
 
 def base_cfg(text_file, out, **kw):
     d = dict(out=str(out), text=str(text_file), tokenizer="char", preset="tiny", model=dict(TINY), batch_size=8,
-             seq_len=32, grad_accum=2, max_steps=4, eval_every=2, eval_batches=2, final_eval_batches=2,
+             seq_len=32, grad_accum=2, max_steps=3, eval_every=2, eval_batches=2, final_eval_batches=2,
              warmup_steps=1, log_every=1, peak_flops=1e11, threads=1, grad_clip=0.05, lr=3e-3, dtype="fp32",
              device="cpu", sample_every=2, sample_tokens=4)
     d.update(kw)
@@ -53,7 +54,7 @@ def assert_same_run(ref_out, got_out, atol=1e-5):
     assert len(la) == len(lb) and la, (la, lb)
     for i, (x, y) in enumerate(zip(la, lb)):
         assert abs(x - y) <= atol * max(1.0, abs(x)), f"loss at step {i + 1}: one process {x}, 2 ranks {y}"
-    for ra, rb in zip(a, b):
+    for ra, rb in zip([r for r in a if "loss" in r], [r for r in b if "loss" in r]):
         assert ra["tokens"] == rb["tokens"]  # the global tokens, summed over the ranks
         if "val_loss" in ra:
             assert abs(ra["val_loss"] - rb["val_loss"]) <= atol
@@ -76,43 +77,8 @@ def test_ddp_pretrain_equals_one_process(text_file, tmp_path, optimizer):
     assert all(r["grad_norm"] > 0.05 for r in metrics(tmp_path / "one") if "grad_norm" in r)  # clipping binds
     fin = json.loads((tmp_path / "ddp" / "final.json").read_text())
     assert fin["parallel"]["strategy"] == "ddp" and fin["parallel"]["world_size"] == 2
-    assert abs(fin["val_loss"] - ref["val_loss"]) <= 1e-5 and fin["step"] == ref["step"] == 4
-    assert got[0]["step"] == got[1]["step"] == 4
+    assert abs(fin["val_loss"] - ref["val_loss"]) <= 1e-5 and fin["step"] == ref["step"] == 3
+    assert got[0]["step"] == got[1]["step"] == 3
     # rank 0 alone samples (every 2 steps) and writes the files
-    assert [r["step"] for r in metrics(tmp_path / "ddp") if "sample" in r] == [2, 4]
+    assert [r["step"] for r in metrics(tmp_path / "ddp") if "sample" in r] == [2]
     assert (tmp_path / "ddp" / "loss.png").exists() and (tmp_path / "ddp" / "config.json").exists()
-
-
-def test_global_batch_size_sets_the_per_rank_batch(text_file, tmp_path):
-    """global_batch_size 16 = 2 ranks x grad_accum 2 x batch 4: the same run as batch 8 on one process
-    with grad_accum 2; one that does not divide is refused, naming both settings, on every rank."""
-    got = run_ranks(2, "test_parallel_train:train_rank",
-                    cfg=base_cfg(text_file, tmp_path / "g", parallel="ddp", batch_size=999, global_batch_size=16,
-                                 max_steps=2, sample_every=0))
-    tc = json.loads((tmp_path / "g" / "train_config.json").read_text())["train"]
-    assert tc["batch_size"] == 4 and tc["global_batch_size"] == 16 and got[1]["step"] == 2
-    with pytest.raises(AssertionError, match=r"global_batch_size = 10 is not a multiple .*grad_accum"):
-        run_ranks(2, "test_parallel_train:train_rank",
-                  cfg=base_cfg(text_file, tmp_path / "bad", parallel="ddp", global_batch_size=10))
-
-
-def bad_rank(cfg: dict) -> str:
-    """The error this rank raises for ``cfg`` (every rank must raise it, none may hang)."""
-    try:
-        train_rank(cfg)
-    except ValueError as e:
-        return str(e)
-    return "no error"
-
-
-def test_bad_settings_fail_alike_on_every_rank(text_file, tmp_path):
-    from lmforge.train import TrainConfig, train
-
-    with pytest.raises(ValueError, match="parallel: unknown strategy 'dpp'"):
-        train(TrainConfig(**base_cfg(text_file, tmp_path / "u", parallel="dpp")), quiet=True)
-    errs = run_ranks(2, "test_parallel_train:bad_rank", timeout=120,
-                     cfg=base_cfg(text_file, tmp_path / "n", parallel="none"))
-    assert all("parallel = 'none' but this process is one of WORLD_SIZE=2" in e for e in errs), errs
-    errs = run_ranks(2, "test_parallel_train:bad_rank", timeout=120,
-                     cfg=base_cfg(text_file, tmp_path / "t", parallel="ddp", tp_size=2))
-    assert all("tp_size = 2" in e for e in errs), errs

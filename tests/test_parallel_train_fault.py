@@ -69,7 +69,10 @@ def test_sigkill_a_rank_then_resume_exactly(text_file, tmp_path):  # noqa: F811
     step = latest_step(run)
     ck = run / "checkpoints" / f"step-{step:07d}"
     trainer = json.loads((ck / "trainer.json").read_text())  # intact: complete and readable
-    assert trainer["step"] == step and (ck / "model.safetensors").exists()
+    assert trainer["step"] == step
+    from lmforge.parallel.checkpoint import is_dist_checkpoint
+
+    assert is_dist_checkpoint(ck) and (ck / "dcp" / ".metadata").exists()  # parallel = ddp: the DCP format
     # the restart continues from exactly that checkpoint
     p2 = lmforge([*pretrain_args(text_file, run, "--nproc", "2", "--checkpoint-every", "4", "--max-steps",
                                  str(step + 3), "--set", "log_every=1"), "--resume"])

@@ -27,6 +27,11 @@ same micro-batch, so its reference cannot be precomputed per example: KTO with `
 ORPO's NLL is TRL's: the token mean over the chosen sequences' every token after the first, prompt
 included, read from the same forward as the completion log-probs (``_Tap``); CPO's and DPO's ``sft``
 NLL cover the completion only, as TRL's.
+
+On N data-parallel ranks each rank trains on its share of every global batch (``align.sft.RankShare``:
+the pairs of one global batch cut into disjoint shares), which equals one process on the same global
+batch, except KTO's KL term, whose mismatched pairs are drawn within each rank's share. The reference
+log-probs are computed on every rank alike; rank 0 writes ``ref_logps.json``.
 """
 from __future__ import annotations
 
@@ -360,8 +365,9 @@ class DPOStage:
     # ---- data ----
     def _batches(self, ex, seed: int = 0, shuffle: bool = False, kl: bool = False):
         # (the global batch size: training cuts it into the ranks' shares; evaluation reads it all on each rank)
-        return self.dapi.PrefBatches(ex, self.cfg.batch_size * self.world, mode=self.cfg.packing, pad_id=self.pad_id, seed=seed,
-                                     shuffle=shuffle, device=str(self.device), kl=kl, seq_len=self.cfg.seq_len)
+        return self.dapi.PrefBatches(ex, self.cfg.batch_size * self.world, mode=self.cfg.packing,
+                                     pad_id=self.pad_id, seed=seed, shuffle=shuffle, device=str(self.device), kl=kl,
+                                     seq_len=self.cfg.seq_len)
 
     def _read_rows(self, model, tok) -> list[dict]:
         cfg = self.cfg

@@ -13,6 +13,11 @@ hands it an ``SFTStage``.
 Normalization: ``loss_norm = "token"`` (default) is the mean cross-entropy over every trained token
 of an optimizer step (all its micro-batches together, as TRL's ``num_items_in_batch``);
 ``"conversation"`` is the mean over the step's conversations of each one's mean.
+
+On N data-parallel ranks (``parallel``, ``lmforge sft --nproc N``) the batches are planned at the
+global size (``batch_size`` per rank x ranks) and each rank builds its share (``RankShare``): disjoint
+shares that together are the one-process batch, so the run equals one process on the same global
+batch; every rank evaluates all of the held-out conversations; rank 0 alone samples and writes.
 """
 from __future__ import annotations
 

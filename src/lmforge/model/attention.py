@@ -44,7 +44,9 @@ class CausalSelfAttention(Component):
         super().__init__()
         a = cfg.attn
         self.layer, self.window = spec.index, spec.window
-        self.H, self.K, self.D = a.n_head, cfg.kv_heads, cfg.hd
+        self.n_head, self.n_kv_head = a.n_head, cfg.kv_heads  # the model's heads (facts: splits, FLOPs)
+        self.H, self.K, self.D = a.n_head, cfg.kv_heads, cfg.hd  # the heads this forward computes (tensor
+        # parallel sets H, K to this rank's share, H/tp and K/tp, after splitting the projections)
         self.qkv = nn.Linear(cfg.d_model, (self.H + 2 * self.K) * self.D, bias=a.qkv_bias)
         self.proj = nn.Linear(self.H * self.D, cfg.d_model, bias=a.out_bias)
         self.qk_norm = a.qk_norm
@@ -94,14 +96,22 @@ class CausalSelfAttention(Component):
 
     def score_flops(self, seq_len: int) -> int:
         T = min(seq_len, self.window) if self.window else seq_len
-        return 12 * self.H * self.D * T  # QK^T and AV, forward and backward (the PaLM accounting)
+        return 12 * self.n_head * self.D * T  # QK^T and AV, forward and backward (the PaLM accounting)
 
     def cache_spec(self) -> KVSpec:
         return KVSpec(self.K, self.D, self.window)
 
     def muon_splits(self) -> dict:
-        return {self.qkv.weight: [self.H * self.D, self.K * self.D, self.K * self.D]}
+        return {self.qkv.weight: [self.n_head * self.D, self.n_kv_head * self.D, self.n_kv_head * self.D]}
 
     def tp_plan(self) -> dict:
-        # heads split across ranks: the fused projection column-wise (each rank its q, k, v heads), proj row-wise
-        return {"qkv": "colwise_qkv", "proj": "rowwise"}
+        # heads split across ranks: the fused projection column-wise (each rank its q, k, v heads: the parts
+        # are muon_splits' rows), proj row-wise; the per-head norms see only this rank's heads
+        plan = {"qkv": "colwise_qkv", "proj": "rowwise"}
+        if self.qk_norm:
+            plan.update(q_norm="replicate_partial", k_norm="replicate_partial")
+        return plan
+
+    def tp_local_heads(self, tp: int) -> None:
+        """This rank computes H/tp query and K/tp key/value heads (its share of the split projections)."""
+        self.H, self.K = self.n_head // tp, self.n_kv_head // tp

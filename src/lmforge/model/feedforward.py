@@ -146,8 +146,13 @@ class MoE(Component):
                                        self.shared_gate is not None else [])
 
     def tp_plan(self) -> dict:
-        return {"router": "replicate", "w_in": "expert", "w_out": "expert",
-                **({"shared": "colwise_gate_up+rowwise"} if self.shared is not None else {})}
+        # experts: replicated (no expert parallelism: every rank runs every expert on the whole batch)
+        plan = {"router": "replicate", "w_in": "expert", "w_out": "expert"}
+        if self.shared is not None:
+            plan["shared"] = "colwise_gate_up+rowwise"  # the shared MLP's own plan (fc [gate; up], proj)
+            if self.shared_gate is not None:
+                plan["shared_gate"] = "replicate"
+        return plan
 
 
 def router_losses(stats: list[RouterStats], n_experts: int, top_k: int,

@@ -17,7 +17,17 @@ its facts, so nothing else restates them:
 * ``cache_spec()`` (attention): what it keeps per layer for decoding (``KVSpec``);
 * ``muon_splits()``: {parameter: row counts} of fused matrices Muon treats apart;
   ``adam_only()``: the matrices that stay on AdamW (a router);
-* ``tp_plan()``: {submodule: "colwise" | "rowwise" | "replicate"} for tensor parallelism.
+* ``tp_plan()``: {submodule or parameter name: kind} for tensor parallelism
+  (``lmforge.parallel.tp`` applies it; every parameter of the component must be
+  covered). Kinds: "colwise" (output features split: weight rows, bias);
+  "rowwise" (input features split; the outputs summed over the ranks);
+  "colwise_qkv" / "colwise_gate_up" (colwise of a fused matrix whose parts,
+  ``muon_splits()``'s rows, are each split: rank r holds [q_r; k_r; v_r]);
+  "replicate" (a whole copy, run on the whole input); "replicate_partial" (a
+  whole copy run on this rank's shard only, e.g. a per-head norm: its gradient
+  is summed over the ranks); "expert" (a MoE's stacked experts: replicated);
+  "colwise_gate_up+rowwise" (a nested MLP: its own plan). A component that
+  splits heads says how in ``tp_local_heads(tp)``.
 
 HF weight names are declared per family in ``model.hf`` next to each family's
 config mapping (they are facts of the file format, keyed by component kind).

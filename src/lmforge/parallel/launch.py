@@ -6,8 +6,9 @@ and a join timeout), how ``lmforge pretrain --nproc N ...`` becomes ``torchrun .
 pretrain ...`` (the same arguments minus the launch flags), whether this process already runs
 under torchrun (``under_torchrun``), and the job's exit status: 0 when every rank succeeded, else
 the status of the rank that failed first (the "root cause" of the failure summary torchrun prints;
-the ranks torchrun then ends are its consequence), a rank killed by signal S counting as 128 + S. A rendezvous that times out (a node that never started, a wrong address) is reported
-naming ``dist_timeout``, the setting that bounds it. Knows nothing of training.
+the ranks torchrun then ends are its consequence), a rank killed by signal S counting as 128 + S.
+A rendezvous that times out (a node that never started, a wrong address) is reported naming
+``dist_timeout``, the setting that bounds it. Knows nothing of training.
 
 torchrun passes Ctrl-C on to the ranks (they stop together at a step boundary with one checkpoint,
 ``train.loop``) and, when one rank dies, ends the others (SIGTERM, then SIGKILL after its
@@ -173,6 +174,12 @@ def maybe_launch(a, cfg) -> int | None:
     """For a subcommand handler: when ``--nproc`` / ``--nnodes`` (or the config's ``nproc`` / ``nnodes``) ask
     for more than one process and this process is not already a rank, run the job under torchrun and
     return its exit status; else None (this process trains)."""
+    from .._config import UsageError
+
+    for k in ("nproc", "nnodes"):
+        v = getattr(a, k, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{k}: expected a positive integer, got {v}")
     if under_torchrun():
         return None
     nproc = a.nproc if getattr(a, "nproc", None) is not None else cfg.nproc
@@ -181,6 +188,11 @@ def maybe_launch(a, cfg) -> int | None:
         return None
     argv = getattr(a, "_argv", None)
     if argv is None:
-        raise ValueError("--nproc: the command line to launch is unknown (call lmforge.cli.main)")
+        raise UsageError("--nproc: the command line to launch is unknown (call lmforge.cli.main)")
+    try:  # the launch's own settings, checked before anything starts
+        torchrun_command([], nproc, nnodes, a.node_rank, a.master_addr, a.master_port, cfg.dist_timeout)
+    except ValueError as e:
+        raise UsageError(str(e).replace("master_port:", "--master-port:").replace("node_rank:", "--node-rank:")) \
+            from None
     return relaunch(argv, cfg, nproc, nnodes, a.node_rank, a.master_addr, a.master_port)
 

@@ -7,6 +7,9 @@ stage's outputs), its outputs' hashes, its time, status and key numbers.
 Rerunning skips a stage whose key and outputs are unchanged; ``from_stage``
 forces a stage and everything after it; an interrupted run continues with the
 first unfinished stage (pre-training and SFT resume from their last checkpoint).
+A training stage whose settings say ``nproc = N`` (N > 1) runs as ``lmforge <stage> --config`` on N
+ranks through ``lmforge.parallel.launch`` (``parallel``: its strategy, ddp when "none"); its summary
+in run.json and the report says which strategy ran on how many ranks.
 
 A trained model is never deleted: when pre-training's (or SFT's) settings (or its inputs) changed, the
 run in ``model/`` (``sft/``), finished or interrupted, is moved aside to ``model.prev-<its key>``
@@ -188,14 +191,44 @@ class Runner:
         cfg = copy.deepcopy(self.r.train)
         cfg.data, cfg.text, cfg.out = str(self.dir / "data"), "", str(self.dir / "model")
         cfg.resume = self._prepare_run_dir("pretrain", Path(cfg.out))  # an interrupted run with these settings continues
-        final = train(cfg, quiet=self.quiet, resume_hint=f"rerun `{self.rerun_command()}` "
-                      "(with the same --set options) to continue")
+        final = self._train("pretrain", cfg, lambda: train(cfg, quiet=self.quiet, resume_hint=(
+            f"rerun `{self.rerun_command()}` (with the same --set options) to continue")))
         keys = ("step", "tokens", "train_loss", "val_loss", "val_bpb", "test_bpb", "params", "elapsed")
         if final["resumed_from_step"] is not None:  # run.json shows that (and from where) this run continued
             self.log(f"pretrain: resumed from step {final['resumed_from_step']}, "
                      f"ran {final['steps_this_run']} more steps")
             keys += ("resumed_from_step", "steps_this_run")
-        return {"model": Path(cfg.out) / "model.safetensors"}, {k: final[k] for k in keys}
+        return {"model": Path(cfg.out) / "model.safetensors"}, {**{k: final[k] for k in keys}, **_ranks(final)}
+
+    def _train(self, stage: str, cfg, here):
+        """Run a training stage: in this process (``here()``), or, when its settings ask for more than one
+        process (``nproc`` / ``nnodes``), as ``lmforge <stage> --config FILE`` on ``nproc`` ranks through
+        ``parallel.launch`` (a subprocess; its settings file is ``<out>/launch_config.json``); returns its
+        final.json dict."""
+        from ..parallel.launch import launch
+
+        if cfg.nproc <= 1 and cfg.nnodes <= 1:
+            return here()
+        if cfg.nnodes > 1:
+            raise ValueError(f"{stage}.nnodes = {cfg.nnodes}: the pipeline launches on this machine only; run "
+                             f"`lmforge {stage} --nnodes ...` on each node (docs/distributed.md)")
+        if cfg.parallel == "none":
+            cfg.parallel = "ddp"
+            self.log(f"{stage}: nproc = {cfg.nproc} with parallel = 'none': running parallel = 'ddp'")
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        key = "train" if stage == "pretrain" else stage
+        write_json(out / "launch_config.json", {key: asdict(cfg)}, indent=1)
+        (out / "final.json").unlink(missing_ok=True)  # (what the launched run writes is what is read back)
+        self.log(f"{stage}: {cfg.parallel} on {cfg.nproc} ranks (torchrun)")
+        rc = launch([stage, "--config", str(out / "launch_config.json"), *(["--resume"] if cfg.resume else []),
+                     *(["--quiet"] if self.quiet else [])], cfg.nproc, rdzv_timeout=cfg.dist_timeout)
+        if rc == 130:
+            raise KeyboardInterrupt
+        if rc != 0 or not (out / "final.json").exists():
+            raise RuntimeError(f"{stage}: the run on {cfg.nproc} ranks ({cfg.parallel}) failed with exit status {rc} "
+                               f"(its output is above; its checkpoints, if any, are in {out})")
+        return json.loads((out / "final.json").read_text())
 
     def _prepare_run_dir(self, stage: str, out: Path) -> bool:
         """The training run in ``out`` (pretrain's ``model/``, sft's ``sft/``) continues only if it was started
@@ -238,10 +271,11 @@ class Runner:
             raise FileNotFoundError(f"sft: no base model in {cfg.base} (the pretrain stage makes it: add "
                                     "'pretrain' to stages or run it first)")
         cfg.resume = self._prepare_run_dir("sft", Path(cfg.out))
-        final = sft(cfg, quiet=self.quiet, resume_hint=f"rerun `{self.rerun_command()}` "
-                            "(with the same --set options) to continue")
+        final = self._train("sft", cfg, lambda: sft(cfg, quiet=self.quiet, resume_hint=(
+            f"rerun `{self.rerun_command()}` (with the same --set options) to continue")))
         keys = ("step", "tokens", "trained_tokens", "train_loss", "val_loss", "test_loss", "elapsed")
         summary = {k: final[k] for k in keys if final.get(k) is not None}
+        summary.update(_ranks(final))
         st = final.get("sft") or {}
         summary.update({k: st[k] for k in ("conversations", "epochs", "truncated", "skipped") if st.get(k) is not None})
         if cfg.lora_r:
@@ -336,10 +370,11 @@ class Runner:
             self.log(f"dpo: the SFT model made no pairs ({per}); training on dpo.data only")
         cfg = self.dpo_config(files if made else [])
         cfg.resume = self._prepare_run_dir("dpo", Path(cfg.out))
-        final = dpo(cfg, quiet=self.quiet, resume_hint=f"rerun `{self.rerun_command()}` "
-                            "(with the same --set options) to continue")
+        final = self._train("dpo", cfg, lambda: dpo(cfg, quiet=self.quiet, resume_hint=(
+            f"rerun `{self.rerun_command()}` (with the same --set options) to continue")))
         keys = ("step", "train_loss", "val_loss", "elapsed")
         summary = {k: final[k] for k in keys if final.get(k) is not None}
+        summary.update(_ranks(final))
         summary.update({k: v for k, v in heldout(final).items() if v is not None})
         if pstats is not None:  # made by the SFT model (paired; kto: every labelled answer)
             summary["pairs_made"] = pstats["paired"] if self.r.dpo.method != "kto" else pstats["unpaired"]
@@ -835,6 +870,15 @@ class Runner:
                     f"{from_stage} would redo it{' (retrain the model)' if name == 'pretrain' else ''} "
                     f"first; rerun with --from {name} (or without --from) to redo it and what follows")
             prev = _hash([key, old["outputs"]])
+
+
+def _ranks(final: dict) -> dict:
+    """What a training stage's summary says of its parallelism: ``{"parallel": "ddp on 2 ranks"}``, or
+    nothing for a one-process run."""
+    p = final.get("parallel")
+    if not p or (p.get("strategy") == "none" and p.get("world_size", 1) == 1):
+        return {}
+    return {"parallel": f"{p['strategy']} on {p['world_size']} rank{'s' if p['world_size'] != 1 else ''}"}
 
 
 def torch_threads() -> int:

@@ -509,6 +509,7 @@ class _InterruptGuard:
                 raise KeyboardInterrupt
         return False
 
+
 def _rng_state() -> tuple:
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), random.getstate(), cuda
@@ -542,6 +543,14 @@ def _evaluate(stage, split: str, max_batches: int) -> dict:
 
 
 # ---- the loop ----
+
+def _plain_class(model) -> type:
+    """The model's own class under a wrapper's (FSDP2's ``fully_shard`` swaps in a subclass of it)."""
+    for c in type(model).__mro__:
+        if not c.__module__.startswith("torch."):
+            return c
+    return type(model)
+
 
 def _dist_checkpoints():
     """``lmforge.parallel.checkpoint`` (the distributed checkpoints), or None where it is not there."""
@@ -861,7 +870,7 @@ def _run(cfg, stage, strategy, dist_run, main, say, *, on_step, quiet, resume_hi
     if dist_run:
         full = strategy.full_state_dict(model)  # collective; the whole model on rank 0
         if main and strategy.shards_params:  # the stage saves a plain model holding the full weights
-            plain = type(model)(model.cfg)
+            plain = _plain_class(model)(model.cfg)
             plain.load_state_dict(full)
             stage.model = model = plain
     params = model.num_params() if hasattr(model, "num_params") else \
