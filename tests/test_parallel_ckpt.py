@@ -32,9 +32,9 @@ def full_training_state(strategy, net, saved: list) -> dict | None:
     the checkpoint's own keys ("model.<name>", "optim.<k>.<name>.<key>"); None on the other ranks."""
     from torch.distributed.tensor import DTensor
 
-    from lmforge.parallel.checkpoint import _flatten
+    from lmforge.parallel.checkpoint import _flatten, _strategy_state
 
-    flat, _ = _flatten(strategy.dcp_state(net, saved), saved)
+    flat, _ = _flatten(_strategy_state(strategy, net, saved)[0], saved)
     out = {}
     for k in sorted(flat):
         t = flat[k]
@@ -46,25 +46,26 @@ def full_training_state(strategy, net, saved: list) -> dict | None:
 def ck_train(parallel: str = "none", steps: int = 4, save_at: int | None = None, resume: str | None = None,
              run_dir: str | None = None, global_b: int = 8, accum: int = 2, T: int = 16, optimizer: str = "adamw",
              ema_start: int | None = 1, lr: float = 1e-2, grad_clip: float = 1.0, model: dict | None = None,
-             seed: int = 0, single: bool = False, load_only: bool = False, tokenizer: bool = False) -> dict:
+             seed: int = 0, single: bool = False, load_only: bool = False, tokenizer: bool = False,
+             cfg: dict | None = None) -> dict:
     """Train the tiny model under ``parallel`` (resuming from ``resume``), saving after ``save_at`` steps
-    (``single``: the single-process format). The weight average steps after step ``ema_start`` (None:
+    (``single``: the single-process format; ``cfg``: more LoopConfig fields, e.g. tp_size). The weight average steps after step ``ema_start`` (None:
     no average). Returns losses and gradient norms of the steps run, the final weights and average
     (rank 0), the step it started at, and three draws of torch's RNG at the end."""
     from lmforge.model.transformer import Transformer
     from lmforge.parallel import make_strategy
-    from lmforge.parallel.checkpoint import load_dist_checkpoint, save_dist_checkpoint
+    from lmforge.parallel.checkpoint import load_dist_checkpoint, save_dist_checkpoint, state_summary
     from lmforge.train.checkpoint import save_checkpoint
     from lmforge.train.loop import LoopConfig
     from lmforge.train.optim import WeightEMA, build_optimizers
 
     torch.set_num_threads(1)
     mcfg = tiny_config(**(model or {}))
-    strategy = make_strategy(LoopConfig(parallel=parallel, max_steps=steps))
+    strategy = make_strategy(LoopConfig(parallel=parallel, max_steps=steps, **(cfg or {})))
     dp_rank, dp = strategy.dp_rank, strategy.dp_size
     B = global_b // dp
     strategy.cfg = LoopConfig(parallel=parallel, batch_size=B, grad_accum=accum, max_steps=steps,
-                              grad_clip=grad_clip, optimizer=optimizer, lr=lr)
+                              grad_clip=grad_clip, optimizer=optimizer, lr=lr, **(cfg or {}))
     torch.manual_seed(seed)
     net = Transformer(mcfg)
     strategy.check(net)
@@ -78,10 +79,11 @@ def ck_train(parallel: str = "none", steps: int = 4, save_at: int | None = None,
         info = load_dist_checkpoint(resume, strategy, net, saved)
         start = info["step"]
     loaded = full_training_state(strategy, net, saved) if resume is not None else None
+    summary = state_summary(strategy, net, saved) if resume is not None else None
     if load_only:
         return {"info": info, "loaded": loaded}
     data = global_batches(steps, accum, global_b, T, mcfg.vocab_size, seed)
-    losses, gnorms, at_save = [], [], None
+    losses, gnorms, at_save, summary_at_save = [], [], None, None
     for s in range(start, steps):
         micro = data[s, :, dp_rank * B:(dp_rank + 1) * B]
         N = strategy.all_sum([micro[:, :, 1:].numel()])[0]
@@ -108,32 +110,31 @@ def ck_train(parallel: str = "none", steps: int = 4, save_at: int | None = None,
             else:
                 save_dist_checkpoint(run_dir, strategy, net, saved, state, tokenizer=tok)
             at_save = full_training_state(strategy, net, saved)
-    avg = None
-    if ema is not None:
-        from torch.distributed.tensor import DTensor
-
-        names = {id(p): n for n, p in net.named_parameters()}
-        avg = {}
-        for p in ema.param_groups[0]["params"]:
-            a = ema.state[p].get("avg") if p in ema.state else None
-            if a is not None:
-                a = a.full_tensor() if isinstance(a, DTensor) else a
-                avg[names[id(p)]] = a.detach().cpu().clone()
-    return {"losses": losses, "gnorms": gnorms, "state": strategy.full_state_dict(net), "ema": avg,
+            summary_at_save = state_summary(strategy, net, saved)
+    return {"losses": losses, "gnorms": gnorms, "state": strategy.full_state_dict(net),
+            "final": full_training_state(strategy, net, saved),
             "start": start, "rng": torch.rand(3), "info": info, "at_save": at_save,
-            "loaded": loaded}
+            "loaded": loaded, "summary_at_save": summary_at_save, "summary": summary}
 
 
-def assert_restored(at_save: dict, loaded: dict) -> None:
-    """The state a run loaded is, tensor for tensor and bit for bit, the state the saving run held."""
+def assert_restored(saved: dict, got: dict) -> None:
+    """The state run ``got`` loaded is, tensor for tensor and bit for bit, the state run ``saved`` held
+    when it saved, and ``state_summary`` says so (the same digests at both world sizes)."""
+    at_save, loaded = saved["at_save"], got["loaded"]
     assert set(at_save) == set(loaded), sorted(set(at_save) ^ set(loaded))[:6]
     for k, t in at_save.items():
         assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t), f"{k}: restored differently"
+    def digests(summary):  # (a strategy's own optimizer class, e.g. TPMuon for Muon, may differ)
+        return [{k: v for k, v in o.items() if k != "name"} for o in summary]
+
+    assert digests(saved["summary_at_save"]) == digests(got["summary"]), (saved["summary_at_save"], got["summary"])
+    assert all(s["params_with_state"] > 0 for s in got["summary"][:1])
 
 
 def assert_resumed(ref: dict, got: dict, start: int, tol: float = TOL) -> float:
     """``got`` (resumed at step ``start``) continues ``ref`` (never interrupted): same losses from ``start``,
-    same final weights and weight average, same RNG; returns the largest difference seen."""
+    same final weights, optimizer states and weight average, same RNG; returns the largest difference
+    seen."""
     assert got["start"] == start
     worst = 0.0
     assert len(got["losses"]) == len(ref["losses"]) - start
@@ -145,13 +146,11 @@ def assert_resumed(ref: dict, got: dict, start: int, tol: float = TOL) -> float:
         err = (got["state"][name].float() - t.float()).abs().max().item()
         worst = max(worst, err)
         assert err <= tol, f"{name}: max |difference| {err:.3g} from the uninterrupted run"
-    assert (ref["ema"] is None) == (got["ema"] is None)
-    if ref["ema"] is not None:
-        assert set(ref["ema"]) == set(got["ema"])
-        for name, t in ref["ema"].items():
-            err = (got["ema"][name] - t).abs().max().item()
-            worst = max(worst, err)
-            assert err <= tol, f"weight average of {name}: max |difference| {err:.3g}"
+    assert set(ref["final"]) == set(got["final"]), sorted(set(ref["final"]) ^ set(got["final"]))[:6]
+    for key, t in ref["final"].items():  # the optimizers' states and the weight average too
+        err = (got["final"][key].double() - t.double()).abs().max().item()
+        worst = max(worst, err)
+        assert err <= tol * max(1.0, t.double().abs().max().item()), f"{key}: max |difference| {err:.3g}"
     assert torch.equal(ref["rng"], got["rng"]), "the RNG was not restored"
     return worst
 
@@ -222,7 +221,7 @@ def test_layout_and_resume_one_process(tmp_path):
     assert tr["optimizers"][1]["params_with_state"] > 0
     got = ck_train("none", resume=str(ck))
     assert got["info"]["step"] == 2 and got["info"]["elapsed"] == 0.5
-    assert_restored(whole["at_save"], got["loaded"])
+    assert_restored(whole, got)
     assert_resumed(whole, got, 2, tol=0.0)  # the same process and world: bit for bit
 
 
@@ -271,7 +270,7 @@ def test_ddp_2_ranks_resumes_on_1(ddp_ck):
     tr = json.loads((ck / "trainer.json").read_text())
     assert tr["saved_by"]["strategy"] == "ddp" and tr["saved_by"]["world_size"] == 2
     on1 = ck_train("none", resume=str(ck))
-    assert_restored(whole["at_save"], on1["loaded"])
+    assert_restored(whole, on1)
     print(f"ddp 2 -> 1 process: max difference {assert_resumed(whole, on1, 2):.2g}")
 
 
@@ -281,7 +280,7 @@ def test_fsdp_2_ranks_resumes_on_1(fsdp_ck):
     tr = json.loads((ck / "trainer.json").read_text())
     assert tr["saved_by"]["strategy"] == "fsdp" and tr["saved_by"]["world_size"] == 2
     got = ck_train("none", resume=str(ck))
-    assert_restored(whole["at_save"], got["loaded"])
+    assert_restored(whole, got)
     print(f"fsdp 2 -> 1 process: max difference {assert_resumed(whole, got, 2):.2g}")
 
 
@@ -358,3 +357,35 @@ def test_export_consolidates_a_dist_checkpoint(tmp_path, ddp_ck):
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["architectures"] == ["LlamaForCausalLM"] and (tmp_path / "hf" / "model.safetensors").exists()
     assert sorted(p.name for p in ck.iterdir()) == ["config.json", "dcp", "trainer.json"]  # untouched
+
+
+def test_tied_embeddings_resume_and_consolidate(tmp_path):
+    import lmforge.model as lm
+    from lmforge.parallel.checkpoint import consolidate
+
+    tied = {"tie_embeddings": True}
+    whole = ck_train("none", save_at=2, run_dir=str(tmp_path / "run"), model=tied, tokenizer=True)
+    got = ck_train("none", resume=str(_ck(tmp_path / "run")), model=tied)
+    assert_restored(whole, got)
+    assert_resumed(whole, got, 2, tol=0.0)
+    out = consolidate(_ck(tmp_path / "run"), tmp_path / "model")
+    model, tok = lm.load(out)
+    assert model.lm_head.weight is model.tok_emb.weight and tok is not None
+    assert torch.equal(model.tok_emb.weight, whole["at_save"]["model.tok_emb.weight"])
+
+
+def test_bad_paths(tmp_path):
+    from lmforge.parallel.checkpoint import consolidate, is_dist_checkpoint, load_dist_checkpoint
+
+    ck_train("none", steps=2, save_at=2, run_dir=str(tmp_path / "run"))
+    ck = _ck(tmp_path / "run")
+    with pytest.raises(ValueError, match="not a distributed checkpoint"):
+        consolidate(tmp_path, tmp_path / "out")
+    (ck / "trainer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no trainer.json"):
+        ck_train("none", resume=str(ck), load_only=True)
+    assert is_dist_checkpoint(ck) and not is_dist_checkpoint(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "trainer.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither a distributed checkpoint"):
+        load_dist_checkpoint(tmp_path / "empty", None, None, [])

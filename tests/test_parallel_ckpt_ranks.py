@@ -40,20 +40,20 @@ def test_ddp_resumes_on_2_ranks_bit_for_bit(two):
     ck = _ck(two["dir"] / "ddp")
     tr = json.loads((ck / "trainer.json").read_text())
     assert tr["saved_by"]["strategy"] == "ddp" and tr["saved_by"]["world_size"] == 2
-    assert_restored(saved["at_save"], again["loaded"])
+    assert_restored(saved, again)
     assert_resumed(saved, again, 2, tol=0.0)
 
 
 def test_ddp_checkpoint_resumes_under_fsdp(two):
     saved, _, fsdp = two["ranks"][0][:3]
-    assert_restored(saved["at_save"], fsdp["loaded"])
+    assert_restored(saved, fsdp)
     print(f"ddp 2 -> fsdp 2: max difference {assert_resumed(saved, fsdp, 2):.2g}")
 
 
 def test_single_process_checkpoint_into_fsdp_2_ranks(two):
     got = two["ranks"][0][3]
     assert got["info"]["saved_by"]["format"] == "single-process"
-    assert_restored(two["single"]["at_save"], got["loaded"])
+    assert_restored(two["single"], got)
     print(f"single process -> fsdp 2: max difference {assert_resumed(two['single'], got, 2):.2g}")
 
 

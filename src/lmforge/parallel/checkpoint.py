@@ -27,15 +27,16 @@ in the form of torch.distributed.checkpoint.state_dict.get_optimizer_state_dict:
 {key: value}}, "param_groups": [{..., "params": [names]}]}]}``; tensors may be DTensors (FSDP2, TP:
 DCP writes and reads each rank's shard) or whole tensors (DDP, ZeRO: one copy is written). The
 merged form ``get_state_dict`` gives (one ``{"state", "param_groups"}`` for all optimizers) is also
-accepted, split by the optimizers' group counts, but it cannot hold two optimizers over the same
-parameter (AdamW and the weight average): use the list.
+accepted, split by the optimizers' group counts; it cannot hold two optimizers over the same
+parameter (AdamW and the weight average: one name, two states), so such a strategy is asked, and
+loaded, once per optimizer (its model state gathered each time): the list is the better form.
 
 Resharding: loading asks the run's strategy for its state (its tensors are the targets, with the
 run's placements), matches every name and global shape against the checkpoint, and DCP reads into
 each target the slice of the saved whole tensor that rank owns, whatever sharding wrote it.
-Optimizer state missing from the targets (fresh optimizers hold none) is created like its
-parameter (``zeros_like``, so a DTensor parameter gets DTensor state) or, for a scalar such as
-AdamW's step, as a plain tensor.
+Optimizer state missing from the targets (fresh optimizers hold none) is created in the form the
+strategy gives its parameter's model entry (a DTensor entry: DTensor state with its placements; a
+whole tensor: a whole tensor) or, for a scalar such as AdamW's step, as a plain tensor.
 """
 from __future__ import annotations
 
@@ -112,26 +113,64 @@ def default_load_dcp_state(model, opts: list, state: dict) -> None:
         set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(strict=False))
 
 
-def _per_optimizer(optim, opts: list) -> tuple[list[dict], bool]:
-    """(one {"state", "param_groups"} per optimizer, whether ``optim`` was the merged form). The views
-    share their group dicts and per-parameter dicts with ``optim``."""
-    if isinstance(optim, (list, tuple)):
-        if len(optim) != len(opts):
-            raise ValueError(f"dcp_state gave {len(optim)} optimizer states for {len(opts)} optimizers")
-        return list(optim), False
+def _split_merged(optim: dict, opts: list) -> list[dict]:
+    """The merged form (one {"state", "param_groups"} for every optimizer) as one view per optimizer,
+    by the optimizers' group counts; the views share their group and per-parameter dicts with it."""
     groups, at, views = list(optim.get("param_groups", [])), 0, []
     for opt in opts:
         mine = groups[at:at + len(opt.param_groups)]
         at += len(opt.param_groups)
         names = [n for g in mine for n in g["params"]]
         views.append({"state": {n: optim["state"][n] for n in names if n in optim["state"]}, "param_groups": mine})
-    return views, True
+    if at != len(groups):
+        raise ValueError(f"dcp_state gave {len(groups)} parameter groups for optimizers holding {at}")
+    return views
 
 
 def _merge_back(optim: dict, views: list[dict]) -> None:
     optim["state"] = {}
     for v in views:
         optim["state"].update(v["state"])
+
+
+def _overlap(optim: dict) -> bool:
+    """Whether a name is in two groups of the merged form (AdamW and the weight average over one parameter,
+    whatever tensors each holds for it)."""
+    names = [n for g in optim.get("param_groups", []) for n in g["params"]]
+    return len(set(names)) < len(names)
+
+
+def _strategy_state(strategy, model, opts: list):
+    """(the strategy's ``dcp_state`` with "optim" as one state per optimizer, a function that hands the
+    filled state back to ``load_dcp_state``). A strategy giving the merged form for optimizers that
+    share parameters (whose states would overwrite each other under one name) is asked once per
+    optimizer, and loaded once per optimizer."""
+    sd = strategy.dcp_state(model, opts)
+    optim = sd["optim"]
+    if isinstance(optim, (list, tuple)):
+        if len(optim) != len(opts):
+            raise ValueError(f"{strategy.name}: dcp_state gave {len(optim)} optimizer states for {len(opts)} "
+                             "optimizers")
+        sd["optim"] = list(optim)
+        return sd, lambda: strategy.load_dcp_state(model, opts, sd)
+    if not _overlap(optim):
+        views = _split_merged(optim, opts)
+
+        def back():
+            _merge_back(optim, views)
+            strategy.load_dcp_state(model, opts, sd)
+
+        return {"model": sd["model"], "optim": views}, back
+    parts = [sd] if len(opts) == 1 else [strategy.dcp_state(model, [o]) for o in opts]
+    views = [_split_merged(p["optim"], [o])[0] for p, o in zip(parts, opts)]
+    state = {"model": parts[0]["model"], "optim": views}
+
+    def back_each():
+        for p, v, o in zip(parts, views, opts):
+            _merge_back(p["optim"], [v])
+            strategy.load_dcp_state(model, [o], {**p, "model": state["model"]})
+
+    return state, back_each
 
 
 def _jsonable(v, where: str):
@@ -145,9 +184,9 @@ def _jsonable(v, where: str):
 
 
 def _flatten(sd: dict, opts: list) -> tuple[dict, list[dict]]:
-    """({DCP key: tensor}, per optimizer {"class", "param_groups", "scalars"} for trainer.json)."""
+    """``sd``: a state with one optimizer state per optimizer (``_strategy_state``). ({DCP key: tensor}, per optimizer {"class", "param_groups", "scalars"} for trainer.json)."""
     tensors = {f"model.{k}": v for k, v in sd["model"].items() if torch.is_tensor(v)}
-    views, _ = _per_optimizer(sd["optim"], opts)
+    views = sd["optim"]
     metas = []
     for k, (opt, osd) in enumerate(zip(opts, views)):
         scalars = {}
@@ -213,12 +252,12 @@ def _saved_shapes(md) -> dict[str, tuple[tuple, torch.dtype]]:
             if isinstance(v, TensorStorageMetadata)}
 
 
-def _match(ck: Path, targets: dict, opts: list, metas: list[dict], saved: dict) -> tuple[dict, list[dict], bool]:
+def _match(ck: Path, targets: dict, opts: list, metas: list[dict], saved: dict) -> dict:
     """Check the run's state (``targets``, a strategy's ``dcp_state``) against the checkpoint (``saved``:
     DCP key -> (shape, dtype); ``metas``: trainer.json's optimizers) and prepare it to be filled:
     optimizer state the checkpoint holds but the targets lack is created, state it lacks is removed,
-    the saved groups' hyper-parameters and scalars are put in. Returns ({DCP key: target tensor},
-    the per-optimizer views, whether the optim form was merged)."""
+    the saved groups' hyper-parameters and scalars are put in (``targets``: ``_strategy_state``'s form).
+    Returns {DCP key: target tensor}."""
     own = {k: v for k, v in targets["model"].items() if torch.is_tensor(v)}
     in_ck = {k[len("model."):] for k in saved if k.startswith("model.")}
     missing, extra = sorted(set(own) - in_ck), sorted(in_ck - set(own))
@@ -232,7 +271,7 @@ def _match(ck: Path, targets: dict, opts: list, metas: list[dict], saved: dict) 
             raise ValueError(f"{ck}: parameter {name!r} has shape {shape} in the checkpoint, {tuple(t.shape)} in "
                              "this model (a checkpoint of another model configuration)")
         flat[f"model.{name}"] = t
-    views, merged = _per_optimizer(targets["optim"], opts)
+    views = targets["optim"]
     if len(metas) != len(opts):
         raise ValueError(f"{ck}: saved with {len(metas)} optimizer state(s), this run has {len(opts)} "
                          "(a different optimizer setting, or ema switched on or off?)")
@@ -277,15 +316,25 @@ def _match(ck: Path, targets: dict, opts: list, metas: list[dict], saved: dict) 
                 shape, dtype = e
                 t = st.get(sk)
                 if not torch.is_tensor(t):
-                    p = params[name]
-                    t = (torch.zeros_like(p, dtype=dtype) if tuple(p.shape) == shape
-                         else torch.zeros(shape, dtype=dtype))
-                    st[sk] = t
+                    st[sk] = t = _new_state(own.get(name, params[name]), shape, dtype)
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{label}: state {name}.{sk} has shape {shape} in the checkpoint, "
                                      f"{tuple(t.shape)} here")
                 flat[f"{prefix}{name}.{sk}"] = t
-    return flat, views, merged
+    return flat
+
+
+def _new_state(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A target for saved optimizer state of ``shape``: shaped like its parameter, it takes the form the
+    strategy gives that parameter's model entry ``like`` (a DTensor: the same placements; a whole tensor,
+    as ZeRO's or TP's regrouped matrices are: whole); else (a step counter) a plain tensor."""
+    if tuple(like.shape) != shape:
+        return torch.zeros(shape, dtype=dtype)
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(like, DTensor):
+        return torch.zeros_like(like, dtype=dtype)
+    return torch.zeros(shape, dtype=dtype, device=like.device)
 
 
 def _restore_rng(tr: dict) -> None:
@@ -322,16 +371,14 @@ def load_dist_checkpoint(ck, strategy, model, opts: list) -> dict:
 
     tr = _trainer_json(ck)
     md = _metadata(ck)
-    targets = strategy.dcp_state(model, opts)
-    flat, views, merged = _match(ck, targets, opts, tr.get("optimizers", []), _saved_shapes(md))
+    targets, give_back = _strategy_state(strategy, model, opts)
+    flat = _match(ck, targets, opts, tr.get("optimizers", []), _saved_shapes(md))
     try:
         with _one_process_is_meant():
             dcp_load(flat, storage_reader=FileSystemReader(str(ck / DCP_DIR)))
     except CheckpointException as e:  # (a BaseException: on every rank, with each failed rank's error)
         raise ValueError(f"{ck}: cannot read the distributed checkpoint: {e}") from None
-    if merged:
-        _merge_back(targets["optim"], views)
-    strategy.load_dcp_state(model, opts, targets)
+    give_back()
     _restore_rng(tr)
     return _trainer_state(tr)
 
@@ -352,8 +399,8 @@ def _load_single(ck: Path, strategy, model, opts: list) -> dict:
         otensors = load_file(str(ck / "optim.safetensors"))
     except Exception as e:
         raise ValueError(f"{ck}: cannot read optim.safetensors ({type(e).__name__}: {e}); truncated?") from None
-    targets = strategy.dcp_state(model, opts)
-    views, _ = _per_optimizer(targets["optim"], opts)
+    targets, give_back = _strategy_state(strategy, model, opts)
+    views = targets["optim"]
     # the single-process file numbers each optimizer's parameters in its groups' order; the run's
     # optimizers (same model, same setting) name them in that order
     src: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in sd.items()}
@@ -380,13 +427,11 @@ def _load_single(ck: Path, strategy, model, opts: list) -> dict:
         metas.append({"class": f"opt{k}", "scalars": scalars,
                       "param_groups": [{**g, "params": [name_of.get(i, str(i)) for i in g["params"]]} for g in groups]})
     saved = {k: (tuple(v.shape), v.dtype) for k, v in src.items()}
-    flat, views, merged = _match(ck, targets, opts, metas, saved)
+    flat = _match(ck, targets, opts, metas, saved)
     with torch.no_grad():
         for key, t in flat.items():
             _copy_whole(t, src[key])
-    if merged:
-        _merge_back(targets["optim"], views)
-    strategy.load_dcp_state(model, opts, targets)
+    give_back()
     rng = {"torch": base64.b64encode(otensors["rng.torch"].numpy().tobytes()).decode()} if "rng.torch" in otensors else {}
     if "python_rng" in tr:
         rng["python"] = tr["python_rng"]
@@ -453,7 +498,7 @@ def save_dist_checkpoint(run_dir, strategy, model, opts: list, state: dict, toke
             shutil.rmtree(tmp)
         (tmp / DCP_DIR).mkdir(parents=True)
     strategy.barrier()
-    tensors, metas = _flatten(strategy.dcp_state(model, opts), opts)
+    tensors, metas = _flatten(_strategy_state(strategy, model, opts)[0], opts)
     # returns on every rank once every rank's files are written and synced and rank 0 wrote the index
     with _one_process_is_meant():
         dcp_save(tensors, storage_writer=FileSystemWriter(str(tmp / DCP_DIR), sync_files=True))
@@ -474,6 +519,8 @@ def save_dist_checkpoint(run_dir, strategy, model, opts: list, state: dict, toke
         write_json(root / "latest.json", {"step": int(state["step"]), "path": name})
         old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
         for p in old[: max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(".tmp-step-*"):  # what an earlier save that died left
             shutil.rmtree(p, ignore_errors=True)
     strategy.barrier()
     return final
@@ -530,3 +577,33 @@ def consolidate(ck, out) -> Path:
 
         tok = load_tok(ck / "tokenizer.lmforge.json")
     return save(model, out, tok, tokens=load_tokens(ck, tok) if tok is not None else None)
+
+
+# ---- what a run holds, comparable across world sizes ----
+
+def state_summary(strategy, model, opts: list) -> list[dict]:
+    """``lmforge.train.checkpoint.state_summary`` for a distributed run: per optimizer its class,
+    ``params_with_state``, ``step`` and a ``sha256`` of its whole state tensors by parameter name, the
+    same for one state whatever the strategy and world size that hold it (a resumed run on 4 ranks
+    shows the digest the 2-rank run saved). Collective: sharded tensors are gathered one at a time."""
+    import hashlib
+
+    from torch.distributed.tensor import DTensor
+
+    state, _ = _strategy_state(strategy, model, opts)
+    out = []
+    for opt, osd in zip(opts, state["optim"]):
+        h, steps = hashlib.sha256(), set()
+        for name in sorted(osd["state"]):
+            for key in sorted(osd["state"][name]):
+                v = osd["state"][name][key]
+                if torch.is_tensor(v):
+                    t = (v.full_tensor() if isinstance(v, DTensor) else v).detach().contiguous().cpu()
+                    h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+                    h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                    v = t.item() if t.numel() == 1 else None
+                if key == "step" and v is not None:
+                    steps.add(int(v))
+        out.append({"name": type(opt).__name__, "params_with_state": len(osd["state"]),
+                    "step": max(steps) if steps else None, "sha256": h.hexdigest()[:16]})
+    return out
