@@ -107,13 +107,15 @@ def global_batches(steps: int, accum: int, global_b: int, T: int, vocab: int, se
 
 def mini_train(parallel: str = "none", steps: int = 3, global_b: int = 8, accum: int = 2, T: int = 16,
                optimizer: str = "adamw", grad_clip: float = 1.0, lr: float = 1e-2, model: dict | None = None,
-               cfg: dict | None = None, seed: int = 0, memory: bool = False, comm: bool = False) -> dict:
+               cfg: dict | None = None, seed: int = 0, memory: bool = False, comm: bool = False,
+               freeze: tuple = ()) -> dict:
     """Train the tiny model ``steps`` steps under ``parallel`` on this rank; returns {"losses", "gnorms",
     "state" (rank 0: the full final state dict, else None), "describe", and with ``memory`` the
     strategy's ``memory_bytes`` after the last backward}. With ``comm``, "comm" holds what the last step's
     collectives moved on this rank (``lmforge.parallel.comm``): {"summary", "small" (the bookkeeping
     collectives of at most comm.SMALL elements), "calls" [(kind, numel, group size)], "ddp_buckets" (the
-    elements a DDP communication hook saw, when the wrapped model is a DDP module)}."""
+    elements a DDP communication hook saw, when the wrapped model is a DDP module)}. ``freeze``: name prefixes
+    of parameters to freeze (``requires_grad`` False) before the strategy wraps the model."""
     from lmforge.model.transformer import Transformer
     from lmforge.parallel import make_strategy
     from lmforge.train.loop import LoopConfig
@@ -132,6 +134,9 @@ def mini_train(parallel: str = "none", steps: int = 3, global_b: int = 8, accum:
     strategy.cfg = lcfg
     torch.manual_seed(seed)
     net = Transformer(mcfg)
+    for name, p in net.named_parameters():
+        if any(name.startswith(f) for f in freeze):
+            p.requires_grad_(False)
     strategy.check(net)
     fwd = strategy.wrap(net)
     opts = strategy.wrap_optimizers(net, build_optimizers(net, optimizer, lr=lr, weight_decay=0.1, muon_lr=lr,

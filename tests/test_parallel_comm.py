@@ -23,15 +23,42 @@ def test_theoretical_volumes():
     psi, N = 1000, 4
     f = 3 / 4
     assert C.theoretical_volume("ddp", psi, N) == {"all_reduce": 2 * psi * f}
-    assert C.theoretical_volume("zero1", psi, N) == {"reduce_scatter": psi * f, "all_gather": psi * f}
-    assert C.theoretical_volume("zero2", psi, N, micro_batches=2, sync_every_micro_batch=True) == \
-        {"reduce_scatter": 2 * psi * f, "all_gather": psi * f}
+    assert C.theoretical_volume("zero1", psi, N, paper=True) == {"reduce_scatter": psi * f, "all_gather": psi * f}
+    assert C.theoretical_volume("zero1", psi, N) == {"all_reduce": 2 * psi * f, "all_gather": psi * f}
+    assert C.theoretical_volume("ddp", psi, N, n_tensors=3) == {"all_reduce": 2 * (psi + 3) * f}  # a used map
+    # gradients reduce once per step; parameters gather for every micro-batch (ZeRO-3: forward and backward)
+    assert C.theoretical_volume("zero2", psi, N, micro_batches=2) == {"reduce_scatter": psi * f, "all_gather": psi * f}
+    assert C.theoretical_volume("zero3", psi, N, micro_batches=2) == {"reduce_scatter": psi * f,
+                                                                       "all_gather": 4 * psi * f}
     assert sum(C.theoretical_volume("fsdp", psi, N).values()) == 3 * psi * f
     assert C.theoretical_volume("fsdp", psi, N, root_params=100) == {"reduce_scatter": psi * f,
                                                                       "all_gather": (2 * 900 + 100) * f}
+    assert C.theoretical_volume("zero2", psi, N, muon_params=10)["all_gather"] == (psi + 10) * f
     assert C.theoretical_volume("tp", 0, 2, act_elements=10, n_layer=3) == {"all_reduce": 4 * 3 * 2 * 10 * 0.5}
+    both = C.theoretical_volume("tp+fsdp", psi, 4, act_elements=10, n_layer=3, tp=2)
+    assert both == {"all_reduce": 4 * 3 * 2 * 10 * 0.5, "reduce_scatter": psi * 0.5, "all_gather": 2 * psi * 0.5}
     with pytest.raises(ValueError, match="strategy"):
         C.theoretical_volume("pipeline", psi, N)
+    with pytest.raises(ValueError, match="paper"):
+        C.theoretical_volume("tp", psi, N, paper=True)
+    with pytest.raises(ValueError, match="does not divide"):
+        C.theoretical_volume("tp+fsdp", psi, 4, tp=3)
+
+
+def test_padded_params():
+    from lmforge.model.transformer import Transformer
+    from parallel_harness import tiny_config
+
+    net = Transformer(tiny_config(vocab_size=65))  # 65 rows: odd, padded by FSDP2 and ZeRO alike
+    n = sum(p.numel() for p in net.parameters())
+    assert C.padded_params(net, "ddp", 2)["all"] == n
+    assert C.padded_params(net, "fsdp", 2)["all"] == n + 2 * 32  # tok_emb and lm_head: 66 rows
+    assert C.padded_params(net, "zero1", 2)["all"] == n  # 65 x 32 elements: even, no padding
+    assert C.padded_params(net, "zero1", 3)["all"] > n
+    tp = C.padded_params(net, "tp", 2)
+    assert tp["root"] == C.padded_params(net, "ddp", 2)["root"]  # embeddings, head, final norm: replicated
+    assert tp["all"] < n
+    assert C.padded_params(net, "zero2", 2, optimizer="muon")["muon"] == 2 * (64 * 32 + 32 * 32 + 128 * 32 + 32 * 64)
 
 
 def paths():

@@ -85,7 +85,8 @@ def test_stages_map():
 
 
 def test_batch_rule_two_give_the_third():
-    assert from_deepspeed({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, world_size=2)["grad_accum"] == 4
+    s = from_deepspeed({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, world_size=2)
+    assert s["grad_accum"] == 4
     s = from_deepspeed({"train_batch_size": 32, "gradient_accumulation_steps": 2}, world_size=4)
     assert (s["batch_size"], s["grad_accum"]) == (4, 2)
     s = from_deepspeed({"train_micro_batch_size_per_gpu": 3}, world_size=2)
@@ -157,3 +158,18 @@ def test_cosine_and_files(tmp_path):
     (tmp_path / "tb.json").write_text(json.dumps({"tensorboard": {"enabled": True, "output_path": "x"}}))
     s, warns = deepspeed_warnings(tmp_path / "tb.json", 1)
     assert warns == ["tensorboard: ignored (lmforge's report_to = tensorboard)"]
+
+
+def test_apply_deepspeed_to_a_loop_config(tmp_path):
+    from lmforge.parallel.deepspeed import apply_deepspeed
+    from lmforge.train.loop import LoopConfig
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(ZERO2))
+    cfg = LoopConfig(deepspeed=str(p), max_steps=5, lr=1e-3)
+    got = apply_deepspeed(cfg, given={"seq_len"}, world_size=2)
+    assert (got.parallel, got.batch_size, got.grad_accum, got.lr, got.schedule) == ("zero2", 8, 4, 3e-4, "wsd")
+    assert cfg.parallel == "none"  # a copy
+    with pytest.raises(ValueError, match=r"max_steps = 5 is set, and deepspeed = .* asks for 1000"):
+        apply_deepspeed(cfg, given={"max_steps"}, world_size=2)
+    assert apply_deepspeed(LoopConfig(max_steps=1)) == LoopConfig(max_steps=1)

@@ -203,10 +203,64 @@ def test_exact_mode_sharding_rules():
     r1 = P.state_bytes(lin, "fsdp", 2, rank=1)
     assert r0["params"] == r1["params"] == 3 * 4 * 4
     assert r0["optim"] == 2 * 3 * 4 * 4 + 4 and r1["optim"] == 2 * 2 * 4 * 4 + 4
-    # ZeRO: 20 elements on 3 ranks -> pieces of 7 (padded), the step whole
+    # ZeRO: 20 elements on 3 ranks -> pieces of 7 (padded: ZeRO-1/2 hold the whole parameter, and ZeRO-1
+    # the whole gradient, in flat buffers of 3 x 7), the step whole
     z1 = P.state_bytes(lin, "zero1", 3)
-    assert z1 == {"params": 80, "grads": 80, "optim": 2 * 7 * 4 + 4}
+    assert z1 == {"params": 84, "grads": 84, "optim": 2 * 7 * 4 + 4}
     assert P.state_bytes(lin, "zero2", 3)["grads"] == 28
     assert P.state_bytes(lin, "zero3", 3)["params"] == 28
     with pytest.raises(ValueError, match="strategy"):
         P.state_bytes(lin, "zero4", 2)
+
+
+def test_tp_rows_follow_lmforge_strategies():
+    sh = P.shape_of(preset="llama-1b")  # 32 heads, 8 key/value heads
+    assert sh.n_kv_head == 8
+    with pytest.raises(ValueError, match="key/value heads"):
+        P.plan(sh, 16, 80e9, tp=16)  # 16 divides the 32 heads but not the 8 key/value heads
+    rows = {r["strategy"]: r for r in P.plan(sh, 16, 80e9, seq_len=2048, tp=8)["rows"]}
+    assert (rows["tp+fsdp"]["tp"], rows["tp+fsdp"]["dp"]) == (8, 2)
+    assert rows["tp"]["tp"] == 16 and not rows["tp"]["fits"]  # "tp" splits over every device: 8 kv heads
+    assert any("do not divide" in n for n in rows["tp"]["notes"])
+    # sequence parallel divides every activation by t; TP alone only part of them
+    sp = P.plan(sh, 8, 80e9, seq_len=2048, tp=8, sequence_parallel=True, strategies=["tp"])["rows"][0]
+    no = P.plan(sh, 8, 80e9, seq_len=2048, tp=8, strategies=["tp"])["rows"][0]
+    assert sp["activations_gb"] < no["activations_gb"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3", "fsdp"])
+def test_analytic_fp32_agrees_with_exact_mode(strategy):
+    # tiny-llama's shapes divide by 2: no padding, so the two faces of the planner differ only by AdamW's
+    # 4-byte step per tensor (whole on every rank), which the analytic K leaves out
+    from lmforge.model import preset
+    from lmforge.model.transformer import Transformer
+
+    net = Transformer(preset("tiny-llama"))
+    n = sum(p.numel() for p in net.parameters())
+    tensors = len(list(net.parameters()))
+    exact = P.state_bytes(net, strategy, 2, "adamw")
+    approx = P.model_state_bytes(n, strategy, 2, precision="fp32")
+    assert exact["params"] == approx["params"] and exact["grads"] == approx["grads"]
+    assert exact["optim"] - 4 * tensors == approx["optim"]
+
+
+def test_frozen_parameters_count_as_weights_only():
+    import parallel_harness as H
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.optim import build_optimizers
+
+    net = Transformer(H.tiny_config())
+    for p in net.blocks[0].parameters():
+        p.requires_grad_(False)
+    opts = build_optimizers(net, "adamw", fused=False)
+    x = torch.randint(0, 64, (2, 9))
+    net(x[:, :-1], x[:, 1:])[1].backward()
+    for o in opts:
+        o.step()
+    net(x[:, :-1], x[:, 1:])[1].backward()
+    assert P.measured_bytes(net, opts) == P.state_bytes(net, "none", 1, "adamw")
+    frozen = sum(p.numel() for p in net.blocks[0].parameters())
+    full = P.state_bytes(Transformer(H.tiny_config()), "none", 1)
+    got = P.state_bytes(net, "none", 1)
+    assert got["params"] == full["params"] and got["grads"] == full["grads"] - 4 * frozen
+    assert P.state_bytes(net, "zero3", 2)["params"] == full["params"] // 2  # even shapes: halves

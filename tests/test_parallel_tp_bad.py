@@ -10,6 +10,7 @@ from test_parallel_tp import MOE
 BAD = {
     "heads": (dict(model=dict(n_head=3, n_kv_head=3, d_model=48), parallel="tp"), ("n_head=3", "tp_size=2")),
     "kv_heads": (dict(model=dict(n_head=4, n_kv_head=1), parallel="tp"), ("n_kv_head=1", "tp_size=2")),
+    "d_ff": (dict(model=dict(d_ff=63), parallel="tp"), ("d_ff=63", "tp_size=2")),
     "tp_size_not_world": (dict(cfg=dict(tp_size=1), parallel="tp"), ("tp_size=1", "world size is 2")),
     "tpfsdp_needs_tp_size": (dict(parallel="tp+fsdp"), ("needs tp_size",)),
     "tpfsdp_tp_size_divides": (dict(cfg=dict(tp_size=3), parallel="tp+fsdp"), ("tp_size=3", "world size 2")),

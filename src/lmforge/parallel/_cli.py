@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: the model's max_seq_len)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per device per micro-batch (default 1)")
     p.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
-    p.add_argument("--tp", type=int, default=0, help="tensor-parallel degree (default: 8, 4 or 2, what divides)")
+    p.add_argument("--tp", type=int, default=0,
+                   help="tp+fsdp's tensor-parallel degree (default: 8, 4 or 2, what divides); tp uses every device")
     p.add_argument("--sequence-parallel", action="store_true", help="tp: norms and dropout on sequence shards")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "muon"))
     p.add_argument("--precision", default="mixed", choices=("mixed", "fp32"),

@@ -12,8 +12,10 @@ reducer (C++: its bucket all-reduces call ``c10d.allreduce_`` through the dispat
 gloo, 2 ranks: the mode sees one ``allreduce_`` per bucket). ``install_ddp_hook(ddp, counter)``
 counts DDP's buckets a second, independent way (a DDP communication hook that records each
 bucket, then averages it as DDP's default hook does), so a test can check the two agree. Only
-the calls made while the mode is active, on this thread, are seen (a collective issued from a
-thread of its own, such as an asynchronous checkpoint writer's, is not).
+the calls made while the mode is active are seen: on this thread, and in the backward, which on a
+CPU runs on the calling thread (on CUDA autograd's device threads inherit the mode with the rest
+of its thread-local state: not checked here, there was no GPU). A collective issued from a thread
+of its own (an asynchronous checkpoint writer's) is not.
 
 **The volume per rank** is what a ring implementation sends from each of the N ranks of the
 collective's group, in elements (bytes: times the element size):
@@ -25,19 +27,26 @@ collective's group, in elements (bytes: times the element size):
     broadcast of n                           n                 (a pipelined chain: each rank passes n on)
 
 ``theoretical_volume`` gives the per-step figures the strategies should produce (Ψ the trained
-parameters, per rank, times (N-1)/N): DDP 2Ψ (one all-reduce of the gradients); ZeRO-1/2 Ψ + Ψ
-(gradients reduce-scattered to their owners, updated parameters all-gathered); ZeRO-3 and FSDP2
-3Ψ (parameters all-gathered for the forward and again for the backward, gradients
-reduce-scattered); TP: per block, forward and backward, two all-reduces of s·b·h activations.
+parameters, per rank, times (N-1)/N). The ZeRO paper's (``paper=True``): DDP 2Ψ (one all-reduce
+of the gradients); ZeRO-1/2 Ψ + Ψ (gradients reduce-scattered to their owners, updated parameters
+all-gathered); ZeRO-3 3Ψ (parameters all-gathered for the forward and again for the backward,
+gradients reduce-scattered). lmforge's, exactly (the default): DDP 2Ψ; ZeRO-1 2Ψ + Ψ (it
+all-reduces as DDP does, then all-gathers the updated pieces: one Ψ more than the paper); ZeRO-2
+Ψ + Ψ; ZeRO-3 2aΨ + Ψ and FSDP2 2a(Ψ - Ψ_root) + aΨ_root + Ψ over a step of a micro-batches
+(parameters are gathered for every micro-batch, gradients reduced once, on the last; FSDP2's root
+unit stays gathered from its forward to its backward, while ZeRO-3's root unit is gathered for
+each); Muon adds an all-gather of its hidden matrices (Newton-Schulz needs them whole); TP: per
+micro-batch, each column-wise / row-wise pair (attention's and the MLP's in a dense block) one
+all-reduce of s·b·h activations forward and one backward. Ψ is padded as the strategy pads it
+(``padded_params``).
 
 Collectives of at most ``SMALL = 8`` elements (the loop's loss sums and normalizer, a global
-gradient norm, DDP's broadcast of a rope table) are counted apart as ``small``, so the figures
-compare with the theory without them.
+gradient norm) are counted apart as ``small``, so the figures compare with the theory without
+them. DDP's broadcast of the model's buffers (16 elements for the tests' rope table) is not small.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -157,8 +166,6 @@ class CommCounter(TorchDispatchMode):
         super().__init__()
         self.calls: list[Call] = []
         self.hook_buckets: list[int] = []
-        self._hook_itemsize = 4
-        self._thread = threading.get_ident()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -211,7 +218,6 @@ def install_ddp_hook(ddp_module, counter: CommCounter) -> None:
     def hook(state, bucket):
         buf = bucket.buffer()
         counter.hook_buckets.append(buf.numel())
-        counter._hook_itemsize = buf.element_size()
         n = dist.get_world_size(group)
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0].div_(n))
@@ -219,51 +225,115 @@ def install_ddp_hook(ddp_module, counter: CommCounter) -> None:
     ddp_module.register_comm_hook(None, hook)
 
 
-def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches: int = 1,
-                       sync_every_micro_batch: bool = False, act_elements: float = 0.0, n_layer: int = 0,
-                       root_params: float = 0.0) -> dict:
-    """The per-rank elements one optimizer step should move, by kind (the module docstring's ring
-    volumes). ``n_params``: Ψ, the trained parameters (for an exact comparison: as the strategy pads
-    them, ``padded_params``). ``micro_batches``: the step's gradient-accumulation micro-batches;
-    ``sync_every_micro_batch``: gradients are reduced after every micro-batch (ZeRO-2/3 and FSDP2 as
-    lmforge runs them) rather than after the last only (DDP's ``no_sync``, ZeRO-1). ``root_params``
-    (FSDP2): the parameters outside the blocks, which the root keeps gathered from its forward to
-    its backward (one all-gather per micro-batch, not two). TP: ``act_elements`` = s·b·h of one
-    micro-batch on one rank, ``n_layer`` blocks: two all-reduces per block forward and two backward."""
-    N = world
-    f = (N - 1) / N if N > 1 else 0.0
-    reduces = micro_batches if sync_every_micro_batch else 1
-    if strategy == "ddp":
-        return {"all_reduce": 2 * n_params * f * reduces}
-    if strategy in ("zero1", "zero2"):
-        return {"reduce_scatter": n_params * f * reduces, "all_gather": n_params * f}
-    if strategy in ("zero3", "fsdp"):
-        gathers = (2 * (n_params - root_params) + root_params) * micro_batches
-        return {"reduce_scatter": n_params * f * reduces, "all_gather": gathers * f}
-    if strategy == "tp":
-        return {"all_reduce": 4 * n_layer * 2 * act_elements * f * micro_batches}
+def theoretical_volume(strategy: str, n_params: float, world: int, micro_batches: int = 1, root_params: float = 0.0,
+                       act_elements: float = 0.0, n_layer: int = 0, muon_params: float = 0.0, n_tensors: int = 0,
+                       tp: int = 1, tp_pairs: int | None = None,
+                       paper: bool = False) -> dict:
+    """The per-rank elements one optimizer step should move, by kind (ring volumes: the module
+    docstring), for lmforge's implementation of ``strategy`` (``paper=True``: the ZeRO paper's
+    headline figures instead: DDP 2Ψ, ZeRO-1/2 Ψ + Ψ, ZeRO-3 3Ψ, times (N-1)/N).
+
+    ``n_params``: Ψ, the trained parameters as the strategy pads them for its collectives
+    (``padded_params``; TP+FSDP: the TP-local ones); ``micro_batches``: the step's accumulation
+    micro-batches (every strategy reduces gradients once per step, on the last; parameters are
+    gathered for every micro-batch); ``root_params`` (FSDP2): those outside the blocks, which the
+    root keeps gathered from its forward to its backward (one all-gather per micro-batch, not
+    two); ``muon_params``: the hidden matrices Muon orthogonalizes whole, all-gathered once per
+    step where they are sharded (ZeRO, FSDP2, TP); ``n_tensors`` (DDP with
+    ``find_unused_parameters``, as lmforge runs a MoE model): the trained tensors, whose "was used"
+    map DDP all-reduces once per step (0 otherwise).
+    TP: ``act_elements`` = s·b·h of one micro-batch; each column-wise / row-wise pair
+    (``tp_pairs``; default 2 per block of ``n_layer``: attention and MLP; a MoE's replicated experts
+    make none) all-reduces once forward and once backward, over the ``tp`` ranks of a
+    tensor-parallel group (``tp`` = ``world`` for "tp")."""
+    a = micro_batches
     if strategy == "none":
         return {}
+    t = world if strategy == "tp" else (tp if strategy == "tp+fsdp" else 1)
+    if t < 1 or world % t:
+        raise ValueError(f"theoretical_volume: tp {t} does not divide world {world}")
+    dp = world // t
+    f = (dp - 1) / dp  # a data-parallel collective's share
+    ft = (t - 1) / t  # a tensor-parallel one's
+    if paper:
+        table = {"ddp": {"all_reduce": 2 * n_params * f},
+                 "zero1": {"reduce_scatter": n_params * f, "all_gather": n_params * f},
+                 "zero2": {"reduce_scatter": n_params * f, "all_gather": n_params * f},
+                 "zero3": {"reduce_scatter": n_params * f, "all_gather": 2 * n_params * f},
+                 "fsdp": {"reduce_scatter": n_params * f, "all_gather": 2 * n_params * f}}
+        if strategy not in table:
+            raise ValueError(f"theoretical_volume: the ZeRO paper has no figure for {strategy!r}")
+        return table[strategy]
+    if strategy == "ddp":
+        return {"all_reduce": 2 * (n_params + n_tensors) * f}
+    if strategy == "zero1":  # lmforge's ZeRO-1 all-reduces as DDP, then gathers the updated pieces
+        return {"all_reduce": 2 * n_params * f, "all_gather": (n_params + muon_params) * f}
+    if strategy == "zero2":
+        return {"reduce_scatter": n_params * f, "all_gather": (n_params + muon_params) * f}
+    if strategy == "zero3":
+        return {"reduce_scatter": n_params * f, "all_gather": (2 * a * n_params + muon_params) * f}
+    if strategy == "fsdp":
+        gathers = 2 * a * (n_params - root_params) + a * root_params
+        return {"reduce_scatter": n_params * f, "all_gather": (gathers + muon_params) * f}
+    if strategy in ("tp", "tp+fsdp"):
+        pairs = 2 * n_layer if tp_pairs is None else tp_pairs
+        out = {"all_reduce": 2 * pairs * a * 2 * act_elements * ft}
+        if muon_params:
+            out["all_gather"] = muon_params * ft
+        if strategy == "tp+fsdp" and dp > 1:
+            fs = theoretical_volume("fsdp", n_params, dp, a, root_params)
+            out["reduce_scatter"] = fs["reduce_scatter"]
+            out["all_gather"] = out.get("all_gather", 0.0) + fs["all_gather"]
+        return out
     raise ValueError(f"theoretical_volume: unknown strategy {strategy!r}")
 
 
-def padded_params(model, strategy: str, world: int) -> dict:
-    """The trained parameter elements as a strategy pads them for its collectives: {"all", "root"}
-    (root: those outside ``model.blocks``). ZeRO: each parameter to a multiple of ``world``
-    elements; FSDP2: each parameter's dim 0 to a multiple of ``world`` rows; DDP: unpadded."""
-    total = root = 0
+def padded_params(model, strategy: str, world: int, tp: int = 1, optimizer: str = "adamw") -> dict:
+    """The trained parameter elements as ``strategy`` pads them for its collectives: {"all", "root"
+    (those outside ``model.blocks``), "muon" (the hidden matrices, when ``optimizer`` is muon),
+    "tensors" (how many), "shared" (those reached under several names: tied embeddings), "tp_pairs"
+    (TP: the row-wise layers, each closing a column-wise / row-wise pair: attention's, the MLP's)}. ZeRO: each
+    parameter to a multiple of ``world`` elements; FSDP2: each
+    parameter's dim 0 to a multiple of the data-parallel ranks' rows; TP: the local shards (TP+FSDP2:
+    those, then FSDP2's rows); DDP: unpadded."""
+    from .plan import _tp_kinds, _tp_local_shape
+
+    hidden = set()
+    if optimizer == "muon":
+        from ..train.optim import param_groups
+
+        hidden = {id(p) for _, p in param_groups(model)[0]}
+    t = world if strategy == "tp" else (tp if strategy == "tp+fsdp" else 1)
+    dp = world // t
+    kinds = _tp_kinds(model) if t > 1 else {}
+    out = {"all": 0, "root": 0, "muon": 0, "tensors": 0, "shared": 0,
+           "tp_pairs": len({n.rsplit(".", 1)[0] for n, k in kinds.items() if k == "rowwise"})}
+    names: dict = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
     seen = set()
     for name, p in model.named_parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        n = p.numel()
+        shape = _tp_local_shape(p.shape, kinds.get(name), name.endswith(".bias"), t)
+        n = 1
+        for d in shape:
+            n *= d
         if strategy.startswith("zero"):
             n = -(-n // world) * world
-        elif strategy == "fsdp":
-            rows = p.shape[0] if p.dim() else 1
-            n = -(-rows // world) * world * (n // max(rows, 1))
-        total += n
+        elif strategy in ("fsdp", "tp+fsdp"):
+            rows = shape[0] if shape else 1
+            n = -(-rows // dp) * dp * (n // max(rows, 1))
+        out["all"] += n
+        out["tensors"] += 1
         if not name.startswith("blocks."):
-            root += n
-    return {"all": total, "root": root}
+            out["root"] += n
+        if id(p) in hidden:
+            if t > 1:  # TP gathers the matrices it splits, whole (a replicated one is whole already)
+                out["muon"] += p.numel() if kinds.get(name) else 0
+            else:
+                out["muon"] += n
+        if names[id(p)] > 1:
+            out["shared"] += n
+    return out

@@ -290,7 +290,8 @@ def deepspeed_warnings(path_or_dict, world_size: int | None = None, stage3: str 
             bad("scheduler.params", f"expected an object, got {sp!r}")
         for k in sp:
             if k not in SCHEDULER_PARAMS[typ]:
-                bad(f"scheduler.params.{k}", f"unknown for {typ} (its params: {', '.join(sorted(SCHEDULER_PARAMS[typ]))})")
+                known = ", ".join(sorted(SCHEDULER_PARAMS[typ]))
+                bad(f"scheduler.params.{k}", f"unknown for {typ} (its params: {known})")
         if "last_batch_iteration" in sp:
             warns.append("scheduler.params.last_batch_iteration: ignored (a resumed lmforge run continues its own "
                          "schedule)")
@@ -377,3 +378,23 @@ def from_deepspeed(path_or_dict, world_size: int | None = None, stage3: str = "f
     for w in warns:
         logger.warning("deepspeed config: %s", w)
     return out
+
+
+def apply_deepspeed(cfg, given=(), world_size: int | None = None, stage3: str = "fsdp"):
+    """A copy of ``cfg`` (a ``LoopConfig`` or a subclass) with the settings of its ``deepspeed`` config
+    applied (unchanged when ``cfg.deepspeed`` is empty). ``given``: the fields the user set explicitly
+    (flags, ``--set``, the config file); one of them that the DeepSpeed config sets to another value
+    is a ValueError naming both, so neither silently wins."""
+    import dataclasses
+
+    if not getattr(cfg, "deepspeed", ""):
+        return cfg
+    settings = from_deepspeed(cfg.deepspeed, world_size=world_size, stage3=stage3)
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for k, v in settings.items():
+        if k not in fields:
+            raise ValueError(f"deepspeed = {cfg.deepspeed!r}: maps to {k!r}, which {type(cfg).__name__} lacks")
+        if k in given and getattr(cfg, k) != v:
+            raise ValueError(f"{k} = {getattr(cfg, k)!r} is set, and deepspeed = {cfg.deepspeed!r} asks for {v!r}: "
+                             f"remove one of them")
+    return dataclasses.replace(cfg, **settings)

@@ -43,7 +43,9 @@ tensor-parallel degree:
     full recompute                       2 s b h (each layer keeps only its 16-bit input)
 
 The 34 is the paper's count for a GPT layer (attention 11 sbh + 5 a s^2 b, MLP 19 sbh with a 4h
-GeLU, two layer norms 4 sbh). lmforge's Llama-shaped layers (SwiGLU, GQA, RMSNorm) differ by a
+GeLU, two layer norms 4 sbh; its equations 1-2 and 6 and Table 2; the paper itself was not in the
+reference library here, so these were checked against two independent public restatements of
+them, which agree term for term). lmforge's Llama-shaped layers (SwiGLU, GQA, RMSNorm) differ by a
 few sbh; the planner uses the paper's constants and says so. On top, the planner adds what the
 paper leaves to its section 4.3 and lmforge's loss keeps: the fp32 logits, 4 s b v bytes (the head
 is replicated under lmforge's TP, so not divided by t), and with full recompute one layer's
@@ -58,9 +60,12 @@ activations: each device runs its own micro-batch.
   (4 bytes). Muon: a ``momentum_buffer`` per hidden matrix; the embeddings, head, norms and biases
   on AdamW (``param_groups``). A ``WeightEMA`` (``ema=True``) one fp32 copy of every parameter.
 * ZeRO-1/2/3 (``parallel/zero.py``): each parameter flattened and cut into N equal pieces of
-  ceil(numel / N) elements (the last padded with zeros); rank r holds piece r of the optimizer
-  states (ZeRO-1), of the gradients too (ZeRO-2), of the parameters too (ZeRO-3). The ``step``
-  tensors are 0-dim and whole on every rank.
+  s = ceil(numel / N) elements (the last padded with zeros); rank r holds piece r of the optimizer
+  states (ZeRO-1), of the gradients too (ZeRO-2), of the parameters too (ZeRO-3). ZeRO-1/2 keep
+  the whole parameters in padded flat buffers of N s elements (a piece is a view, updated in
+  place) and ZeRO-1 the whole averaged gradient in one too; the ``step`` tensors are 0-dim and
+  whole on every rank. A weight average follows ``ema_params``: the whole parameters (ZeRO-1/2,
+  unpadded copies), the pieces (ZeRO-3).
 * FSDP2 (``torch.distributed.fsdp.fully_shard``, read in ``_fsdp_param.py``): each parameter is
   chunked on dim 0 by ``torch.chunk`` into c = ceil(rows / N)-row pieces, and every rank's storage
   is padded to c rows (``padded_sharded_param_size``), so parameters and gradients (the
@@ -168,6 +173,10 @@ class Shape:
     vocab_size: int = 0
     max_seq_len: int = 0
     name: str = ""
+    n_kv_head: int = 0  # key/value heads (GQA); TP splits them too
+
+    def heads_divide(self, t: int) -> bool:
+        return all(not h or h % t == 0 for h in (self.n_head, self.n_kv_head))
 
     @property
     def has_layers(self) -> bool:
@@ -207,7 +216,8 @@ def shape_of_config(cfg, name: str = "") -> Shape:
     hidden, _, _ = param_groups(m)
     return Shape(n_params=float(m.num_params()), tp_sharded=float(_tp_split_numel(m)),
                  muon_params=float(sum(p.numel() for _, p in hidden)), n_layer=cfg.n_layer, d_model=cfg.d_model,
-                 n_head=cfg.n_head, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, name=name)
+                 n_head=cfg.n_head, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len, name=name,
+                 n_kv_head=cfg.kv_heads)
 
 
 def shape_of(preset: str | None = None, config: str | None = None, params: float | None = None, **layers) -> Shape:
@@ -292,7 +302,8 @@ def plan(shape: Shape, gpus: int, gpu_memory: float, strategies=("all",), seq_le
          recompute: str = "none", tp: int = 0, optimizer: str = "adamw", precision: str = "mixed",
          sequence_parallel: bool = False) -> dict:
     """The per-device memory of each strategy (``Row``s) and a recommendation. ``gpu_memory`` in
-    bytes; ``tp`` 0: the largest of 8, 4, 2 that divides ``gpus`` and the heads (tp strategies)."""
+    bytes. ``tp`` is tp+fsdp's tensor-parallel degree (0: the largest of 8, 4, 2 that divides
+    ``gpus`` and the heads); "tp" splits over every device, as ``parallel = "tp"`` does."""
     if gpus < 1:
         raise ValueError(f"--gpus {gpus}: expected >= 1")
     if micro_batch < 1:
@@ -311,10 +322,11 @@ def plan(shape: Shape, gpus: int, gpu_memory: float, strategies=("all",), seq_le
         raise ValueError(f"--tp {tp}: expected >= 1 (or 0: chosen)")
     if tp and gpus % tp:
         raise ValueError(f"--tp {tp} does not divide --gpus {gpus}")
-    if tp and shape.n_head and shape.n_head % tp:
-        raise ValueError(f"--tp {tp} does not divide the model's {shape.n_head} heads")
+    if tp and not shape.heads_divide(tp):
+        raise ValueError(f"--tp {tp} does not divide the model's {shape.n_head} heads and {shape.n_kv_head} "
+                         "key/value heads")
     if not tp:
-        tp = next((t for t in (8, 4, 2) if gpus % t == 0 and (not shape.n_head or shape.n_head % t == 0)), 1)
+        tp = next((t for t in (8, 4, 2) if gpus % t == 0 and shape.heads_divide(t)), 1)
     s = seq_len or shape.max_seq_len
     if shape.has_layers and not s:
         raise ValueError("plan: give --seq-len (the model has no max_seq_len)")
@@ -323,11 +335,17 @@ def plan(shape: Shape, gpus: int, gpu_memory: float, strategies=("all",), seq_le
         muon_share = 1.0  # a bare --params: every parameter a hidden matrix (an upper bound on Muon's saving)
     rows = []
     for name in names:
-        t = tp if name in ("tp", "tp+fsdp") else 1
+        # lmforge's "tp" splits the model over every rank; "tp+fsdp" over tp of them, FSDP2 across the rest
+        t = gpus if name == "tp" else (tp if name == "tp+fsdp" else 1)
         dp = gpus // t
         states = model_state_bytes(shape.n_params, name, gpus, precision, optimizer, t, shape.tp_sharded, muon_share)
         static = sum(states.values())
         notes = []
+        runnable = True
+        if name == "tp" and not shape.heads_divide(gpus):
+            runnable = False
+            notes.append(f"tp: over all {gpus} devices the heads ({shape.n_head}, {shape.n_kv_head} key/value) do "
+                         "not divide (use tp+fsdp with --tp)")
         if name in ("tp", "tp+fsdp") and t == 1:
             notes.append("tp = 1: no tensor parallelism (give --tp or more GPUs)")
         act = mb = total = None
@@ -340,9 +358,10 @@ def plan(shape: Shape, gpus: int, gpu_memory: float, strategies=("all",), seq_le
             total = static + act
             per_sample = act_at(1)
             mb = max(0, int((gpu_memory - static) // per_sample)) if gpu_memory > static else 0
-            fits = total <= gpu_memory
+            fits = total <= gpu_memory and runnable
+            mb = mb if runnable else 0
         else:
-            fits = static <= gpu_memory
+            fits = static <= gpu_memory and runnable
             notes.append("activations unknown (give --preset/--config, or --layers --hidden --heads)")
         if name == "zero3":
             notes.append("lmforge's readable ZeRO-3; fsdp (torch's) holds the same and overlaps its gathers")
@@ -374,28 +393,34 @@ def recommend(rows: list[Row], gpus: int, recompute: str) -> str:
         mb = f"; micro-batch up to {best.max_micro_batch}" if best.max_micro_batch is not None else ""
         return f"{best.strategy}: {why}{mb}"
     hint = "" if recompute == "full" else " or --recompute full"
-    smallest = min(rows, key=lambda r: (r.total_gb if r.total_gb is not None else r.params_gb + r.grads_gb + r.optim_gb))
+    def size(r):
+        return r.total_gb if r.total_gb is not None else r.params_gb + r.grads_gb + r.optim_gb
+    smallest = min(rows, key=size)
     return (f"nothing fits on {gpus} device(s): the smallest is {smallest.strategy} "
-            f"({(smallest.total_gb or 0):.1f} GB); add devices, use --tp{hint}, or a smaller micro-batch")
+            f"({size(smallest):.1f} GB); add devices, use --tp{hint}, or a smaller micro-batch")
+
+
+COLUMNS = ("params", "grads", "optim", "states", "activ.", "total")
 
 
 def format_plan(p: dict) -> str:
     """The table ``lmforge plan`` prints."""
     lines = [f"{p['model']}: {p['n_params'] / 1e9:.3g}B parameters on {p['gpus']} device(s) of "
-             f"{p['gpu_memory_gb']:.4g} GB; {p['precision']} precision, {p['optimizer']}, seq_len {p['seq_len']}, "
+             f"{p['gpu_memory_gb']:.4g} GB; {p['precision']} precision, {p['optimizer']}, seq_len {p['seq_len'] or 'n/a'}, "
              f"micro-batch {p['micro_batch']}, recompute {p['recompute']}"
              + (", sequence parallel" if p["sequence_parallel"] else "")
              + "  (GB = 1e9 bytes, per device)",
-             f"{'strategy':<9} {'tp x dp':>8} {'params':>9} {'grads':>9} {'optim':>9} {'states':>9} {'activ.':>9} {'total':>9}  "
-             f"{'fits':<4} {'max micro-batch':>15}"]
+             "  ".join([f"{'strategy':<9}", f"{'tp x dp':>8}"] + [f"{h:>9}" for h in COLUMNS]
+                       + [f"{'fits':<4}", f"{'max micro-batch':>15}"])]
 
     def f(x):
         return "n/a" if x is None else f"{x:.2f}"
     for r in p["rows"]:
-        lines.append(f"{r['strategy']:<9} {str(r['tp']) + 'x' + str(r['dp']):>8} {f(r['params_gb']):>9} "
-                     f"{f(r['grads_gb']):>9} {f(r['optim_gb']):>9} {f(r['params_gb'] + r['grads_gb'] + r['optim_gb']):>9} "
-                     f"{f(r['activations_gb']):>9} {f(r['total_gb']):>9}  "
-                     f"{'yes' if r['fits'] else 'no':<4} {'n/a' if r['max_micro_batch'] is None else r['max_micro_batch']:>15}")
+        cells = [r["params_gb"], r["grads_gb"], r["optim_gb"], r["params_gb"] + r["grads_gb"] + r["optim_gb"],
+                 r["activations_gb"], r["total_gb"]]
+        mb = "n/a" if r["max_micro_batch"] is None else r["max_micro_batch"]
+        lines.append("  ".join([f"{r['strategy']:<9}", f"{str(r['tp']) + 'x' + str(r['dp']):>8}"]
+                               + [f"{f(c):>9}" for c in cells] + [f"{'yes' if r['fits'] else 'no':<4}", f"{mb:>15}"]))
     notes = sorted({n for r in p["rows"] for n in r["notes"]})
     lines += [f"  note: {n}" for n in notes]
     lines.append(f"recommendation: {p['recommendation']}")
@@ -450,11 +475,26 @@ def _walk_plan(comp, prefix: str, out: dict) -> None:
                 out[f"{prefix}.{key}.{pn}"] = kind
 
 
+def _frozen_bytes(p, name, strategy, world, t, dp, dp_rank, kinds) -> int:
+    """Elements a rank holds of a frozen parameter: whole under DDP and ZeRO-1/2 (which cut only what
+    they step), a piece under ZeRO-3 (it gathers frozen weights too), FSDP2's and TP's shards."""
+    if strategy in ("none", "ddp", "zero1", "zero2"):
+        return p.numel()
+    if strategy == "zero3":
+        return _zero_piece(p.numel(), world)
+    shp = _tp_local_shape(p.shape, kinds.get(name), name.endswith(".bias"), t)
+    if strategy == "tp":
+        return math.prod(shp)
+    rest = math.prod(shp[1:]) if len(shp) > 1 else 1
+    return _fsdp_rows(shp[0], dp, dp_rank)[0] * rest
+
+
 def state_bytes(model, strategy: str, world: int, optimizer: str = "adamw", tp: int = 1, rank: int = 0,
                 ema: bool = False) -> dict:
     """The exact bytes {"params", "grads", "optim"} rank ``rank`` of ``world`` holds under ``strategy``
     for lmforge's fp32 training of ``model`` (an unwrapped model: its parameters' full shapes), with
-    gradients present (between backward and ``zero_grad``). The rules are the module docstring's."""
+    gradients present (between backward and ``zero_grad``). The rules are the module docstring's; a
+    frozen parameter (``requires_grad`` False) counts as weights only."""
     from ..train.optim import param_groups
 
     if strategy not in SHARDS:
@@ -480,9 +520,12 @@ def state_bytes(model, strategy: str, world: int, optimizer: str = "adamw", tp: 
     out = {"params": 0, "grads": 0, "optim": 0}
     seen = set()
     for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
+        if id(p) in seen:
             continue
         seen.add(id(p))
+        if not p.requires_grad:  # frozen (LoRA's base): held as the strategy holds weights, no gradient or state
+            out["params"] += _frozen_bytes(p, name, strategy, world, t, dp, dp_rank, kinds) * E
+            continue
         n_states = 1 if id(p) in muon else 2
         step = 0 if id(p) in muon else E  # AdamW's 0-dim step
         n_ema = 1 if ema else 0
@@ -493,8 +536,10 @@ def state_bytes(model, strategy: str, world: int, optimizer: str = "adamw", tp: 
             out["optim"] += (n_states + n_ema) * n * E + step
         elif strategy in ("zero1", "zero2", "zero3"):
             n, piece = p.numel(), _zero_piece(p.numel(), world)
-            out["params"] += (piece if strategy == "zero3" else n) * E
-            out["grads"] += (n if strategy == "zero1" else piece) * E
+            # ZeRO-1/2 keep the whole parameter in a padded flat buffer (N pieces), ZeRO-1 its averaged
+            # gradient too; ZeRO-2/3 a rank's piece of the gradient, ZeRO-3 of the parameter
+            out["params"] += (piece if strategy == "zero3" else piece * world) * E
+            out["grads"] += (piece * world if strategy == "zero1" else piece) * E
             # the weight average follows this rank's parameters (ZeRO-3: its shards; ema_params)
             out["optim"] += (n_states * piece + n_ema * (piece if strategy == "zero3" else n)) * E + step
         else:  # fsdp, tp, tp+fsdp

@@ -40,6 +40,25 @@ input (``PrepareModuleInput``: its backward reduce-scatters) and its row-wise pr
 reduce-scatters its output instead of all-reducing it; the final norm's output is gathered for the
 head. RoPE and attention see the whole sequence (they run after the gather). T must divide by tp;
 a MoE layer is refused (its router statistics need every token).
+
+**Randomness.** Ranks seed alike, and the replicated regions (the embedding's and, without SP, the
+blocks' dropout) draw the same masks on every rank, so the replicas never drift apart. Dropout on a
+rank's own heads (attention) or, under SP, on its sequence shard draws from the rank's own stream
+(``_rank_rng``: a seed from the run's stream plus the rank, in a forked RNG state).
+
+**Optimizers.** AdamW is elementwise and runs on the local shards as they are. Muon needs whole
+matrices: ``wrap_optimizers`` replaces it by ``TPMuon`` (gathers each matrix, puts it in the model's
+row order, orthogonalizes q, k, v / gate, up apart as one process does, keeps this rank's slice).
+
+**Per step** (a = b·s·h elements of a micro-batch's activations, L blocks, each all-reduce 2a(t-1)/t
+per rank on a ring): TP moves 4L all-reduces of a per micro-batch (2 forward, 2 backward); SP turns
+each into a reduce-scatter and an all-gather (the same volume) and adds the head's gather and the
+embedding gradient's gather (2 more all-gathers of a); the partial gradients' sum is one small
+all-reduce per step; Muon adds one all-gather of every split matrix per step.
+
+``TPFSDPStrategy`` applies TP first (on the mesh's "tp" dimension), then ``parallel.fsdp.shard_model``
+on "dp": FSDP2 shards each TP-local tensor's dim 0 over the data-parallel ranks (torch's 2-D
+``_StridedShard``), reduce-scatters once per step (no-sync accumulation) and averages over "dp".
 """
 from __future__ import annotations
 
@@ -118,6 +137,12 @@ def check_tp(model, tp: int, sequence_parallel: bool = False) -> dict[str, str]:
             if n is not None and n % tp:
                 raise ValueError(f"tensor parallel: {setting}={n} is not divisible by tp_size={tp} (each rank "
                                  "computes whole heads): choose a tp_size that divides the heads")
+        for name, m in block.mlp.named_modules():  # the split MLPs' hidden units (the block's, a shared expert's)
+            hidden = getattr(m, "hidden", None)
+            if hidden is not None and hasattr(m, "tp_plan") and hidden % tp:
+                what = "d_ff" if not name else "the shared expert's hidden size (moe.n_shared x moe.d_shared)"
+                raise ValueError(f"tensor parallel: {what}={hidden} is not divisible by tp_size={tp} (each rank "
+                                 "computes d_ff / tp_size hidden units)")
     plan = tp_plan_of(model, sequence_parallel)
     mods = dict(model.named_modules())
     for fqn, kind in plan.items():
@@ -242,6 +267,8 @@ def apply_tp(model, tp_mesh, sequence_parallel: bool = False):
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                    RowwiseParallel, parallelize_module)
 
+    if getattr(model, "_tp_layout", None) is not None:
+        raise ValueError("apply_tp: this model is already split (its fused rows are regrouped once)")
     tp = tp_mesh.size()
     plan = check_tp(model, tp, sequence_parallel)
     layout = TPLayout(tp_mesh, sequence_parallel)
@@ -595,6 +622,17 @@ class TPFSDPStrategy(TPStrategy):
             raise ValueError(f"parallel = 'tp+fsdp': tp_size={tp} does not divide the world size {self.world_size} "
                              "(the mesh is (world / tp_size, tp_size))")
         return tp
+
+    @contextlib.contextmanager
+    def micro_batch(self, fwd, last: bool):
+        """As FSDP2 alone (``parallel.fsdp``): the reduce-scatter over the data-parallel ranks runs only in
+        the last micro-batch's backward (earlier ones accumulate unsharded gradients); then the partial
+        gradients are summed over the tensor-parallel group."""
+        if hasattr(fwd, "set_requires_gradient_sync"):
+            fwd.set_requires_gradient_sync(last)
+        yield
+        if last:
+            self._sum_partial_grads(fwd)
 
     def wrap(self, model):
         super().wrap(model)
