@@ -34,11 +34,12 @@ def runs(text_file, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("zero_train")
     kw = dict(optimizer="muon", schedule="constant", warmup_steps=0)  # (the rate does not depend on the bound)
-    one = train(TrainConfig(**base_cfg(text_file, d / "one", **kw)), quiet=True)
+    four = dict(max_steps=4)
+    one = train(TrainConfig(**base_cfg(text_file, d / "one", **four, **kw)), quiet=True)
     first = run_ranks(2, "test_parallel_train:train_rank", timeout=240,
                       cfg=base_cfg(text_file, d / "zero", parallel="zero3", batch_size=4, max_steps=2, **kw))
     then = run_ranks(2, "test_parallel_train:train_rank", timeout=240,
-                     cfg=base_cfg(text_file, d / "zero", parallel="zero1", batch_size=4, resume=True, **kw))
+                     cfg=base_cfg(text_file, d / "zero", parallel="zero1", batch_size=4, resume=True, **four, **kw))
     return {"dir": d, "one": one, "first": first, "then": then}
 
 
