@@ -472,8 +472,12 @@ def test_zero_three_ranks_padded(three):
     for c, got in zip(CASES3, three[0]):
         ref = mini_train("none", optimizer=c["optimizer"], global_b=6, steps=2, grad_clip=CLIP)
         assert_same_training(ref, got)
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.plan import state_bytes
+
     for c, per_rank in zip(CASES3, zip(*three)):
         exp = _expected(c["parallel"], c["optimizer"], 3)
+        assert exp == state_bytes(Transformer(tiny_config()), c["parallel"], 3, optimizer=c["optimizer"])  # padded
         for rank, r in enumerate(per_rank):
             assert r["memory"] == exp, (c, rank, r["memory"], exp)
 
