@@ -21,3 +21,16 @@ def test_pretrain_stage_on_two_ranks(small_corpus, tmp_path):  # noqa: F811
     assert m["stages"]["pretrain"]["summary"]["parallel"] == "ddp on 2 ranks"
     assert "ddp on 2 ranks" in (run / "report.md").read_text()
     assert (run / "model" / "model.safetensors").exists()
+
+
+def test_recipe_settings_for_ranks():
+    """recipes/distributed.toml loads (pretrain on 2 DDP ranks, the default's global batch); nnodes > 1 is
+    refused before any work (the pipeline launches on one machine)."""
+    import pytest
+
+    r, _ = load_recipe("distributed", [])
+    d, _ = load_recipe("default", [])
+    assert (r.train.parallel, r.train.nproc) == ("ddp", 2) and r.train.batch_size * 2 == d.train.batch_size
+    assert d.train.nproc == 1 and d.train.parallel == "none"  # the default recipe stays one process
+    with pytest.raises(ValueError, match=r"train.nnodes = 2: the pipeline launches a stage on this machine only"):
+        load_recipe("default", ["train.nnodes=2"])

@@ -218,6 +218,11 @@ def validate(r: Recipe) -> None:
         validate_quantize(r)
     if "demo" in r.stages and r.demo.chat_max_tokens < 1:
         raise ValueError(f"demo.chat_max_tokens: expected a positive number of tokens, got {r.demo.chat_max_tokens}")
+    for table, stage in (("train", "pretrain"), ("sft", "sft"), ("dpo", "dpo")):
+        c = getattr(r, table, None)
+        if stage in r.stages and c is not None and getattr(c, "nnodes", 1) > 1:
+            raise ValueError(f"{table}.nnodes = {c.nnodes}: the pipeline launches a stage on this machine only "
+                             f"(nproc ranks); run `lmforge {stage} --nnodes ...` on each node instead")
 
 
 def validate_quantize(r: Recipe) -> None:
