@@ -61,7 +61,11 @@ def train(parallel: str = "none", optimizer: str = "adamw", steps: int = 2, star
                                                           fused=False))
     if load is not None:
         if parallel == "none":
-            set_state_dict(net, opts, model_state_dict=load["model"], optim_state_dict=load["optim"])
+            o = load["optim"]  # (the strategies give one state per optimizer; torch's function takes them merged)
+            if isinstance(o, list):
+                o = {"state": {k: v for x in o for k, v in x["state"].items()},
+                     "param_groups": [g for x in o for g in x["param_groups"]]}
+            set_state_dict(net, opts, model_state_dict=load["model"], optim_state_dict=o)
         else:
             strategy.load_dcp_state(net, opts, load)
     data = global_batches(total, accum, global_b, T, mcfg.vocab_size, seed)
@@ -406,6 +410,8 @@ def test_zero3_releases_parameters_outside_their_unit(two):
 def test_zero_checkpoint_is_get_state_dicts_form(two):
     ref = train("none", "adamw", steps=2, total=4, save=True)["ckpt"]
     got = two[0][6]["ckpt"]  # ZeRO-3 after the same two steps
+    assert isinstance(got["optim"], list) and len(got["optim"]) == 1  # one per optimizer (here one AdamW)
+    got = {"model": got["model"], "optim": got["optim"][0]}
     assert set(got["model"]) == set(ref["model"])
     for k, t in ref["model"].items():
         assert got["model"][k].shape == t.shape
@@ -466,8 +472,12 @@ def test_zero_three_ranks_padded(three):
     for c, got in zip(CASES3, three[0]):
         ref = mini_train("none", optimizer=c["optimizer"], global_b=6, steps=2, grad_clip=CLIP)
         assert_same_training(ref, got)
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.plan import state_bytes
+
     for c, per_rank in zip(CASES3, zip(*three)):
         exp = _expected(c["parallel"], c["optimizer"], 3)
+        assert exp == state_bytes(Transformer(tiny_config()), c["parallel"], 3, optimizer=c["optimizer"])  # padded
         for rank, r in enumerate(per_rank):
             assert r["memory"] == exp, (c, rank, r["memory"], exp)
 
@@ -527,3 +537,40 @@ def test_zero_partition_arithmetic():
     parts = [pc.mine(p) for pc in pieces]
     assert [x.tolist() for x in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]  # the last one padded
     assert torch.equal(pieces[0].unpad(torch.cat(parts)), p.detach())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_refuses_a_second_wrap_and_foreign_tensors(stage):
+    from lmforge.model.transformer import Transformer
+
+    s = _one_rank(stage)
+    net = Transformer(tiny_config())
+    s.wrap(net)
+    with pytest.raises(RuntimeError, match="wrap.. was already called"):
+        s.wrap(net)
+    stray = torch.nn.Parameter(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"shape \(3, 5\) that is not a trained parameter"):
+        s.wrap_optimizers(net, [torch.optim.AdamW([stray])])
+
+
+def test_zero3_model_without_blocks_is_one_unit():
+    """A model with no ``blocks``: the root is the only unit, gathered for forward and backward, released after."""
+    torch.manual_seed(0)
+    ref_net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    net.load_state_dict(ref_net.state_dict())
+    s = _one_rank("zero3")
+    s.wrap(net)
+    (opt,) = s.wrap_optimizers(net, [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)])
+    ref_opt = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for m, o, step in ((ref_net, ref_opt, lambda: ref_opt.step()), (net, opt, lambda: s.step([opt]))):
+            with s.micro_batch(m, last=True):
+                m(x).pow(2).sum().backward()
+            step()
+            s.zero_grad([opt]) if m is net else o.zero_grad()
+        assert all(p.untyped_storage().nbytes() == 0 for p in net.parameters())
+    full = s.full_state_dict(net)
+    for k, t in ref_net.state_dict().items():
+        assert torch.allclose(full[k], t, atol=1e-6), k

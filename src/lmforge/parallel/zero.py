@@ -64,9 +64,10 @@ is refused by name (a non-elementwise update needs its own sharded step, as Muon
 Gradient clipping takes the global norm: the sum of the squared norms of the rank's gradient pieces,
 all-reduced (ZeRO-1: every rank holds the whole averaged gradient, so its local norm is the global
 one, no collective). Checkpoints (``dcp_state``): full tensors keyed by parameter name, the form
-``torch.distributed.checkpoint.state_dict.get_state_dict`` gives for the unwrapped model and its
-optimizers, so a ZeRO checkpoint resumes under DDP, FSDP2, one process or another ZeRO and world
-size; every rank materializes the whole model and optimizer state for it (fine at this scale; a
+``torch.distributed.checkpoint.state_dict`` gives for the unwrapped model and each of its optimizers
+(``get_model_state_dict``; ``get_optimizer_state_dict``, one state per optimizer: a weight average
+and AdamW name the same parameter), so a ZeRO checkpoint resumes under DDP, FSDP2, one process or
+another ZeRO and world size; every rank materializes the whole model and optimizer state for it (fine at this scale; a
 flat split is no DTensor placement of the original shapes, so it cannot be saved as pieces and
 still reshard by name).
 
@@ -500,30 +501,33 @@ class _Zero(Strategy):
 
     @torch.no_grad()
     def dcp_state(self, model, opts: list) -> dict:
-        """{"model": {name: full tensor}, "optim": {"state": {name: {key: full tensor | scalar}},
-        "param_groups": [{..., "params": [names]}]}}: ``get_state_dict``'s form for the unwrapped model and
-        its optimizers, merged (whole tensors on every rank; collective in ZeRO-3 and for sharded state).
-        An optimizer without state (before its first step) gives no entries: it is not stepped at lr 0 to
-        make some, as ``get_state_dict`` does, which would count a step (AdamW's bias correction)."""
+        """{"model": {name: full tensor}, "optim": [per optimizer {"state": {name: {key: full tensor | scalar}},
+        "param_groups": [{..., "params": [names]}]}]}: for each optimizer, ``get_optimizer_state_dict``'s form
+        for the unwrapped model (one entry per optimizer: a weight average and the optimizer that steps the
+        same parameter would collide in one merged dict). Whole tensors on every rank (collective in
+        ZeRO-3 and for sharded state). An optimizer without state (before its first step) gives no entries:
+        it is not stepped at lr 0 to make some, as ``get_state_dict`` does, which would count a step."""
         model_sd = {}
         for name, t in model.state_dict(keep_vars=True).items():
             pc = self._by_param.get(id(t))
             model_sd[name] = self._full_param(pc) if pc is not None else t.detach()
         names = self._names(model)
-        osd = {"state": {}, "param_groups": []}
+        osd = []
         for opt in opts:
             sd = opt.state_dict()
+            one = {"state": {}, "param_groups": []}
             flat = [p for g in opt.param_groups for p in g["params"]]
             for i, p in enumerate(flat):
                 name, pc = names[id(p)]
                 st = sd["state"].get(i)
                 if st is None:
                     continue
-                osd["state"][name] = {k: (self.comm.gather_full(pc, v).clone() if pc is not None and p is pc.shard
+                one["state"][name] = {k: (self.comm.gather_full(pc, v).clone() if pc is not None and p is pc.shard
                                           and torch.is_tensor(v) and v.dim() and v.numel() == pc.size else v)
                                       for k, v in st.items()}
             for g in sd["param_groups"]:
-                osd["param_groups"].append({**g, "params": [names[id(flat[i])][0] for i in g["params"]]})
+                one["param_groups"].append({**g, "params": [names[id(flat[i])][0] for i in g["params"]]})
+            osd.append(one)
         return {"model": model_sd, "optim": osd}
 
     @torch.no_grad()
@@ -549,20 +553,21 @@ class _Zero(Strategy):
         if not osd:
             return
         names = self._names(model)
-        if isinstance(osd, (list, tuple)):  # one {"state", "param_groups"} per optimizer: merge them
-            if len(osd) != len(opts):
-                raise ValueError(f"{self.name}: the checkpoint has {len(osd)} optimizer states, the run {len(opts)} "
-                                 "optimizers (another optimizer setting, or ema switched on or off?)")
-            osd = {"state": {k: v for o in osd for k, v in o.get("state", {}).items()},
-                   "param_groups": [g for o in osd for g in o.get("param_groups", [])]}
-        groups = list(osd.get("param_groups", []))
-        at = 0
-        for opt in opts:
-            mine = groups[at:at + len(opt.param_groups)]
-            at += len(opt.param_groups)
+        if isinstance(osd, dict):  # the merged form (get_state_dict's): split by each optimizer's group count
+            groups, at, per = list(osd.get("param_groups", [])), 0, []
+            for opt in opts:
+                mine = groups[at:at + len(opt.param_groups)]
+                at += len(opt.param_groups)
+                per.append({"state": osd.get("state", {}), "param_groups": mine})
+            osd = per
+        if len(osd) != len(opts):
+            raise ValueError(f"{self.name}: the checkpoint has {len(osd)} optimizer states, the run {len(opts)} "
+                             "optimizers (another optimizer setting, or ema switched on or off?)")
+        for opt, one in zip(opts, osd):
+            mine = list(one.get("param_groups", []))
             if len(mine) != len(opt.param_groups):
-                raise ValueError(f"{self.name}: the checkpoint has {len(groups)} optimizer groups, the run's "
-                                 "optimizers more (another optimizer setting?)")
+                raise ValueError(f"{self.name}: an optimizer of the checkpoint has {len(mine)} parameter groups, "
+                                 f"the run's {type(opt).__name__} {len(opt.param_groups)} (another optimizer setting?)")
             sd_state, sd_groups, idx = {}, [], 0
             for g, saved in zip(opt.param_groups, mine):
                 own_names = [names[id(p)][0] for p in g["params"]]
@@ -572,7 +577,7 @@ class _Zero(Strategy):
                                      "or optimizer setting?)")
                 ids = []
                 for p, name in zip(g["params"], own_names):
-                    st = osd["state"].get(name)
+                    st = one.get("state", {}).get(name)
                     if st is not None:
                         pc = names[id(p)][1]
                         sharded = pc is not None and p is pc.shard
