@@ -33,24 +33,15 @@ def two(tmp_path_factory):
             dict(parallel="tp", resume=str(d / "tp_muon" / "checkpoints" / "step-0000002"), optimizer="muon",
                  ema_start=None)]  # 7
     ck_tp = str(d / "tp" / "checkpoints" / "step-0000002")
-    runs += [dict(parallel="tp+fsdp", save_at=2, run_dir=str(d / "tpfsdp")),  # 8: a (1, 2) mesh
+    runs += [dict(parallel="tp+fsdp", save_at=2, run_dir=str(d / "tpfsdp"), cfg=dict(tp_size=2)),  # 8: (1, 2)
              dict(parallel="ddp", resume=str(d / "tpfsdp" / "checkpoints" / "step-0000002")),  # 9
-             dict(parallel="tp+fsdp", resume=ck_tp)]  # 10
-    ranks = run_ranks(2, "test_parallel_tp_ckpt:sequence", runs=runs, timeout=300)
+             dict(parallel="tp+fsdp", resume=ck_tp, cfg=dict(tp_size=2))]  # 10
+    ranks = run_ranks(2, "test_parallel_ckpt:sequence", runs=runs, timeout=300)
     r = ranks[0]
     for i, kw in enumerate(runs):
         if kw["parallel"] in ("tp", "tp+fsdp"):
             _ema_in_model_order(r[i])
     return {"dir": d, "one": one, "one_muon": one_muon, "single": single, "r": r}
-
-
-def sequence(runs: list[dict], tp_size: int = 2) -> list:
-    """``test_parallel_ckpt.sequence`` with ``tp_size`` for "tp+fsdp" (``ck_train`` sets no tp_size)."""
-    from lmforge.parallel.tp import TPFSDPStrategy
-    from test_parallel_ckpt import sequence as seq
-
-    TPFSDPStrategy._tp_size = lambda self: tp_size
-    return seq(runs)
 
 
 def _ema_in_model_order(res: dict) -> None:
@@ -91,7 +82,7 @@ def test_tp_checkpoint_holds_the_models_row_order(two):
 
 def test_tp_resumes_under_tp_bit_for_bit(two):
     saved, again = two["r"][0], two["r"][1]
-    assert_restored(saved["at_save"], again["loaded"])
+    assert_restored(saved, again)
     assert_resumed(saved, again, 2, tol=0.0)
     assert_resumed(two["r"][6], two["r"][7], 2, tol=0.0)  # Muon's momentum too
 
@@ -99,20 +90,20 @@ def test_tp_resumes_under_tp_bit_for_bit(two):
 def test_tp_checkpoint_resumes_under_ddp_and_in_one_process(two):
     saved = two["r"][0]
     ddp = two["r"][2]
-    assert_restored(saved["at_save"], ddp["loaded"])
+    assert_restored(saved, ddp)
     assert_resumed(saved, ddp, 2, tol=1e-5)
     alone = ck_train("none", resume=str(_ck(two["dir"] / "tp")))
-    assert_restored(saved["at_save"], alone["loaded"])
+    assert_restored(saved, alone)
     assert_resumed(saved, alone, 2, tol=1e-5)
 
 
 def test_ddp_and_single_process_checkpoints_resume_under_tp(two):
     ddp, tp = two["r"][3], two["r"][4]
-    assert_restored(ddp["at_save"], tp["loaded"])
+    assert_restored(ddp, tp)
     assert_resumed(ddp, tp, 2, tol=1e-5)
     got = two["r"][5]
     assert got["info"]["saved_by"]["format"] == "single-process"
-    assert_restored(two["single"]["at_save"], got["loaded"])
+    assert_restored(two["single"], got)
     assert_resumed(two["single"], got, 2, tol=1e-5)
 
 
@@ -131,7 +122,7 @@ def test_tp_fsdp_checkpoints_cross_strategies(two):
     """TP + FSDP2 (a (1, 2) mesh) saves the model's order too: DDP resumes it; it resumes a TP checkpoint."""
     r = two["r"]
     assert_resumed(two["one"], r[8], 0, tol=1e-5)  # the run itself equals one process
-    assert_restored(r[8]["at_save"], r[9]["loaded"])
+    assert_restored(r[8], r[9])
     assert_resumed(r[8], r[9], 2, tol=1e-5)
-    assert_restored(r[0]["at_save"], r[10]["loaded"])
+    assert_restored(r[0], r[10])
     assert_resumed(r[0], r[10], 2, tol=1e-5)

@@ -32,4 +32,5 @@ def test_tp_pretrain_equals_one_process(text_file, one, tmp_path, extra):
     fin = json.loads((tmp_path / "r" / "final.json").read_text())
     assert fin["parallel"]["strategy"] == extra["parallel"] and fin["parallel"]["tp_size"] == 2
     assert fin["parallel"]["sequence_parallel"] == bool(extra.get("sequence_parallel"))
-    assert got[0]["step"] == got[1]["step"] == 4
+    steps = json.loads((one / "final.json").read_text())["step"]
+    assert got[0]["step"] == got[1]["step"] == steps == base_cfg(text_file, one)["max_steps"]
