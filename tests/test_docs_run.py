@@ -133,6 +133,14 @@ NEEDS = {"docs/training.md": [("docs/data.md", ["runs/tok", "runs/data"])],
          "docs/sft.md": [("docs/data.md", ["runs/tok", "runs/data"]), ("docs/training.md", ["runs/pt"])]}
 # the command as the doc writes it -> why it is not run here
 NOT_RUN = {
+    'lmforge pretrain --text my.txt --preset tiny --max-steps 200 --nproc 2 --out runs/ddp':
+        "2 ranks for 200 steps; tests/test_parallel_launch.py runs `lmforge pretrain --nproc 2` on a tiny model",
+    'lmforge pretrain ... --nproc 2 --set parallel=fsdp --set global_batch_size=32':
+        "a template (...); tests/test_parallel_train_strategies.py and test_parallel_train_settings.py run these settings",
+    'lmforge pretrain ... --nproc 8 --nnodes 2 --node-rank 0 --master-addr node0 --master-port 29500':
+        "needs two machines; tests/test_parallel_launch_nodes.py runs two --nnodes 2 launches on loopback",
+    'lmforge run recipes/distributed.toml':
+        "the whole chain (minutes); tests/test_parallel_train_pipeline.py runs a recipe whose pretrain has nproc = 2",
     "lmforge sft --base runs/default/model --out runs/sft-lora --lora-r 8 --max-steps 300":
         "docs/sft.md: the LoRA run further down the page, which is run (a few steps)",
     "lmforge chat --checkpoint runs/default/sft": "needs `make demo`'s run; docs/sft.md chats with its own SFT run",

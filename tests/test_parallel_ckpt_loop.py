@@ -4,6 +4,7 @@ ranks with the same global batch, and steps 5 and 6 and the final weights equal 
 interrupted; ``lmforge export`` takes the checkpoint directory as it is."""
 from __future__ import annotations
 
+import pytest
 import json
 import shutil
 
@@ -12,6 +13,8 @@ import torch
 from test_parallel_launch import lmforge, pretrain_args, text_file  # noqa: F401 (the fixture)
 
 FLAT = ["--set", "schedule=constant", "--set", "warmup_steps=0", "--set", "log_every=1"]
+
+pytestmark = pytest.mark.slow  # the 4-rank resume through the loop; test_parallel_ckpt_world4 and test_parallel_train_resume stay in CI
 
 
 def _losses(run) -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from parallel_harness import run_ranks
 from test_parallel_ckpt import _ck, assert_restored, assert_resumed, ck_train
 
+pytestmark = pytest.mark.slow  # 4 ranks; test_parallel_tp_ckpt.py's TP+FSDP2 checkpoints stay in CI
+
 
 def test_tp_fsdp_4_ranks_resumes_on_the_same_mesh_and_on_1(tmp_path):
     kw = dict(parallel="tp+fsdp", cfg={"tp_size": 2}, optimizer="muon")

@@ -12,6 +12,8 @@ CASES_4 = {
     "2x2_muon": dict(optimizer="muon", grad_clip=0.3, cfg=dict(tp_size=2)),
 }
 
+pytestmark = pytest.mark.slow  # 4 ranks; test_parallel_tp_fsdp.py's 1x2 and 2x1 meshes stay in CI
+
 
 def test_tp_fsdp_2x2_mesh_on_four_ranks():
     from test_parallel_tp_fsdp import _check, _check_bytes

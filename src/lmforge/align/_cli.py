@@ -19,6 +19,10 @@ def cmd_sft(a) -> int:
 
     with _settings():
         cfg = _sft_config(a)
+    from ..parallel.deepspeed import apply_for_run
+
+    with _settings():
+        cfg, _ = apply_for_run(cfg)  # a DeepSpeed JSON config (deepspeed = FILE)
     rc = maybe_launch(a, cfg)  # --nproc N (not yet under torchrun): the job's exit status
     if rc is not None:
         return rc
@@ -124,6 +128,10 @@ def cmd_dpo(a) -> int:
 
     with _settings():
         cfg = _dpo_config(a)
+    from ..parallel.deepspeed import apply_for_run
+
+    with _settings():
+        cfg, _ = apply_for_run(cfg)  # a DeepSpeed JSON config (deepspeed = FILE)
     rc = maybe_launch(a, cfg)  # --nproc N (not yet under torchrun): the job's exit status
     if rc is not None:
         return rc

@@ -398,3 +398,20 @@ def apply_deepspeed(cfg, given=(), world_size: int | None = None, stage3: str = 
             raise ValueError(f"{k} = {getattr(cfg, k)!r} is set, and deepspeed = {cfg.deepspeed!r} asks for {v!r}: "
                              f"remove one of them")
     return dataclasses.replace(cfg, **settings)
+
+
+def apply_for_run(cfg, given=None):
+    """``apply_deepspeed`` as the commands call it: the world size from torchrun's environment (or the
+    run's ``nproc`` x ``nnodes`` before the launch), ``given`` (None: every field off its default) the
+    settings a user set, which the DeepSpeed config may not contradict. Returns (cfg, the fields it set)."""
+    import dataclasses
+    import os
+
+    if not getattr(cfg, "deepspeed", ""):
+        return cfg, set()
+    if given is None:
+        blank = type(cfg)()
+        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(blank, f.name)}
+    world = int(os.environ.get("WORLD_SIZE", "0") or 0) or max(1, cfg.nproc) * max(1, cfg.nnodes)
+    new = apply_deepspeed(cfg, set(given) - {"deepspeed"}, world_size=world)
+    return new, {f.name for f in dataclasses.fields(cfg) if getattr(new, f.name) != getattr(cfg, f.name)}

@@ -69,6 +69,10 @@ def _pretrain_config(a):
             given.add(k.split(".")[0])
     from .trainer import check_config
 
+    from ..parallel.deepspeed import apply_for_run
+
+    cfg, ds = apply_for_run(cfg, given)  # a DeepSpeed JSON config (deepspeed = FILE): its settings, before the preset's
+    given |= ds
     cfg = apply_preset_recipe(cfg, given)
     check_config(cfg)  # every setting, before any work (a bad one is a usage error)
     return cfg
