@@ -3,6 +3,8 @@ resumes bit for bit, one process resumes with the state restored bit for bit and
 losses, weights and optimizer states (lmforge.parallel.checkpoint over 2-D DTensor placements)."""
 from __future__ import annotations
 
+import pytest
+
 from parallel_harness import run_ranks
 from test_parallel_ckpt import _ck, assert_restored, assert_resumed, ck_train
 

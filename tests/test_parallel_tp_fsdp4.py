@@ -5,6 +5,8 @@ checks are ``test_parallel_tp_fsdp``'s (losses, gradient norms, every final para
 """
 from __future__ import annotations
 
+import pytest
+
 from parallel_harness import run_ranks
 
 CASES_4 = {
